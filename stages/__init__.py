@@ -1,0 +1,1 @@
+"""moonforge.stages."""

@@ -1,0 +1,182 @@
+"""Config building blocks every stage shares: the StageConfig base, optimizer and LR schedule.
+
+`Runtime[T]` marks a field as runtime-only (workers, logging cadence, device): it is excluded from
+the fingerprint, so changing it never creates a new artifact version. Every other field counts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
+
+
+class _RuntimeMarker:
+    """Metadata tag read by `runtime_field_paths` / the fingerprint."""
+
+    def __repr__(self) -> str:
+        return "Runtime"
+
+
+RUNTIME = _RuntimeMarker()
+
+
+class Runtime:
+    """`Runtime[int]` == `Annotated[int, RUNTIME]`: a field that never changes a fingerprint."""
+
+    def __class_getitem__(cls, item: Any) -> Any:
+        return Annotated[item, RUNTIME]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+ModuleGroup = Literal["vision", "projector", "lm", "caption"]
+"""Trainable/frozen unit: MoonViT, the projector, the MoE LM, the stage-1 text tower + decoder."""
+
+
+class MuonConfig(Frozen):
+    """Muon for 2-D weight matrices (torch.optim.Muon)."""
+
+    momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    """Nesterov momentum mu."""
+    ns_steps: PositiveInt = 5
+    """Newton-Schulz iterations."""
+    adjust_lr_fn: Literal["match_rms_adamw", "original"] = "match_rms_adamw"
+    """Moonlight's 0.2*sqrt(max(A,B)) scaling, so AdamW's lr and wd carry over."""
+
+
+class AdamWConfig(Frozen):
+    """AdamW for everything Muon cannot take (embeddings, lm_head, norms, biases, conv, pos grid)."""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: PositiveFloat = 1e-8
+
+
+class OptimizerConfig(Frozen):
+    """Muon + AdamW sharing one peak LR and decoupled weight decay (Moonlight)."""
+
+    lr: PositiveFloat
+    """Peak learning rate (the schedule scales it)."""
+    weight_decay: NonNegativeFloat = 0.1
+    """Decoupled weight decay, applied with the unadjusted lr."""
+    muon: MuonConfig = MuonConfig()
+    adamw: AdamWConfig = AdamWConfig()
+    use_muon: bool = True
+    """False sends every parameter to AdamW (an ablation / baseline switch)."""
+    grad_clip: PositiveFloat | None = 1.0
+    """Global grad-norm clip; None disables it."""
+
+
+class ScheduleConfig(Frozen):
+    """LR multiplier over the stage: linear warmup, then constant / cosine / linear decay.
+
+    A re-warm (SFT phase 2) is simply a new phase with its own warmup from `start_ratio`.
+    """
+
+    kind: Literal["constant", "cosine", "linear"] = "cosine"
+    """Shape after warmup."""
+    warmup_steps: NonNegativeInt = 0
+    """Steps of linear warmup from start_ratio * lr to lr."""
+    warmup_frac: NonNegativeFloat | None = None
+    """Alternative to warmup_steps: warmup as a fraction of the stage's steps (full-scale recipes)."""
+    start_ratio: NonNegativeFloat = 0.0
+    """LR multiplier at step 0 (the warmup's starting point)."""
+    min_ratio: NonNegativeFloat = 0.1
+    """Final multiplier for cosine / linear decay (e.g. 4.2e-5 / 4.2e-4 = 0.1)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleConfig":
+        if self.warmup_frac is not None and self.warmup_steps:
+            raise ValueError("schedule: set warmup_steps or warmup_frac, not both")
+        if self.warmup_frac is not None and self.warmup_frac >= 1:
+            raise ValueError("schedule.warmup_frac must be < 1 (a fraction of the stage's steps)")
+        return self
+
+
+class EvalConfig(Frozen):
+    """How much held-out data a stage's closing eval reads."""
+
+    num_examples: PositiveInt = 128
+    """Held-out items per eval set."""
+    batch_size: PositiveInt = 32
+    """Items per eval forward."""
+
+
+class StageConfig(Frozen):
+    """Fields every stage has. Subclasses add their mechanism's fields and fix `kind`."""
+
+    kind: str
+    """Which stage function runs (a canonical stage name)."""
+    name: str | None = None
+    """Instance name in the recipe; defaults to `kind` (recipes may run a kind twice)."""
+    upstream: str | None
+    """Name of the stage whose artifact this one starts from; None = from scratch / init."""
+    data: tuple[str, ...] = ()
+    """Datasets (dvc.yaml outputs) this stage reads, by name."""
+    trainable: tuple[ModuleGroup, ...]
+    """Module groups that receive gradients; all others are frozen (requires_grad=False)."""
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    seq_len: PositiveInt
+    """Packed sequence length in tokens (LM) for this stage."""
+    batch_size: PositiveInt
+    """Sequences (or image-text pairs) per optimizer step, summed over micro-batches and ranks."""
+    micro_batch_size: PositiveInt | None = None
+    """Sequences per forward; batch_size / micro_batch_size micro-batches are accumulated."""
+    num_steps: PositiveInt | None = None
+    """Optimizer steps. Set this or num_tokens."""
+    num_tokens: PositiveFloat | None = None
+    """Token budget (e.g. 2.0e12); steps = num_tokens / (batch_size * seq_len)."""
+    router_bias_update: NonNegativeFloat = 1e-3
+    """Aux-loss-free balancing: bias step u per optimizer step (0 freezes the bias)."""
+    seed: NonNegativeInt = 0
+    """Seed for init, data order and sampling."""
+    eval: EvalConfig = EvalConfig()
+
+    log_every: Runtime[PositiveInt] = 10
+    """Steps between metric flushes."""
+    checkpoint_every: Runtime[PositiveInt | None] = None
+    """Steps between periodic checkpoints (None: only the final one)."""
+    num_workers: Runtime[NonNegativeInt] = 0
+    """Data-loader worker processes."""
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> "StageConfig":
+        if (self.num_steps is None) == (self.num_tokens is None):
+            raise ValueError(
+                f"stage {self.stage_name!r}: set exactly one of num_steps or num_tokens "
+                "(e.g. num_steps: 200)"
+            )
+        mb = self.micro_batch_size
+        if mb is not None and self.batch_size % mb:
+            raise ValueError(
+                f"stage {self.stage_name!r}: batch_size={self.batch_size} is not a multiple of "
+                f"micro_batch_size={mb}; pick a micro-batch that divides it"
+            )
+        return self
+
+    @property
+    def stage_name(self) -> str:
+        return self.name or self.kind
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps this stage runs (from num_steps or the token budget)."""
+        if self.num_steps is not None:
+            return self.num_steps
+        return max(1, round(self.num_tokens / (self.batch_size * self.seq_len)))
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // (self.micro_batch_size or self.batch_size)

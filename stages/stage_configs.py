@@ -1,0 +1,257 @@
+"""Per-stage config classes: each lifecycle stage's defining knobs, validated with fix-it messages.
+
+They live together (not in each stage module) so that a recipe validates, and `moonforge plan`
+runs, without importing torch or the training code. Each stage module imports its own class.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+
+from moonforge.stages.config import Frozen, StageConfig
+
+
+class LMPretrainConfig(StageConfig):
+    """Pre-stage: text-only LM pretraining (Moonlight's 5.2T tokens, which Kimi-VL branches from).
+
+    Not one of the nine lifecycle stages; recipes declare it first so that alignment has a
+    language model to align to. Only the LM trains; the vision tower is carried along untouched.
+    """
+
+    kind: Literal["lm_pretrain"] = "lm_pretrain"
+
+
+class ResolutionMilestone(Frozen):
+    """From `at_frac` of the stage on, images are capped at `max_patches` patches (NaViT)."""
+
+    at_frac: float = Field(ge=0.0, lt=1.0)
+    max_patches: PositiveInt
+
+
+class ViTPretrainConfig(StageConfig):
+    """Stage 1: CoCa-like ViT pretraining, L = L_siglip + caption_weight * L_caption."""
+
+    kind: Literal["vit_pretrain"] = "vit_pretrain"
+    caption_weight: NonNegativeFloat = 2.0
+    """lambda in L_siglip + lambda * L_caption (Kimi-VL: 2)."""
+    siglip_init_logit_scale: float = 2.302585092994046
+    """t' at init (t = exp(t') = 10)."""
+    siglip_init_logit_bias: float = -10.0
+    """b at init."""
+    text_targets: tuple[Literal["caption", "alt_text", "ocr", "grounding"], ...] = (
+        "caption", "alt_text", "ocr", "grounding")
+    """Which text fields of an image record serve as targets (sampled per example)."""
+    resolution_schedule: tuple[ResolutionMilestone, ...] = (
+        ResolutionMilestone(at_frac=0.0, max_patches=256),
+        ResolutionMilestone(at_frac=0.4, max_patches=1024),
+        ResolutionMilestone(at_frac=0.8, max_patches=4096),
+    )
+    """Progressive resolution: patch caps rising over the stage."""
+
+    @model_validator(mode="after")
+    def _milestones(self) -> "ViTPretrainConfig":
+        fr = [m.at_frac for m in self.resolution_schedule]
+        if not fr or fr[0] != 0.0 or fr != sorted(fr):
+            raise ValueError(
+                "vit_pretrain.resolution_schedule must start at at_frac: 0.0 and be sorted by at_frac"
+            )
+        return self
+
+
+class AlignConfig(StageConfig):
+    """Stage 2: ViT-LLM alignment; only vision + projector train, the LM stays bit-identical."""
+
+    kind: Literal["align"] = "align"
+
+    @model_validator(mode="after")
+    def _lm_frozen(self) -> "AlignConfig":
+        if "lm" in self.trainable:
+            raise ValueError(
+                "align.trainable must not include 'lm' (the LM is frozen during alignment); "
+                "use trainable: [vision, projector]"
+            )
+        return self
+
+
+class MultimodalRamp(Frozen):
+    """Text-only first, then a linear ramp of the multimodal share, then hold."""
+
+    text_only_frac: float = Field(0.02, ge=0.0, lt=1.0)
+    """Leading fraction of steps with only text."""
+    ramp_end_frac: float = Field(0.5, gt=0.0, le=1.0)
+    """Fraction of steps at which the multimodal share reaches final_ratio."""
+    final_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    """Final multimodal share of sequences (k1.5: 30%)."""
+
+    @model_validator(mode="after")
+    def _order(self) -> "MultimodalRamp":
+        if self.ramp_end_frac <= self.text_only_frac:
+            raise ValueError("multimodal_ramp.ramp_end_frac must be > text_only_frac")
+        return self
+
+    def ratio_at(self, frac: float) -> float:
+        """Multimodal share at a fraction of the stage's steps."""
+        if frac < self.text_only_frac:
+            return 0.0
+        span = self.ramp_end_frac - self.text_only_frac
+        return self.final_ratio * min(1.0, (frac - self.text_only_frac) / span)
+
+
+class JointPretrainConfig(StageConfig):
+    """Stage 3: everything trains; text-only first, then a rising multimodal ratio."""
+
+    kind: Literal["joint_pretrain"] = "joint_pretrain"
+    multimodal_ramp: MultimodalRamp = MultimodalRamp()
+
+
+class CooldownConfig(StageConfig):
+    """Stage 4: high-quality subset plus a low ratio of synthetic QA, decaying LR, bias frozen."""
+
+    kind: Literal["cooldown"] = "cooldown"
+    qa_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Share of sequences that are synthetic QA."""
+    multimodal_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    """Share of (non-QA) sequences that carry images."""
+    high_quality_only: bool = True
+    """Read only records marked quality: high."""
+    router_bias_update: NonNegativeFloat = 0.0
+
+
+class SubStage(Frozen):
+    """One long-context sub-stage: its context length and budget."""
+
+    seq_len: PositiveInt
+    num_steps: PositiveInt | None = None
+    num_tokens: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _budget(self) -> "SubStage":
+        if (self.num_steps is None) == (self.num_tokens is None):
+            raise ValueError("long_context.sub_stages[*]: set exactly one of num_steps or num_tokens")
+        return self
+
+
+class LongContextConfig(StageConfig):
+    """Stage 5: RoPE base reset, then sub-stages of x4 context each, 25% long / 75% replay."""
+
+    kind: Literal["long_context"] = "long_context"
+    rope_theta: PositiveFloat = 800000.0
+    """New RoPE base (Kimi-VL: 50,000 -> 800,000)."""
+    sub_stages: tuple[SubStage, ...]
+    """Ordered sub-stages; each seq_len should be 4x the previous (8K -> 32K -> 128K)."""
+    long_ratio: float = Field(0.25, gt=0.0, le=1.0)
+    """Share of long data per sub-stage; the rest is replay of the previous stage's data."""
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> "LongContextConfig":
+        # The budget lives in sub_stages; a stage-level one would be ambiguous.
+        if self.num_steps is not None or self.num_tokens is not None:
+            raise ValueError(
+                "long_context: put num_steps / num_tokens in each sub_stages entry, not on the stage"
+            )
+        return self
+
+    def sub_stage_steps(self, sub: SubStage) -> int:
+        if sub.num_steps is not None:
+            return sub.num_steps
+        return max(1, round(sub.num_tokens / (self.sub_stage_batch(sub) * sub.seq_len)))
+
+    def sub_stage_batch(self, sub: SubStage) -> int:
+        """Sequences per step in a sub-stage: the base tokens-per-step held constant."""
+        return max(1, (self.batch_size * self.seq_len) // sub.seq_len)
+
+    @property
+    def steps(self) -> int:
+        return sum(self.sub_stage_steps(s) for s in self.sub_stages)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "LongContextConfig":
+        prev = self.seq_len
+        for i, s in enumerate(self.sub_stages):
+            if s.seq_len <= prev:
+                raise ValueError(
+                    f"long_context.sub_stages[{i}].seq_len={s.seq_len} must exceed the previous "
+                    f"length {prev} (each sub-stage extends context, x4 in the paper)"
+                )
+            prev = s.seq_len
+        if not self.sub_stages:
+            raise ValueError("long_context.sub_stages must list at least one sub-stage")
+        return self
+
+
+class SFTPhase(Frozen):
+    """One SFT epoch-phase: its length and LR range (phase 2 re-warms)."""
+
+    seq_len: PositiveInt
+    lr: PositiveFloat
+    min_lr: PositiveFloat
+    num_steps: PositiveInt | None = None
+    num_epochs: PositiveFloat | None = None
+    warmup_frac: float = Field(0.02, ge=0.0, lt=1.0)
+
+
+class SFTConfig(StageConfig):
+    """Stage 6: ChatML SFT, loss on assistant answers + closing specials, packed, two phases."""
+
+    kind: Literal["sft"] = "sft"
+    phases: tuple[SFTPhase, ...] = ()
+    """Phase 1 at the base length, phase 2 at 4x with re-warm (Kimi-VL: 2e-5->2e-6, 1e-5->1e-6)."""
+    text_image_token_ratio: PositiveFloat = 1.0
+    """Text-only : image dialogue tokens (about 1:1)."""
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> "SFTConfig":
+        if not self.phases:
+            raise ValueError("sft.phases: list at least one phase (seq_len, lr, min_lr, num_steps)")
+        if self.num_steps is not None or self.num_tokens is not None:
+            raise ValueError("sft: put the budget (num_steps / num_epochs) in each phase, not on the stage")
+        return self
+
+
+class LongCoTSFTConfig(StageConfig):
+    """Stage 7: a small set of verified long reasoning traces, same masked loss as SFT."""
+
+    kind: Literal["long_cot_sft"] = "long_cot_sft"
+    num_epochs: PositiveFloat = 2.0
+
+
+class RLConfig(StageConfig):
+    """Stage 8: k1.5 online policy mirror descent with verifiable rewards."""
+
+    kind: Literal["rl"] = "rl"
+    num_iterations: PositiveInt = 8
+    samples_per_prompt: PositiveInt = 8
+    """k samples per prompt from the iteration's reference policy."""
+    prompts_per_iteration: PositiveInt = 16
+    tau: PositiveFloat = 0.5
+    """KL / l2 regularisation strength."""
+    length_penalty_weight: NonNegativeFloat = 0.2
+    length_penalty_warmup_iters: int = Field(2, ge=0)
+    max_new_tokens: PositiveInt = 256
+    rollout_token_budget: PositiveInt | None = None
+    """Per-iteration output budget per trajectory (partial rollouts); None = no truncation."""
+    curriculum_switch_iter: int = Field(4, ge=0)
+    temperature: PositiveFloat = 1.0
+
+
+class Long2ShortConfig(StageConfig):
+    """Stage 9: merge, shortest rejection sampling, DPO, and long2short RL."""
+
+    kind: Literal["long2short"] = "long2short"
+    methods: tuple[Literal["merge", "shortest_rs", "dpo", "rl"], ...] = ("merge", "shortest_rs", "dpo", "rl")
+    merge_weight: float = Field(0.5, ge=0.0, le=1.0)
+    num_samples: PositiveInt = 8
+    dpo_beta: PositiveFloat = 0.1
+    dpo_long_factor: PositiveFloat = 1.5
+    max_new_tokens: PositiveInt = 128
+    """Reduced rollout cap for long2short RL."""
+
+
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {
+    c.model_fields["kind"].default: c
+    for c in (LMPretrainConfig, ViTPretrainConfig, AlignConfig, JointPretrainConfig, CooldownConfig,
+              LongContextConfig, SFTConfig, LongCoTSFTConfig, RLConfig, Long2ShortConfig)
+}
+"""Canonical stage kind -> its config class, in lifecycle order."""
