@@ -222,8 +222,11 @@ def format_validation_error(err: ValidationError, data: dict, source: str) -> st
             lines.append(f"  {where}: unknown field; {fix}")
         elif e["type"] == "missing":
             lines.append(f"  {where}: required field is missing; add it to the recipe")
+        elif e["type"] == "value_error":  # our validators' messages already carry the fix
+            lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+            got = repr(e.get("input"))
+            lines.append(f"  {where}: {e['msg']} (got {got[:80]})")
     return "\n".join(lines)
 
 

@@ -207,7 +207,15 @@ class SFTConfig(StageConfig):
             raise ValueError("sft.phases: list at least one phase (seq_len, lr, min_lr, num_steps)")
         if self.num_steps is not None or self.num_tokens is not None:
             raise ValueError("sft: put the budget (num_steps / num_epochs) in each phase, not on the stage")
+        for i, p in enumerate(self.phases):
+            if (p.num_steps is None) == (p.num_epochs is None):
+                raise ValueError(f"sft.phases[{i}]: set exactly one of num_steps or num_epochs")
         return self
+
+    @property
+    def steps(self) -> int:
+        """Steps of the phases with a step budget (epoch budgets resolve against the data)."""
+        return sum(p.num_steps or 0 for p in self.phases)
 
 
 class LongCoTSFTConfig(StageConfig):

@@ -1,0 +1,26 @@
+# The two README commands. Both create .venv on first use and install the pinned set.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME := $(CURDIR)/.moonforge/prefect
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml requirements.lock.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/moonforge run recipes/tiny.yaml --until long_context
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf .moonforge data/*/ .pytest_cache

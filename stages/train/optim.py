@@ -1,0 +1,63 @@
+"""Muon for 2-D weight matrices + AdamW for everything else (Moonlight, Kimi-VL section 2.2).
+
+torch.optim.Muon takes only 2-D params, and embeddings / output heads are not hidden-layer
+matrices, so they go to AdamW with the norms, biases, conv/patch weights and the position grid.
+Muon uses `adjust_lr_fn="match_rms_adamw"` (lr * 0.2 * sqrt(max(A, B))) so both optimizers share
+one peak LR and weight decay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moonforge.stages.config import OptimizerConfig
+
+# Parameters whose names contain these are embeddings / output heads: AdamW even when 2-D.
+_ADAMW_NAME_HINTS = ("embed", "lm_head", "head.weight", "pos_emb", "logit_")
+
+
+def is_muon_param(name: str, p: nn.Parameter) -> bool:
+    return p.ndim == 2 and not any(h in name for h in _ADAMW_NAME_HINTS)
+
+
+class MuonAdamW:
+    """Two optimizers stepped together; `set_lr(lr)` sets the (unadjusted) LR of every group."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], cfg: OptimizerConfig) -> None:
+        muon = [p for n, p in named_params if cfg.use_muon and is_muon_param(n, p)]
+        muon_ids = {id(p) for p in muon}
+        adamw = [p for _, p in named_params if id(p) not in muon_ids]
+        self.optimizers: list[torch.optim.Optimizer] = []
+        if muon:
+            self.optimizers.append(torch.optim.Muon(
+                muon, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon.momentum,
+                nesterov=True, ns_steps=cfg.muon.ns_steps, adjust_lr_fn=cfg.muon.adjust_lr_fn))
+        if adamw:
+            self.optimizers.append(torch.optim.AdamW(
+                adamw, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adamw.betas,
+                eps=cfg.adamw.eps))
+        self.num_muon = sum(p.numel() for p in muon)
+        self.num_adamw = sum(p.numel() for p in adamw)
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = lr
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
