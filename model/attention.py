@@ -1,0 +1,143 @@
+"""Attention over packed variable-length sequences (documents or images side by side in one row).
+
+Several documents share a row; a token may attend only within its own document (block-diagonal),
+and, when `causal`, only to itself and earlier tokens of that document. Backends:
+
+- `sdpa`: `F.scaled_dot_product_attention` with a dense (B, 1, L, L) boolean mask. Runs anywhere.
+- `flash`: `flash_attn_varlen_func` over the flattened tokens with `cu_seqlens` built from the
+  document boundaries (CUDA + flash-attn only; fp32 inputs are run in bf16 and cast back).
+- `auto`: `flash` when the inputs are on CUDA and flash-attn imports, otherwise `sdpa`.
+
+What is unusual:
+- A "document" is a maximal run of equal, non-negative `doc_ids` inside one row. Two runs with the
+  same id separated by another id are two documents; rows never see each other.
+- Padding (`doc_ids == -1`) becomes a set of length-1 documents: each padded query attends only to
+  itself, so its output is its own value vector. This keeps SDPA rows free of NaN (no fully masked
+  row) and makes both backends agree even on padding.
+- `v` may have a smaller head dim than `q`/`k` (MLA: 192 vs 128); flash pads it and slices back.
+
+Legend: B batch rows, H heads, L sequence length, Dh q/k head dim, Dv v head dim,
+T = B*L flattened tokens, S number of documents (segments) in the flattened batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Backend = Literal["auto", "sdpa", "flash"]
+
+try:  # guarded: flash-attn is an optional CUDA extra
+    from flash_attn import flash_attn_varlen_func as _flash_varlen
+except Exception:  # noqa: BLE001 - any import failure (missing, wrong CUDA) means "not available"
+    _flash_varlen = None
+
+
+def flash_available(device: torch.device) -> bool:
+    """True when flash-attn imported and `device` is a CUDA device."""
+    return _flash_varlen is not None and device.type == "cuda"
+
+
+def segment_ids(doc_ids_BL: Tensor) -> Tensor:
+    """Per-token segment index, unique across the whole batch: (B, L) long.
+
+    A new segment starts at every row start, every change of doc id, and every padding token.
+    Example: doc_ids [[0, 0, 1, -1, -1]] -> [[0, 0, 1, 2, 3]].
+    """
+    B, L = doc_ids_BL.shape
+    starts_BL = torch.ones_like(doc_ids_BL, dtype=torch.bool)
+    starts_BL[:, 1:] = doc_ids_BL[:, 1:] != doc_ids_BL[:, :-1]
+    starts_BL |= doc_ids_BL < 0
+    return starts_BL.flatten().long().cumsum(0).view(B, L) - 1
+
+
+def cu_seqlens_from_doc_ids(doc_ids_BL: Tensor) -> tuple[Tensor, int]:
+    """Cumulative document lengths over the flattened (B*L) tokens, flash-attn style.
+
+    Returns (cu_seqlens_S1 int32 of shape (S + 1,), max_seqlen as a Python int). Documents are the
+    segments of `segment_ids`, so padding tokens count as length-1 documents and every token of
+    the flattened batch belongs to exactly one segment.
+    Example: doc_ids [[0, 0, 1, -1]] -> (tensor([0, 2, 3, 4]), 2).
+    """
+    seg_T = segment_ids(doc_ids_BL).flatten()
+    lengths_S = torch.bincount(seg_T)
+    cu_S1 = F.pad(lengths_S.cumsum(0), (1, 0)).to(torch.int32)
+    return cu_S1, int(lengths_S.max().item())
+
+
+def block_mask(doc_ids_BL: Tensor, causal: bool) -> Tensor:
+    """Dense boolean attention mask (B, 1, L, L); True means "may attend".
+
+    mask[b, 0, q, k] = same segment(q, k) and (not causal or q >= k). Padding tokens are their own
+    segments, so a padded query sees exactly itself and real queries never see padding.
+    """
+    seg_BL = segment_ids(doc_ids_BL)
+    mask_BLL = seg_BL[:, :, None] == seg_BL[:, None, :]
+    if causal:
+        L = doc_ids_BL.shape[1]
+        mask_BLL &= torch.ones(L, L, dtype=torch.bool, device=doc_ids_BL.device).tril()
+    return mask_BLL[:, None]
+
+
+def _sdpa(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, doc_ids_BL: Tensor, causal: bool,
+          scale: float | None) -> Tensor:
+    mask_B1LL = block_mask(doc_ids_BL, causal)
+    return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLE, attn_mask=mask_B1LL, scale=scale)
+
+
+def _flash(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, doc_ids_BL: Tensor, causal: bool,
+           scale: float | None) -> Tensor:
+    if _flash_varlen is None:
+        raise RuntimeError("attn backend 'flash' needs flash-attn (pip install moonforge[flash])")
+    B, H, L, Dh = q_BHLD.shape
+    Dv = v_BHLE.shape[-1]
+    dtype = q_BHLD.dtype
+    run_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    cu_S1, max_len = cu_seqlens_from_doc_ids(doc_ids_BL)
+
+    def flat(x_BHLX: Tensor) -> Tensor:  # (B, H, L, X) -> (T, H, X), tokens in row-major order
+        return x_BHLX.transpose(1, 2).reshape(B * L, H, x_BHLX.shape[-1]).to(run_dtype)
+
+    v_THE = flat(v_BHLE)
+    if Dv < Dh:  # flash-attn wants one head dim for q, k and v; zero-pad v and slice back
+        v_THE = F.pad(v_THE, (0, Dh - Dv))
+    out_THE = _flash_varlen(flat(q_BHLD), flat(k_BHLD), v_THE, cu_S1, cu_S1, max_len, max_len,
+                            softmax_scale=scale, causal=causal)
+    out_BHLE = out_THE[..., :Dv].reshape(B, L, H, Dv).transpose(1, 2)
+    return out_BHLE.to(dtype)
+
+
+def attend(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, doc_ids_BL: Tensor, causal: bool,
+           backend: Backend = "auto", scale: float | None = None) -> Tensor:
+    """Block-diagonal (per document) attention; returns (B, H, L, Dv).
+
+    q, k: (B, H, L, Dh); v: (B, H, L, Dv); doc_ids_BL: int, -1 = padding. `scale` defaults to
+    Dh ** -0.5. Queries and keys share positions (no KV cache here: a cache would pass a longer
+    k/v and a query offset, which `block_mask` can grow into).
+    """
+    if backend == "auto":
+        backend = "flash" if flash_available(q_BHLD.device) else "sdpa"
+    if backend == "flash":
+        return _flash(q_BHLD, k_BHLD, v_BHLE, doc_ids_BL, causal, scale)
+    if backend == "sdpa":
+        return _sdpa(q_BHLD, k_BHLD, v_BHLE, doc_ids_BL, causal, scale)
+    raise ValueError(f"unknown attention backend {backend!r}; use 'auto', 'sdpa' or 'flash'")
+
+
+def attend_reference(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, doc_ids_BL: Tensor,
+                     causal: bool, scale: float | None = None) -> Tensor:
+    """Slow per-document reference: one SDPA call per segment, no masks. For tests only."""
+    B, H, L, _ = q_BHLD.shape
+    out_BHLE = torch.zeros(B, H, L, v_BHLE.shape[-1], dtype=v_BHLE.dtype, device=v_BHLE.device)
+    seg_BL = segment_ids(doc_ids_BL)
+    for b in range(B):
+        for s in torch.unique(seg_BL[b]).tolist():
+            idx = (seg_BL[b] == s).nonzero().flatten()
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            out_BHLE[b, :, lo:hi] = F.scaled_dot_product_attention(
+                q_BHLD[b, :, lo:hi], k_BHLD[b, :, lo:hi], v_BHLE[b, :, lo:hi],
+                is_causal=causal, scale=scale)
+    return out_BHLE

@@ -1,0 +1,132 @@
+"""MoonViT: a native-resolution ViT that encodes several images packed into one sequence (NaViT).
+
+Input is pre-extracted patches: every image of (h, w) patches contributes h*w rows of
+`pixels_NP`, in row-major patch order, each row the flattened (3, p, p) patch (channel-major,
+the layout of a Conv2d(3, D, k=p, s=p) weight). The patch embedding is therefore a Linear over
+3*p*p, numerically identical to that Conv2d and a 2-D parameter for Muon.
+
+What is unusual:
+- Positions are added twice: a learnable (G, G, D) absolute grid, bicubically interpolated to
+  each image's (h, w), after the patch projection; and 2-D RoPE on q/k in every layer.
+- All images of a batch form ONE row (B = 1) with block-diagonal non-causal attention: the
+  document id of a patch is its image index. Packed output equals encoding each image alone.
+
+Legend: N total patches of all images, P = 3*p*p patch pixels, D hidden, H heads, Dh head dim,
+I MLP width, G pos-grid side, n_img images.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moonforge.model.attention import Backend, attend
+from moonforge.model.config import VisionConfig
+from moonforge.model.rope import Rope2D, apply_rotary
+
+
+def image_ids(grid_hw: Tensor, device: torch.device | None = None) -> Tensor:
+    """(N,) image index of every packed patch: image i repeated h_i * w_i times."""
+    sizes = (grid_hw[:, 0] * grid_hw[:, 1]).to(device)
+    return torch.arange(len(sizes), device=device).repeat_interleave(sizes)
+
+
+class PosEmbGrid(nn.Module):
+    """Learnable (G, G, D) absolute positions, bicubically resized to each image's (h, w)."""
+
+    def __init__(self, grid: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(grid, grid, dim))
+
+    def for_grid(self, h: int, w: int) -> Tensor:
+        """(h*w, D) position embeddings for one image, row-major."""
+        G = self.weight.shape[0]
+        if (h, w) == (G, G):
+            return self.weight.flatten(0, 1)
+        grid_1DGG = self.weight.permute(2, 0, 1)[None]
+        out_1Dhw = F.interpolate(grid_1DGG, size=(h, w), mode="bicubic", align_corners=False)
+        return out_1Dhw[0].flatten(1).T
+
+    def forward(self, grid_hw: Tensor) -> Tensor:
+        """(N, D) position embeddings for all packed images."""
+        return torch.cat([self.for_grid(h, w) for h, w in grid_hw.tolist()])
+
+
+class VisionBlock(nn.Module):
+    """Pre-LN block: fused-qkv attention with 2-D RoPE, then a GELU-tanh MLP."""
+
+    def __init__(self, cfg: VisionConfig, backend: Backend) -> None:
+        super().__init__()
+        D = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.backend = backend
+        self.norm0 = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.wqkv = nn.Linear(D, 3 * D, bias=True)
+        self.wo = nn.Linear(D, D, bias=True)
+        self.norm1 = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.fc0 = nn.Linear(D, cfg.intermediate_size, bias=True)
+        self.fc1 = nn.Linear(cfg.intermediate_size, D, bias=True)
+
+    def attention(self, x_ND: Tensor, cos_NP: Tensor, sin_NP: Tensor, img_1N: Tensor) -> Tensor:
+        N, D = x_ND.shape
+        qkv_3HND = self.wqkv(x_ND).view(N, 3, self.num_heads, -1).permute(1, 2, 0, 3)
+        q_1HND = apply_rotary(qkv_3HND[0], cos_NP, sin_NP)[None]
+        k_1HND = apply_rotary(qkv_3HND[1], cos_NP, sin_NP)[None]
+        out_1HND = attend(q_1HND, k_1HND, qkv_3HND[2][None], img_1N, causal=False,
+                          backend=self.backend)
+        return self.wo(out_1HND[0].transpose(0, 1).reshape(N, D))
+
+    def forward(self, x_ND: Tensor, cos_NP: Tensor, sin_NP: Tensor, img_1N: Tensor) -> Tensor:
+        x_ND = x_ND + self.attention(self.norm0(x_ND), cos_NP, sin_NP, img_1N)
+        h_NI = F.gelu(self.fc0(self.norm1(x_ND)), approximate="tanh")
+        return x_ND + self.fc1(h_NI)
+
+
+class MoonViT(nn.Module):
+    """forward(pixels_NP, grid_hw) -> feats_ND: packed patch features, one row per patch."""
+
+    def __init__(self, cfg: VisionConfig, backend: Backend = "auto") -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.patch_embed = nn.Linear(3 * cfg.patch_size**2, D, bias=True)
+        self.pos_emb = PosEmbGrid(cfg.pos_grid, D)
+        self.rope = Rope2D(D // cfg.num_heads, cfg.rope_theta)
+        self.blocks = nn.ModuleList(VisionBlock(cfg, backend) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights and pos grid, zero biases, unit LayerNorms."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.pos_emb.weight, std=std)
+
+    def check_input(self, pixels_NP: Tensor, grid_hw: Tensor) -> None:
+        """Raise ValueError when pixels and grid disagree or an image exceeds max_patches."""
+        P = 3 * self.cfg.patch_size**2
+        sizes = (grid_hw[:, 0] * grid_hw[:, 1]).tolist()
+        if pixels_NP.dim() != 2 or pixels_NP.shape[1] != P:
+            raise ValueError(f"pixels_NP must be (N, 3*p*p = {P}), got {tuple(pixels_NP.shape)}")
+        if sum(sizes) != pixels_NP.shape[0]:
+            raise ValueError(f"grid_hw covers {sum(sizes)} patches but pixels_NP has "
+                             f"{pixels_NP.shape[0]} rows")
+        if sizes and max(sizes) > self.cfg.max_patches:
+            raise ValueError(f"an image has {max(sizes)} patches > vision.max_patches="
+                             f"{self.cfg.max_patches}; resize it before encoding")
+
+    def forward(self, pixels_NP: Tensor, grid_hw: Tensor) -> Tensor:
+        """Encode packed images. pixels_NP: (N, 3*p*p); grid_hw: (n_img, 2) ints -> (N, D)."""
+        self.check_input(pixels_NP, grid_hw)
+        x_ND = self.patch_embed(pixels_NP) + self.pos_emb(grid_hw).to(pixels_NP.dtype)
+        cos_NP, sin_NP = self.rope(grid_hw, device=pixels_NP.device)
+        img_1N = image_ids(grid_hw, pixels_NP.device)[None]
+        for block in self.blocks:
+            x_ND = block(x_ND, cos_NP, sin_NP, img_1N)
+        return self.final_norm(x_ND)

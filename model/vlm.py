@@ -1,0 +1,123 @@
+"""The Kimi-VL-style VLM: MoonViT -> pixel-shuffle projector -> MoE LM (+ stage-1 towers).
+
+The four child modules are the freeze groups stages address by name: `vision`, `projector`,
+`lm`, `caption`. Text and images meet in `forward`: token embeddings are computed for the whole
+packed batch, then the projected image tokens overwrite the embeddings at the `<|media_pad|>`
+positions (media_mask_BL), in order: image 0's tokens row-major, then image 1's, and so on
+across rows in row-major order of the batch.
+
+What is unusual:
+- `param_counts` instantiates the model on the meta device, so the full 16B shape is counted
+  without allocating memory; active parameters are counted the DeepSeek / Moonlight way.
+
+Legend: B batch rows, L sequence length, V vocab, D LM width, N packed patches,
+P = 3*p*p pixels per patch, M image tokens (sum h*w / merge^2), n_img images.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moonforge.model.coca import CaptionTowers
+from moonforge.model.config import VLMConfig
+from moonforge.model.lm import MoELM
+from moonforge.model.projector import PixelShuffleProjector, num_merged_tokens
+from moonforge.model.vision import MoonViT
+
+FREEZE_GROUPS = ("vision", "projector", "lm", "caption")
+"""Names of the child modules that stages freeze or train as units."""
+
+
+class VLM(nn.Module):
+    """forward(input_ids_BL, position_ids_BL, doc_ids_BL, media_mask_BL, pixels_NP, grid_hw)
+    -> logits_BLV."""
+
+    def __init__(self, cfg: VLMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        backend = cfg.attn_backend
+        self.vision = MoonViT(cfg.vision, backend)
+        self.projector = PixelShuffleProjector(cfg.projector, cfg.vision, cfg.lm.hidden_size)
+        self.lm = MoELM(cfg.lm, backend)
+        self.caption = CaptionTowers(cfg.caption, cfg.vision.hidden_size, cfg.lm.vocab_size,
+                                     backend)
+
+    def num_image_tokens(self, grid_hw: Tensor) -> int:
+        """LM tokens the images of `grid_hw` become: sum of h*w / merge_size**2."""
+        return num_merged_tokens(grid_hw, self.cfg.vision.merge_size)
+
+    def encode_images(self, pixels_NP: Tensor, grid_hw: Tensor) -> Tensor:
+        """Packed patches (N, P) of images with grids (n_img, 2) -> image tokens (M, D)."""
+        return self.projector(self.vision(pixels_NP, grid_hw), grid_hw)
+
+    def embed(self, input_ids_BL: Tensor, media_mask_BL: Tensor | None = None,
+              pixels_NP: Tensor | None = None, grid_hw: Tensor | None = None) -> Tensor:
+        """Token embeddings (B, L, D) with image tokens scattered into media_mask_BL positions."""
+        h_BLD = self.lm.embed(input_ids_BL)
+        num_slots = 0 if media_mask_BL is None else int(media_mask_BL.sum())
+        if pixels_NP is None or grid_hw is None:
+            if num_slots:
+                raise ValueError(f"media_mask_BL has {num_slots} image positions but no "
+                                 "pixels_NP / grid_hw were given (0 image tokens)")
+            return h_BLD
+        img_MD = self.encode_images(pixels_NP, grid_hw)
+        if num_slots != img_MD.shape[0]:
+            raise ValueError(f"media_mask_BL has {num_slots} image positions but the images give "
+                             f"{img_MD.shape[0]} image tokens (grid_hw={grid_hw.tolist()}); "
+                             "the placeholder count must equal sum(h*w/merge^2)")
+        return h_BLD.masked_scatter(media_mask_BL[..., None], img_MD.to(h_BLD.dtype))
+
+    def forward(self, input_ids_BL: Tensor, position_ids_BL: Tensor, doc_ids_BL: Tensor,
+                media_mask_BL: Tensor | None = None, pixels_NP: Tensor | None = None,
+                grid_hw: Tensor | None = None) -> Tensor:
+        """Logits (B, L, V); text-only when pixels_NP is None. Raises ValueError when the count
+        of True positions in media_mask_BL differs from the number of image tokens."""
+        h_BLD = self.embed(input_ids_BL, media_mask_BL, pixels_NP, grid_hw)
+        return self.lm(None, position_ids_BL, doc_ids_BL, inputs_embeds_BLD=h_BLD)
+
+
+def build_vlm(cfg: VLMConfig, device: str | torch.device = "cpu", seed: int | None = None) -> VLM:
+    """Construct and initialise a VLM directly on `device` ("meta" allocates nothing).
+
+    With `seed` (or a prior torch.manual_seed) the init is deterministic for a given device.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        return VLM(cfg)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def param_counts(cfg: VLMConfig) -> dict[str, int]:
+    """Parameter counts of the shape `cfg`, built on the meta device.
+
+    Keys: vision, projector, caption, lm_total, lm_total_no_embed, lm_active,
+    lm_active_no_embed, lm_embed (embed_tokens + lm_head), and vlm_total / vlm_active
+    (vision + projector + LM, with embeddings; the caption towers are stage-1 only).
+    Active = everything except the routed experts a token does not visit: per MoE layer,
+    top-k routed experts + shared experts + router, plus attention, dense FFNs and norms
+    (DeepSeek / Moonlight convention; "no_embed" drops embed_tokens and lm_head).
+    """
+    model = build_vlm(cfg, device="meta")
+    lm = model.lm
+    embed = _numel(lm.embed_tokens) + _numel(lm.lm_head)
+    total = _numel(lm)
+    idle_experts = sum((moe.num_experts - cfg.lm.num_experts_per_tok) * _numel(moe.experts[0])
+                       for _, moe in lm.moe_layers())
+    counts = {
+        "vision": _numel(model.vision),
+        "projector": _numel(model.projector),
+        "caption": _numel(model.caption),
+        "lm_total": total,
+        "lm_total_no_embed": total - embed,
+        "lm_active": total - idle_experts,
+        "lm_active_no_embed": total - idle_experts - embed,
+        "lm_embed": embed,
+    }
+    counts["vlm_total"] = counts["vision"] + counts["projector"] + counts["lm_total"]
+    counts["vlm_active"] = counts["vision"] + counts["projector"] + counts["lm_active"]
+    return counts

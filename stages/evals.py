@@ -1,0 +1,71 @@
+"""Closing evals shared by the stages: held-out LM loss, exact-match answer accuracy, retrieval.
+
+Answer accuracy is teacher-forced exact match: a document counts as correct when the argmax at
+every supervised position equals its label. For answer-only loss masks (QA, needle questions)
+that is exactly "greedy decoding reproduces the answer and then stops", in one forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from moonforge.stages.train.objectives import IGNORE, lm_forward, token_ce
+
+
+@torch.no_grad()
+def lm_eval_loss(model: nn.Module, batches: Iterable) -> dict[str, float]:
+    """Token-weighted mean CE and perplexity over `batches` (LMBatch)."""
+    model.eval()
+    total, n = 0.0, 0
+    for batch in batches:
+        loss, k = token_ce(lm_forward(model, batch), batch.labels_BL)
+        total, n = total + loss.item() * k, n + k
+    mean = total / max(n, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": float(n)}
+
+
+def _doc_correct(pred_BL: Tensor, labels_BL: Tensor, doc_ids_BL: Tensor) -> list[bool]:
+    ok_BL = (pred_BL == labels_BL) | (labels_BL == IGNORE)
+    supervised_BL = labels_BL != IGNORE
+    out = []
+    for b in range(labels_BL.shape[0]):
+        for d in doc_ids_BL[b].unique().tolist():
+            if d < 0:
+                continue
+            in_doc = doc_ids_BL[b] == d
+            if supervised_BL[b][in_doc].any():
+                out.append(bool(ok_BL[b][in_doc].all()))
+    return out
+
+
+@torch.no_grad()
+def exact_match(model: nn.Module, batches: Iterable) -> dict[str, float]:
+    """Fraction of documents whose supervised tokens are all predicted (greedy) correctly."""
+    model.eval()
+    results: list[bool] = []
+    for batch in batches:
+        pred_BL = lm_forward(model, batch).argmax(-1)
+        results += _doc_correct(pred_BL, batch.labels_BL, batch.doc_ids_BL)
+    return {"acc": sum(results) / max(len(results), 1), "n": float(len(results))}
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: nn.Module, batch, texts: list[str]) -> dict[str, float]:
+    """Image -> text top-1 accuracy over one ImageTextBatch, against chance.
+
+    Toy captions repeat ("a red circle"), so retrieving any text identical to the true one counts,
+    and chance is the expected accuracy of a uniform pick under the same rule.
+    """
+    model.eval()
+    towers = model.caption
+    feats = model.vision(batch.pixels_NP, batch.grid_hw)
+    img = towers.image_embed(feats, batch.grid_hw)
+    txt = towers.text_embed(batch.text_ids_BL, batch.text_mask_BL)
+    top = (img @ txt.T).argmax(-1).tolist()
+    hits = [texts[j] == texts[i] for i, j in enumerate(top)]
+    chance = sum(texts.count(t) for t in texts) / len(texts) ** 2
+    return {"acc": sum(hits) / len(hits), "chance": chance, "n": float(len(hits))}

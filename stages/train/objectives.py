@@ -1,0 +1,50 @@
+"""Losses: next-token CE on packed LM batches, SigLIP's sigmoid loss, the CoCa caption loss.
+
+Shapes: B batch rows, L sequence length, V vocab, E joint embedding width.
+Labels are pre-shifted by the packer: `labels_BL[b, t]` is the target for `logits_BLV[b, t]`, with
+-100 on padding, media pads, prompts (SFT) and document ends, so no token predicts across documents.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE = -100
+
+
+def token_ce(logits_BLV: Tensor, labels_BL: Tensor) -> tuple[Tensor, int]:
+    """Mean CE over labelled tokens (per-token normalisation over the packed micro-batch)."""
+    n = int((labels_BL != IGNORE).sum())
+    if n == 0:
+        raise ValueError("batch has no labelled tokens: every label is -100 (check the loss mask)")
+    loss = F.cross_entropy(logits_BLV.float().flatten(0, 1), labels_BL.flatten(), ignore_index=IGNORE)
+    return loss, n
+
+
+def lm_forward(model: nn.Module, batch) -> Tensor:
+    return model(batch.input_ids_BL, batch.position_ids_BL, batch.doc_ids_BL,
+                 media_mask_BL=batch.media_mask_BL, pixels_NP=batch.pixels_NP, grid_hw=batch.grid_hw)
+
+
+def lm_loss(model: nn.Module, batch) -> tuple[Tensor, dict[str, float]]:
+    """Next-token CE of the VLM on an LMBatch (text, image-text, QA or long documents)."""
+    loss, n = token_ce(lm_forward(model, batch), batch.labels_BL)
+    return loss, {"tokens": float(n)}
+
+
+def siglip_loss(img_BE: Tensor, txt_BE: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
+    """SigLIP: -(1/|B|) sum_ij log sigmoid(z_ij * (exp(t') <x_i, y_j> + b)), z = +1 on the diagonal.
+
+    Inputs are L2-normalised embeddings (B, E); t' (logit_scale) and b are learnable scalars.
+    """
+    logits_BB = logit_scale.exp() * img_BE @ txt_BE.T + logit_bias
+    z_BB = 2 * torch.eye(len(img_BE), device=img_BE.device) - 1
+    return -F.logsigmoid(z_BB * logits_BB).sum() / len(img_BE)
+
+
+def caption_loss(logits_BLV: Tensor, text_ids_BL: Tensor, text_mask_BL: Tensor) -> Tensor:
+    """Mean CE of the caption decoder; logits[:, t] predicts text_ids[:, t + 1] (CoCa captioning)."""
+    target = text_ids_BL[:, 1:].masked_fill(~text_mask_BL[:, 1:].bool(), IGNORE)
+    return F.cross_entropy(logits_BLV[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)

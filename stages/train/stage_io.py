@@ -1,0 +1,66 @@
+"""What every training stage does at its edges: open the model and tokenizer, close with a checkpoint.
+
+Opening: the upstream checkpoint's model config and weights (or a fresh init from the recipe's
+shape), the tokenizer checked against the embedding size, and the VisionSpec used to patch images.
+Closing: weights + config + eval.json under ctx.out, and the StageResult.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import torch
+
+from moonforge.model.config import VLMConfig
+from moonforge.model.tokenizer import Tokenizer
+from moonforge.model.vlm import VLM, build_vlm
+from moonforge.stages.artifacts import EVAL_FILE, Checkpoint, DatasetRef, StageContext, StageResult
+from moonforge.stages.data.records import require_dataset
+from moonforge.stages.data.sources import VisionSpec
+from moonforge.stages.train.checkpoint import load_weights, save_weights
+
+
+def require(data: Mapping[str, DatasetRef], name: str, stage: str) -> DatasetRef:
+    """The dataset `name`, or an error naming the stage's `data:` list and the fix."""
+    if name not in data:
+        raise KeyError(
+            f"stage {stage!r} needs dataset {name!r} but its recipe `data:` list gives "
+            f"{sorted(data)}; add {name} to the stage's data list"
+        )
+    require_dataset(data[name].path, name)
+    return data[name]
+
+
+def open_model(base: Checkpoint | None, ctx: StageContext, seed: int,
+               model_cfg: VLMConfig | None = None) -> tuple[VLM, VLMConfig]:
+    """Build the VLM (seeded) and load `base`'s weights; `model_cfg` overrides the shape's
+    runtime-settable fields (e.g. the long-context RoPE base)."""
+    cfg = model_cfg or (base.model_config() if base is not None else ctx.model)
+    torch.manual_seed(seed)
+    model = build_vlm(cfg, device=ctx.device, seed=seed)
+    if base is not None:
+        load_weights(model, base)
+    return model, cfg
+
+
+def open_tokenizer(data: Mapping[str, DatasetRef], model_cfg: VLMConfig, stage: str) -> Tokenizer:
+    ref = require(data, "tokenizer", stage)
+    tok = Tokenizer.load(ref.path / "tokenizer.json")
+    tok.require_vocab_size(model_cfg.lm.vocab_size)
+    return tok
+
+
+def vision_spec(model_cfg: VLMConfig, max_patches: int | None = None) -> VisionSpec:
+    v = model_cfg.vision
+    return VisionSpec(v.patch_size, v.merge_size, max_patches or v.max_patches)
+
+
+def finish(model: VLM, model_cfg: VLMConfig, ctx: StageContext, metrics: dict[str, float],
+           data: Mapping[str, DatasetRef]) -> StageResult:
+    """Write the final checkpoint and eval.json under ctx.out; return the StageResult."""
+    ckpt = save_weights(model, model_cfg, ctx.out)
+    (ctx.out / EVAL_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    ctx.sink.log(max(1, int(metrics.get("train/steps", 1))), metrics)
+    ctx.sink.flush()
+    return StageResult(checkpoint=ckpt, metrics=metrics, data_used=tuple(sorted(data)))

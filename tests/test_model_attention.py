@@ -1,0 +1,119 @@
+"""Packed attention: SDPA block mask vs a per-document reference, padding, no cross-doc leakage.
+
+Legend: B batch, H heads, L length, D head dim.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moonforge.model import attention
+from moonforge.model.attention import (attend, attend_reference, block_mask,
+                                       cu_seqlens_from_doc_ids, segment_ids)
+
+DOCS_BL = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1],
+                        [5, 5, 5, 5, 5, 5, 7, 7, -1, -1, -1]])
+
+
+def _qkv(B: int, H: int, L: int, D: int, Dv: int | None = None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, H, L, D, generator=g) for _ in range(2))
+    return q, k, torch.randn(B, H, L, Dv or D, generator=g)
+
+
+def test_segment_ids_and_cu_seqlens():
+    doc = torch.tensor([[0, 0, 1, -1, -1], [0, 0, 0, 3, 3]])
+    assert segment_ids(doc).tolist() == [[0, 0, 1, 2, 3], [4, 4, 4, 5, 5]]
+    cu, max_len = cu_seqlens_from_doc_ids(doc)
+    assert cu.dtype == torch.int32
+    assert cu.tolist() == [0, 2, 3, 4, 5, 8, 10]
+    assert max_len == 3
+
+
+def test_repeated_doc_id_in_separate_runs_are_separate_documents():
+    doc = torch.tensor([[0, 0, 1, 0]])
+    mask = block_mask(doc, causal=False)[0, 0]
+    assert not mask[3, 0] and mask[3, 3]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Dv", [16, 8])
+def test_sdpa_matches_per_segment_reference(causal, Dv):
+    q, k, v = _qkv(2, 3, DOCS_BL.shape[1], 16, Dv)
+    out = attend(q, k, v, DOCS_BL, causal=causal, backend="sdpa")
+    ref = attend_reference(q, k, v, DOCS_BL, causal=causal)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_rows_attend_to_themselves():
+    q, k, v = _qkv(2, 2, DOCS_BL.shape[1], 8)
+    out = attend(q, k, v, DOCS_BL, causal=True, backend="sdpa")
+    pad = DOCS_BL == -1
+    torch.testing.assert_close(out.transpose(1, 2)[pad], v.transpose(1, 2)[pad])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_no_cross_document_leakage(causal):
+    q, k, v = _qkv(2, 2, DOCS_BL.shape[1], 8)
+    out = attend(q, k, v, DOCS_BL, causal=causal, backend="sdpa")
+    doc2 = DOCS_BL == 2
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t.transpose(1, 2)[doc2] += 10.0
+    out2 = attend(q2, k2, v2, DOCS_BL, causal=causal, backend="sdpa")
+    keep = ~doc2
+    torch.testing.assert_close(out.transpose(1, 2)[keep], out2.transpose(1, 2)[keep])
+    assert not torch.allclose(out.transpose(1, 2)[doc2], out2.transpose(1, 2)[doc2])
+
+
+def test_auto_falls_back_to_sdpa_on_cpu():
+    q, k, v = _qkv(1, 2, 6, 8)
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    torch.testing.assert_close(attend(q, k, v, doc, True, backend="auto"),
+                               attend(q, k, v, doc, True, backend="sdpa"))
+
+
+def test_unknown_backend_rejected():
+    q, k, v = _qkv(1, 1, 2, 4)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attend(q, k, v, torch.zeros(1, 2, dtype=torch.long), True, backend="xformers")
+
+
+def _fake_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       softmax_scale=None, causal=False):
+    """flash_attn_varlen_func's contract on CPU: (T, H, D) tokens, one SDPA per cu_seqlens span."""
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+    assert q.shape[-1] == v.shape[-1], "flash-attn needs one head dim for q, k, v"
+    assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+    cu = cu_seqlens_q.tolist()
+    assert max_seqlen_q == max(b - a for a, b in zip(cu, cu[1:]))
+    out = torch.empty_like(q)
+    for a, b in zip(cu, cu[1:]):
+        span = [t[a:b].transpose(0, 1).float() for t in (q, k, v)]
+        out[a:b] = F.scaled_dot_product_attention(*span, is_causal=causal,
+                                                  scale=softmax_scale).transpose(0, 1).to(q.dtype)
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_plumbing_matches_sdpa_with_a_cpu_stand_in(monkeypatch, causal):
+    """Token flattening, cu_seqlens, v padding and dtype casts of the flash path, checked on CPU."""
+    monkeypatch.setattr(attention, "_flash_varlen", _fake_flash_varlen)
+    q, k, v = _qkv(2, 3, DOCS_BL.shape[1], 16, 8)
+    out = attend(q, k, v, DOCS_BL, causal, backend="flash", scale=0.3)
+    ref = attend(q, k, v, DOCS_BL, causal, backend="sdpa", scale=0.3)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash parity needs CUDA + flash-attn")
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_matches_sdpa_on_gpu(causal):
+    pytest.importorskip("flash_attn")
+    q, k, v = (t.cuda().bfloat16() for t in _qkv(2, 4, DOCS_BL.shape[1], 64, 32))
+    doc = DOCS_BL.cuda()
+    out = attend(q, k, v, doc, causal, backend="flash").float()
+    ref = attend(q.float(), k.float(), v.float(), doc, causal, backend="sdpa")
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
