@@ -7,6 +7,7 @@ and, when `causal`, only to itself and earlier tokens of that document. Backends
 - `flash`: `flash_attn_varlen_func` over the flattened tokens with `cu_seqlens` built from the
   document boundaries (CUDA + flash-attn only; fp32 inputs are run in bf16 and cast back).
 - `auto`: `flash` when the inputs are on CUDA and flash-attn imports, otherwise `sdpa`.
+KV-cache decoding (`attend_cached`) always runs SDPA on the last Q rows of the same mask.
 
 What is unusual:
 - A "document" is a maximal run of equal, non-negative `doc_ids` inside one row. Two runs with the
@@ -17,7 +18,8 @@ What is unusual:
 - `v` may have a smaller head dim than `q`/`k` (MLA: 192 vs 128); flash pads it and slices back.
 
 Legend: B batch rows, H heads, L sequence length, Dh q/k head dim, Dv v head dim,
-T = B*L flattened tokens, S number of documents (segments) in the flattened batch.
+Q new queries and K cached keys (KV-cache decoding), T = B*L flattened tokens, S number of
+documents (segments) in the flattened batch.
 """
 
 from __future__ import annotations
@@ -82,6 +84,33 @@ def block_mask(doc_ids_BL: Tensor, causal: bool) -> Tensor:
     return mask_BLL[:, None]
 
 
+def suffix_block_mask(doc_ids_BK: Tensor, num_queries: int) -> Tensor:
+    """Rows [K - Q, K) of `block_mask(doc_ids_BK, causal=True)`: (B, 1, Q, K), built in O(Q*K).
+
+    The mask a KV cache needs: the Q queries are the last Q of the K key positions.
+    Example: doc_ids [[-1, 0, 0]], Q = 1 -> [[[[False, True, True]]]].
+    """
+    B, K = doc_ids_BK.shape
+    seg_BK = segment_ids(doc_ids_BK)
+    mask_BQK = seg_BK[:, K - num_queries:, None] == seg_BK[:, None, :]
+    q_pos_Q = torch.arange(K - num_queries, K, device=doc_ids_BK.device)
+    mask_BQK &= torch.arange(K, device=doc_ids_BK.device)[None, :] <= q_pos_Q[:, None]
+    return mask_BQK[:, None]
+
+
+def attend_cached(q_BHQD: Tensor, k_BHKD: Tensor, v_BHKE: Tensor, doc_ids_BK: Tensor,
+                  scale: float | None = None) -> Tensor:
+    """Causal block-diagonal attention of Q new queries over K >= Q cached keys: (B, H, Q, Dv).
+
+    The queries sit at the last Q key positions; doc_ids_BK covers all K keys (-1 = padding).
+    Equals rows [K - Q, K) of `attend(..., causal=True)` over the full sequence. Always SDPA
+    with a dense mask (a decode step has Q = 1, so the mask is small).
+    """
+    mask_B1QK = suffix_block_mask(doc_ids_BK, q_BHQD.shape[2])
+    return F.scaled_dot_product_attention(q_BHQD, k_BHKD, v_BHKE, attn_mask=mask_B1QK,
+                                          scale=scale)
+
+
 def _sdpa(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, doc_ids_BL: Tensor, causal: bool,
           scale: float | None) -> Tensor:
     mask_B1LL = block_mask(doc_ids_BL, causal)
@@ -115,8 +144,7 @@ def attend(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, doc_ids_BL: Tensor, c
     """Block-diagonal (per document) attention; returns (B, H, L, Dv).
 
     q, k: (B, H, L, Dh); v: (B, H, L, Dv); doc_ids_BL: int, -1 = padding. `scale` defaults to
-    Dh ** -0.5. Queries and keys share positions (no KV cache here: a cache would pass a longer
-    k/v and a query offset, which `block_mask` can grow into).
+    Dh ** -0.5. Queries and keys share positions; with a KV cache use `attend_cached`.
     """
     if backend == "auto":
         backend = "flash" if flash_available(q_BHLD.device) else "sdpa"

@@ -15,11 +15,13 @@ What is unusual:
 - Attention is causal AND block-diagonal by `doc_ids_BL` (packed documents never see each other;
   -1 marks padding). Position ids come from the caller, typically restarting per document.
 - RoPE holds no state (see rope.py): set `rope_theta` in a new config and load the same weights.
-- Where a KV cache will go: MLA caches the compressed (c_kv, k_rope) from `MLA.compress`, which is
-  the whole point of MLA; `MLA.expand` turns them back into per-head k, v.
+- KV cache (`hidden_cached`, see kv_cache.py): MLA caches the compressed (c_kv, k_rope) from
+  `MLA.compress`, which is the whole point of MLA, and re-expands per-head k, v with `MLA.expand`
+  at every step; MHA caches the rotated k and v.
 
 Legend: B batch rows, L sequence length, D hidden, H heads, Dn = head_dim (no-RoPE part and v),
-Dr rope dims, R kv_lora_rank, P rope pairs, V vocab, T = B*L tokens.
+Dr rope dims, R kv_lora_rank, P rope pairs, V vocab, T = B*L tokens, Q new positions of a cached
+step, K cached positions including them.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moonforge.model.attention import Backend, attend
+from moonforge.model.attention import Backend, attend, attend_cached
 from moonforge.model.config import LMConfig
+from moonforge.model.kv_cache import KVCache, LayerCache
 from moonforge.model.moe import MoE, Router, SwiGLU
 from moonforge.model.rope import Rope1D, apply_rotary
 
@@ -65,16 +68,31 @@ class MLA(nn.Module):
         k_BHLX = torch.cat([k_nope_BHLDn, k_rope_B1LDr.expand(B, self.H, L, self.Dr)], dim=-1)
         return k_BHLX, v_BHLDn
 
-    def forward(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor,
-                doc_ids_BL: Tensor) -> Tensor:
+    def queries(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor) -> Tensor:
+        """Per-head queries (B, H, L, Dn + Dr), rope slice rotated."""
         B, L, _ = x_BLD.shape
         q_BHLX = self.q_proj(x_BLD).view(B, L, self.H, self.Dn + self.Dr).transpose(1, 2)
         q_nope, q_rope = q_BHLX.split([self.Dn, self.Dr], dim=-1)
-        q_BHLX = torch.cat([q_nope, apply_rotary(q_rope, cos_BLP, sin_BLP)], dim=-1)
+        return torch.cat([q_nope, apply_rotary(q_rope, cos_BLP, sin_BLP)], dim=-1)
+
+    def forward(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor,
+                doc_ids_BL: Tensor) -> Tensor:
+        B, L, _ = x_BLD.shape
+        q_BHLX = self.queries(x_BLD, cos_BLP, sin_BLP)
         k_BHLX, v_BHLDn = self.expand(*self.compress(x_BLD, cos_BLP, sin_BLP))
         out_BHLDn = attend(q_BHLX, k_BHLX, v_BHLDn, doc_ids_BL, causal=True,
                            backend=self.backend, scale=self.scale)
         return self.o_proj(out_BHLDn.transpose(1, 2).reshape(B, L, self.H * self.Dn))
+
+    def forward_cached(self, x_BQD: Tensor, cos_BQP: Tensor, sin_BQP: Tensor,
+                       doc_ids_BK: Tensor, cache: LayerCache, start: int) -> Tensor:
+        """Attend Q new positions over the cache; stores their latent at [start, start + Q)."""
+        B, Q, _ = x_BQD.shape
+        q_BHQX = self.queries(x_BQD, cos_BQP, sin_BQP)
+        c_kv_BKR, k_rope_B1KDr = cache.write(start, *self.compress(x_BQD, cos_BQP, sin_BQP))
+        k_BHKX, v_BHKDn = self.expand(c_kv_BKR, k_rope_B1KDr)
+        out_BHQDn = attend_cached(q_BHQX, k_BHKX, v_BHKDn, doc_ids_BK, scale=self.scale)
+        return self.o_proj(out_BHQDn.transpose(1, 2).reshape(B, Q, self.H * self.Dn))
 
 
 class MHA(nn.Module):
@@ -91,8 +109,8 @@ class MHA(nn.Module):
         self.v_proj = nn.Linear(D, H * Dh, bias=False)
         self.o_proj = nn.Linear(H * Dh, D, bias=False)
 
-    def forward(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor,
-                doc_ids_BL: Tensor) -> Tensor:
+    def qkv(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head (q, k, v), each (B, H, L, Dh); q and k rotated."""
         B, L, _ = x_BLD.shape
 
         def heads(proj: nn.Linear) -> Tensor:
@@ -100,9 +118,23 @@ class MHA(nn.Module):
 
         q_BHLD = apply_rotary(heads(self.q_proj), cos_BLP, sin_BLP)
         k_BHLD = apply_rotary(heads(self.k_proj), cos_BLP, sin_BLP)
-        out_BHLD = attend(q_BHLD, k_BHLD, heads(self.v_proj), doc_ids_BL, causal=True,
-                          backend=self.backend)
+        return q_BHLD, k_BHLD, heads(self.v_proj)
+
+    def forward(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor,
+                doc_ids_BL: Tensor) -> Tensor:
+        B, L, _ = x_BLD.shape
+        q_BHLD, k_BHLD, v_BHLD = self.qkv(x_BLD, cos_BLP, sin_BLP)
+        out_BHLD = attend(q_BHLD, k_BHLD, v_BHLD, doc_ids_BL, causal=True, backend=self.backend)
         return self.o_proj(out_BHLD.transpose(1, 2).reshape(B, L, self.H * self.Dh))
+
+    def forward_cached(self, x_BQD: Tensor, cos_BQP: Tensor, sin_BQP: Tensor,
+                       doc_ids_BK: Tensor, cache: LayerCache, start: int) -> Tensor:
+        """Attend Q new positions over the cache; stores their k, v at [start, start + Q)."""
+        B, Q, _ = x_BQD.shape
+        q_BHQD, k_BHQD, v_BHQD = self.qkv(x_BQD, cos_BQP, sin_BQP)
+        k_BHKD, v_BHKD = cache.write(start, k_BHQD, v_BHQD)
+        out_BHQD = attend_cached(q_BHQD, k_BHKD, v_BHKD, doc_ids_BK)
+        return self.o_proj(out_BHQD.transpose(1, 2).reshape(B, Q, self.H * self.Dh))
 
 
 class DecoderBlock(nn.Module):
@@ -120,6 +152,17 @@ class DecoderBlock(nn.Module):
     def forward(self, h_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor,
                 doc_ids_BL: Tensor) -> Tensor:
         h_BLD = h_BLD + self.self_attn(self.input_layernorm(h_BLD), cos_BLP, sin_BLP, doc_ids_BL)
+        return self.ffn(h_BLD)
+
+    def forward_cached(self, h_BQD: Tensor, cos_BQP: Tensor, sin_BQP: Tensor,
+                       doc_ids_BK: Tensor, cache: LayerCache, start: int) -> Tensor:
+        """`forward` for Q new positions whose keys/values go to `cache` at `start`."""
+        h_BQD = h_BQD + self.self_attn.forward_cached(self.input_layernorm(h_BQD), cos_BQP,
+                                                      sin_BQP, doc_ids_BK, cache, start)
+        return self.ffn(h_BQD)
+
+    def ffn(self, h_BLD: Tensor) -> Tensor:
+        """The residual FFN half of the block: h + mlp(norm(h))."""
         x_BLD = self.post_attention_layernorm(h_BLD)
         if self.is_moe:  # the MoE works on a flat token list
             return h_BLD + self.mlp(x_BLD.flatten(0, 1)).view_as(h_BLD)
@@ -168,6 +211,24 @@ class MoELM(nn.Module):
         for layer in self.layers:
             h_BLD = layer(h_BLD, cos_BLP, sin_BLP, doc_ids_BL)
         return self.norm(h_BLD)
+
+    def hidden_cached(self, h_BQD: Tensor, position_ids_BQ: Tensor, doc_ids_BQ: Tensor,
+                      cache: KVCache) -> Tensor:
+        """`hidden` for Q new positions appended after the `cache.length` cached ones.
+
+        Returns (B, Q, D) normed hidden states (apply `lm_head` for logits) and advances the
+        cache by Q. Equals rows [K - Q, K) of `hidden` over the whole sequence, K = length + Q.
+        Prefill is one call with the whole (left-padded) prompt; decoding then passes Q = 1.
+        """
+        start, Q = cache.length, h_BQD.shape[1]
+        doc_ids_BK = cache.push_doc_ids(doc_ids_BQ)
+        # Look positions up in a table sized for the largest one: a decode step has L = 1.
+        cos_LP, sin_LP = self.rope.table(int(position_ids_BQ.max()) + 1, h_BQD.device)
+        cos_BQP, sin_BQP = cos_LP[position_ids_BQ], sin_LP[position_ids_BQ]
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            h_BQD = layer.forward_cached(h_BQD, cos_BQP, sin_BQP, doc_ids_BK, layer_cache, start)
+        cache.advance(Q)
+        return self.norm(h_BQD)
 
     def forward(self, input_ids_BL: Tensor | None, position_ids_BL: Tensor, doc_ids_BL: Tensor,
                 inputs_embeds_BLD: Tensor | None = None) -> Tensor:

@@ -8,11 +8,14 @@ that is exactly "greedy decoding reproduces the answer and then stops", in one f
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import Tensor, nn
 
+from moonforge.stages.data.records import read_image_records, read_text_records
+from moonforge.stages.data.sources import caption_docs, qa_docs, text_docs
 from moonforge.stages.train.objectives import IGNORE, lm_forward, token_ce
 
 
@@ -54,18 +57,44 @@ def exact_match(model: nn.Module, batches: Iterable) -> dict[str, float]:
 
 
 @torch.no_grad()
-def retrieval_accuracy(model: nn.Module, batch, texts: list[str]) -> dict[str, float]:
-    """Image -> text top-1 accuracy over one ImageTextBatch, against chance.
+def retrieval_accuracy(model: nn.Module, batch) -> dict[str, float]:
+    """Image -> text top-1 accuracy over an ImageTextBatch whose image i matches text i.
 
-    Toy captions repeat ("a red circle"), so retrieving any text identical to the true one counts,
-    and chance is the expected accuracy of a uniform pick under the same rule.
+    The eval batch holds distinct captions, so chance is 1 / num_images.
     """
     model.eval()
     towers = model.caption
     feats = model.vision(batch.pixels_NP, batch.grid_hw)
     img = towers.image_embed(feats, batch.grid_hw)
     txt = towers.text_embed(batch.text_ids_BL, batch.text_mask_BL)
-    top = (img @ txt.T).argmax(-1).tolist()
-    hits = [texts[j] == texts[i] for i, j in enumerate(top)]
-    chance = sum(texts.count(t) for t in texts) / len(texts) ** 2
-    return {"acc": sum(hits) / len(hits), "chance": chance, "n": float(len(hits))}
+    top = (img @ txt.T).argmax(-1)
+    n = len(top)
+    acc = (top == torch.arange(n, device=top.device)).float().mean().item()
+    return {"acc": acc, "chance": 1.0 / n, "n": float(n)}
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out batches built once per stage: text LM, image-conditioned text, and VQA."""
+
+    text: list
+    caption: list
+    vqa: list
+
+
+def heldout_sets(tok, text_dir, world_dir, make_batches) -> HeldOut:
+    """Build the val-split sets; `make_batches(source)` packs a DocSource in index order."""
+    text = make_batches(text_docs(read_text_records(text_dir, "val"), tok)) if text_dir else []
+    images = read_image_records(world_dir, "val")
+    return HeldOut(text=text,
+                   caption=make_batches(caption_docs(images, world_dir / "val", tok, ("caption",))),
+                   vqa=make_batches(qa_docs(images, world_dir / "val", tok)))
+
+
+def heldout_metrics(model: nn.Module, sets: HeldOut, suffix: str = "") -> dict[str, float]:
+    """eval/text_loss, eval/caption_loss (image-conditioned) and eval/vqa_acc (exact match)."""
+    out = {f"eval/caption_loss{suffix}": lm_eval_loss(model, sets.caption)["loss"],
+           f"eval/vqa_acc{suffix}": exact_match(model, sets.vqa)["acc"]}
+    if sets.text:
+        out[f"eval/text_loss{suffix}"] = lm_eval_loss(model, sets.text)["loss"]
+    return out

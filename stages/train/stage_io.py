@@ -16,9 +16,13 @@ from moonforge.model.config import VLMConfig
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.model.vlm import VLM, build_vlm
 from moonforge.stages.artifacts import EVAL_FILE, Checkpoint, DatasetRef, StageContext, StageResult
+from moonforge.stages.config import StageConfig
+from moonforge.stages.data.batches import lm_batches
+from moonforge.stages.data.evalsets import lm_eval_batches
 from moonforge.stages.data.records import require_dataset
-from moonforge.stages.data.sources import VisionSpec
+from moonforge.stages.data.sources import DocSource, VisionSpec
 from moonforge.stages.train.checkpoint import load_weights, save_weights
+from moonforge.stages.train.loop import TrainSpec
 
 
 def require(data: Mapping[str, DatasetRef], name: str, stage: str) -> DatasetRef:
@@ -64,3 +68,29 @@ def finish(model: VLM, model_cfg: VLMConfig, ctx: StageContext, metrics: dict[st
     ctx.sink.log(max(1, int(metrics.get("train/steps", 1))), metrics)
     ctx.sink.flush()
     return StageResult(checkpoint=ckpt, metrics=metrics, data_used=tuple(sorted(data)))
+
+
+def train_spec(cfg: StageConfig, **override) -> TrainSpec:
+    """The loop's spec from a stage config (override num_steps / schedule / label per phase)."""
+    base = dict(num_steps=cfg.steps, optimizer=cfg.optimizer, schedule=cfg.schedule,
+                trainable=tuple(cfg.trainable), grad_accum=cfg.grad_accum,
+                router_bias_update=cfg.router_bias_update, log_every=cfg.log_every,
+                checkpoint_every=cfg.checkpoint_every, label=cfg.stage_name)
+    base.update(override)
+    return TrainSpec(**base)
+
+
+def lm_stream(sources: Mapping[str, DocSource], weights_at, tok: Tokenizer, cfg: StageConfig,
+              model_cfg: VLMConfig, seq_len: int | None = None, rows: int | None = None):
+    """Infinite packed micro-batches from a re-weighted source mixture."""
+    v = model_cfg.vision
+    micro = rows or (cfg.micro_batch_size or cfg.batch_size)
+    return lm_batches(sources, weights_at, tok, seq_len or cfg.seq_len, micro, cfg.seed,
+                      v.patch_size, v.merge_size, v.max_patches)
+
+
+def eval_batches(source: DocSource, tok: Tokenizer, cfg: StageConfig, model_cfg: VLMConfig,
+                 seq_len: int | None = None, rows: int | None = None) -> list:
+    """Held-out batches of `source` in index order (cfg.eval.num_examples documents)."""
+    return lm_eval_batches(source, tok, seq_len or cfg.seq_len, rows or cfg.eval.batch_size,
+                           vision_spec(model_cfg), max_docs=cfg.eval.num_examples)

@@ -1,0 +1,249 @@
+"""The `moonforge` CLI (Typer): run, rerun, status, lineage, data.
+
+The project root is the current directory. Heavy imports (torch, mlflow, prefect) happen inside
+commands, so `moonforge --help` stays fast. Known errors print one clear paragraph and exit 1;
+set MOONFORGE_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(name="moonforge", help="Train a Kimi-VL-style VLM through its lifecycle.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="The DVC data pipeline (dvc.yaml / dvc.lock).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+DEFAULT_RECIPE = "recipes/tiny.yaml"
+
+SET_HELP = "Override a recipe field: stages.<name>.<field>=value or model.<...>=value (repeatable)."
+
+
+def _project() -> Path:
+    return Path.cwd().resolve()
+
+
+def _recipe_path(recipe: Optional[str]) -> str:
+    return str((_project() / (recipe or DEFAULT_RECIPE)).resolve())
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Known failures -> one paragraph on stderr and exit 1 (traceback only with MOONFORGE_DEBUG=1)."""
+    from moonforge.registry.errors import ArtifactNotFound, DatasetError, StageFailed
+    from moonforge.stages.catalog import StageNotAvailable
+    from moonforge.stages.recipe import RecipeError
+
+    debug = os.environ.get("MOONFORGE_DEBUG") == "1"
+    titles = {RecipeError: "recipe error", ArtifactNotFound: "artifact not found",
+              DatasetError: "data error", StageNotAvailable: "stage not available",
+              StageFailed: "stage failed"}
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except tuple(titles) as e:  # type: ignore[misc]
+        if debug:
+            raise
+        title = next(t for cls, t in titles.items() if isinstance(e, cls))
+        hint = ("\nNothing was committed for the failed stage; earlier artifacts are intact. "
+                "Set MOONFORGE_DEBUG=1 for the traceback.") if isinstance(e, StageFailed) else ""
+        err_console.print(f"[bold red]{title}:[/bold red] {e}{hint}", markup=True, highlight=False,
+                          soft_wrap=True)
+        raise typer.Exit(1)
+    except Exception as e:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {type(e).__name__}: {e}\n"
+                          "Set MOONFORGE_DEBUG=1 for the traceback.", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _quiet_prefect_tracebacks() -> None:
+    """Prefect's console handler prints a traceback for a failed flow; we print one paragraph
+    instead (the traceback still reaches the Prefect API / UI). MOONFORGE_DEBUG=1 keeps it."""
+    import logging
+
+    if os.environ.get("MOONFORGE_DEBUG") == "1":
+        return
+    for lg in (logging.getLogger(), logging.getLogger("prefect")):
+        for h in lg.handlers:
+            if type(h).__name__ == "PrefectConsoleHandler" and _strip_traceback not in h.filters:
+                h.addFilter(_strip_traceback)
+
+
+def _strip_traceback(record) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _load(recipe_path: str, overrides: list[str]):
+    from moonforge.stages.recipe import load_recipe
+
+    return load_recipe(recipe_path, overrides)
+
+
+@contextmanager
+def _progress_bars() -> Iterator[None]:
+    """Render StageContext.progress callbacks as one rich progress bar per stage."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from moonforge.flows.lifecycle import PROGRESS
+
+    bars = Progress(TextColumn("{task.fields[stage]:<16}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                    transient=False)
+    ids: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int, desc: str) -> None:
+        if stage not in ids:
+            ids[stage] = bars.add_task(desc, stage=stage, total=max(total, 1))
+        bars.update(ids[stage], completed=done, total=max(total, 1), description=desc)
+
+    token = PROGRESS.set(report)
+    try:
+        with bars:
+            yield
+    finally:
+        PROGRESS.reset(token)
+
+
+def _summary(outcomes: dict[str, dict], t0: float) -> None:
+    table = Table(title=f"moonforge: {len(outcomes)} stage(s) in {time.time() - t0:.1f}s")
+    for col in ("stage", "artifact", "cache hit", "wall s", "key metrics"):
+        table.add_column(col)
+    for o in outcomes.values():
+        ms = o["metrics"]
+        keys = [k for k in ms if k.startswith("eval/")][:3] or list(ms)[:3]
+        table.add_row(o["stage"], o["ref"], "yes" if o["cache_hit"] else "no", f"{o['wall_s']:.1f}",
+                      ", ".join(f"{k}={ms[k]:.4g}" for k in keys))
+    console.print(table)
+    if outcomes:
+        last = list(outcomes.values())[-1]["ref"]
+        console.print(f"Runs and metrics: mlflow ui --backend-store-uri "
+                      f"sqlite:///.moonforge/mlflow.db\nLineage: moonforge lineage {last}",
+                      highlight=False)
+
+
+@app.command()
+def run(recipe: Optional[str] = typer.Argument(None, help=f"Recipe YAML (default {DEFAULT_RECIPE})."),
+        set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+        until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage.")) -> None:
+    """Run the whole lifecycle (cached stages are reused)."""
+    with _errors():
+        path = _recipe_path(recipe)
+        from moonforge.flows.lifecycle import stages_until
+
+        stages_until(_load(path, set_), until)  # validate before starting Prefect
+        from moonforge.flows.lifecycle import lifecycle_flow
+
+        _quiet_prefect_tracebacks()
+        t0 = time.time()
+        with _progress_bars():
+            outcomes = lifecycle_flow(recipe_path=path, overrides=list(set_), until=until,
+                                      project=str(_project()))
+        _summary(outcomes, t0)
+
+
+@app.command()
+def rerun(stage: str = typer.Argument(..., help="Stage name to rerun."),
+          from_: Optional[str] = typer.Option(None, "--from", help="Upstream artifact ref or path."),
+          set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+          downstream: bool = typer.Option(False, "--downstream", help="Also rerun every later stage."),
+          recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML.")) -> None:
+    """Rerun one stage from any upstream artifact version."""
+    with _errors():
+        path = _recipe_path(recipe)
+        rec = _load(path, set_)
+        from moonforge.registry.run_stage import resolve_upstream
+        from moonforge.registry.store import open_store
+
+        store = open_store(_project())
+        # resolve now, so a missing ref / upstream fails before Prefect starts
+        info, _ = resolve_upstream(rec, stage, _project(), store, from_)
+        if from_ is not None and info is not None:
+            # pin @latest / prefixes now; keep paths from outside the store as paths
+            from_ = info.ref if store.lookup(info.stage, info.fingerprint) else str(info.path)
+        from moonforge.flows.lifecycle import rerun_flow
+
+        _quiet_prefect_tracebacks()
+        t0 = time.time()
+        with _progress_bars():
+            outcomes = rerun_flow(recipe_path=path, stage=stage, from_ref=from_, overrides=list(set_),
+                                  downstream=downstream, project=str(_project()))
+        _summary(outcomes, t0)
+
+
+@app.command()
+def status(recipe: Optional[str] = typer.Argument(None, help=f"Recipe YAML (default {DEFAULT_RECIPE})."),
+           set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+    """Each stage: fresh / stale / missing, and why."""
+    with _errors():
+        from moonforge.registry.run_stage import stage_status
+
+        rec = _load(_recipe_path(recipe), set_)
+        table = Table(title=f"recipe {rec.name}")
+        for col in ("stage", "state", "artifact", "why"):
+            table.add_column(col)
+        colors = {"fresh": "green", "stale": "yellow", "missing": "red"}
+        for row in stage_status(rec, _project()):
+            table.add_row(row["stage"], f"[{colors[row['state']]}]{row['state']}[/]",
+                          row["ref"] or "-", "\n".join(row["reasons"]))
+        console.print(table)
+
+
+@app.command()
+def lineage(ref: str = typer.Argument(..., help="stage@latest, stage@N, stage@<fp-prefix> or a path."),
+            format: str = typer.Option("tree", "--format", help="tree | mermaid | json")) -> None:
+    """Walk an artifact's lineage back to its data."""
+    with _errors():
+        from moonforge.registry import lineage as lin
+        from moonforge.registry.store import open_store
+
+        if format not in ("tree", "mermaid", "json"):
+            err_console.print(f"--format {format!r}: use tree, mermaid or json")
+            raise typer.Exit(2)
+        chain = lin.walk(open_store(_project()), ref)
+        if format == "tree":
+            console.print(lin.render_tree(chain))
+        else:
+            typer.echo(lin.render_mermaid(chain) if format == "mermaid" else lin.render_json(chain))
+
+
+@data_app.command("build")
+def data_build(names: list[str] = typer.Argument(None, help="Datasets (dvc stages); default all.")) -> None:
+    """dvc repro: build the datasets whose inputs changed."""
+    with _errors():
+        from moonforge.registry.data_versions import dvc_repro, read_lock
+
+        typer.echo(dvc_repro(_project(), names or []))
+        for n, d in read_lock(_project()).items():
+            console.print(f"{n:<12} {d.digest}  {d.path}", highlight=False)
+
+
+@data_app.command("status")
+def data_status(names: list[str] = typer.Argument(None, help="Datasets (dvc stages); default all.")) -> None:
+    """dvc status: which datasets are out of date."""
+    with _errors():
+        from moonforge.registry.data_versions import dvc_status, read_lock
+
+        changed = dvc_status(_project(), names or [])
+        for n, d in read_lock(_project()).items():
+            console.print(f"{n:<12} {'changed' if n in changed else 'up to date':<11} {d.digest}",
+                          highlight=False)
+        for n in changed:
+            console.print(f"{n:<12} changed: {changed[n]}", highlight=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,182 @@
+"""Lineage records (`lineage.json` beside every artifact) and walking them back to the data.
+
+A record holds everything needed to say where an artifact came from: fingerprint, stage, kind,
+version, resolved stage + model config, upstream ref and fingerprint, datasets with their DVC
+md5, git commit (+ dirty flag), package versions, device / world size, MLflow run id, Prefect
+flow-run id, metrics summary and timestamps. `walk` follows upstream fingerprints through the
+store; `render_tree` / `render_mermaid` / `render_json` present the chain.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+from moonforge.registry.errors import ArtifactNotFound
+from moonforge.registry.store import ArtifactStore
+
+PACKAGES = ("torch", "prefect", "mlflow", "dvc", "moonforge")
+
+
+@functools.lru_cache(maxsize=None)
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name == "moonforge":
+                from moonforge import __version__
+                out[name] = __version__
+            else:
+                out[name] = None
+    return out
+
+
+def git_info(project: str | Path) -> dict[str, Any]:
+    """{"commit": sha or None, "dirty": bool or None} for the project checkout."""
+    def git(*args: str) -> str | None:
+        try:
+            p = subprocess.run(["git", "-C", str(project), *args], capture_output=True, text=True,
+                               timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return p.stdout.strip() if p.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def build_lineage(
+    *,
+    stage: str,
+    kind: str,
+    version: int,
+    fingerprint: str,
+    config: Mapping[str, Any],
+    model: Mapping[str, Any],
+    upstream: Mapping[str, Any] | None,
+    datasets: list[Mapping[str, Any]],
+    project: str | Path,
+    recipe: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    started: float,
+    ended: float,
+    device: str = "cpu",
+    world_size: int = 1,
+    mlflow_run_id: str | None = None,
+    prefect_flow_run_id: str | None = None,
+    code_version: str | None = None,
+) -> dict:
+    """The lineage record of one committed artifact (JSON-able)."""
+    return {
+        "fingerprint": fingerprint,
+        "stage": stage,
+        "kind": kind,
+        "version": version,
+        "ref": f"{stage}@{version}",
+        "config": dict(config),
+        "model": dict(model),
+        "upstream": dict(upstream) if upstream else None,
+        "datasets": [dict(d) for d in datasets],
+        "recipe": dict(recipe),
+        "code_version": code_version,
+        "git": git_info(project),
+        "packages": package_versions(),
+        "device": device,
+        "world_size": world_size,
+        "mlflow_run_id": mlflow_run_id,
+        "prefect_flow_run_id": prefect_flow_run_id,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "timestamps": {"start": started, "end": ended, "duration_s": round(ended - started, 3)},
+    }
+
+
+def walk(store: ArtifactStore, ref: str | Path) -> list[dict]:
+    """Lineage records from `ref` back to the first stage (newest first).
+
+    Each record gets "path" added. Upstreams are found by fingerprint (falling back to the
+    recorded path), so the chain survives a store being moved.
+    """
+    info = store.resolve(ref)
+    chain: list[dict] = []
+    seen: set[str] = set()
+    while info is not None and info.fingerprint not in seen:
+        seen.add(info.fingerprint)
+        rec = info.lineage() or {"stage": info.stage, "version": info.version,
+                                 "fingerprint": info.fingerprint, "ref": info.ref}
+        rec = {**rec, "path": str(info.path)}
+        chain.append(rec)
+        up = rec.get("upstream")
+        if not up:
+            break
+        info = store.lookup(up["stage"], up["fingerprint"])
+        if info is None and up.get("path"):
+            try:
+                info = store.open_path(Path(up["path"]))
+            except ArtifactNotFound:
+                info = None
+        if info is None:
+            chain.append({"stage": up["stage"], "ref": up.get("ref"), "missing": True,
+                          "fingerprint": up["fingerprint"]})
+    return chain
+
+
+def _metrics_line(rec: Mapping[str, Any], n: int = 3) -> str:
+    ms = rec.get("metrics") or {}
+    keys = [k for k in ms if k.startswith("eval/")][:n] or list(ms)[:n]
+    return ", ".join(f"{k}={ms[k]:.4g}" for k in keys)
+
+
+def render_tree(chain: list[dict]):
+    """A rich Tree: the artifact at the root, each upstream nested inside, datasets as leaves."""
+    from rich.tree import Tree
+
+    root: Tree | None = None
+    node: Tree | None = None
+    for rec in chain:
+        if rec.get("missing"):
+            label = f"[red]{rec.get('ref') or rec['stage']} (missing from the store)[/red]"
+        else:
+            git = rec.get("git") or {}
+            label = (f"[bold]{rec.get('ref')}[/bold]  fp {rec['fingerprint'][:12]}"
+                     + (f"  git {str(git.get('commit'))[:8]}{'+dirty' if git.get('dirty') else ''}"
+                        if git.get("commit") else "")
+                     + (f"\n{_metrics_line(rec)}" if rec.get("metrics") else "")
+                     + (f"\nmlflow run {rec['mlflow_run_id']}" if rec.get("mlflow_run_id") else ""))
+        child = Tree(label) if root is None else node.add(label)
+        root = root or child
+        for d in rec.get("datasets") or []:
+            child.add(f"[cyan]data {d['name']}[/cyan]  md5 {str(d.get('digest'))[:12]}  {d.get('path')}")
+        node = child
+    return root if root is not None else Tree("(empty)")
+
+
+def _node_id(rec: Mapping[str, Any]) -> str:
+    return f"{rec['stage']}_{rec.get('version', 'x')}".replace("-", "_").replace(".", "_")
+
+
+def render_mermaid(chain: list[dict]) -> str:
+    """A mermaid `graph LR`: datasets -> first stage -> ... -> the artifact."""
+    lines = ["graph LR"]
+    for rec in reversed(chain):
+        nid = _node_id(rec)
+        fp = rec["fingerprint"][:8]
+        lines.append(f'  {nid}["{rec.get("ref") or rec["stage"]}<br/>fp {fp}"]')
+        for d in rec.get("datasets") or []:
+            did = f"data_{d['name']}_{str(d.get('digest'))[:8]}".replace("-", "_").replace(".", "_")
+            lines.append(f'  {did}[("{d["name"]}<br/>md5 {str(d.get("digest"))[:8]}")] --> {nid}')
+    for newer, older in zip(chain, chain[1:]):
+        lines.append(f"  {_node_id(older)} --> {_node_id(newer)}")
+    return "\n".join(lines)
+
+
+def render_json(chain: list[dict]) -> str:
+    return json.dumps(chain, indent=2, sort_keys=True, default=str)

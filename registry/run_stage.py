@@ -1,0 +1,265 @@
+"""run_stage: everything around a stage function, done once.
+
+upstream artifact -> datasets (DVC) -> fingerprint -> cache lookup (the store is the truth) ->
+stage function into a staging dir -> lineage.json -> atomic commit -> MLflow child run.
+On failure nothing becomes visible, the MLflow run is marked FAILED and `StageFailed` (naming the
+stage, the original exception as its cause) is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from moonforge.registry.data_versions import ensure_datasets, read_lock
+from moonforge.registry.errors import ArtifactNotFound, DatasetError, StageFailed
+from moonforge.registry.fingerprint import code_version, fingerprint, fingerprint_inputs
+from moonforge.registry.lineage import build_lineage
+from moonforge.registry.store import ArtifactInfo, ArtifactStore, open_store
+from moonforge.stages import catalog
+from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
+from moonforge.stages.recipe import Recipe
+
+log = logging.getLogger("moonforge.registry")
+
+StageProgress = Callable[[str, int, int, str], None]
+"""progress(stage, done, total, description)."""
+
+UNBUILT = "unbuilt"
+"""Digest placeholder for a dataset that dvc.lock does not pin yet (only in expected chains)."""
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What one stage execution (or cache hit) produced."""
+
+    stage: str
+    ref: str
+    version: int
+    fingerprint: str
+    cache_hit: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    path: str = ""
+    wall_s: float = 0.0
+    mlflow_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def expected_chain(recipe: Recipe, project: str | Path,
+                   digests: Mapping[str, str] | None = None) -> dict[str, tuple[dict, str]]:
+    """stage name -> (inputs, fingerprint) the recipe implies today, for every stage.
+
+    Data digests come from dvc.lock (unpinned datasets count as "unbuilt"); upstream fingerprints
+    are the expected ones, so this needs no store and builds nothing.
+    """
+    if digests is None:
+        try:
+            digests = {n: d.digest for n, d in read_lock(project).items()}
+        except DatasetError:
+            digests = {}
+    out: dict[str, tuple[dict, str]] = {}
+    for cfg in recipe.stages:
+        up = (cfg.upstream, out[cfg.upstream][1]) if cfg.upstream else None
+        inputs = fingerprint_inputs(cfg, recipe.model, up,
+                                    {n: digests.get(n, UNBUILT) for n in cfg.data}, code_version())
+        out[cfg.stage_name] = (inputs, fingerprint(inputs))
+    return out
+
+
+def resolve_upstream(recipe: Recipe, stage_name: str, project: str | Path, store: ArtifactStore,
+                     upstream_ref: str | None = None) -> tuple[ArtifactInfo | None, str]:
+    """The upstream artifact of `stage_name` and how it was chosen.
+
+    An explicit ref wins. Otherwise: the upstream stage's artifact whose fingerprint matches what
+    the recipe implies now, else its @latest (noted, since it may come from other settings).
+    """
+    cfg = recipe.stage(stage_name)
+    if upstream_ref is not None:
+        return store.resolve(upstream_ref), f"explicit ({upstream_ref})"
+    if cfg.upstream is None:
+        return None, "none"
+    want = expected_chain(recipe, project)[cfg.upstream][1]
+    hit = store.lookup(cfg.upstream, want)
+    if hit is not None:
+        return hit, "recipe chain"
+    latest = store.latest(cfg.upstream)
+    if latest is None:
+        raise ArtifactNotFound(
+            f"stage {stage_name!r} needs an artifact of its upstream {cfg.upstream!r}, and the "
+            f"store has none (existing: {store.describe()}); run `moonforge run --until "
+            f"{cfg.upstream}` first, or pass --from REF")
+    log.warning("%s: no %s artifact matches the recipe's chain; using %s", stage_name,
+                cfg.upstream, latest.ref)
+    return latest, f"latest ({latest.ref}; no artifact matched the recipe chain)"
+
+
+def _no_progress(stage: str, done: int, total: int, desc: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One stage execution, fully resolved: what goes into the fingerprint and where it came from."""
+
+    recipe: Recipe
+    cfg: Any
+    project: Path
+    store: ArtifactStore
+    upstream: ArtifactInfo | None
+    how: str
+    datasets: dict[str, DatasetRef]
+    inputs: dict
+    fingerprint: str
+    flow_run_id: str | None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.stage_name
+
+    def tracking_fields(self) -> dict[str, Any]:
+        return dict(stage=self.name, kind=self.cfg.kind, cfg=self.cfg, fingerprint=self.fingerprint,
+                    upstream=self.upstream.ref if self.upstream else None, datasets=self.datasets,
+                    recipe_digest=self.recipe.digest(), flow_run_id=self.flow_run_id)
+
+
+def run_stage(
+    recipe: Recipe,
+    stage_name: str,
+    project: str | Path,
+    upstream_ref: str | None = None,
+    *,
+    tracker: Any = None,
+    progress: StageProgress | None = None,
+    store: ArtifactStore | None = None,
+    flow_run_id: str | None = None,
+) -> StageOutcome:
+    """Run (or reuse) one stage of `recipe` and return its committed artifact.
+
+    upstream_ref: any ref the store resolves (default: see `resolve_upstream`). tracker: a
+    registry.tracking.Tracker (default: MLflow for this project and recipe, nested under
+    tracker.parent_run_id when set) or NullTracker(). Raises RecipeError / ArtifactNotFound /
+    DatasetError / StageNotAvailable before anything runs, StageFailed when the stage raises.
+    """
+    t0 = time.time()
+    project = Path(project).resolve()
+    cfg = recipe.stage(stage_name)
+    store = store or open_store(project)
+    if tracker is None:
+        from moonforge.registry.tracking import Tracker
+
+        tracker = Tracker(project, recipe.name)
+    upstream, how = resolve_upstream(recipe, stage_name, project, store, upstream_ref)
+    datasets = ensure_datasets(project, cfg.data)
+    inputs = fingerprint_inputs(cfg, recipe.model,
+                                (upstream.stage, upstream.fingerprint) if upstream else None,
+                                {n: d.digest for n, d in datasets.items()}, code_version())
+    job = _Job(recipe, cfg, project, store, upstream, how, datasets, inputs, fingerprint(inputs),
+               flow_run_id)
+    progress = progress or _no_progress
+    hit = store.lookup(job.name, job.fingerprint)
+    if hit is not None:
+        metrics = hit.lineage().get("metrics") or {}
+        run_id = tracker.log_cache_hit(**job.tracking_fields(), version=hit.version,
+                                       metrics=metrics, artifact_dir=hit.path)
+        progress(job.name, 1, 1, "cached")
+        return StageOutcome(job.name, hit.ref, hit.version, job.fingerprint, True, metrics,
+                            str(hit.path), time.time() - t0, run_id)
+    info, metrics, run_id = _execute(job, tracker, progress)
+    return StageOutcome(job.name, info.ref, info.version, job.fingerprint, False, metrics,
+                        str(info.path), time.time() - t0, run_id)
+
+
+def _execute(job: _Job, tracker: Any, progress: StageProgress) -> tuple[ArtifactInfo, dict, str | None]:
+    """Call the stage function into a staging dir and commit it; on any failure abort + FAILED."""
+    fn = catalog.stage_function(job.cfg.kind)
+    staging = job.store.begin(job.name)
+    try:
+        run = tracker.start_stage(**job.tracking_fields())
+    except BaseException:
+        job.store.abort(staging)
+        raise
+    total = [job.cfg.steps]
+
+    def report(done: int, of: int, desc: str) -> None:
+        total[0] = of
+        progress(job.name, done, of, desc)
+
+    progress(job.name, 0, job.cfg.steps, "starting")
+    ctx = StageContext(out=staging, model=job.recipe.model, sink=run.sink, progress=report)
+    started = time.time()
+    try:
+        result = fn(Checkpoint(job.upstream.path) if job.upstream else None, job.datasets, job.cfg, ctx)
+        if not isinstance(result, StageResult):
+            raise TypeError(f"stage function for {job.cfg.kind!r} returned "
+                            f"{type(result).__name__}, not a StageResult")
+        if not Path(result.checkpoint.path).resolve().is_relative_to(staging.resolve()):
+            raise ValueError(f"stage {job.name!r} returned a checkpoint at "
+                             f"{result.checkpoint.path}, outside its output dir ctx.out={staging}")
+        run.sink.flush()
+        fields = _lineage_fields(job, result, ctx, run.run_id, started, time.time())
+        info = job.store.commit(staging, job.fingerprint, job.inputs,
+                                sidecars=lambda v: {"lineage.json": build_lineage(version=v, **fields)})
+    except BaseException as e:
+        job.store.abort(staging, keep=os.environ.get("MOONFORGE_KEEP_FAILED") == "1")
+        try:
+            tracker.fail_stage(run, e)
+        except Exception:  # keep the stage's error, not a tracking one
+            log.exception("could not mark the MLflow run of %s as FAILED", job.name)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise StageFailed(job.name, e) from e
+    tracker.finish_stage(run, version=info.version, metrics=result.metrics, artifact_dir=info.path)
+    progress(job.name, total[0], total[0], "done")
+    return info, dict(result.metrics), run.run_id
+
+
+def _lineage_fields(job: _Job, result: StageResult, ctx: StageContext, run_id: str | None,
+                    started: float, ended: float) -> dict[str, Any]:
+    up = job.upstream
+    return dict(
+        stage=job.name, kind=job.cfg.kind, fingerprint=job.fingerprint,
+        config=job.cfg.model_dump(mode="json"), model=job.recipe.model.model_dump(mode="json"),
+        upstream=None if up is None else {
+            "stage": up.stage, "version": up.version, "ref": up.ref,
+            "fingerprint": up.fingerprint, "path": str(up.path), "resolution": job.how},
+        datasets=[{"name": d.name, "path": str(d.path), "digest": d.digest,
+                   "read": d.name in result.data_used} for d in job.datasets.values()],
+        project=job.project, recipe={"name": job.recipe.name, "digest": job.recipe.digest()},
+        metrics=result.metrics, started=started, ended=ended, device=ctx.device,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")), mlflow_run_id=run_id,
+        prefect_flow_run_id=job.flow_run_id, code_version=job.inputs["code"])
+
+
+def stage_status(recipe: Recipe, project: str | Path,
+                 store: ArtifactStore | None = None) -> list[dict[str, Any]]:
+    """Per stage: {"stage", "state": fresh|stale|missing, "ref", "reasons"} against the store.
+
+    fresh: an artifact with the fingerprint the recipe implies exists. stale: the stage has
+    versions but none matches; reasons = explain_diff(latest version's inputs, expected inputs).
+    missing: no version at all.
+    """
+    from moonforge.registry.fingerprint import explain_diff
+
+    store = store or open_store(project)
+    rows = []
+    for name, (inputs, fp) in expected_chain(recipe, project).items():
+        unbuilt = [n for n, d in inputs["data"].items() if d == UNBUILT]
+        hit = store.lookup(name, fp)
+        latest = store.latest(name)
+        if hit is not None:
+            rows.append({"stage": name, "state": "fresh", "ref": hit.ref, "fingerprint": fp,
+                         "reasons": [] if hit.version == latest.version else
+                         [f"latest is {latest.ref}, but {hit.ref} matches the recipe"]})
+        elif latest is None:
+            rows.append({"stage": name, "state": "missing", "ref": None, "fingerprint": fp,
+                         "reasons": ["never built"] + [f"data {n} not built" for n in unbuilt]})
+        else:
+            rows.append({"stage": name, "state": "stale", "ref": latest.ref, "fingerprint": fp,
+                         "reasons": explain_diff(latest.inputs, inputs)})
+    return rows

@@ -1,0 +1,163 @@
+"""Document sources: how dataset records become token documents for LM-style training.
+
+A `DocSource` is an indexable set of documents; `lm_batches` samples from several of them by
+weight, evaluation iterates one in index order. Building document i is deterministic and cheap:
+image documents carry `ImageRef`s (path + patch grid from the record's width/height) and their
+pixels are only loaded when a batch is assembled. Document formats (the model sees exactly
+these; evaluation prompts are their prefixes):
+
+  text_docs     {text} <|endoftext|>                                 loss on every token
+  caption_docs  [image] {caption | ocr | alt_text} <|endoftext|>     loss on the text
+  qa_docs       [image] \\nQuestion: {q}\\nAnswer: {a} <|endoftext|>   loss on " {a}" + eos
+  long_docs     {text}\\n\\nQuestion: {q}\\nAnswer: {a} <|endoftext|>   loss on every token
+
+where [image] is `Tokenizer.media_placeholder(h * w / merge**2)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from moonforge.model.tokenizer import Tokenizer
+from moonforge.stages.data.images import ImageLoader, num_image_tokens, patch_grid
+from moonforge.stages.data.records import ImageRecord, LongDocRecord, TextRecord
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """How images are patched for the model at hand (from the recipe's model.vision)."""
+
+    patch_size: int
+    merge_size: int
+    max_patches: int
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        return patch_grid(width, height, self.patch_size, self.merge_size, self.max_patches)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image a document shows, not yet loaded: its loader, path and patch grid."""
+
+    loader: ImageLoader
+    path: str
+    grid_hw: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Doc:
+    """One document: ids, loss mask aligned with ids (None = all ones), images in order."""
+
+    ids: list[int]
+    loss_mask: list[int] | None = None
+    images: tuple[ImageRef, ...] = ()
+
+
+class DocSource:
+    """`len(source)` documents, document i built by `source.doc(i, vision)`."""
+
+    def __init__(self, name: str, num_docs: int, make: Callable[[int, VisionSpec], Doc],
+                 loader: ImageLoader | None = None):
+        if num_docs <= 0:
+            raise ValueError(f"document source {name!r} is empty; check its dataset and filters")
+        self.name, self._num_docs, self._make, self.loader = name, num_docs, make, loader
+
+    def __len__(self) -> int:
+        return self._num_docs
+
+    def doc(self, index: int, vision: VisionSpec) -> Doc:
+        return self._make(index, vision)
+
+
+def _image(tok: Tokenizer, loader: ImageLoader, rec: ImageRecord,
+           vision: VisionSpec) -> tuple[list[int], ImageRef]:
+    grid = vision.grid(rec.width, rec.height)
+    return tok.media_placeholder(num_image_tokens(grid, vision.merge_size)), ImageRef(loader, rec.image, grid)
+
+
+def text_docs(text_records: Sequence[TextRecord], tokenizer: Tokenizer, quality: str | None = None,
+              name: str = "text") -> DocSource:
+    """Plain LM documents; `quality="high"` keeps only the cooldown's clean subset."""
+    recs = [r for r in text_records if quality is None or r.quality == quality]
+    return DocSource(name, len(recs),
+                     lambda i, vision: Doc(tokenizer.encode(recs[i].text) + [tokenizer.eos_id]))
+
+
+def caption_docs(image_records: Sequence[ImageRecord], image_root: Path, tokenizer: Tokenizer,
+                 fields: Sequence[str] = ("caption", "ocr", "alt_text"), name: str = "caption",
+                 max_corrupt_frac: float = 0.01) -> DocSource:
+    """Image-conditioned text: document i shows record i // len(fields) with field i % len(fields).
+
+    A field a record lacks (ocr of a shapes image) falls back to the caption.
+    """
+    recs = list(image_records)
+    loader = ImageLoader(name, image_root, len(recs), max_corrupt_frac)
+
+    def make(i: int, vision: VisionSpec) -> Doc:
+        rec = recs[i // len(fields)]
+        text = getattr(rec, fields[i % len(fields)]) or rec.caption
+        media, ref = _image(tokenizer, loader, rec, vision)
+        body = tokenizer.encode(text) + [tokenizer.eos_id]
+        return Doc(media + body, [0] * len(media) + [1] * len(body), (ref,))
+
+    return DocSource(name, len(recs) * len(fields), make, loader)
+
+
+def qa_prompt(tokenizer: Tokenizer, question: str) -> list[int]:
+    """Text ids of the QA prompt after the image: "\\nQuestion: {q}\\nAnswer:"."""
+    return tokenizer.encode(f"\nQuestion: {question}\nAnswer:")
+
+
+def qa_docs(image_records: Sequence[ImageRecord], image_root: Path, tokenizer: Tokenizer,
+            types: Sequence[str] | None = None, name: str = "qa",
+            max_corrupt_frac: float = 0.01) -> DocSource:
+    """One document per (image, QA pair), loss on the answer and eos only."""
+    recs = list(image_records)
+    pairs = [(r, q) for r in recs for q in r.qa if types is None or q.type in types]
+    loader = ImageLoader(name, image_root, len(recs), max_corrupt_frac)
+
+    def make(i: int, vision: VisionSpec) -> Doc:
+        rec, qa = pairs[i]
+        media, ref = _image(tokenizer, loader, rec, vision)
+        prompt = media + qa_prompt(tokenizer, qa.question)
+        answer = tokenizer.encode(f" {qa.answer}") + [tokenizer.eos_id]
+        return Doc(prompt + answer, [0] * len(prompt) + [1] * len(answer), (ref,))
+
+    return DocSource(name, len(pairs), make, loader)
+
+
+def needle_parts(rec: LongDocRecord, tokenizer: Tokenizer,
+                 max_tokens: int | None) -> tuple[list[int], list[int]]:
+    """(context ids ending in "Answer:", answer ids " {a}" + eos), trimmed to `max_tokens` in all.
+
+    Trimming drops filler on both sides of the needle in proportion to its depth, so the needle
+    always survives and keeps its relative position.
+    """
+    before, after = rec.text.split(rec.needle, 1)
+    ids_b, ids_n, ids_a = (tokenizer.encode(t) for t in (before, rec.needle, after))
+    question = tokenizer.encode(f"\n\nQuestion: {rec.question}\nAnswer:")
+    answer = tokenizer.encode(f" {rec.answer}") + [tokenizer.eos_id]
+    if max_tokens is not None:
+        budget = max_tokens - len(ids_n) - len(question) - len(answer)
+        if budget < 0:
+            raise ValueError(f"max_tokens={max_tokens} cannot hold the needle and question of {rec.id}")
+        if len(ids_b) + len(ids_a) > budget:
+            keep_b = round(budget * len(ids_b) / (len(ids_b) + len(ids_a)))
+            ids_b, ids_a = ids_b[len(ids_b) - keep_b:], ids_a[:budget - keep_b]
+    return ids_b + ids_n + ids_a + question, answer
+
+
+def long_docs(longdoc_records: Sequence[LongDocRecord], tokenizer: Tokenizer,
+              max_tokens: int | None = None, answer_only: bool = False,
+              name: str = "longdoc") -> DocSource:
+    """Needle documents (text, question, answer); `max_tokens` trims them to fit a context."""
+    recs = list(longdoc_records)
+
+    def make(i: int, vision: VisionSpec) -> Doc:
+        context, answer = needle_parts(recs[i], tokenizer, max_tokens)
+        mask = [0] * len(context) + [1] * len(answer) if answer_only else None
+        return Doc(context + answer, mask)
+
+    return DocSource(name, len(recs), make)

@@ -1,0 +1,160 @@
+"""Shared fixtures: a real Prefect test API (opt-in), a temp project with a real DVC pipeline and a
+real MLflow SQLite file, and a small real stage function to stand in for the training stages.
+
+- `prefect_api`: ONE session-scoped `prefect_test_harness` (its server takes ~15 s to start);
+  request it only in tests that run flows.
+- `tmp_project`: cwd = a temp project with dvc.yaml (datasets `text`, `toyworld`), dvc.lock,
+  built data, the repo's recipes plus `recipes/mini.yaml` (3 cheap stages on the tiny model),
+  and a pre-migrated `.moonforge/mlflow.db` (copied from a session template; migrating a fresh
+  MLflow DB costs ~2.5 s).
+- `fake_stages`: routes every stage kind to `FakeStage`, which writes a tiny safetensors file,
+  logs a loss curve and returns metrics; tests can queue exceptions per stage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parent.parent
+DVC = str(Path(sys.executable).parent / "dvc") if (Path(sys.executable).parent / "dvc").exists() \
+    else (shutil.which("dvc") or "dvc")
+
+DVC_YAML = {
+    "stages": {
+        "text": {
+            "cmd": "python -c \"import os; os.makedirs('data/text', exist_ok=True); "
+                   "open('data/text/corpus.txt', 'w').write('the cat sat ' * ${text_repeat})\"",
+            "params": ["text_repeat"],
+            "outs": ["data/text"],
+        },
+        "toyworld": {
+            "cmd": "python -c \"import os, json; os.makedirs('data/toyworld', exist_ok=True); "
+                   "json.dump([{'shape': 'circle', 'n': i} for i in range(${toy_items})], "
+                   "open('data/toyworld/items.json', 'w'))\"",
+            "params": ["toy_items"],
+            "outs": ["data/toyworld"],
+        },
+    }
+}
+PARAMS = {"text_repeat": 3, "toy_items": 4}
+
+
+def mini_recipe(repo: Path = REPO) -> dict:
+    """Three cheap stages on the tiny model shape; datasets from the test DVC pipeline."""
+    tiny = yaml.safe_load((repo / "recipes" / "tiny.yaml").read_text())
+    def common():  # fresh dicts: shared ones would dump as YAML aliases that overrides mutate together
+        return {"optimizer": {"lr": 1.0e-3}, "seq_len": 16, "batch_size": 2, "num_steps": 12}
+
+    return {
+        "name": "mini",
+        "description": "test recipe",
+        "model": tiny["model"],
+        "stages": [
+            {"kind": "lm_pretrain", "upstream": None, "data": ["text"], "trainable": ["lm"], **common()},
+            {"kind": "vit_pretrain", "upstream": "lm_pretrain", "data": ["toyworld"],
+             "trainable": ["vision", "caption"], **common()},
+            {"kind": "align", "upstream": "vit_pretrain", "data": ["toyworld", "text"],
+             "trainable": ["vision", "projector"], **common()},
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real (temporary) Prefect API for the whole session; opt in by requesting it."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory) -> Path:
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()  # runs the schema migrations once
+    return db
+
+
+@pytest.fixture(scope="session")
+def _dvc_template(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dvc-template")
+    subprocess.run([DVC, "init", "--no-scm", "-q"], cwd=root, check=True)
+    subprocess.run([DVC, "config", "core.analytics", "false"], cwd=root, check=True)
+    (root / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    subprocess.run([DVC, "repro", "-q"], cwd=root, check=True, capture_output=True)
+    return root
+
+
+@pytest.fixture
+def tmp_project(tmp_path, monkeypatch, _dvc_template, _mlflow_template) -> Path:
+    proj = tmp_path / "proj"
+    shutil.copytree(_dvc_template, proj, symlinks=True)
+    shutil.copytree(REPO / "recipes", proj / "recipes")
+    (proj / "recipes" / "mini.yaml").write_text(yaml.safe_dump(mini_recipe(), sort_keys=False))
+    (proj / ".moonforge").mkdir()
+    shutil.copy(_mlflow_template, proj / ".moonforge" / "mlflow.db")
+    for var in ("MLFLOW_TRACKING_URI", "MOONFORGE_STORE", "MOONFORGE_DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(proj)
+    return proj
+
+
+class FakeStage:
+    """A real (cheap) stage function: reads its datasets, writes weights + config, logs a curve.
+
+    `fail[stage_name]` is a list of exceptions raised by successive calls (after a partial write,
+    so atomicity is exercised); `calls` records stage names in call order.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.fail: dict[str, list[BaseException]] = {}
+
+    def __call__(self, base, data, cfg, ctx):
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        from moonforge.stages.artifacts import MODEL_CONFIG_FILE, WEIGHTS_FILE, Checkpoint, StageResult
+
+        self.calls.append(cfg.stage_name)
+        start = 0.0
+        if base is not None:
+            assert base.weights.exists() and base.model_config() == ctx.model
+            start = 1.0
+        nbytes = sum(f.stat().st_size for d in data.values() for f in d.path.rglob("*") if f.is_file())
+        (ctx.out / "partial.bin").write_bytes(b"x" * 16)
+        queued = self.fail.get(cfg.stage_name) or []
+        if queued:
+            raise queued.pop(0)
+        loss = 4.0
+        for step in range(cfg.steps):
+            loss = 4.0 * 0.9 ** step + 0.01 * cfg.seed
+            ctx.sink.log(step, {"train/loss": loss, "train/lr": cfg.optimizer.lr})
+            ctx.progress(step + 1, cfg.steps, "train")
+        (ctx.out / "partial.bin").unlink()
+        save_file({"w": np.full((4, 4), loss, dtype=np.float32)}, str(ctx.out / WEIGHTS_FILE))
+        (ctx.out / MODEL_CONFIG_FILE).write_text(ctx.model.model_dump_json())
+        metrics = {"eval/acc": 0.5 + start * 0.1, "train/final_loss": loss, "data/bytes": float(nbytes)}
+        return StageResult(Checkpoint(ctx.out), metrics, tuple(data))
+
+
+@pytest.fixture
+def fake_stages(monkeypatch) -> FakeStage:
+    from moonforge.stages import catalog
+
+    fake = FakeStage()
+    monkeypatch.setattr(catalog, "stage_function", lambda kind: fake)
+    return fake
