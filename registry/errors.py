@@ -27,7 +27,8 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: str, cause: BaseException):
         self.stage = stage
         self.transient = is_transient(cause)
-        super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
+        notes = "".join(f"\n  {n}" for n in getattr(cause, "__notes__", ()))
+        super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}{notes}")
 
 
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,

@@ -19,7 +19,7 @@ from moonforge.registry.data_versions import ensure_datasets, read_lock
 from moonforge.registry.errors import ArtifactNotFound, DatasetError, StageFailed
 from moonforge.registry.fingerprint import code_version, fingerprint, fingerprint_inputs
 from moonforge.registry.lineage import build_lineage
-from moonforge.registry.store import ArtifactInfo, ArtifactStore, open_store
+from moonforge.registry.store import TRAIN_STATE_DIR, ArtifactInfo, ArtifactStore, open_store
 from moonforge.stages import catalog
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
 from moonforge.stages.recipe import Recipe
@@ -191,7 +191,12 @@ def _execute(job: _Job, tracker: Any, progress: StageProgress) -> tuple[Artifact
         progress(job.name, done, of, desc)
 
     progress(job.name, 0, job.cfg.steps, "starting")
-    ctx = StageContext(out=staging, model=job.recipe.model, sink=run.sink, progress=report)
+    kept = job.store.partial(job.name, job.fingerprint)
+    resume = sorted((kept / TRAIN_STATE_DIR).glob("step-*"))[-1] if kept else None
+    if resume is not None:
+        log.warning("%s: resuming from the checkpoint a failed run left at %s", job.name, resume)
+    ctx = StageContext(out=staging, model=job.recipe.model, sink=run.sink, progress=report,
+                       resume_from=resume)
     started = time.time()
     try:
         result = fn(Checkpoint(job.upstream.path) if job.upstream else None, job.datasets, job.cfg, ctx)
@@ -206,7 +211,10 @@ def _execute(job: _Job, tracker: Any, progress: StageProgress) -> tuple[Artifact
         info = job.store.commit(staging, job.fingerprint, job.inputs,
                                 sidecars=lambda v: {"lineage.json": build_lineage(version=v, **fields)})
     except BaseException as e:
+        kept = job.store.keep_partial(staging, job.fingerprint)
         job.store.abort(staging, keep=os.environ.get("MOONFORGE_KEEP_FAILED") == "1")
+        if kept is not None:
+            e.add_note(f"last good checkpoint kept at {kept}; rerunning the same stage resumes from it")
         try:
             tracker.fail_stage(run, e)
         except Exception:  # keep the stage's error, not a tracking one
@@ -214,6 +222,7 @@ def _execute(job: _Job, tracker: Any, progress: StageProgress) -> tuple[Artifact
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise StageFailed(job.name, e) from e
+    job.store.drop_partial(job.name, job.fingerprint)
     tracker.finish_stage(run, version=info.version, metrics=result.metrics, artifact_dir=info.path)
     progress(job.name, total[0], total[0], "done")
     return info, dict(result.metrics), run.run_id

@@ -35,6 +35,9 @@ MANIFEST = "manifest.json"
 LINEAGE = "lineage.json"
 INDEX = "index.json"
 TMP_PREFIX = ".tmp-"
+PARTIAL_PREFIX = ".partial-"
+"""A failed stage's periodic checkpoints, kept per fingerprint so a rerun resumes from them."""
+TRAIN_STATE_DIR = "train_state"
 STORE_DIR = Path(".moonforge") / "store"
 MIN_PREFIX = 4
 """Shortest fingerprint prefix accepted in a ref."""
@@ -86,6 +89,18 @@ class ArtifactStore(ABC):
     @abstractmethod
     def abort(self, staging: Path, keep: bool = False) -> None:
         """Discard a staging directory (keep=True leaves it under .tmp- for debugging)."""
+
+    @abstractmethod
+    def keep_partial(self, staging: Path, fingerprint: str) -> Path | None:
+        """Move a failed staging dir's periodic checkpoints aside; return where (None if none)."""
+
+    @abstractmethod
+    def partial(self, stage: str, fingerprint: str) -> Path | None:
+        """The kept periodic checkpoints of an unfinished `stage` run with this fingerprint."""
+
+    @abstractmethod
+    def drop_partial(self, stage: str, fingerprint: str) -> None:
+        """Forget kept checkpoints once the artifact is committed."""
 
     @abstractmethod
     def stages(self) -> list[str]:
@@ -236,6 +251,26 @@ class LocalStore(ArtifactStore):
         staging = Path(staging)
         if not keep and staging.name.startswith(TMP_PREFIX):
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _partial_dir(self, stage: str, fingerprint: str) -> Path:
+        return self.root / stage / f"{PARTIAL_PREFIX}{fingerprint[:16]}"
+
+    def keep_partial(self, staging: Path, fingerprint: str) -> Path | None:
+        src = Path(staging) / TRAIN_STATE_DIR
+        if not src.is_dir() or not any(src.glob("step-*")):
+            return None
+        dest = self._partial_dir(Path(staging).parent.name, fingerprint)
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        os.rename(src, dest / TRAIN_STATE_DIR)
+        return dest
+
+    def partial(self, stage: str, fingerprint: str) -> Path | None:
+        d = self._partial_dir(stage, fingerprint)
+        return d if any((d / TRAIN_STATE_DIR).glob("step-*")) else None
+
+    def drop_partial(self, stage: str, fingerprint: str) -> None:
+        shutil.rmtree(self._partial_dir(stage, fingerprint), ignore_errors=True)
 
     def _next_version(self, stage: str) -> int:
         d = self.root / stage

@@ -242,6 +242,9 @@ def load_recipe_dict(path: Path, overrides: tuple[str, ...] = ()) -> dict:
         stages = _merge_stages(base.get("stages", []), data.pop("stages", []))
         data = _deep_merge(base, data)
         data["stages"] = stages
+    # YAML anchors/aliases share one mapping (deepcopy keeps that sharing); a JSON round trip
+    # gives every stage its own copy, so an override touches only the stage it names.
+    data = json.loads(json.dumps(data))
     for ov in overrides:
         data = apply_override(data, ov)
     return data

@@ -100,3 +100,16 @@ def test_yaml_round_trip(tmp_path_factory, qa, lr, steps):
     p.write_text(recipe_to_yaml(r))
     assert load_recipe(p) == r
     assert Recipe.model_validate(yaml.safe_load(recipe_to_yaml(r))) == r
+
+
+def test_override_does_not_leak_through_yaml_aliases(tmp_path):
+    text = TINY.read_text().replace("optimizer: {lr: 2.0e-3}\n    schedule: {kind: constant",
+                                    "optimizer: &opt {lr: 2.0e-3}\n    schedule: {kind: constant", 1)
+    text = text.replace("optimizer: {lr: 2.0e-3}\n    schedule: {kind: cosine, warmup_steps: 5",
+                        "optimizer: *opt\n    schedule: {kind: cosine, warmup_steps: 5", 1)
+    assert "*opt" in text and "&opt" in text
+    p = tmp_path / "aliased.yaml"
+    p.write_text(text)
+    r = load_recipe(p, ["stages.joint_pretrain.optimizer.lr=0.5"])
+    assert r.stage("joint_pretrain").optimizer.lr == 0.5
+    assert r.stage("align").optimizer.lr == 2.0e-3

@@ -76,7 +76,7 @@ def train_step(state: TrainState, micro_batches: list[Any], loss_fn: LossFn,
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"{spec.label}: loss is {loss.item()} at step {spec.step_offset + state.step}; "
-                "lower the learning rate or check the data (the last periodic checkpoint is kept)"
+                "lower the learning rate or check the data"
             )
         (loss / len(micro_batches)).backward()
         totals["loss"] = totals.get("loss", 0.0) + loss.item() / len(micro_batches)
@@ -88,7 +88,7 @@ def train_step(state: TrainState, micro_batches: list[Any], loss_fn: LossFn,
     if not math.isfinite(grad_norm):
         raise NonFiniteLossError(
             f"{spec.label}: gradient norm is {grad_norm} at step {spec.step_offset + state.step}; "
-            "lower the learning rate (the last periodic checkpoint is kept)"
+            "lower the learning rate"
         )
     opt.step()
     if "lm" in spec.trainable and hasattr(model.lm, "update_router_biases"):

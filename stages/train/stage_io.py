@@ -8,6 +8,7 @@ Closing: weights + config + eval.json under ctx.out, and the StageResult.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 
 import torch
@@ -21,7 +22,7 @@ from moonforge.stages.data.batches import lm_batches
 from moonforge.stages.data.evalsets import lm_eval_batches
 from moonforge.stages.data.records import require_dataset
 from moonforge.stages.data.sources import DocSource, VisionSpec
-from moonforge.stages.train.checkpoint import load_weights, save_weights
+from moonforge.stages.train.checkpoint import PERIODIC_DIR, load_weights, save_weights
 from moonforge.stages.train.loop import TrainSpec
 
 
@@ -63,6 +64,8 @@ def vision_spec(model_cfg: VLMConfig, max_patches: int | None = None) -> VisionS
 def finish(model: VLM, model_cfg: VLMConfig, ctx: StageContext, metrics: dict[str, float],
            data: Mapping[str, DatasetRef]) -> StageResult:
     """Write the final checkpoint and eval.json under ctx.out; return the StageResult."""
+    # Periodic checkpoints only matter for an unfinished run; the artifact is the final weights.
+    shutil.rmtree(ctx.out / PERIODIC_DIR, ignore_errors=True)
     ckpt = save_weights(model, model_cfg, ctx.out)
     (ctx.out / EVAL_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     ctx.sink.log(max(1, int(metrics.get("train/steps", 1))), metrics)
