@@ -113,8 +113,52 @@ def attend_cached(q_BHQD: Tensor, k_BHKD: Tensor, v_BHKE: Tensor, doc_ids_BK: Te
 
 def _sdpa(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, doc_ids_BL: Tensor, causal: bool,
           scale: float | None) -> Tensor:
+    """Dense block mask when it is cheap; per-segment padded batches when many short segments
+    share long rows (a ViT batch packs ~100 images into one row: N^2 would be ~50x the work)."""
+    B, L = doc_ids_BL.shape
+    real_T = (doc_ids_BL >= 0).flatten()
+    seg_T = segment_ids(doc_ids_BL).flatten()[real_T]
+    if seg_T.numel():
+        lengths = torch.bincount(seg_T)
+        lengths = lengths[lengths > 0]
+        if len(lengths) * int(lengths.max()) ** 2 * 2 < B * L * L:
+            return _sdpa_segments(q_BHLD, k_BHLD, v_BHLE, seg_T, real_T, causal, scale)
     mask_B1LL = block_mask(doc_ids_BL, causal)
     return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLE, attn_mask=mask_B1LL, scale=scale)
+
+
+def _sdpa_segments(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, seg_R: Tensor, real_T: Tensor,
+                   causal: bool, scale: float | None) -> Tensor:
+    """SDPA over the real segments gathered into a padded (S, H, Lmax, D) batch (varlen by padding).
+
+    R real tokens (doc id >= 0) in row-major order with segment ids seg_R; padding tokens attend
+    only to themselves, so their output is their own value vector.
+    """
+    B, H, L, Dh = q_BHLD.shape
+    Dv = v_BHLE.shape[-1]
+    flat = lambda x: x.transpose(1, 2).reshape(B * L, H, x.shape[-1])  # noqa: E731
+    q_THD, k_THD, v_THE = flat(q_BHLD), flat(k_BHLD), flat(v_BHLE)
+    idx_R = real_T.nonzero().squeeze(1)
+    _, seg_R = torch.unique_consecutive(seg_R, return_inverse=True)  # dense 0..S-1
+    starts_S = F.pad(torch.bincount(seg_R).cumsum(0), (1, 0))[:-1]
+    pos_R = torch.arange(len(seg_R), device=seg_R.device) - starts_S[seg_R]
+    S, Lmax = int(seg_R.max()) + 1, int(pos_R.max()) + 1
+    def gather(x_THX: Tensor) -> Tensor:
+        out = x_THX.new_zeros(S, Lmax, H, x_THX.shape[-1])
+        out[seg_R, pos_R] = x_THX[idx_R]
+        return out.transpose(1, 2)  # (S, H, Lmax, X)
+    valid_SL = torch.zeros(S, Lmax, dtype=torch.bool, device=seg_R.device)
+    valid_SL[seg_R, pos_R] = True
+    mask_S1LL = valid_SL[:, None, None, :].expand(S, 1, Lmax, Lmax)
+    if causal:
+        mask_S1LL = mask_S1LL & torch.ones(Lmax, Lmax, dtype=torch.bool, device=seg_R.device).tril()
+    # rows of padding queries would be fully masked (NaN); let them see key 0, then drop them
+    mask_S1LL = mask_S1LL | (~valid_SL)[:, None, :, None] & (torch.arange(Lmax, device=seg_R.device) == 0)
+    out_SHLE = F.scaled_dot_product_attention(gather(q_THD), gather(k_THD), gather(v_THE),
+                                              attn_mask=mask_S1LL, scale=scale)
+    out_THE = v_THE.clone()  # padding tokens: attention to themselves returns their value
+    out_THE[idx_R] = out_SHLE.transpose(1, 2)[seg_R, pos_R]
+    return out_THE.reshape(B, L, H, Dv).transpose(1, 2)
 
 
 def _flash(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, doc_ids_BL: Tensor, causal: bool,

@@ -117,3 +117,28 @@ def test_flash_matches_sdpa_on_gpu(causal):
     out = attend(q, k, v, doc, causal, backend="flash").float()
     ref = attend(q.float(), k.float(), v.float(), doc, causal, backend="sdpa")
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_many_short_segments_use_the_padded_segment_path_and_match_reference(causal, monkeypatch):
+    """A ViT-like row: 40 images of 3..20 patches plus trailing padding in one long row."""
+    import moonforge.model.attention as attn
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 21, (40,), generator=g).tolist()
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)] + [torch.full((7,), -1)])
+    doc_BL = doc[None]
+    L = doc_BL.shape[1]
+    q, k = (torch.randn(1, 2, L, 8, generator=g, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, L, 6, generator=g, requires_grad=True)
+    used = []
+    real = attn._sdpa_segments
+    monkeypatch.setattr(attn, "_sdpa_segments", lambda *a, **kw: used.append(1) or real(*a, **kw))
+    out = attend(q, k, v, doc_BL, causal=causal, backend="sdpa")
+    assert used, "the padded-segment path should be chosen for many short segments"
+    ref = attend_reference(q, k, v, doc_BL, causal=causal)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
