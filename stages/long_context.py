@@ -50,8 +50,9 @@ def long_context(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: L
     world = require(data, "toyworld", cfg.stage_name).path
     sets = heldout_sets(tok, text, world, lambda src: eval_batches(src, tok, cfg, mcfg))
     val_long = read_longdoc_records(longdoc, "val")
-    n_needle = min(cfg.eval.num_examples, len(val_long))
-    metrics = {"eval/needle_recall_before": needle_recall(model, val_long, tok, mcfg, final_len, n_needle)}
+    n_needle = min(cfg.needle_eval_docs, len(val_long))
+    metrics = {"eval/needle_recall_base_len_before":
+               needle_recall(model, val_long, tok, mcfg, cfg.seq_len, n_needle)}
     images = read_image_records(world, "train")
     replay = {"text": text_docs(read_text_records(text, "train"), tok),
               "caption": caption_docs(images, world / "train", tok)}

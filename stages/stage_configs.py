@@ -143,6 +143,8 @@ class LongContextConfig(StageConfig):
     """Ordered sub-stages; each seq_len should be 4x the previous (8K -> 32K -> 128K)."""
     long_ratio: float = Field(0.25, gt=0.0, le=1.0)
     """Share of long data per sub-stage; the rest is replay of the previous stage's data."""
+    needle_eval_docs: PositiveInt = 32
+    """Held-out needle documents scored at the base and the final length (one forward each)."""
 
     @model_validator(mode="after")
     def _check_budget(self) -> "LongContextConfig":
