@@ -54,6 +54,8 @@ class MuonConfig(Frozen):
     """Newton-Schulz iterations."""
     adjust_lr_fn: Literal["match_rms_adamw", "original"] = "match_rms_adamw"
     """Moonlight's 0.2*sqrt(max(A,B)) scaling, so AdamW's lr and wd carry over."""
+    ns_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Newton-Schulz precision; auto = bf16 on CUDA (as torch.optim.Muon), fp32 on CPU."""
 
 
 class AdamWConfig(Frozen):

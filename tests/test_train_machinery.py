@@ -12,6 +12,7 @@ from moonforge.stages.config import OptimizerConfig, ScheduleConfig
 from moonforge.stages.train.checkpoint import latest_train_state
 from moonforge.stages.train.freeze import apply_trainable, group_digest
 from moonforge.stages.train.loop import NonFiniteLossError, TrainSpec, train
+from moonforge.stages.train.muon import Muon
 from moonforge.stages.train.optim import MuonAdamW
 from moonforge.stages.train.schedule import lr_multiplier
 
@@ -71,7 +72,7 @@ def test_muon_takes_hidden_matrices_adamw_the_rest():
     params = apply_trainable(m, ("vision", "projector", "lm"))
     opt = MuonAdamW(params, OptimizerConfig(lr=1e-3))
     muon, adamw = opt.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
     assert id(m.vision[0].weight) in muon_ids and id(m.projector.weight) in muon_ids
     assert id(m.lm["embed_tokens"].weight) not in muon_ids  # embeddings go to AdamW

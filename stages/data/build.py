@@ -4,8 +4,9 @@
 
 The dataset is written to a hidden sibling directory first and renamed into place only when
 complete, so a crash never leaves a half-built dataset where DVC or training would read it.
-Inputs of derived datasets (the tokenizer reads `text` and `toyworld`) default to siblings of
-`--out`, matching the `deps:` in dvc.yaml.
+Inputs of derived datasets (the tokenizer reads `text` and `toyworld`; the post-training sets
+`sft`, `reasoning` and `rl_prompts` read `toyworld`, and `sft` also `text` and `tokenizer`) are
+siblings of `--out`, matching the `deps:` in dvc.yaml.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import time
 from pathlib import Path
 
 from moonforge.stages.data.params import SECTIONS, load_params
+from moonforge.stages.data.posttrain_params import POST_SECTIONS, load_post_params
 
-DATASETS = tuple(SECTIONS)
+DATASETS = tuple(SECTIONS) + tuple(POST_SECTIONS)
 """Buildable dataset names (each is a dvc.yaml stage and a params.yaml section)."""
 
 
 def build(name: str, params_path: Path, out: Path) -> dict:
     """Build dataset `name` into `out` atomically; return its stats."""
-    params = load_params(params_path, name)
+    params = load_post_params(params_path, name) if name in POST_SECTIONS else load_params(params_path, name)
     out = Path(out)
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -52,6 +54,15 @@ def _build_into(name: str, params, tmp: Path, siblings: Path) -> dict:
     if name == "longdoc":
         from moonforge.stages.data.longdoc import build_longdoc
         return build_longdoc(params, tmp)
+    if name == "sft":
+        from moonforge.stages.data.dialogues import build_sft
+        return build_sft(params, tmp, siblings / "toyworld", siblings / "text", siblings / "tokenizer")
+    if name == "reasoning":
+        from moonforge.stages.data.traces import build_reasoning
+        return build_reasoning(params, tmp, siblings / "toyworld")
+    if name == "rl_prompts":
+        from moonforge.stages.data.prompts import build_rl_prompts
+        return build_rl_prompts(params, tmp, siblings / "toyworld")
     from moonforge.stages.data.bpe import build_tokenizer
     return build_tokenizer(params, tmp, siblings / "text", siblings / "toyworld")
 

@@ -1,7 +1,7 @@
 """Muon for 2-D weight matrices + AdamW for everything else (Moonlight, Kimi-VL section 2.2).
 
-torch.optim.Muon takes only 2-D params, and embeddings / output heads are not hidden-layer
-matrices, so they go to AdamW with the norms, biases, conv/patch weights and the position grid.
+Muon (stages/train/muon.py: torch.optim.Muon's math with a per-device NS dtype) takes only 2-D
+params, and embeddings / output heads are not hidden-layer matrices, so they go to AdamW with the norms, biases, conv/patch weights and the position grid.
 Muon uses `adjust_lr_fn="match_rms_adamw"` (lr * 0.2 * sqrt(max(A, B))) so both optimizers share
 one peak LR and weight decay.
 """
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from moonforge.stages.config import OptimizerConfig
+from moonforge.stages.train.muon import Muon
 
 # Parameters whose names contain these are embeddings / output heads: AdamW even when 2-D.
 _ADAMW_NAME_HINTS = ("embed", "lm_head", "head.weight", "pos_emb", "logit_")
@@ -32,9 +33,11 @@ class MuonAdamW:
         adamw = [p for _, p in named_params if id(p) not in muon_ids]
         self.optimizers: list[torch.optim.Optimizer] = []
         if muon:
-            self.optimizers.append(torch.optim.Muon(
+            ns_dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+            self.optimizers.append(Muon(
                 muon, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon.momentum,
-                nesterov=True, ns_steps=cfg.muon.ns_steps, adjust_lr_fn=cfg.muon.adjust_lr_fn))
+                nesterov=True, ns_steps=cfg.muon.ns_steps, adjust_lr_fn=cfg.muon.adjust_lr_fn,
+                ns_dtype=ns_dtype[cfg.muon.ns_dtype]))
         if adamw:
             self.optimizers.append(torch.optim.AdamW(
                 adamw, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adamw.betas,
