@@ -228,7 +228,12 @@ class LongCoTSFTConfig(StageConfig):
 
 
 class RLConfig(StageConfig):
-    """Stage 8: k1.5 online policy mirror descent with verifiable rewards."""
+    """Stage 8: k1.5 online policy mirror descent with verifiable rewards.
+
+    The StageConfig budget `num_steps` is the total number of gradient steps; they are split
+    evenly over the iterations (num_steps // num_iterations per iteration, optimizer reset each).
+    `micro_batch_size or batch_size` is the rows per log-prob forward (whole prompt groups).
+    """
 
     kind: Literal["rl"] = "rl"
     num_iterations: PositiveInt = 8
@@ -237,26 +242,96 @@ class RLConfig(StageConfig):
     prompts_per_iteration: PositiveInt = 16
     tau: PositiveFloat = 0.5
     """KL / l2 regularisation strength."""
+    baseline: Literal["mean", "logmeanexp"] = "mean"
+    """Reward baseline: group mean (k1.5 in practice) or tau * log-mean-exp(r / tau)."""
     length_penalty_weight: NonNegativeFloat = 0.2
     length_penalty_warmup_iters: int = Field(2, ge=0)
     max_new_tokens: PositiveInt = 256
+    """Cap on a response over all its segments (also the eval generation length)."""
     rollout_token_budget: PositiveInt | None = None
     """Per-iteration output budget per trajectory (partial rollouts); None = no truncation."""
+    max_segment_age: int | None = Field(None, ge=0)
+    """Replayed segments older than this many iterations are excluded from the loss; None keeps all."""
     curriculum_switch_iter: int = Field(4, ge=0)
+    """Iterations sampling uniformly over all prompts before the curriculum keeps only hard ones."""
+    use_curriculum: bool = True
+    """Easy -> hard curriculum by difficulty label (k1.5 sec. 2.3.4)."""
+    hard_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    """A prompt is hard when its difficulty >= this (used after curriculum_switch_iter)."""
+    use_priority: bool = True
+    """Prioritized sampling, P(i) proportional to 1 - running success rate."""
     temperature: PositiveFloat = 1.0
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling for rollouts (1 = plain temperature sampling)."""
+    repeat_detection: bool = True
+    """Stop a rollout whose tail loops (in-segment n-gram counter + cross-segment periodic tail)."""
+    repeat_ngram: PositiveInt = 8
+    """n-gram size of the in-generation repeat detector."""
+    repeat_max: int = Field(4, ge=2)
+    """Occurrences of one n-gram that end a rollout as "repeat"."""
+    repeat_penalty: NonNegativeFloat = 0.0
+    """Subtracted from the reward of a rollout cut for repeating."""
+    max_verifier_error_rate: float = Field(0.5, ge=0.0, le=1.0)
+    """Fail the stage when more than this share of verifier calls raise (a broken verifier)."""
+
+    @model_validator(mode="after")
+    def _rl_budget(self) -> "RLConfig":
+        if self.steps < self.num_iterations:
+            raise ValueError(f"rl: num_steps={self.steps} is the total gradient steps and must be "
+                             f">= num_iterations={self.num_iterations} (>= 1 step per iteration)")
+        if self.rollout_token_budget and self.rollout_token_budget > self.max_new_tokens:
+            raise ValueError(f"rl: rollout_token_budget={self.rollout_token_budget} exceeds "
+                             f"max_new_tokens={self.max_new_tokens}; lower it or set null")
+        return self
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Gradient steps per OPMD iteration (after each optimizer reset)."""
+        return self.steps // self.num_iterations
 
 
 class Long2ShortConfig(StageConfig):
-    """Stage 9: merge, shortest rejection sampling, DPO, and long2short RL."""
+    """Stage 9: merge, shortest rejection sampling, DPO, and long2short RL.
+
+    Each method yields a candidate; the returned checkpoint is the most token-efficient candidate
+    (acc per 1k tokens on rl_prompts/val) whose accuracy is within acc_tolerance of the best
+    candidate's (the long base counts as a candidate). `num_steps` = SFT / DPO gradient steps.
+    """
 
     kind: Literal["long2short"] = "long2short"
     methods: tuple[Literal["merge", "shortest_rs", "dpo", "rl"], ...] = ("merge", "shortest_rs", "dpo", "rl")
     merge_weight: float = Field(0.5, ge=0.0, le=1.0)
+    """theta = w * theta_long + (1 - w) * theta_short; the short model is the shortest_rs one."""
     num_samples: PositiveInt = 8
+    """Responses sampled per question for shortest rejection sampling and DPO pairs."""
+    num_questions: PositiveInt = 64
+    """rl_prompts/train questions sampled from for rejection sampling and DPO."""
+    sample_temperature: PositiveFloat = 1.0
+    """Temperature of those samples."""
+    sample_max_new_tokens: PositiveInt = 256
+    """Length cap of those samples and of every candidate's eval (the long model's budget)."""
     dpo_beta: PositiveFloat = 0.1
     dpo_long_factor: PositiveFloat = 1.5
     max_new_tokens: PositiveInt = 128
     """Reduced rollout cap for long2short RL."""
+    rl_iterations: PositiveInt = 4
+    """OPMD iterations of long2short RL (length penalty on from iteration 0)."""
+    rl_prompts_per_iteration: PositiveInt = 8
+    rl_samples_per_prompt: PositiveInt = 8
+    rl_steps_per_iteration: PositiveInt = 2
+    rl_tau: PositiveFloat = 0.5
+    length_penalty_weight: NonNegativeFloat = 0.5
+    """w_len of long2short RL (constant, no warm-up)."""
+    acc_tolerance: float = Field(0.02, ge=0.0, le=1.0)
+    """Candidates within this accuracy of the best one compete on acc per 1k tokens."""
+
+    @model_validator(mode="after")
+    def _methods(self) -> "Long2ShortConfig":
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError("long2short.methods: list each method once, e.g. [merge, shortest_rs, dpo, rl]")
+        if self.max_new_tokens > self.sample_max_new_tokens:
+            raise ValueError("long2short.max_new_tokens (the RL cap) must be <= sample_max_new_tokens")
+        return self
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {

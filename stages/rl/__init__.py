@@ -10,4 +10,9 @@ Modules, each one concept, pure torch/python and testable without a model:
     dpo         DPO loss, long2short pair construction, shortest rejection sampling
     merge       weight averaging of two state_dicts
     efficiency  accuracy per 1k generated tokens and checkpoint selection
+    stage       the stage function `rl` (catalog: moonforge.stages.rl:rl) and its OPMD loop
 """
+
+from moonforge.stages.rl.stage import rl
+
+__all__ = ["rl"]

@@ -1,0 +1,172 @@
+"""Stage 6: sft. Joint ChatML SFT: answer-only loss, packed dialogues, phases with LR re-warm.
+
+Dialogues of the `sft` dataset (images from `toyworld/<split>`) become `chat_docs` documents:
+ChatML ids whose loss mask is 1 exactly on assistant content and the <|im_end|> closing each
+assistant turn. Text-only and image dialogues are two sources mixed by token share
+(`text_image_token_ratio`, about 1:1 as in Kimi-VL) and packed several per row with block-diagonal
+attention and positions restarting per dialogue (`lm_batches`). The loss is the per-token mean over
+the packed micro-batch's supervised tokens; a micro-batch with none raises (never a silent zero).
+
+Phases run in order (Kimi-VL: 1 epoch at 32K with LR 2e-5 -> 2e-6, then 1 epoch at 128K re-warming
+to 1e-5 -> 1e-6): each gets a fresh optimizer, its own peak LR, linear warmup over `warmup_frac` of
+its steps and a cosine decay to `min_lr`; rows per step shrink with seq_len so tokens per step stay
+constant. A `num_epochs` phase resolves its steps from the training set's token count.
+
+Closing eval, before and after training: greedy answer accuracy on held-out sft dialogues
+(image = VQA, and text), mean response length, and the held-out masked SFT loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from moonforge.model.config import VLMConfig
+from moonforge.model.tokenizer import Tokenizer
+from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
+from moonforge.stages.config import ScheduleConfig
+from moonforge.stages.data.chat import chat_docs, chat_prompt_items
+from moonforge.stages.data.chat_records import read_sft_records
+from moonforge.stages.data.sources import DocSource
+from moonforge.stages.evals import lm_eval_loss
+from moonforge.stages.posttrain_evals import answer_accuracy, as_metrics, split_by_kind
+from moonforge.stages.stage_configs import SFTConfig, SFTPhase
+from moonforge.stages.train.freeze import apply_trainable
+from moonforge.stages.train.loop import TrainState, train
+from moonforge.stages.train.objectives import lm_loss
+from moonforge.stages.train.stage_io import (
+    eval_batches, finish, lm_stream, open_model, open_tokenizer, require, train_spec, vision_spec,
+)
+
+
+class NoSupervisedTokensError(ValueError):
+    """A packed micro-batch has no assistant token to supervise (the loss would be a silent 0)."""
+
+
+def sft_loss(model, batch):
+    """Masked next-token CE (assistant content + closing <|im_end|>), mean over supervised tokens."""
+    if batch.num_targets == 0:
+        raise NoSupervisedTokensError(
+            f"SFT micro-batch of {batch.num_tokens} tokens has no supervised (assistant) token; "
+            "the dialogues' assistant turns were masked out or truncated away (check seq_len)")
+    loss, metrics = lm_loss(model, batch)
+    metrics["supervised_frac"] = batch.num_targets / max(batch.num_tokens, 1)
+    return loss, metrics
+
+
+def chat_sources(records: Sequence, image_root: Path, tok: Tokenizer, name: str) -> dict[str, DocSource]:
+    """{"text": text-only dialogues, "image": dialogues with images} as chat_docs sources."""
+    out = {}
+    for kind in ("text", "image"):
+        recs = [r for r in records if r.kind == kind]
+        if recs:
+            out[kind] = chat_docs(recs, image_root, tok, name=f"{name}/{kind}")
+    if not out:
+        raise ValueError(f"{name}: no training dialogues")
+    return out
+
+
+def mix_weights(sources: Mapping[str, DocSource], text_image_ratio: float) -> dict[str, float]:
+    """Token shares: text : image = text_image_ratio : 1 (a missing kind gets everything else)."""
+    want = {"text": text_image_ratio / (1 + text_image_ratio), "image": 1 / (1 + text_image_ratio)}
+    return {k: w for k, w in want.items() if k in sources}
+
+
+def source_tokens(sources: Mapping[str, DocSource], mcfg: VLMConfig) -> int:
+    """Total tokens of every document of `sources` (one epoch), image placeholders included."""
+    vision = vision_spec(mcfg)
+    return sum(len(src.doc(i, vision).ids) for src in sources.values() for i in range(len(src)))
+
+
+def phase_rows(cfg: SFTConfig, phase: SFTPhase) -> tuple[int, int]:
+    """(rows per micro-batch, micro-batches per step): tokens per step = batch_size * seq_len."""
+    rows = max(1, cfg.batch_size * cfg.seq_len // phase.seq_len)
+    micro = max(1, min(rows, (cfg.micro_batch_size or cfg.batch_size) * cfg.seq_len // phase.seq_len))
+    return micro, max(1, rows // micro)
+
+
+def phase_steps(cfg: SFTConfig, phase: SFTPhase, epoch_tokens: int | None) -> int:
+    """num_steps, or ceil(num_epochs * epoch tokens / tokens per step) (packing fill ~ 1)."""
+    if phase.num_steps is not None:
+        return phase.num_steps
+    micro, accum = phase_rows(cfg, phase)
+    return max(1, math.ceil(phase.num_epochs * epoch_tokens / (micro * accum * phase.seq_len)))
+
+
+def phase_schedule(phase: SFTPhase) -> ScheduleConfig:
+    """Warmup over warmup_frac of the phase from 0, then cosine from lr down to min_lr."""
+    return ScheduleConfig(kind="cosine", warmup_frac=phase.warmup_frac,
+                          min_ratio=min(1.0, phase.min_lr / phase.lr))
+
+
+def run_phases(model, params, mcfg: VLMConfig, cfg, phases: Sequence[SFTPhase],
+               sources: Mapping[str, DocSource], weights: Mapping[str, float], tok: Tokenizer,
+               ctx: StageContext) -> tuple[list[TrainState], dict[str, float]]:
+    """Train the phases in order on the mixture; returns their states and per-phase metrics."""
+    needs_epochs = any(p.num_steps is None for p in phases)
+    epoch_tokens = source_tokens(sources, mcfg) if needs_epochs else None
+    states, metrics, offset = [], {}, 0
+    for i, phase in enumerate(phases):
+        micro, accum = phase_rows(cfg, phase)
+        batches = lm_stream(sources, lambda step: weights, tok, cfg, mcfg, seq_len=phase.seq_len,
+                            rows=micro)
+        opt = cfg.optimizer.model_copy(update={"lr": phase.lr})
+        spec = train_spec(cfg, num_steps=phase_steps(cfg, phase, epoch_tokens), grad_accum=accum,
+                          optimizer=opt, schedule=phase_schedule(phase), step_offset=offset,
+                          label=f"{cfg.stage_name}/{phase.seq_len}")
+        state = train(model, params, batches, sft_loss, spec, ctx, mcfg)
+        offset += state.step
+        states.append(state)
+        drawn = batches.tokens_by_source
+        metrics.update({f"train/phase{i}_final_loss": state.history[-1]["loss"],
+                        f"train/phase{i}_seq_len": float(phase.seq_len),
+                        f"train/phase{i}_steps": float(state.step),
+                        f"data/phase{i}_text_token_share":
+                            drawn.get("text", 0) / max(sum(drawn.values()), 1)})
+    metrics["train/steps"] = float(offset)
+    if epoch_tokens is not None:
+        metrics["data/epoch_tokens"] = float(epoch_tokens)
+    return states, metrics
+
+
+def answer_budget(tok: Tokenizer, items, margin: int = 2) -> int:
+    """max_new_tokens for an eval set: its longest reference answer + <|im_end|> + margin."""
+    return max(len(tok.encode(it.answer)) for it in items) + 1 + margin
+
+
+def chat_eval(model, tok: Tokenizer, items, loss_batches, max_new_tokens: int, batch_size: int,
+              suffix: str = "") -> dict[str, float]:
+    """eval/{acc,vqa_acc,text_acc,mean_len,acc_per_1k_tokens,n,sft_loss}{suffix}."""
+    res = answer_accuracy(model, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    out = as_metrics(res, "eval/", suffix)
+    if "image" in res["by_kind"]:
+        out[f"eval/vqa_acc{suffix}"] = out.pop(f"eval/image_acc{suffix}")
+    out[f"eval/sft_loss{suffix}"] = lm_eval_loss(model, loss_batches)["loss"]
+    return out
+
+
+def sft(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: SFTConfig,
+        ctx: StageContext) -> StageResult:
+    """Return the instruct checkpoint: phases of masked ChatML SFT on the text/image mixture."""
+    model, mcfg = open_model(base, ctx, cfg.seed)
+    tok = open_tokenizer(data, mcfg, cfg.stage_name)
+    sft_dir = require(data, "sft", cfg.stage_name).path
+    world = require(data, "toyworld", cfg.stage_name).path
+    train_recs = read_sft_records(sft_dir, "train")
+    val_recs = read_sft_records(sft_dir, "val")
+    per_kind = max(1, cfg.eval.num_examples // 2)
+    items = split_by_kind(chat_prompt_items(val_recs, world / "val", tok, vision_spec(mcfg),
+                                            dataset_name="sft/val"), per_kind)
+    val_src = chat_docs(val_recs, world / "val", tok, name="sft/val")
+    loss_batches = eval_batches(val_src, tok, cfg, mcfg, seq_len=cfg.phases[0].seq_len)
+    budget = answer_budget(tok, items)
+    metrics = chat_eval(model, tok, items, loss_batches, budget, cfg.eval.batch_size, "_before")
+    sources = chat_sources(train_recs, world / "train", tok, "sft")
+    params = apply_trainable(model, cfg.trainable)
+    _, train_metrics = run_phases(model, params, mcfg, cfg, cfg.phases, sources,
+                                  mix_weights(sources, cfg.text_image_token_ratio), tok, ctx)
+    metrics.update(train_metrics)
+    metrics.update(chat_eval(model, tok, items, loss_batches, budget, cfg.eval.batch_size))
+    metrics["eval/max_new_tokens"] = float(budget)
+    return finish(model, mcfg, ctx, metrics, data)

@@ -1,0 +1,168 @@
+"""Stages 8 (rl) and 9 (long2short) on a tiny random VLM, CPU, with deterministic rewards.
+
+Checks the k1.5 iteration contract through the stage function: the optimizer is re-created every
+iteration that trains, logp_old comes from the iteration-start weights, the logged loss equals
+opmd_loss recomputed from the logged quantities, partial rollouts resume across iterations; bad
+input fails naming the stage; long2short picks the most token-efficient candidate in tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import moonforge.stages.long2short as l2s
+import moonforge.stages.rl.opmd_loop as loop
+from moonforge.model.config import VLMConfig
+from moonforge.model.vlm import build_vlm
+from moonforge.stages.artifacts import DatasetRef, ListSink, StageContext
+from moonforge.stages.rl import rl
+from moonforge.stages.rl.dpo import Sample
+from moonforge.stages.rl.opmd import opmd_loss
+from moonforge.stages.stage_configs import Long2ShortConfig, RLConfig
+from moonforge.stages.train.checkpoint import save_weights
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
+MODEL = VLMConfig.model_validate(yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())["model"])
+COMMON = dict(upstream=None, data=("rl_prompts", "toyworld", "tokenizer"),
+              trainable=("vision", "projector", "lm"), optimizer={"lr": 1e-3},
+              schedule={"kind": "constant"}, seq_len=64, batch_size=8,
+              eval={"num_examples": 4, "batch_size": 4})
+
+
+def _lines(split: str, n: int) -> list[str]:
+    return (DATA / "rl_prompts" / f"{split}.jsonl").read_text().splitlines()[:n]
+
+
+def _data(tmp: Path, train: list[str] | None = None) -> dict[str, DatasetRef]:
+    """Real tokenizer and toy world, a small rl_prompts copy (train lines replaceable)."""
+    rl_dir = tmp / "rl_prompts"
+    rl_dir.mkdir(parents=True, exist_ok=True)
+    (rl_dir / "train.jsonl").write_text("".join(x + "\n" for x in (train if train is not None
+                                                                   else _lines("train", 12))))
+    (rl_dir / "val.jsonl").write_text("".join(x + "\n" for x in _lines("val", 8)))
+    paths = {"rl_prompts": rl_dir, "toyworld": DATA / "toyworld", "tokenizer": DATA / "tokenizer"}
+    return {n: DatasetRef(n, p, "test") for n, p in paths.items()}
+
+
+def _digest(model) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def _even_reward(verifier, response, reference, stats, *a):
+    stats.num_calls += 1
+    return float(len(response) % 2 == 0)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return save_weights(build_vlm(MODEL, seed=0), MODEL, tmp_path_factory.mktemp("base"))
+
+
+def test_rl_iteration_contract_and_partial_rollouts(tmp_path, base, monkeypatch):
+    made, at_start, at_logp_old = [], {}, {}
+
+    class CountingOpt(loop.MuonAdamW):
+        def __init__(self, *a, **k):
+            made.append(1)
+            super().__init__(*a, **k)
+
+    real_rollout, real_logp = loop.rollout_step, loop.response_logprobs
+
+    def rollout(prompts, buffer, gen, it, cfg):
+        at_start[it] = _digest(gen.model)
+        return real_rollout(prompts, buffer, gen, it, cfg)
+
+    def logp(model, *a, **k):
+        if not torch.is_grad_enabled():
+            at_logp_old[len(at_start) - 1] = _digest(model)
+        return real_logp(model, *a, **k)
+
+    monkeypatch.setattr(loop, "MuonAdamW", CountingOpt)
+    monkeypatch.setattr(loop, "rollout_step", rollout)
+    monkeypatch.setattr(loop, "response_logprobs", logp)
+    monkeypatch.setattr(loop, "score", _even_reward)
+    cfg = RLConfig(**COMMON, num_steps=6, num_iterations=3, prompts_per_iteration=2,
+                   samples_per_prompt=3, max_new_tokens=6, rollout_token_budget=3,
+                   length_penalty_warmup_iters=1)
+    sink = ListSink()
+    res = rl(base, _data(tmp_path), cfg, StageContext(out=tmp_path / "out", model=MODEL, sink=sink))
+    rows = [json.loads(x) for x in (tmp_path / "out" / "rl_rollouts.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if r.get("loss")]
+    assert len(made) == len(trained) >= 1  # a fresh optimizer in every iteration that trains
+    for r in trained:
+        it = r["iteration"]
+        assert at_logp_old[it] == at_start[it]  # logp_old under the iteration-start weights
+        assert len(r["loss"]) == cfg.steps_per_iteration
+        loss, _ = opmd_loss(torch.tensor(r["logp"]), torch.tensor(r["logp_old"]),
+                            torch.tensor(r["rewards"]), r["group_ids"], cfg.tau)
+        assert math.isclose(loss.item(), r["loss"][0], rel_tol=1e-4, abs_tol=1e-5)
+        assert r["l2_loss"][0] == pytest.approx(0.0, abs=1e-6)  # first step: pi == pi_i
+    assert at_start[1] != at_start[0] or not rows[0].get("loss")
+    # partial rollouts: budget 3 < 6, so groups finish in a later iteration than they started
+    buffered = [v for _, v in sink.series("rl/buffered")]
+    assert buffered[0] > 0
+    assert any(int(g.split("@")[1]) < r["iteration"] for r in trained for g in r["group_ids"])
+    assert any(n > 3 for r in trained for n in r["lengths"])
+    assert (tmp_path / "out" / "rl_curves.png").stat().st_size > 0
+    assert {"eval/acc", "eval/acc_before", "eval/mean_len", "eval/image_acc"} <= set(res.metrics)
+    assert res.checkpoint.weights.exists()
+
+
+def test_rl_nan_reward_names_the_stage(tmp_path, base, monkeypatch):
+    monkeypatch.setattr(loop, "score", lambda *a: float("nan"))
+    cfg = RLConfig(**COMMON, num_steps=1, num_iterations=1, prompts_per_iteration=1,
+                   samples_per_prompt=2, max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"stage 'rl'.*non-finite rewards"):
+        rl(base, _data(tmp_path), cfg, StageContext(out=tmp_path / "out", model=MODEL))
+
+
+@pytest.mark.parametrize("train, pattern", [
+    ([], r"stage 'rl'.*no records"),
+    ([json.dumps({**json.loads(_lines("train", 1)[0]), "answer": ""})], r"stage 'rl'.*answer"),
+])
+def test_rl_bad_prompt_sets_name_the_stage(tmp_path, base, train, pattern):
+    cfg = RLConfig(**COMMON, num_steps=1, num_iterations=1, max_new_tokens=3)
+    with pytest.raises(ValueError, match=pattern):
+        rl(base, _data(tmp_path, train), cfg, StageContext(out=tmp_path / "out", model=MODEL))
+
+
+def test_choose_picks_most_efficient_within_tolerance():
+    table = {"long": {"acc": 0.50, "mean_len": 100.0}, "merge": {"acc": 0.49, "mean_len": 60.0},
+             "dpo": {"acc": 0.40, "mean_len": 10.0}, "rl": {"acc": 0.485, "mean_len": 50.0}}
+    assert l2s.choose(table, 0.02) == "rl"
+    assert l2s.choose(table, 0.0) == "long"
+    assert l2s.choose(table, 0.2) == "dpo"
+
+
+def _fake_samples(model, tok, items, questions, cfg):
+    """Per question: a short correct, a longer wrong and a 2x-longer correct response."""
+    ids = tok.encode("Step 1: 2+3 = 5. Answer: 5")
+    return {q: [Sample(ids[:4], 4, True), Sample(ids[:6], 6, False), Sample(ids[:8], 8, True)]
+            for q in questions}
+
+
+def test_long2short_candidates_and_choice(tmp_path, base, monkeypatch):
+    monkeypatch.setattr(l2s, "sample_responses", _fake_samples)
+    monkeypatch.setattr(loop, "score", _even_reward)
+    cfg = Long2ShortConfig(**{**COMMON, "upstream": "rl"}, num_steps=1, num_questions=3,
+                           num_samples=4, sample_max_new_tokens=8, max_new_tokens=4,
+                           rl_iterations=1, rl_prompts_per_iteration=2, rl_samples_per_prompt=2,
+                           rl_steps_per_iteration=1)
+    res = l2s.long2short(base, _data(tmp_path), cfg, StageContext(out=tmp_path / "out", model=MODEL))
+    table = json.loads((tmp_path / "out" / "long2short.json").read_text())
+    assert set(table["candidates"]) == {"long", "merge", "shortest_rs", "dpo", "rl"}
+    for m in cfg.methods:
+        assert (tmp_path / "out" / m / "model.safetensors").exists()
+    assert table["chosen"] == l2s.choose(table["candidates"], cfg.acc_tolerance)
+    assert res.metrics[f"chosen/{table['chosen']}"] == 1.0
+    assert {"eval/mean_len_before", "eval/acc_before", "cand/rl/acc_per_1k_tokens"} <= set(res.metrics)
+    assert res.metrics["dpo/pairs"] == 2 * cfg.num_questions
+    assert res.metrics["shortest_rs/target_mean_len"] == 4
+    assert res.checkpoint.weights.exists()
