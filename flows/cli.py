@@ -220,6 +220,28 @@ def lineage(ref: str = typer.Argument(..., help="stage@latest, stage@N, stage@<f
             typer.echo(lin.render_mermaid(chain) if format == "mermaid" else lin.render_json(chain))
 
 
+@app.command()
+def chat(ref: str = typer.Argument(..., help="Artifact ref: stage@latest, stage@N, a path."),
+         question: str = typer.Argument(..., help="What to ask."),
+         image: Optional[Path] = typer.Option(None, "--image", help="An image file to ask about."),
+         max_new_tokens: int = typer.Option(64, "--max-new-tokens")) -> None:
+    """Ask a checkpoint a question about an image (greedy, KV cache)."""
+    with _errors():
+        from moonforge.model.tokenizer import Tokenizer
+        from moonforge.registry.data_versions import read_lock
+        from moonforge.registry.store import open_store
+        from moonforge.stages.artifacts import Checkpoint
+        from moonforge.stages.inference import chat as answer
+
+        info = open_store(_project()).resolve(ref)
+        if image is not None and not image.is_file():
+            raise FileNotFoundError(f"--image {image}: no such file; pass a PNG/JPEG path")
+        tok = Tokenizer.load(read_lock(_project(), ["tokenizer"])["tokenizer"].path)
+        out = answer(Checkpoint(info.path), tok, question, image, max_new_tokens)
+        console.print(f"[bold]{info.ref}[/]: {out.text}", highlight=False)
+        console.print(f"({out.num_tokens} tokens, {out.finish_reason})", style="dim")
+
+
 @data_app.command("build")
 def data_build(names: list[str] = typer.Argument(None, help="Datasets (dvc stages); default all.")) -> None:
     """dvc repro: build the datasets whose inputs changed."""

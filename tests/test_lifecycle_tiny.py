@@ -167,3 +167,12 @@ def test_second_run_is_all_cache_hits(tiny_project):
     for stage in STAGES:
         assert f"{stage}@1" in out
     assert out.count("cache hit") >= len(STAGES) or out.lower().count("hit") >= len(STAGES), out
+
+
+def test_chat_answers_about_a_generated_image(tiny_project):
+    proj = tiny_project[0]
+    image = sorted((proj / "data/toyworld/val/images").glob("*.png"))[0]
+    out = _cli("chat", "long_context@latest", "how many circles?", "--image", str(image))
+    assert "long_context@1:" in out and "tokens," in out
+    bad = CliRunner().invoke(app, ["chat", "long_context@latest", "hi", "--image", "nope.png"])
+    assert bad.exit_code == 1 and "nope.png: no such file" in bad.output
