@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml requirements.lock.txt
 install: $(STAMP)
 
 demo: $(STAMP)
+	@mkdir -p $(PREFECT_HOME)
 	$(VENV)/bin/moonforge run recipes/tiny.yaml --until long_context
 
 test: $(STAMP)
+	@mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest -q
 
 clean:
