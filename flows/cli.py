@@ -69,6 +69,21 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(1)
 
 
+def _embedded_prefect_defaults() -> None:
+    """The embedded default: Prefect's temporary local server with its DB under .moonforge/prefect
+    and no telemetry (whose heartbeat otherwise races the run for the SQLite lock). Settings are
+    read when prefect is imported, so this only acts before that; explicit env vars win."""
+    import sys
+
+    if "prefect" in sys.modules:
+        return
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
+        home = _project() / ".moonforge" / "prefect"
+        home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(home)
+
+
 def _quiet_prefect_tracebacks() -> None:
     """Prefect's console handler prints a traceback for a failed flow; we print one paragraph
     instead (the traceback still reaches the Prefect API / UI). MOONFORGE_DEBUG=1 keeps it."""
@@ -124,7 +139,9 @@ def _summary(outcomes: dict[str, dict], t0: float) -> None:
         table.add_column(col)
     for o in outcomes.values():
         ms = o["metrics"]
-        keys = [k for k in ms if k.startswith("eval/")][:3] or list(ms)[:3]
+        # the stage's own results first: "_before" numbers belong to the upstream model
+        evals = [k for k in ms if k.startswith("eval/") and not k.endswith("_before")]
+        keys = evals[:3] or list(ms)[:3]
         table.add_row(o["stage"], o["ref"], "yes" if o["cache_hit"] else "no", f"{o['wall_s']:.1f}",
                       ", ".join(f"{k}={ms[k]:.4g}" for k in keys))
     console.print(table)
@@ -140,6 +157,7 @@ def run(recipe: Optional[str] = typer.Argument(None, help=f"Recipe YAML (default
         set_: list[str] = typer.Option([], "--set", help=SET_HELP),
         until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage.")) -> None:
     """Run the whole lifecycle (cached stages are reused)."""
+    _embedded_prefect_defaults()
     with _errors():
         path = _recipe_path(recipe)
         from moonforge.flows.lifecycle import stages_until
@@ -162,6 +180,7 @@ def rerun(stage: str = typer.Argument(..., help="Stage name to rerun."),
           downstream: bool = typer.Option(False, "--downstream", help="Also rerun every later stage."),
           recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML.")) -> None:
     """Rerun one stage from any upstream artifact version."""
+    _embedded_prefect_defaults()
     with _errors():
         path = _recipe_path(recipe)
         rec = _load(path, set_)
