@@ -334,6 +334,6 @@ def open_store(project: str | Path, uri: str | None = None) -> ArtifactStore:
     """The project's store: `uri` or $MOONFORGE_STORE, else `<project>/.moonforge/store`."""
     uri = uri or os.environ.get("MOONFORGE_STORE")
     if uri and uri.startswith("s3://"):
-        raise NotImplementedError("the S3 artifact store is not built yet; unset MOONFORGE_STORE "
-                                  "to use the local store")
+        raise ValueError(f"MOONFORGE_STORE={uri}: this version stores artifacts on local disk only "
+                         "(the S3 backend is planned); unset MOONFORGE_STORE or point it at a directory")
     return LocalStore(Path(uri) if uri else Path(project) / STORE_DIR)
