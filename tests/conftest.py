@@ -158,3 +158,13 @@ def fake_stages(monkeypatch) -> FakeStage:
     fake = FakeStage()
     monkeypatch.setattr(catalog, "stage_function", lambda kind: fake)
     return fake
+
+
+@pytest.fixture(scope="session")
+def repo_data() -> Path:
+    """The repo's own `data/` with the datasets tests read, built through the real DVC pipeline
+    (`dvc repro`) when a fresh clone has none yet; returns the data directory."""
+    from moonforge.registry.data_versions import ensure_datasets
+
+    ensure_datasets(REPO, ["toyworld", "tokenizer", "rl_prompts"])
+    return REPO / "data"

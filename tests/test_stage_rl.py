@@ -36,8 +36,17 @@ COMMON = dict(upstream=None, data=("rl_prompts", "toyworld", "tokenizer"),
               eval={"num_examples": 4, "batch_size": 4})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _built(repo_data):
+    """A fresh clone has no data/ yet: build the datasets these tests read (real dvc repro)."""
+
+
 def _lines(split: str, n: int) -> list[str]:
     return (DATA / "rl_prompts" / f"{split}.jsonl").read_text().splitlines()[:n]
+
+
+def _no_answer_line() -> str:
+    return json.dumps({**json.loads(_lines("train", 1)[0]), "answer": ""})
 
 
 def _data(tmp: Path, train: list[str] | None = None) -> dict[str, DatasetRef]:
@@ -123,11 +132,12 @@ def test_rl_nan_reward_names_the_stage(tmp_path, base, monkeypatch):
         rl(base, _data(tmp_path), cfg, StageContext(out=tmp_path / "out", model=MODEL))
 
 
-@pytest.mark.parametrize("train, pattern", [
-    ([], r"stage 'rl'.*no records"),
-    ([json.dumps({**json.loads(_lines("train", 1)[0]), "answer": ""})], r"stage 'rl'.*answer"),
+@pytest.mark.parametrize("case, pattern", [
+    ("empty", r"stage 'rl'.*no records"),
+    ("no_answer", r"stage 'rl'.*answer"),
 ])
-def test_rl_bad_prompt_sets_name_the_stage(tmp_path, base, train, pattern):
+def test_rl_bad_prompt_sets_name_the_stage(tmp_path, base, case, pattern):
+    train = [] if case == "empty" else [_no_answer_line()]  # read at run time, after the build
     cfg = RLConfig(**COMMON, num_steps=1, num_iterations=1, max_new_tokens=3)
     with pytest.raises(ValueError, match=pattern):
         rl(base, _data(tmp_path, train), cfg, StageContext(out=tmp_path / "out", model=MODEL))
