@@ -75,8 +75,9 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = PAD_ID,
     return ids_BL.to(device), pos_BL.to(device), doc_BL.to(device)
 
 
-class CachedDecoder:
-    """Prefill the padded prompts into a `KVCache`, then decode one position per step."""
+class _Decoder:
+    """Left-padded prompts (ids, positions, doc ids), their media mask and images on the model's
+    device: what both decoders start from."""
 
     def __init__(self, model: VLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  media_mask_BL: Tensor, pixels_NP: Tensor | None, grid_hw: Tensor | None) -> None:
@@ -85,6 +86,15 @@ class CachedDecoder:
         self.ids_BL, self.pos_BL, self.doc_BL = left_pad(prompts, device=device)
         self.media_mask_BL = media_mask_BL.to(device)
         self.pixels_NP, self.grid_hw = pixels_NP, grid_hw
+
+
+class CachedDecoder(_Decoder):
+    """Prefill the padded prompts into a `KVCache`, then decode one position per step."""
+
+    def __init__(self, model: VLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 media_mask_BL: Tensor, pixels_NP: Tensor | None, grid_hw: Tensor | None) -> None:
+        super().__init__(model, prompts, max_new_tokens, media_mask_BL, pixels_NP, grid_hw)
+        device = self.ids_BL.device
         B, L = self.ids_BL.shape
         self.cache = KVCache(len(model.lm.layers), B, L + max_new_tokens, device)
         self.rows = list(range(B))
@@ -112,17 +122,9 @@ class CachedDecoder:
         return lm.lm_head(h_R1D[:, 0])
 
 
-class FullDecoder:
+class FullDecoder(_Decoder):
     """No cache: every step runs `VLM.forward` over the whole padded batch (finished rows get
     doc-id -1 pads, which touch nothing) and reads the last position's logits."""
-
-    def __init__(self, model: VLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 media_mask_BL: Tensor, pixels_NP: Tensor | None, grid_hw: Tensor | None) -> None:
-        self.model = model
-        device = model.lm.embed_tokens.weight.device
-        self.ids_BL, self.pos_BL, self.doc_BL = left_pad(prompts, device=device)
-        self.media_mask_BL = media_mask_BL.to(device)
-        self.pixels_NP, self.grid_hw = pixels_NP, grid_hw
 
     def prefill(self) -> Tensor:
         """Logits (B, V) for the first new token of every prompt."""
