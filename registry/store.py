@@ -9,8 +9,8 @@ Only directories holding a `manifest.json` are artifacts: a crash before the ren
 `.tmp-*` directory that no lookup ever returns. Versions are 1, 2, 3... per stage and are never
 reused or overwritten; `index.json` maps fingerprint -> version (a cache of the manifests).
 
-`ArtifactStore` is the interface; `LocalStore` is the embedded default. An S3 backend (boto3)
-implements the same methods later (stage locally, upload files, put the manifest last).
+`ArtifactStore` is the interface; `LocalStore` is the embedded default; `registry.s3_store.S3Store`
+implements the same methods on `s3://bucket/prefix` (stage locally, upload, put the manifest last).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ PARTIAL_PREFIX = ".partial-"
 """A failed stage's periodic checkpoints, kept per fingerprint so a rerun resumes from them."""
 TRAIN_STATE_DIR = "train_state"
 STORE_DIR = Path(".moonforge") / "store"
+S3_CACHE_DIR = Path(".moonforge") / "s3cache"
 MIN_PREFIX = 4
 """Shortest fingerprint prefix accepted in a ref."""
 
@@ -58,6 +59,11 @@ class ArtifactInfo:
     @property
     def ref(self) -> str:
         return f"{self.stage}@{self.version}"
+
+    @property
+    def uri(self) -> str:
+        """Where the artifact lives: its directory here, `s3://...` for an S3 store's artifacts."""
+        return str(self.path)
 
     @property
     def inputs(self) -> dict:
@@ -331,9 +337,15 @@ class LocalStore(ArtifactStore):
 
 
 def open_store(project: str | Path, uri: str | None = None) -> ArtifactStore:
-    """The project's store: `uri` or $MOONFORGE_STORE, else `<project>/.moonforge/store`."""
+    """The project's store: `uri` or $MOONFORGE_STORE (a directory or `s3://bucket/prefix`), else
+    `<project>/.moonforge/store`."""
     uri = uri or os.environ.get("MOONFORGE_STORE")
     if uri and uri.startswith("s3://"):
-        raise ValueError(f"MOONFORGE_STORE={uri}: this version stores artifacts on local disk only "
-                         "(the S3 backend is planned); unset MOONFORGE_STORE or point it at a directory")
+        from moonforge.registry.s3_store import S3Store, parse_s3_uri
+
+        # Stages read and write local directories: an S3 store stages and caches them here
+        # ($MOONFORGE_S3_CACHE, e.g. node-local scratch on a cluster).
+        bucket, prefix = parse_s3_uri(uri)
+        cache = Path(os.environ.get("MOONFORGE_S3_CACHE") or Path(project) / S3_CACHE_DIR)
+        return S3Store(uri, cache / bucket / prefix)
     return LocalStore(Path(uri) if uri else Path(project) / STORE_DIR)

@@ -112,11 +112,3 @@ def test_ref_resolution_and_errors(tmp_path):
     with pytest.raises(ArtifactNotFound, match="not supported by this store yet"):
         store.resolve("models:/tiny@champion")
     assert LocalStore(tmp_path / "empty").describe() == "nothing yet"
-
-
-def test_s3_store_uri_is_a_clear_error_until_the_backend_exists(tmp_path, monkeypatch):
-    from moonforge.registry.store import open_store
-
-    monkeypatch.setenv("MOONFORGE_STORE", "s3://bucket/prefix")
-    with pytest.raises(ValueError, match="MOONFORGE_STORE=s3://bucket/prefix.*local disk only"):
-        open_store(tmp_path)
