@@ -261,6 +261,29 @@ def chat(ref: str = typer.Argument(..., help="Artifact ref: stage@latest, stage@
         console.print(f"({out.num_tokens} tokens, {out.finish_reason})", style="dim")
 
 
+@app.command()
+def plan(recipe: str = typer.Argument(..., help="Recipe YAML, e.g. recipes/kimi-vl-a3b.yaml."),
+         gpu: str = typer.Option("h100", "--gpu", help="GPU type: a100, h100, h200, b200."),
+         gpus: int = typer.Option(512, "--gpus", help="Total GPUs (data x context parallel)."),
+         mfu: float = typer.Option(0.4, "--mfu", help="Model FLOPs utilisation of training."),
+         zero: int = typer.Option(2, "--zero", help="ZeRO stage 0-3 for the memory estimate."),
+         set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+    """Token budgets, steps, FLOPs, memory per GPU and GPU-hours per stage."""
+    with _errors():
+        from moonforge.flows.plan_table import plan_notes, plan_table
+        from moonforge.stages.plan import PlanError, make_plan, plan_config
+
+        rec = _load(_recipe_path(recipe), set_)
+        try:
+            result = make_plan(rec, plan_config(gpu=gpu, num_gpus=gpus, mfu=mfu, zero_stage=zero))
+        except PlanError as e:
+            err_console.print(f"[bold red]plan error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        console.print(plan_table(result))
+        for line in plan_notes(result, rec):
+            console.print(line, highlight=False, soft_wrap=True)
+
+
 @data_app.command("build")
 def data_build(names: list[str] = typer.Argument(None, help="Datasets (dvc stages); default all.")) -> None:
     """dvc repro: build the datasets whose inputs changed."""

@@ -1,0 +1,169 @@
+"""Per-token cost model of the VLM for `moonforge plan`: parameters, FLOPs and activation bytes.
+
+Parameter counts come from `model.vlm.param_counts` (the real modules, built on the meta device),
+so the plan and the model cannot disagree. FLOPs and activations are closed-form in the shape:
+- FLOPs per token through a module of N (compute) params: 2N forward; backward 4N when its
+  weights train, 2N when it is frozen but gradients must flow through it to a trained module
+  upstream (align: LM frozen, projector trains), 0 when nothing before it trains.
+- Causal attention, forward, per token per layer: H * (d_qk + d_v) * s  (QK^T and AV, 2 FLOPs per
+  multiply-add, on average s/2 keys). An upper bound under packing, where a token only attends
+  within its own document. ViT attention is bidirectional within one image of P patches: 4 h P.
+- Activations (bf16, per token per layer) count the tensors autograd keeps; see `_lm_layer_elems`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from moonforge.model.config import VLMConfig
+from moonforge.stages.config import StageConfig
+
+BF16 = 2
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class TokenPath:
+    """The modules a stage's tokens pass through, in order, and which of them train."""
+
+    modules: tuple[str, ...]
+    trained: tuple[str, ...]
+    unit: str
+    """What a token is: 'lm' (an LM sequence position) or 'patch' (a ViT patch, stage 1)."""
+
+    def backward_through(self, module: str) -> bool:
+        """True when backward reaches `module` (it trains, or something before it does)."""
+        i = self.modules.index(module)
+        return any(m in self.trained for m in self.modules[: i + 1])
+
+
+def stage_path(stage: StageConfig) -> TokenPath:
+    """Modules on a stage's token path: stage 1 runs MoonViT + the CoCa towers (the LM is not
+    involved); the text pre-stage runs the LM alone; every later stage runs the whole VLM."""
+    if stage.kind == "vit_pretrain":
+        modules = ("vision", "caption")
+        unit = "patch"
+    elif stage.kind == "lm_pretrain":
+        modules, unit = ("lm",), "lm"
+    else:
+        modules, unit = ("vision", "projector", "lm"), "lm"
+    return TokenPath(modules, tuple(m for m in modules if m in stage.trainable), unit)
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Parameter counts and per-token cost coefficients of one model shape."""
+
+    shape: VLMConfig
+    params: dict[str, int]
+    """Module group -> parameters: vision, projector, caption, lm (LM with embeddings)."""
+    lm_embed: int
+    """embed_tokens + lm_head parameters (AdamW-routed)."""
+    lm_active: int
+    """LM parameters a token uses, embeddings included (the architecture's 'activated' count)."""
+    lm_compute: int
+    """LM parameters that do matmuls per token: active minus the embedding lookup table."""
+    avg_patches_per_image: float
+    """Patches per image for ViT attention in LM stages (vision.max_patches: an upper bound)."""
+
+    # --- FLOPs ---------------------------------------------------------------------------------
+
+    def lm_attention_fwd(self, seq_len: int) -> float:
+        lm = self.shape.lm
+        d_qk = lm.head_dim + (lm.qk_rope_head_dim if lm.attention == "mla" else 0)
+        return lm.num_layers * lm.num_heads * (d_qk + lm.head_dim) * seq_len
+
+    def vit_attention_fwd(self, patches_per_image: float) -> float:
+        v = self.shape.vision
+        return v.num_layers * 4 * v.hidden_size * patches_per_image
+
+    def flops_per_token(self, path: TokenPath, seq_len: int, train: bool,
+                        image_share: float = 0.3, patches_per_image: float | None = None,
+                        text_per_patch: float = 0.0) -> float:
+        """FLOPs per token of `path` (training when `train`, else one forward pass)."""
+
+        def mult(module: str) -> tuple[int, int]:  # (x N, x attention-forward)
+            if not train or not path.backward_through(module):
+                return 2, 1
+            return (6, 3) if module in path.trained else (4, 3)
+
+        merge2 = self.shape.vision.merge_size ** 2
+        total = 0.0
+        if path.unit == "patch":  # stage 1: every token is a ViT patch
+            p = patches_per_image or self.avg_patches_per_image
+            w, a = mult("vision")
+            total += w * self.params["vision"] + a * self.vit_attention_fwd(p)
+            if "caption" in path.modules:  # CoCa towers run on the caption's text tokens only
+                total += mult("caption")[0] * self.params["caption"] * text_per_patch
+            return total
+        if "lm" in path.modules:
+            w, a = mult("lm")
+            total += w * self.lm_compute + a * self.lm_attention_fwd(seq_len)
+        if "vision" in path.modules:
+            w, a = mult("vision")
+            vit = w * self.params["vision"] + a * self.vit_attention_fwd(self.avg_patches_per_image)
+            total += image_share * (merge2 * vit + mult("projector")[0] * self.params["projector"])
+        return total
+
+    # --- activations ---------------------------------------------------------------------------
+
+    def _lm_layer_elems(self) -> tuple[int, int]:
+        """Saved elements per token of (a dense layer, a MoE layer): norm in/out (2h) per sublayer;
+        q, k, v and the attention output (flash-attn keeps only these + a per-row logsumexp); the
+        MLA latent; per SwiGLU expert its dispatched input h and gate, up, gate*up (3f)."""
+        lm = self.shape.lm
+        h, H = lm.hidden_size, lm.num_heads
+        d_qk = lm.head_dim + (lm.qk_rope_head_dim if lm.attention == "mla" else 0)
+        latent = lm.kv_lora_rank + lm.qk_rope_head_dim if lm.attention == "mla" else 0
+        attn = 2 * h + 2 * H * d_qk + 2 * H * lm.head_dim + latent
+        dense = attn + 2 * h + 3 * lm.dense_intermediate_size
+        f = lm.moe_intermediate_size
+        moe = (attn + 2 * h + lm.num_experts_per_tok * (h + 3 * f)
+               + 3 * lm.num_shared_experts * f + lm.num_experts)
+        return dense, moe
+
+    def _vit_layer_elems(self) -> int:
+        """Per patch: 2 pre-LN in/out pairs (4h), qkv (3h), attention output (h), GELU in/out (2f)."""
+        v = self.shape.vision
+        return 8 * v.hidden_size + 2 * v.intermediate_size
+
+    def _stack_bytes(self, tokens: float, width: int, layers: list[int], ckpt: bool) -> float:
+        # With full recompute only each layer's input (width) stays, plus one layer rebuilt at a time.
+        per_token = width * len(layers) + max(layers) if ckpt else sum(layers)
+        return BF16 * tokens * per_token
+
+    def activation_bytes(self, path: TokenPath, tokens: int, image_share: float,
+                         ckpt: bool) -> float:
+        """Activation bytes for one micro-batch of `tokens` tokens on one GPU. Modules that no
+        backward reaches run under no_grad and keep nothing. LM stages add the logits: bf16 plus
+        the fp32 copy cross-entropy upcasts to (objectives.token_ce), tokens x vocab x 6 bytes."""
+        total = 0.0
+        lm, v = self.shape.lm, self.shape.vision
+        if "lm" in path.modules and path.backward_through("lm"):
+            dense, moe = self._lm_layer_elems()
+            layers = [dense] * lm.first_k_dense + [moe] * (lm.num_layers - lm.first_k_dense)
+            total += self._stack_bytes(tokens, lm.hidden_size, layers, ckpt)
+            total += tokens * lm.vocab_size * (BF16 + FP32)
+        if "vision" in path.modules and path.backward_through("vision"):
+            patches = tokens if path.unit == "patch" else tokens * image_share * v.merge_size ** 2
+            total += self._stack_bytes(patches, v.hidden_size, [self._vit_layer_elems()] * v.num_layers,
+                                       ckpt)
+        return total
+
+
+@lru_cache(maxsize=8)  # building on the meta device takes ~1 s; a shape (frozen, hashable) is a key
+def model_costs(shape: VLMConfig) -> ModelCosts:
+    """ModelCosts of `shape` (counts from the real modules on the meta device)."""
+    from moonforge.model.vlm import param_counts  # torch import: only when a plan is made
+
+    c = param_counts(shape)
+    lm_head = shape.lm.vocab_size * shape.lm.hidden_size  # untied: a real matmul per token
+    return ModelCosts(
+        shape=shape,
+        params={"vision": c["vision"], "projector": c["projector"], "caption": c["caption"],
+                "lm": c["lm_total"]},
+        lm_embed=c["lm_embed"], lm_active=c["lm_active"],
+        lm_compute=c["lm_active_no_embed"] + lm_head,
+        avg_patches_per_image=float(shape.vision.max_patches),
+    )
