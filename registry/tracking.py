@@ -1,7 +1,8 @@
 """MLflow tracking: one experiment per recipe, a parent run per lifecycle, a child run per stage.
 
 Embedded default: `sqlite:///<project>/.moonforge/mlflow.db` with artifacts under
-`<project>/.moonforge/mlartifacts` ($MLFLOW_TRACKING_URI wins when set). Everything goes through
+`<project>/.moonforge/mlartifacts` ($MLFLOW_TRACKING_URI wins when set; artifacts go to S3 with
+$MOONFORGE_MLFLOW_ARTIFACT_ROOT=s3://bucket/prefix). Everything goes through
 `MlflowClient` with explicit run ids (no fluent global state, so Prefect threads are safe), and
 metrics go in batches (`log_batch`), never one DB round trip per scalar.
 mlflow and matplotlib are imported lazily: importing this module is cheap.
@@ -31,8 +32,15 @@ def tracking_uri(project: str | Path) -> str:
     return f"sqlite:///{Path(project).resolve() / '.moonforge' / 'mlflow.db'}"
 
 
+ARTIFACT_ROOT_ENV = "MOONFORGE_MLFLOW_ARTIFACT_ROOT"
+"""Where new experiments keep their artifacts, e.g. s3://bucket/mlflow (MLflow's S3 artifact
+repository: endpoint from MLFLOW_S3_ENDPOINT_URL or AWS_ENDPOINT_URL, credentials from the AWS
+environment). Unset: `.moonforge/mlartifacts` with the embedded SQLite backend, the server's
+--default-artifact-root with a tracking server."""
+
+
 def artifact_root(project: str | Path) -> str:
-    return (Path(project).resolve() / ".moonforge" / "mlartifacts").as_uri()
+    return os.environ.get(ARTIFACT_ROOT_ENV) or (Path(project).resolve() / ".moonforge" / "mlartifacts").as_uri()
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -145,10 +153,18 @@ class Tracker:
             exp = self.client.get_experiment_by_name(self.recipe_name)
             if exp is not None:
                 self._experiment_id = exp.experiment_id
+                wanted = os.environ.get(ARTIFACT_ROOT_ENV)
+                if wanted and not exp.artifact_location.startswith(wanted.rstrip("/")):
+                    # MLflow fixes an experiment's artifact location when it is created
+                    warnings.warn(f"{ARTIFACT_ROOT_ENV}={wanted} is ignored for experiment "
+                                  f"{self.recipe_name!r}, created earlier with artifacts at "
+                                  f"{exp.artifact_location}; rename or delete that experiment to "
+                                  "move its new artifacts", stacklevel=2)
             else:
                 from mlflow.exceptions import MlflowException
 
-                loc = artifact_root(self.project) if self.uri.startswith("sqlite:") else None
+                loc = (artifact_root(self.project) if self.uri.startswith("sqlite:")
+                       or os.environ.get(ARTIFACT_ROOT_ENV) else None)
                 try:
                     self._experiment_id = self.client.create_experiment(self.recipe_name,
                                                                         artifact_location=loc)

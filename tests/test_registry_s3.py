@@ -223,3 +223,82 @@ def test_open_store_maps_s3_uris_to_an_s3_store_with_a_project_cache(tmp_path, m
     assert open_store(tmp_path).cache == tmp_path / "scratch" / "bucket" / "team" / "prefix"
     with pytest.raises(ValueError, match="names no bucket; use s3://bucket"):
         open_store(tmp_path, "s3:///prefix")
+
+
+# -- the lifecycle with everything on S3 --------------------------------------------------------
+
+def _dvc(project, *args):
+    from moonforge.registry.data_versions import dvc
+
+    return dvc(project, *args)
+
+
+def _read_json(client, bucket: str, key: str) -> dict:
+    return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def test_dvc_remote_on_s3_push_then_pull_into_a_fresh_cache(s3_env, tmp_project):
+    endpoint, bucket, client = s3_env
+    _dvc(tmp_project, "remote", "add", "-d", "s3store", f"s3://{bucket}/dvc")
+    _dvc(tmp_project, "remote", "modify", "s3store", "endpointurl", endpoint)
+    assert "Everything is up to date" not in _dvc(tmp_project, "push").stdout
+    pushed = keys(client, bucket, "dvc/")
+    assert pushed and all(k.startswith("dvc/files/md5/") for k in pushed)
+    corpus = (tmp_project / "data" / "text" / "corpus.txt").read_text()
+    shutil.rmtree(tmp_project / ".dvc" / "cache")
+    shutil.rmtree(tmp_project / "data")
+    _dvc(tmp_project, "pull")
+    assert (tmp_project / "data" / "text" / "corpus.txt").read_text() == corpus
+    assert json.loads(_dvc(tmp_project, "status", "--json").stdout or "{}") == {}
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_lifecycle_with_store_mlflow_artifacts_and_dvc_remote_on_s3(s3_env, tmp_project, fake_stages,
+                                                                    monkeypatch):
+    from mlflow import MlflowClient
+
+    from moonforge.flows.lifecycle import lifecycle_flow
+    from moonforge.registry.lineage import walk
+    from moonforge.registry.tracking import tracking_uri
+
+    endpoint, bucket, client = s3_env
+    monkeypatch.setenv("MOONFORGE_STORE", f"s3://{bucket}/store")
+    monkeypatch.setenv("MOONFORGE_MLFLOW_ARTIFACT_ROOT", f"s3://{bucket}/mlflow")
+    _dvc(tmp_project, "remote", "add", "-d", "s3store", f"s3://{bucket}/dvc")
+    _dvc(tmp_project, "remote", "modify", "s3store", "endpointurl", endpoint)
+    recipe = str(tmp_project / "recipes" / "mini.yaml")
+
+    out = lifecycle_flow(recipe, [], None, str(tmp_project))
+    _dvc(tmp_project, "push")  # the data versions the lifecycle read, next to its artifacts
+    assert [o["ref"] for o in out.values()] == ["lm_pretrain@1", "vit_pretrain@1", "align@1"]
+    assert not any(o["cache_hit"] for o in out.values())
+
+    store_uri = f"s3://{bucket}/store"
+    lin = _read_json(client, bucket, "store/align/1/lineage.json")
+    assert lin["uri"] == f"{store_uri}/align/1" and lin["store"] == store_uri
+    assert lin["upstream"]["uri"] == f"{store_uri}/vit_pretrain/1"
+    manifest = _read_json(client, bucket, "store/align/1/manifest.json")
+    assert manifest["uri"] == f"{store_uri}/align/1" and "model.safetensors" in manifest["files"]
+    digests = {d["name"]: d["digest"] for d in lin["datasets"]}
+    for digest in digests.values():  # each dataset version the stage read is in the DVC remote
+        assert keys(client, bucket, f"dvc/files/md5/{digest[:2]}/{digest[2:]}")
+
+    mlc = MlflowClient(tracking_uri(tmp_project))
+    exp = mlc.get_experiment_by_name("mini")
+    assert exp.artifact_location == f"s3://{bucket}/mlflow"
+    run_id = out["align"]["mlflow_run_id"]
+    logged = keys(client, bucket, f"mlflow/{run_id}/artifacts/")
+    assert {f"mlflow/{run_id}/artifacts/lineage.json",
+            f"mlflow/{run_id}/artifacts/plots/loss_curve.png"} <= set(logged)
+    png = client.get_object(Bucket=bucket, Key=f"mlflow/{run_id}/artifacts/plots/loss_curve.png")
+    assert png["Body"].read()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_project / ".moonforge" / "mlartifacts").exists()
+
+    # Another machine (no local copies): every stage is a cache hit served from the bucket.
+    shutil.rmtree(tmp_project / ".moonforge" / "s3cache")
+    again = lifecycle_flow(recipe, [], None, str(tmp_project))
+    assert all(o["cache_hit"] for o in again.values())
+    assert fake_stages.calls == ["lm_pretrain", "vit_pretrain", "align"]
+    chain = walk(open_store(tmp_project), f"{store_uri}/align/1")
+    assert [c["uri"] for c in chain] == [f"{store_uri}/{s}/1" for s in ("align", "vit_pretrain",
+                                                                         "lm_pretrain")]
