@@ -1,4 +1,4 @@
-"""The `moonforge` CLI (Typer): run, rerun, status, lineage, data.
+"""The `moonforge` CLI (Typer): run, rerun, status, lineage, diff, promote, models, chat, data.
 
 The project root is the current directory. Heavy imports (torch, mlflow, prefect) happen inside
 commands, so `moonforge --help` stays fast. Known errors print one clear paragraph and exit 1;
@@ -40,14 +40,16 @@ def _recipe_path(recipe: Optional[str]) -> str:
 @contextmanager
 def _errors() -> Iterator[None]:
     """Known failures -> one paragraph on stderr and exit 1 (traceback only with MOONFORGE_DEBUG=1)."""
-    from moonforge.registry.errors import ArtifactNotFound, DatasetError, StageFailed
+    from moonforge.registry.errors import (ArtifactNotFound, DatasetError, PromotionRefused,
+                                           RegistryError, StageFailed)
     from moonforge.stages.catalog import StageNotAvailable
     from moonforge.stages.recipe import RecipeError
 
     debug = os.environ.get("MOONFORGE_DEBUG") == "1"
     titles = {RecipeError: "recipe error", ArtifactNotFound: "artifact not found",
               DatasetError: "data error", StageNotAvailable: "stage not available",
-              StageFailed: "stage failed"}
+              StageFailed: "stage failed", RegistryError: "registry error",
+              PromotionRefused: "promotion refused"}
     try:
         yield
     except typer.Exit:
@@ -173,26 +175,52 @@ def run(recipe: Optional[str] = typer.Argument(None, help=f"Recipe YAML (default
         _summary(outcomes, t0)
 
 
+REF_HELP = ("stage@latest, stage@N, stage@<fingerprint-prefix>, runs:/<mlflow-run-id>, "
+            "models:/<name>@<alias>, models:/<name>/<n> or an artifact path")
+
+
+def _print_plan(plan: list) -> None:
+    table = Table(title="moonforge rerun --dry-run: nothing was run")
+    for col in ("stage", "would", "from upstream", "fingerprint", "why"):
+        table.add_column(col)
+    for p in plan:
+        would = f"[yellow]run -> {p.ref}[/]" if p.action == "run" else f"[green]reuse {p.ref}[/]"
+        table.add_row(p.stage, would, f"{p.upstream}\n({p.upstream_how})", p.fingerprint[:12],
+                      "\n".join(p.reasons))
+    console.print(table)
+    n = sum(p.action == "run" for p in plan)
+    console.print(f"{n} stage(s) would train, {len(plan) - n} would be reused from the cache.",
+                  highlight=False)
+
+
 @app.command()
 def rerun(stage: str = typer.Argument(..., help="Stage name to rerun."),
-          from_: Optional[str] = typer.Option(None, "--from", help="Upstream artifact ref or path."),
+          from_: Optional[str] = typer.Option(None, "--from", help="Upstream artifact: " + REF_HELP),
           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
           downstream: bool = typer.Option(False, "--downstream", help="Also rerun every later stage."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run and why; run nothing."),
           recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML.")) -> None:
     """Rerun one stage from any upstream artifact version."""
     _embedded_prefect_defaults()
     with _errors():
         path = _recipe_path(recipe)
         rec = _load(path, set_)
+        from moonforge.registry.refs import pinned
         from moonforge.registry.run_stage import resolve_upstream
         from moonforge.registry.store import open_store
 
         store = open_store(_project())
-        # resolve now, so a missing ref / upstream fails before Prefect starts
+        if dry_run:
+            from moonforge.registry.rerun_plan import plan_rerun
+
+            _print_plan(plan_rerun(rec, stage, _project(), store, from_, downstream))
+            return
+        # resolve now, so a missing / wrong-kind ref fails before Prefect starts
         info, _ = resolve_upstream(rec, stage, _project(), store, from_)
         if from_ is not None and info is not None:
-            # pin @latest / prefixes now; keep paths from outside the store as paths
-            from_ = info.ref if store.lookup(info.stage, info.fingerprint) else str(info.path)
+            # pin @latest, prefixes, runs:/ and models:/ aliases now: the flow must not see an
+            # alias move mid-run; paths from outside the store stay paths
+            from_ = pinned(info, store)
         from moonforge.flows.lifecycle import rerun_flow
 
         _quiet_prefect_tracebacks()
@@ -212,17 +240,18 @@ def status(recipe: Optional[str] = typer.Argument(None, help=f"Recipe YAML (defa
 
         rec = _load(_recipe_path(recipe), set_)
         table = Table(title=f"recipe {rec.name}")
-        for col in ("stage", "state", "artifact", "why"):
+        for col in ("stage", "state", "artifact", "changed input", "why"):
             table.add_column(col)
         colors = {"fresh": "green", "stale": "yellow", "missing": "red"}
         for row in stage_status(rec, _project()):
             table.add_row(row["stage"], f"[{colors[row['state']]}]{row['state']}[/]",
-                          row["ref"] or "-", "\n".join(row["reasons"]))
+                          row["ref"] or "-", ", ".join(row.get("changed") or []) or "-",
+                          "\n".join(row["reasons"]))
         console.print(table)
 
 
 @app.command()
-def lineage(ref: str = typer.Argument(..., help="stage@latest, stage@N, stage@<fp-prefix> or a path."),
+def lineage(ref: str = typer.Argument(..., help=REF_HELP),
             format: str = typer.Option("tree", "--format", help="tree | mermaid | json")) -> None:
     """Walk an artifact's lineage back to its data."""
     with _errors():
@@ -232,7 +261,7 @@ def lineage(ref: str = typer.Argument(..., help="stage@latest, stage@N, stage@<f
         if format not in ("tree", "mermaid", "json"):
             err_console.print(f"--format {format!r}: use tree, mermaid or json")
             raise typer.Exit(2)
-        chain = lin.walk(open_store(_project()), ref)
+        chain = lin.walk(open_store(_project()), ref, _project())
         if format == "tree":
             console.print(lin.render_tree(chain))
         else:
@@ -240,7 +269,89 @@ def lineage(ref: str = typer.Argument(..., help="stage@latest, stage@N, stage@<f
 
 
 @app.command()
-def chat(ref: str = typer.Argument(..., help="Artifact ref: stage@latest, stage@N, a path."),
+def diff(ref1: str = typer.Argument(..., help="The older version: " + REF_HELP),
+         ref2: str = typer.Argument(..., help="The newer version of the same stage.")) -> None:
+    """Config and input differences between two versions of a stage."""
+    with _errors():
+        from moonforge.registry.artifact_diff import diff_artifacts
+        from moonforge.registry.store import open_store
+
+        d = diff_artifacts(open_store(_project()), ref1, ref2, _project())
+        console.print(f"[bold]{d.a.ref}[/] (fp {d.a.fingerprint[:12]}) -> [bold]{d.b.ref}[/] "
+                      f"(fp {d.b.fingerprint[:12]})", highlight=False)
+        if d.same_fingerprint:
+            console.print("same fingerprint: identical inputs", style="green")
+        table = Table(title="differences")
+        for col in ("kind", "what"):
+            table.add_column(col)
+        for kind, reason in d.inputs:
+            table.add_row(kind, reason)
+        for r in d.runtime:
+            table.add_row("runtime (not in fingerprint)", r)
+        for r in d.provenance:
+            table.add_row("provenance", r)
+        for k, a, b in d.metrics:
+            table.add_row("metric", f"{k}: {'-' if a is None else f'{a:.4g}'} -> "
+                                    f"{'-' if b is None else f'{b:.4g}'}")
+        console.print(table)
+
+
+@app.command()
+def promote(ref: str = typer.Argument(..., help="The artifact to promote: " + REF_HELP),
+            alias: str = typer.Option("champion", "--alias", help="Registry alias to move."),
+            recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML (model name, gates).")) -> None:
+    """Move a model-registry alias to an artifact if every recipe promotion gate passes."""
+    with _errors():
+        from moonforge.registry.errors import PromotionRefused
+        from moonforge.registry.promotion import promote as do_promote
+        from moonforge.registry.store import open_store
+
+        rec = _load(_recipe_path(recipe), [])
+        try:
+            d = do_promote(rec, _project(), open_store(_project()), ref, alias)
+        except PromotionRefused as e:
+            if e.decision is not None:
+                _print_gates(e.decision)
+            raise
+        _print_gates(d)
+        console.print(f"[green]promoted[/]: {d.model}@{alias} -> version {d.version} ({d.artifact})",
+                      highlight=False)
+
+
+def _print_gates(d) -> None:
+    table = Table(title=f"{d.model} version {d.version} ({d.artifact}): gates for {d.alias!r}")
+    for col in ("gate", "observed", "result"):
+        table.add_column(col)
+    for r in d.results:
+        table.add_row(r.gate, "missing" if r.observed is None else f"{r.observed:.4g}",
+                      "[green]pass[/]" if r.passed else "[red]FAIL[/]")
+    if not d.results:
+        table.add_row("(the recipe declares no gates)", "-", "[green]pass[/]")
+    console.print(table)
+
+
+@app.command()
+def models(name: Optional[str] = typer.Option(None, "--name", help="Registered model (default: the recipe's)."),
+           recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML.")) -> None:
+    """List a registered model's versions with their aliases, artifacts and gate decisions."""
+    with _errors():
+        from moonforge.registry import model_registry as mr
+
+        name = name or _load(_recipe_path(recipe), []).model_name
+        rows = mr.version_rows(mr.client_for(_project()), name)
+        table = Table(title=f"registered model {name}")
+        for col in ("version", "aliases", "artifact", "fingerprint", "key metrics", "decisions"):
+            table.add_column(col)
+        for r in rows:
+            keys = [k for k in r.metrics if k.startswith("eval/") and not k.endswith("_before")][:3]
+            table.add_row(str(r.version), ", ".join(r.aliases) or "-", r.artifact, r.fingerprint[:12],
+                          ", ".join(f"{k}={r.metrics[k]:.4g}" for k in keys),
+                          ", ".join(f"{a}: {o}" for a, o in sorted(r.decisions.items())) or "-")
+        console.print(table)
+
+
+@app.command()
+def chat(ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
          question: str = typer.Argument(..., help="What to ask."),
          image: Optional[Path] = typer.Option(None, "--image", help="An image file to ask about."),
          max_new_tokens: int = typer.Option(64, "--max-new-tokens")) -> None:
@@ -252,7 +363,9 @@ def chat(ref: str = typer.Argument(..., help="Artifact ref: stage@latest, stage@
         from moonforge.stages.artifacts import Checkpoint
         from moonforge.stages.inference import chat as answer
 
-        info = open_store(_project()).resolve(ref)
+        from moonforge.registry.refs import resolve_ref
+
+        info = resolve_ref(ref, open_store(_project()), _project())
         if image is not None and not image.is_file():
             raise FileNotFoundError(f"--image {image}: no such file; pass a PNG/JPEG path")
         tok = Tokenizer.load(read_lock(_project(), ["tokenizer"])["tokenizer"].path)

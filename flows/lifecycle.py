@@ -8,6 +8,7 @@ I/O failures, never for a config error or a NaN loss.
 
 from __future__ import annotations
 
+import logging
 import re
 from contextvars import ContextVar
 
@@ -18,11 +19,14 @@ from prefect.runtime import flow_run
 
 from moonforge.registry.data_versions import ensure_datasets
 from moonforge.registry.errors import is_transient
+from moonforge.registry.promotion import set_candidate
 from moonforge.registry.run_stage import StageProgress, run_stage
+from moonforge.registry.store import open_store
 from moonforge.registry.tracking import Tracker
 from moonforge.stages import catalog
 from moonforge.stages.recipe import Recipe, RecipeError, load_recipe
 
+log = logging.getLogger("moonforge.flows")
 RETRIES = 2
 RETRY_DELAYS = [5.0, 30.0]
 PROGRESS: ContextVar[StageProgress | None] = ContextVar("moonforge_progress", default=None)
@@ -80,6 +84,7 @@ def _run_chain(recipe: Recipe, recipe_path: str, overrides: list[str], names: li
         tracker.end_lifecycle("FAILED")
         raise
     tracker.end_lifecycle("FINISHED")
+    _mark_candidate(recipe, project, outcomes)
     create_table_artifact(
         key=f"{_slug(recipe.name)}-lifecycle-summary", description=f"recipe {recipe.name}",
         table=[{"stage": o["stage"], "ref": o["ref"], "cache_hit": o["cache_hit"],
@@ -87,6 +92,27 @@ def _run_chain(recipe: Recipe, recipe_path: str, overrides: list[str], names: li
                 **{k: round(v, 5) for k, v in list(o["metrics"].items())[:4]}}
                for o in outcomes.values()])
     return outcomes
+
+
+def _mark_candidate(recipe: Recipe, project: str, outcomes: dict[str, dict]) -> None:
+    """Point the registry's `candidate` alias at this run's output of the recipe's promoted
+    stage (ungated; `moonforge promote` gates champion). A registry failure is logged, not
+    raised: the stage artifacts are committed and a later `moonforge promote` can register."""
+    done = [o for name, o in outcomes.items() if name in recipe.promoted_stages()]
+    if not done:
+        return
+    ref = done[-1]["ref"]
+    try:
+        d = set_candidate(recipe, project, open_store(project), ref)
+    except Exception as e:
+        log.warning("could not register %s as %s@candidate (%s: %s); the artifact is committed, "
+                    "register it later with `moonforge promote %s --alias candidate`",
+                    ref, recipe.model_name, type(e).__name__, e, ref)
+        return
+    create_markdown_artifact(
+        key=f"{_slug(recipe.model_name)}-candidate", description=f"{d.model}@candidate",
+        markdown=f"`{d.model}` version {d.version} ({d.artifact}) is now `candidate`.\n\n"
+                 + "\n".join(f"- {r.reason}" for r in d.results))
 
 
 def stages_until(recipe: Recipe, until: str | None) -> list[str]:

@@ -42,3 +42,18 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, _PERMANENT_OS_ERRORS):
         return False
     return isinstance(exc, (ConnectionError, TimeoutError, OSError))
+
+
+class RegistryError(ValueError):
+    """A model-registry request that cannot be served: an invalid model name or alias, an
+    unregistered model, a missing version or alias, a stage the recipe does not promote."""
+
+
+class PromotionRefused(RuntimeError):
+    """A promotion gate failed (or its metric was never recorded); the alias did not move.
+
+    `decision` is the recorded promotion.Decision (its evidence is also on the model version)."""
+
+    def __init__(self, message: str, decision: object = None):
+        super().__init__(message)
+        self.decision = decision

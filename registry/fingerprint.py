@@ -17,7 +17,7 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
@@ -118,10 +118,24 @@ def _dict_diff(old: Any, new: Any, path: str) -> list[str]:
     return []
 
 
-def explain_diff(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+INPUT_KINDS = ("stage", "config", "model", "upstream", "data", "code")
+"""What can make a fingerprint differ; every explain_diff reason starts with one of these."""
+
+
+def reason_kind(reason: str) -> str:
+    """The input kind an explain_diff reason is about ("config", "upstream", "data", ...)."""
+    head = reason.split(" ", 1)[0].split(".", 1)[0].rstrip(":")
+    return head if head in INPUT_KINDS else "other"
+
+
+def explain_diff(old: Mapping[str, Any] | None, new: Mapping[str, Any],
+                 name_fp: Callable[[str, str], str | None] | None = None) -> list[str]:
     """Human reasons why two inputs records differ, e.g. ["config.optimizer.lr: 0.003 -> 0.001",
     "upstream lm_pretrain changed (fingerprint 1a2b3c4d -> 5e6f7a8b)", "data text: ab12 -> cd34",
-    "code version changed"]. Empty when they are identical."""
+    "code version changed"]. Empty when they are identical.
+
+    `name_fp(stage, fingerprint)` may map an upstream fingerprint to a ref ("lm_pretrain@2"), so
+    the upstream reason names versions: "upstream lm_pretrain changed (lm_pretrain@1 -> @2)"."""
     if not old:
         return ["no recorded inputs for the previous version"]
     out: list[str] = []
@@ -135,8 +149,13 @@ def explain_diff(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[
         elif ou["stage"] != nu["stage"]:
             out.append(f"upstream stage: {ou['stage']} -> {nu['stage']}")
         else:
-            out.append(f"upstream {nu['stage']} changed (fingerprint "
-                       f"{ou['fingerprint'][:8]} -> {nu['fingerprint'][:8]})")
+            a, b = ou["fingerprint"][:8], nu["fingerprint"][:8]
+            if name_fp is None:
+                out.append(f"upstream {nu['stage']} changed (fingerprint {a} -> {b})")
+            else:
+                a = name_fp(ou["stage"], ou["fingerprint"]) or f"fingerprint {a}"
+                b = name_fp(nu["stage"], nu["fingerprint"]) or f"fingerprint {b}, not built yet"
+                out.append(f"upstream {nu['stage']} changed ({a} -> {b})")
     od, nd = old.get("data") or {}, new.get("data") or {}
     for name in sorted(set(od) | set(nd)):
         if od.get(name) != nd.get(name):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping
@@ -99,13 +100,16 @@ def build_lineage(
     }
 
 
-def walk(store: ArtifactStore, ref: str | Path) -> list[dict]:
-    """Lineage records from `ref` back to the first stage (newest first).
+def walk(store: ArtifactStore, ref: str | Path, project: str | Path = ".") -> list[dict]:
+    """Lineage records from `ref` (any form registry.refs resolves) back to the first stage
+    (newest first).
 
     Each record gets "path" added. Upstreams are found by fingerprint (falling back to the
     recorded path), so the chain survives a store being moved.
     """
-    info = store.resolve(ref)
+    from moonforge.registry.refs import resolve_ref
+
+    info = resolve_ref(ref, store, project)
     chain: list[dict] = []
     seen: set[str] = set()
     while info is not None and info.fingerprint not in seen:
@@ -146,11 +150,17 @@ def render_tree(chain: list[dict]):
             label = f"[red]{rec.get('ref') or rec['stage']} (missing from the store)[/red]"
         else:
             git = rec.get("git") or {}
+            recipe = rec.get("recipe") or {}
+            ids = [f"mlflow run {rec['mlflow_run_id']}" if rec.get("mlflow_run_id") else "",
+                   f"prefect flow run {rec['prefect_flow_run_id']}"
+                   if rec.get("prefect_flow_run_id") else ""]
             label = (f"[bold]{rec.get('ref')}[/bold]  fp {rec['fingerprint'][:12]}"
                      + (f"  git {str(git.get('commit'))[:8]}{'+dirty' if git.get('dirty') else ''}"
                         if git.get("commit") else "")
+                     + (f"  recipe {recipe.get('name')} ({str(recipe.get('digest'))[:8]})"
+                        if recipe.get("name") else "")
                      + (f"\n{_metrics_line(rec)}" if rec.get("metrics") else "")
-                     + (f"\nmlflow run {rec['mlflow_run_id']}" if rec.get("mlflow_run_id") else ""))
+                     + "".join(f"\n{i}" for i in ids if i))
         child = Tree(label) if root is None else node.add(label)
         root = root or child
         for d in rec.get("datasets") or []:
@@ -160,19 +170,51 @@ def render_tree(chain: list[dict]):
 
 
 def _node_id(rec: Mapping[str, Any]) -> str:
-    return f"{rec['stage']}_{rec.get('version', 'x')}".replace("-", "_").replace(".", "_")
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"{rec['stage']}_{rec.get('version', 'x')}")
+
+
+def _mid(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", s)
 
 
 def render_mermaid(chain: list[dict]) -> str:
-    """A mermaid `graph LR`: datasets -> first stage -> ... -> the artifact."""
+    """A mermaid `graph LR`: datasets -> first stage -> ... -> the artifact, with the git commit
+    and recipe each stage was built from as dotted inputs; labels carry the MLflow run and
+    Prefect flow-run ids."""
     lines = ["graph LR"]
+    declared: set[str] = set()
+
+    def node(nid: str, decl: str) -> str:
+        if nid not in declared:
+            declared.add(nid)
+            return decl
+        return nid
+
     for rec in reversed(chain):
         nid = _node_id(rec)
-        fp = rec["fingerprint"][:8]
-        lines.append(f'  {nid}["{rec.get("ref") or rec["stage"]}<br/>fp {fp}"]')
+        label = f'{rec.get("ref") or rec["stage"]}<br/>fp {rec["fingerprint"][:8]}'
+        if rec.get("missing"):
+            label += "<br/>missing from the store"
+        if rec.get("mlflow_run_id"):
+            label += f"<br/>mlflow {rec['mlflow_run_id'][:8]}"
+        if rec.get("prefect_flow_run_id"):
+            label += f"<br/>prefect {rec['prefect_flow_run_id'][:8]}"
+        lines.append(f'  {nid}["{label}"]')
         for d in rec.get("datasets") or []:
-            did = f"data_{d['name']}_{str(d.get('digest'))[:8]}".replace("-", "_").replace(".", "_")
-            lines.append(f'  {did}[("{d["name"]}<br/>md5 {str(d.get("digest"))[:8]}")] --> {nid}')
+            did = _mid(f"data_{d['name']}_{str(d.get('digest'))[:8]}")
+            decl = f'{did}[("{d["name"]}<br/>md5 {str(d.get("digest"))[:8]}")]'
+            lines.append(f"  {node(did, decl)} --> {nid}")
+        commit = (rec.get("git") or {}).get("commit")
+        if commit:
+            gid = _mid(f"git_{commit[:8]}")
+            dirty = "+dirty" if (rec.get("git") or {}).get("dirty") else ""
+            decl = gid + '{{"git ' + commit[:8] + dirty + '"}}'
+            lines.append(f"  {node(gid, decl)} -.-> {nid}")
+        recipe = rec.get("recipe") or {}
+        if recipe.get("name"):
+            rid = _mid(f"recipe_{recipe['name']}_{str(recipe.get('digest'))[:8]}")
+            decl = f'{rid}[/"recipe {recipe["name"]}<br/>{str(recipe.get("digest"))[:8]}"/]'
+            lines.append(f"  {node(rid, decl)} -.-> {nid}")
     for newer, older in zip(chain, chain[1:]):
         lines.append(f"  {_node_id(older)} --> {_node_id(newer)}")
     return "\n".join(lines)

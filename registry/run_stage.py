@@ -81,7 +81,15 @@ def resolve_upstream(recipe: Recipe, stage_name: str, project: str | Path, store
     """
     cfg = recipe.stage(stage_name)
     if upstream_ref is not None:
-        return store.resolve(upstream_ref), f"explicit ({upstream_ref})"
+        from moonforge.registry.refs import resolve_ref
+
+        if cfg.upstream is None:
+            raise ArtifactNotFound(
+                f"--from {upstream_ref}: stage {stage_name!r} starts from scratch (upstream: null "
+                f"in recipe {recipe.name!r}), so it takes no upstream artifact; drop --from")
+        info = resolve_ref(upstream_ref, store, project)
+        check_upstream_kind(recipe, stage_name, upstream_ref, info, store)
+        return info, f"explicit ({upstream_ref})"
     if cfg.upstream is None:
         return None, "none"
     want = expected_chain(recipe, project)[cfg.upstream][1]
@@ -97,6 +105,23 @@ def resolve_upstream(recipe: Recipe, stage_name: str, project: str | Path, store
     log.warning("%s: no %s artifact matches the recipe's chain; using %s", stage_name,
                 cfg.upstream, latest.ref)
     return latest, f"latest ({latest.ref}; no artifact matched the recipe chain)"
+
+
+def check_upstream_kind(recipe: Recipe, stage_name: str, ref: str, info: ArtifactInfo,
+                        store: ArtifactStore) -> None:
+    """Refuse an explicit upstream of another stage kind (e.g. `rerun sft --from rl@1`): the
+    stage function would load a checkpoint from the wrong point of the lifecycle."""
+    from moonforge.registry.refs import artifact_kind
+
+    up = recipe.stage(recipe.stage(stage_name).upstream)
+    got = artifact_kind(info)
+    if info.stage == up.stage_name or got == up.kind:
+        return
+    have = ", ".join(a.ref for a in store.versions(up.stage_name)[-3:]) or "none yet"
+    raise ArtifactNotFound(
+        f"--from {ref}: resolves to {info.ref}, a {got} artifact, but stage {stage_name!r} starts "
+        f"from its upstream {up.stage_name!r} (kind {up.kind}); pass a {up.stage_name} ref "
+        f"(e.g. {up.stage_name}@latest; recent: {have})")
 
 
 def _no_progress(stage: str, done: int, total: int, desc: str) -> None:
@@ -250,12 +275,14 @@ def stage_status(recipe: Recipe, project: str | Path,
     """Per stage: {"stage", "state": fresh|stale|missing, "ref", "reasons"} against the store.
 
     fresh: an artifact with the fingerprint the recipe implies exists. stale: the stage has
-    versions but none matches; reasons = explain_diff(latest version's inputs, expected inputs).
-    missing: no version at all.
+    versions but none matches; reasons = explain_diff(latest version's inputs, expected inputs),
+    upstream fingerprints named as versions; "changed" = the input kinds behind the reasons
+    (config, model, upstream, data, code). missing: no version at all.
     """
-    from moonforge.registry.fingerprint import explain_diff
+    from moonforge.registry.fingerprint import explain_diff, reason_kind
 
     store = store or open_store(project)
+    name_fp = fp_namer(store)
     rows = []
     for name, (inputs, fp) in expected_chain(recipe, project).items():
         unbuilt = [n for n, d in inputs["data"].items() if d == UNBUILT]
@@ -263,12 +290,22 @@ def stage_status(recipe: Recipe, project: str | Path,
         latest = store.latest(name)
         if hit is not None:
             rows.append({"stage": name, "state": "fresh", "ref": hit.ref, "fingerprint": fp,
-                         "reasons": [] if hit.version == latest.version else
+                         "changed": [], "reasons": [] if hit.version == latest.version else
                          [f"latest is {latest.ref}, but {hit.ref} matches the recipe"]})
         elif latest is None:
             rows.append({"stage": name, "state": "missing", "ref": None, "fingerprint": fp,
-                         "reasons": ["never built"] + [f"data {n} not built" for n in unbuilt]})
+                         "changed": [], "reasons": ["never built"] + [f"data {n} not built" for n in unbuilt]})
         else:
+            reasons = explain_diff(latest.inputs, inputs, name_fp)
             rows.append({"stage": name, "state": "stale", "ref": latest.ref, "fingerprint": fp,
-                         "reasons": explain_diff(latest.inputs, inputs)})
+                         "reasons": reasons,
+                         "changed": sorted({reason_kind(r) for r in reasons})})
     return rows
+
+
+def fp_namer(store: ArtifactStore) -> Callable[[str, str], str | None]:
+    """(stage, fingerprint) -> "stage@N" when the store holds it, for readable reasons."""
+    def name(stage: str, fp: str) -> str | None:
+        hit = store.lookup(stage, fp)
+        return hit.ref if hit is not None else None
+    return name

@@ -10,8 +10,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -43,6 +44,62 @@ class RecipeError(ValueError):
     """A recipe that cannot be used, with a message naming the field and the fix."""
 
 
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+"""Registered-model names: safe in models:/ URIs, URLs and MLflow search filters."""
+_GATE_RE = re.compile(r"^\s*(?P<metric>[A-Za-z0-9_][A-Za-z0-9_./-]*)\s*(?P<op>>=|<=|==|>|<)\s*"
+                      r"(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+GATE_OPS = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__,
+            "==": float.__eq__}
+
+
+class Gate(Frozen):
+    """One promotion rule on a recorded metric; written in YAML as "eval/acc >= 0.6"."""
+
+    metric: str
+    """A summary metric the promoted stage records (its lineage.json / MLflow run metrics)."""
+    op: Literal[">=", "<=", ">", "<", "=="]
+    value: float
+    """The threshold."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, data: Any) -> Any:
+        if not isinstance(data, str):
+            return data
+        m = _GATE_RE.match(data)
+        if not m:
+            raise ValueError(
+                f"gate {data!r}: write it as '<metric> <op> <number>', e.g. 'eval/acc >= 0.6'; "
+                f"op is one of {', '.join(GATE_OPS)}")
+        return {"metric": m["metric"], "op": m["op"], "value": float(m["value"])}
+
+    def passes(self, value: float) -> bool:
+        return GATE_OPS[self.op](float(value), self.value)
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.value:g}"
+
+
+class PromotionConfig(Frozen):
+    """How stage outputs become MLflow model versions and when an alias may move to one."""
+
+    model_name: str | None = None
+    """Registered-model name; default: the recipe name."""
+    stages: tuple[str, ...] = ()
+    """Stages whose artifacts may be registered / promoted; default: the recipe's last stage."""
+    gates: tuple[Gate, ...] = ()
+    """Every gate must pass on the version's recorded metrics before `moonforge promote` moves
+    an alias; a metric the version never recorded fails its gate."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "PromotionConfig":
+        if self.model_name is not None and not MODEL_NAME_RE.match(self.model_name):
+            raise ValueError(
+                f"promotion.model_name {self.model_name!r} is not a valid model name; use letters, "
+                f"digits, '_', '.', '-' (starting with a letter or digit), e.g. tiny-vlm")
+        return self
+
+
 class Recipe(Frozen):
     """A whole lifecycle: the model shape and the ordered stage list."""
 
@@ -52,6 +109,8 @@ class Recipe(Frozen):
     model: VLMConfig
     stages: tuple[AnyStage, ...]
     """Ordered stages; each upstream must name an earlier stage."""
+    promotion: PromotionConfig = PromotionConfig()
+    """Model registry: the model name, which stages it registers, and the promotion gates."""
 
     @model_validator(mode="after")
     def _graph(self) -> "Recipe":
@@ -69,7 +128,23 @@ class Recipe(Frozen):
                     f"be an earlier stage, one of {seen or '[none: this is the first stage]'}"
                 )
             seen.append(st.stage_name)
+        for name in self.promotion.stages:
+            if name not in seen:
+                raise ValueError(f"promotion.stages: {name!r} is not a stage of this recipe; "
+                                 f"stages are: {', '.join(seen)}")
+        if self.promotion.model_name is None and not MODEL_NAME_RE.match(self.name):
+            raise ValueError(f"recipe name {self.name!r} cannot double as the registered-model "
+                             f"name; set promotion.model_name (letters, digits, '_', '.', '-')")
         return self
+
+    @property
+    def model_name(self) -> str:
+        """The registered MLflow model this recipe's outputs become versions of."""
+        return self.promotion.model_name or self.name
+
+    def promoted_stages(self) -> tuple[str, ...]:
+        """Stages whose artifacts may be registered (default: the last stage)."""
+        return self.promotion.stages or ((self.stages[-1].stage_name,) if self.stages else ())
 
     def stage(self, name: str) -> Any:
         for st in self.stages:
