@@ -12,8 +12,8 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 
 from moonforge.registry.errors import ArtifactNotFound, is_transient
-from moonforge.registry.s3_store import (S3ArtifactInfo, S3Settings, S3Store, StoreConfigError,
-                                         StoreUnavailable)
+from moonforge.registry.s3_bucket import S3Settings, StoreConfigError, StoreUnavailable
+from moonforge.registry.s3_store import S3ArtifactInfo, S3Store
 from moonforge.registry.store import MANIFEST, open_store
 
 FAST = S3Settings(max_attempts=3, connect_timeout_s=2, read_timeout_s=10)
@@ -223,6 +223,35 @@ def test_open_store_maps_s3_uris_to_an_s3_store_with_a_project_cache(tmp_path, m
     assert open_store(tmp_path).cache == tmp_path / "scratch" / "bucket" / "team" / "prefix"
     with pytest.raises(ValueError, match="names no bucket; use s3://bucket"):
         open_store(tmp_path, "s3:///prefix")
+
+
+
+def test_an_outage_at_commit_fails_the_stage_as_transient_and_a_rerun_succeeds(s3_env, tmp_project,
+                                                                              fake_stages):
+    from moonforge.registry.errors import StageFailed
+    from moonforge.registry.run_stage import run_stage
+    from moonforge.registry.tracking import NullTracker
+    from moonforge.stages.recipe import load_recipe
+
+    _, bucket, _ = s3_env
+    recipe = load_recipe(tmp_project / "recipes" / "mini.yaml", [])
+    store = S3Store(f"s3://{bucket}/store", tmp_project / "cache", FAST)
+
+    def outage(request, **kw):
+        if request.url.endswith("/manifest.json"):
+            raise EndpointConnectionError(endpoint_url=request.url)
+
+    store.client.meta.events.register("before-send.s3.PutObject", outage)
+    with pytest.raises(StageFailed, match="stage 'lm_pretrain' failed: StoreUnavailable: .*after 3 "
+                                          "attempts") as ei:
+        run_stage(recipe, "lm_pretrain", tmp_project, tracker=NullTracker(), store=store)
+    assert ei.value.transient  # the flow's retry policy retries it; a NaN loss it would not
+    assert not list((tmp_project / "cache" / "lm_pretrain").glob(".tmp-*"))  # staging aborted
+    assert S3Store(f"s3://{bucket}/store", tmp_project / "c2", FAST).versions("lm_pretrain") == []
+    store.client.meta.events.unregister("before-send.s3.PutObject", outage)
+    ok = run_stage(recipe, "lm_pretrain", tmp_project, tracker=NullTracker(), store=store)
+    assert (ok.ref, ok.cache_hit) == ("lm_pretrain@2", False)
+    assert fake_stages.calls == ["lm_pretrain", "lm_pretrain"]
 
 
 # -- the lifecycle with everything on S3 --------------------------------------------------------
