@@ -160,6 +160,32 @@ def test_a_crash_mid_upload_leaves_no_visible_artifact(s3_env, tmp_path):
     assert put(fresh, "align", "e" * 64).version == 3  # 1 claimed, 2 has files: both skipped
 
 
+
+def test_two_writers_never_share_a_version_number(s3_env, tmp_path, monkeypatch):
+    _, bucket, _ = s3_env
+    a = S3Store(f"s3://{bucket}", tmp_path / "a", FAST)
+    b = S3Store(f"s3://{bucket}", tmp_path / "b", FAST)
+    assert a._claim("sft") == 1
+    monkeypatch.setattr(b.s3, "list", lambda prefix, delimiter="/": ([], []))  # a stale listing
+    assert b._claim("sft") == 2  # the conditional put on sft/1/.claim was refused (412)
+
+
+def test_a_failed_runs_checkpoints_are_kept_in_the_bucket_for_a_resume_elsewhere(s3_env, tmp_path):
+    _, bucket, client = s3_env
+    store = S3Store(f"s3://{bucket}", tmp_path / "a", FAST)
+    staging = store.begin("sft")
+    (staging / "train_state" / "step-4").mkdir(parents=True)
+    (staging / "train_state" / "step-4" / "state.pt").write_bytes(b"state")
+    kept = store.keep_partial(staging, "9" * 64)
+    assert kept == tmp_path / "a" / "sft" / f".partial-{'9' * 16}"
+    other = S3Store(f"s3://{bucket}", tmp_path / "b", FAST)  # a rerun on another node
+    got = other.partial("sft", "9" * 64)
+    assert (got / "train_state" / "step-4" / "state.pt").read_bytes() == b"state"
+    assert other.versions("sft") == [] and other.partial("sft", "8" * 64) is None
+    other.drop_partial("sft", "9" * 64)
+    assert keys(client, bucket, "sft/") == [] and not got.exists()
+
+
 def test_unreachable_endpoint_is_retried_then_named_with_the_fix(s3_env, tmp_path, monkeypatch):
     from conftest import free_port
 
