@@ -299,14 +299,15 @@ def diff(ref1: str = typer.Argument(..., help="The older version: " + REF_HELP),
 @app.command()
 def promote(ref: str = typer.Argument(..., help="The artifact to promote: " + REF_HELP),
             alias: str = typer.Option("champion", "--alias", help="Registry alias to move."),
-            recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML (model name, gates).")) -> None:
+            recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML (model name, gates)."),
+            set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Move a model-registry alias to an artifact if every recipe promotion gate passes."""
     with _errors():
         from moonforge.registry.errors import PromotionRefused
         from moonforge.registry.promotion import promote as do_promote
         from moonforge.registry.store import open_store
 
-        rec = _load(_recipe_path(recipe), [])
+        rec = _load(_recipe_path(recipe), set_)
         try:
             d = do_promote(rec, _project(), open_store(_project()), ref, alias)
         except PromotionRefused as e:
@@ -359,11 +360,10 @@ def chat(ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
     with _errors():
         from moonforge.model.tokenizer import Tokenizer
         from moonforge.registry.data_versions import read_lock
+        from moonforge.registry.refs import resolve_ref
         from moonforge.registry.store import open_store
         from moonforge.stages.artifacts import Checkpoint
         from moonforge.stages.inference import chat as answer
-
-        from moonforge.registry.refs import resolve_ref
 
         info = resolve_ref(ref, open_store(_project()), _project())
         if image is not None and not image.is_file():

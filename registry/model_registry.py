@@ -158,7 +158,7 @@ def _run_for(client: Any, info: ArtifactInfo, project: str | Path, recipe_name: 
     run = client.create_run(exp, run_name=f"register-{info.ref}", tags={
         TAG + "kind": "registration", TAG + "stage": info.stage,
         TAG + "fingerprint": info.fingerprint, TAG + "version": str(info.version),
-        TAG + "artifact_path": str(info.path)})
+        TAG + "artifact_path": info.uri})
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -174,12 +174,12 @@ def register(client: Any, name: str, info: ArtifactInfo, store: ArtifactStore,
     run_id = _run_for(client, info, project, recipe_name)
     lin = info.lineage()
     reference = {"stage": info.stage, "version": info.version, "ref": info.ref,
-                 "fingerprint": info.fingerprint, "store": store.where(), "path": str(info.path),
+                 "fingerprint": info.fingerprint, "store": store.where(), "path": info.uri,
                  "note": "the checkpoint lives in the moonforge artifact store, not in MLflow"}
     client.log_text(run_id, json.dumps(reference, indent=2), f"{REF_DIR}/reference.json")
     tags = {TAG + "stage": info.stage, TAG + "kind": str(lin.get("kind") or info.stage),
             TAG + "fingerprint": info.fingerprint, TAG + "artifact_ref": info.ref,
-            TAG + "artifact_path": str(info.path), TAG + "store": store.where(),
+            TAG + "artifact_path": info.uri, TAG + "store": store.where(),
             TAG + "recipe": recipe_name,
             TAG + "git_commit": str((lin.get("git") or {}).get("commit") or "")}
     tags.update({METRIC_TAG + k: repr(float(v)) for k, v in (lin.get("metrics") or {}).items()})
