@@ -88,8 +88,8 @@ def resolve_upstream(recipe: Recipe, stage_name: str, project: str | Path, store
                 f"--from {upstream_ref}: stage {stage_name!r} starts from scratch (upstream: null "
                 f"in recipe {recipe.name!r}), so it takes no upstream artifact; drop --from")
         info = resolve_ref(upstream_ref, store, project)
-        check_upstream_kind(recipe, stage_name, upstream_ref, info, store)
-        return info, f"explicit ({upstream_ref})"
+        note = check_upstream_kind(recipe, stage_name, upstream_ref, info, store)
+        return info, f"explicit ({upstream_ref}{'; ' + note if note else ''})"
     if cfg.upstream is None:
         return None, "none"
     want = expected_chain(recipe, project)[cfg.upstream][1]
@@ -108,19 +108,30 @@ def resolve_upstream(recipe: Recipe, stage_name: str, project: str | Path, store
 
 
 def check_upstream_kind(recipe: Recipe, stage_name: str, ref: str, info: ArtifactInfo,
-                        store: ArtifactStore) -> None:
-    """Refuse an explicit upstream of another stage kind (e.g. `rerun sft --from rl@1`): the
-    stage function would load a checkpoint from the wrong point of the lifecycle."""
+                        store: ArtifactStore) -> str:
+    """Refuse an explicit upstream that is not on the stage's upstream chain (e.g. `rerun sft
+    --from rl@1`, a later stage, or the stage itself): the stage would start from a checkpoint
+    from the wrong point of the lifecycle. An earlier ancestor is allowed (an ablation that
+    skips stages, e.g. sft from cooldown): returns a note naming what is skipped, else "".
+    """
     from moonforge.registry.refs import artifact_kind
 
-    up = recipe.stage(recipe.stage(stage_name).upstream)
+    chain = []  # the upstream, its upstream, ... back to the first stage
+    name = recipe.stage(stage_name).upstream
+    while name is not None:
+        chain.append(recipe.stage(name))
+        name = chain[-1].upstream
     got = artifact_kind(info)
-    if info.stage == up.stage_name or got == up.kind:
-        return
+    for i, st in enumerate(chain):
+        if info.stage == st.stage_name or got == st.kind:
+            skipped = [c.stage_name for c in chain[:i]]
+            return f"skips {', '.join(reversed(skipped))}" if skipped else ""
+    up = chain[0]
     have = ", ".join(a.ref for a in store.versions(up.stage_name)[-3:]) or "none yet"
     raise ArtifactNotFound(
         f"--from {ref}: resolves to {info.ref}, a {got} artifact, but stage {stage_name!r} starts "
-        f"from its upstream {up.stage_name!r} (kind {up.kind}); pass a {up.stage_name} ref "
+        f"from its upstream {up.stage_name!r} (kind {up.kind}) or an earlier stage of its chain "
+        f"({', '.join(c.stage_name for c in chain[1:]) or 'none'}); pass a {up.stage_name} ref "
         f"(e.g. {up.stage_name}@latest; recent: {have})")
 
 

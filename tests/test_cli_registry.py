@@ -58,6 +58,15 @@ def build(project, recipe=MINI, *overrides):
     return {n: run_stage(r, n, project, tracker=tracker) for n in r.stage_names()}
 
 
+def test_help_lists_the_registry_commands():
+    res = invoke("--help")
+    assert res.exit_code == 0
+    for cmd in ("diff", "promote", "models", "chat"):
+        assert cmd in res.output
+    res = invoke("rerun", "--help")
+    assert "--dry-run" in res.output and "models:/<name>@<alias>" in res.output
+
+
 def test_dry_run_status_lineage_and_diff(tmp_project, fake_stages):
     out = build(tmp_project)
     res = invoke("rerun", "vit_pretrain", "--recipe", MINI, "--from", "lm_pretrain@1",
@@ -74,9 +83,11 @@ def test_dry_run_status_lineage_and_diff(tmp_project, fake_stages):
     assert "upstream vit_pretrain changed (vit_pretrain@1 -> fingerprint" in res.output
     assert fake_stages.calls.count("vit_pretrain") == 1  # nothing ran
 
-    res = invoke("rerun", "align", "--recipe", MINI, "--from", "lm_pretrain@1", "--dry-run")
+    res = invoke("rerun", "vit_pretrain", "--recipe", MINI, "--from", "align@1", "--dry-run")
     assert res.exit_code == 1 and "artifact not found" in res.output
-    assert "a lm_pretrain artifact, but stage 'align' starts from its upstream 'vit_pretrain'" in res.output
+    assert "a align artifact, but stage 'vit_pretrain' starts from its upstream 'lm_pretrain'" in res.output
+    res = invoke("rerun", "align", "--recipe", MINI, "--from", "lm_pretrain@1", "--dry-run")
+    assert res.exit_code == 0 and "skips vit_pretrain" in res.output and "run -> align@2" in res.output
 
     res = invoke("status", MINI, "--set", "stages.vit_pretrain.seed=2")
     st = rows(res.output, ("lm_pretrain", "vit_pretrain", "align"))

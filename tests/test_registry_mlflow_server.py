@@ -31,7 +31,9 @@ from moonforge.registry.tracking import Tracker
 from moonforge.stages.recipe import load_recipe
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
-GATES = 'promotion.gates=["eval/acc >= 0.55", "train/final_loss <= 1.3"]'
+# Only the first stage is built (two versions), to keep the REST round trips few.
+GATES = ['promotion.gates=["eval/acc >= 0.45", "train/final_loss <= 1.3"]',
+         "promotion.stages=[lm_pretrain]"]
 
 
 def _free_port() -> int:
@@ -82,36 +84,38 @@ def test_gate_refuses_then_passes_on_a_real_mlflow_server(tmp_project, fake_stag
     recipe_path = tmp_project / "recipes" / "mini.yaml"
 
     def build(*overrides):
-        r = load_recipe(recipe_path, [GATES, *overrides])
+        r = load_recipe(recipe_path, [*GATES, *overrides])
         tracker = Tracker(tmp_project, r.name)
         assert tracker.uri == mlflow_server
-        return {n: run_stage(r, n, tmp_project, tracker=tracker) for n in r.stage_names()}
+        return run_stage(r, "lm_pretrain", tmp_project, tracker=tracker)
 
     store, client = open_store(tmp_project), MlflowClient(mlflow_server)
-    first = build("stages.align.seed=9")                # final_loss 1.345: fails the loss gate
+    first = build("stages.lm_pretrain.seed=9")          # final_loss 1.345: fails the loss gate
     with pytest.raises(PromotionRefused, match=r"train/final_loss = 1.345 fails train/final_loss <= 1.3"):
-        promote(load_recipe(recipe_path, [GATES]), tmp_project, store, "align@1", "champion")
+        promote(load_recipe(recipe_path, GATES), tmp_project, store, "lm_pretrain@1", "champion")
     v1 = client.get_model_version("mini", "1")
     assert v1.tags["moonforge.decision.champion"] == "refused"
-    assert v1.source == f"runs:/{first['align'].mlflow_run_id}/moonforge_ref"
+    assert v1.source == f"runs:/{first.mlflow_run_id}/moonforge_ref"
     assert "champion" not in client.get_registered_model("mini").aliases
 
     build()                                             # final_loss 1.255: passes
-    res = CliRunner().invoke(cli.app, ["promote", "align@latest", "--alias", "champion",
-                                       "--recipe", "recipes/mini.yaml", "--set", GATES])
+    res = CliRunner().invoke(cli.app, ["promote", "lm_pretrain@latest", "--alias", "champion",
+                                       "--recipe", "recipes/mini.yaml", "--set", GATES[0],
+                                       "--set", GATES[1]])
     assert res.exit_code == 0, res.output
-    assert "promoted: mini@champion -> version 2 (align@2)" in res.output
+    assert "promoted: mini@champion -> version 2 (lm_pretrain@2)" in res.output
     assert int(client.get_model_version_by_alias("mini", "champion").version) == 2
     assert client.get_model_version("mini", "2").tags["moonforge.decision.champion"] == "promoted"
 
     # the alias, the version number and the stage run all lead back to the same store artifact
-    champion = resolve_ref("models:/mini@champion", store, tmp_project)
-    assert champion.ref == "align@2"
-    assert resolve_ref("models:/mini/1", store, tmp_project).ref == "align@1"
-    assert resolve_ref(f"runs:/{first['vit_pretrain'].mlflow_run_id}", store, tmp_project).ref == "vit_pretrain@1"
+    assert resolve_ref("models:/mini@champion", store, tmp_project).ref == "lm_pretrain@2"
+    assert resolve_ref("models:/mini/1", store, tmp_project).ref == "lm_pretrain@1"
+    assert resolve_ref(f"runs:/{first.mlflow_run_id}", store, tmp_project).ref == "lm_pretrain@1"
     # the reference (not the weights) is what MLflow stores
-    ref_file = client.download_artifacts(first["align"].mlflow_run_id, "moonforge_ref/reference.json",
+    ref_file = client.download_artifacts(first.mlflow_run_id, "moonforge_ref/reference.json",
                                          str(tmp_project))
-    assert yaml.safe_load(Path(ref_file).read_text())["ref"] == "align@1"
+    assert yaml.safe_load(Path(ref_file).read_text())["ref"] == "lm_pretrain@1"
+    files = [f.path for f in client.list_artifacts(first.mlflow_run_id)]
+    assert not [f for f in files if f.endswith(".safetensors")], files
     res = CliRunner().invoke(cli.app, ["models", "--name", "mini"])
     assert res.exit_code == 0 and "champion" in res.output

@@ -106,14 +106,18 @@ def test_ambiguous_and_missing_store_refs(tmp_project):
 def test_upstream_of_another_stage_kind_is_refused(tmp_project, fake_stages):
     build(tmp_project)
     r, store = mini(tmp_project), open_store(tmp_project)
-    with pytest.raises(ArtifactNotFound, match=r"--from lm_pretrain@1: resolves to lm_pretrain@1, a "
-                       r"lm_pretrain artifact, but stage 'align' starts from its upstream "
-                       r"'vit_pretrain'.*pass a vit_pretrain ref .*recent: vit_pretrain@1"):
-        resolve_upstream(r, "align", tmp_project, store, "lm_pretrain@1")
+    for stage, ref in (("vit_pretrain", "align@1"), ("align", "align@1")):  # later stage, itself
+        with pytest.raises(ArtifactNotFound, match=rf"--from {ref}: resolves to align@1, a align "
+                           rf"artifact, but stage '{stage}' starts from its upstream .* or an "
+                           rf"earlier stage of its chain .*recent: "):
+            resolve_upstream(r, stage, tmp_project, store, ref)
     with pytest.raises(ArtifactNotFound, match="starts from scratch .* drop --from"):
         resolve_upstream(r, "lm_pretrain", tmp_project, store, "lm_pretrain@1")
     info, how = resolve_upstream(r, "align", tmp_project, store, "vit_pretrain@latest")
     assert info.ref == "vit_pretrain@1" and how == "explicit (vit_pretrain@latest)"
+    # an earlier ancestor is an ablation (skip stages), and the reason says what is skipped
+    info, how = resolve_upstream(r, "align", tmp_project, store, "lm_pretrain@1")
+    assert info.ref == "lm_pretrain@1" and how == "explicit (lm_pretrain@1; skips vit_pretrain)"
 
 
 def test_dry_run_plan_and_status_name_the_changed_input(tmp_project, fake_stages):
@@ -147,3 +151,23 @@ def test_dry_run_plan_and_status_name_the_changed_input(tmp_project, fake_stages
     rows = {r["stage"]: r for r in stage_status(mini(tmp_project), tmp_project)}
     assert rows["lm_pretrain"]["changed"] == ["data"]
     assert rows["lm_pretrain"]["reasons"][0].startswith("data text: ")
+
+
+def test_every_staleness_reason_names_its_input_kind():
+    from moonforge.model.config import VLMConfig
+    from moonforge.registry.fingerprint import explain_diff, fingerprint_inputs, reason_kind
+    from moonforge.stages.stage_configs import LMPretrainConfig
+
+    base = dict(kind="lm_pretrain", upstream=None, trainable=["lm"], optimizer={"lr": 1e-3},
+                seq_len=16, batch_size=4, num_steps=10)
+    a = fingerprint_inputs(LMPretrainConfig.model_validate(base), VLMConfig(), ("up", "a" * 64),
+                           {"text": "11111111"}, "c0")
+    b = fingerprint_inputs(LMPretrainConfig.model_validate({**base, "seed": 3}),
+                           VLMConfig.model_validate({"lm": {"rope_theta": 1e5}}), ("up", "b" * 64),
+                           {"text": "22222222"}, "c1")
+    names = {"a" * 64: "up@1", "b" * 64: "up@2"}
+    reasons = explain_diff(a, b, lambda stage, fp: names.get(fp))
+    assert {reason_kind(r): r for r in reasons} == {
+        "config": "config.seed: 0 -> 3", "model": "model.lm.rope_theta: 50000.0 -> 100000.0",
+        "upstream": "upstream up changed (up@1 -> up@2)", "data": "data text: 11111111 -> 22222222",
+        "code": "code version changed (c0 -> c1)"}
