@@ -118,3 +118,22 @@ def test_bad_alias_name_stage_and_gate_are_refused_before_registering(tmp_projec
         mini(tmp_project, "promotion.stages=[sft]")
     with pytest.raises(RecipeError, match=r"promotion.gatez: unknown field; did you mean 'gates'"):
         mini(tmp_project, "promotion.gatez=[]")
+
+
+def test_a_registry_failure_at_lifecycle_end_is_logged_not_raised(tmp_project, monkeypatch):
+    """The stage artifacts are committed by then; a registry outage must not fail the run."""
+    from moonforge.flows import lifecycle
+
+    def down(*a, **k):
+        raise ConnectionError("registry endpoint refused the connection")
+
+    warned = []  # Prefect owns the logging config (caplog's root handler sees nothing)
+    monkeypatch.setattr(lifecycle, "set_candidate", down)
+    monkeypatch.setattr(lifecycle.log, "warning", lambda msg, *a: warned.append(msg % a))
+    outcomes = {"align": {"stage": "align", "ref": "align@3"}}
+    lifecycle._mark_candidate(mini(tmp_project), str(tmp_project), outcomes)
+    assert "could not register align@3 as mini@candidate (ConnectionError" in warned[0]
+    assert "moonforge promote align@3 --alias candidate" in warned[0]
+    # a run that stopped before the promoted stage registers nothing
+    monkeypatch.setattr(lifecycle, "set_candidate", lambda *a, **k: pytest.fail("registered"))
+    lifecycle._mark_candidate(mini(tmp_project), str(tmp_project), {"lm_pretrain": {"ref": "lm_pretrain@1"}})
