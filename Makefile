@@ -10,7 +10,12 @@ export PREFECT_HOME := $(CURDIR)/.moonforge/prefect
 
 $(STAMP): pyproject.toml requirements.lock.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock.txt
+	grep -v '^deepspeed==' requirements.lock.txt > $(VENV)/requirements.nods.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r $(VENV)/requirements.nods.txt
+	@# DeepSpeed's setup imports torch: build it against the installed torch, without its CUDA ops
+	$(PY) -m pip install -q --disable-pip-version-check setuptools==84.2.1
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation \
+		--no-deps $$(grep '^deepspeed==' requirements.lock.txt)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	$(PY) -m pip check
 	@touch $(STAMP)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 from moonforge.registry.data_versions import ensure_datasets, read_lock
 from moonforge.registry.errors import ArtifactNotFound, DatasetError, StageFailed
 from moonforge.registry.fingerprint import code_version, fingerprint, fingerprint_inputs
+from moonforge.registry.launch import stage_runner
 from moonforge.registry.lineage import build_lineage
 from moonforge.registry.store import TRAIN_STATE_DIR, ArtifactInfo, ArtifactStore, open_store
 from moonforge.stages import catalog
@@ -213,7 +214,7 @@ def run_stage(
 
 def _execute(job: _Job, tracker: Any, progress: StageProgress) -> tuple[ArtifactInfo, dict, str | None]:
     """Call the stage function into a staging dir and commit it; on any failure abort + FAILED."""
-    fn = catalog.stage_function(job.cfg.kind)
+    fn = stage_runner(catalog.stage_function(job.cfg.kind), job.cfg)  # in process or launched
     staging = job.store.begin(job.name)
     try:
         run = tracker.start_stage(**job.tracking_fields())
@@ -277,7 +278,7 @@ def _lineage_fields(job: _Job, result: StageResult, ctx: StageContext, run_id: s
                    "read": d.name in result.data_used} for d in job.datasets.values()],
         project=job.project, recipe={"name": job.recipe.name, "digest": job.recipe.digest()},
         metrics=result.metrics, started=started, ended=ended, device=ctx.device,
-        world_size=int(os.environ.get("WORLD_SIZE", "1")), mlflow_run_id=run_id,
+        world_size=job.cfg.launcher.world_size, mlflow_run_id=run_id,
         prefect_flow_run_id=job.flow_run_id, code_version=job.inputs["code"])
 
 

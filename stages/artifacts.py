@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from moonforge.model.config import VLMConfig
 
@@ -92,6 +92,9 @@ class StageContext:
     device: str = "cpu"
     resume_from: Path | None = None
     """A periodic checkpoint of this same stage/version to resume from (after a crash)."""
+    parallel: Any = None
+    """This process's place in a data-parallel job (stages.train.distributed.Parallel), set only
+    in a torchrun/deepspeed-launched child; None = single process."""
 
 
 @dataclass(frozen=True)

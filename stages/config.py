@@ -115,6 +115,42 @@ class EvalConfig(Frozen):
     """Items per eval forward."""
 
 
+class LauncherConfig(Frozen):
+    """Where a stage's training runs: in the flow's own process, or data-parallel in child processes
+    started by `torchrun` (gradients all-reduced, DDP semantics) or the `deepspeed` launcher (ZeRO).
+
+    The global batch is fixed: `batch_size` counts sequences per optimizer step summed over all
+    ranks; each rank takes every world_size-th micro-batch of the step and gradients are averaged
+    over ranks, so an update equals the single-process update up to float summation order. That
+    is why the whole section is Runtime: changing the world size or ZeRO stage never makes a new
+    artifact version (tests/test_distributed.py pins the loss-curve tolerance).
+    """
+
+    kind: Literal["inprocess", "torchrun", "deepspeed"] = "inprocess"
+    """inprocess: train in the calling process (the tiny default); torchrun / deepspeed: launch."""
+    nproc_per_node: PositiveInt = 1
+    """Training processes per machine (one per GPU on a cluster; gloo processes on a CPU)."""
+    nnodes: PositiveInt = 1
+    """Machines (multi-node jobs come from the work pool: Slurm / Kubernetes set the rendezvous)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage (kind: deepspeed only): 1 shards optimizer state, 2 also gradients,
+    3 also parameters (CUDA only)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Collective backend; auto = nccl on CUDA, gloo on CPU."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @model_validator(mode="after")
+    def _check(self) -> "LauncherConfig":
+        if self.kind == "inprocess" and self.world_size > 1:
+            raise ValueError(
+                f"launcher: nproc_per_node={self.nproc_per_node} x nnodes={self.nnodes} needs a "
+                "launcher; set launcher.kind to torchrun or deepspeed")
+        return self
+
+
 class StageConfig(Frozen):
     """Fields every stage has. Subclasses add their mechanism's fields and fix `kind`."""
 
@@ -152,6 +188,8 @@ class StageConfig(Frozen):
     """Steps between periodic checkpoints (None: only the final one)."""
     num_workers: Runtime[NonNegativeInt] = 0
     """Data-loader worker processes."""
+    launcher: Runtime[LauncherConfig] = LauncherConfig()
+    """How training is launched (in process, torchrun, deepspeed); never changes the math."""
 
     @model_validator(mode="after")
     def _check_budget(self) -> "StageConfig":
@@ -166,6 +204,17 @@ class StageConfig(Frozen):
                 f"stage {self.stage_name!r}: batch_size={self.batch_size} is not a multiple of "
                 f"micro_batch_size={mb}; pick a micro-batch that divides it"
             )
+        world = self.launcher.world_size
+        if world > 1 and self.batch_size % world:
+            raise ValueError(
+                f"stage {self.stage_name!r}: batch_size={self.batch_size} does not divide over "
+                f"{world} ranks (launcher.nproc_per_node x nnodes); the global batch stays fixed, "
+                f"so set batch_size to a multiple of {world} or change launcher.nproc_per_node")
+        if world > 1 and self.grad_accum % world:
+            raise ValueError(
+                f"stage {self.stage_name!r}: {self.grad_accum} micro-batch(es) of "
+                f"{self.micro_batch_size or self.batch_size} per step cannot be shared by {world} "
+                f"ranks; set micro_batch_size to {self.batch_size // world} (or a divisor of it)")
         return self
 
     @property

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from moonforge.registry.fingerprint import fingerprint, fingerprint_inputs
 from moonforge.stages.config import RUNTIME
 from moonforge.stages.recipe import Recipe, load_recipe
+from moonforge.stages.stage_configs import STAGE_CONFIGS
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = ("tiny.yaml", "kimi-vl-a3b.yaml")
@@ -37,7 +38,8 @@ FIXED_BY_VALIDATOR = {
     ("vit_pretrain", (0, "at_frac")),   # the first resolution milestone starts at 0.0
     ("long_context", ("num_steps",)), ("long_context", ("num_tokens",)),  # budget per sub-stage
     ("sft", ("num_steps",)), ("sft", ("num_tokens",)),                    # budget per phase
-}
+} | {(kind, ("launcher", f)) for kind in STAGE_CONFIGS for f in ("nproc_per_node", "nnodes")}
+# (launcher: an inprocess launcher is one process, so nproc_per_node / nnodes stay 1 alone)
 """(stage kind, path tail) leaves a cross-field validator pins to one value (None / 0.0):
 nothing to vary, so nothing to prove; anything else without a valid mutation fails the test."""
 Path_ = tuple  # a field path: ("optimizer", "lr"), ("resolution_schedule", 1, "at_frac")
@@ -219,7 +221,8 @@ def test_recipe_top_level_fields_are_classified():
 
 def test_the_walk_sees_the_runtime_fields_and_nested_identity_fields():
     paths = {(w, p) for _, w, p, rt in cases() if rt}
-    assert {p for _, p in paths} == {("log_every",), ("checkpoint_every",), ("num_workers",)}
+    assert {p for _, p in paths} == {("log_every",), ("checkpoint_every",), ("num_workers",)} | {
+        ("launcher", f) for f in ("kind", "nproc_per_node", "nnodes", "zero_stage", "backend")}
     ident = {p for _, _, p, rt in cases() if not rt}
     assert ("optimizer", "muon", "momentum") in ident and ("lm", "rope_theta") in ident
     assert ("resolution_schedule", 0, "max_patches") in ident and ("phases",) in ident

@@ -81,8 +81,18 @@ def latest_train_state(out: Path) -> Path | None:
 
 def load_train_state(model: nn.Module, optimizer, path: Path) -> int:
     """Restore weights, optimizer and RNG from a periodic checkpoint; return the step to resume at."""
+    step, opt_state = read_train_state(model, path)
+    optimizer.load_state_dict(opt_state)
+    return step
+
+
+def read_train_state(model: nn.Module, path: Path) -> tuple[int, dict]:
+    """Restore weights and RNG; return (step, optimizer state) for an optimizer built afterwards.
+
+    The optimizer state is in the single-process MuonAdamW format whatever world size saved it
+    (sharded optimizers gather it before saving), so a checkpoint resumes at any world size.
+    """
     load_weights(model, Checkpoint(path))
     state = torch.load(path / TRAIN_STATE_FILE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), state["optimizer"]

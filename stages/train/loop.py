@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from moonforge.model.config import VLMConfig
 from moonforge.stages.artifacts import StageContext
 from moonforge.stages.config import OptimizerConfig, ScheduleConfig
-from moonforge.stages.train.checkpoint import load_train_state, save_train_state
+from moonforge.stages.train.checkpoint import read_train_state, save_train_state
 from moonforge.stages.train.freeze import GROUPS
 from moonforge.stages.train.optim import MuonAdamW
 from moonforge.stages.train.schedule import lr_multiplier
@@ -63,14 +63,19 @@ def _autocast(device: str):
 
 
 def train_step(state: TrainState, micro_batches: list[Any], loss_fn: LossFn,
-               device: str) -> tuple[TrainState, dict[str, float]]:
-    """One optimizer step over `micro_batches` (gradient accumulation); returns step metrics."""
+               device: str, par=None) -> tuple[TrainState, dict[str, float]]:
+    """One optimizer step over `micro_batches` (gradient accumulation); returns step metrics.
+
+    `par` (a stages.train.distributed.Parallel, None = one process): this rank runs only its
+    share of the micro-batches and gradients / metrics / router loads are averaged over ranks.
+    """
     spec, model, opt = state.spec, state.model, state.optimizer
     lr = spec.optimizer.lr * lr_multiplier(state.step, spec.num_steps, spec.schedule)
     opt.set_lr(lr)
     opt.zero_grad()
+    mine = micro_batches if par is None else par.my_share(micro_batches)
     totals: dict[str, float] = {}
-    for mb in micro_batches:
+    for i, mb in enumerate(mine):
         with _autocast(device):
             loss, metrics = loss_fn(model, mb)
         if not torch.isfinite(loss):
@@ -78,24 +83,44 @@ def train_step(state: TrainState, micro_batches: list[Any], loss_fn: LossFn,
                 f"{spec.label}: loss is {loss.item()} at step {spec.step_offset + state.step}; "
                 "lower the learning rate or check the data"
             )
-        (loss / len(micro_batches)).backward()
-        totals["loss"] = totals.get("loss", 0.0) + loss.item() / len(micro_batches)
+        if hasattr(opt, "backward"):  # a DeepSpeed engine accumulates (and scales) itself
+            opt.backward(loss, last=i == len(mine) - 1)
+        else:
+            (loss / len(mine)).backward()
+        totals["loss"] = totals.get("loss", 0.0) + loss.item() / len(mine)
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
-    params = [p for g in opt.optimizers for pg in g.param_groups for p in pg["params"]]
-    clip = spec.optimizer.grad_clip or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
-    if not math.isfinite(grad_norm):
-        raise NonFiniteLossError(
-            f"{spec.label}: gradient norm is {grad_norm} at step {spec.step_offset + state.step}; "
-            "lower the learning rate"
-        )
-    opt.step()
+            totals[k] = totals.get(k, 0.0) + float(v) / len(mine)
+    if par is not None:
+        totals = par.mean_metrics(totals)
+    grad_norm = _clip_and_step(state, par)
     if "lm" in spec.trainable and hasattr(model.lm, "update_router_biases"):
+        if par is not None:
+            par.sum_router_loads(model.lm)
         totals.update(model.lm.update_router_biases(spec.router_bias_update))
     totals.update({"lr": lr, "grad_norm": grad_norm})
     state.step += 1
     return state, totals
+
+
+def _clip_and_step(state: TrainState, par) -> float:
+    """Average gradients over ranks (torchrun), clip to the global norm, step; returns the norm.
+    Under DeepSpeed the engine reduces, clips and checks in its step (norm checked after)."""
+    spec, opt = state.spec, state.optimizer
+    where = f"{spec.label}: gradient norm is {{}} at step {spec.step_offset + state.step}; "
+    if hasattr(opt, "backward"):
+        grad_norm = opt.step()
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(where.format(grad_norm) + "lower the learning rate")
+        return grad_norm
+    params = [p for g in opt.optimizers for pg in g.param_groups for p in pg["params"]]
+    if par is not None:
+        par.average_gradients(params)
+    clip = spec.optimizer.grad_clip or float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(where.format(grad_norm) + "lower the learning rate")
+    opt.step()
+    return grad_norm
 
 
 def set_train_mode(model: nn.Module, trainable: tuple[str, ...]) -> None:
@@ -109,27 +134,54 @@ def set_train_mode(model: nn.Module, trainable: tuple[str, ...]) -> None:
 def train(model: nn.Module, named_params: list[tuple[str, nn.Parameter]], batches: Iterator[Any],
           loss_fn: LossFn, spec: TrainSpec, ctx: StageContext, model_cfg: VLMConfig) -> TrainState:
     """Run `spec.num_steps` optimizer steps; log every `log_every`; checkpoint periodically."""
-    state = TrainState(model, MuonAdamW(named_params, spec.optimizer), spec)
-    if ctx.resume_from is not None:
-        state.step = load_train_state(model, state.optimizer, ctx.resume_from)
+    par = ctx.parallel
+    opt_state = None
+    if ctx.resume_from is not None:  # weights before the optimizer: ZeRO copies them at init
+        step, opt_state = read_train_state(model, ctx.resume_from)
+    optimizer = (MuonAdamW(named_params, spec.optimizer) if par is None else
+                 par.build_optimizer(model, named_params, spec.optimizer, spec.grad_accum))
+    state = TrainState(model, optimizer, spec)
+    if opt_state is not None:
+        state.optimizer.load_state_dict(opt_state)
+        state.step = step
         for _ in range(state.step * spec.grad_accum):  # keep the data order of an unbroken run
             next(batches)
     set_train_mode(model, spec.trainable)
     t0 = time.perf_counter()
     while state.step < spec.num_steps:
         micro = [_to(next(batches), ctx.device) for _ in range(spec.grad_accum)]
-        state, metrics = train_step(state, micro, loss_fn, ctx.device)
+        state, metrics = train_step(state, micro, loss_fn, ctx.device, par)
         metrics["seconds"] = time.perf_counter() - t0
         state.history.append(metrics)
         gstep = spec.step_offset + state.step
         if state.step % spec.log_every == 0 or state.step == spec.num_steps:
             ctx.sink.log(gstep, {f"{spec.label}/{k}": v for k, v in metrics.items()})
         if spec.checkpoint_every and state.step % spec.checkpoint_every == 0:
-            save_train_state(model, model_cfg, state.optimizer, state.step, ctx.out)
+            _checkpoint(state, model_cfg, ctx)
         ctx.progress(state.step, spec.num_steps, spec.label)
     ctx.sink.flush()
     model.eval()
     return state
+
+
+def _checkpoint(state: TrainState, model_cfg: VLMConfig, ctx: StageContext) -> None:
+    par = ctx.parallel
+    if par is None:
+        save_train_state(state.model, model_cfg, state.optimizer, state.step, ctx.out)
+        return
+    full = _Saved(par.gather_state(state.optimizer))  # collective under ZeRO: every rank calls
+    if par.is_writer:
+        save_train_state(state.model, model_cfg, full, state.step, ctx.out)
+
+
+@dataclass
+class _Saved:
+    """An already-gathered optimizer state, passed where save_train_state wants an optimizer."""
+
+    state: dict
+
+    def state_dict(self) -> dict:
+        return self.state
 
 
 def _to(batch: Any, device: str) -> Any:

@@ -1,0 +1,184 @@
+"""Launchers and Muon under data parallelism, on CPU (gloo, 2 processes).
+
+A purpose-built tiny stage (tests/dist_stage.py: the real loop, Muon + AdamW) trains in process,
+under torchrun with 2 processes and under DeepSpeed ZeRO-2 with 2 processes; the per-step loss
+curves must agree within LOSS_TOL (the updates are the same math; only float summation order
+differs, and we measured |diff| < 1e-5 over 8 steps). Bad input: a killed launcher, a world size
+that does not divide the batch, ZeRO-3 on a CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import dist_stage
+from moonforge.registry import launch
+from moonforge.registry.errors import StageFailed
+from moonforge.registry.run_stage import run_stage
+from moonforge.registry.store import open_store
+from moonforge.registry.tracking import NullTracker
+from moonforge.stages.artifacts import ListSink, StageContext
+from moonforge.stages.config import OptimizerConfig
+from moonforge.stages.recipe import load_recipe
+from moonforge.stages.stage_configs import LMPretrainConfig
+from moonforge.stages.train.optim import MuonAdamW
+from moonforge.stages.train.zero_muon import ZeroMuonAdamW
+
+REPO = Path(__file__).resolve().parents[1]
+LOSS_TOL = 1e-4
+"""Max |loss difference| per step between world sizes 1 and 2 (CE loss around 4.2 -> 2)."""
+STAGE = "dist_stage:toy_stage"
+
+
+def _cfg(**launcher) -> LMPretrainConfig:
+    return LMPretrainConfig(upstream=None, trainable=("lm",), optimizer={"lr": 1e-2},
+                            schedule={"kind": "cosine", "warmup_steps": 2}, seq_len=12,
+                            batch_size=8, micro_batch_size=2, num_steps=8, launcher=launcher)
+
+
+def _ctx(tmp_path: Path, name: str) -> StageContext:
+    out = tmp_path / name
+    out.mkdir()
+    return StageContext(out=out, model=load_recipe(REPO / "recipes" / "tiny.yaml").model)
+
+
+def _curve(metrics: dict[str, float]) -> list[float]:
+    return [v for k, v in sorted(metrics.items()) if k.startswith("train/loss/")]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The single-process reference run (the inprocess launcher: today's code path)."""
+    ctx = _ctx(tmp_path_factory.mktemp("single"), "out")
+    return dist_stage.toy_stage(None, {}, _cfg(), ctx)
+
+
+def _assert_same_curve(got: list[float], want: list[float]) -> None:
+    assert len(got) == len(want) == 8
+    diff = max(abs(a - b) for a, b in zip(got, want))
+    assert diff < LOSS_TOL, (diff, got, want)
+    assert want[-1] < want[0] - 0.5  # it learns
+
+
+def test_torchrun_two_processes_match_single_process(single, tmp_path):
+    ctx = _ctx(tmp_path, "out")
+    ctx.sink = ListSink()
+    res = launch.launch_stage(STAGE, None, {}, _cfg(kind="torchrun", nproc_per_node=2), ctx)
+    _assert_same_curve(_curve(res.metrics), _curve(single.metrics))
+    assert res.checkpoint.weights.exists() and not list(ctx.out.glob("rank*"))
+    assert [s for s, _ in ctx.sink.series("toy/loss")] == list(range(1, 9))  # rank 0's rows
+
+
+def test_deepspeed_zero2_two_processes_match_single_process(single, tmp_path):
+    ctx = _ctx(tmp_path, "out")
+    res = launch.launch_stage(STAGE, None, {}, _cfg(kind="deepspeed", nproc_per_node=2,
+                                                    zero_stage=2), ctx)
+    _assert_same_curve(_curve(res.metrics), _curve(single.metrics))
+
+
+def test_zero_muon_without_sharding_is_muon_adamw():
+    """The ZeRO client optimizer's math equals MuonAdamW's on whole tensors (world size 1)."""
+    torch.manual_seed(0)
+    nets = [dist_stage.ToyLM() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    cfg = OptimizerConfig(lr=1e-2)
+    named = [[(n, p) for n, p in net.named_parameters() if n.startswith("lm.")] for net in nets]
+    opts = [MuonAdamW(named[0], cfg), ZeroMuonAdamW(named[1], cfg)]
+    data = dist_stage.batches(4, 12, 0)
+    for _ in range(3):
+        x = next(data)
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            dist_stage.lm_loss(net, x)[0].backward()
+            opt.step()
+    for (n, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    # its gathered state is MuonAdamW's state dict, so checkpoints move between the two
+    sd = opts[1].full_state_dict()
+    ref = opts[0].state_dict()
+    for o_ref, o in zip(ref["optimizers"], sd["optimizers"]):
+        assert o_ref["state"].keys() == o["state"].keys()
+        for i in o_ref["state"]:
+            for k, v in o_ref["state"][i].items():
+                torch.testing.assert_close(o["state"][i][k], v, rtol=1e-5, atol=1e-6)
+    fresh = MuonAdamW(named[0], cfg)
+    fresh.load_state_dict(sd)
+
+
+def test_world_size_that_does_not_divide_the_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"batch_size=8 does not divide over 3 ranks.*multiple of 3"):
+        _cfg(kind="torchrun", nproc_per_node=3)
+    with pytest.raises(ValueError, match=r"4 micro-batch\(es\) of 2 per step cannot be shared by "
+                                         r"8 ranks; set micro_batch_size to 1"):
+        _cfg(kind="torchrun", nproc_per_node=8)
+    with pytest.raises(ValueError, match="needs a launcher; set launcher.kind"):
+        _cfg(nproc_per_node=2)
+
+
+def test_zero3_on_cpu_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(launch.LauncherUnavailable,
+                       match=r"zero_stage=3 .*CUDA.*set launcher.zero_stage to 2"):
+        launch.launch_stage(STAGE, None, {}, _cfg(kind="deepspeed", nproc_per_node=2,
+                                                  zero_stage=3), _ctx(tmp_path, "out"))
+    with pytest.raises(launch.LauncherUnavailable, match="backend=nccl needs CUDA"):
+        launch.check_launcher(_cfg(kind="torchrun", nproc_per_node=2, backend="nccl").launcher, "cpu")
+
+
+def _kill_a_rank_after_checkpoint(store_dir: Path, killed: list) -> None:
+    """Wait for a periodic checkpoint in the staging dir, then SIGKILL one training rank."""
+    deadline = time.time() + 240
+    while time.time() < deadline and not killed:
+        if list(store_dir.rglob("train_state/step-*")):
+            for proc in psutil.Process().children(recursive=True):
+                cmd = " ".join(proc.cmdline())
+                if "moonforge.stages.train.distributed" in cmd and "launcher" not in cmd \
+                        and "torch.distributed.run" not in cmd:
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
+        time.sleep(0.05)
+
+
+def test_killed_launcher_fails_clearly_keeps_checkpoint_and_resumes_at_world_size_1(
+        tmp_project, monkeypatch, single):
+    """DeepSpeed ZeRO-2 at world size 2 checkpoints (gathered, single-process format) at step 3,
+    a rank is SIGKILLed; the stage fails naming the signal, the checkpoint survives, and a rerun
+    in process (world size 1; the launcher is Runtime, so the same version) resumes from it and
+    continues the single-process loss curve."""
+    from moonforge.stages import catalog
+
+    monkeypatch.setattr(catalog, "stage_function", lambda kind: dist_stage.toy_stage)
+    monkeypatch.setenv("MOONFORGE_TOY_STEP_SLEEP", "0.4")
+    toy = ["optimizer.lr=0.01", "schedule.kind=cosine", "schedule.warmup_steps=2", "seq_len=12",
+           "batch_size=8", "micro_batch_size=2", "num_steps=8", "checkpoint_every=3"]
+    sets = [f"stages.lm_pretrain.{s}" for s in toy]
+    dist = load_recipe(tmp_project / "recipes" / "mini.yaml", sets + [
+        "stages.lm_pretrain.launcher.kind=deepspeed", "stages.lm_pretrain.launcher.nproc_per_node=2"])
+    killed: list[int] = []
+    watcher = threading.Thread(target=_kill_a_rank_after_checkpoint,
+                               args=(tmp_project / ".moonforge" / "store", killed), daemon=True)
+    watcher.start()
+    with pytest.raises(StageFailed, match=r"(?s)LaunchFailed.*deepspeed launcher \(2 processes\) "
+                                          r"failed.*rank \d was killed.*last good checkpoint kept"):
+        run_stage(dist, "lm_pretrain", tmp_project, tracker=NullTracker())
+    watcher.join()
+    assert killed
+    store = open_store(tmp_project)
+    assert store.versions("lm_pretrain") == []
+    kept = list((tmp_project / ".moonforge/store/lm_pretrain").glob(".partial-*/train_state/step-*"))
+    assert [p.name for p in kept] == ["step-0000003"]
+
+    monkeypatch.setenv("MOONFORGE_TOY_STEP_SLEEP", "0")
+    one = load_recipe(tmp_project / "recipes" / "mini.yaml", sets)
+    out = run_stage(one, "lm_pretrain", tmp_project, tracker=NullTracker())
+    assert out.ref == "lm_pretrain@1"
+    resumed = _curve(out.metrics)
+    assert len(resumed) == 5  # steps 4..8 only
+    want = _curve(single.metrics)[3:]
+    assert max(abs(a - b) for a, b in zip(resumed, want)) < LOSS_TOL, (resumed, want)
