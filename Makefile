@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.moonforge/prefect
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean chromium
 
 $(STAMP): pyproject.toml requirements.lock.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,16 @@ demo: $(STAMP)
 	@mkdir -p $(PREFECT_HOME)
 	$(VENV)/bin/moonforge run recipes/tiny.yaml --until long_context
 
-test: $(STAMP)
+# The browser test (tests/test_ops_servers.py) drives Debian's chromium headless: install it
+# when we can (root + apt); otherwise that one test skips and says why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "note: chromium could not be installed (needs root and apt); the browser test will skip"
+
+test: $(STAMP) chromium
 	@mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest -q
 

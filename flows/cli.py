@@ -422,5 +422,9 @@ def data_status(names: list[str] = typer.Argument(None, help="Datasets (dvc stag
             console.print(f"{n:<12} changed: {changed[n]}", highlight=False)
 
 
+# deploy, serve and server up|down|status (and the callback that finds `server up`'s servers)
+from moonforge.flows import ops_cli  # noqa: E402,F401  (registers its commands on `app`)
+
+
 if __name__ == "__main__":
     app()

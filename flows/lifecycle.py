@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
+from moonforge.flows.prefect_artifacts import publish_stage
 from moonforge.registry.data_versions import ensure_datasets
 from moonforge.registry.errors import is_transient
 from moonforge.registry.promotion import set_candidate
@@ -54,12 +55,7 @@ def stage_task(recipe_path: str, overrides: list[str], stage: str, project: str,
     tracker = Tracker(project, recipe.name, parent_run_id=parent_run_id)
     out = run_stage(recipe, stage, project, upstream_ref, tracker=tracker,
                     progress=PROGRESS.get(), flow_run_id=str(flow_run.id or ""))
-    metrics = "\n".join(f"| {k} | {v:.5g} |" for k, v in out.metrics.items())
-    create_markdown_artifact(
-        key=f"{_slug(stage)}-summary", description=f"{stage}: {out.ref}",
-        markdown=(f"### {stage} -> `{out.ref}`\n\nfingerprint `{out.fingerprint[:16]}`, cache hit: "
-                  f"{out.cache_hit}, wall {out.wall_s:.1f}s, MLflow run `{out.mlflow_run_id}`\n\n"
-                  f"| metric | value |\n|---|---|\n{metrics}\n"))
+    publish_stage(recipe.name, out.to_dict(), project)  # metrics table + lineage on the run page
     return out.to_dict()
 
 

@@ -51,7 +51,7 @@ def test_prefect_yaml_loads_through_prefects_deploy_model(prefect_yaml):
     configs, _ = _load_deploy_configs_and_actions(INFRA / "prefect.yaml", console=console)
     assert "Skipping" not in console.export_text()  # prefect skips a file it cannot validate
     names = sorted((c["entrypoint"].split(":")[1], c["name"]) for c in configs)
-    assert names == sorted((f, v) for f in ("lifecycle_flow", "rerun_flow") for v in ("process", "k8s", "slurm"))
+    assert names == sorted((f, v) for f in ("lifecycle_deployment", "rerun_deployment") for v in ("process", "k8s", "slurm"))
     assert {c["work_pool"]["name"] for c in configs} == {"moonforge-process", "moonforge-k8s", "moonforge-slurm"}
 
 
@@ -72,9 +72,10 @@ def test_recipes_named_in_deployments_exist_and_validate(prefect_yaml):
     from moonforge.stages.recipe import load_recipe
 
     for dep in prefect_yaml["deployments"]:
-        rec = load_recipe(ROOT / dep["parameters"]["recipe_path"])
-        if "stage" in dep["parameters"]:
-            rec.stage(dep["parameters"]["stage"])
+        params = dep["parameters"]["params"]  # one typed parameter (flows/deployments.py)
+        rec = load_recipe(ROOT / params["recipe"])
+        if "stage" in params:
+            rec.stage(params["stage"])
 
 
 def test_job_variables_are_declared_by_their_pool(prefect_yaml, pools):
