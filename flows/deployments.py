@@ -166,17 +166,21 @@ def ensure_work_pool(name: str = WORK_POOL) -> str:
     another type (e.g. infra/prefect.yaml's Kubernetes one) is used as it is."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
     with get_client(sync_client=True) as client:
         try:
             return client.read_work_pool(name).type
         except ObjectNotFound:
+            pass
+        try:
             client.create_work_pool(WorkPoolCreate(
                 name=name, type="process", description="moonforge: flow runs as local processes",
                 base_job_template=ProcessWorker.get_default_base_job_template()))
-            return "process"
+        except ObjectAlreadyExists:  # a starting worker created it meanwhile
+            pass
+        return client.read_work_pool(name).type
 
 
 def apply_deployments(deployments: list[Any]) -> list[str]:

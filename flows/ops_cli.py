@@ -139,9 +139,11 @@ def server_status() -> None:
 
 def _print_status(rows) -> None:
     table = Table(title="moonforge servers (127.0.0.1)")
-    for col in ("server", "state", "UI", "API", "pid", "log"):
-        table.add_column(col)
+    for col in ("server", "state", "UI", "pid"):
+        table.add_column(col, no_wrap=True)
     colors = {"up": "green", "not answering": "yellow", "stopped": "red"}
     for s, state in rows:
-        table.add_row(s.name, f"[{colors[state]}]{state}[/]", s.url, s.api_url, str(s.pid), s.log)
+        table.add_row(s.name, f"[{colors[state]}]{state}[/]", s.url, str(s.pid))
     console.print(table)
+    for s, _ in rows:
+        console.print(f"{s.name}: API {s.api_url}, log {s.log}", highlight=False, soft_wrap=True)

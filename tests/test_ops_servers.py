@@ -94,7 +94,7 @@ def prefect_client(servers):
 
 
 @pytest.fixture(scope="module")
-def deployed(project, servers):
+def deployed(project, servers, worker):
     """`moonforge deploy --recipe recipes/mini.yaml --cron ...`, pointed at the servers by the
     state file alone (no env var names them)."""
     res = _cli(project, "deploy", "--recipe", "recipes/mini.yaml", "--cron", "0 3 * * *")
@@ -121,8 +121,9 @@ def upstream(project, servers):
 
 
 @pytest.fixture(scope="module")
-def worker(project, servers, deployed):
-    """A real `prefect worker` on the process pool; its flow runs see the fake stages."""
+def worker(project, servers):
+    """A real `prefect worker` on the process pool (started before `deploy`, it boots meanwhile
+    and may create the pool first); its flow runs see the fake stages."""
     log = project / "worker.log"
     env = _env(project / ".worker-home", PREFECT_API_URL=servers["prefect"], PYTHONPATH=FAKE_SITE,
                MOONFORGE_FAKE_STAGES="1", PREFECT_WORKER_QUERY_SECONDS="1")
@@ -158,7 +159,7 @@ def _run(name: str, parameters: dict, log: Path | None, timeout: float = 150):
 
 
 @pytest.fixture(scope="module")
-def align_run(project, servers, prefect_client, deployed, upstream, worker):
+def align_run(project, servers, prefect_client, worker, deployed, upstream):
     """`rerun/mini-align` from vit_pretrain@1, created through the Prefect API, run by the worker."""
     return _run("rerun/mini-align", _params(project, from_ref="vit_pretrain@1"), worker)
 
