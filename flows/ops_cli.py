@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from moonforge.flows.cli import (DEFAULT_RECIPE, SET_HELP, _errors, _load, _project, _recipe_path,
+from moonforge.flows.cli import (DEFAULT_RECIPE, _errors, _load, _project, _recipe_path,
                                  app, console, err_console)
 
 server_app = typer.Typer(help="Local Prefect + MLflow servers with their UIs (127.0.0.1).",
