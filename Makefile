@@ -24,7 +24,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	@mkdir -p $(PREFECT_HOME)
-	$(VENV)/bin/moonforge run recipes/tiny.yaml --until long_context
+	$(VENV)/bin/moonforge run recipes/tiny.yaml
 
 # The browser test (tests/test_ops_servers.py) drives Debian's chromium headless: install it
 # when we can (root + apt); otherwise that one test skips and says why.
