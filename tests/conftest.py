@@ -172,6 +172,25 @@ def repo_data() -> Path:
 
 # -- a local S3 endpoint (moto_server) for the S3 store / MLflow / DVC remote tests -------------
 
+def stop_process(proc: subprocess.Popen, timeout: float = 20, group: bool = False) -> None:
+    """Stop a server/worker a test started: SIGTERM (its whole process group when `group`),
+    then SIGKILL if it has not exited within `timeout` seconds."""
+    import signal
+
+    def send(sig: int) -> None:
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+
+    send(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait()
+
+
 def free_port() -> int:
     import socket
 
@@ -209,12 +228,7 @@ def s3_endpoint(tmp_path_factory) -> str:
     try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
 
 
 @pytest.fixture

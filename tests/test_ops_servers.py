@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, free_port, mini_recipe
+from conftest import REPO, free_port, mini_recipe, stop_process
 
 BIN = Path(sys.executable).parent
 MOONFORGE = str(BIN / "moonforge")
@@ -134,12 +133,7 @@ def worker(project, servers):
     try:
         yield log
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process(proc, group=True)
 
 
 def _params(project: Path, **kw) -> dict:
@@ -307,12 +301,7 @@ def test_serve_runs_a_deployment_from_this_process(project, servers, prefect_cli
                                                    "recipe": "recipes/mini2.yaml"}}, log)
         assert fr.state.is_completed(), f"{fr.state.message}\n{log.read_text()[-3000:]}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process(proc, group=True)
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     arts = {a.key: a.data for a in prefect_client.read_artifacts(

@@ -21,6 +21,8 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from conftest import stop_process
+
 from moonforge.flows import cli
 from moonforge.registry.errors import PromotionRefused
 from moonforge.registry.promotion import promote
@@ -69,12 +71,7 @@ def mlflow_server(tmp_path_factory, _mlflow_template):
                 time.sleep(0.3)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 
