@@ -170,6 +170,28 @@ def repo_data() -> Path:
     return REPO / "data"
 
 
+def copy_project(dest: Path, datasets: tuple[str, ...]) -> Path:
+    """A newcomer's copy of this project at `dest`: tracked and not-ignored files, the given
+    already-built `data/<name>` folders (so DVC finds them up to date), committed as its own git
+    repo. Returns `dest`."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    dest.mkdir(parents=True)
+    for name in files:
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    for name in datasets:
+        if (REPO / "data" / name).is_dir():
+            shutil.copytree(REPO / "data" / name, dest / "data" / name)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q"], cwd=dest, check=True)
+    (dest / ".gitignore").write_text("/data/\n/.moonforge/\n")
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-qm", "project copy"], cwd=dest, check=True)
+    return dest
+
+
 # -- a local S3 endpoint (moto_server) for the S3 store / MLflow / DVC remote tests -------------
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20, group: bool = False) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -30,20 +29,13 @@ from typer.testing import CliRunner
 
 from moonforge.flows.cli import app
 
+from conftest import copy_project
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = ["lm_pretrain", "vit_pretrain", "align", "joint_pretrain", "cooldown", "long_context"]
 POSTTRAIN = ["sft", "long_cot_sft", "rl", "long2short"]
 STAGES = PRETRAIN + POSTTRAIN
-
-
-def _project_files() -> list[str]:
-    """The project as a newcomer has it: tracked and not-ignored files (the DVC stages depend
-    on the builder code), plus already-built data so DVC finds it up to date."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    return [f for f in out if (REPO / f).is_file()]
 
 
 def _cli(*args: str):
@@ -57,19 +49,8 @@ def tiny_project(tmp_path_factory, prefect_api):
     """A temp project that has run the whole tiny lifecycle once."""
     import os
 
-    proj = tmp_path_factory.mktemp("tiny") / "proj"
-    proj.mkdir()
-    for name in _project_files():
-        (proj / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, proj / name)
-    for name in ("text", "toyworld", "longdoc", "tokenizer", "sft", "reasoning", "rl_prompts"):
-        if (REPO / "data" / name).is_dir():
-            shutil.copytree(REPO / "data" / name, proj / "data" / name)
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-    subprocess.run(git + ["init", "-q"], cwd=proj, check=True)
-    (proj / ".gitignore").write_text("/data/\n/.moonforge/\n")
-    subprocess.run(git + ["add", "-A"], cwd=proj, check=True)
-    subprocess.run(git + ["commit", "-qm", "tiny project"], cwd=proj, check=True)
+    proj = copy_project(tmp_path_factory.mktemp("tiny") / "proj", (
+        "text", "toyworld", "longdoc", "tokenizer", "sft", "reasoning", "rl_prompts"))
     saved = {k: os.environ.pop(k, None) for k in ("MLFLOW_TRACKING_URI", "MOONFORGE_STORE")}
     cwd = os.getcwd()
     os.chdir(proj)
