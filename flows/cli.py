@@ -374,6 +374,34 @@ def chat(ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
         console.print(f"({out.num_tokens} tokens, {out.finish_reason})", style="dim")
 
 
+@app.command(name="eval")
+def eval_(ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
+          examples: int = typer.Option(128, "--examples", help="Held-out prompts (half text, half image)."),
+          max_new_tokens: int = typer.Option(112, "--max-new-tokens")) -> None:
+    """Held-out answer accuracy of a checkpoint on rl_prompts/val (text and image), greedy."""
+    with _errors():
+        from rich.table import Table
+
+        from moonforge.model.tokenizer import Tokenizer
+        from moonforge.registry.data_versions import read_lock
+        from moonforge.registry.refs import resolve_ref
+        from moonforge.registry.store import open_store
+        from moonforge.stages.artifacts import Checkpoint
+        from moonforge.stages.inference import evaluate
+
+        info = resolve_ref(ref, open_store(_project()), _project())
+        data = read_lock(_project(), ["tokenizer", "rl_prompts", "toyworld"])
+        tok = Tokenizer.load(data["tokenizer"].path / "tokenizer.json")
+        metrics = evaluate(Checkpoint(info.path), tok, data["rl_prompts"].path,
+                           data["toyworld"].path, examples, max_new_tokens)
+        table = Table(title=f"{info.ref}: rl_prompts/val")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in metrics.items():
+            table.add_row(key, f"{value:.4g}")
+        console.print(table)
+
+
 @app.command()
 def plan(recipe: str = typer.Argument(..., help="Recipe YAML, e.g. recipes/kimi-vl-a3b.yaml."),
          gpu: str = typer.Option("h100", "--gpu", help="GPU type: a100, h100, h200, b200."),

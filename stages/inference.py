@@ -1,4 +1,5 @@
-"""Answer one question about an image (or none) with a checkpoint: what `moonforge chat` runs.
+"""Answer one question about an image (or none) with a checkpoint: what `moonforge chat` runs;
+and `evaluate`, the held-out answer accuracy `moonforge eval` reports.
 
 The prompt is the ChatML user turn the SFT and RL stages train on ("<image>\\n{question}"), decoded
 greedily with the KV cache until <|im_end|>.
@@ -46,3 +47,32 @@ def chat(ckpt: Checkpoint, tokenizer: Tokenizer, question: str, image: Path | No
                    stop_ids=(tokenizer.im_end_id, tokenizer.eos_id), pixels_NP=pixels,
                    grid_hw=grid, media_pad_id=tokenizer.media_pad_id)
     return ChatAnswer(tokenizer.decode(out.tokens[0]).strip(), out.lengths[0], out.finish_reasons[0])
+
+
+def evaluate(ckpt: Checkpoint, tokenizer: Tokenizer, rl_prompts: Path, toyworld: Path,
+             num_examples: int = 128, max_new_tokens: int = 112, batch_size: int = 64) -> dict:
+    """What `moonforge eval` runs: greedy held-out answer accuracy of a checkpoint.
+
+    The set is rl_prompts/val balanced text / image (`num_examples // 2` of each, images from
+    toyworld/val), scored by each prompt's verifier; the same numbers the post-training stages
+    record as eval/acc, eval/text_acc, eval/image_acc, eval/mean_len, eval/acc_per_1k_tokens.
+    """
+    # Imported here: inference serves `chat` too, which needs none of the eval machinery.
+    from moonforge.stages.data.chat import chat_prompt_items
+    from moonforge.stages.data.chat_records import read_rl_prompt_records
+    from moonforge.stages.posttrain_evals import answer_accuracy, as_metrics, split_by_kind
+    from moonforge.stages.train.stage_io import vision_spec
+
+    if num_examples < 2:
+        raise ValueError(f"num_examples={num_examples}: need >= 2 (half text, half image)")
+    cfg = ckpt.model_config()
+    tokenizer.require_vocab_size(cfg.lm.vocab_size)
+    model = build_vlm(cfg)
+    load_weights(model, ckpt)
+    model.eval()
+    items = split_by_kind(chat_prompt_items(read_rl_prompt_records(rl_prompts, "val"),
+                                            toyworld / "val", tokenizer, vision_spec(cfg),
+                                            dataset_name="rl_prompts/val"), num_examples // 2)
+    res = answer_accuracy(model, tokenizer, items, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size)
+    return as_metrics(res, "eval/")

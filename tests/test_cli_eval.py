@@ -1,0 +1,50 @@
+"""`moonforge eval REF`: held-out answer accuracy of a real checkpoint through the CLI."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from moonforge.flows.cli import app
+from moonforge.model.vlm import build_vlm
+from moonforge.registry.store import open_store
+from moonforge.stages.recipe import load_recipe
+from moonforge.stages.train.checkpoint import save_weights
+
+from conftest import REPO
+
+
+@pytest.fixture
+def project(tmp_path, repo_data, monkeypatch):
+    """A project dir reading the repo's pinned datasets, with one real (random-init) tiny
+    checkpoint committed to its store as sft@1."""
+    shutil.copy(REPO / "dvc.lock", tmp_path / "dvc.lock")
+    (tmp_path / "data").symlink_to(repo_data)
+    monkeypatch.delenv("MOONFORGE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_recipe(REPO / "recipes" / "tiny.yaml").model
+    store = open_store(tmp_path)
+    staging = store.begin("sft")
+    save_weights(build_vlm(cfg, seed=0), cfg, staging)
+    store.commit(staging, "e" * 64, {"stage": "sft"})
+    return tmp_path
+
+
+def test_eval_reports_heldout_accuracy_of_a_checkpoint(project):
+    res = CliRunner().invoke(app, ["eval", "sft@1", "--examples", "8", "--max-new-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    assert "sft@1: rl_prompts/val" in res.output
+    n = re.search(r"eval/n\s*\S\s*(\d+)", res.output)
+    assert n and int(n.group(1)) == 8, res.output  # 4 text + 4 image prompts
+    for key in ("eval/acc", "eval/text_acc", "eval/image_acc", "eval/mean_len"):
+        assert key in res.output
+    mean_len = float(re.search(r"eval/mean_len\s*\S\s*([\d.]+)", res.output).group(1))
+    assert 1 <= mean_len <= 4  # capped by --max-new-tokens
+
+
+def test_eval_of_a_missing_ref_names_it(project):
+    res = CliRunner().invoke(app, ["eval", "sft@7"])
+    assert res.exit_code == 1 and "sft@7" in res.output
