@@ -1,8 +1,9 @@
 """The whole tiny lifecycle (lm_pretrain .. long2short) end to end, for real.
 
 One session-scoped run of `moonforge run recipes/tiny.yaml` (all stages) in a temp copy of
-the project (its own git repo, DVC pipeline, MLflow SQLite file and artifact store), through the
-real Prefect API, MLflow and DVC. The tests then assert what the issue promises: visible learning,
+the project (its own git repo, DVC pipeline and MLflow SQLite file), through the real Prefect API,
+MLflow and DVC, with production storage on a local S3 endpoint (moto_server): the artifact store
+on s3://, the MLflow artifact root on s3://, and the DVC remote on s3:// (a real `dvc push`). The tests then assert what the issue promises: visible learning,
 a bit-identical LM after alignment, the long-context lengths and RoPE base, MLflow parent/child
 runs with params, metrics and dataset inputs, a rerun that makes its downstream stale, lineage
 back to the DVC hashes and git commit, and an all-cache-hit second run.
@@ -19,15 +20,20 @@ stage's acc_tolerance; measured 17.1 -> 18.7%).
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load
 from typer.testing import CliRunner
 
 from moonforge.flows.cli import app
+from moonforge.registry.data_versions import dvc
 
 from conftest import copy_project
 
@@ -38,82 +44,136 @@ POSTTRAIN = ["sft", "long_cot_sft", "rl", "long2short"]
 STAGES = PRETRAIN + POSTTRAIN
 
 
-def _cli(*args: str):
-    res = CliRunner().invoke(app, list(args))
-    assert res.exit_code == 0, res.output
-    return res.output
+@dataclass
+class Tiny:
+    """The project that ran the tiny lifecycle, and its bucket on the local S3 endpoint."""
+
+    proj: Path
+    out: str
+    """The first run's CLI output."""
+    bucket: str
+    env: dict[str, str]
+    """What every CLI call here runs under: AWS settings for moto, the S3 store and MLflow root."""
+
+    def read(self, ref: str, name: str) -> bytes:
+        """File `name` of artifact `ref` (stage@N), straight from the bucket."""
+        import boto3
+
+        stage, version = ref.split("@")
+        with env_vars(self.env):
+            return boto3.client("s3").get_object(
+                Bucket=self.bucket, Key=f"store/{stage}/{version}/{name}")["Body"].read()
+
+    def keys(self, prefix: str) -> list[str]:
+        import boto3
+
+        with env_vars(self.env):
+            out = boto3.client("s3").list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for o in out.get("Contents", [])]
+
+    def cli(self, *args: str) -> str:
+        with env_vars(self.env):
+            res = CliRunner().invoke(app, list(args))
+        assert res.exit_code == 0, res.output
+        return res.output
 
 
-@pytest.fixture(scope="session")
-def tiny_project(tmp_path_factory, prefect_api):
-    """A temp project that has run the whole tiny lifecycle once."""
-    import os
-
-    proj = copy_project(tmp_path_factory.mktemp("tiny") / "proj", (
-        "text", "toyworld", "longdoc", "tokenizer", "sft", "reasoning", "rl_prompts"))
-    saved = {k: os.environ.pop(k, None) for k in ("MLFLOW_TRACKING_URI", "MOONFORGE_STORE")}
-    cwd = os.getcwd()
-    os.chdir(proj)
+@contextmanager
+def env_vars(values: dict[str, str]):
+    """`values` set, and no other AWS_* / MLflow tracking variable, for the duration."""
+    drop = [k for k in os.environ if k.startswith("AWS_") or k == "MLFLOW_TRACKING_URI"]
+    saved = {k: os.environ.get(k) for k in [*drop, *values]}
+    for k in drop:
+        del os.environ[k]
+    os.environ.update(values)
     try:
-        out = _cli("run", "recipes/tiny.yaml")
-        yield proj, out
+        yield
     finally:
-        os.chdir(cwd)
         for k, v in saved.items():
-            if v is not None:
+            if v is None:
+                os.environ.pop(k, None)
+            else:
                 os.environ[k] = v
 
 
-def _eval(proj: Path, ref: str) -> dict:
-    stage, version = ref.split("@")
-    return json.loads((proj / ".moonforge/store" / stage / version / "eval.json").read_text())
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory, prefect_api, s3_endpoint):
+    """A temp project that has run the whole tiny lifecycle once, with the artifact store, the
+    MLflow artifact root and the DVC remote all on the local S3 endpoint (moto_server)."""
+    import boto3
+
+    datasets = ("text", "toyworld", "longdoc", "tokenizer", "sft", "reasoning", "rl_prompts")
+    proj = copy_project(tmp_path_factory.mktemp("tiny") / "proj", datasets)
+    bucket = f"tiny-{uuid.uuid4().hex[:12]}"
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing-key-id",
+           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_CONFIG_FILE": str(proj / ".no-aws-config"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(proj / ".no-aws-credentials"),
+           "AWS_EC2_METADATA_DISABLED": "true", "MOONFORGE_STORE": f"s3://{bucket}/store",
+           "MOONFORGE_MLFLOW_ARTIFACT_ROOT": f"s3://{bucket}/mlflow"}
+    cwd = os.getcwd()
+    os.chdir(proj)
+    try:
+        with env_vars(env):
+            boto3.client("s3").create_bucket(Bucket=bucket)
+            res = CliRunner().invoke(app, ["run", "recipes/tiny.yaml"])
+            assert res.exit_code == 0, res.output
+            dvc(proj, "remote", "add", "-d", "s3store", f"s3://{bucket}/dvc")
+            dvc(proj, "remote", "modify", "s3store", "endpointurl", s3_endpoint)
+            dvc(proj, "commit", "-f", *datasets)  # the copied datasets into the DVC cache
+            dvc(proj, "push", *datasets)
+        yield Tiny(proj, res.output, bucket, env)
+    finally:
+        os.chdir(cwd)
+
+
+def _eval(tiny: Tiny, ref: str) -> dict:
+    return json.loads(tiny.read(ref, "eval.json"))
 
 
 def test_every_stage_ran_and_the_summary_says_where_to_look(tiny_project):
-    proj, out = tiny_project
     for stage in STAGES:
-        assert f"{stage}@1" in out
-    assert "mlflow ui" in out and "moonforge lineage" in out
+        assert f"{stage}@1" in tiny_project.out
+    assert "mlflow ui" in tiny_project.out and "moonforge lineage" in tiny_project.out
 
 
 def test_stage1_retrieval_is_well_above_chance(tiny_project):
-    m = _eval(tiny_project[0], "vit_pretrain@1")
+    m = _eval(tiny_project, "vit_pretrain@1")
     assert m["eval/retrieval_chance"] == pytest.approx(1 / 128)
     assert m["eval/retrieval_acc"] >= 3 * m["eval/retrieval_chance"], m
 
 
 def test_heldout_text_loss_falls_through_joint_pretrain_and_cooldown(tiny_project):
-    joint, cool = _eval(tiny_project[0], "joint_pretrain@1"), _eval(tiny_project[0], "cooldown@1")
+    joint, cool = _eval(tiny_project, "joint_pretrain@1"), _eval(tiny_project, "cooldown@1")
     assert joint["eval/text_loss"] < joint["eval/text_loss_before"], joint
     assert cool["eval/text_loss"] < cool["eval/text_loss_before"], cool
     assert cool["eval/text_loss"] < joint["eval/text_loss_before"]
 
 
 def test_alignment_leaves_the_lm_bit_identical(tiny_project):
-    store = tiny_project[0] / ".moonforge/store"
-    before = load_file(str(store / "vit_pretrain/1/model.safetensors"))
-    after = load_file(str(store / "align/1/model.safetensors"))
+    before = load(tiny_project.read("vit_pretrain@1", "model.safetensors"))
+    after = load(tiny_project.read("align@1", "model.safetensors"))
     lm_keys = [k for k in before if k.startswith("lm.")]
     assert lm_keys and all(before[k].equal(after[k]) for k in lm_keys)
     assert any(not before[k].equal(after[k]) for k in before if k.startswith("projector."))
 
 
 def test_long_context_runs_at_4x_and_16x_with_the_new_rope_base(tiny_project):
-    proj = tiny_project[0]
-    m = _eval(proj, "long_context@1")
+    m = _eval(tiny_project, "long_context@1")
     assert (m["train/sub0_seq_len"], m["train/sub1_seq_len"]) == (4 * 256, 16 * 256)
-    cfg = json.loads((proj / ".moonforge/store/long_context/1/model_config.json").read_text())
+    cfg = json.loads(tiny_project.read("long_context@1", "model_config.json"))
     assert cfg["lm"]["rope_theta"] == 800000.0 and cfg["lm"]["max_position_embeddings"] == 4096
-    earlier = json.loads((proj / ".moonforge/store/cooldown/1/model_config.json").read_text())
+    earlier = json.loads(tiny_project.read("cooldown@1", "model_config.json"))
     assert earlier["lm"]["rope_theta"] == 50000.0
 
 
 def test_mlflow_holds_a_parent_run_with_a_child_per_stage(tiny_project):
     from mlflow import MlflowClient
 
-    proj = tiny_project[0]
+    proj = tiny_project.proj
     client = MlflowClient(f"sqlite:///{proj}/.moonforge/mlflow.db")
     exp = client.get_experiment_by_name("tiny")
+    assert exp.artifact_location == f"s3://{tiny_project.bucket}/mlflow"
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) >= 1
@@ -128,17 +188,29 @@ def test_mlflow_holds_a_parent_run_with_a_child_per_stage(tiny_project):
     digests = {d.dataset.name: d.dataset.digest for d in cool.inputs.dataset_inputs}
     lock = (proj / "dvc.lock").read_text()
     assert digests and all(d in lock for d in digests.values())
+    logged = tiny_project.keys("mlflow/")
+    assert any(k.endswith(".png") for k in logged), logged  # plots live on S3, not in SQLite
+
+
+def test_artifacts_lineage_and_data_versions_live_on_s3(tiny_project):
+    store = f"s3://{tiny_project.bucket}/store"
+    lin = json.loads(tiny_project.read("long2short@1", "lineage.json"))
+    assert lin["uri"] == f"{store}/long2short/1" and lin["upstream"]["uri"] == f"{store}/rl/1"
+    manifest = json.loads(tiny_project.read("rl@1", "manifest.json"))
+    assert {"model.safetensors", "eval.json", "rl_curves.png"} <= set(manifest["files"])
+    for d in lin["datasets"]:  # every data version the stage read is in the DVC remote (dvc push)
+        assert tiny_project.keys(f"dvc/files/md5/{d['digest'][:2]}/{d['digest'][2:]}"), d
 
 
 def test_rerun_makes_downstream_stale_and_lineage_reaches_data_and_git(tiny_project):
-    proj = tiny_project[0]
+    proj, cli = tiny_project.proj, tiny_project.cli
     # sft is the cheapest stage with a trained downstream (~15 s against cooldown's ~30 s)
-    out = _cli("rerun", "sft", "--from", "long_context@latest", "--set", "stages.sft.seed=1")
+    out = cli("rerun", "sft", "--from", "long_context@latest", "--set", "stages.sft.seed=1")
     assert "sft@2" in out
-    status = _cli("status", "recipes/tiny.yaml", "--set", "stages.sft.seed=1")
+    status = cli("status", "recipes/tiny.yaml", "--set", "stages.sft.seed=1")
     row = next(line for line in status.splitlines() if "long_cot_sft" in line)
     assert "stale" in row
-    chain = json.loads(_cli("lineage", "long_context@latest", "--format", "json"))
+    chain = json.loads(cli("lineage", "long_context@latest", "--format", "json"))
     assert [c["stage"] for c in chain] == PRETRAIN[::-1]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=proj, capture_output=True,
                           text=True, check=True).stdout.strip()
@@ -147,55 +219,54 @@ def test_rerun_makes_downstream_stale_and_lineage_reaches_data_and_git(tiny_proj
         assert link["git"]["commit"] == head
         for ds in link["datasets"]:
             assert ds["digest"] in lock
-    assert "graph LR" in _cli("lineage", "long_context@latest", "--format", "mermaid")
+    assert "graph LR" in cli("lineage", "long_context@latest", "--format", "mermaid")
 
 
 def test_second_run_is_all_cache_hits(tiny_project):
-    out = _cli("run", "recipes/tiny.yaml")
+    out = tiny_project.cli("run", "recipes/tiny.yaml")
     for stage in STAGES:  # the summary row: | stage | stage@1 | cache hit: yes | ...
         assert re.search(rf"{stage}@1\s*\u2502\s*yes\s*\u2502", out), out
 
 
 def test_chat_answers_about_a_generated_image(tiny_project):
-    proj = tiny_project[0]
-    image = sorted((proj / "data/toyworld/val/images").glob("*.png"))[0]
-    out = _cli("chat", "long_context@latest", "how many circles?", "--image", str(image))
+    image = sorted((tiny_project.proj / "data/toyworld/val/images").glob("*.png"))[0]
+    out = tiny_project.cli("chat", "long_context@latest", "how many circles?", "--image", str(image))
     assert "long_context@1:" in out and "tokens," in out
-    bad = CliRunner().invoke(app, ["chat", "long_context@latest", "hi", "--image", "nope.png"])
+    with env_vars(tiny_project.env):
+        bad = CliRunner().invoke(app, ["chat", "long_context@latest", "hi", "--image", "nope.png"])
     assert bad.exit_code == 1 and "nope.png: no such file" in bad.output
 
 
 def test_sft_lifts_vqa_accuracy_clearly_above_the_pre_sft_model(tiny_project):
-    m = _eval(tiny_project[0], "sft@1")
+    m = _eval(tiny_project, "sft@1")
     assert m["eval/vqa_acc"] >= m["eval/vqa_acc_before"] + 0.05, m
     assert m["eval/sft_loss"] < m["eval/sft_loss_before"], m
 
 
 def test_long_cot_sft_learns_the_traces(tiny_project):
-    m = _eval(tiny_project[0], "long_cot_sft@1")
+    m = _eval(tiny_project, "long_cot_sft@1")
     assert m["eval/cot_loss"] < 0.5 * m["eval/cot_loss_before"], m
     assert m["eval/mean_len"] > 4 * m["eval/mean_len_before"], m  # step-by-step, not one word
 
 
 def test_rl_raises_heldout_reasoning_accuracy_over_its_long_cot_start(tiny_project):
-    proj = tiny_project[0]
-    m, start = _eval(proj, "rl@1"), _eval(proj, "long_cot_sft@1")
+    m, start = _eval(tiny_project, "rl@1"), _eval(tiny_project, "long_cot_sft@1")
     assert m["eval/acc_before"] == pytest.approx(start["eval/reasoning_acc"], abs=1e-9)
     assert m["eval/acc"] >= m["eval/acc_before"] + 0.03, m
-    assert (proj / ".moonforge/store/rl/1/rl_curves.png").stat().st_size > 10_000
+    assert len(tiny_project.read("rl@1", "rl_curves.png")) > 10_000
 
 
 def test_long2short_shortens_answers_at_held_accuracy(tiny_project):
-    proj = tiny_project[0]
-    m = _eval(proj, "long2short@1")
+    m = _eval(tiny_project, "long2short@1")
     assert m["eval/mean_len"] <= 0.9 * m["eval/mean_len_before"], m
     assert m["eval/acc"] >= m["eval/acc_before"] - 0.02, m
-    table = json.loads((proj / ".moonforge/store/long2short/1/long2short.json").read_text())
+    table = json.loads(tiny_project.read("long2short@1", "long2short.json"))
     assert table["chosen"] != "long" and set(table["candidates"]) >= {"long", "merge", "dpo"}
 
 
-def test_chat_answers_from_the_rl_policy(tiny_project):
-    proj = tiny_project[0]
-    image = sorted((proj / "data/toyworld/val/images").glob("*.png"))[0]
-    out = _cli("chat", "rl@latest", "how many circles?", "--image", str(image))
+def test_chat_and_eval_answer_from_the_rl_policy(tiny_project):
+    image = sorted((tiny_project.proj / "data/toyworld/val/images").glob("*.png"))[0]
+    out = tiny_project.cli("chat", "rl@latest", "how many circles?", "--image", str(image))
     assert "rl@1:" in out and "tokens," in out
+    out = tiny_project.cli("eval", "rl@latest", "--examples", "16")
+    assert "rl@1: rl_prompts/val" in out and "eval/image_acc" in out

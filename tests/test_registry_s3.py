@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 
 import pytest
@@ -306,60 +305,3 @@ def test_dvc_remote_on_s3_push_then_pull_into_a_fresh_cache(s3_env, tmp_project)
     _dvc(tmp_project, "pull")
     assert (tmp_project / "data" / "text" / "corpus.txt").read_text() == corpus
     assert json.loads(_dvc(tmp_project, "status", "--json").stdout or "{}") == {}
-
-
-@pytest.mark.slow
-def test_tiny_recipe_real_stages_with_store_mlflow_artifacts_and_dvc_remote_on_s3(
-        s3_env, repo_data, prefect_api, tmp_path, monkeypatch):
-    """The tiny recipe's first two stages, real training code at a small budget, with every
-    production storage on the S3 endpoint: artifacts, MLflow artifacts, the DVC remote."""
-    from mlflow import MlflowClient
-    from typer.testing import CliRunner
-
-    from moonforge.flows.cli import app
-    from moonforge.registry.lineage import walk
-    from moonforge.registry.tracking import tracking_uri
-
-    from conftest import copy_project
-
-    endpoint, bucket, client = s3_env
-    proj = copy_project(tmp_path / "proj", ("text", "toyworld", "tokenizer"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(proj)
-    store_uri = f"s3://{bucket}/store"
-    monkeypatch.setenv("MOONFORGE_STORE", store_uri)
-    monkeypatch.setenv("MOONFORGE_MLFLOW_ARTIFACT_ROOT", f"s3://{bucket}/mlflow")
-    _dvc(proj, "remote", "add", "-d", "s3store", f"s3://{bucket}/dvc")
-    _dvc(proj, "remote", "modify", "s3store", "endpointurl", endpoint)
-    small = [f"stages.{s}.{k}" for s in ("lm_pretrain", "vit_pretrain")
-             for k in ("num_steps=4", "eval.num_examples=16")]
-    run = ["run", "recipes/tiny.yaml", "--until", "vit_pretrain", *(a for s in small for a in ("--set", s))]
-    res = CliRunner().invoke(app, run)
-    assert res.exit_code == 0, res.output
-    built = ("text", "toyworld", "tokenizer")  # the copied datasets into the DVC cache, as a
-    _dvc(proj, "commit", "-f", *built)         # clone that built them has them, then pushed
-    _dvc(proj, "push", *built)
-
-    lin = _read_json(client, bucket, "store/vit_pretrain/1/lineage.json")
-    assert lin["uri"] == f"{store_uri}/vit_pretrain/1" and lin["store"] == store_uri
-    assert lin["upstream"]["uri"] == f"{store_uri}/lm_pretrain/1"
-    manifest = _read_json(client, bucket, "store/vit_pretrain/1/manifest.json")
-    assert "model.safetensors" in manifest["files"] and "eval.json" in manifest["files"]
-    assert {d["name"] for d in lin["datasets"]} == {"toyworld", "tokenizer"}
-    for d in lin["datasets"]:  # each dataset version the stage read is in the DVC remote
-        assert keys(client, bucket, f"dvc/files/md5/{d['digest'][:2]}/{d['digest'][2:]}"), d
-
-    exp = MlflowClient(tracking_uri(proj)).get_experiment_by_name("tiny")
-    assert exp.artifact_location == f"s3://{bucket}/mlflow"
-    logged = keys(client, bucket, "mlflow/")
-    assert any(k.endswith("/artifacts/lineage.json") for k in logged), logged
-    assert any(k.endswith(".png") for k in logged), logged
-
-    # Another machine (no local copies): both stages are cache hits served from the bucket.
-    shutil.rmtree(proj / ".moonforge" / "s3cache")
-    res = CliRunner().invoke(app, run)
-    assert res.exit_code == 0, res.output
-    for stage in ("lm_pretrain", "vit_pretrain"):
-        assert re.search(rf"{stage}@1\s*\u2502\s*yes\s*\u2502", res.output), res.output
-    chain = walk(open_store(proj), f"{store_uri}/vit_pretrain/1")
-    assert [c["uri"] for c in chain] == [f"{store_uri}/vit_pretrain/1", f"{store_uri}/lm_pretrain/1"]
