@@ -222,7 +222,10 @@ def _failure(cfg: StageConfig, rc: int, tail: list[str], work: Path) -> BaseExce
     last = "\n  ".join(tail[-12:])
     if sig is not None or len(errs) < la.world_size:
         dead = sorted(set(range(la.world_size)) - {e["rank"] for e in errs})
-        why = (f"rank {', '.join(map(str, dead)) or '?'} was killed"
+        # The launcher may kill the surviving ranks before they report, so several can show dead.
+        who = f"ranks {', '.join(map(str, dead))} were" if len(dead) > 1 else \
+            f"rank {dead[0] if dead else '?'} was"
+        why = (f"{who} killed"
                + (f" by {signal.Signals(sig).name}" if sig else "")
                + " (out of memory, a cancelled or preempted job)")
         if errs:
