@@ -77,6 +77,12 @@ def is_alive(s: Service) -> bool:
             except OSError:
                 return False
         return False
+    if not cmdline:  # a zombie, or a process in the middle of exec (mlflow re-execs uvicorn)
+        try:
+            state = Path(f"/proc/{s.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state != "Z"
     return s.marker.encode() in cmdline
 
 
