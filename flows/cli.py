@@ -452,6 +452,8 @@ def data_status(names: list[str] = typer.Argument(None, help="Datasets (dvc stag
 
 # deploy, serve and server up|down|status (and the callback that finds `server up`'s servers)
 from moonforge.flows import ops_cli  # noqa: E402,F401  (registers its commands on `app`)
+# import and export (Hugging Face checkpoints in and out)
+from moonforge.flows import interop_cli  # noqa: E402,F401
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ fingerprint = sha256 of the canonical JSON of the *inputs* record:
      "config":   the resolved stage config minus every `Runtime[...]` field (nested models too),
      "model":    the recipe's VLMConfig,
      "upstream": {"stage", "fingerprint"} or None,
-     "data":     {dataset name: DVC md5},
-     "code":     hash of the moonforge model/ and stages/ .py sources}
+     "data":     {dataset name: DVC md5 (or import:<fp> for an imported tokenizer)},
+     "code":     hash of the moonforge model/ and stages/ .py sources,
+     "init":     {part: {"stage", "fingerprint"}} of `init:` artifacts (only when set)}
 The inputs record is stored in each artifact's manifest, so `explain_diff` can later say which
 input changed (for `moonforge status`).
 """
@@ -74,14 +75,18 @@ def fingerprint_inputs(
     upstream: tuple[str, str] | None,
     data: Mapping[str, str],
     code: str | None = None,
+    init: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict:
     """The inputs record for one stage execution.
 
-    `upstream` is (upstream stage name, its fingerprint) or None; `data` maps dataset name -> md5.
+    `upstream` is (upstream stage name, its fingerprint) or None; `data` maps dataset name -> md5;
+    `init` maps part -> {"stage", "fingerprint"} of the recipe's `init:` artifacts (the key is
+    present only when a stage has init, so stages without one keep their fingerprints).
     """
     kind = getattr(cfg, "kind", type(cfg).__name__)
     name = getattr(cfg, "stage_name", None) or kind
-    return {
+    extra = {"init": {k: dict(v) for k, v in sorted(init.items())}} if init else {}
+    return {**extra,
         "stage": {"kind": kind, "name": name},
         "config": identity(cfg),
         "model": identity(model),

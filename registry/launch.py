@@ -133,6 +133,7 @@ def launch_stage(function: str, base: Checkpoint | None, data: Mapping[str, Data
             "model": ctx.model.model_dump(mode="json"), "out": str(ctx.out), "workdir": str(work),
             "base": str(base.path) if base else None, "device": ctx.device,
             "resume_from": str(ctx.resume_from) if ctx.resume_from else None,
+            "init": {k: str(v) for k, v in ctx.init.items()},
             "data": {n: [str(d.path), d.digest] for n, d in data.items()},
             "ds_config": deepspeed_config(cfg, ctx.device) if cfg.launcher.kind == "deepspeed" else None,
         }, indent=1))

@@ -75,9 +75,11 @@ def build_lineage(
     mlflow_run_id: str | None = None,
     prefect_flow_run_id: str | None = None,
     code_version: str | None = None,
+    init: Mapping[str, Any] | None = None,
 ) -> dict:
     """The lineage record of one committed artifact (JSON-able)."""
     return {
+        "init": dict(init or {}),
         "fingerprint": fingerprint,
         "stage": stage,
         "kind": kind,

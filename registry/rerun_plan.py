@@ -18,6 +18,7 @@ from moonforge.registry.data_versions import read_lock
 from moonforge.registry.errors import DatasetError
 from moonforge.registry.fingerprint import code_version, explain_diff, fingerprint, fingerprint_inputs
 from moonforge.registry.run_stage import UNBUILT, fp_namer, resolve_upstream
+from moonforge.registry.stage_inputs import TOKENIZER, expected_init, expected_tokenizer_digest
 from moonforge.registry.store import ArtifactStore
 from moonforge.stages.recipe import Recipe
 
@@ -62,7 +63,11 @@ def plan_rerun(recipe: Recipe, stage: str, project: str | Path, store: ArtifactS
             fp_up, ref_up = planned[cfg.upstream]
             up, up_ref, how = (cfg.upstream, fp_up), ref_up, "planned output of this rerun"
         data = {n: digests.get(n, UNBUILT) for n in cfg.data}
-        inputs = fingerprint_inputs(cfg, recipe.model, up, data, code_version())
+        tok = expected_tokenizer_digest(recipe, store, project)
+        if tok is not None and TOKENIZER in data:
+            data[TOKENIZER] = tok
+        inputs = fingerprint_inputs(cfg, recipe.model, up, data, code_version(),
+                                    init=expected_init(cfg, store, project))
         fp = fingerprint(inputs)
         hit = store.lookup(name, fp)
         latest = store.latest(name)

@@ -20,6 +20,8 @@ from moonforge.registry.errors import ArtifactNotFound, DatasetError, StageFaile
 from moonforge.registry.fingerprint import code_version, fingerprint, fingerprint_inputs
 from moonforge.registry.launch import stage_runner
 from moonforge.registry.lineage import build_lineage
+from moonforge.registry.stage_inputs import (TOKENIZER, expected_init, expected_tokenizer_digest,
+                                              init_record, resolve_init, tokenizer_dataset)
 from moonforge.registry.store import TRAIN_STATE_DIR, ArtifactInfo, ArtifactStore, open_store
 from moonforge.stages import catalog
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
@@ -65,12 +67,24 @@ def expected_chain(recipe: Recipe, project: str | Path,
         except DatasetError:
             digests = {}
     out: dict[str, tuple[dict, str]] = {}
+    store = external_store(recipe, project)
+    tok = expected_tokenizer_digest(recipe, store, project) if store is not None else None
+    digests = {**digests, TOKENIZER: tok} if tok is not None else digests
     for cfg in recipe.stages:
         up = (cfg.upstream, out[cfg.upstream][1]) if cfg.upstream else None
         inputs = fingerprint_inputs(cfg, recipe.model, up,
-                                    {n: digests.get(n, UNBUILT) for n in cfg.data}, code_version())
+                                    {n: digests.get(n, UNBUILT) for n in cfg.data}, code_version(),
+                                    init=expected_init(cfg, store, project) if store else None)
         out[cfg.stage_name] = (inputs, fingerprint(inputs))
     return out
+
+
+def external_store(recipe: Recipe, project: str | Path) -> ArtifactStore | None:
+    """The store, opened only when the recipe has inputs from outside its chain (init:, an
+    imported tokenizer): plain recipes compute expected fingerprints without touching it."""
+    if recipe.tokenizer is None and all(getattr(c, "init", None) is None for c in recipe.stages):
+        return None
+    return open_store(project)
 
 
 def resolve_upstream(recipe: Recipe, stage_name: str, project: str | Path, store: ArtifactStore,
@@ -123,6 +137,15 @@ def check_upstream_kind(recipe: Recipe, stage_name: str, ref: str, info: Artifac
         chain.append(recipe.stage(name))
         name = chain[-1].upstream
     got = artifact_kind(info)
+    if got == "import":  # external weights: any stage may start from a whole imported VLM
+        from moonforge.stages.artifacts import MODEL_CONFIG_FILE
+
+        if not (info.path / MODEL_CONFIG_FILE).is_file():
+            raise ArtifactNotFound(
+                f"--from {ref}: {info.ref} is an import of only some parts of a model; a stage "
+                f"starts from a whole VLM. Use it through the recipe's init: (e.g. init: "
+                f"{{lm: {info.ref}}}) on a stage with upstream: null")
+        return f"external import {info.ref}"
     for i, st in enumerate(chain):
         if info.stage == st.stage_name or got == st.kind:
             skipped = [c.stage_name for c in chain[:i]]
@@ -154,6 +177,8 @@ class _Job:
     inputs: dict
     fingerprint: str
     flow_run_id: str | None
+    init: dict[str, ArtifactInfo] = field(default_factory=dict)
+    """The recipe's init: parts, resolved."""
 
     @property
     def name(self) -> str:
@@ -192,12 +217,17 @@ def run_stage(
 
         tracker = Tracker(project, recipe.name)
     upstream, how = resolve_upstream(recipe, stage_name, project, store, upstream_ref)
-    datasets = ensure_datasets(project, cfg.data)
+    init = resolve_init(cfg, store, project)
+    tok = tokenizer_dataset(recipe, store, project) if TOKENIZER in cfg.data else None
+    datasets = ensure_datasets(project, [n for n in cfg.data if tok is None or n != TOKENIZER])
+    if tok is not None:
+        datasets = {n: (tok if n == TOKENIZER else datasets[n]) for n in cfg.data}
     inputs = fingerprint_inputs(cfg, recipe.model,
                                 (upstream.stage, upstream.fingerprint) if upstream else None,
-                                {n: d.digest for n, d in datasets.items()}, code_version())
+                                {n: d.digest for n, d in datasets.items()}, code_version(),
+                                init=init_record(init))
     job = _Job(recipe, cfg, project, store, upstream, how, datasets, inputs, fingerprint(inputs),
-               flow_run_id)
+               flow_run_id, init)
     progress = progress or _no_progress
     hit = store.lookup(job.name, job.fingerprint)
     if hit is not None:
@@ -233,7 +263,7 @@ def _execute(job: _Job, tracker: Any, progress: StageProgress) -> tuple[Artifact
     if resume is not None:
         log.warning("%s: resuming from the checkpoint a failed run left at %s", job.name, resume)
     ctx = StageContext(out=staging, model=job.recipe.model, sink=run.sink, progress=report,
-                       resume_from=resume)
+                       resume_from=resume, init={p: a.path for p, a in job.init.items()})
     started = time.time()
     try:
         result = fn(Checkpoint(job.upstream.path) if job.upstream else None, job.datasets, job.cfg, ctx)
@@ -279,7 +309,9 @@ def _lineage_fields(job: _Job, result: StageResult, ctx: StageContext, run_id: s
         project=job.project, recipe={"name": job.recipe.name, "digest": job.recipe.digest()},
         metrics=result.metrics, started=started, ended=ended, device=ctx.device,
         world_size=job.cfg.launcher.world_size, mlflow_run_id=run_id,
-        prefect_flow_run_id=job.flow_run_id, code_version=job.inputs["code"])
+        prefect_flow_run_id=job.flow_run_id, code_version=job.inputs["code"],
+        init={p: {"ref": a.ref, "fingerprint": a.fingerprint, "path": str(a.path)}
+              for p, a in job.init.items()})
 
 
 def stage_status(recipe: Recipe, project: str | Path,

@@ -92,6 +92,9 @@ class StageContext:
     device: str = "cpu"
     resume_from: Path | None = None
     """A periodic checkpoint of this same stage/version to resume from (after a crash)."""
+    init: Mapping[str, Path] = field(default_factory=dict)
+    """Part name ("vlm", "vision", "projector", "lm") -> artifact directory whose weights the
+    stage loads over its model before training (the recipe's `init:`, resolved by the registry)."""
     parallel: Any = None
     """This process's place in a data-parallel job (stages.train.distributed.Parallel), set only
     in a torchrun/deepspeed-launched child; None = single process."""

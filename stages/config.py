@@ -151,6 +151,41 @@ class LauncherConfig(Frozen):
         return self
 
 
+class InitConfig(Frozen):
+    """Weights a stage loads into its model before training: refs to imported checkpoints
+    (`moonforge import`) or other artifacts, per part (`vlm` = vision + projector + LM).
+
+    Example: `init: {vision: siglip@latest, lm: moonlight@latest}`. Each part's shape must match
+    the recipe's `model:` section (the vision position grid is resampled when only its side
+    differs). Loaded after the upstream checkpoint, so init wins over it for the parts it names.
+    """
+
+    vlm: str | None = None
+    """A whole-VLM artifact (e.g. an imported Kimi-VL): all three parts."""
+    vision: str | None = None
+    """MoonViT weights (e.g. an imported SigLIP vision tower)."""
+    projector: str | None = None
+    """Projector weights."""
+    lm: str | None = None
+    """LM weights (e.g. an imported DeepSeek-V3 / Moonlight, Llama or Qwen2)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "InitConfig":
+        named = self.parts()
+        if not named:
+            raise ValueError("init: name at least one of vlm, vision, projector, lm (a ref such "
+                             "as moonlight@latest)")
+        if self.vlm is not None and len(named) > 1:
+            raise ValueError("init: vlm already covers vision, projector and lm; give vlm alone "
+                             "or the parts alone")
+        return self
+
+    def parts(self) -> dict[str, str]:
+        """Part name -> ref, for the parts that are set."""
+        return {k: v for k, v in (("vlm", self.vlm), ("vision", self.vision),
+                                  ("projector", self.projector), ("lm", self.lm)) if v is not None}
+
+
 class StageConfig(Frozen):
     """Fields every stage has. Subclasses add their mechanism's fields and fix `kind`."""
 
@@ -190,6 +225,10 @@ class StageConfig(Frozen):
     """Data-loader worker processes."""
     launcher: Runtime[LauncherConfig] = LauncherConfig()
     """How training is launched (in process, torchrun, deepspeed); never changes the math."""
+    init: Runtime[InitConfig | None] = None
+    """Weights to start from per part (see InitConfig). Runtime only as written: the refs are
+    resolved and the fingerprints of the artifacts they name enter the fingerprint as `init`,
+    so `siglip@latest` and `siglip@3` are the same input when they name the same artifact."""
 
     @model_validator(mode="after")
     def _check_budget(self) -> "StageConfig":

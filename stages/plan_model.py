@@ -158,7 +158,7 @@ def model_costs(shape: VLMConfig) -> ModelCosts:
     from moonforge.model.vlm import param_counts  # torch import: only when a plan is made
 
     c = param_counts(shape)
-    lm_head = shape.lm.vocab_size * shape.lm.hidden_size  # untied: a real matmul per token
+    lm_head = shape.lm.vocab_size * shape.lm.hidden_size  # a real matmul per token, tied or not
     return ModelCosts(
         shape=shape,
         params={"vision": c["vision"], "projector": c["projector"], "caption": c["caption"],

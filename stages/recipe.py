@@ -111,6 +111,10 @@ class Recipe(Frozen):
     """Ordered stages; each upstream must name an earlier stage."""
     promotion: PromotionConfig = PromotionConfig()
     """Model registry: the model name, which stages it registers, and the promotion gates."""
+    tokenizer: str | None = None
+    """A ref to an imported checkpoint (`moonforge import`) whose tokenizer.json every stage uses
+    in place of the DVC-built BPE (the `tokenizer` dataset); its fingerprint enters each stage's
+    fingerprint as that dataset's version. None: train and use the BPE."""
 
     @model_validator(mode="after")
     def _graph(self) -> "Recipe":

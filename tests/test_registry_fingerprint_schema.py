@@ -33,6 +33,10 @@ that the stage kind/name count is checked in test_registry_fingerprint.test_ever
 RECIPE_METADATA = {"name", "description", "promotion"}
 """Recipe-level fields that are not stage inputs (experiment name, prose, registry gates): they
 never enter a stage fingerprint by design. Every other top-level field must be classified here."""
+RESOLVED_REFS = {"tokenizer"}
+"""Recipe-level refs to artifacts: the fingerprint of what they resolve to enters each stage's
+fingerprint as its `tokenizer` data version (tested in tests/test_interop_recipe.py), the ref's
+spelling does not."""
 
 FIXED_BY_VALIDATOR = {
     ("vit_pretrain", (0, "at_frac")),   # the first resolution milestone starts at 0.0
@@ -216,12 +220,15 @@ def base_for(case: tuple) -> BaseModel | None:
 
 
 def test_recipe_top_level_fields_are_classified():
-    assert set(Recipe.model_fields) == {"model", "stages"} | RECIPE_METADATA
+    assert set(Recipe.model_fields) == {"model", "stages"} | RECIPE_METADATA | RESOLVED_REFS
 
 
 def test_the_walk_sees_the_runtime_fields_and_nested_identity_fields():
     paths = {(w, p) for _, w, p, rt in cases() if rt}
-    assert {p for _, p in paths} == {("log_every",), ("checkpoint_every",), ("num_workers",)} | {
+    # init is Runtime as written: its refs are resolved, and the artifacts' fingerprints enter
+    # as the inputs record's `init` (tests/test_interop_recipe.py)
+    assert {p for _, p in paths} == {("log_every",), ("checkpoint_every",), ("num_workers",),
+                                     ("init",)} | {
         ("launcher", f) for f in ("kind", "nproc_per_node", "nnodes", "zero_stage", "backend")}
     ident = {p for _, _, p, rt in cases() if not rt}
     assert ("optimizer", "muon", "momentum") in ident and ("lm", "rope_theta") in ident

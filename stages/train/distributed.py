@@ -218,7 +218,8 @@ def main(job_path: str) -> int:
         out=out, model=VLMConfig.model_validate(job["model"]),
         sink=JsonlSink(work / "metrics.jsonl") if writer else ListSink(),
         progress=_progress if writer else (lambda *a: None), device=device,
-        resume_from=Path(job["resume_from"]) if job["resume_from"] else None, parallel=par)
+        resume_from=Path(job["resume_from"]) if job["resume_from"] else None, parallel=par,
+        init={k: Path(v) for k, v in job.get("init", {}).items()})
     base = Checkpoint(Path(job["base"])) if job["base"] else None
     data = {n: DatasetRef(n, Path(p), d) for n, (p, d) in job["data"].items()}
     try:

@@ -23,6 +23,7 @@ from moonforge.stages.data.evalsets import lm_eval_batches
 from moonforge.stages.data.records import require_dataset
 from moonforge.stages.data.sources import DocSource, VisionSpec
 from moonforge.stages.train.checkpoint import PERIODIC_DIR, load_weights, save_weights
+from moonforge.stages.train.init_parts import load_init
 from moonforge.stages.train.loop import TrainSpec
 
 
@@ -39,13 +40,16 @@ def require(data: Mapping[str, DatasetRef], name: str, stage: str) -> DatasetRef
 
 def open_model(base: Checkpoint | None, ctx: StageContext, seed: int,
                model_cfg: VLMConfig | None = None) -> tuple[VLM, VLMConfig]:
-    """Build the VLM (seeded) and load `base`'s weights; `model_cfg` overrides the shape's
-    runtime-settable fields (e.g. the long-context RoPE base)."""
+    """Build the VLM (seeded), load `base`'s weights, then the recipe's `init:` parts
+    (ctx.init); `model_cfg` overrides the shape's runtime-settable fields (e.g. the long-context
+    RoPE base)."""
     cfg = model_cfg or (base.model_config() if base is not None else ctx.model)
     torch.manual_seed(seed)
     model = build_vlm(cfg, device=ctx.device, seed=seed)
     if base is not None:
         load_weights(model, base)
+    if ctx.init:  # the recipe's init: parts override the upstream's weights for those parts
+        load_init(model, cfg, ctx.init)
     return model, cfg
 
 
