@@ -23,7 +23,7 @@ import yaml
 
 import moonforge.stages.rl.policy as policy
 from moonforge.model.config import VLMConfig
-from moonforge.model.generate import MEDIA_PAD_ID, GenerationOutput
+from moonforge.model.generate import GenerationOutput
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.model.vlm import build_vlm
 from moonforge.stages.artifacts import StageContext
@@ -46,8 +46,10 @@ def forced_generate(lengths: dict[tuple[int, ...], int], real):
         kw.update(stop_ids=(), repeat_ngram=None, repeat_max=None)
         out = real(model, contexts, max_new_tokens=steps, **kw)
         cut = [min(n, max_new_tokens) for n in left]
-        # a sampled <|media_pad|> would read as an image slot on resume; any plain id will do here
-        toks = [[300 if x == MEDIA_PAD_ID else x for x in t[:n]] for t, n in zip(out.tokens, cut)]
+        # a sampled media pad (the tokenizer's id, passed by RolloutSampler) would read as an
+        # image slot on resume; any plain id will do here
+        media_pad = kw["media_pad_id"]
+        toks = [[300 if x == media_pad else x for x in t[:n]] for t, n in zip(out.tokens, cut)]
         return GenerationOutput(toks,
                                 [lp[:n] for lp, n in zip(out.logprobs, cut)],
                                 ["stop" if n <= max_new_tokens else "length" for n in left], cut)

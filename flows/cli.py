@@ -358,17 +358,17 @@ def chat(ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
          max_new_tokens: int = typer.Option(64, "--max-new-tokens")) -> None:
     """Ask a checkpoint a question about an image (greedy, KV cache)."""
     with _errors():
-        from moonforge.model.tokenizer import Tokenizer
-        from moonforge.registry.data_versions import read_lock
+        from moonforge.registry.hf_tokenizer import load_checkpoint_tokenizer
         from moonforge.registry.refs import resolve_ref
         from moonforge.registry.store import open_store
         from moonforge.stages.artifacts import Checkpoint
         from moonforge.stages.inference import chat as answer
 
-        info = resolve_ref(ref, open_store(_project()), _project())
+        store = open_store(_project())
+        info = resolve_ref(ref, store, _project())
         if image is not None and not image.is_file():
             raise FileNotFoundError(f"--image {image}: no such file; pass a PNG/JPEG path")
-        tok = Tokenizer.load(read_lock(_project(), ["tokenizer"])["tokenizer"].path)
+        tok = load_checkpoint_tokenizer(info, store, _project())
         out = answer(Checkpoint(info.path), tok, question, image, max_new_tokens)
         console.print(f"[bold]{info.ref}[/]: {out.text}", highlight=False)
         console.print(f"({out.num_tokens} tokens, {out.finish_reason})", style="dim")
@@ -382,16 +382,17 @@ def eval_(ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
     with _errors():
         from rich.table import Table
 
-        from moonforge.model.tokenizer import Tokenizer
         from moonforge.registry.data_versions import read_lock
+        from moonforge.registry.hf_tokenizer import load_checkpoint_tokenizer
         from moonforge.registry.refs import resolve_ref
         from moonforge.registry.store import open_store
         from moonforge.stages.artifacts import Checkpoint
         from moonforge.stages.inference import evaluate
 
-        info = resolve_ref(ref, open_store(_project()), _project())
-        data = read_lock(_project(), ["tokenizer", "rl_prompts", "toyworld"])
-        tok = Tokenizer.load(data["tokenizer"].path / "tokenizer.json")
+        store = open_store(_project())
+        info = resolve_ref(ref, store, _project())
+        data = read_lock(_project(), ["rl_prompts", "toyworld"])
+        tok = load_checkpoint_tokenizer(info, store, _project())
         metrics = evaluate(Checkpoint(info.path), tok, data["rl_prompts"].path,
                            data["toyworld"].path, examples, max_new_tokens)
         table = Table(title=f"{info.ref}: rl_prompts/val")

@@ -37,10 +37,13 @@ from moonforge.model.vlm import VLM
 
 FinishReason = Literal["stop", "length", "repeat"]
 
+# Defaults: the ids of moonforge's own BPE (its build numbers specials in SPECIAL_TOKENS order).
+# A caller holding a Tokenizer passes tok.stop_ids / tok.pad_id / tok.media_pad_id instead, which
+# equal these for our BPE and differ for an imported checkpoint's tokenizer (qwen, llama3).
 DEFAULT_STOP_IDS = (SPECIAL_TOKENS.index("<|im_end|>"), SPECIAL_TOKENS.index("<|endoftext|>"))
-"""<|im_end|> and <|endoftext|> (the tokenizer build numbers specials in SPECIAL_TOKENS order)."""
+"""<|im_end|> and <|endoftext|> of moonforge's own BPE (= its Tokenizer.stop_ids)."""
 MEDIA_PAD_ID = SPECIAL_TOKENS.index("<|media_pad|>")
-"""Id of <|media_pad|>, whose prompt positions receive image tokens."""
+"""Id of <|media_pad|>, whose prompt positions receive image tokens (= Tokenizer.media_pad_id)."""
 PAD_ID = SPECIAL_TOKENS.index("<|pad|>")
 """Fed at padding positions; its value never matters (pads are masked by doc id -1)."""
 
@@ -80,10 +83,11 @@ class _Decoder:
     device: what both decoders start from."""
 
     def __init__(self, model: VLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 media_mask_BL: Tensor, pixels_NP: Tensor | None, grid_hw: Tensor | None) -> None:
-        self.model = model
+                 media_mask_BL: Tensor, pixels_NP: Tensor | None, grid_hw: Tensor | None,
+                 pad_id: int = PAD_ID) -> None:
+        self.model, self.pad_id = model, pad_id
         device = model.lm.embed_tokens.weight.device
-        self.ids_BL, self.pos_BL, self.doc_BL = left_pad(prompts, device=device)
+        self.ids_BL, self.pos_BL, self.doc_BL = left_pad(prompts, pad_id, device=device)
         self.media_mask_BL = media_mask_BL.to(device)
         self.pixels_NP, self.grid_hw = pixels_NP, grid_hw
 
@@ -92,8 +96,9 @@ class CachedDecoder(_Decoder):
     """Prefill the padded prompts into a `KVCache`, then decode one position per step."""
 
     def __init__(self, model: VLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 media_mask_BL: Tensor, pixels_NP: Tensor | None, grid_hw: Tensor | None) -> None:
-        super().__init__(model, prompts, max_new_tokens, media_mask_BL, pixels_NP, grid_hw)
+                 media_mask_BL: Tensor, pixels_NP: Tensor | None, grid_hw: Tensor | None,
+                 pad_id: int = PAD_ID) -> None:
+        super().__init__(model, prompts, max_new_tokens, media_mask_BL, pixels_NP, grid_hw, pad_id)
         device = self.ids_BL.device
         B, L = self.ids_BL.shape
         self.cache = KVCache(len(model.lm.layers), B, L + max_new_tokens, device)
@@ -104,7 +109,7 @@ class CachedDecoder(_Decoder):
         """Logits (B, V) for the first new token of every prompt."""
         h_BLD = self.model.embed(self.ids_BL, self.media_mask_BL, self.pixels_NP, self.grid_hw)
         h_BLD = self.model.lm.hidden_cached(h_BLD, self.pos_BL, self.doc_BL, self.cache)
-        return self.model.lm.lm_head(h_BLD[:, -1])
+        return self.model.lm.logits(h_BLD[:, -1])
 
     def step(self, rows: Sequence[int], next_ids_R: Tensor) -> Tensor:
         """Append `next_ids_R` to prompts `rows` (a shrinking, increasing subset of the batch);
@@ -119,7 +124,7 @@ class CachedDecoder(_Decoder):
         h_R1D = lm.hidden_cached(lm.embed(next_ids_R[:, None]), self.next_pos_R[:, None],
                                  torch.zeros_like(next_ids_R)[:, None], self.cache)
         self.next_pos_R = self.next_pos_R + 1
-        return lm.lm_head(h_R1D[:, 0])
+        return lm.logits(h_R1D[:, 0])
 
 
 class FullDecoder(_Decoder):
@@ -134,7 +139,7 @@ class FullDecoder(_Decoder):
     def step(self, rows: Sequence[int], next_ids_R: Tensor) -> Tensor:
         """As `CachedDecoder.step`, recomputing everything."""
         rows_R = torch.tensor(list(rows), device=self.ids_BL.device)
-        ids_B = torch.full_like(self.ids_BL[:, -1], PAD_ID).index_copy(0, rows_R, next_ids_R)
+        ids_B = torch.full_like(self.ids_BL[:, -1], self.pad_id).index_copy(0, rows_R, next_ids_R)
         doc_B = torch.full_like(self.doc_BL[:, -1], -1).index_fill(0, rows_R, 0)
         pos_B = self.pos_BL.max(dim=1).values + 1
         self.ids_BL = torch.cat([self.ids_BL, ids_B[:, None]], dim=1)
@@ -214,7 +219,7 @@ def generate(model: VLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
              temperature: float = 1.0, top_p: float = 1.0,
              stop_ids: Sequence[int] = DEFAULT_STOP_IDS, pixels_NP: Tensor | None = None,
              grid_hw: Tensor | None = None, media_pad_id: int = MEDIA_PAD_ID,
-             seed: int | None = None, generator: torch.Generator | None = None,
+             pad_id: int = PAD_ID, seed: int | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True, repeat_ngram: int | None = None,
              repeat_max: int | None = None) -> GenerationOutput:
     """Continue every prompt by up to `max_new_tokens` tokens.
@@ -226,19 +231,22 @@ def generate(model: VLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     seeded with `seed`; neither -> torch's global RNG). A row ends at its first `stop_ids` token
     ("stop", token kept), at `max_new_tokens` ("length"), or when `RepeatDetector(repeat_ngram,
     repeat_max)` fires ("repeat"). `use_cache=False` recomputes the full forward every step.
+    Token ids: pass the tokenizer's (stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+    media_pad_id=tok.media_pad_id); the defaults are those of moonforge's own BPE.
     Example: generate(vlm, [[3, 17, 42]], max_new_tokens=8, temperature=0).tokens[0]
     """
     _check_args(max_new_tokens, temperature, top_p, repeat_ngram, repeat_max)
     device = model.lm.embed_tokens.weight.device
     if generator is None and seed is not None:
         generator = torch.Generator(device).manual_seed(seed)
-    ids_BL, _, doc_BL = left_pad(prompts)
+    ids_BL, _, doc_BL = left_pad(prompts, pad_id)
     media_mask_BL = (ids_BL == media_pad_id) & (doc_BL >= 0)
     decoder_cls = CachedDecoder if use_cache else FullDecoder
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        decoder = decoder_cls(model, prompts, max_new_tokens, media_mask_BL, pixels_NP, grid_hw)
+        decoder = decoder_cls(model, prompts, max_new_tokens, media_mask_BL, pixels_NP, grid_hw,
+                              pad_id)
         return _decode_loop(decoder, len(prompts), max_new_tokens, temperature, top_p,
                             frozenset(stop_ids), generator, repeat_ngram, repeat_max)
     finally:

@@ -5,7 +5,7 @@ What each layer stores is up to its attention module (the cache is shape-agnosti
   shared, already-rotated rope key (Dr dims), i.e. (R + Dr) numbers per token per layer instead
   of H * (2 * Dn + Dr). Per-head k, v are re-expanded from the latent at every step
   (`MLA.expand`); weight absorption would skip that matmul but changes float summation order.
-- MHA stores the rotated per-head k and v.
+- MHA stores the rotated per-head k and v of its key/value heads (num_kv_heads under GQA).
 
 What is unusual:
 - Every stored tensor keeps its sequence axis second to last ((B, K, R), (B, 1, K, Dr),

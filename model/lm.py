@@ -1,15 +1,22 @@
 """Moonlight / DeepSeek-V3-small style decoder LM over packed documents.
 
 Blocks are pre-RMSNorm: h += attn(norm(h)); h += ffn(norm(h)). The first `first_k_dense` blocks use
-a dense SwiGLU, the rest the sigmoid-routed MoE of `moe.py`. Embeddings and lm_head are untied.
+a dense SwiGLU, the rest the sigmoid-routed MoE of `moe.py` (first_k_dense = num_layers gives a
+dense Llama / Qwen2-style LM). lm_head is untied unless `tie_word_embeddings`, in which case there
+is no lm_head parameter at all and `logits` multiplies by embed_tokens' weight (so a state dict
+never holds two names for one tensor, which safetensors refuses).
 
 Attention (config `attention`):
-- `mla`: DeepSeek-V3 multi-head latent attention with q_lora_rank = null (full q projection).
-  q = q_proj(x) -> per head [nope (head_dim) | rope (qk_rope_head_dim)].
+- `mla`: DeepSeek-V3 multi-head latent attention.
+  q = q_proj(x), or q_b_proj(RMSNorm(q_a_proj(x))) when q_lora_rank is set,
+  -> per head [nope (head_dim) | rope (qk_rope_head_dim)].
   kv_a_proj_with_mqa(x) -> [c_kv (kv_lora_rank) | k_rope (qk_rope_head_dim, ONE shared head)];
   kv_b_proj(RMSNorm(c_kv)) -> per head [k_nope (head_dim) | v (head_dim)].
   RoPE touches only the rope slices; softmax scale = (head_dim + qk_rope_head_dim) ** -0.5.
-- `mha`: plain multi-head attention with RoPE over the whole head_dim (which must be even).
+- `mha`: multi-head attention with RoPE over the whole head_dim (which must be even), optional
+  grouped-query attention (`num_kv_heads` key/value heads, each shared by a run of
+  num_heads / num_kv_heads consecutive query heads, as HF's repeat_kv) and optional q/k/v and
+  o_proj biases.
 
 What is unusual:
 - Attention is causal AND block-diagonal by `doc_ids_BL` (packed documents never see each other;
@@ -17,11 +24,11 @@ What is unusual:
 - RoPE holds no state (see rope.py): set `rope_theta` in a new config and load the same weights.
 - KV cache (`hidden_cached`, see kv_cache.py): MLA caches the compressed (c_kv, k_rope) from
   `MLA.compress`, which is the whole point of MLA, and re-expands per-head k, v with `MLA.expand`
-  at every step; MHA caches the rotated k and v.
+  at every step; MHA caches the rotated k and v of its Hkv key/value heads only.
 
-Legend: B batch rows, L sequence length, D hidden, H heads, Dn = head_dim (no-RoPE part and v),
-Dr rope dims, R kv_lora_rank, P rope pairs, V vocab, T = B*L tokens, Q new positions of a cached
-step, K cached positions including them.
+Legend: B batch rows, L sequence length, D hidden, H heads, Hkv key/value heads (MHA), Dn =
+head_dim (no-RoPE part and v), Dr rope dims, R kv_lora_rank, Rq q_lora_rank, P rope pairs,
+V vocab, T = B*L tokens, Q new positions of a cached step, K cached positions including them.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moonforge.model.attention import Backend, attend, attend_cached
@@ -39,7 +47,7 @@ from moonforge.model.rope import Rope1D, apply_rotary
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention, q_lora_rank = null. forward(x_BLD, cos, sin, doc) -> x_BLD."""
+    """Multi-head latent attention. forward(x_BLD, cos, sin, doc) -> x_BLD."""
 
     def __init__(self, cfg: LMConfig, backend: Backend) -> None:
         super().__init__()
@@ -47,11 +55,18 @@ class MLA(nn.Module):
         self.H, self.Dn, self.Dr, self.R = H, cfg.head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         self.backend = backend
         self.scale = (self.Dn + self.Dr) ** -0.5
-        self.q_proj = nn.Linear(D, H * (self.Dn + self.Dr), bias=False)
+        latent_eps = cfg.latent_norm_eps or cfg.rms_norm_eps
+        self.q_lora_rank = cfg.q_lora_rank
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * (self.Dn + self.Dr), bias=False)
+        else:  # HF DeepseekV3 names; q_a_proj has no bias (attention_bias is refused on import)
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = nn.RMSNorm(cfg.q_lora_rank, eps=latent_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (self.Dn + self.Dr), bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, self.R + self.Dr, bias=False)
-        self.kv_a_layernorm = nn.RMSNorm(self.R, eps=cfg.rms_norm_eps)
+        self.kv_a_layernorm = nn.RMSNorm(self.R, eps=latent_eps)
         self.kv_b_proj = nn.Linear(self.R, H * 2 * self.Dn, bias=False)
-        self.o_proj = nn.Linear(H * self.Dn, D, bias=False)
+        self.o_proj = nn.Linear(H * self.Dn, D, bias=cfg.attention_out_bias)
 
     def compress(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor) -> tuple[Tensor, Tensor]:
         """The cacheable latent: (c_kv_BLR normalised, k_rope_B1LDr already rotated)."""
@@ -71,7 +86,11 @@ class MLA(nn.Module):
     def queries(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor) -> Tensor:
         """Per-head queries (B, H, L, Dn + Dr), rope slice rotated."""
         B, L, _ = x_BLD.shape
-        q_BHLX = self.q_proj(x_BLD).view(B, L, self.H, self.Dn + self.Dr).transpose(1, 2)
+        if self.q_lora_rank is None:
+            q_BLX = self.q_proj(x_BLD)
+        else:
+            q_BLX = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BLD)))
+        q_BHLX = q_BLX.view(B, L, self.H, self.Dn + self.Dr).transpose(1, 2)
         q_nope, q_rope = q_BHLX.split([self.Dn, self.Dr], dim=-1)
         return torch.cat([q_nope, apply_rotary(q_rope, cos_BLP, sin_BLP)], dim=-1)
 
@@ -96,44 +115,53 @@ class MLA(nn.Module):
 
 
 class MHA(nn.Module):
-    """Plain multi-head attention with RoPE on the full head dim."""
+    """Multi-head attention with RoPE on the full head dim, optional GQA and biases."""
 
     def __init__(self, cfg: LMConfig, backend: Backend) -> None:
         super().__init__()
         if cfg.head_dim % 2:
             raise ValueError(f"model.lm.head_dim={cfg.head_dim} must be even for RoPE in mha")
         D, H, Dh = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        self.H, self.Dh, self.backend = H, Dh, backend
-        self.q_proj = nn.Linear(D, H * Dh, bias=False)
-        self.k_proj = nn.Linear(D, H * Dh, bias=False)
-        self.v_proj = nn.Linear(D, H * Dh, bias=False)
-        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        Hkv = cfg.num_kv_heads or H
+        self.H, self.Hkv, self.Dh, self.backend = H, Hkv, Dh, backend
+        self.q_proj = nn.Linear(D, H * Dh, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=cfg.attention_out_bias)
 
     def qkv(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-head (q, k, v), each (B, H, L, Dh); q and k rotated."""
+        """q (B, H, L, Dh) and k, v (B, Hkv, L, Dh); q and k rotated."""
         B, L, _ = x_BLD.shape
 
-        def heads(proj: nn.Linear) -> Tensor:
-            return proj(x_BLD).view(B, L, self.H, self.Dh).transpose(1, 2)
+        def heads(proj: nn.Linear, num_heads: int) -> Tensor:
+            return proj(x_BLD).view(B, L, num_heads, self.Dh).transpose(1, 2)
 
-        q_BHLD = apply_rotary(heads(self.q_proj), cos_BLP, sin_BLP)
-        k_BHLD = apply_rotary(heads(self.k_proj), cos_BLP, sin_BLP)
-        return q_BHLD, k_BHLD, heads(self.v_proj)
+        q_BHLD = apply_rotary(heads(self.q_proj, self.H), cos_BLP, sin_BLP)
+        k_BHLD = apply_rotary(heads(self.k_proj, self.Hkv), cos_BLP, sin_BLP)
+        return q_BHLD, k_BHLD, heads(self.v_proj, self.Hkv)
+
+    def share_kv(self, x_BHkvLD: Tensor) -> Tensor:
+        """(B, Hkv, L, Dh) -> (B, H, L, Dh): query head h reads key/value head h // (H / Hkv)."""
+        if self.Hkv == self.H:
+            return x_BHkvLD
+        return x_BHkvLD.repeat_interleave(self.H // self.Hkv, dim=1)
 
     def forward(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor,
                 doc_ids_BL: Tensor) -> Tensor:
         B, L, _ = x_BLD.shape
         q_BHLD, k_BHLD, v_BHLD = self.qkv(x_BLD, cos_BLP, sin_BLP)
-        out_BHLD = attend(q_BHLD, k_BHLD, v_BHLD, doc_ids_BL, causal=True, backend=self.backend)
+        out_BHLD = attend(q_BHLD, self.share_kv(k_BHLD), self.share_kv(v_BHLD), doc_ids_BL,
+                          causal=True, backend=self.backend)
         return self.o_proj(out_BHLD.transpose(1, 2).reshape(B, L, self.H * self.Dh))
 
     def forward_cached(self, x_BQD: Tensor, cos_BQP: Tensor, sin_BQP: Tensor,
                        doc_ids_BK: Tensor, cache: LayerCache, start: int) -> Tensor:
-        """Attend Q new positions over the cache; stores their k, v at [start, start + Q)."""
+        """Attend Q new positions over the cache; stores their Hkv-head k, v at
+        [start, start + Q)."""
         B, Q, _ = x_BQD.shape
         q_BHQD, k_BHQD, v_BHQD = self.qkv(x_BQD, cos_BQP, sin_BQP)
         k_BHKD, v_BHKD = cache.write(start, k_BHQD, v_BHQD)
-        out_BHQD = attend_cached(q_BHQD, k_BHKD, v_BHKD, doc_ids_BK)
+        out_BHQD = attend_cached(q_BHQD, self.share_kv(k_BHKD), self.share_kv(v_BHKD), doc_ids_BK)
         return self.o_proj(out_BHQD.transpose(1, 2).reshape(B, Q, self.H * self.Dh))
 
 
@@ -170,7 +198,7 @@ class DecoderBlock(nn.Module):
 
 
 class MoELM(nn.Module):
-    """Token embedding -> decoder blocks -> RMSNorm -> untied lm_head."""
+    """Token embedding -> decoder blocks -> RMSNorm -> lm_head (or the tied embedding)."""
 
     def __init__(self, cfg: LMConfig, backend: Backend = "auto") -> None:
         super().__init__()
@@ -180,13 +208,16 @@ class MoELM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderBlock(cfg, i, backend) for i in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Tied: no module at all, so the state dict and optimizer see embed_tokens.weight once.
+        self.lm_head: nn.Linear | None = (
+            None if cfg.tie_word_embeddings
+            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """Normal(0, std) for embeddings, projections and router weights; output projections
         (o_proj, down_proj) get std / sqrt(2 * num_layers) (GPT-2 style); norms to one; router
-        biases to zero."""
+        and projection biases to zero."""
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
         for name, m in self.named_modules():
             if isinstance(m, nn.RMSNorm):
@@ -194,6 +225,8 @@ class MoELM(nn.Module):
             elif isinstance(m, (nn.Linear, nn.Embedding, Router)):
                 is_out = name.endswith(("o_proj", "down_proj"))
                 nn.init.normal_(m.weight, std=out_std if is_out else std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
             if isinstance(m, Router):
                 m.e_score_correction_bias.zero_()
 
@@ -204,6 +237,13 @@ class MoELM(nn.Module):
     def embed(self, input_ids_BL: Tensor) -> Tensor:
         """(B, L) token ids -> (B, L, D) input embeddings."""
         return self.embed_tokens(input_ids_BL)
+
+    def logits(self, h_XD: Tensor) -> Tensor:
+        """Normed hidden states (..., D) -> logits (..., V): lm_head, or embed_tokens' weight
+        when tied. Use this, never `lm_head` directly (it is None when tied)."""
+        if self.lm_head is None:
+            return F.linear(h_XD, self.embed_tokens.weight)
+        return self.lm_head(h_XD)
 
     def hidden(self, h_BLD: Tensor, position_ids_BL: Tensor, doc_ids_BL: Tensor) -> Tensor:
         """Run the blocks and the final norm on input embeddings: (B, L, D) -> (B, L, D)."""
@@ -216,7 +256,7 @@ class MoELM(nn.Module):
                       cache: KVCache) -> Tensor:
         """`hidden` for Q new positions appended after the `cache.length` cached ones.
 
-        Returns (B, Q, D) normed hidden states (apply `lm_head` for logits) and advances the
+        Returns (B, Q, D) normed hidden states (apply `logits` for logits) and advances the
         cache by Q. Equals rows [K - Q, K) of `hidden` over the whole sequence, K = length + Q.
         Prefill is one call with the whole (left-padded) prompt; decoding then passes Q = 1.
         """
@@ -240,7 +280,7 @@ class MoELM(nn.Module):
         if (input_ids_BL is None) == (inputs_embeds_BLD is None):
             raise ValueError("pass exactly one of input_ids_BL and inputs_embeds_BLD")
         h_BLD = self.embed(input_ids_BL) if inputs_embeds_BLD is None else inputs_embeds_BLD
-        return self.lm_head(self.hidden(h_BLD, position_ids_BL, doc_ids_BL))
+        return self.logits(self.hidden(h_BLD, position_ids_BL, doc_ids_BL))
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         """(layer index, MoE) for every MoE block."""

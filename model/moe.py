@@ -1,8 +1,12 @@
 """SwiGLU feed-forwards: a dense FFN and a DeepSeek-V3 / Moonlight mixture of experts.
 
-Router (DeepSeek-V3 `noaux_tc`, n_group = topk_group = 1):
+Router (DeepSeek-V3 `noaux_tc`):
     s = sigmoid(x @ W_g^T); idx = topk(s + b, k); w = s[idx] / sum(s[idx]) * routed_scaling_factor
     y = sum_k w_k * Expert_{idx_k}(x) + Shared(x)
+With `norm_topk_prob` False, w = s[idx] * routed_scaling_factor (no renormalisation). With G > 1
+expert groups (DeepSeek-V3 `n_group`), each group is scored by the sum of its two best biased
+scores and the top-k runs only over the experts of the best `topk_groups` groups (all groups
+when topk_groups >= G, as with G = 1).
 
 What is unusual:
 - The per-expert bias b (`e_score_correction_bias`, a persistent buffer: it is model state and is
@@ -15,7 +19,7 @@ What is unusual:
 - Names follow the HF DeepSeek-V3 checkpoint layout (gate, experts.i.gate_proj, shared_experts).
 
 Legend: T tokens (flattened batch), D hidden, F expert / FFN width, E routed experts, K top-k,
-A = T*K token-expert assignments.
+A = T*K token-expert assignments, G expert groups.
 """
 
 from __future__ import annotations
@@ -46,10 +50,13 @@ class Router(nn.Module):
     forward(x_TD) -> (idx_TK long expert ids, weights_TK fp32 mixing weights).
     """
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, scaling: float) -> None:
+    def __init__(self, dim: int, num_experts: int, top_k: int, scaling: float,
+                 norm_topk_prob: bool = True, num_groups: int = 1, topk_groups: int = 1) -> None:
         super().__init__()
         self.top_k = top_k
         self.scaling = scaling
+        self.norm_topk_prob = norm_topk_prob
+        self.num_groups, self.topk_groups = num_groups, min(topk_groups, num_groups)
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
         self.register_buffer("load_counts", torch.zeros(num_experts), persistent=False)
@@ -58,12 +65,25 @@ class Router(nn.Module):
         """(T, E) fp32 sigmoid affinities, before any bias."""
         return torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
 
+    def limit_to_groups(self, biased_TE: Tensor) -> Tensor:
+        """biased_TE with the experts outside each token's best `topk_groups` groups at -inf."""
+        T, E = biased_TE.shape
+        biased_TGX = biased_TE.view(T, self.num_groups, E // self.num_groups)
+        group_TG = biased_TGX.topk(2, dim=-1).values.sum(-1)
+        best_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(
+            1, group_TG.topk(self.topk_groups, dim=-1).indices, True)
+        return biased_TGX.masked_fill(~best_TG[..., None], float("-inf")).view(T, E)
+
     def forward(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         s_TE = self.scores(x_TD)
         biased_TE = s_TE.detach() + self.e_score_correction_bias
+        if self.topk_groups < self.num_groups:
+            biased_TE = self.limit_to_groups(biased_TE)
         idx_TK = torch.topk(biased_TE, self.top_k, dim=-1).indices
         w_TK = s_TE.gather(-1, idx_TK)
-        w_TK = w_TK / w_TK.sum(-1, keepdim=True) * self.scaling
+        if self.norm_topk_prob:
+            w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        w_TK = w_TK * self.scaling
         if self.training:
             with torch.no_grad():
                 self.load_counts += torch.bincount(idx_TK.flatten(), minlength=len(s_TE[0]))
@@ -94,7 +114,8 @@ class MoE(nn.Module):
         super().__init__()
         D, F_ = cfg.hidden_size, cfg.moe_intermediate_size
         self.num_experts = cfg.num_experts
-        self.gate = Router(D, cfg.num_experts, cfg.num_experts_per_tok, cfg.routed_scaling_factor)
+        self.gate = Router(D, cfg.num_experts, cfg.num_experts_per_tok, cfg.routed_scaling_factor,
+                           cfg.norm_topk_prob, cfg.num_expert_groups, cfg.num_topk_groups)
         self.experts = nn.ModuleList(SwiGLU(D, F_) for _ in range(cfg.num_experts))
         self.shared_experts = (SwiGLU(D, cfg.num_shared_experts * F_)
                                if cfg.num_shared_experts > 0 else None)

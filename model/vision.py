@@ -7,7 +7,8 @@ the layout of a Conv2d(3, D, k=p, s=p) weight). The patch embedding is therefore
 
 What is unusual:
 - Positions are added twice: a learnable (G, G, D) absolute grid, bicubically interpolated to
-  each image's (h, w), after the patch projection; and 2-D RoPE on q/k in every layer.
+  each image's (h, w), after the patch projection; and 2-D RoPE on q/k in every layer
+  (`use_rope: false` drops the RoPE, leaving a plain SigLIP-style ViT with the same weights).
 - All images of a batch form ONE row (B = 1) with block-diagonal non-causal attention: the
   document id of a patch is its image index. Packed output equals encoding each image alone.
 
@@ -54,7 +55,8 @@ class PosEmbGrid(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    """Pre-LN block: fused-qkv attention with 2-D RoPE, then a GELU-tanh MLP."""
+    """Pre-LN block: fused-qkv attention with 2-D RoPE (when cos/sin are given), then a GELU-tanh
+    MLP."""
 
     def __init__(self, cfg: VisionConfig, backend: Backend) -> None:
         super().__init__()
@@ -68,16 +70,20 @@ class VisionBlock(nn.Module):
         self.fc0 = nn.Linear(D, cfg.intermediate_size, bias=True)
         self.fc1 = nn.Linear(cfg.intermediate_size, D, bias=True)
 
-    def attention(self, x_ND: Tensor, cos_NP: Tensor, sin_NP: Tensor, img_1N: Tensor) -> Tensor:
+    def attention(self, x_ND: Tensor, cos_NP: Tensor | None, sin_NP: Tensor | None,
+                  img_1N: Tensor) -> Tensor:
         N, D = x_ND.shape
         qkv_3HND = self.wqkv(x_ND).view(N, 3, self.num_heads, -1).permute(1, 2, 0, 3)
-        q_1HND = apply_rotary(qkv_3HND[0], cos_NP, sin_NP)[None]
-        k_1HND = apply_rotary(qkv_3HND[1], cos_NP, sin_NP)[None]
-        out_1HND = attend(q_1HND, k_1HND, qkv_3HND[2][None], img_1N, causal=False,
+        q_HND, k_HND = qkv_3HND[0], qkv_3HND[1]
+        if cos_NP is not None:
+            q_HND = apply_rotary(q_HND, cos_NP, sin_NP)
+            k_HND = apply_rotary(k_HND, cos_NP, sin_NP)
+        out_1HND = attend(q_HND[None], k_HND[None], qkv_3HND[2][None], img_1N, causal=False,
                           backend=self.backend)
         return self.wo(out_1HND[0].transpose(0, 1).reshape(N, D))
 
-    def forward(self, x_ND: Tensor, cos_NP: Tensor, sin_NP: Tensor, img_1N: Tensor) -> Tensor:
+    def forward(self, x_ND: Tensor, cos_NP: Tensor | None, sin_NP: Tensor | None,
+                img_1N: Tensor) -> Tensor:
         x_ND = x_ND + self.attention(self.norm0(x_ND), cos_NP, sin_NP, img_1N)
         h_NI = F.gelu(self.fc0(self.norm1(x_ND)), approximate="tanh")
         return x_ND + self.fc1(h_NI)
@@ -92,7 +98,7 @@ class MoonViT(nn.Module):
         D = cfg.hidden_size
         self.patch_embed = nn.Linear(3 * cfg.patch_size**2, D, bias=True)
         self.pos_emb = PosEmbGrid(cfg.pos_grid, D)
-        self.rope = Rope2D(D // cfg.num_heads, cfg.rope_theta)
+        self.rope = Rope2D(D // cfg.num_heads, cfg.rope_theta) if cfg.use_rope else None
         self.blocks = nn.ModuleList(VisionBlock(cfg, backend) for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.reset_parameters()
@@ -125,7 +131,9 @@ class MoonViT(nn.Module):
         """Encode packed images. pixels_NP: (N, 3*p*p); grid_hw: (n_img, 2) ints -> (N, D)."""
         self.check_input(pixels_NP, grid_hw)
         x_ND = self.patch_embed(pixels_NP) + self.pos_emb(grid_hw).to(pixels_NP.dtype)
-        cos_NP, sin_NP = self.rope(grid_hw, device=pixels_NP.device)
+        cos_NP = sin_NP = None
+        if self.rope is not None:
+            cos_NP, sin_NP = self.rope(grid_hw, device=pixels_NP.device)
         img_1N = image_ids(grid_hw, pixels_NP.device)[None]
         for block in self.blocks:
             x_ND = block(x_ND, cos_NP, sin_NP, img_1N)

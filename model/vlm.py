@@ -96,15 +96,16 @@ def param_counts(cfg: VLMConfig) -> dict[str, int]:
     """Parameter counts of the shape `cfg`, built on the meta device.
 
     Keys: vision, projector, caption, lm_total, lm_total_no_embed, lm_active,
-    lm_active_no_embed, lm_embed (embed_tokens + lm_head), and vlm_total / vlm_active
-    (vision + projector + LM, with embeddings; the caption towers are stage-1 only).
+    lm_active_no_embed, lm_embed (embed_tokens + lm_head; embed_tokens alone when tied), and
+    vlm_total / vlm_active (vision + projector + LM, with embeddings; the caption towers are
+    stage-1 only).
     Active = everything except the routed experts a token does not visit: per MoE layer,
     top-k routed experts + shared experts + router, plus attention, dense FFNs and norms
     (DeepSeek / Moonlight convention; "no_embed" drops embed_tokens and lm_head).
     """
     model = build_vlm(cfg, device="meta")
     lm = model.lm
-    embed = _numel(lm.embed_tokens) + _numel(lm.lm_head)
+    embed = _numel(lm.embed_tokens) + (_numel(lm.lm_head) if lm.lm_head is not None else 0)
     total = _numel(lm)
     idle_experts = sum((moe.num_experts - cfg.lm.num_experts_per_tok) * _numel(moe.experts[0])
                        for _, moe in lm.moe_layers())

@@ -68,6 +68,18 @@ def _select(state: Mapping[str, torch.Tensor], parts: Mapping[str, Any],
     return {k: v for k, v in state.items() if k.split(".", 1)[0] in names}
 
 
+def _kimi_token_ids(tok_dir: Path | None) -> dict[str, int] | None:
+    """Kimi-VL config token ids from the artifact's tokenizer (None: the adapter's defaults)."""
+    if tok_dir is None:
+        return None
+    from moonforge.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tok_dir)
+    ids = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+           "media_placeholder_token_id": tok.media_pad_id, "bos_token_id": tok.bos_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
 def model_card(info: ArtifactInfo, store: ArtifactStore, project: str | Path, model_type: str,
                part: str) -> str:
     """README.md: what this is and where it came from (the lineage chain, data, metrics)."""
@@ -117,9 +129,12 @@ def export_checkpoint(info: ArtifactInfo, out: str | Path, store: ArtifactStore,
         chosen = {k: parts[k] for k in ("vision", "projector", "lm") if k in parts}
         tensors = _select(state, parts, ("vision", "projector", "lm"))
     adapter = adapter_for(model_type)
-    hf_config = adapter.hf_from_parts(chosen)
-    hf_state = adapter.state_to_hf(tensors, chosen)
     tok_dir = checkpoint_tokenizer(info, store, project)
+    if model_type == "kimi_vl":  # vLLM finds image slots by media_placeholder_token_id
+        hf_config = adapter.hf_from_parts(chosen, token_ids=_kimi_token_ids(tok_dir))
+    else:
+        hf_config = adapter.hf_from_parts(chosen)
+    hf_state = adapter.state_to_hf(tensors, chosen)
     card = model_card(info, store, project, model_type, part)
     written: list[str] = []
 
@@ -127,7 +142,7 @@ def export_checkpoint(info: ArtifactInfo, out: str | Path, store: ArtifactStore,
         names = write_weights(tmp, hf_state, max_shard_bytes)
         cfg = dict(hf_config)
         if tok_dir is not None:
-            names += write_tokenizer_files(tok_dir, tmp, cfg)
+            names += write_tokenizer_files(tok_dir, tmp, cfg, override_ids=model_type != "kimi_vl")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(card)
         written.extend(["config.json", *names, "README.md"])

@@ -24,7 +24,9 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from moonforge.model.adapters.base import InteropError
-from moonforge.model.tokenizer import Tokenizer, ensure_media_tokens, grow_embeddings, hf_tokenizer_files
+from moonforge.model.hf_tokenizer import ensure_media_tokens, generation_config, hf_tokenizer_files
+from moonforge.model.tokenizer import Tokenizer
+from moonforge.model.vocab_growth import grow_vocab
 from moonforge.registry.store import ArtifactInfo, ArtifactStore
 
 TOKENIZER_DIR = "tokenizer"
@@ -47,12 +49,12 @@ def import_tokenizer(files: list[Path], out: Path, parts: dict[str, Any],
             f"the checkpoint's tokenizer.json has {original} tokens but its LM has only {rows} "
             "embedding rows; token ids past the table cannot be embedded. Use the tokenizer the "
             "model was trained with, or resize the model's embeddings before importing")
-    added = ensure_media_tokens(hf)
+    hf, added = ensure_media_tokens(hf)
     hf.save(str(out / "tokenizer.json"))
     size = hf.get_vocab_size(with_added_tokens=True)
     grown = 0
     if rows is not None and size > rows:
-        state = grow_embeddings(state, size)
+        state = grow_vocab(state, size)
         grown = size - rows
         parts = {**parts, "lm": parts["lm"].model_copy(update={"vocab_size": size})}
     tok = Tokenizer.load(out / "tokenizer.json")
@@ -93,16 +95,19 @@ def load_checkpoint_tokenizer(info: ArtifactInfo, store: ArtifactStore, project:
     return Tokenizer.load(read_lock(project, ["tokenizer"])["tokenizer"].path)
 
 
-def write_tokenizer_files(tok_dir: Path, out: Path, hf_config: dict) -> list[str]:
+def write_tokenizer_files(tok_dir: Path, out: Path, hf_config: dict,
+                          override_ids: bool = True) -> list[str]:
     """Write tokenizer.json, tokenizer_config.json (chat template), special_tokens_map.json and
-    generation_config.json into `out`; set the special-token ids in `hf_config`. Returns names."""
+    generation_config.json into `out`; set the special-token ids in `hf_config` (only where the
+    adapter left them unset unless `override_ids`: an adapter that knows the tokenizer's ids,
+    such as Kimi-VL's, writes its own). Returns the names written."""
     tok = Tokenizer.load(tok_dir)
-    files = hf_tokenizer_files(tok)
+    files = dict(hf_tokenizer_files(tok))
+    gen = generation_config(tok)
+    files["generation_config.json"] = json.dumps(gen, indent=2, sort_keys=True) + "\n"
     for name, text in files.items():
         (out / name).write_text(text)
-    gen = json.loads(files["generation_config.json"]) if "generation_config.json" in files else {}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if gen.get(key) is not None:
-            value = gen[key]
-            hf_config[key] = value[0] if isinstance(value, list) and key != "eos_token_id" else value
+        if gen.get(key) is not None and (override_ids or hf_config.get(key) is None):
+            hf_config[key] = gen[key]
     return sorted(files)

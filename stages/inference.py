@@ -2,7 +2,7 @@
 and `evaluate`, the held-out answer accuracy `moonforge eval` reports.
 
 The prompt is the ChatML user turn the SFT and RL stages train on ("<image>\\n{question}"), decoded
-greedily with the KV cache until <|im_end|>.
+greedily with the KV cache until a stop id of the tokenizer (its turn end, <|im_end|> for ours).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def chat(ckpt: Checkpoint, tokenizer: Tokenizer, question: str, image: Path | No
          max_new_tokens: int = 64) -> ChatAnswer:
     """Greedy answer of the checkpoint's model to `question` about `image`."""
     cfg = ckpt.model_config()
-    tokenizer.require_vocab_size(cfg.lm.vocab_size)
+    tokenizer.require_vocab_size(cfg.lm.vocab_size, allow_spare_rows=True)  # imports may pad rows
     model = build_vlm(cfg)
     load_weights(model, ckpt)
     model.eval()
@@ -44,8 +44,8 @@ def chat(ckpt: Checkpoint, tokenizer: Tokenizer, question: str, image: Path | No
     ids, _ = tokenizer.encode_chat([{"role": "user", "content": content}], counts,
                                    add_generation_prompt=True)
     out = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=0.0,
-                   stop_ids=(tokenizer.im_end_id, tokenizer.eos_id), pixels_NP=pixels,
-                   grid_hw=grid, media_pad_id=tokenizer.media_pad_id)
+                   stop_ids=tokenizer.stop_ids, pixels_NP=pixels, grid_hw=grid,
+                   pad_id=tokenizer.pad_id, media_pad_id=tokenizer.media_pad_id)
     return ChatAnswer(tokenizer.decode(out.tokens[0]).strip(), out.lengths[0], out.finish_reasons[0])
 
 
@@ -66,7 +66,7 @@ def evaluate(ckpt: Checkpoint, tokenizer: Tokenizer, rl_prompts: Path, toyworld:
     if num_examples < 2:
         raise ValueError(f"num_examples={num_examples}: need >= 2 (half text, half image)")
     cfg = ckpt.model_config()
-    tokenizer.require_vocab_size(cfg.lm.vocab_size)
+    tokenizer.require_vocab_size(cfg.lm.vocab_size, allow_spare_rows=True)  # imports may pad rows
     model = build_vlm(cfg)
     load_weights(model, ckpt)
     model.eval()

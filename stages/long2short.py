@@ -40,7 +40,7 @@ from moonforge.stages.rl.dpo import Sample, build_dpo_pairs, dpo_loss, shortest_
 from moonforge.stages.rl.efficiency import pick_best
 from moonforge.stages.rl.merge import merge_state_dicts
 from moonforge.stages.rl.opmd_loop import OPMDRun, run_opmd
-from moonforge.stages.rl.policy import ROLLOUT_STOP_IDS, response_logprobs
+from moonforge.stages.rl.policy import response_logprobs, rollout_stop_ids
 from moonforge.stages.rl.repeat import RepeatConfig
 from moonforge.stages.rl.replay import RolloutConfig
 from moonforge.stages.rl.rewards import LengthPenaltyConfig
@@ -72,7 +72,8 @@ def sample_responses(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromp
         pix = [it.pixels_NP for it in rows if it.pixels_NP is not None]
         grid = [it.grid_hw for it in rows if it.grid_hw is not None]
         res = generate(model, [it.prompt_ids for it in rows], max_new_tokens=cfg.sample_max_new_tokens,
-                       temperature=cfg.sample_temperature, generator=gen, stop_ids=ROLLOUT_STOP_IDS,
+                       temperature=cfg.sample_temperature, generator=gen, stop_ids=rollout_stop_ids(tok),
+                       pad_id=tok.pad_id, media_pad_id=tok.media_pad_id,
                        pixels_NP=torch.cat(pix) if pix else None, grid_hw=torch.cat(grid) if grid else None,
                        repeat_ngram=REPEAT[0], repeat_max=REPEAT[1])
         for r, (it, ids) in enumerate(zip(rows, res.tokens)):
@@ -110,7 +111,7 @@ def _batch(n: int, step: int, rows: int, seed: int) -> list[int]:
     return [order[(step * rows + j) % n] for j in range(min(rows, n))]
 
 
-def shortest_rs(model: nn.Module, items: Sequence[ChatPromptItem], samples: Samples,
+def shortest_rs(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem], samples: Samples,
                 cfg: Long2ShortConfig, ctx: StageContext) -> dict[str, float] | None:
     """SFT on each question's shortest correct sample; None when no question has one."""
     data = [(items[q], s.content) for q, ss in samples.items() if (s := shortest_correct(ss))]
@@ -119,7 +120,8 @@ def shortest_rs(model: nn.Module, items: Sequence[ChatPromptItem], samples: Samp
 
     def loss_fn(step: int):
         batch = [data[i] for i in _batch(len(data), step, cfg.batch_size, cfg.seed)]
-        logp = response_logprobs(model, [b[0] for b in batch], [b[1] for b in batch])
+        logp = response_logprobs(model, [b[0] for b in batch], [b[1] for b in batch],
+                                 media_pad_id=tok.media_pad_id)
         tokens = sum(len(b[1]) for b in batch)
         return -logp.sum() / tokens, {"tokens": float(tokens)}
 
@@ -128,7 +130,7 @@ def shortest_rs(model: nn.Module, items: Sequence[ChatPromptItem], samples: Samp
             "target_mean_len": sum(len(d[1]) for d in data) / len(data)}
 
 
-def dpo(model: nn.Module, items: Sequence[ChatPromptItem], samples: Samples,
+def dpo(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem], samples: Samples,
         cfg: Long2ShortConfig, ctx: StageContext) -> dict[str, float] | None:
     """DPO on long2short pairs, pi_ref = the model as it is on entry; None when there is no pair."""
     pairs = build_dpo_pairs(samples, cfg.dpo_long_factor)
@@ -137,13 +139,14 @@ def dpo(model: nn.Module, items: Sequence[ChatPromptItem], samples: Samples,
     its = [items[p.question] for p in pairs]
     chosen, rejected = [p.chosen.content for p in pairs], [p.rejected.content for p in pairs]
     with torch.no_grad():  # pi_ref: the starting (long) model
-        ref_w = response_logprobs(model, its, chosen)
-        ref_l = response_logprobs(model, its, rejected)
+        ref_w = response_logprobs(model, its, chosen, media_pad_id=tok.media_pad_id)
+        ref_l = response_logprobs(model, its, rejected, media_pad_id=tok.media_pad_id)
 
     def loss_fn(step: int):
         idx = _batch(len(pairs), step, max(1, cfg.batch_size // 2), cfg.seed)
         both = response_logprobs(model, [its[i] for i in idx] * 2,
-                                 [chosen[i] for i in idx] + [rejected[i] for i in idx])
+                                 [chosen[i] for i in idx] + [rejected[i] for i in idx],
+                                 media_pad_id=tok.media_pad_id)
         return dpo_loss(both[:len(idx)], both[len(idx):], ref_w[idx], ref_l[idx], cfg.dpo_beta)
 
     losses = _train(model, cfg, ctx, "long2short_dpo", loss_fn)
@@ -213,7 +216,7 @@ def _long2short(base, data, cfg: Long2ShortConfig, ctx: StageContext) -> StageRe
     for method in cfg.methods:
         model.load_state_dict(long_state)
         if method in ("shortest_rs", "merge") and short_state is None:
-            info = shortest_rs(model, train, samples, cfg, ctx)
+            info = shortest_rs(model, tok, train, samples, cfg, ctx)
             extra["shortest_rs"] = info or {"skipped": 1.0}
             short_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if info else {}
         if method == "merge":
@@ -226,7 +229,7 @@ def _long2short(base, data, cfg: Long2ShortConfig, ctx: StageContext) -> StageRe
                 continue
             model.load_state_dict(short_state)
         elif method == "dpo":
-            extra["dpo"] = dpo(model, train, samples, cfg, ctx) or {"skipped": 1.0}
+            extra["dpo"] = dpo(model, tok, train, samples, cfg, ctx) or {"skipped": 1.0}
             if "skipped" in extra["dpo"]:
                 continue
         else:

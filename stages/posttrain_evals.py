@@ -96,6 +96,8 @@ def _generate_sorted(model, tokenizer, items, device, max_new_tokens, batch_size
                        temperature=temperature,
                        pixels_NP=None if pixels_NP is None else pixels_NP.to(device),
                        grid_hw=grid_hw, seed=seed + start, use_cache=True,
+                       stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                       media_pad_id=tokenizer.media_pad_id,
                        repeat_ngram=repeat_ngram, repeat_max=repeat_max)
         for j, i in enumerate(idx):
             out[i] = (tokenizer.decode(gen.tokens[j]), gen.lengths[j], gen.finish_reasons[j])

@@ -110,6 +110,8 @@ def _scalar_candidates(value: Any, ann: Any) -> list[Any]:
                 out += [0.5, 0.1, 2.0]
             elif a is str:
                 out += ["x"]
+            elif isinstance(a, type) and issubclass(a, BaseModel):  # e.g. init: {lm: x}
+                out += [{name: "x"} for name in a.model_fields]
         return out
     return []
 

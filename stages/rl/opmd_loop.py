@@ -112,16 +112,17 @@ def _chunks(group_ids: Sequence[str], rows: int) -> list[list[int]]:
     return out + [cur] if cur else out
 
 
-def _update(model: nn.Module, named: list, batch: _Batch, run: OPMDRun, iteration: int) -> dict:
+def _update(model: nn.Module, named: list, batch: _Batch, run: OPMDRun, iteration: int,
+            media_pad_id: int) -> dict:
     """Reset the optimizer, then run the iteration's OPMD gradient steps; returns the trace."""
     chunks = _chunks(batch.group_ids, run.rows_per_forward)
     resp = [t.ids for t in batch.trajs]
     masks = [t.loss_mask() for t in batch.trajs]
+    logp_of = lambda c: response_logprobs(  # noqa: E731
+        model, [batch.items[i] for i in c], [resp[i] for i in c], [masks[i] for i in c], media_pad_id=media_pad_id)
     rewards = torch.tensor(batch.rewards, dtype=torch.float32)
     with torch.no_grad():  # pi_i: the weights at the iteration start, before any update
-        logp_old = torch.cat([response_logprobs(model, [batch.items[i] for i in c],
-                                                [resp[i] for i in c], [masks[i] for i in c])
-                              for c in chunks]).float().cpu()
+        logp_old = torch.cat([logp_of(c) for c in chunks]).float().cpu()
     opt = MuonAdamW(named, run.optimizer)  # k1.5: the optimizer is reset every iteration
     lr = run.optimizer.lr * lr_multiplier(iteration, run.num_iterations, run.schedule)
     opt.set_lr(lr)
@@ -132,8 +133,7 @@ def _update(model: nn.Module, named: list, batch: _Batch, run: OPMDRun, iteratio
         opt.zero_grad()
         sums, logp_step = {"loss": 0.0, "pg_loss": 0.0, "l2_loss": 0.0}, []
         for c in chunks:
-            logp = response_logprobs(model, [batch.items[i] for i in c], [resp[i] for i in c],
-                                     [masks[i] for i in c])
+            logp = logp_of(c)
             gids = [batch.group_ids[i] for i in c]
             loss, m = opmd_loss(logp, logp_old[c].to(logp), rewards[c].to(logp), gids, run.tau,
                                 run.baseline)
@@ -188,7 +188,7 @@ def run_opmd(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem], 
     k = run.samples_per_prompt
     sampler = PromptSampler([it.difficulty or 0.0 for it in items], run.sampler, run.seed)
     buffer, pending, stats = ReplayBuffer(), defaultdict(list), VerifyStats()
-    gen = RolloutSampler(model, items, temperature=run.temperature, top_p=run.top_p, seed=run.seed,
+    gen = RolloutSampler(model, items, tok, temperature=run.temperature, top_p=run.top_p, seed=run.seed,
                          repeat_ngram=run.repeat_ngram, repeat_max=run.repeat_max)
     curves: list[dict[str, float]] = []
     ctx.out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def run_opmd(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem], 
             ready = {g: pending.pop(g) for g in [g for g, ts in pending.items() if len(ts) == k]}
             batch = _score_groups(ready, items, tok, i, run, stats, sampler)
             stats.check(run.max_verifier_error_rate)
-            trace = _update(model, named, batch, run, i) if ready else {}
+            trace = _update(model, named, batch, run, i, tok.media_pad_id) if ready else {}
             m = _iteration_metrics(i, batch, trace, stats, buffer, gen, time.perf_counter() - t0)
             m["rollout_seconds"] = rollout_s
             log.write(json.dumps({"iteration": i, "group_ids": batch.group_ids,

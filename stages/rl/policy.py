@@ -13,13 +13,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from moonforge.model.generate import DEFAULT_STOP_IDS, MEDIA_PAD_ID, generate
+from moonforge.model.generate import MEDIA_PAD_ID, generate
+from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.data.chat import ChatPromptItem
 from moonforge.stages.rl.opmd import sequence_logprobs
 from moonforge.stages.rl.replay import ReplayBuffer
 
-ROLLOUT_STOP_IDS = (*DEFAULT_STOP_IDS, MEDIA_PAD_ID)
-"""A sampled <|media_pad|> ends the rollout: resumed, it would be read as an image slot."""
+
+def rollout_stop_ids(tok: Tokenizer) -> tuple[int, ...]:
+    """The tokenizer's stop ids plus its media pad: a sampled media pad ends the rollout
+    (resumed, it would be read as an image slot)."""
+    return (*tok.stop_ids, tok.media_pad_id)
 
 
 def _images(items: Sequence[ChatPromptItem], device) -> tuple[Tensor | None, Tensor | None]:
@@ -31,11 +35,13 @@ def _images(items: Sequence[ChatPromptItem], device) -> tuple[Tensor | None, Ten
 
 def response_logprobs(model: nn.Module, items: Sequence[ChatPromptItem],
                       responses: Sequence[Sequence[int]],
-                      masks: Sequence[Sequence[bool]] | None = None) -> Tensor:
+                      masks: Sequence[Sequence[bool]] | None = None, *,
+                      media_pad_id: int = MEDIA_PAD_ID) -> Tensor:
     """(B,) summed log-prob of each response (masked tokens only) after its item's prompt + images.
 
     Rows are prompt + response, right-padded with doc id -1 (pads attend nothing); grads flow
     unless called under no_grad. `masks[b]` marks which response tokens count (default: all).
+    `media_pad_id`: the tokenizer's (tok.media_pad_id); the default is moonforge's own BPE's.
     """
     device = model.lm.embed_tokens.weight.device
     rows = [list(it.prompt_ids) + list(r) for it, r in zip(items, responses)]
@@ -53,7 +59,7 @@ def response_logprobs(model: nn.Module, items: Sequence[ChatPromptItem],
     prompt_BL = torch.zeros_like(real_BL)
     for b, it in enumerate(items):
         prompt_BL[b, :len(it.prompt_ids)] = True
-    media_BL = (ids_BL == MEDIA_PAD_ID) & prompt_BL  # a sampled media pad is a token, not an image
+    media_BL = (ids_BL == media_pad_id) & prompt_BL  # a sampled media pad is a token, not an image
     pixels, grid = _images(items, device)
     ids_BL, pos_BL, doc_BL, media_BL = (t.to(device) for t in (ids_BL, pos_BL, doc_BL, media_BL))
     logits_BLV = model(ids_BL, pos_BL, doc_BL, media_BL, pixels, grid)
@@ -66,13 +72,16 @@ class RolloutSampler:
     rollout_step passes contexts only; `expect` queues each upcoming context's item in the order
     rollout_step documents (buffered trajectories oldest first, then the new prompts), so equal
     contexts of different items (same question, other image) still get their own images.
+    Stop, pad and media-pad ids are `tok`'s (`rollout_stop_ids`).
     """
 
-    def __init__(self, model: nn.Module, items: Sequence[ChatPromptItem], *, temperature: float,
-                 top_p: float, seed: int, repeat_ngram: int | None, repeat_max: int | None) -> None:
+    def __init__(self, model: nn.Module, items: Sequence[ChatPromptItem], tok: Tokenizer, *,
+                 temperature: float, top_p: float, seed: int, repeat_ngram: int | None,
+                 repeat_max: int | None) -> None:
         self.model, self.items = model, items
         self.sampling = dict(temperature=temperature, top_p=top_p, repeat_ngram=repeat_ngram,
-                             repeat_max=repeat_max)
+                             repeat_max=repeat_max, stop_ids=rollout_stop_ids(tok),
+                             pad_id=tok.pad_id, media_pad_id=tok.media_pad_id)
         device = model.lm.embed_tokens.weight.device
         self.generator = torch.Generator(device).manual_seed(seed)
         self.queue: dict[tuple[int, ...], deque[int]] = defaultdict(deque)
@@ -90,6 +99,6 @@ class RolloutSampler:
         items = [self.items[self.queue[tuple(c)].popleft()] for c in contexts]
         pixels, grid = _images(items, self.model.lm.embed_tokens.weight.device)
         out = generate(self.model, contexts, max_new_tokens=budget, pixels_NP=pixels, grid_hw=grid,
-                       generator=self.generator, stop_ids=ROLLOUT_STOP_IDS, **self.sampling)
+                       generator=self.generator, **self.sampling)
         self.num_tokens += sum(out.lengths)
         return list(zip(out.tokens, out.logprobs, out.finish_reasons))
