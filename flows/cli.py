@@ -233,12 +233,18 @@ def rerun(stage: str = typer.Argument(..., help="Stage name to rerun."),
 
 @app.command()
 def status(recipe: Optional[str] = typer.Argument(None, help=f"Recipe YAML (default {DEFAULT_RECIPE})."),
-           set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+           format_: str = typer.Option("table", "--format", help="table or json.")) -> None:
     """Each stage: fresh / stale / missing, and why."""
     with _errors():
         from moonforge.registry.run_stage import stage_status
 
         rec = _load(_recipe_path(recipe), set_)
+        if format_ == "json":
+            import json
+
+            typer.echo(json.dumps(stage_status(rec, _project()), indent=2))
+            return
         table = Table(title=f"recipe {rec.name}")
         for col in ("stage", "state", "artifact", "changed input", "why"):
             table.add_column(col)

@@ -123,7 +123,7 @@ def _dict_diff(old: Any, new: Any, path: str) -> list[str]:
     return []
 
 
-INPUT_KINDS = ("stage", "config", "model", "upstream", "data", "code")
+INPUT_KINDS = ("stage", "config", "model", "upstream", "data", "code", "init")
 """What can make a fingerprint differ; every explain_diff reason starts with one of these."""
 
 
@@ -167,6 +167,16 @@ def explain_diff(old: Mapping[str, Any] | None, new: Mapping[str, Any],
             a = (od.get(name) or "none")[:8]
             b = (nd.get(name) or "none")[:8]
             out.append(f"data {name}: {a} -> {b}")
+    oi, ni = old.get("init") or {}, new.get("init") or {}
+    for part in sorted(set(oi) | set(ni)):
+        a, b = oi.get(part), ni.get(part)
+        if a != b:
+            def name(i: Mapping[str, str] | None) -> str:
+                if i is None:
+                    return "none"
+                return (name_fp(i["stage"], i["fingerprint"]) if name_fp else None) or \
+                    f"{i['stage']} fingerprint {i['fingerprint'][:8]}"
+            out.append(f"init {part} changed ({name(a)} -> {name(b)})")
     if old.get("code") != new.get("code"):
         out.append(f"code version changed ({old.get('code')} -> {new.get('code')})")
     return out

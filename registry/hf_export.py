@@ -80,6 +80,13 @@ def _kimi_token_ids(tok_dir: Path | None) -> dict[str, int] | None:
     return {k: v for k, v in ids.items() if v is not None}
 
 
+def _data_version(d: Mapping) -> str:
+    digest = str(d.get("digest"))
+    if digest.startswith("import:"):  # an imported tokenizer stands in for the DVC dataset
+        return f"{d['name']} (import fp {digest.removeprefix('import:')[:12]})"
+    return f"{d['name']} (md5 {digest[:12]})"
+
+
 def model_card(info: ArtifactInfo, store: ArtifactStore, project: str | Path, model_type: str,
                part: str) -> str:
     """README.md: what this is and where it came from (the lineage chain, data, metrics)."""
@@ -98,11 +105,13 @@ def model_card(info: ArtifactInfo, store: ArtifactStore, project: str | Path, mo
         if r.get("missing"):
             lines.append(f"- {r.get('ref') or r['stage']}: missing from the store")
             continue
-        data = ", ".join(f"{d['name']} (md5 {str(d.get('digest'))[:12]})"
-                         for d in r.get("datasets") or [])
+        data = ", ".join(_data_version(d) for d in r.get("datasets") or [])
+        init = ", ".join(f"{part} <- {i.get('ref')} (fp {str(i.get('fingerprint'))[:12]})"
+                         for part, i in sorted((r.get("init") or {}).items()))
         src = (r.get("source") or {}).get("path")
         lines.append(f"- `{r.get('ref')}` fp `{str(r.get('fingerprint'))[:12]}`"
-                     + (f", data: {data}" if data else "") + (f", imported from `{src}`" if src else ""))
+                     + (f", data: {data}" if data else "") + (f", init: {init}" if init else "")
+                     + (f", imported from `{src}`" if src else ""))
     metrics = rec.get("metrics") or {}
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]

@@ -167,6 +167,12 @@ def render_tree(chain: list[dict]):
         root = root or child
         for d in rec.get("datasets") or []:
             child.add(f"[cyan]data {d['name']}[/cyan]  md5 {str(d.get('digest'))[:12]}  {d.get('path')}")
+        for part, i in sorted((rec.get("init") or {}).items()):
+            child.add(f"[magenta]init {part}[/magenta] <- {i.get('ref')}  fp "
+                      f"{str(i.get('fingerprint'))[:12]}  {i.get('path')}")
+        src = rec.get("source") or {}
+        if src.get("path"):
+            child.add(f"[magenta]imported[/magenta] {src.get('model_type')} from {src['path']}")
         node = child
     return root if root is not None else Tree("(empty)")
 
@@ -206,6 +212,10 @@ def render_mermaid(chain: list[dict]) -> str:
             did = _mid(f"data_{d['name']}_{str(d.get('digest'))[:8]}")
             decl = f'{did}[("{d["name"]}<br/>md5 {str(d.get("digest"))[:8]}")]'
             lines.append(f"  {node(did, decl)} --> {nid}")
+        for part, i in sorted((rec.get("init") or {}).items()):
+            iid = _mid(f"init_{i.get('ref')}")
+            decl = f'{iid}[/"{i.get("ref")}<br/>fp {str(i.get("fingerprint"))[:8]}"/]'
+            lines.append(f"  {node(iid, decl)} -- init {part} --> {nid}")
         commit = (rec.get("git") or {}).get("commit")
         if commit:
             gid = _mid(f"git_{commit[:8]}")
