@@ -155,3 +155,17 @@ def test_bad_checkpoints_fail_clearly_and_leave_the_store_clean(project, hf_dirs
 
 def test_a_lifecycle_stage_name_is_refused_as_import_name(project, hf_dirs):
     assert "lifecycle stage name" in cli("import", str(hf_dirs / "siglip"), "--name", "sft", code=1)
+
+
+def test_a_registered_import_exports_by_models_alias(project, hf_dirs):
+    from moonforge.registry.model_registry import client_for, register
+
+    cli("import", str(hf_dirs / "deepseek_v3"), "--name", "moonlight")
+    store = open_store(project)
+    client = client_for(project)
+    mv = register(client, "moonlight-lm", store.resolve("moonlight@1"), store, project, "imports")
+    client.set_registered_model_alias("moonlight-lm", "champion", mv.version)
+    assert "deepseek_v3" in cli("export", "models:/moonlight-lm@champion", "out")
+    a = load_file(str(store.resolve("moonlight@1").path / "model.safetensors"))
+    b = load_file("out/model.safetensors")
+    assert torch.equal(a["lm.embed_tokens.weight"], b["model.embed_tokens.weight"])
