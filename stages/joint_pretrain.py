@@ -29,7 +29,8 @@ QA_SHARE_OF_MULTIMODAL = 1 / 3
 def joint_pretrain(base: Checkpoint | None, data: Mapping[str, DatasetRef],
                    cfg: JointPretrainConfig, ctx: StageContext) -> StageResult:
     """Return a checkpoint trained on text + a ramped multimodal mixture."""
-    model, mcfg = open_model(base, ctx, cfg.seed)
+    model, mcfg = open_model(base, ctx, cfg.seed,
+                             activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     text = require(data, "text", cfg.stage_name).path
     world = require(data, "toyworld", cfg.stage_name).path

@@ -46,7 +46,8 @@ def long_context(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: L
     """Return a checkpoint trained at the sub-stages' lengths with the new RoPE base recorded."""
     start_cfg = base.model_config() if base is not None else ctx.model
     final_len = cfg.sub_stages[-1].seq_len
-    model, mcfg = open_model(base, ctx, cfg.seed, extended(start_cfg, cfg.rope_theta, final_len))
+    model, mcfg = open_model(base, ctx, cfg.seed, extended(start_cfg, cfg.rope_theta, final_len),
+                             activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     longdoc = require(data, "longdoc", cfg.stage_name).path
     text = require(data, "text", cfg.stage_name).path

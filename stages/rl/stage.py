@@ -135,7 +135,8 @@ def rl(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: RLConfig,
 
 
 def _rl(base, data, cfg: RLConfig, ctx: StageContext) -> StageResult:
-    model, mcfg = open_model(base, ctx, cfg.seed)
+    model, mcfg = open_model(base, ctx, cfg.seed,
+                             activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     vision = vision_spec(mcfg)
     train_items = prompt_items(data, tok, vision, "train", cfg.stage_name)
