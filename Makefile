@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.moonforge/prefect
 
-.PHONY: demo test install clean chromium
+.PHONY: demo test install clean chromium slurm postgres
 
 $(STAMP): pyproject.toml requirements.lock.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,26 @@ chromium:
 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
 	  echo "note: chromium could not be installed (needs root and apt); the browser test will skip"
 
-test: $(STAMP) chromium
+# The cluster tests start a one-node Slurm (tests/test_cluster_slurm.py, slurm-wlm + munge) and a
+# throwaway PostgreSQL (tests/test_cluster_postgres.py) from Debian's packages: install them when
+# we can (root + apt); otherwise those tests skip and say why.
+APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+slurm:
+	@{ command -v slurmctld || test -x /usr/sbin/slurmctld; } >/dev/null 2>&1 && \
+	  { command -v munged || test -x /usr/sbin/munged; } >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { $(APT_INSTALL) slurm-wlm munge >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && $(APT_INSTALL) slurm-wlm munge >/dev/null 2>&1; }; }; } || \
+	  echo "note: slurm-wlm and munge could not be installed (needs root and apt); the Slurm tests will skip"
+
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { $(APT_INSTALL) postgresql >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && $(APT_INSTALL) postgresql >/dev/null 2>&1; }; }; } || \
+	  echo "note: postgresql could not be installed (needs root and apt); the Postgres test will skip"
+
+test: $(STAMP) chromium slurm postgres
 	@mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest -q
 

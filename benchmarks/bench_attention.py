@@ -1,16 +1,20 @@
 """Packed attention: flash-attn varlen vs padded SDPA (and our SDPA backend), with MFU.
 
 One packed row of documents with long-tailed lengths (what the ViT and the SFT packer produce) is
-attended three ways, all causal within each document and all measured side by side here:
+attended several ways, all causal within each document and all measured side by side here:
   padded   the usual baseline: documents cut out into a (S, max_len) batch, SDPA with a causal +
            key-padding mask; padding positions cost FLOPs too;
-  sdpa     moonforge's SDPA backend on the packed row (block-diagonal mask, or the per-segment
-           padded path when that is cheaper: model/attention.py chooses);
-  flash    `flash_attn_varlen_func` with cu_seqlens (CUDA + flash-attn only).
+  dense    moonforge's dense block-mask form (the reference);
+  segments moonforge's padded-segment form (documents gathered, causal SDPA, scattered back);
+  sdpa     moonforge's CPU backend: whichever of the two its cost model picks for this layout;
+  flash    varlen flash with cu_seqlens (CUDA + flash-attn or torch's varlen kernel only).
+Then "metadata once vs per layer": a stack of `--layers` attention calls whose document layout
+is turned into metadata once (moonforge's models now) or again in every layer (before).
 MFU = useful attention FLOPs (4 * H * D * sum_i L_i^2 / 2 for causal) per second over a matmul peak
 measured in this same run (bf16 on CUDA, fp32 on CPU), so the ratio means something on any box.
 
 Run: python benchmarks/bench_attention.py            (CUDA if present, else CPU at a small size)
+     python benchmarks/bench_attention.py --threads 1 --clock cpu   (CPU seconds: shared boxes)
      python benchmarks/bench_attention.py --tokens 65536 --heads 16 --head-dim 128   (GPU scale)
 """
 
@@ -23,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moonforge.model.attention import attend, flash_available
+from moonforge.model.attention import attend, attention, attention_meta, flash_available
 
 
 def doc_lengths(total: int, median: float, sigma: float, seed: int) -> list[int]:
@@ -36,6 +40,10 @@ def doc_lengths(total: int, median: float, sigma: float, seed: int) -> list[int]
     return out
 
 
+CLOCK = time.perf_counter
+"""Wall seconds; `--clock cpu` swaps in process CPU seconds (with --threads 1 on a shared box)."""
+
+
 def timed(fn, device: torch.device, repeats: int) -> float:
     """Median seconds of `fn()` over `repeats` runs after one warm-up."""
     fn()
@@ -43,11 +51,11 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return sorted(times)[len(times) // 2]
 
 
@@ -84,7 +92,15 @@ def main() -> None:
     p.add_argument("--median", type=float, default=None, help="median document length")
     p.add_argument("--sigma", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--layers", type=int, default=8, help="layers for metadata once vs per layer")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = p.parse_args()
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        CLOCK = time.process_time
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     T = args.tokens or (32768 if gpu else 2048)
@@ -100,6 +116,8 @@ def main() -> None:
           f"{len(lengths)} docs in {T} tokens (max {max(lengths)}), H={H} D={D}; "
           f"matmul peak {peak / 1e12:.2f} TFLOP/s")
     runs = {"padded": lambda: padded_sdpa(q, k, v, lengths),
+            "dense": lambda: attend(q, k, v, doc, True, backend="dense"),
+            "segments": lambda: attend(q, k, v, doc, True, backend="padded"),
             "sdpa": lambda: attend(q, k, v, doc, True, backend="sdpa")}
     if flash_available(device):
         runs["flash"] = lambda: attend(q, k, v, doc, True, backend="flash")
@@ -113,9 +131,29 @@ def main() -> None:
         times = {name: timed(fn, device, args.repeats) for name, fn in runs.items()}
     print(f"padded vs sdpa max |diff| {err:.2e}")
     base = times["padded"]
+    print(f"sdpa picked the {attention_meta(doc, True, 'sdpa').kernel!r} form")
     print(f"{'backend':>8} {'ms':>9} {'vs padded':>10} {'MFU':>7}")
     for name, t in times.items():
         print(f"{name:>8} {1e3 * t:>9.2f} {base / t:>9.2f}x {useful / t / peak:>7.2%}")
+    metadata_once_vs_per_layer(q, k, v, doc, args.layers, device, args.repeats)
+
+
+def metadata_once_vs_per_layer(q, k, v, doc, layers: int, device, repeats: int) -> None:
+    """`layers` attention calls on one layout: metadata built once vs rebuilt in every layer."""
+    backend = "flash" if flash_available(device) else "sdpa"
+
+    def once():
+        meta = attention_meta(doc, True, backend, q.dtype)
+        return [attention(q, k, v, meta) for _ in range(layers)]
+
+    def per_layer():
+        return [attend(q, k, v, doc, True, backend=backend) for _ in range(layers)]
+
+    with torch.no_grad():
+        t_once, t_per = timed(once, device, repeats), timed(per_layer, device, repeats)
+        t_meta = timed(lambda: attention_meta(doc, True, backend, q.dtype), device, repeats)
+    print(f"metadata once vs per layer ({layers} layers, {backend}): {1e3 * t_once:.2f} ms vs "
+          f"{1e3 * t_per:.2f} ms = {t_per / t_once:.2f}x (building it: {1e3 * t_meta:.2f} ms)")
 
 
 if __name__ == "__main__":

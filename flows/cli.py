@@ -7,6 +7,7 @@ set MOONFORGE_DEBUG=1 for the traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -17,9 +18,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from moonforge.flows.tables import Column, emit, format_option, metric_lines
+
 app = typer.Typer(name="moonforge", help="Train a Kimi-VL-style VLM through its lifecycle.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="The DVC data pipeline (dvc.yaml / dvc.lock).", no_args_is_help=True)
+data_app = typer.Typer(help="The DVC data pipeline (dvc.yaml / dvc.lock) and your own datasets.",
+                       no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 console = Console()
@@ -111,8 +115,12 @@ def _load(recipe_path: str, overrides: list[str]):
 
 
 @contextmanager
-def _progress_bars() -> Iterator[None]:
-    """Render StageContext.progress callbacks as one rich progress bar per stage."""
+def _progress_bars(enabled: bool = True) -> Iterator[None]:
+    """Render StageContext.progress callbacks as one rich progress bar per stage (none when
+    stdout must hold only the JSON summary)."""
+    if not enabled:
+        yield
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from moonforge.flows.lifecycle import PROGRESS
@@ -135,29 +143,40 @@ def _progress_bars() -> Iterator[None]:
         PROGRESS.reset(token)
 
 
-def _summary(outcomes: dict[str, dict], t0: float) -> None:
-    table = Table(title=f"moonforge: {len(outcomes)} stage(s) in {time.time() - t0:.1f}s")
-    for col in ("stage", "artifact", "cache hit", "wall s", "key metrics"):
-        table.add_column(col)
+def _summary(outcomes: dict[str, dict], t0: float, fmt: str = "table") -> None:
+    """Each stage's artifact and headline metrics, in full (one a line); then how to look further."""
+    if fmt == "json":
+        typer.echo(json.dumps({"wall_s": time.time() - t0, "stages": outcomes}, indent=2, default=str))
+        return
+    shown, notes = [], []
     for o in outcomes.values():
         ms = o["metrics"]
         # the stage's own results first: "_before" numbers belong to the upstream model
         evals = [k for k in ms if k.startswith("eval/") and not k.endswith("_before")]
-        keys = evals[:3] or list(ms)[:3]
-        table.add_row(o["stage"], o["ref"], "yes" if o["cache_hit"] else "no", f"{o['wall_s']:.1f}",
-                      ", ".join(f"{k}={ms[k]:.4g}" for k in keys))
-    console.print(table)
+        how = "cache hit" if o["cache_hit"] else f"trained {o['wall_s']:.1f} s"
+        shown.append({"stage": o["stage"], "artifact": f"{o['ref']}\n{how}", "ref": o["ref"],
+                      "how": how, "metrics": metric_lines(ms, evals[:4] or list(ms)[:4])})
+        if o.get("resumed_from"):
+            notes.append(f"{o['stage']}: resumed from {o['resumed_from']}")
+        if o.get("waited_for"):
+            notes.append(f"{o['stage']}: waited for {o['waited_for']}, which built it; reused")
     if outcomes:
         last = list(outcomes.values())[-1]["ref"]
-        console.print(f"Runs and metrics: mlflow ui --backend-store-uri "
-                      f"sqlite:///.moonforge/mlflow.db\nLineage: moonforge lineage {last}",
-                      highlight=False)
+        notes.append("Runs and metrics: mlflow ui --backend-store-uri sqlite:///.moonforge/mlflow.db")
+        notes.append(f"Lineage: moonforge lineage {last}")
+    cols = [Column("stage", "stage", no_wrap=True), Column("artifact", "artifact", no_wrap=True),
+            Column("metrics", "headline metrics", no_wrap=True)]
+    if fmt == "markdown":
+        cols[1:2] = [Column("ref", "artifact"), Column("how", "how")]
+    emit(console, fmt, shown, cols, outcomes,
+         f"moonforge: {len(outcomes)} stage(s) in {time.time() - t0:.1f}s", notes)
 
 
 @app.command()
 def run(recipe: Optional[str] = typer.Argument(None, help=f"Recipe YAML (default {DEFAULT_RECIPE})."),
         set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-        until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage.")) -> None:
+        until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
+        format_: str = format_option()) -> None:
     """Run the whole lifecycle (cached stages are reused)."""
     _embedded_prefect_defaults()
     with _errors():
@@ -165,32 +184,33 @@ def run(recipe: Optional[str] = typer.Argument(None, help=f"Recipe YAML (default
         from moonforge.flows.lifecycle import stages_until
 
         stages_until(_load(path, set_), until)  # validate before starting Prefect
-        from moonforge.flows.lifecycle import lifecycle_flow
+        from moonforge.flows.lifecycle import lifecycle_flow, owned
 
         _quiet_prefect_tracebacks()
         t0 = time.time()
-        with _progress_bars():
+        with _progress_bars(format_ != "json"), owned():
             outcomes = lifecycle_flow(recipe_path=path, overrides=list(set_), until=until,
                                       project=str(_project()))
-        _summary(outcomes, t0)
+        _summary(outcomes, t0, format_)
 
 
 REF_HELP = ("stage@latest, stage@N, stage@<fingerprint-prefix>, runs:/<mlflow-run-id>, "
             "models:/<name>@<alias>, models:/<name>/<n> or an artifact path")
 
 
-def _print_plan(plan: list) -> None:
-    table = Table(title="moonforge rerun --dry-run: nothing was run")
-    for col in ("stage", "would", "from upstream", "fingerprint", "why"):
-        table.add_column(col)
-    for p in plan:
-        would = f"[yellow]run -> {p.ref}[/]" if p.action == "run" else f"[green]reuse {p.ref}[/]"
-        table.add_row(p.stage, would, f"{p.upstream}\n({p.upstream_how})", p.fingerprint[:12],
-                      "\n".join(p.reasons))
-    console.print(table)
+def _print_plan(plan: list, fmt: str = "table") -> None:
     n = sum(p.action == "run" for p in plan)
-    console.print(f"{n} stage(s) would train, {len(plan) - n} would be reused from the cache.",
-                  highlight=False)
+    shown = [{"stage": p.stage,
+              "would": (f"run -> {p.ref}" if p.action == "run" else f"reuse {p.ref}") if fmt != "table"
+              else (f"[yellow]run -> {p.ref}[/]" if p.action == "run" else f"[green]reuse {p.ref}[/]"),
+              "from": f"{p.upstream}\n({p.upstream_how})", "fingerprint": p.fingerprint[:12],
+              "why": "\n".join(p.reasons)} for p in plan]
+    cols = [Column("stage", "stage", no_wrap=True), Column("would", "would"),
+            Column("from", "from upstream"), Column("fingerprint", "fingerprint", wide_only=True),
+            Column("why", "why")]
+    emit(console, fmt, shown, cols, [vars(p) for p in plan],
+         "moonforge rerun --dry-run: nothing was run",
+         [f"{n} stage(s) would train, {len(plan) - n} would be reused from the cache."])
 
 
 @app.command()
@@ -199,7 +219,8 @@ def rerun(stage: str = typer.Argument(..., help="Stage name to rerun."),
           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
           downstream: bool = typer.Option(False, "--downstream", help="Also rerun every later stage."),
           dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run and why; run nothing."),
-          recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML.")) -> None:
+          recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML."),
+          format_: str = format_option()) -> None:
     """Rerun one stage from any upstream artifact version."""
     _embedded_prefect_defaults()
     with _errors():
@@ -213,7 +234,7 @@ def rerun(stage: str = typer.Argument(..., help="Stage name to rerun."),
         if dry_run:
             from moonforge.registry.rerun_plan import plan_rerun
 
-            _print_plan(plan_rerun(rec, stage, _project(), store, from_, downstream))
+            _print_plan(plan_rerun(rec, stage, _project(), store, from_, downstream), format_)
             return
         # resolve now, so a missing / wrong-kind ref fails before Prefect starts
         info, _ = resolve_upstream(rec, stage, _project(), store, from_)
@@ -221,39 +242,36 @@ def rerun(stage: str = typer.Argument(..., help="Stage name to rerun."),
             # pin @latest, prefixes, runs:/ and models:/ aliases now: the flow must not see an
             # alias move mid-run; paths from outside the store stay paths
             from_ = pinned(info, store)
-        from moonforge.flows.lifecycle import rerun_flow
+        from moonforge.flows.lifecycle import owned, rerun_flow
 
         _quiet_prefect_tracebacks()
         t0 = time.time()
-        with _progress_bars():
+        with _progress_bars(format_ != "json"), owned():
             outcomes = rerun_flow(recipe_path=path, stage=stage, from_ref=from_, overrides=list(set_),
                                   downstream=downstream, project=str(_project()))
-        _summary(outcomes, t0)
+        _summary(outcomes, t0, format_)
 
 
 @app.command()
 def status(recipe: Optional[str] = typer.Argument(None, help=f"Recipe YAML (default {DEFAULT_RECIPE})."),
            set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-           format_: str = typer.Option("table", "--format", help="table or json.")) -> None:
-    """Each stage: fresh / stale / missing, and why."""
+           format_: str = format_option()) -> None:
+    """Each stage: fresh / stale / missing, and why (resumable work of a killed run included)."""
     with _errors():
         from moonforge.registry.run_stage import stage_status
 
         rec = _load(_recipe_path(recipe), set_)
-        if format_ == "json":
-            import json
-
-            typer.echo(json.dumps(stage_status(rec, _project()), indent=2))
-            return
-        table = Table(title=f"recipe {rec.name}")
-        for col in ("stage", "state", "artifact", "changed input", "why"):
-            table.add_column(col)
+        rows = stage_status(rec, _project())
         colors = {"fresh": "green", "stale": "yellow", "missing": "red"}
-        for row in stage_status(rec, _project()):
-            table.add_row(row["stage"], f"[{colors[row['state']]}]{row['state']}[/]",
-                          row["ref"] or "-", ", ".join(row.get("changed") or []) or "-",
-                          "\n".join(row["reasons"]))
-        console.print(table)
+        plain = format_ != "table"
+        shown = [{"stage": r["stage"],
+                  "state": r["state"] if plain else f"[{colors[r['state']]}]{r['state']}[/]",
+                  "artifact": r["ref"] or "-", "changed": ", ".join(r.get("changed") or []) or "-",
+                  "why": "\n".join(r["reasons"]) or "-"} for r in rows]
+        cols = [Column("stage", "stage", no_wrap=True), Column("state", "state", no_wrap=True),
+                Column("artifact", "artifact", no_wrap=True),
+                Column("changed", "changed input", wide_only=True), Column("why", "why")]
+        emit(console, format_, shown, cols, rows, f"recipe {rec.name}")
 
 
 @app.command()
@@ -339,22 +357,28 @@ def _print_gates(d) -> None:
 
 @app.command()
 def models(name: Optional[str] = typer.Option(None, "--name", help="Registered model (default: the recipe's)."),
-           recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML.")) -> None:
+           recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML."),
+           format_: str = format_option()) -> None:
     """List a registered model's versions with their aliases, artifacts and gate decisions."""
     with _errors():
+        from dataclasses import asdict
+
         from moonforge.registry import model_registry as mr
 
         name = name or _load(_recipe_path(recipe), []).model_name
         rows = mr.version_rows(mr.client_for(_project()), name)
-        table = Table(title=f"registered model {name}")
-        for col in ("version", "aliases", "artifact", "fingerprint", "key metrics", "decisions"):
-            table.add_column(col)
+        cols = [Column("version", "version", "right", no_wrap=True), Column("aliases", "aliases", no_wrap=True),
+                Column("artifact", "artifact", no_wrap=True),
+                Column("fingerprint", "fingerprint", wide_only=True, no_wrap=True),
+                Column("metrics", "key metrics", no_wrap=True), Column("decisions", "decisions")]
+        shown = []
         for r in rows:
-            keys = [k for k in r.metrics if k.startswith("eval/") and not k.endswith("_before")][:3]
-            table.add_row(str(r.version), ", ".join(r.aliases) or "-", r.artifact, r.fingerprint[:12],
-                          ", ".join(f"{k}={r.metrics[k]:.4g}" for k in keys),
-                          ", ".join(f"{a}: {o}" for a, o in sorted(r.decisions.items())) or "-")
-        console.print(table)
+            keys = [k for k in r.metrics if k.startswith("eval/") and not k.endswith("_before")][:4]
+            shown.append({"version": str(r.version), "aliases": ", ".join(r.aliases) or "-",
+                          "artifact": r.artifact, "fingerprint": r.fingerprint[:12],
+                          "metrics": metric_lines(r.metrics, keys) or "-",
+                          "decisions": "\n".join(f"{a}: {o}" for a, o in sorted(r.decisions.items())) or "-"})
+        emit(console, format_, shown, cols, [asdict(r) for r in rows], f"registered model {name}")
 
 
 @app.command()
@@ -415,10 +439,11 @@ def plan(recipe: str = typer.Argument(..., help="Recipe YAML, e.g. recipes/kimi-
          gpus: int = typer.Option(512, "--gpus", help="Total GPUs (data x context parallel)."),
          mfu: float = typer.Option(0.4, "--mfu", help="Model FLOPs utilisation of training."),
          zero: int = typer.Option(2, "--zero", help="ZeRO stage 0-3 for the memory estimate."),
-         set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+         set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+         format_: str = format_option()) -> None:
     """Token budgets, steps, FLOPs, memory per GPU and GPU-hours per stage."""
     with _errors():
-        from moonforge.flows.plan_table import plan_notes, plan_table
+        from moonforge.flows.plan_table import print_plan
         from moonforge.stages.plan import PlanError, make_plan, plan_config
 
         rec = _load(_recipe_path(recipe), set_)
@@ -427,9 +452,7 @@ def plan(recipe: str = typer.Argument(..., help="Recipe YAML, e.g. recipes/kimi-
         except PlanError as e:
             err_console.print(f"[bold red]plan error:[/bold red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
-        console.print(plan_table(result))
-        for line in plan_notes(result, rec):
-            console.print(line, highlight=False, soft_wrap=True)
+        print_plan(result, rec, format_, console)
 
 
 @data_app.command("build")
@@ -444,17 +467,85 @@ def data_build(names: list[str] = typer.Argument(None, help="Datasets (dvc stage
 
 
 @data_app.command("status")
-def data_status(names: list[str] = typer.Argument(None, help="Datasets (dvc stages); default all.")) -> None:
+def data_status(names: list[str] = typer.Argument(None, help="Datasets (dvc stages); default all."),
+                format_: str = format_option()) -> None:
     """dvc status: which datasets are out of date."""
     with _errors():
         from moonforge.registry.data_versions import dvc_status, read_lock
 
         changed = dvc_status(_project(), names or [])
-        for n, d in read_lock(_project()).items():
-            console.print(f"{n:<12} {'changed' if n in changed else 'up to date':<11} {d.digest}",
-                          highlight=False)
-        for n in changed:
-            console.print(f"{n:<12} changed: {changed[n]}", highlight=False)
+        rows = [{"name": n, "state": "changed" if n in changed else "up to date", "digest": d.digest,
+                 "path": str(d.path), "changes": changed.get(n)} for n, d in read_lock(_project()).items()]
+        shown = [{**r, "changes": "" if r["changes"] is None else str(r["changes"])} for r in rows]
+        cols = [Column("name", "dataset", no_wrap=True), Column("state", "state", no_wrap=True),
+                Column("digest", "DVC digest", no_wrap=True), Column("changes", "dvc status")]
+        emit(console, format_, shown, cols, rows)
+
+
+@data_app.command("add")
+def data_add(name: str = typer.Argument(..., help="Dataset name (lower case, digits, _)."),
+             path: str = typer.Argument(..., help="A file, directory, glob or s3:// URI."),
+             format_: str = typer.Option(..., "--format", help="llava, sharegpt, messages, openai, "
+                                         "webdataset, parquet, text, verl, rl_messages, preference."),
+             images_root: Optional[str] = typer.Option(None, "--images-root",
+                                                       help="Folder (or s3:// prefix) of the images."),
+             heldout: int = typer.Option(0, "--heldout", help="Records kept for the closing eval."),
+             recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe",
+                                        help="Recipe whose datasets: gets the declaration.")) -> None:
+    """Track your own dataset with DVC (data/NAME.dvc) and declare it in the recipe."""
+    with _errors():
+        from moonforge.registry.user_data import add_dataset
+
+        decl = add_dataset(_project(), name, path, format_, images_root, _recipe_path(recipe), heldout)
+        console.print(f"added {name}: {decl.pop('records')} records ({format_}), tracked as "
+                      f"data/{name}.dvc, declared in {recipe}:", highlight=False)
+        for k, v in decl.items():
+            console.print(f"  {k}: {v}", highlight=False)
+        console.print(f"Mix it into a stage: --set stages.<stage>.mixture.{name}=0.5", highlight=False)
+
+
+@data_app.command("check")
+def data_check(name: str = typer.Argument(..., help="A dataset the recipe declares."),
+               recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML."),
+               format_: str = typer.Option("table", "--format", help="table or json.")) -> None:
+    """Validate every record (images decoded); exit 1 above the dataset's max_bad_fraction."""
+    with _errors():
+        import json
+
+        from moonforge.registry.user_data import open_declared
+        from moonforge.stages.data.user_check import check_set
+
+        ds, tok, vision = open_declared(_project(), _recipe_path(recipe), name)
+        rep = check_set(ds, tok, vision)
+        if format_ == "json":
+            typer.echo(json.dumps(rep.to_dict(), indent=2))
+        else:
+            console.print(rep.render(), highlight=False, soft_wrap=True)
+        if not rep.ok:
+            raise typer.Exit(1)
+
+
+@data_app.command("show")
+def data_show(name: str = typer.Argument(..., help="A dataset the recipe declares."),
+              n: int = typer.Option(3, "-n", help="How many samples."),
+              recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML."),
+              png: Optional[Path] = typer.Option(None, "--png",
+                                                 help="Thumbnail sheet (default NAME-samples.png).")) -> None:
+    """Print samples as the model sees them (chat template, image placeholders); thumbnails to a PNG."""
+    with _errors():
+        from moonforge.registry.errors import DatasetError
+        from moonforge.registry.user_data import open_declared
+        from moonforge.stages.data.user_show import show_samples
+
+        ds, tok, vision = open_declared(_project(), _recipe_path(recipe), name)
+        if tok is None:
+            raise DatasetError("no tokenizer to render with: build it with `moonforge data build "
+                               "tokenizer` (or set the recipe's tokenizer:)")
+        png = png or Path(f"{name}-samples.png")
+        for block in show_samples(ds, tok, vision, n, png):
+            console.print(block, highlight=False, soft_wrap=True, markup=False)
+        if png.exists():
+            console.print(f"thumbnails: {png}", highlight=False)
 
 
 # deploy, serve and server up|down|status (and the callback that finds `server up`'s servers)

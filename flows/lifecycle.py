@@ -3,7 +3,8 @@
 Thin wiring, no tensors. Each task is named after its stage and returns the StageOutcome dict
 whose "ref" (e.g. "sft@3") is the artifact reference the next stage starts from. Caching is the
 store's job (fingerprints), not Prefect's (cache_policy=NONE). Retries happen only for transient
-I/O failures, never for a config error or a NaN loss.
+I/O failures, never for a config error or a NaN loss. Each flow first closes what killed earlier
+runs left open: their MLflow runs end KILLED, their Prefect flow runs Crashed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from moonforge.registry.errors import is_transient
 from moonforge.registry.promotion import set_candidate
 from moonforge.registry.run_stage import StageProgress, run_stage
 from moonforge.registry.store import open_store
-from moonforge.registry.tracking import Tracker
+from moonforge.registry.tracking import (Tracker, mark_flow_runs_crashed, owner_tags,
+                                         reap_dead_flow_runs)
 from moonforge.stages import catalog
 from moonforge.stages.recipe import Recipe, RecipeError, load_recipe
 
@@ -66,6 +68,7 @@ def _run_chain(recipe: Recipe, recipe_path: str, overrides: list[str], names: li
         catalog.stage_function(recipe.stage(name).kind)
     ensure_datasets(project, [d for n in names for d in recipe.stage(n).data])
     tracker = Tracker(project, recipe.name)
+    close_dead_runs(tracker)
     tracker.start_lifecycle(recipe, flow_run_id=str(flow_run.id or ""))
     refs: dict[str, str] = {}
     outcomes: dict[str, dict] = {}
@@ -88,6 +91,34 @@ def _run_chain(recipe: Recipe, recipe_path: str, overrides: list[str], names: li
                 **{k: round(v, 5) for k, v in list(o["metrics"].items())[:4]}}
                for o in outcomes.values()])
     return outcomes
+
+
+DEAD = ("its process died (killed, out of memory or preempted) before the flow ended; found "
+        "and closed by a later run")
+
+
+def owned():
+    """Tag the flow runs started inside with this process (`with owned(): lifecycle_flow(...)`),
+    so the next run can end them as Crashed if this process dies first."""
+    from prefect import tags
+
+    return tags(*owner_tags())
+
+
+def close_dead_runs(tracker: Tracker) -> list[dict]:
+    """End the MLflow runs of dead processes (kill -9, OOM, preemption) of this recipe as KILLED
+    and their Prefect flow runs as Crashed. Logged, never raised: the new run matters more."""
+    try:
+        dead = tracker.reap_dead_runs()
+    except Exception as e:
+        log.warning("could not look for runs left RUNNING by dead processes: %s: %s",
+                    type(e).__name__, e)
+        dead = []
+    flows = [d["prefect_flow_run_id"] for d in dead
+             if d["prefect_flow_run_id"] and d["prefect_flow_run_id"] != str(flow_run.id or "")]
+    mark_flow_runs_crashed(flows, DEAD)
+    reap_dead_flow_runs(DEAD)
+    return dead
 
 
 def _mark_candidate(recipe: Recipe, project: str, outcomes: dict[str, dict]) -> None:

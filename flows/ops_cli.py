@@ -95,12 +95,21 @@ def serve(recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YA
 @server_app.command("up")
 def server_up(prefect_port: int = typer.Option(4200, "--prefect-port"),
               mlflow_port: int = typer.Option(5000, "--mlflow-port"),
+              prefect_db: Optional[str] = typer.Option(
+                  None, "--prefect-db", envvar="MOONFORGE_PREFECT_DB", show_envvar=True,
+                  help="Prefect's database, postgresql://USER:PASSWORD@HOST:PORT/DB "
+                       "(default: SQLite in .moonforge/prefect)."),
+              mlflow_db: Optional[str] = typer.Option(
+                  None, "--mlflow-db", envvar="MOONFORGE_MLFLOW_DB", show_envvar=True,
+                  help="MLflow's backend store, postgresql://USER:PASSWORD@HOST:PORT/DB "
+                       "(default: .moonforge/mlflow.db)."),
               timeout: float = typer.Option(180.0, "--timeout", help="Seconds to wait for each.")) -> None:
     """Start the Prefect and MLflow servers for this project and point the CLI at them."""
     from moonforge.flows import servers
 
     try:
-        started = servers.up(_project(), {"prefect": prefect_port, "mlflow": mlflow_port}, timeout)
+        started = servers.up(_project(), {"prefect": prefect_port, "mlflow": mlflow_port}, timeout,
+                             db={"prefect": prefect_db, "mlflow": mlflow_db})
     except servers.ServerError as e:
         err_console.print(f"[bold red]server error:[/bold red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
@@ -146,4 +155,5 @@ def _print_status(rows) -> None:
         table.add_row(s.name, f"[{colors[state]}]{state}[/]", s.url, str(s.pid))
     console.print(table)
     for s, _ in rows:
-        console.print(f"{s.name}: API {s.api_url}, log {s.log}", highlight=False, soft_wrap=True)
+        db = f", database {s.db}" if s.db else ""
+        console.print(f"{s.name}: API {s.api_url}{db}, log {s.log}", highlight=False, soft_wrap=True)

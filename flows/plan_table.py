@@ -1,8 +1,19 @@
-"""Rich rendering of a `stages.plan.Plan` for `moonforge plan` (the numbers live in stages/plan.py)."""
+"""Rendering of a `stages.plan.Plan` for `moonforge plan` (the numbers live in stages/plan.py).
+
+`--format table`: one wide table when the console has room, else (a pipe, a CI log at 80
+columns) two narrow ones: compute (steps, tokens, FLOPs, GPU-hours) and memory per GPU.
+`--format markdown`: the wide table as Markdown. `--format json`: every number raw.
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from typing import Any
+
+from rich.console import Console
 from rich.table import Table
+
+from moonforge.flows.tables import Column, emit, natural_width, rich_table
 
 from moonforge.stages.plan import PRETRAIN_KINDS, Plan, budgeted_tokens
 
@@ -66,3 +77,82 @@ def plan_notes(plan: Plan, recipe) -> list[str]:
     ]
     lines += [f"{r.stage}: {r.note}" for r in plan.rows if r.note]
     return lines
+
+
+def _title(plan: Plan) -> str:
+    cfg = plan.config
+    return (f"plan: {plan.recipe} on {cfg.num_gpus} x {cfg.gpu.upper()} (MFU {cfg.mfu:g}, "
+            f"ZeRO-{cfg.zero_stage}{', recompute' if cfg.activation_checkpointing else ''})")
+
+
+def _display_rows(plan: Plan) -> list[dict[str, str]]:
+    cfg = plan.config
+    rows = []
+    for r in plan.rows:
+        m = r.memory
+        days = None if r.gpu_hours is None else r.gpu_hours / cfg.num_gpus / 24
+        rows.append({
+            "stage": r.stage, "seq": f"{r.seq_len:,}",
+            "steps": "-" if r.steps is None else f"{r.steps:,}",
+            "tokens": _si(r.tokens), "flops": "-" if r.flops is None else f"{r.flops:.2e}",
+            "params": _gb(m.params), "grads": _gb(m.grads), "optim": _gb(m.optimizer),
+            "act": _gb(m.activations), "mem": _gb(m.total) + ("" if r.fits else " OOM"),
+            "dpcp": f"{r.dp} x {r.cp}", "micro": f"{r.micro_batch} x {r.grad_accum}",
+            "hours": "-" if r.gpu_hours is None else f"{r.gpu_hours:,.0f}",
+            "days": "-" if days is None else f"{days:.1f}"})
+    for label, kinds in (("sum stages 1-5", PRETRAIN_KINDS), ("sum all rows", None)):
+        hours = plan.total("gpu_hours", kinds)
+        rows.append({"stage": label, "tokens": _si(plan.total("tokens", kinds)),
+                     "flops": f"{plan.total('flops', kinds):.2e}", "hours": f"{hours:,.0f}",
+                     "days": f"{hours / cfg.num_gpus / 24:.1f}"})
+    return rows
+
+
+def _num(key: str, header: str) -> Column:
+    return Column(key, header, "right", no_wrap=True)
+
+
+COMPUTE = [Column("stage", "stage", no_wrap=True), _num("seq", "seq len"), _num("steps", "steps"),
+           _num("tokens", "tokens"), _num("flops", "FLOPs"), _num("hours", "GPU-hours"),
+           _num("days", "days")]
+MEMORY = [Column("stage", "stage", no_wrap=True), _num("params", "params"), _num("grads", "grads"),
+          _num("optim", "optim"), _num("act", "act"), _num("mem", "total"),
+          _num("dpcp", "dp x cp"), _num("micro", "mbs x acc")]
+WIDE = COMPUTE[:-2] + [_num("params", "params GB"), _num("grads", "grads GB"),
+                       _num("optim", "optim GB"), _num("act", "act GB"),
+                       _num("mem", "mem/GPU GB"), _num("dpcp", "dp x cp"),
+                       _num("micro", "micro x accum")] + COMPUTE[-2:]
+
+
+def plan_record(plan: Plan, recipe) -> dict[str, Any]:
+    """Everything `moonforge plan` shows, as JSON-able raw numbers (bytes, FLOPs, hours)."""
+    rows = []
+    for r in plan.rows:
+        d = asdict(r)
+        d["memory"] = {**d["memory"], "total": r.memory.total}
+        rows.append(d)
+    return {"recipe": plan.recipe, "config": plan.config.model_dump(mode="json"), "rows": rows,
+            "totals": {"pretrain_tokens": plan.total("tokens", PRETRAIN_KINDS),
+                       "pretrain_flops": plan.total("flops", PRETRAIN_KINDS),
+                       "pretrain_gpu_hours": plan.total("gpu_hours", PRETRAIN_KINDS),
+                       "tokens": plan.total("tokens"), "flops": plan.total("flops"),
+                       "gpu_hours": plan.total("gpu_hours")},
+            "params": dict(plan.costs.params), "lm_active_params": plan.costs.lm_active,
+            "notes": plan_notes(plan, recipe)}
+
+
+def print_plan(plan: Plan, recipe, fmt: str, console: Console) -> None:
+    """`moonforge plan` output in `fmt` (table | json | markdown)."""
+    rows, notes = _display_rows(plan), plan_notes(plan, recipe)
+    if fmt != "table":
+        emit(console, fmt, rows, WIDE, plan_record(plan, recipe), _title(plan), notes)
+        return
+    wide = plan_table(plan)
+    if natural_width(wide) <= console.width:
+        console.print(wide)
+    else:  # a pipe or a CI log: two narrow tables, memory in GB per GPU
+        mem_rows = [r for r in rows if "params" in r]
+        console.print(rich_table(rows, COMPUTE, _title(plan), console.width))
+        console.print(rich_table(mem_rows, MEMORY, "memory per GPU (GB) and layout", console.width))
+    for line in notes:
+        console.print(line, highlight=False, markup=False)

@@ -1,10 +1,16 @@
 """`moonforge server up|down|status`: a local Prefect server and MLflow tracking server.
 
-Both listen on 127.0.0.1 and keep their state in the project's `.moonforge/`, the same files the
-embedded defaults use, so the UIs show every run made before the servers started:
+Both listen on 127.0.0.1 and by default keep their state in the project's `.moonforge/`, the same
+files the embedded defaults use, so the UIs show every run made before the servers started:
 - Prefect: `prefect server start` with PREFECT_HOME=.moonforge/prefect (its SQLite DB),
 - MLflow:  `mlflow server` on sqlite:///.moonforge/mlflow.db with artifacts served from
   .moonforge/mlartifacts.
+The production setup puts both databases on PostgreSQL: `up(..., db={"prefect": URL, "mlflow":
+URL})` (`moonforge server up --prefect-db URL --mlflow-db URL`), URLs like
+postgresql://USER:PASSWORD@HOST:PORT/DB. Before starting anything, `up` connects to each
+(psycopg2) and refuses with the URL, password masked, and the reason when it cannot; the servers
+create or migrate their schemas on first use (Prefect at start, MLflow's `mlflow db upgrade` for
+an existing database). Passwords reach the servers through their environment, never argv.
 `up` records pids, ports and URLs in `.moonforge/servers.json`; every later CLI command reads
 it (`apply_state`) and points PREFECT_API_URL / MLFLOW_TRACKING_URI at the live servers unless
 those are set explicitly. Without the file (or with dead servers) the embedded defaults apply.
@@ -48,6 +54,8 @@ class Service:
     log: str
     marker: str
     """A word of the command line, to tell our process from a recycled pid."""
+    db: str = ""
+    """Its database, password masked (empty: the project's SQLite file)."""
 
 
 def state_path(project: str | Path) -> Path:
@@ -120,26 +128,108 @@ def port_free(port: int, host: str = HOST) -> bool:
     return True
 
 
-def _command(name: str, port: int, project: Path) -> tuple[list[str], dict[str, str], str, str]:
-    """argv, extra env, API URL, UI URL for one server."""
+_PG = ("postgresql", "postgres")
+
+
+def database_url(name: str, url: str) -> str:
+    """The URL in the driver form each server takes: postgresql+asyncpg for Prefect,
+    postgresql+psycopg2 for MLflow; sqlite URLs pass through. ServerError on anything else."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise ServerError(f"{name}: {url!r} is not a database URL; use "
+                          "postgresql://USER:PASSWORD@HOST:PORT/DATABASE") from None
+    backend = u.drivername.split("+")[0]
+    if backend in _PG:
+        if not u.database or not u.host:
+            raise ServerError(f"{name}: {masked(url)} names no host or database; use "
+                              "postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
+        # SQLAlchemy 2.1's plain postgresql:// means psycopg 3; MLflow gets the pinned psycopg2
+        u = u.set(drivername="postgresql+asyncpg" if name == "prefect" else "postgresql+psycopg2")
+    elif backend != "sqlite":
+        raise ServerError(f"{name}: {masked(url)}: use a PostgreSQL URL "
+                          "(postgresql://USER:PASSWORD@HOST:PORT/DATABASE) or sqlite:///PATH")
+    elif name == "prefect":
+        u = u.set(drivername="sqlite+aiosqlite")
+    return u.render_as_string(hide_password=False)
+
+
+def masked(url: str) -> str:
+    """`url` with its password replaced by ***, for messages and the state file."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: show only the scheme
+        return url.split("://", 1)[0] + "://..."
+
+
+def check_database(name: str, url: str, timeout: int = 10) -> None:
+    """Connect once to a PostgreSQL URL; ServerError naming the masked URL and the reason (the
+    password never appears). For MLflow, an existing schema is upgraded (a no-op when current)."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.drivername.split("+")[0] not in _PG:
+        return
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(host=u.host, port=u.port or 5432, user=u.username,
+                                password=u.password, dbname=u.database, connect_timeout=timeout)
+    except psycopg2.Error as e:
+        reason = " ".join(str(e).split())
+        if u.password:
+            reason = reason.replace(u.password, "***")
+        raise ServerError(
+            f"{name}: cannot use its database {masked(url)}: {reason}. Check that PostgreSQL runs "
+            f"at {u.host}:{u.port or 5432} and that role {u.username!r} may log in to database "
+            f"{u.database!r} with this password, then rerun `moonforge server up`") from None
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL")
+            existing = cur.fetchone()[0]
+    finally:
+        conn.close()
+    if name == "mlflow" and existing:  # a fresh database: `mlflow server` creates the schema
+        res = subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", url],
+                             capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            tail = (res.stderr or res.stdout)[-1500:]
+            tail = tail.replace(u.password, "***") if u.password else tail
+            raise ServerError(f"mlflow: `mlflow db upgrade` failed on {masked(url)}:\n{tail}")
+
+
+def _command(name: str, port: int, project: Path,
+             db: str | None = None) -> tuple[list[str], dict[str, str], str, str]:
+    """argv, extra env, API URL, UI URL for one server (`db`: its database URL, default the
+    project's SQLite file)."""
     base = f"http://{HOST}:{port}"
     mf = project / ".moonforge"
     if name == "prefect":
         env = {"PREFECT_HOME": str(mf / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "PREFECT_UI_API_URL": f"{base}/api"}
+        if db:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = db
         return ([sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
                  "--port", str(port)], env, f"{base}/api", base)
     argv = [sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port),
-            "--workers", "1", "--backend-store-uri", f"sqlite:///{mf / 'mlflow.db'}",
-            "--serve-artifacts", "--artifacts-destination", str(mf / "mlartifacts")]
-    return argv, {}, base, base
+            "--workers", "1", "--serve-artifacts", "--artifacts-destination", str(mf / "mlartifacts")]
+    env = {"MLFLOW_BACKEND_STORE_URI": db or f"sqlite:///{mf / 'mlflow.db'}"}
+    return argv, env, base, base
 
 
-def up(project: str | Path, ports: dict[str, int] | None = None, timeout: float = 180.0) -> list[Service]:
+def up(project: str | Path, ports: dict[str, int] | None = None, timeout: float = 180.0,
+       db: dict[str, str | None] | None = None) -> list[Service]:
     """Start both servers, wait until each answers /health, record them; ServerError if they
-    run already, a port is taken, or one does not come up (the other is stopped again)."""
+    run already, a port is taken, a database (`db`: server name -> URL) cannot be reached, or
+    one does not come up (the other is stopped again)."""
     project = Path(project).resolve()
     ports = {**DEFAULT_PORTS, **(ports or {})}
+    dbs = {n: database_url(n, u) for n, u in (db or {}).items() if u}
     running = [s for s in read_state(project) if is_alive(s)]
     if running:
         raise ServerError("moonforge servers are already running for this project: "
@@ -150,18 +240,23 @@ def up(project: str | Path, ports: dict[str, int] | None = None, timeout: float 
             raise ServerError(f"{name}: port {port} on {HOST} is taken by another process; pick a "
                               f"free one with `moonforge server up {FLAGS[name]} <port>` or stop "
                               "whatever listens there")
+    for name, url in dbs.items():
+        check_database(name, url)
     (project / ".moonforge" / "prefect").mkdir(parents=True, exist_ok=True)
     (project / LOG_DIR).mkdir(parents=True, exist_ok=True)
     started: list[Service] = []
     for name, port in ports.items():
-        argv, extra, api, ui = _command(name, port, project)
-        env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+        argv, extra, api, ui = _command(name, port, project, dbs.get(name))
+        env = {k: v for k, v in os.environ.items() if k not in (
+            "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_DATABASE_CONNECTION_URL",
+            "MLFLOW_BACKEND_STORE_URI")}
         log = project / LOG_DIR / f"{name}.log"
         with log.open("ab") as fh:
             proc = subprocess.Popen(argv, cwd=project, env={**env, **extra}, stdout=fh,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)  # own group: outlives `up`, `down` kills it
-        started.append(Service(name, proc.pid, port, ui, api, str(log), "server"))
+        started.append(Service(name, proc.pid, port, ui, api, str(log), "server",
+                               masked(dbs[name]) if name in dbs else ""))
     try:
         _wait_healthy(started, timeout)
     except ServerError:

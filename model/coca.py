@@ -28,17 +28,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moonforge.model.attention import Backend, attend
+from moonforge.model.attention import (AttnMeta, Backend, activation_dtype, attention,
+                                       attention_meta, resolve_backend)
 from moonforge.model.config import CaptionTowerConfig
 from moonforge.model.vision import image_ids
 
 
 class TowerBlock(nn.Module):
-    """Pre-LN transformer block (fused qkv, GELU-tanh MLP of width 4C), causal or not."""
+    """Pre-LN transformer block (fused qkv, GELU-tanh MLP of width 4C); causal or not as the
+    tower's attention metadata says."""
 
-    def __init__(self, dim: int, num_heads: int, causal: bool, backend: Backend) -> None:
+    def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
-        self.H, self.causal, self.backend = num_heads, causal, backend
+        self.H = num_heads
         self.norm0 = nn.LayerNorm(dim)
         self.wqkv = nn.Linear(dim, 3 * dim)
         self.wo = nn.Linear(dim, dim)
@@ -46,10 +48,10 @@ class TowerBlock(nn.Module):
         self.fc0 = nn.Linear(dim, 4 * dim)
         self.fc1 = nn.Linear(4 * dim, dim)
 
-    def forward(self, x_BLC: Tensor, doc_ids_BL: Tensor) -> Tensor:
+    def forward(self, x_BLC: Tensor, meta: AttnMeta) -> Tensor:
         B, L, C = x_BLC.shape
         qkv_3BHLc = self.wqkv(self.norm0(x_BLC)).view(B, L, 3, self.H, -1).permute(2, 0, 3, 1, 4)
-        out_BHLc = attend(*qkv_3BHLc, doc_ids_BL, causal=self.causal, backend=self.backend)
+        out_BHLc = attention(*qkv_3BHLc, meta)
         x_BLC = x_BLC + self.wo(out_BHLc.transpose(1, 2).reshape(B, L, C))
         return x_BLC + self.fc1(F.gelu(self.fc0(self.norm1(x_BLC)), approximate="tanh"))
 
@@ -94,11 +96,12 @@ class CaptionTowers(nn.Module):
         if C % H:
             raise ValueError(f"model.caption.hidden_size={C} is not divisible by num_heads={H}")
         self.cfg = cfg
+        resolve_backend(backend, "cpu")  # reject unknown names at build
+        self.attn_backend = backend
         self.tok_embed = nn.Embedding(vocab_size, C)
         # text encoder
         self.text_pos = nn.Parameter(torch.empty(cfg.max_text_len, C))
-        self.text_blocks = nn.ModuleList(TowerBlock(C, H, False, backend)
-                                         for _ in range(cfg.num_text_layers))
+        self.text_blocks = nn.ModuleList(TowerBlock(C, H) for _ in range(cfg.num_text_layers))
         self.text_norm = nn.LayerNorm(C)
         self.text_proj = nn.Linear(C, cfg.embed_dim)
         # image embedding
@@ -107,8 +110,7 @@ class CaptionTowers(nn.Module):
         # caption decoder
         self.prefix_proj = nn.Linear(vision_dim, C)
         self.dec_pos = nn.Parameter(torch.empty(cfg.max_text_len, C))
-        self.dec_blocks = nn.ModuleList(TowerBlock(C, H, True, backend)
-                                        for _ in range(cfg.num_decoder_layers))
+        self.dec_blocks = nn.ModuleList(TowerBlock(C, H) for _ in range(cfg.num_decoder_layers))
         self.dec_norm = nn.LayerNorm(C)
         self.caption_head = nn.Linear(C, vocab_size, bias=False)
         # SigLIP temperature (log-space) and bias
@@ -137,6 +139,11 @@ class CaptionTowers(nn.Module):
         self.logit_scale.fill_(logit_scale_init)
         self.logit_bias.fill_(logit_bias_init)
 
+    def _meta(self, doc_ids_BL: Tensor, causal: bool, x_BLC: Tensor) -> AttnMeta:
+        """A tower's attention metadata, built once per call and shared by its blocks."""
+        return attention_meta(doc_ids_BL, causal, resolve_backend(self.attn_backend, x_BLC.device),
+                              activation_dtype(x_BLC))
+
     def _check_len(self, L: int) -> None:
         if L > self.cfg.max_text_len:
             raise ValueError(f"caption length {L} > model.caption.max_text_len="
@@ -152,9 +159,9 @@ class CaptionTowers(nn.Module):
         self._check_len(L)
         mask_BL = mask_BL.bool()
         x_BLC = self.tok_embed(ids_BL) + self.text_pos[:L]
-        doc_BL = torch.where(mask_BL, 0, -1)
+        meta = self._meta(torch.where(mask_BL, 0, -1), False, x_BLC)
         for block in self.text_blocks:
-            x_BLC = block(x_BLC, doc_BL)
+            x_BLC = block(x_BLC, meta)
         x_BLC = self.text_norm(x_BLC)
         w_BL1 = mask_BL[..., None].to(x_BLC.dtype)
         pooled_BC = (x_BLC * w_BL1).sum(1) / w_BL1.sum(1).clamp(min=1.0)
@@ -192,6 +199,7 @@ class CaptionTowers(nn.Module):
         sizes_B = (grid_hw[:, 0] * grid_hw[:, 1]).to(ids_BL.device)
         col_R = torch.arange(max_n + L, device=ids_BL.device)
         doc_BR = torch.where(col_R[None] >= (max_n - sizes_B)[:, None], 0, -1)
+        meta = self._meta(doc_BR, True, x_BRC)
         for block in self.dec_blocks:
-            x_BRC = block(x_BRC, doc_BR)
+            x_BRC = block(x_BRC, meta)
         return self.caption_head(self.dec_norm(x_BRC[:, max_n:]))

@@ -7,7 +7,7 @@ follow the HF / DeepSeek-V3 config vocabulary where one exists.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, model_validator
 
@@ -196,5 +196,13 @@ class VLMConfig(_Shape):
     projector: ProjectorConfig = ProjectorConfig()
     lm: LMConfig = LMConfig()
     caption: CaptionTowerConfig = CaptionTowerConfig()
-    attn_backend: Literal["auto", "sdpa", "flash"] = "auto"
-    """`auto`: flash-attn varlen when CUDA and flash-attn are present, else SDPA with a block mask."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_runtime_keys(cls, data: Any) -> Any:
+        """Accept and drop `attn_backend`: older model_config.json files and recipes carry it,
+        but the attention backend is a runtime choice (`build_vlm(..., attn_backend=)`), so a
+        checkpoint trained with flash-attn opens on a CPU and the fingerprint ignores it."""
+        if isinstance(data, dict) and "attn_backend" in data:
+            data = {k: v for k, v in data.items() if k != "attn_backend"}
+        return data

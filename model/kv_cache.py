@@ -1,14 +1,15 @@
 """KV cache for incremental decoding of `MoELM`: preallocated per-layer buffers plus key doc ids.
 
 What each layer stores is up to its attention module (the cache is shape-agnostic):
-- MLA stores the compressed latent from `MLA.compress`: c_kv (normalised, R dims) and the ONE
-  shared, already-rotated rope key (Dr dims), i.e. (R + Dr) numbers per token per layer instead
-  of H * (2 * Dn + Dr). Per-head k, v are re-expanded from the latent at every step
-  (`MLA.expand`); weight absorption would skip that matmul but changes float summation order.
+- MLA stores the compressed latent from `MLA.compress` as one (B, 1, K, R + Dr) tensor: c_kv
+  (normalised, R dims) then the ONE shared, already-rotated rope key (Dr dims), i.e. (R + Dr)
+  numbers per token per layer instead of H * (2 * Dn + Dr). Decoding steps attend over it
+  directly (`MLA.attend_absorbed`: kv_b_proj folded into the query and the output), so no step
+  re-expands the cached positions; it equals the expanded form up to float summation order.
 - MHA stores the rotated per-head k and v of its key/value heads (num_kv_heads under GQA).
 
 What is unusual:
-- Every stored tensor keeps its sequence axis second to last ((B, K, R), (B, 1, K, Dr),
+- Every stored tensor keeps its sequence axis second to last ((B, 1, K, R + Dr),
   (B, H, K, Dh)), so one `write` serves both attention kinds.
 - The key doc ids live here too (-1 = padding): batched prompts of different lengths are
   left-padded, and padded keys are isolated exactly as `attention.segment_ids` isolates them in

@@ -20,11 +20,15 @@ Attention (config `attention`):
 
 What is unusual:
 - Attention is causal AND block-diagonal by `doc_ids_BL` (packed documents never see each other;
-  -1 marks padding). Position ids come from the caller, typically restarting per document.
+  -1 marks padding). Position ids come from the caller, typically restarting per document. The
+  layout is turned into attention metadata once per forward (`hidden`) and every block reuses it.
 - RoPE holds no state (see rope.py): set `rope_theta` in a new config and load the same weights.
-- KV cache (`hidden_cached`, see kv_cache.py): MLA caches the compressed (c_kv, k_rope) from
-  `MLA.compress`, which is the whole point of MLA, and re-expands per-head k, v with `MLA.expand`
-  at every step; MHA caches the rotated k and v of its Hkv key/value heads only.
+- KV cache (`hidden_cached`, see kv_cache.py): MLA caches the compressed latent [c_kv | k_rope]
+  from `MLA.compress`, which is the whole point of MLA. The prefill expands per-head k, v from it
+  (`MLA.expand`); decoding steps attend in the latent space instead ("absorbed": kv_b_proj's
+  key half folds into the query and its value half into the output, DeepSeek-V2 section 2.1.3),
+  so a step costs O(K * (R + Dr)) per head instead of re-expanding all K cached positions. MHA
+  caches the rotated k and v of its Hkv key/value heads only.
 
 Legend: B batch rows, L sequence length, D hidden, H heads, Hkv key/value heads (MHA), Dn =
 head_dim (no-RoPE part and v), Dr rope dims, R kv_lora_rank, Rq q_lora_rank, P rope pairs,
@@ -39,21 +43,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moonforge.model.attention import Backend, attend, attend_cached
+from moonforge.model.attention import (AttnMeta, Backend, activation_dtype, attend_cached,
+                                       attention, attention_meta, resolve_backend)
 from moonforge.model.config import LMConfig
+from moonforge.model.experts import ExpertsImpl, GroupedExperts
 from moonforge.model.kv_cache import KVCache, LayerCache
 from moonforge.model.moe import MoE, Router, SwiGLU
 from moonforge.model.rope import Rope1D, apply_rotary
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention. forward(x_BLD, cos, sin, doc) -> x_BLD."""
+    """Multi-head latent attention. forward(x_BLD, cos, sin, meta) -> x_BLD."""
 
-    def __init__(self, cfg: LMConfig, backend: Backend) -> None:
+    def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         D, H = cfg.hidden_size, cfg.num_heads
         self.H, self.Dn, self.Dr, self.R = H, cfg.head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        self.backend = backend
         self.scale = (self.Dn + self.Dr) ** -0.5
         latent_eps = cfg.latent_norm_eps or cfg.rms_norm_eps
         self.q_lora_rank = cfg.q_lora_rank
@@ -94,36 +99,60 @@ class MLA(nn.Module):
         q_nope, q_rope = q_BHLX.split([self.Dn, self.Dr], dim=-1)
         return torch.cat([q_nope, apply_rotary(q_rope, cos_BLP, sin_BLP)], dim=-1)
 
-    def forward(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor,
-                doc_ids_BL: Tensor) -> Tensor:
+    def forward(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor, meta: AttnMeta) -> Tensor:
         B, L, _ = x_BLD.shape
         q_BHLX = self.queries(x_BLD, cos_BLP, sin_BLP)
         k_BHLX, v_BHLDn = self.expand(*self.compress(x_BLD, cos_BLP, sin_BLP))
-        out_BHLDn = attend(q_BHLX, k_BHLX, v_BHLDn, doc_ids_BL, causal=True,
-                           backend=self.backend, scale=self.scale)
+        out_BHLDn = attention(q_BHLX, k_BHLX, v_BHLDn, meta, scale=self.scale)
         return self.o_proj(out_BHLDn.transpose(1, 2).reshape(B, L, self.H * self.Dn))
 
     def forward_cached(self, x_BQD: Tensor, cos_BQP: Tensor, sin_BQP: Tensor,
                        doc_ids_BK: Tensor, cache: LayerCache, start: int) -> Tensor:
-        """Attend Q new positions over the cache; stores their latent at [start, start + Q)."""
+        """Attend Q new positions over the cache; stores their latent at [start, start + Q).
+
+        The prefill (start 0) expands per-head k, v; later steps use `attend_absorbed`.
+        """
         B, Q, _ = x_BQD.shape
         q_BHQX = self.queries(x_BQD, cos_BQP, sin_BQP)
-        c_kv_BKR, k_rope_B1KDr = cache.write(start, *self.compress(x_BQD, cos_BQP, sin_BQP))
-        k_BHKX, v_BHKDn = self.expand(c_kv_BKR, k_rope_B1KDr)
-        out_BHQDn = attend_cached(q_BHQX, k_BHKX, v_BHKDn, doc_ids_BK, scale=self.scale)
+        c_kv_BQR, k_rope_B1QDr = self.compress(x_BQD, cos_BQP, sin_BQP)
+        (latent_B1KX,) = cache.write(start, torch.cat([c_kv_BQR[:, None], k_rope_B1QDr], dim=-1))
+        if start == 0:
+            c_kv_BKR, k_rope_B1KDr = latent_B1KX[:, 0, :, :self.R], latent_B1KX[..., self.R:]
+            k_BHKX, v_BHKDn = self.expand(c_kv_BKR, k_rope_B1KDr)
+            out_BHQDn = attend_cached(q_BHQX, k_BHKX, v_BHKDn, doc_ids_BK, scale=self.scale)
+        else:
+            out_BHQDn = self.attend_absorbed(q_BHQX, latent_B1KX, doc_ids_BK)
         return self.o_proj(out_BHQDn.transpose(1, 2).reshape(B, Q, self.H * self.Dn))
+
+    def attend_absorbed(self, q_BHQX: Tensor, latent_B1KX: Tensor, doc_ids_BK: Tensor) -> Tensor:
+        """Attention of Q queries over K cached latents without expanding them: (B, H, Q, Dn).
+
+        q_nope . k_nope = (q_nope W_uk) . c_kv, and p @ v = (p @ c_kv) W_uv^T, with W_uk, W_uv
+        the key / value rows of kv_b_proj per head. Equal to the expanded form up to float
+        summation order (tests/test_model_attention_meta.py).
+        """
+        B, H, Q, _ = q_BHQX.shape
+        K = latent_B1KX.shape[2]
+        w_HXR = self.kv_b_proj.weight.view(H, 2 * self.Dn, self.R)
+        w_uk_HDnR, w_uv_HDnR = w_HXR[:, :self.Dn], w_HXR[:, self.Dn:]
+        q_nope_BHQDn, q_rope_BHQDr = q_BHQX.split([self.Dn, self.Dr], dim=-1)
+        q_lat_BHQX = torch.cat([q_nope_BHQDn @ w_uk_HDnR, q_rope_BHQDr], dim=-1)
+        k_BHKX = latent_B1KX.expand(B, H, K, self.R + self.Dr)
+        out_BHQR = attend_cached(q_lat_BHQX, k_BHKX, k_BHKX[..., :self.R], doc_ids_BK,
+                                 scale=self.scale)
+        return out_BHQR @ w_uv_HDnR.transpose(1, 2)
 
 
 class MHA(nn.Module):
     """Multi-head attention with RoPE on the full head dim, optional GQA and biases."""
 
-    def __init__(self, cfg: LMConfig, backend: Backend) -> None:
+    def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         if cfg.head_dim % 2:
             raise ValueError(f"model.lm.head_dim={cfg.head_dim} must be even for RoPE in mha")
         D, H, Dh = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         Hkv = cfg.num_kv_heads or H
-        self.H, self.Hkv, self.Dh, self.backend = H, Hkv, Dh, backend
+        self.H, self.Hkv, self.Dh = H, Hkv, Dh
         self.q_proj = nn.Linear(D, H * Dh, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(D, Hkv * Dh, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(D, Hkv * Dh, bias=cfg.attention_bias)
@@ -146,12 +175,10 @@ class MHA(nn.Module):
             return x_BHkvLD
         return x_BHkvLD.repeat_interleave(self.H // self.Hkv, dim=1)
 
-    def forward(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor,
-                doc_ids_BL: Tensor) -> Tensor:
+    def forward(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor, meta: AttnMeta) -> Tensor:
         B, L, _ = x_BLD.shape
         q_BHLD, k_BHLD, v_BHLD = self.qkv(x_BLD, cos_BLP, sin_BLP)
-        out_BHLD = attend(q_BHLD, self.share_kv(k_BHLD), self.share_kv(v_BHLD), doc_ids_BL,
-                          causal=True, backend=self.backend)
+        out_BHLD = attention(q_BHLD, self.share_kv(k_BHLD), self.share_kv(v_BHLD), meta)
         return self.o_proj(out_BHLD.transpose(1, 2).reshape(B, L, self.H * self.Dh))
 
     def forward_cached(self, x_BQD: Tensor, cos_BQP: Tensor, sin_BQP: Tensor,
@@ -168,18 +195,17 @@ class MHA(nn.Module):
 class DecoderBlock(nn.Module):
     """RMSNorm -> attention -> residual; RMSNorm -> dense SwiGLU or MoE -> residual."""
 
-    def __init__(self, cfg: LMConfig, layer: int, backend: Backend) -> None:
+    def __init__(self, cfg: LMConfig, layer: int, experts_impl: ExpertsImpl = "auto") -> None:
         super().__init__()
         D = cfg.hidden_size
         self.input_layernorm = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, backend) if cfg.attention == "mla" else MHA(cfg, backend)
+        self.self_attn = MLA(cfg) if cfg.attention == "mla" else MHA(cfg)
         self.post_attention_layernorm = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
         self.is_moe = layer >= cfg.first_k_dense
-        self.mlp = MoE(cfg) if self.is_moe else SwiGLU(D, cfg.dense_intermediate_size)
+        self.mlp = MoE(cfg, experts_impl) if self.is_moe else SwiGLU(D, cfg.dense_intermediate_size)
 
-    def forward(self, h_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor,
-                doc_ids_BL: Tensor) -> Tensor:
-        h_BLD = h_BLD + self.self_attn(self.input_layernorm(h_BLD), cos_BLP, sin_BLP, doc_ids_BL)
+    def forward(self, h_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor, meta: AttnMeta) -> Tensor:
+        h_BLD = h_BLD + self.self_attn(self.input_layernorm(h_BLD), cos_BLP, sin_BLP, meta)
         return self.ffn(h_BLD)
 
     def forward_cached(self, h_BQD: Tensor, cos_BQP: Tensor, sin_BQP: Tensor,
@@ -198,15 +224,23 @@ class DecoderBlock(nn.Module):
 
 
 class MoELM(nn.Module):
-    """Token embedding -> decoder blocks -> RMSNorm -> lm_head (or the tied embedding)."""
+    """Token embedding -> decoder blocks -> RMSNorm -> lm_head (or the tied embedding).
 
-    def __init__(self, cfg: LMConfig, backend: Backend = "auto") -> None:
+    `backend` (attention, see attention.py) and `experts_impl` (experts.py) are runtime choices,
+    not part of the shape config: the same weights run on any device.
+    """
+
+    def __init__(self, cfg: LMConfig, backend: Backend = "auto",
+                 experts_impl: ExpertsImpl = "auto") -> None:
         super().__init__()
         self.cfg = cfg
+        resolve_backend(backend, "cpu")  # reject unknown names at build
+        self.attn_backend = backend
         rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
         self.rope = Rope1D(rope_dim, cfg.rope_theta, max_len=cfg.max_position_embeddings)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderBlock(cfg, i, backend) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderBlock(cfg, i, experts_impl)
+                                    for i in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         # Tied: no module at all, so the state dict and optimizer see embed_tokens.weight once.
         self.lm_head: nn.Linear | None = (
@@ -222,6 +256,8 @@ class MoELM(nn.Module):
         for name, m in self.named_modules():
             if isinstance(m, nn.RMSNorm):
                 nn.init.ones_(m.weight)
+            elif isinstance(m, GroupedExperts):
+                m.reset_parameters(std, out_std)
             elif isinstance(m, (nn.Linear, nn.Embedding, Router)):
                 is_out = name.endswith(("o_proj", "down_proj"))
                 nn.init.normal_(m.weight, std=out_std if is_out else std)
@@ -245,11 +281,17 @@ class MoELM(nn.Module):
             return F.linear(h_XD, self.embed_tokens.weight)
         return self.lm_head(h_XD)
 
+    def attention_meta(self, doc_ids_BL: Tensor, h_BLD: Tensor) -> AttnMeta:
+        """This batch's attention metadata for every block (built once per forward)."""
+        backend = resolve_backend(self.attn_backend, h_BLD.device)
+        return attention_meta(doc_ids_BL, True, backend, activation_dtype(h_BLD))
+
     def hidden(self, h_BLD: Tensor, position_ids_BL: Tensor, doc_ids_BL: Tensor) -> Tensor:
         """Run the blocks and the final norm on input embeddings: (B, L, D) -> (B, L, D)."""
         cos_BLP, sin_BLP = self.rope(position_ids_BL)
+        meta = self.attention_meta(doc_ids_BL, h_BLD)
         for layer in self.layers:
-            h_BLD = layer(h_BLD, cos_BLP, sin_BLP, doc_ids_BL)
+            h_BLD = layer(h_BLD, cos_BLP, sin_BLP, meta)
         return self.norm(h_BLD)
 
     def hidden_cached(self, h_BQD: Tensor, position_ids_BQ: Tensor, doc_ids_BQ: Tensor,

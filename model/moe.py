@@ -14,9 +14,11 @@ What is unusual:
 - No auxiliary loss. While training, every forward adds the tokens each expert received to a
   non-persistent `load_counts` buffer; `update_bias(u)` applies Moonlight's rule
   b_i += u * (sign(e_i) - mean_j sign(e_j)), e_i = mean load - load_i, then clears the counts.
-- Every expert is its own SwiGLU of 2-D nn.Linear weights (no fused 3-D tensor): torch.optim.Muon
-  accepts only 2-D parameters.
-- Names follow the HF DeepSeek-V3 checkpoint layout (gate, experts.i.gate_proj, shared_experts).
+- Routed experts are stacked 3-D parameters run as grouped GEMMs (experts.py); the assignments
+  are sorted by expert once per layer, on the device. Muon orthogonalises each expert's matrices
+  on their own (stages/train/muon.py). The HF adapters translate to per-expert names at the border.
+- Activation recomputation re-runs a forward that already counted its loads: `paused_counting`
+  turns the counting off around it (stages/train/activation_ckpt.py uses it).
 
 Legend: T tokens (flattened batch), D hidden, F expert / FFN width, E routed experts, K top-k,
 A = T*K token-expert assignments, G expert groups.
@@ -24,11 +26,15 @@ A = T*K token-expert assignments, G expert groups.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moonforge.model.config import LMConfig
+from moonforge.model.experts import ExpertsImpl, GroupedExperts
 
 
 class SwiGLU(nn.Module):
@@ -60,6 +66,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
         self.register_buffer("load_counts", torch.zeros(num_experts), persistent=False)
+        self.counting = True
+        """Whether training forwards add to load_counts (off while a forward is recomputed)."""
 
     def scores(self, x_TD: Tensor) -> Tensor:
         """(T, E) fp32 sigmoid affinities, before any bias."""
@@ -84,7 +92,7 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
         w_TK = w_TK * self.scaling
-        if self.training:
+        if self.training and self.counting:
             with torch.no_grad():
                 self.load_counts += torch.bincount(idx_TK.flatten(), minlength=len(s_TE[0]))
         return idx_TK, w_TK
@@ -110,33 +118,27 @@ class Router(nn.Module):
 class MoE(nn.Module):
     """Routed SwiGLU experts + always-on shared experts. forward(x_TD) -> (T, D)."""
 
-    def __init__(self, cfg: LMConfig) -> None:
+    def __init__(self, cfg: LMConfig, experts_impl: ExpertsImpl = "auto") -> None:
         super().__init__()
         D, F_ = cfg.hidden_size, cfg.moe_intermediate_size
         self.num_experts = cfg.num_experts
         self.gate = Router(D, cfg.num_experts, cfg.num_experts_per_tok, cfg.routed_scaling_factor,
                            cfg.norm_topk_prob, cfg.num_expert_groups, cfg.num_topk_groups)
-        self.experts = nn.ModuleList(SwiGLU(D, F_) for _ in range(cfg.num_experts))
+        self.experts = GroupedExperts(cfg.num_experts, D, F_, experts_impl)
         self.shared_experts = (SwiGLU(D, cfg.num_shared_experts * F_)
                                if cfg.num_shared_experts > 0 else None)
 
     def routed(self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
-        """Sort the T*K assignments by expert, run each expert on its tokens, scatter-add back."""
+        """Sort the T*K assignments by expert, run all experts at once, scatter-add back."""
         T, K = idx_TK.shape
         if T == 0:
             return torch.zeros_like(x_TD)
         flat_A = idx_TK.flatten()
         order_A = torch.argsort(flat_A, stable=True)
         token_A = order_A // K
-        counts = torch.bincount(flat_A, minlength=self.num_experts).tolist()
-        x_AD = x_TD[token_A]
-        w_A1 = w_TK.flatten()[order_A, None].to(x_TD.dtype)
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outs.append(self.experts[e](x_AD[start:start + n]))
-            start += n
-        y_AD = torch.cat(outs) * w_A1
+        counts_E = torch.bincount(flat_A, minlength=self.num_experts)
+        y_AD = self.experts(x_TD[token_A], counts_E)
+        y_AD = y_AD.to(x_TD.dtype) * w_TK.flatten()[order_A, None].to(x_TD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
 
     def forward(self, x_TD: Tensor) -> Tensor:
@@ -149,3 +151,18 @@ class MoE(nn.Module):
     def update_bias(self, u: float) -> float:
         """See `Router.update_bias`."""
         return self.gate.update_bias(u)
+
+
+@contextmanager
+def paused_counting(module: nn.Module) -> Iterator[None]:
+    """Within the block, no Router under `module` counts loads (a recomputed forward was already
+    counted once); restores each router's previous setting."""
+    routers = [m for m in module.modules() if isinstance(m, Router)]
+    before = [r.counting for r in routers]
+    for r in routers:
+        r.counting = False
+    try:
+        yield
+    finally:
+        for r, c in zip(routers, before):
+            r.counting = c

@@ -11,6 +11,7 @@ What is unusual:
   (`use_rope: false` drops the RoPE, leaving a plain SigLIP-style ViT with the same weights).
 - All images of a batch form ONE row (B = 1) with block-diagonal non-causal attention: the
   document id of a patch is its image index. Packed output equals encoding each image alone.
+  The attention metadata of that layout is built once per forward and shared by every block.
 
 Legend: N total patches of all images, P = 3*p*p patch pixels, D hidden, H heads, Dh head dim,
 I MLP width, G pos-grid side, n_img images.
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moonforge.model.attention import Backend, attend
+from moonforge.model.attention import (AttnMeta, Backend, activation_dtype, attention,
+                                       attention_meta, resolve_backend)
 from moonforge.model.config import VisionConfig
 from moonforge.model.rope import Rope2D, apply_rotary
 
@@ -58,11 +60,10 @@ class VisionBlock(nn.Module):
     """Pre-LN block: fused-qkv attention with 2-D RoPE (when cos/sin are given), then a GELU-tanh
     MLP."""
 
-    def __init__(self, cfg: VisionConfig, backend: Backend) -> None:
+    def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         D = cfg.hidden_size
         self.num_heads = cfg.num_heads
-        self.backend = backend
         self.norm0 = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.wqkv = nn.Linear(D, 3 * D, bias=True)
         self.wo = nn.Linear(D, D, bias=True)
@@ -71,20 +72,19 @@ class VisionBlock(nn.Module):
         self.fc1 = nn.Linear(cfg.intermediate_size, D, bias=True)
 
     def attention(self, x_ND: Tensor, cos_NP: Tensor | None, sin_NP: Tensor | None,
-                  img_1N: Tensor) -> Tensor:
+                  meta: AttnMeta) -> Tensor:
         N, D = x_ND.shape
         qkv_3HND = self.wqkv(x_ND).view(N, 3, self.num_heads, -1).permute(1, 2, 0, 3)
         q_HND, k_HND = qkv_3HND[0], qkv_3HND[1]
         if cos_NP is not None:
             q_HND = apply_rotary(q_HND, cos_NP, sin_NP)
             k_HND = apply_rotary(k_HND, cos_NP, sin_NP)
-        out_1HND = attend(q_HND[None], k_HND[None], qkv_3HND[2][None], img_1N, causal=False,
-                          backend=self.backend)
+        out_1HND = attention(q_HND[None], k_HND[None], qkv_3HND[2][None], meta)
         return self.wo(out_1HND[0].transpose(0, 1).reshape(N, D))
 
     def forward(self, x_ND: Tensor, cos_NP: Tensor | None, sin_NP: Tensor | None,
-                img_1N: Tensor) -> Tensor:
-        x_ND = x_ND + self.attention(self.norm0(x_ND), cos_NP, sin_NP, img_1N)
+                meta: AttnMeta) -> Tensor:
+        x_ND = x_ND + self.attention(self.norm0(x_ND), cos_NP, sin_NP, meta)
         h_NI = F.gelu(self.fc0(self.norm1(x_ND)), approximate="tanh")
         return x_ND + self.fc1(h_NI)
 
@@ -95,11 +95,13 @@ class MoonViT(nn.Module):
     def __init__(self, cfg: VisionConfig, backend: Backend = "auto") -> None:
         super().__init__()
         self.cfg = cfg
+        resolve_backend(backend, "cpu")  # reject unknown names at build
+        self.attn_backend = backend
         D = cfg.hidden_size
         self.patch_embed = nn.Linear(3 * cfg.patch_size**2, D, bias=True)
         self.pos_emb = PosEmbGrid(cfg.pos_grid, D)
         self.rope = Rope2D(D // cfg.num_heads, cfg.rope_theta) if cfg.use_rope else None
-        self.blocks = nn.ModuleList(VisionBlock(cfg, backend) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.reset_parameters()
 
@@ -135,6 +137,8 @@ class MoonViT(nn.Module):
         if self.rope is not None:
             cos_NP, sin_NP = self.rope(grid_hw, device=pixels_NP.device)
         img_1N = image_ids(grid_hw, pixels_NP.device)[None]
+        meta = attention_meta(img_1N, False, resolve_backend(self.attn_backend, x_ND.device),
+                              activation_dtype(x_ND))
         for block in self.blocks:
-            x_ND = block(x_ND, cos_NP, sin_NP, img_1N)
+            x_ND = block(x_ND, cos_NP, sin_NP, meta)
         return self.final_norm(x_ND)

@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moonforge.model.attention import Backend
 from moonforge.model.coca import CaptionTowers
 from moonforge.model.config import VLMConfig
+from moonforge.model.experts import ExpertsImpl
 from moonforge.model.lm import MoELM
 from moonforge.model.projector import PixelShuffleProjector, num_merged_tokens
 from moonforge.model.vision import MoonViT
@@ -33,13 +35,14 @@ class VLM(nn.Module):
     """forward(input_ids_BL, position_ids_BL, doc_ids_BL, media_mask_BL, pixels_NP, grid_hw)
     -> logits_BLV."""
 
-    def __init__(self, cfg: VLMConfig) -> None:
+    def __init__(self, cfg: VLMConfig, attn_backend: Backend = "auto",
+                 experts_impl: ExpertsImpl = "auto") -> None:
         super().__init__()
         self.cfg = cfg
-        backend = cfg.attn_backend
+        backend = attn_backend
         self.vision = MoonViT(cfg.vision, backend)
         self.projector = PixelShuffleProjector(cfg.projector, cfg.vision, cfg.lm.hidden_size)
-        self.lm = MoELM(cfg.lm, backend)
+        self.lm = MoELM(cfg.lm, backend, experts_impl)
         self.caption = CaptionTowers(cfg.caption, cfg.vision.hidden_size, cfg.lm.vocab_size,
                                      backend)
 
@@ -77,15 +80,19 @@ class VLM(nn.Module):
         return self.lm(None, position_ids_BL, doc_ids_BL, inputs_embeds_BLD=h_BLD)
 
 
-def build_vlm(cfg: VLMConfig, device: str | torch.device = "cpu", seed: int | None = None) -> VLM:
+def build_vlm(cfg: VLMConfig, device: str | torch.device = "cpu", seed: int | None = None,
+              attn_backend: Backend = "auto", experts_impl: ExpertsImpl = "auto") -> VLM:
     """Construct and initialise a VLM directly on `device` ("meta" allocates nothing).
 
     With `seed` (or a prior torch.manual_seed) the init is deterministic for a given device.
+    `attn_backend` (model/attention.py) and `experts_impl` (model/experts.py) are runtime
+    choices: `auto` picks by device (flash varlen on CUDA, the cost-chosen SDPA form on CPU;
+    grouped GEMM wherever torch has it); `experts_impl="grouped_mm"` fails where it cannot run.
     """
     if seed is not None:
         torch.manual_seed(seed)
     with torch.device(device):
-        return VLM(cfg)
+        return VLM(cfg, attn_backend, experts_impl)
 
 
 def _numel(module: nn.Module) -> int:
@@ -107,8 +114,8 @@ def param_counts(cfg: VLMConfig) -> dict[str, int]:
     lm = model.lm
     embed = _numel(lm.embed_tokens) + (_numel(lm.lm_head) if lm.lm_head is not None else 0)
     total = _numel(lm)
-    idle_experts = sum((moe.num_experts - cfg.lm.num_experts_per_tok) * _numel(moe.experts[0])
-                       for _, moe in lm.moe_layers())
+    idle_experts = sum((moe.num_experts - cfg.lm.num_experts_per_tok)
+                       * moe.experts.params_per_expert() for _, moe in lm.moe_layers())
     counts = {
         "vision": _numel(model.vision),
         "projector": _numel(model.projector),

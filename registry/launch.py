@@ -13,10 +13,23 @@ progress callbacks), replays rank 0's metrics into the stage's sink, and maps th
 ones (NonFiniteLossError stays a never-retried NaN) else `LaunchFailed`; a rank killed by a
 signal -> `LaunchFailed` naming the signal. Periodic checkpoints are in the staging dir, so
 run_stage keeps them and a rerun resumes (at any world size).
+
+Several nodes (`launcher.nnodes` > 1): every node runs one `torchrun` (for DeepSpeed too: its
+engine starts from torchrun's environment) and the nodes meet at a c10d rendezvous. `node_plan`
+says where this machine sits: node rank from SLURM_NODEID, a Kubernetes indexed Job's
+JOB_COMPLETION_INDEX or NODE_RANK (else `launcher.node_rank`), the endpoint from
+`launcher.rdzv_endpoint`, else MASTER_ADDR:MASTER_PORT, else the Slurm allocation's first node.
+Inside a Slurm batch script the flow's launch goes through `srun` (one task per node, each running
+`python -m moonforge.registry.launch node JOB.json`); elsewhere this process starts its own node
+and every other node runs that same command on the job file, which then lives on a shared
+filesystem (MOONFORGE_LAUNCH_DIR, default: beside the stage's staging directory). Local rank 0 of
+node 0 writes the artifact. A node that dies mid-stage fails the stage naming the lost ranks; a
+rendezvous that never completes fails after `launcher.rdzv_timeout_s`, naming the endpoint.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import functools
 import json
@@ -29,6 +42,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -38,7 +53,12 @@ from moonforge.stages.config import LauncherConfig, StageConfig
 log = logging.getLogger("moonforge.launch")
 
 CHILD_MODULE = "moonforge.stages.train.distributed"
+NODE_MODULE = "moonforge.registry.launch"
 PROGRESS_PREFIX = "@@moonforge-progress "
+RDZV_PORT = 29400
+"""Rendezvous port when only the host is known (torchrun's default)."""
+NODE_RANK_VARS = ("SLURM_NODEID", "JOB_COMPLETION_INDEX", "NODE_RANK")
+"""Where schedulers put a node's rank: Slurm (per srun task), Kubernetes indexed Jobs, torchrun."""
 
 
 class LaunchFailed(RuntimeError):
@@ -109,25 +129,139 @@ def deepspeed_config(cfg: StageConfig, device: str) -> dict[str, Any]:
     }
 
 
-def launch_command(cfg: StageConfig, job: Path) -> list[str]:
-    la, py = cfg.launcher, sys.executable
-    port = str(_free_port())
+@dataclass(frozen=True)
+class NodePlan:
+    """This machine's place in a multi-node launch."""
+
+    nnodes: int
+    node_rank: int
+    endpoint: str
+    """host:port of the c10d rendezvous (node 0 hosts it)."""
+    source: str
+    """Where the rank and endpoint came from, for messages."""
+
+
+def in_slurm_batch(env: Mapping[str, str]) -> bool:
+    """True in a Slurm batch script (an allocation, not yet inside a job step)."""
+    return "SLURM_JOB_ID" in env and "SLURM_STEP_ID" not in env and shutil.which("srun") is not None
+
+
+def _slurm_first_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.split()
+        return out[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodelist.split(",")[0]
+
+
+def node_plan(la: LauncherConfig, env: Mapping[str, str], node_rank: int | None = None) -> NodePlan:
+    """Node rank and rendezvous endpoint for this machine (see the module docstring for the
+    order of sources); LauncherUnavailable naming the fix when one cannot be found or the Slurm
+    allocation has fewer nodes than `launcher.nnodes`."""
+    n = la.nnodes
+    alloc = env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")
+    if alloc and alloc.isdigit() and int(alloc) < n:
+        raise LauncherUnavailable(
+            f"launcher.nnodes={n} but Slurm job {env.get('SLURM_JOB_ID', '?')} has {alloc} node(s); "
+            f"submit it with --nodes={n} (`nodes:` in infra/slurm/cluster.yaml) or set "
+            f"launcher.nnodes to {alloc}")
+    src = "--node-rank"
+    if node_rank is None:
+        var = next((v for v in NODE_RANK_VARS if env.get(v, "").isdigit()), None)
+        if var is not None:
+            node_rank, src = int(env[var]), var
+        elif la.node_rank is not None:
+            node_rank, src = la.node_rank, "launcher.node_rank"
+        else:
+            raise LauncherUnavailable(
+                f"launcher.nnodes={n} but this node's rank is unknown: set launcher.node_rank (0 on "
+                "the node that runs the flow), or run under Slurm (SLURM_NODEID), a Kubernetes "
+                "indexed Job (JOB_COMPLETION_INDEX) or with NODE_RANK set")
+    if not 0 <= node_rank < n:
+        raise LauncherUnavailable(f"node rank {node_rank} (from {src}) is not in 0..{n - 1} "
+                                  f"for launcher.nnodes={n}")
+    if la.rdzv_endpoint:
+        endpoint, esrc = la.rdzv_endpoint, "launcher.rdzv_endpoint"
+    elif env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+        endpoint, esrc = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}", "MASTER_ADDR:MASTER_PORT"
+    elif env.get("SLURM_JOB_NODELIST"):
+        endpoint = f"{_slurm_first_host(env['SLURM_JOB_NODELIST'])}:{RDZV_PORT}"
+        esrc = "the first node of SLURM_JOB_NODELIST"
+    else:
+        raise LauncherUnavailable(
+            f"launcher.nnodes={n} but no rendezvous endpoint: set launcher.rdzv_endpoint to node "
+            "0's host:port (e.g. node0:29400), or MASTER_ADDR and MASTER_PORT")
+    return NodePlan(n, node_rank, endpoint, f"node rank from {src}, endpoint from {esrc}")
+
+
+def single_node_command(la: LauncherConfig, job: Path) -> list[str]:
+    """The launcher for all of a one-node job's processes (127.0.0.1, a free port)."""
+    py, port = sys.executable, str(_free_port())
     if la.kind == "torchrun":
-        return [py, "-m", "torch.distributed.run", "--nnodes", str(la.nnodes),
+        return [py, "-m", "torch.distributed.run", "--nnodes", "1",
                 "--nproc_per_node", str(la.nproc_per_node), "--master_addr", "127.0.0.1",
                 "--master_port", port, "-m", CHILD_MODULE, str(job)]
-    return [py, "-m", "deepspeed.launcher.runner", "--num_nodes", str(la.nnodes),
+    return [py, "-m", "deepspeed.launcher.runner", "--num_nodes", "1",
             "--num_gpus", str(la.nproc_per_node), "--master_addr", "127.0.0.1", "--master_port",
             port, "--no_local_rank", "--module", CHILD_MODULE, str(job)]
+
+
+def node_command(la: LauncherConfig, plan: NodePlan, job: Path, rdzv_id: str) -> list[str]:
+    """One node's torchrun in a multi-node job: c10d rendezvous, hosted by node 0, no restarts
+    (a lost node fails the stage; the rerun resumes from the last checkpoint)."""
+    t = la.rdzv_timeout_s
+    conf = f"join_timeout={t},read_timeout={t},is_host={int(plan.node_rank == 0)}"
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(plan.nnodes),
+            "--nproc_per_node", str(la.nproc_per_node), "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", plan.endpoint, "--rdzv_id", rdzv_id, "--rdzv_conf", conf,
+            "--max_restarts", "0", "-m", CHILD_MODULE, str(job)]
+
+
+def srun_command(la: LauncherConfig, stage: str, job: Path, env: Mapping[str, str]) -> list[str]:
+    """Inside a Slurm batch script: one job step with one node launcher per node."""
+    n = la.nnodes
+    cmd = ["srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+           "--export=ALL", f"--job-name=moonforge-{stage}"]
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        cmd.append(f"--cpus-per-task={env['SLURM_CPUS_PER_TASK']}")
+    return cmd + [sys.executable, "-m", NODE_MODULE, "node", str(job)]
+
+
+def launch_command(cfg: StageConfig, job: Path, rdzv_id: str = "",
+                   env: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command this (the flow's) process runs, and the environment it adds."""
+    env = os.environ if env is None else env
+    la = cfg.launcher
+    if in_slurm_batch(env):
+        return srun_command(la, cfg.stage_name, job, env), {}
+    if la.nnodes > 1:
+        plan = node_plan(la, env)
+        log.info("%s: node %d of %d (%s); start every other node with: python -m %s node %s",
+                 cfg.stage_name, plan.node_rank, plan.nnodes, plan.source, NODE_MODULE, job)
+        return node_command(la, plan, job, rdzv_id), {"MOONFORGE_NODE_RANK": str(plan.node_rank)}
+    return single_node_command(la, job), {}
+
+
+def _workdir(cfg: StageConfig, ctx: StageContext) -> Path:
+    """Where the job file, metrics and results live: visible to every node of a multi-node job
+    (MOONFORGE_LAUNCH_DIR, else beside the staging dir, which is in the store)."""
+    base = os.environ.get("MOONFORGE_LAUNCH_DIR") or (
+        str(Path(ctx.out).parent) if cfg.launcher.nnodes > 1 else None)
+    if base:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-launch-{cfg.stage_name}-", dir=base))
 
 
 def launch_stage(function: str, base: Checkpoint | None, data: Mapping[str, DatasetRef],
                  cfg: StageConfig, ctx: StageContext) -> StageResult:
     """Run stage `function` ("module:name") under cfg.launcher and return rank 0's result."""
     check_launcher(cfg.launcher, ctx.device)
-    work = Path(tempfile.mkdtemp(prefix=f"moonforge-launch-{cfg.stage_name}-"))
+    plan = node_plan(cfg.launcher, os.environ) if cfg.launcher.nnodes > 1 else None
+    work = _workdir(cfg, ctx)
     try:
         job = work / "job.json"
+        rdzv_id = f"moonforge-{cfg.stage_name}-{uuid.uuid4().hex[:12]}"
         job.write_text(json.dumps({
             "function": function, "kind": cfg.kind, "cfg": cfg.model_dump(mode="json"),
             "model": ctx.model.model_dump(mode="json"), "out": str(ctx.out), "workdir": str(work),
@@ -136,11 +270,13 @@ def launch_stage(function: str, base: Checkpoint | None, data: Mapping[str, Data
             "init": {k: str(v) for k, v in ctx.init.items()},
             "data": {n: [str(d.path), d.digest] for n, d in data.items()},
             "ds_config": deepspeed_config(cfg, ctx.device) if cfg.launcher.kind == "deepspeed" else None,
+            "rdzv_id": rdzv_id, "pythonpath": _pythonpath(),
         }, indent=1))
-        rc, tail = _run(launch_command(cfg, job), cfg, ctx)
+        cmd, extra = launch_command(cfg, job, rdzv_id)
+        rc, tail = _run(cmd, cfg, ctx, extra)
         _replay_metrics(work / "metrics.jsonl", ctx)
         if rc != 0:
-            raise _failure(cfg, rc, tail, work)
+            raise _failure(cfg, rc, tail, work, plan)
         res = json.loads((work / "result.json").read_text())
         return StageResult(Checkpoint(Path(res["checkpoint"])), res["metrics"],
                            tuple(res["data_used"]))
@@ -148,11 +284,16 @@ def launch_stage(function: str, base: Checkpoint | None, data: Mapping[str, Data
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(cmd: list[str], cfg: StageConfig, ctx: StageContext) -> tuple[int, list[str]]:
+def _pythonpath(extra: str = "") -> str:
+    """The child imports what this process imports (the package, and e.g. a test's stage module)."""
+    return os.pathsep.join([p for p in sys.path if p] + ([extra] if extra else []))
+
+
+def _run(cmd: list[str], cfg: StageConfig, ctx: StageContext,
+         extra_env: Mapping[str, str] | None = None) -> tuple[int, list[str]]:
     """Start the launcher in its own session, stream its output, return (exit code, last lines)."""
-    env = dict(os.environ)
-    # The child imports what this process imports (the package, and e.g. a test's stage module).
-    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
+    env = {**os.environ, **(extra_env or {})}
+    env["PYTHONPATH"] = _pythonpath(env.get("PYTHONPATH", ""))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")
     log.info("%s: launching %s", cfg.stage_name, " ".join(cmd))
@@ -206,10 +347,16 @@ def _known_errors() -> dict[str, type[BaseException]]:
     return _KNOWN_ERRORS
 
 
-def _failure(cfg: StageConfig, rc: int, tail: list[str], work: Path) -> BaseException:
+_RDZV_ERRORS = re.compile(r"RendezvousTimeoutError|RendezvousConnectionError|"
+                          r"connection to the C10d store has failed|RendezvousClosedError")
+
+
+def _failure(cfg: StageConfig, rc: int, tail: list[str], work: Path,
+             plan: NodePlan | None = None) -> BaseException:
     """The error a failed launch becomes: a rank's own error type when it raised a known one
     (NaN loss, config errors), else LaunchFailed naming the exit, and the signal when a rank was
-    killed (the surviving ranks' "connection closed" errors are only collateral)."""
+    killed (the surviving ranks' "connection closed" errors are only collateral); on several
+    nodes, a rendezvous that never completed (naming the endpoint) or a lost node."""
     la = cfg.launcher
     errs = [json.loads(p.read_text()) for p in sorted(work.glob("error-rank*.json"))]
     for err in errs:
@@ -217,6 +364,14 @@ def _failure(cfg: StageConfig, rc: int, tail: list[str], work: Path) -> BaseExce
         if cls is not None:
             return cls(f"{err['message']} (rank {err['rank']} of {la.world_size} under {la.kind})")
     text = "\n".join(tail)
+    if la.nnodes > 1 and not errs and _RDZV_ERRORS.search(text):
+        where = plan.endpoint if plan else "the rendezvous endpoint"
+        last = "\n  ".join(tail[-8:])
+        return LaunchFailed(
+            f"stage {cfg.stage_name!r}: the {la.nnodes} nodes did not meet at the rendezvous "
+            f"{where} within {la.rdzv_timeout_s} s (launcher.rdzv_timeout_s); check that it is node "
+            f"0's address, that its port is open to every node, and that every node started "
+            f"(python -m {NODE_MODULE} node JOB.json). Last output:\n  {last}")
     codes = [int(c) for c in re.findall(r"(?:exitcode|return code)\s*[:=]\s*(-?\d+)", text)]
     codes += [rc] if rc < 0 else []
     sig = next((-c for c in codes if c < 0), None)
@@ -229,6 +384,9 @@ def _failure(cfg: StageConfig, rc: int, tail: list[str], work: Path) -> BaseExce
         why = (f"{who} killed"
                + (f" by {signal.Signals(sig).name}" if sig else "")
                + " (out of memory, a cancelled or preempted job)")
+        if la.nnodes > 1 and sig is None:
+            why = (f"{who} lost: with {la.nnodes} nodes this means a node died, was preempted or "
+                   "dropped off the network")
         if errs:
             why += f"; the other ranks then failed with {errs[0]['type']}"
     else:
@@ -245,3 +403,45 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- one node of a multi-node launch ------------------------------------------------------------
+
+def node_main(argv: list[str] | None = None) -> int:
+    """`python -m moonforge.registry.launch node JOB.json [--node-rank R]`: run this machine's
+    launcher for a job file another node wrote (srun runs it on every node under Slurm)."""
+    from moonforge.stages.stage_configs import STAGE_CONFIGS
+
+    ap = argparse.ArgumentParser(prog=f"python -m {NODE_MODULE} node",
+                                 description=node_main.__doc__.splitlines()[0])
+    ap.add_argument("job", type=Path, help="job.json on a filesystem every node sees")
+    ap.add_argument("--node-rank", type=int, default=None,
+                    help="this node's rank (default: SLURM_NODEID, JOB_COMPLETION_INDEX, NODE_RANK)")
+    args = ap.parse_args(argv)
+    try:
+        job = json.loads(args.job.read_text())
+        la = STAGE_CONFIGS[job["kind"]].model_validate(job["cfg"]).launcher
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (job.get("pythonpath", ""),
+                                                         env.get("PYTHONPATH", "")) if p)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        if la.nnodes == 1:
+            cmd = single_node_command(la, args.job)
+        else:
+            plan = node_plan(la, env, args.node_rank)
+            env["MOONFORGE_NODE_RANK"] = str(plan.node_rank)
+            print(f"moonforge node {plan.node_rank} of {plan.nnodes} on {socket.gethostname()}: "
+                  f"rendezvous {plan.endpoint} ({plan.source})", flush=True)
+            cmd = node_command(la, plan, args.job, job["rdzv_id"])
+    except (OSError, ValueError, KeyError) as e:
+        print(f"moonforge node: {args.job}: {e}", file=sys.stderr)
+        return 2
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["node"]:
+        sys.exit(f"usage: python -m {NODE_MODULE} node JOB.json [--node-rank R]")
+    sys.exit(node_main(sys.argv[2:]))

@@ -2,8 +2,9 @@
 
 A record holds everything needed to say where an artifact came from: fingerprint, stage, kind,
 version, resolved stage + model config, upstream ref and fingerprint, datasets with their DVC
-md5, git commit (+ dirty flag), package versions, device / world size, MLflow run id, Prefect
-flow-run id, metrics summary and timestamps. `walk` follows upstream fingerprints through the
+md5, git commit (+ dirty flag), package versions, device / world size, the scheduler job it ran
+in (Slurm job id, Kubernetes pod), MLflow run id, Prefect flow-run id, metrics summary and
+timestamps. `walk` follows upstream fingerprints through the
 store; `render_tree` / `render_mermaid` / `render_json` present the chain.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -38,6 +40,21 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def scheduler_info(env: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """The batch job this process runs in: Slurm (job id, cluster, partition, nodes) or a
+    Kubernetes pod; None on a plain machine."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_JOB_ID"):
+        keys = {"job_id": "SLURM_JOB_ID", "cluster": "SLURM_CLUSTER_NAME",
+                "partition": "SLURM_JOB_PARTITION", "nodes": "SLURM_JOB_NODELIST",
+                "num_nodes": "SLURM_JOB_NUM_NODES"}
+        return {"kind": "slurm", **{k: env[v] for k, v in keys.items() if env.get(v)}}
+    if env.get("KUBERNETES_SERVICE_HOST"):
+        return {"kind": "kubernetes", "pod": env.get("HOSTNAME", "?"),
+                **({"index": env["JOB_COMPLETION_INDEX"]} if env.get("JOB_COMPLETION_INDEX") else {})}
+    return None
+
+
 def git_info(project: str | Path) -> dict[str, Any]:
     """{"commit": sha or None, "dirty": bool or None} for the project checkout."""
     def git(*args: str) -> str | None:
@@ -53,6 +70,20 @@ def git_info(project: str | Path) -> dict[str, Any]:
         return {"commit": None, "dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def dataset_counts(name: str, metrics: Mapping[str, float]) -> dict[str, Any]:
+    """What a stage recorded about a declared dataset it read (metrics data/<name>/...): records,
+    records used in training, held out, skipped (and why); {} for the generated datasets."""
+    prefix = f"data/{name}/"
+    mine = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+    if not mine:
+        return {}
+    out: dict[str, Any] = {k: int(mine[k]) for k in ("records", "records_used", "heldout", "skipped")
+                           if k in mine}
+    out["skipped_by_reason"] = {k.split("/", 1)[1]: int(v) for k, v in sorted(mine.items())
+                                if k.startswith(("skipped/", "skipped_in_training/"))}
+    return out
 
 
 def build_lineage(
@@ -88,13 +119,14 @@ def build_lineage(
         "config": dict(config),
         "model": dict(model),
         "upstream": dict(upstream) if upstream else None,
-        "datasets": [dict(d) for d in datasets],
+        "datasets": [{**dict(d), **dataset_counts(d["name"], metrics)} for d in datasets],
         "recipe": dict(recipe),
         "code_version": code_version,
         "git": git_info(project),
         "packages": package_versions(),
         "device": device,
         "world_size": world_size,
+        "scheduler": scheduler_info(),
         "mlflow_run_id": mlflow_run_id,
         "prefect_flow_run_id": prefect_flow_run_id,
         "metrics": {k: float(v) for k, v in metrics.items()},
@@ -153,9 +185,12 @@ def render_tree(chain: list[dict]):
         else:
             git = rec.get("git") or {}
             recipe = rec.get("recipe") or {}
+            sched = rec.get("scheduler") or {}
             ids = [f"mlflow run {rec['mlflow_run_id']}" if rec.get("mlflow_run_id") else "",
                    f"prefect flow run {rec['prefect_flow_run_id']}"
-                   if rec.get("prefect_flow_run_id") else ""]
+                   if rec.get("prefect_flow_run_id") else "",
+                   f"slurm job {sched.get('job_id')} on {sched.get('nodes', '?')}"
+                   if sched.get("kind") == "slurm" else ""]
             label = (f"[bold]{rec.get('ref')}[/bold]  fp {rec['fingerprint'][:12]}"
                      + (f"  git {str(git.get('commit'))[:8]}{'+dirty' if git.get('dirty') else ''}"
                         if git.get("commit") else "")
@@ -166,7 +201,11 @@ def render_tree(chain: list[dict]):
         child = Tree(label) if root is None else node.add(label)
         root = root or child
         for d in rec.get("datasets") or []:
-            child.add(f"[cyan]data {d['name']}[/cyan]  md5 {str(d.get('digest'))[:12]}  {d.get('path')}")
+            used = (f"  used {d['records_used']} of {d.get('records')}, skipped {d.get('skipped', 0)}"
+                    + "".join(f" {k}:{v}" for k, v in (d.get("skipped_by_reason") or {}).items())
+                    if "records_used" in d else "")
+            child.add(f"[cyan]data {d['name']}[/cyan]  md5 {str(d.get('digest'))[:12]}  "
+                      f"{d.get('path')}{used}")
         for part, i in sorted((rec.get("init") or {}).items()):
             child.add(f"[magenta]init {part}[/magenta] <- {i.get('ref')}  fp "
                       f"{str(i.get('fingerprint'))[:12]}  {i.get('path')}")

@@ -66,7 +66,7 @@ def plan_rerun(recipe: Recipe, stage: str, project: str | Path, store: ArtifactS
         tok = expected_tokenizer_digest(recipe, store, project)
         if tok is not None and TOKENIZER in data:
             data[TOKENIZER] = tok
-        inputs = fingerprint_inputs(cfg, recipe.model, up, data, code_version(),
+        inputs = fingerprint_inputs(cfg, recipe.model, up, data, code_version(cfg.kind),
                                     init=expected_init(cfg, store, project))
         fp = fingerprint(inputs)
         hit = store.lookup(name, fp)

@@ -1,15 +1,24 @@
 """run_stage: everything around a stage function, done once.
 
 upstream artifact -> datasets (DVC) -> fingerprint -> cache lookup (the store is the truth) ->
-stage function into a staging dir -> lineage.json -> atomic commit -> MLflow child run.
+lease on the fingerprint (a second run of the same inputs waits, then reuses the first's result)
+-> stage function into a staging dir -> lineage.json -> atomic commit -> MLflow child run.
 On failure nothing becomes visible, the MLflow run is marked FAILED and `StageFailed` (naming the
 stage, the original exception as its cause) is raised.
+
+Crashes: the stage's periodic checkpoints go straight to the store's work dir of its fingerprint
+(`<stage>/.partial-<fp16>/train_state`, linked into the staging dir), so whatever ends a run
+(an exception, kill -9, OOM, preemption) a rerun with the same fingerprint resumes from the last
+complete one and says so; on an S3 store the lease's heartbeat also uploads each new one. The
+rerun garbage-collects the dead run's staging dir and ends the MLflow runs it left RUNNING as
+KILLED (its Prefect flow run as Crashed).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +28,7 @@ from moonforge.registry.data_versions import ensure_datasets, read_lock
 from moonforge.registry.errors import ArtifactNotFound, DatasetError, StageFailed
 from moonforge.registry.fingerprint import code_version, fingerprint, fingerprint_inputs
 from moonforge.registry.launch import stage_runner
+from moonforge.registry.lease import Heartbeat, Lease, lease_ttl_s
 from moonforge.registry.lineage import build_lineage
 from moonforge.registry.stage_inputs import (TOKENIZER, expected_init, expected_tokenizer_digest,
                                               init_record, resolve_init, tokenizer_dataset)
@@ -26,6 +36,7 @@ from moonforge.registry.store import TRAIN_STATE_DIR, ArtifactInfo, ArtifactStor
 from moonforge.stages import catalog
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
 from moonforge.stages.recipe import Recipe
+from moonforge.stages.train.train_record import read_train_record
 
 log = logging.getLogger("moonforge.registry")
 
@@ -49,6 +60,10 @@ class StageOutcome:
     path: str = ""
     wall_s: float = 0.0
     mlflow_run_id: str | None = None
+    resumed_from: str | None = None
+    """The periodic checkpoint an unfinished earlier run left that this one continued from."""
+    waited_for: str | None = None
+    """Another run building the same fingerprint that this one waited for (then reused)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +88,8 @@ def expected_chain(recipe: Recipe, project: str | Path,
     for cfg in recipe.stages:
         up = (cfg.upstream, out[cfg.upstream][1]) if cfg.upstream else None
         inputs = fingerprint_inputs(cfg, recipe.model, up,
-                                    {n: digests.get(n, UNBUILT) for n in cfg.data}, code_version(),
+                                    {n: digests.get(n, UNBUILT) for n in cfg.data},
+                                    code_version(cfg.kind),
                                     init=expected_init(cfg, store, project) if store else None)
         out[cfg.stage_name] = (inputs, fingerprint(inputs))
     return out
@@ -224,32 +240,105 @@ def run_stage(
         datasets = {n: (tok if n == TOKENIZER else datasets[n]) for n in cfg.data}
     inputs = fingerprint_inputs(cfg, recipe.model,
                                 (upstream.stage, upstream.fingerprint) if upstream else None,
-                                {n: d.digest for n, d in datasets.items()}, code_version(),
+                                {n: d.digest for n, d in datasets.items()}, code_version(cfg.kind),
                                 init=init_record(init))
     job = _Job(recipe, cfg, project, store, upstream, how, datasets, inputs, fingerprint(inputs),
                flow_run_id, init)
     progress = progress or _no_progress
+    _collect_garbage(store, job.name)
     hit = store.lookup(job.name, job.fingerprint)
     if hit is not None:
-        metrics = hit.lineage().get("metrics") or {}
-        run_id = tracker.log_cache_hit(**job.tracking_fields(), version=hit.version,
-                                       metrics=metrics, artifact_dir=hit.path)
-        progress(job.name, 1, 1, "cached")
-        return StageOutcome(job.name, hit.ref, hit.version, job.fingerprint, True, metrics,
-                            str(hit.path), time.time() - t0, run_id)
-    info, metrics, run_id = _execute(job, tracker, progress)
+        return _cache_hit(job, hit, tracker, progress, t0)
+    waited: list[dict] = []
+    lease = store.lease(job.name, job.fingerprint,
+                        wait=lambda h: _waiting(job, h, waited, progress))
+    try:
+        if waited:  # the holder we waited for may have died: clear what it left
+            _collect_garbage(store, job.name)
+        hit = store.lookup(job.name, job.fingerprint)  # the run we waited for committed it
+        who = _who(waited[-1]) if waited else None
+        if hit is not None:
+            if who:
+                log.warning("%s: %s finished building this fingerprint; reusing %s", job.name,
+                            who, hit.ref)
+            return _cache_hit(job, hit, tracker, progress, t0, waited_for=who)
+        _close_dead_holder(job, lease, tracker)
+        info, metrics, run_id, resumed = _execute(job, tracker, progress, lease)
+    finally:
+        lease.release()
     return StageOutcome(job.name, info.ref, info.version, job.fingerprint, False, metrics,
-                        str(info.path), time.time() - t0, run_id)
+                        str(info.path), time.time() - t0, run_id, resumed, who)
 
 
-def _execute(job: _Job, tracker: Any, progress: StageProgress) -> tuple[ArtifactInfo, dict, str | None]:
-    """Call the stage function into a staging dir and commit it; on any failure abort + FAILED."""
+def _cache_hit(job: _Job, hit: ArtifactInfo, tracker: Any, progress: StageProgress, t0: float,
+               waited_for: str | None = None) -> StageOutcome:
+    metrics = hit.lineage().get("metrics") or {}
+    run_id = tracker.log_cache_hit(**job.tracking_fields(), version=hit.version,
+                                   metrics=metrics, artifact_dir=hit.path)
+    progress(job.name, 1, 1, "cached")
+    return StageOutcome(job.name, hit.ref, hit.version, job.fingerprint, True, metrics,
+                        str(hit.path), time.time() - t0, run_id, waited_for=waited_for)
+
+
+def _who(holder: dict) -> str:
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+
+
+def _waiting(job: _Job, holder: dict, waited: list[dict], progress: StageProgress) -> None:
+    if not waited:
+        log.warning("%s: another run (%s) is building this fingerprint (%s); waiting for it to "
+                    "finish, then reusing its artifact", job.name, _who(holder),
+                    job.fingerprint[:12])
+        progress(job.name, 0, 1, f"waiting for {_who(holder)}")
+    waited.append(holder)
+
+
+def _collect_garbage(store: ArtifactStore, stage: str) -> None:
+    """Remove what dead runs left in the stage's store dir (never a live run's files)."""
+    try:
+        removed = store.gc(stage)
+    except Exception as e:  # housekeeping must not fail a stage
+        log.warning("%s: could not clean up after dead runs (%s: %s)", stage, type(e).__name__, e)
+        return
+    if removed:
+        log.info("%s: removed what dead runs left: %s", stage, ", ".join(p.name for p in removed))
+
+
+def _close_dead_holder(job: _Job, lease: Lease, tracker: Any) -> None:
+    """A holder that died holding the lease: end its MLflow runs as KILLED, its flow run Crashed."""
+    prev = lease.previous
+    if not prev:
+        return
+    why = (f"its process ({_who(prev)}) died while building {job.name} fingerprint "
+           f"{job.fingerprint[:12]}; a later run took over")
+    try:
+        tracker.kill_runs([prev.get("mlflow_run_id"), prev.get("mlflow_parent_run_id")], why)
+        if job.flow_run_id and prev.get("prefect_flow_run_id") not in (None, "", job.flow_run_id):
+            from moonforge.registry.tracking import mark_flow_runs_crashed
+
+            mark_flow_runs_crashed([prev["prefect_flow_run_id"]], why)
+    except Exception as e:
+        log.warning("%s: could not close the dead run's records (%s: %s)", job.name,
+                    type(e).__name__, e)
+
+
+def _execute(job: _Job, tracker: Any, progress: StageProgress,
+             lease: Lease) -> tuple[ArtifactInfo, dict, str | None, str | None]:
+    """Call the stage function into a staging dir and commit it; on any failure abort + FAILED.
+    Returns (artifact, metrics, MLflow run id, the checkpoint resumed from or None)."""
     fn = stage_runner(catalog.stage_function(job.cfg.kind), job.cfg)  # in process or launched
-    staging = job.store.begin(job.name)
+    store = job.store
+    resume = store.resume_point(job.name, job.fingerprint)
+    ckpts = store.work_dir(job.name, job.fingerprint) / TRAIN_STATE_DIR
+    ckpts.mkdir(parents=True, exist_ok=True)
+    staging = store.begin(job.name)
+    (staging / TRAIN_STATE_DIR).symlink_to(ckpts, target_is_directory=True)
     try:
         run = tracker.start_stage(**job.tracking_fields())
+        lease.update(mlflow_run_id=run.run_id, mlflow_parent_run_id=tracker.parent_run_id,
+                     prefect_flow_run_id=job.flow_run_id)
     except BaseException:
-        job.store.abort(staging)
+        store.abort(staging)
         raise
     total = [job.cfg.steps]
 
@@ -257,29 +346,32 @@ def _execute(job: _Job, tracker: Any, progress: StageProgress) -> tuple[Artifact
         total[0] = of
         progress(job.name, done, of, desc)
 
-    progress(job.name, 0, job.cfg.steps, "starting")
-    kept = job.store.partial(job.name, job.fingerprint)
-    resume = sorted((kept / TRAIN_STATE_DIR).glob("step-*"))[-1] if kept else None
-    if resume is not None:
-        log.warning("%s: resuming from the checkpoint a failed run left at %s", job.name, resume)
+    resumed = _announce_resume(job, resume, run.run_id, lease, tracker, progress)
     ctx = StageContext(out=staging, model=job.recipe.model, sink=run.sink, progress=report,
                        resume_from=resume, init={p: a.path for p, a in job.init.items()})
     started = time.time()
+    beat = Heartbeat(lease, min(5.0, lease_ttl_s() / 3),
+                     also=lambda: store.sync_partial(job.name, job.fingerprint))
     try:
-        result = fn(Checkpoint(job.upstream.path) if job.upstream else None, job.datasets, job.cfg, ctx)
-        if not isinstance(result, StageResult):
-            raise TypeError(f"stage function for {job.cfg.kind!r} returned "
-                            f"{type(result).__name__}, not a StageResult")
-        if not Path(result.checkpoint.path).resolve().is_relative_to(staging.resolve()):
-            raise ValueError(f"stage {job.name!r} returned a checkpoint at "
-                             f"{result.checkpoint.path}, outside its output dir ctx.out={staging}")
-        run.sink.flush()
-        fields = _lineage_fields(job, result, ctx, run.run_id, started, time.time())
-        info = job.store.commit(staging, job.fingerprint, job.inputs,
+        with beat:
+            result = fn(Checkpoint(job.upstream.path) if job.upstream else None, job.datasets,
+                        job.cfg, ctx)
+            if not isinstance(result, StageResult):
+                raise TypeError(f"stage function for {job.cfg.kind!r} returned "
+                                f"{type(result).__name__}, not a StageResult")
+            if not Path(result.checkpoint.path).resolve().is_relative_to(staging.resolve()):
+                raise ValueError(f"stage {job.name!r} returned a checkpoint at "
+                                 f"{result.checkpoint.path}, outside its output dir "
+                                 f"ctx.out={staging}")
+            run.sink.flush()
+            _unlink_checkpoints(staging)
+            fields = _lineage_fields(job, result, ctx, run.run_id, started, time.time())
+            info = store.commit(staging, job.fingerprint, job.inputs,
                                 sidecars=lambda v: {"lineage.json": build_lineage(version=v, **fields)})
     except BaseException as e:
-        kept = job.store.keep_partial(staging, job.fingerprint)
-        job.store.abort(staging, keep=os.environ.get("MOONFORGE_KEEP_FAILED") == "1")
+        _unlink_checkpoints(staging)
+        kept = _keep_checkpoints(job)
+        store.abort(staging, keep=os.environ.get("MOONFORGE_KEEP_FAILED") == "1")
         if kept is not None:
             e.add_note(f"last good checkpoint kept at {kept}; rerunning the same stage resumes from it")
         try:
@@ -289,10 +381,51 @@ def _execute(job: _Job, tracker: Any, progress: StageProgress) -> tuple[Artifact
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise StageFailed(job.name, e) from e
-    job.store.drop_partial(job.name, job.fingerprint)
+    store.drop_partial(job.name, job.fingerprint)
     tracker.finish_stage(run, version=info.version, metrics=result.metrics, artifact_dir=info.path)
     progress(job.name, total[0], total[0], "done")
-    return info, dict(result.metrics), run.run_id
+    return info, dict(result.metrics), run.run_id, resumed
+
+
+def _announce_resume(job: _Job, resume: Path | None, run_id: str | None, lease: Lease,
+                     tracker: Any, progress: StageProgress) -> str | None:
+    """Say (log, progress bar, MLflow tags) that this run continues an unfinished one."""
+    if resume is None:
+        return None
+    rec = read_train_record(resume)
+    resumed = f"{rec.describe()} at {resume}"
+    log.warning("%s: resuming from the last periodic checkpoint an unfinished run left: %s",
+                job.name, resumed)
+    tags = {"resumed_from": resumed}
+    if lease.previous and lease.previous.get("mlflow_run_id"):
+        tags["resumed_from_run"] = str(lease.previous["mlflow_run_id"])
+    try:
+        tracker.tag(run_id, tags)
+    except Exception as e:
+        log.warning("%s: could not tag the MLflow run with the resume point: %s", job.name, e)
+    progress(job.name, rec.global_step, job.cfg.steps, f"resumed at {rec.describe()}")
+    return resumed
+
+
+def _unlink_checkpoints(staging: Path) -> None:
+    """Take the link to the work dir out of the staging dir (the artifact is the final weights)."""
+    link = staging / TRAIN_STATE_DIR
+    if link.is_symlink():
+        link.unlink()
+    elif link.is_dir():  # a stage replaced the link with a directory of its own
+        shutil.rmtree(link, ignore_errors=True)
+
+
+def _keep_checkpoints(job: _Job) -> Path | None:
+    """After a failure: the last complete checkpoint, uploaded if the store is remote."""
+    try:
+        job.store.sync_partial(job.name, job.fingerprint)
+    except Exception as e:  # often the store itself is what failed
+        log.warning("%s: could not upload the last checkpoint (%s: %s); it stays in %s",
+                    job.name, type(e).__name__, e, job.store.work_dir(job.name, job.fingerprint))
+    from moonforge.stages.train.train_record import latest_checkpoint
+
+    return latest_checkpoint(job.store.work_dir(job.name, job.fingerprint) / TRAIN_STATE_DIR)
 
 
 def _lineage_fields(job: _Job, result: StageResult, ctx: StageContext, run_id: str | None,
@@ -316,12 +449,15 @@ def _lineage_fields(job: _Job, result: StageResult, ctx: StageContext, run_id: s
 
 def stage_status(recipe: Recipe, project: str | Path,
                  store: ArtifactStore | None = None) -> list[dict[str, Any]]:
-    """Per stage: {"stage", "state": fresh|stale|missing, "ref", "reasons"} against the store.
+    """Per stage: {"stage", "state": fresh|stale|missing, "ref", "reasons", "changed", "partial"}
+    against the store.
 
     fresh: an artifact with the fingerprint the recipe implies exists. stale: the stage has
     versions but none matches; reasons = explain_diff(latest version's inputs, expected inputs),
-    upstream fingerprints named as versions; "changed" = the input kinds behind the reasons
-    (config, model, upstream, data, code). missing: no version at all.
+    upstream fingerprints named as versions, changed modules named for code; "changed" = the
+    input kinds behind the reasons (config, model, upstream, data, code). missing: no version at
+    all. "partial": resumable work of an unfinished run of the expected fingerprint (its last
+    checkpoint's phase and step, and "running": the live run building it, if any), else None.
     """
     from moonforge.registry.fingerprint import explain_diff, reason_kind
 
@@ -336,7 +472,9 @@ def stage_status(recipe: Recipe, project: str | Path,
             rows.append({"stage": name, "state": "fresh", "ref": hit.ref, "fingerprint": fp,
                          "changed": [], "reasons": [] if hit.version == latest.version else
                          [f"latest is {latest.ref}, but {hit.ref} matches the recipe"]})
-        elif latest is None:
+            rows[-1]["partial"] = None
+            continue
+        if latest is None:
             rows.append({"stage": name, "state": "missing", "ref": None, "fingerprint": fp,
                          "changed": [], "reasons": ["never built"] + [f"data {n} not built" for n in unbuilt]})
         else:
@@ -344,7 +482,30 @@ def stage_status(recipe: Recipe, project: str | Path,
             rows.append({"stage": name, "state": "stale", "ref": latest.ref, "fingerprint": fp,
                          "reasons": reasons,
                          "changed": sorted({reason_kind(r) for r in reasons})})
+        rows[-1]["partial"] = partial = _partial(store, name, fp)
+        if partial is not None:
+            rows[-1]["reasons"] = rows[-1]["reasons"] + partial_lines(partial)
     return rows
+
+
+def _partial(store: ArtifactStore, stage: str, fp: str) -> dict | None:
+    try:
+        return store.partial_work(stage, fp)
+    except Exception as e:  # status must still show the rest
+        log.warning("%s: could not read its unfinished work (%s: %s)", stage, type(e).__name__, e)
+        return None
+
+
+def partial_lines(partial: Mapping[str, Any]) -> list[str]:
+    """Human lines for a status row's "partial" entry."""
+    out = []
+    if partial.get("running"):
+        out.append(f"running now: {_who(partial['running'])}")
+    if partial.get("checkpoint"):
+        out.append(f"resumable: phase {partial['phase']} step {partial['step']}/"
+                   f"{partial['num_steps']} (global step {partial['global_step']}); a rerun "
+                   "continues from there")
+    return out
 
 
 def fp_namer(store: ArtifactStore) -> Callable[[str, str], str | None]:

@@ -60,6 +60,13 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+def is_precondition_failure(e: Exception) -> bool:
+    """A conditional write lost its race (412 PreconditionFailed, 409
+    ConditionalRequestConflict)."""
+    code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+
 class S3Bucket:
     """get/put/list/delete/upload/download on one bucket, each call retried, errors explained."""
 
@@ -169,14 +176,54 @@ class S3Bucket:
             return None
         return obj if isinstance(obj, dict) else None
 
-    def put_json(self, key: str, obj: Any, only_if_new: bool = False) -> None:
-        """Write `obj` at `key`; only_if_new: fail with ClientError PreconditionFailed (412)
-        when the key exists (S3 conditional write, If-None-Match: *)."""
+    def put_json(self, key: str, obj: Any, only_if_new: bool = False,
+                 if_match: str | None = None) -> str:
+        """Write `obj` at `key` and return its ETag. only_if_new: fail with ClientError
+        PreconditionFailed (412) when the key exists (S3 conditional write, If-None-Match: *);
+        if_match: fail the same way unless the object's ETag is still `if_match`."""
         body = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
-        extra = {"IfNoneMatch": "*"} if only_if_new else {}
+        extra: dict[str, str] = {"IfNoneMatch": "*"} if only_if_new else {}
+        if if_match is not None:
+            extra["IfMatch"] = if_match
         with self.errors("write", key):
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
-                                   ContentType="application/json", **extra)
+            return self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                          ContentType="application/json", **extra).get("ETag", "")
+
+    def get_json_meta(self, key: str) -> tuple[dict | None, str, float | None]:
+        """(JSON object or None, ETag, seconds since it was last written by the server's clock
+        when it says its time, else by ours). (None, "", None) when the key does not exist."""
+        import email.utils
+        import time
+
+        with self.errors("read", key):
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            except self.client.exceptions.NoSuchKey:
+                return None, "", None
+            body = resp["Body"].read()
+        date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
+        modified = resp.get("LastModified")
+        age = now - modified.timestamp() if modified is not None else None
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            obj = None
+        return (obj if isinstance(obj, dict) else None), resp.get("ETag", ""), age
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        """Delete `key` only while its ETag is `etag`; False when it changed or is gone."""
+        from botocore.exceptions import ClientError
+
+        with self.errors("delete", key):
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag)
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code")
+                if is_precondition_failure(e) or code in ("NoSuchKey", "404"):
+                    return False
+                raise
+        return True
 
     def list(self, prefix: str, delimiter: str | None = "/") -> tuple[list[str], list[str]]:
         """(sub-"directory" names, object keys) under `prefix` (which ends in "/" or is "")."""

@@ -6,14 +6,16 @@ mirrors the local layout:
     <prefix>/<stage>/<n>/.claim          put first, conditionally (If-None-Match: *): reserves n
     <prefix>/<stage>/<n>/<files>         the staged files (multipart above the threshold)
     <prefix>/<stage>/<n>/manifest.json   put LAST: the commit mark
-    <prefix>/<stage>/.partial-<fp16>/    a failed run's periodic checkpoints (+ partial.json last)
+    <prefix>/<stage>/.partial-<fp16>/    a run's newest periodic checkpoint, uploaded while it
+                                         trains (partial.json, put last, names it)
+    <prefix>/<stage>/.lease-<fp16>       who builds that fingerprint now (registry.lease)
 
 S3 has no rename and no lock, so visibility and numbering work differently from LocalStore: a
 version is visible only once its manifest exists (lookups read manifests, nothing else), and a
 version number is reserved by the conditional `.claim` put, so two writers never share a prefix.
 A crash mid-upload leaves a claimed prefix without a manifest: never listed, never a cache hit,
 and its number is never reused. (Concurrent writers of the *same* fingerprint may both commit;
-lookups then return the older one.)
+lookups then return the older one; the lease makes that rare.)
 
 Local side: `cache_dir` mirrors `<stage>/<n>/`. Stages stage under `<cache>/<stage>/.tmp-<uuid>`,
 and an artifact's `.path` is its local copy, downloaded on first access and checked against the
@@ -38,11 +40,13 @@ from typing import Any, Mapping
 from botocore.exceptions import ClientError
 
 from moonforge.registry.errors import ArtifactNotFound
+from moonforge.registry.lease import (LEASE_PREFIX, Lease, WaitFn, lease_ttl_s, this_process)
 from moonforge.registry.s3_bucket import (S3Bucket, S3Settings, StoreConfigError,
-                                          StoreUnavailable, parse_s3_uri)
+                                          StoreUnavailable, is_precondition_failure, parse_s3_uri)
 from moonforge.registry.store import (LINEAGE, MANIFEST, PARTIAL_PREFIX, TMP_PREFIX,
                                       TRAIN_STATE_DIR, ArtifactInfo, ArtifactStore, Sidecars,
                                       _sha256, _STAGE_RE, _write_json_atomic)
+from moonforge.stages.train.train_record import latest_checkpoint, read_train_record
 
 __all__ = ["S3Store", "S3ArtifactInfo", "S3Settings", "StoreConfigError", "StoreUnavailable",
            "parse_s3_uri"]
@@ -91,8 +95,11 @@ class S3Store(ArtifactStore):
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.root_uri = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.cache = Path(cache_dir).resolve()
+        self.local_root = self.cache
+        self._staging_locks = {}
         self.s3 = S3Bucket(self.bucket, settings)
         self._manifests: dict[tuple[str, int], dict] = {}  # immutable once committed
+        self._synced: dict[tuple[str, str], str] = {}  # (stage, fp16) -> checkpoint uploaded
 
     def __repr__(self) -> str:
         return f"S3Store({self.root_uri!r})"
@@ -116,11 +123,7 @@ class S3Store(ArtifactStore):
 
     # -- writing ------------------------------------------------------------------------------
     def begin(self, stage: str) -> Path:
-        if not _STAGE_RE.match(stage):
-            raise ValueError(f"invalid stage name {stage!r} for the store")
-        staging = self.cache / stage / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        staging.mkdir(parents=True)
-        return staging
+        return self._begin_local(stage)
 
     def _claim(self, stage: str) -> int:
         """Reserve the next version number of `stage` with a conditional put (no lock on S3)."""
@@ -133,8 +136,7 @@ class S3Store(ArtifactStore):
                     only_if_new=True)
                 return n
             except ClientError as e:  # 412: another writer holds n (or 409: racing for it)
-                if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed",
-                                                                   "ConditionalRequestConflict"):
+                if not is_precondition_failure(e):
                     raise
                 n += 1
 
@@ -171,6 +173,7 @@ class S3Store(ArtifactStore):
         if local.exists():  # a stale copy from a store that was since emptied
             shutil.rmtree(local)
         os.rename(staging, local)
+        self._unlock_staging(staging)
         self._manifests[(stage, version)] = manifest
         return S3ArtifactInfo(self, stage, version, manifest)
 
@@ -199,57 +202,144 @@ class S3Store(ArtifactStore):
         staging = Path(staging)
         if not keep and staging.name.startswith(TMP_PREFIX):
             shutil.rmtree(staging, ignore_errors=True)
+        self._unlock_staging(staging)
 
-    # -- a failed run's checkpoints ----------------------------------------------------------
-    def _partial_name(self, fingerprint: str) -> str:
-        return f"{PARTIAL_PREFIX}{fingerprint[:16]}"
+    # -- leases ------------------------------------------------------------------------------
+    def lease(self, stage: str, fingerprint: str, wait: WaitFn | None = None,
+              poll_s: float = 1.0) -> Lease:
+        """Create `<stage>/.lease-<fp16>` conditionally; take over one not renewed for its ttl."""
+        if not _STAGE_RE.match(stage):
+            raise ValueError(f"invalid stage name {stage!r} for the store")
+        key = self._key(stage, f"{LEASE_PREFIX}{fingerprint[:16]}")
+        ttl = lease_ttl_s()
+        while True:
+            info = {**this_process(), "id": uuid.uuid4().hex, "acquired": time.time(), "ttl_s": ttl}
+            try:
+                etag = self.s3.put_json(key, info, only_if_new=True)
+                return S3Lease(self, key, stage, fingerprint, info, None, etag)
+            except ClientError as e:
+                if not is_precondition_failure(e):
+                    raise
+            held, etag, age = self.s3.get_json_meta(key)
+            if held is None and not etag:
+                continue  # released in between
+            if age is not None and age > float((held or {}).get("ttl_s") or ttl):
+                try:  # expired: exactly one waiter's conditional put replaces it
+                    new = self.s3.put_json(key, info, if_match=etag)
+                except ClientError as e:
+                    if not is_precondition_failure(e):
+                        raise
+                    continue
+                log.warning("%s: the lease of %s expired %.0f s after its last renewal (its "
+                            "holder died); taking over", stage, _who(held or {}), age)
+                return S3Lease(self, key, stage, fingerprint, info, held or {}, new)
+            if wait is not None:
+                wait(held or {})
+            time.sleep(poll_s)
 
-    def keep_partial(self, staging: Path, fingerprint: str) -> Path | None:
-        src = Path(staging) / TRAIN_STATE_DIR
-        if not src.is_dir() or not any(src.glob("step-*")):
-            return None
-        stage = Path(staging).parent.name
-        dest = self.cache / stage / self._partial_name(fingerprint)
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True)
-        os.rename(src, dest / TRAIN_STATE_DIR)
-        # Called while a stage is failing (often because S3 is down): never raise from here.
+    # -- a run's periodic checkpoints ----------------------------------------------------------
+    def _partial_key(self, stage: str, fingerprint: str, *rest: str) -> str:
+        return self._key(stage, f"{PARTIAL_PREFIX}{fingerprint[:16]}", *rest)
+
+    def sync_partial(self, stage: str, fingerprint: str) -> None:
+        """Upload the newest complete local checkpoint (hard-linked first, so the loop's rotation
+        cannot delete it mid-upload), then the mark naming it, then delete the older one."""
+        work = self.work_dir(stage, fingerprint)
+        ck = latest_checkpoint(work / TRAIN_STATE_DIR)
+        if ck is None or self._synced.get((stage, fingerprint[:16])) == ck.name:
+            return
+        snap = work / f".sync-{ck.name}"
+        shutil.rmtree(snap, ignore_errors=True)
         try:
-            base = self._key(stage, self._partial_name(fingerprint))
-            files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-            for rel in files:
-                self._upload(dest / rel, f"{base}/{rel}")
-            self.s3.put_json(f"{base}/{PARTIAL_MARK}", {"files": files})  # last: complete
-        except Exception as e:
-            log.warning("kept the failed run's checkpoints locally at %s only; uploading them "
-                        "to %s failed: %s", dest, self.root_uri, e)
-        return dest
+            snap.mkdir(parents=True)
+            for f in ck.iterdir():
+                os.link(f, snap / f.name)
+        except FileNotFoundError:  # rotated away meanwhile: the next beat uploads the newer one
+            shutil.rmtree(snap, ignore_errors=True)
+            return
+        try:
+            files = sorted(f.name for f in snap.iterdir())
+            for name in files:
+                self._upload(snap / name, self._partial_key(stage, fingerprint, ck.name, name))
+            rec = read_train_record(snap)
+            self.s3.put_json(self._partial_key(stage, fingerprint, PARTIAL_MARK), {
+                "checkpoint": ck.name, "files": files, "phase": rec.phase, "step": rec.step,
+                "num_steps": rec.num_steps, "global_step": rec.global_step})  # last: complete
+        finally:
+            shutil.rmtree(snap, ignore_errors=True)
+        self._synced[(stage, fingerprint[:16])] = ck.name
+        _, keys = self.s3.list(self._partial_key(stage, fingerprint) + "/", None)
+        stale = [k for k in keys if f"/{ck.name}/" not in k and not k.endswith(PARTIAL_MARK)]
+        if stale:
+            self.s3.delete(stale)
 
-    def partial(self, stage: str, fingerprint: str) -> Path | None:
-        local = self.cache / stage / self._partial_name(fingerprint)
-        if any((local / TRAIN_STATE_DIR).glob("step-*")):
+    def resume_point(self, stage: str, fingerprint: str) -> Path | None:
+        """The newer of the local and the uploaded last checkpoint (downloaded if needed)."""
+        work = self.work_dir(stage, fingerprint)
+        local = latest_checkpoint(work / TRAIN_STATE_DIR)
+        mark = self.s3.get_json(self._partial_key(stage, fingerprint, PARTIAL_MARK))
+        if not mark or not mark.get("checkpoint"):
             return local
-        base = self._key(stage, self._partial_name(fingerprint))
-        mark = self.s3.get_json(f"{base}/{PARTIAL_MARK}")
-        if not mark or not mark.get("files"):
-            return None
-        tmp = self.cache / stage / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        for rel in mark["files"]:
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            self.s3.download(f"{base}/{rel}", tmp / rel)
-        shutil.rmtree(local, ignore_errors=True)
-        os.rename(tmp, local)
-        return local
+        newest = int(mark.get("global_step", 0))
+        if local is not None and read_train_record(local).global_step >= newest:
+            return local
+        tmp = self._begin_local(stage)
+        try:
+            for name in mark["files"]:
+                self.s3.download(self._partial_key(stage, fingerprint, mark["checkpoint"], name),
+                                 tmp / name)
+            dest = work / TRAIN_STATE_DIR / mark["checkpoint"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.rename(tmp, dest)
+        finally:
+            self.abort(tmp)
+        self._synced[(stage, fingerprint[:16])] = mark["checkpoint"]
+        log.info("%s: fetched the checkpoint %s of an earlier run from %s", stage,
+                 mark["checkpoint"], self.root_uri)
+        return latest_checkpoint(work / TRAIN_STATE_DIR)
 
     def drop_partial(self, stage: str, fingerprint: str) -> None:
-        shutil.rmtree(self.cache / stage / self._partial_name(fingerprint), ignore_errors=True)
-        try:  # after a successful commit: a leftover only costs space
-            _, keys = self.s3.list(self._key(stage, self._partial_name(fingerprint)) + "/", None)
+        shutil.rmtree(self.work_dir(stage, fingerprint), ignore_errors=True)
+        self._synced.pop((stage, fingerprint[:16]), None)
+        try:  # after a successful commit: a leftover only costs space (gc retries)
+            _, keys = self.s3.list(self._partial_key(stage, fingerprint) + "/", None)
             if keys:
                 self.s3.delete(keys)
         except Exception as e:
             log.warning("could not delete kept checkpoints of %s from %s: %s", stage,
                         self.root_uri, e)
+
+    def partial_work(self, stage: str, fingerprint: str) -> dict | None:
+        out = self._local_partial(stage, fingerprint)
+        mark = self.s3.get_json(self._partial_key(stage, fingerprint, PARTIAL_MARK))
+        if mark and mark.get("checkpoint") and (out is None
+                                                or out["global_step"] < mark["global_step"]):
+            out = {"checkpoint": f"{self.root_uri}/{stage}/{PARTIAL_PREFIX}{fingerprint[:16]}/"
+                                 f"{mark['checkpoint']}",
+                   **{k: mark.get(k) for k in ("phase", "step", "num_steps", "global_step")}}
+        held, _, age = self.s3.get_json_meta(self._key(stage, f"{LEASE_PREFIX}{fingerprint[:16]}"))
+        live = held and age is not None and age <= float(held.get("ttl_s") or 0)
+        running = held if live else None
+        if out is None and running is None:
+            return None
+        return {**(out or {"checkpoint": None}), "running": running}
+
+    def gc(self, stage: str) -> list[Path]:
+        """Local cache as for a local store; in the bucket, the uploaded checkpoints of
+        fingerprints that are committed."""
+        removed = super().gc(stage)
+        if not _STAGE_RE.match(stage):
+            return removed
+        dirs, _ = self.s3.list(self._key(stage) + "/")
+        committed = {a.fingerprint[:16] for a in self.versions(stage)}
+        for d in dirs:
+            if d.startswith(PARTIAL_PREFIX) and d[len(PARTIAL_PREFIX):] in committed:
+                _, keys = self.s3.list(self._key(stage, d) + "/", None)
+                if keys:
+                    self.s3.delete(keys)
+                    removed.append(Path(self._key(stage, d)))
+        return removed
 
     # -- reading ------------------------------------------------------------------------------
     def _manifest(self, stage: str, version: int) -> dict | None:
@@ -334,7 +424,7 @@ class S3Store(ArtifactStore):
         local = self.cache / info.stage / str(info.version)
         if self._local_copy_ok(local, info.manifest):
             return local
-        tmp = self.cache / info.stage / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        tmp = self._begin_local(info.stage)  # flock-ed: gc leaves a live download alone
         try:
             for rel, meta in info.manifest.get("files", {}).items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -351,5 +441,43 @@ class S3Store(ArtifactStore):
                 if not self._local_copy_ok(local, info.manifest):
                     raise
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.abort(tmp)
         return local
+
+
+def _who(holder: dict) -> str:
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+
+
+class S3Lease(Lease):
+    """A lease object in the bucket, renewed with puts conditional on its own ETag."""
+
+    def __init__(self, store: S3Store, key: str, stage: str, fingerprint: str, info: dict,
+                 previous: dict | None, etag: str):
+        super().__init__(stage, fingerprint, info, previous)
+        self.store, self.key, self.etag = store, key, etag
+
+    def renew(self) -> bool:
+        with self._lock:
+            if self.lost or not self.etag:
+                return False
+            self.info["renewed"] = time.time()
+            try:
+                self.etag = self.store.s3.put_json(self.key, self.info, if_match=self.etag)
+            except ClientError as e:
+                if not is_precondition_failure(e):
+                    raise
+                self.lost = True
+                return False
+        return True
+
+    def release(self) -> None:
+        with self._lock:
+            if self.lost or not self.etag:
+                return
+            try:
+                self.store.s3.delete_if_match(self.key, self.etag)
+            except Exception as e:  # it expires by itself
+                log.warning("could not release the lease %s (%s); it expires in %.0f s", self.key,
+                            e, float(self.info.get("ttl_s") or 0))
+            self.etag = ""

@@ -9,6 +9,15 @@ Only directories holding a `manifest.json` are artifacts: a crash before the ren
 `.tmp-*` directory that no lookup ever returns. Versions are 1, 2, 3... per stage and are never
 reused or overwritten; `index.json` maps fingerprint -> version (a cache of the manifests).
 
+Work in progress, beside the versions of a stage:
+    .tmp-<uuid>/ + .tmp-<uuid>.lock   a staging dir; its writer holds a flock on the .lock file
+                                      for as long as it lives, so `gc` removes exactly the
+                                      staging dirs whose writer died (kill -9 included)
+    .lease-<fp16>                     who builds this fingerprint now (registry.lease)
+    .partial-<fp16>/train_state/      the periodic checkpoints of a run of that fingerprint;
+                                      written there directly (the staging dir links to it), so a
+                                      rerun finds the last complete one whatever ended the run
+
 `ArtifactStore` is the interface; `LocalStore` is the embedded default; `registry.s3_store.S3Store`
 implements the same methods on `s3://bucket/prefix` (stage locally, upload, put the manifest last).
 """
@@ -30,13 +39,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from moonforge.registry.errors import ArtifactNotFound
+from moonforge.registry.lease import (LEASE_PREFIX, Lease, WaitFn, acquire_local, local_lease_held,
+                                      read_holder, try_local_lock)
+from moonforge.stages.train.train_record import latest_checkpoint, read_train_record
 
 MANIFEST = "manifest.json"
 LINEAGE = "lineage.json"
 INDEX = "index.json"
 TMP_PREFIX = ".tmp-"
 PARTIAL_PREFIX = ".partial-"
-"""A failed stage's periodic checkpoints, kept per fingerprint so a rerun resumes from them."""
+"""A run's periodic checkpoints, kept per fingerprint so a rerun resumes from them."""
+LOCK_SUFFIX = ".lock"
 TRAIN_STATE_DIR = "train_state"
 STORE_DIR = Path(".moonforge") / "store"
 S3_CACHE_DIR = Path(".moonforge") / "s3cache"
@@ -44,6 +57,8 @@ MIN_PREFIX = 4
 """Shortest fingerprint prefix accepted in a ref."""
 
 _STAGE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_STAGING_RE = re.compile(rf"^{re.escape(TMP_PREFIX)}[0-9a-f]{{32}}$")
+"""A staging dir's name (`begin`); gc removes only these, not other tools' `.tmp-*` dirs."""
 
 
 @dataclass(frozen=True)
@@ -97,16 +112,18 @@ class ArtifactStore(ABC):
         """Discard a staging directory (keep=True leaves it under .tmp- for debugging)."""
 
     @abstractmethod
-    def keep_partial(self, staging: Path, fingerprint: str) -> Path | None:
-        """Move a failed staging dir's periodic checkpoints aside; return where (None if none)."""
-
-    @abstractmethod
-    def partial(self, stage: str, fingerprint: str) -> Path | None:
-        """The kept periodic checkpoints of an unfinished `stage` run with this fingerprint."""
+    def lease(self, stage: str, fingerprint: str, wait: WaitFn | None = None,
+              poll_s: float = 1.0) -> Lease:
+        """Block until this process may build (stage, fingerprint); see registry.lease."""
 
     @abstractmethod
     def drop_partial(self, stage: str, fingerprint: str) -> None:
-        """Forget kept checkpoints once the artifact is committed."""
+        """Forget a fingerprint's periodic checkpoints once its artifact is committed."""
+
+    @abstractmethod
+    def partial_work(self, stage: str, fingerprint: str) -> dict | None:
+        """Resumable work of an unfinished run of this fingerprint, for `moonforge status`:
+        {"checkpoint", "phase", "step", "num_steps", "global_step", "running": holder or None}."""
 
     @abstractmethod
     def stages(self) -> list[str]:
@@ -181,6 +198,108 @@ class ArtifactStore(ABC):
     def where(self) -> str:
         return repr(self)
 
+    # -- local work dirs (a LocalStore's root; an S3 store's cache) ---------------------------
+    local_root: Path
+    _staging_locks: dict[str, int]
+
+    def _begin_local(self, stage: str) -> Path:
+        """A fresh `<local root>/<stage>/.tmp-<uuid>/`, flock-ed (via its .lock file) until
+        commit / abort or until this process dies, so `gc` never removes a live one."""
+        if not _STAGE_RE.match(stage):
+            raise ValueError(f"invalid stage name {stage!r} for the store")
+        d = self.local_root / stage
+        d.mkdir(parents=True, exist_ok=True)
+        name = f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        fd = try_local_lock(d / f"{name}{LOCK_SUFFIX}")
+        assert fd is not None, "a fresh lock file cannot be held by anyone else"
+        staging = d / name
+        staging.mkdir()
+        self._staging_locks[str(staging)] = fd
+        return staging
+
+    def _unlock_staging(self, staging: Path) -> None:
+        fd = self._staging_locks.pop(str(staging), None)
+        if fd is not None:
+            try:
+                os.unlink(staging.parent / f"{staging.name}{LOCK_SUFFIX}")
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def work_dir(self, stage: str, fingerprint: str) -> Path:
+        """Where a run of this fingerprint keeps its periodic checkpoints (`train_state/`)."""
+        return self.local_root / stage / f"{PARTIAL_PREFIX}{fingerprint[:16]}"
+
+    def resume_point(self, stage: str, fingerprint: str) -> Path | None:
+        """The last complete periodic checkpoint of a run of this fingerprint, or None."""
+        return latest_checkpoint(self.work_dir(stage, fingerprint) / TRAIN_STATE_DIR)
+
+    def sync_partial(self, stage: str, fingerprint: str) -> None:
+        """Make the newest local periodic checkpoint durable where other machines see it (an S3
+        store uploads it; a local store already is)."""
+
+    def partial(self, stage: str, fingerprint: str) -> Path | None:
+        """The work dir of an unfinished run of this fingerprint if it holds a checkpoint."""
+        return self.work_dir(stage, fingerprint) if self.resume_point(stage, fingerprint) else None
+
+    def _local_partial(self, stage: str, fingerprint: str) -> dict | None:
+        ck = self.resume_point(stage, fingerprint)
+        if ck is None:
+            return None
+        rec = read_train_record(ck)
+        return {"checkpoint": str(ck), "phase": rec.phase, "step": rec.step,
+                "num_steps": rec.num_steps, "global_step": rec.global_step, "running": None}
+
+    def gc(self, stage: str) -> list[Path]:
+        """Remove what dead runs left under the local `stage` dir: staging dirs whose writer is
+        gone (its flock is free), lock files without a dir, and the work dirs and leases of
+        fingerprints that are committed or hold no complete checkpoint. Never touches a live
+        run's files. Returns what it removed."""
+        d = self.local_root / stage
+        if not _STAGE_RE.match(stage) or not d.is_dir():
+            return []
+        removed: list[Path] = []
+        committed: set[str] | None = None
+        for p in sorted(d.iterdir()):
+            name = p.name
+            if _STAGING_RE.match(name.removesuffix(LOCK_SUFFIX)) and name.endswith(LOCK_SUFFIX):
+                if not (d / name[: -len(LOCK_SUFFIX)]).exists() and _remove_if_unlocked(p, p):
+                    removed.append(p)
+            elif _STAGING_RE.match(name) and p.is_dir() and str(p) not in self._staging_locks:
+                if _remove_if_unlocked(d / f"{name}{LOCK_SUFFIX}", p):
+                    removed.append(p)
+            elif name.startswith(PARTIAL_PREFIX) and p.is_dir():
+                if committed is None:
+                    committed = {a.fingerprint[:16] for a in self.versions(stage)}
+                fp16 = name[len(PARTIAL_PREFIX):]
+                done = fp16 in committed
+                if (done or latest_checkpoint(p / TRAIN_STATE_DIR) is None) and \
+                        self._remove_partial_if_free(stage, fp16, p, drop_lease=done):
+                    removed.append(p)
+        return removed
+
+    def _remove_partial_if_free(self, stage: str, fp16: str, path: Path, drop_lease: bool) -> bool:
+        """Remove a work dir nobody can still be using. Without a local lease to ask, only one
+        whose fingerprint is committed (drop_lease) qualifies; an empty one may be a live run's."""
+        if not drop_lease:
+            return False
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+
+
+def _remove_if_unlocked(lock: Path, target: Path) -> bool:
+    """rmtree `target` (and unlink `lock`) if no live process holds `lock`'s flock."""
+    fd = try_local_lock(lock)
+    if fd is None:
+        return False
+    try:
+        if target != lock:
+            shutil.rmtree(target, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+    return True
+
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -201,6 +320,8 @@ class LocalStore(ArtifactStore):
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
+        self.local_root = self.root
+        self._staging_locks = {}
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -210,11 +331,7 @@ class LocalStore(ArtifactStore):
 
     # -- writing ------------------------------------------------------------------------------
     def begin(self, stage: str) -> Path:
-        if not _STAGE_RE.match(stage):
-            raise ValueError(f"invalid stage name {stage!r} for the store")
-        staging = self.root / stage / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        staging.mkdir(parents=True)
-        return staging
+        return self._begin_local(stage)
 
     @contextmanager
     def _lock(self, stage: str) -> Iterator[None]:
@@ -251,32 +368,60 @@ class LocalStore(ArtifactStore):
             final = self.root / stage / str(version)
             os.rename(staging, final)  # atomic; fails rather than overwrite an existing version
             self._update_index(stage, fingerprint, version)
+        self._unlock_staging(staging)
         return ArtifactInfo(stage, version, fingerprint, final, manifest)
 
     def abort(self, staging: Path, keep: bool = False) -> None:
         staging = Path(staging)
         if not keep and staging.name.startswith(TMP_PREFIX):
             shutil.rmtree(staging, ignore_errors=True)
+        self._unlock_staging(staging)
 
-    def _partial_dir(self, stage: str, fingerprint: str) -> Path:
-        return self.root / stage / f"{PARTIAL_PREFIX}{fingerprint[:16]}"
+    def _lease_path(self, stage: str, fp16: str) -> Path:
+        return self.root / stage / f"{LEASE_PREFIX}{fp16[:16]}"
 
-    def keep_partial(self, staging: Path, fingerprint: str) -> Path | None:
-        src = Path(staging) / TRAIN_STATE_DIR
-        if not src.is_dir() or not any(src.glob("step-*")):
-            return None
-        dest = self._partial_dir(Path(staging).parent.name, fingerprint)
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True)
-        os.rename(src, dest / TRAIN_STATE_DIR)
-        return dest
-
-    def partial(self, stage: str, fingerprint: str) -> Path | None:
-        d = self._partial_dir(stage, fingerprint)
-        return d if any((d / TRAIN_STATE_DIR).glob("step-*")) else None
+    def lease(self, stage: str, fingerprint: str, wait: WaitFn | None = None,
+              poll_s: float = 1.0) -> Lease:
+        if not _STAGE_RE.match(stage):
+            raise ValueError(f"invalid stage name {stage!r} for the store")
+        return acquire_local(self._lease_path(stage, fingerprint), stage, fingerprint, wait, poll_s)
 
     def drop_partial(self, stage: str, fingerprint: str) -> None:
-        shutil.rmtree(self._partial_dir(stage, fingerprint), ignore_errors=True)
+        shutil.rmtree(self.work_dir(stage, fingerprint), ignore_errors=True)
+
+    def partial_work(self, stage: str, fingerprint: str) -> dict | None:
+        lease = self._lease_path(stage, fingerprint)
+        running = read_holder(lease) if local_lease_held(lease) else None
+        out = self._local_partial(stage, fingerprint)
+        if out is None and running is None:
+            return None
+        return {**(out or {"checkpoint": None}), "running": running}
+
+    def _remove_partial_if_free(self, stage: str, fp16: str, path: Path, drop_lease: bool) -> bool:
+        lease = self._lease_path(stage, fp16)
+        fd = try_local_lock(lease)
+        if fd is None:
+            return False  # a live run builds this fingerprint
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            if drop_lease or not lease.stat().st_size:
+                lease.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+        return True
+
+    def gc(self, stage: str) -> list[Path]:
+        removed = super().gc(stage)
+        d = self.root / stage
+        if not d.is_dir():
+            return removed
+        committed = {a.fingerprint[:16] for a in self.versions(stage)}
+        for p in d.glob(f"{LEASE_PREFIX}*"):  # a lease of a committed fingerprint is history
+            fp16 = p.name[len(LEASE_PREFIX):]
+            if fp16 in committed and not self.work_dir(stage, fp16).exists() and \
+                    _remove_if_unlocked(p, p):
+                removed.append(p)
+        return removed
 
     def _next_version(self, stage: str) -> int:
         d = self.root / stage

@@ -6,19 +6,27 @@ $MOONFORGE_MLFLOW_ARTIFACT_ROOT=s3://bucket/prefix). Everything goes through
 `MlflowClient` with explicit run ids (no fluent global state, so Prefect threads are safe), and
 metrics go in batches (`log_batch`), never one DB round trip per scalar.
 mlflow and matplotlib are imported lazily: importing this module is cheap.
+
+Every run is tagged with the host and pid that opened it, so a later run can tell a RUNNING run
+whose process died (kill -9, OOM, preemption) from a live one: `reap_dead_runs` ends the dead
+ones as KILLED (and `mark_flow_runs_crashed` ends their Prefect flow runs as Crashed).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from moonforge.registry.lease import process_alive, this_process
 from moonforge.stages.artifacts import DatasetRef, ListSink
+
+log = logging.getLogger("moonforge.tracking")
 
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY = 250
@@ -123,6 +131,21 @@ class NullTracker:
     def log_cache_hit(self, **kw: Any) -> str | None:
         return None
 
+    def tag(self, run_id: str | None, tags: Mapping[str, str]) -> None:
+        pass
+
+    def reap_dead_runs(self) -> list[dict]:
+        return []
+
+    def kill_runs(self, run_ids: Iterable[str | None], reason: str) -> list[str]:
+        return []
+
+
+def _owner_tags() -> dict[str, str]:
+    me = this_process()
+    return {TAG + "host": str(me["host"]), TAG + "pid": str(me["pid"]),
+            TAG + "pid_start": str(me["pid_start"] or "")}
+
 
 class Tracker:
     """MLflow for one recipe (= experiment); optionally nested under a lifecycle parent run."""
@@ -179,7 +202,8 @@ class Tracker:
 
         run = self.client.create_run(self.experiment_id, run_name=f"{recipe.name}-lifecycle", tags={
             TAG + "recipe": recipe.name, TAG + "recipe_digest": recipe.digest(),
-            TAG + "prefect_flow_run_id": str(flow_run_id or ""), TAG + "kind": "lifecycle"})
+            TAG + "prefect_flow_run_id": str(flow_run_id or ""), TAG + "kind": "lifecycle",
+            **_owner_tags()})
         self.parent_run_id = run.info.run_id
         params = flatten({"model": recipe.model.model_dump(mode="json")})
         params["stages"] = ",".join(recipe.stage_names())
@@ -206,7 +230,8 @@ class Tracker:
                 TAG + "cache_hit": str(cache_hit).lower(),
                 TAG + "git_commit": str(git_info(self.project).get("commit") or ""),
                 TAG + "recipe": self.recipe_name, TAG + "recipe_digest": recipe_digest,
-                TAG + "upstream": upstream or "", TAG + "prefect_flow_run_id": str(flow_run_id or "")}
+                TAG + "upstream": upstream or "",
+                TAG + "prefect_flow_run_id": str(flow_run_id or ""), **_owner_tags()}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         run_id = self.client.create_run(self.experiment_id, run_name=stage, tags=tags).info.run_id
@@ -270,6 +295,124 @@ class Tracker:
         self.finish_stage(StageRun(run_id, ListSink()), version=version, metrics=metrics,
                           artifact_dir=artifact_dir)
         return run_id
+
+
+    # -- runs whose process died ---------------------------------------------------------------
+    def tag(self, run_id: str | None, tags: Mapping[str, str]) -> None:
+        """Set moonforge.<key> tags on a run."""
+        from mlflow.entities import RunTag
+
+        if run_id:
+            self.client.log_batch(run_id, tags=[RunTag(TAG + k, str(v)[:5000])
+                                                for k, v in tags.items()])
+
+    def reap_dead_runs(self) -> list[dict]:
+        """End as KILLED every RUNNING run of this experiment opened by a process of this host
+        that is gone. Returns {"run_id", "kind", "prefect_flow_run_id"} of each run ended."""
+        runs = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
+                                       max_results=1000)
+        dead = []
+        for r in runs:
+            t = r.data.tags
+            owner = {"host": t.get(TAG + "host"), "pid": t.get(TAG + "pid"),
+                     "pid_start": t.get(TAG + "pid_start") or None}
+            if owner["pid"] and process_alive(owner) is False:
+                dead.append(r)
+        ended = self.kill_runs([r.info.run_id for r in dead], "its process (pid {pid} on {host}) "
+                               "died without ending it (killed, out of memory or preempted)",
+                               {r.info.run_id: r.data.tags for r in dead})
+        return [{"run_id": r.info.run_id, "kind": r.data.tags.get(TAG + "kind", ""),
+                 "prefect_flow_run_id": r.data.tags.get(TAG + "prefect_flow_run_id", "")}
+                for r in dead if r.info.run_id in ended]
+
+    def kill_runs(self, run_ids: Iterable[str | None], reason: str,
+                  tags: Mapping[str, Mapping[str, str]] | None = None) -> list[str]:
+        """End the given runs as KILLED if they are still RUNNING, recording why
+        (`reason` may use {pid} and {host} from each run's tags). Returns the ids ended."""
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+
+        ended = []
+        for run_id in dict.fromkeys(r for r in run_ids if r):
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException:
+                continue
+            if run.info.status != "RUNNING":
+                continue
+            t = (tags or {}).get(run_id) or run.data.tags
+            why = reason.format(pid=t.get(TAG + "pid", "?"), host=t.get(TAG + "host", "?"))
+            self.client.log_batch(run_id, tags=[RunTag(TAG + "end_reason", why[:5000])])
+            self.client.set_terminated(run_id, "KILLED")
+            ended.append(run_id)
+            log.warning("MLflow run %s (%s) marked KILLED: %s", run_id,
+                        run.data.tags.get("mlflow.runName", "?"), why)
+        return ended
+
+
+OWNED_TAG = "moonforge-owned"
+OWNER_TAG = "moonforge-owner:"
+
+
+def owner_tags() -> list[str]:
+    """Prefect flow-run tags naming this process, so a later run can tell its flow run died:
+    ["moonforge-owned", "moonforge-owner:<host>:<pid>:<pid start>"]."""
+    me = this_process()
+    return [OWNED_TAG, f"{OWNER_TAG}{me['host']}:{me['pid']}:{me['pid_start'] or ''}"]
+
+
+def reap_dead_flow_runs(reason: str) -> list[str]:
+    """Crash every pending/running Prefect flow run tagged by `owner_tags` of a process of this
+    host that is gone (even one killed before it opened any MLflow run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState,
+                                                FlowRunFilterStateType, FlowRunFilterTags)
+    from prefect.client.schemas.objects import StateType
+
+    flt = FlowRunFilter(tags=FlowRunFilterTags(all_=[OWNED_TAG]), state=FlowRunFilterState(
+        type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING,
+                                          StateType.SCHEDULED])))
+    dead = []
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=flt, limit=200)
+    except Exception as e:
+        log.warning("could not list Prefect flow runs to find dead ones: %s", e)
+        return []
+    for fr in runs:
+        owner = next((t[len(OWNER_TAG):] for t in fr.tags if t.startswith(OWNER_TAG)), None)
+        if owner is None:
+            continue
+        host, pid, start = owner.rsplit(":", 2)
+        if process_alive({"host": host, "pid": pid, "pid_start": start or None}) is False:
+            dead.append(str(fr.id))
+    return mark_flow_runs_crashed(dead, reason)
+
+
+def mark_flow_runs_crashed(flow_run_ids: Iterable[str | None], reason: str) -> list[str]:
+    """Set Prefect flow runs that are still running (their process died) to Crashed, through
+    the Prefect API this process uses. Returns the ids changed; errors are logged, not raised."""
+    ids = [i for i in dict.fromkeys(flow_run_ids) if i]
+    if not ids:
+        return []
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    done = []
+    try:
+        with get_client(sync_client=True) as client:
+            for fid in ids:
+                try:
+                    fr = client.read_flow_run(fid)
+                except Exception:
+                    continue
+                if fr.state is None or fr.state.is_final():
+                    continue
+                client.set_flow_run_state(fid, Crashed(message=reason), force=True)
+                done.append(fid)
+    except Exception as e:  # the stage itself does not depend on this bookkeeping
+        log.warning("could not mark dead Prefect flow runs %s as Crashed: %s", ids, e)
+    return done
 
 
 def _dataset_entity(d: DatasetRef):

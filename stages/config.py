@@ -131,7 +131,20 @@ class LauncherConfig(Frozen):
     nproc_per_node: PositiveInt = 1
     """Training processes per machine (one per GPU on a cluster; gloo processes on a CPU)."""
     nnodes: PositiveInt = 1
-    """Machines (multi-node jobs come from the work pool: Slurm / Kubernetes set the rendezvous)."""
+    """Machines. With more than one, each node runs one launcher and they meet at a c10d
+    rendezvous (registry/launch.py); under Slurm `srun` starts them, elsewhere each node runs
+    `python -m moonforge.registry.launch node JOB.json`."""
+    node_rank: NonNegativeInt | None = None
+    """The flow's node when the scheduler names none (its SLURM_NODEID, a Kubernetes indexed Job's
+    JOB_COMPLETION_INDEX or NODE_RANK win). Node 0 hosts the rendezvous and writes the artifact."""
+    rdzv_endpoint: str | None = None
+    """host:port of the rendezvous (node 0's address); None: MASTER_ADDR:MASTER_PORT from the
+    scheduler (infra/slurm/flow-run.sbatch exports them), else the Slurm allocation's first node."""
+    rdzv_timeout_s: PositiveInt = 600
+    """Seconds a node waits for the rendezvous and the other nodes before it fails, naming it."""
+    node_selector: dict[str, str] = {}
+    """Kubernetes node labels the stage's training pods must match, e.g.
+    {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3} (infra/k8s/training_job.py)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage (kind: deepspeed only): 1 shards optimizer state, 2 also gradients,
     3 also parameters (CUDA only)."""
@@ -148,6 +161,14 @@ class LauncherConfig(Frozen):
             raise ValueError(
                 f"launcher: nproc_per_node={self.nproc_per_node} x nnodes={self.nnodes} needs a "
                 "launcher; set launcher.kind to torchrun or deepspeed")
+        if self.node_rank is not None and self.node_rank >= self.nnodes:
+            raise ValueError(f"launcher.node_rank={self.node_rank} is not below nnodes={self.nnodes}; "
+                             f"nodes are numbered 0..{self.nnodes - 1}")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"launcher.rdzv_endpoint={self.rdzv_endpoint!r}: use host:port, "
+                                 "e.g. node0.cluster:29400 (node 0's address, a port every node reaches)")
         return self
 
 
@@ -223,6 +244,10 @@ class StageConfig(Frozen):
     """Steps between periodic checkpoints (None: only the final one)."""
     num_workers: Runtime[NonNegativeInt] = 0
     """Data-loader worker processes."""
+    activation_checkpointing: Runtime[bool] = False
+    """Recompute each LM / ViT / stage-1 tower block's activations in the backward instead of
+    keeping them (stages/train/activation_ckpt.py): much less activation memory for ~1/3 more
+    compute; the same gradients, so not part of the fingerprint."""
     launcher: Runtime[LauncherConfig] = LauncherConfig()
     """How training is launched (in process, torchrun, deepspeed); never changes the math."""
     init: Runtime[InitConfig | None] = None

@@ -12,13 +12,14 @@ from collections.abc import Mapping
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
 from moonforge.stages.data.records import read_image_records, read_text_records
 from moonforge.stages.data.sources import caption_docs, qa_docs, text_docs
+from moonforge.stages.data.user_mix import DeclaredMix
 from moonforge.stages.evals import heldout_metrics, heldout_sets
 from moonforge.stages.stage_configs import JointPretrainConfig
 from moonforge.stages.train.freeze import apply_trainable
 from moonforge.stages.train.loop import train
 from moonforge.stages.train.objectives import lm_loss
 from moonforge.stages.train.stage_io import (
-    eval_batches, finish, lm_stream, open_model, open_tokenizer, require, train_spec,
+    eval_batches, finish, lm_stream, open_model, open_tokenizer, require, train_spec, vision_spec,
 )
 
 QA_SHARE_OF_MULTIMODAL = 1 / 3
@@ -28,7 +29,8 @@ QA_SHARE_OF_MULTIMODAL = 1 / 3
 def joint_pretrain(base: Checkpoint | None, data: Mapping[str, DatasetRef],
                    cfg: JointPretrainConfig, ctx: StageContext) -> StageResult:
     """Return a checkpoint trained on text + a ramped multimodal mixture."""
-    model, mcfg = open_model(base, ctx, cfg.seed)
+    model, mcfg = open_model(base, ctx, cfg.seed,
+                             activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     text = require(data, "text", cfg.stage_name).path
     world = require(data, "toyworld", cfg.stage_name).path
@@ -44,13 +46,15 @@ def joint_pretrain(base: Checkpoint | None, data: Mapping[str, DatasetRef],
         return {"text": 1.0 - mm, "caption": mm * (1 - QA_SHARE_OF_MULTIMODAL),
                 "qa": mm * QA_SHARE_OF_MULTIMODAL}
 
-    batches = lm_stream(sources, weights_at, tok, cfg, mcfg)
+    mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
+    batches = lm_stream({**sources, **mix.sources()}, mix.weights(weights_at), tok, cfg, mcfg,
+                        par=ctx.parallel)
     state = train(model, apply_trainable(model, cfg.trainable), batches, lm_loss, train_spec(cfg),
                   ctx, mcfg)
     metrics = {**before, **heldout_metrics(model, sets),
                "train/final_loss": state.history[-1]["loss"], "train/steps": float(state.step),
                "data/multimodal_token_share": _share(batches, ("caption", "qa")),
-               "data/skipped_images": float(batches.skipped)}
+               "data/skipped_images": float(batches.skipped), **mix.metrics(batches)}
     return finish(model, mcfg, ctx, metrics, data)
 
 

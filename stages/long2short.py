@@ -35,6 +35,7 @@ from moonforge.model.generate import generate
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
 from moonforge.stages.data.chat import ChatPromptItem
+from moonforge.stages.data.user_mix import preference_pairs, weighted_pool
 from moonforge.stages.posttrain_evals import answer_accuracy
 from moonforge.stages.rl.dpo import Sample, build_dpo_pairs, dpo_loss, shortest_correct
 from moonforge.stages.rl.efficiency import pick_best
@@ -45,7 +46,7 @@ from moonforge.stages.rl.repeat import RepeatConfig
 from moonforge.stages.rl.replay import RolloutConfig
 from moonforge.stages.rl.rewards import LengthPenaltyConfig
 from moonforge.stages.rl.sampling import SamplerConfig
-from moonforge.stages.rl.stage import prompt_items
+from moonforge.stages.rl.stage import declared_metrics, prompt_items, with_declared
 from moonforge.stages.rl.verifiers import RewardError, VerifyStats, score
 from moonforge.stages.stage_configs import Long2ShortConfig
 from moonforge.stages.train.checkpoint import load_weights, save_weights
@@ -131,13 +132,16 @@ def shortest_rs(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem
 
 
 def dpo(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem], samples: Samples,
-        cfg: Long2ShortConfig, ctx: StageContext) -> dict[str, float] | None:
-    """DPO on long2short pairs, pi_ref = the model as it is on entry; None when there is no pair."""
-    pairs = build_dpo_pairs(samples, cfg.dpo_long_factor)
+        cfg: Long2ShortConfig, ctx: StageContext,
+        declared: Mapping[str, list] | None = None) -> dict[str, float] | None:
+    """DPO on long2short pairs plus the declared preference pairs of `mixture:` (by share),
+    pi_ref = the model as it is on entry; None when there is no pair."""
+    own = [(items[p.question], p.chosen.content, p.rejected.content)
+           for p in build_dpo_pairs(samples, cfg.dpo_long_factor)]
+    pairs = weighted_pool(own, declared or {}, cfg.mixture, f"{cfg.stage_name}/dpo/{cfg.seed}")
     if not pairs:
         return None
-    its = [items[p.question] for p in pairs]
-    chosen, rejected = [p.chosen.content for p in pairs], [p.rejected.content for p in pairs]
+    its, chosen, rejected = [p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs]
     with torch.no_grad():  # pi_ref: the starting (long) model
         ref_w = response_logprobs(model, its, chosen, media_pad_id=tok.media_pad_id)
         ref_l = response_logprobs(model, its, rejected, media_pad_id=tok.media_pad_id)
@@ -196,15 +200,21 @@ def long2short(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: Lon
 def _long2short(base, data, cfg: Long2ShortConfig, ctx: StageContext) -> StageResult:
     if base is None:
         raise ValueError("long2short starts from a long-CoT model; set `upstream: rl` (or long_cot_sft)")
-    model, mcfg = open_model(base, ctx, cfg.seed)
+    model, mcfg = open_model(base, ctx, cfg.seed,
+                             activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     train = prompt_items(data, tok, vision_spec(mcfg), "train", cfg.stage_name)
     val = prompt_items(data, tok, vision_spec(mcfg), "val", cfg.stage_name, cfg.eval.num_examples // 2)
+    train, mix, held = with_declared(train, cfg, data, tok, vision_spec(mcfg), ctx)
+    prefs = {n: preference_pairs(mix, n) for n, ds in mix.sets.items() if ds.kind == "preference"}
 
     def evaluate() -> dict[str, float]:
         r = answer_accuracy(model, tok, val, max_new_tokens=cfg.sample_max_new_tokens,
                             batch_size=cfg.eval.batch_size, repeat_ngram=REPEAT[0], repeat_max=REPEAT[1])
-        return {k: float(r[k]) for k in ("acc", "mean_len", "acc_per_1k_tokens")}
+        mine = declared_metrics(model, tok, held, cfg.sample_max_new_tokens, cfg.eval.batch_size,
+                                repeat=REPEAT)
+        return {**{k: float(r[k]) for k in ("acc", "mean_len", "acc_per_1k_tokens")},
+                **{k.removeprefix("eval/"): v for k, v in mine.items()}}
 
     long_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     table, extra = {"long": evaluate()}, {}
@@ -229,13 +239,14 @@ def _long2short(base, data, cfg: Long2ShortConfig, ctx: StageContext) -> StageRe
                 continue
             model.load_state_dict(short_state)
         elif method == "dpo":
-            extra["dpo"] = dpo(model, tok, train, samples, cfg, ctx) or {"skipped": 1.0}
+            extra["dpo"] = dpo(model, tok, train, samples, cfg, ctx, prefs) or {"skipped": 1.0}
             if "skipped" in extra["dpo"]:
                 continue
         else:
             extra["rl"] = long2short_rl(model, tok, train, cfg, ctx)
         save_weights(model, mcfg, ctx.out / method)
         table[method] = evaluate()
+    extra["data"] = {k.removeprefix("data/"): v for k, v in mix.metrics().items()}
     return _close(model, mcfg, ctx, cfg, data, table, extra, long_state)
 
 

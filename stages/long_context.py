@@ -3,18 +3,21 @@
 The new base (Kimi-VL: 50,000 -> 800,000) goes into the checkpoint's model config, so every later
 stage and `chat` run with it. Each sub-stage mixes `long_ratio` long documents (needle-in-a-
 haystack) with replay of the previous stages' data (text and image-conditioned text), keeping the
-tokens per step constant. Closes with needle recall at the base and the final length.
+tokens per step constant. Closes with needle recall at the base and the final length. Each
+sub-stage is a `train` phase of its own index: a rerun after a crash skips the finished ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import SimpleNamespace
 
 from moonforge.model.config import VLMConfig
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
 from moonforge.stages.data.evalsets import lm_eval_batches
 from moonforge.stages.data.records import read_image_records, read_longdoc_records, read_text_records
 from moonforge.stages.data.sources import caption_docs, long_docs, text_docs
+from moonforge.stages.data.user_mix import DeclaredMix
 from moonforge.stages.evals import exact_match, heldout_metrics, heldout_sets
 from moonforge.stages.stage_configs import LongContextConfig, SubStage
 from moonforge.stages.train.freeze import apply_trainable
@@ -43,7 +46,8 @@ def long_context(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: L
     """Return a checkpoint trained at the sub-stages' lengths with the new RoPE base recorded."""
     start_cfg = base.model_config() if base is not None else ctx.model
     final_len = cfg.sub_stages[-1].seq_len
-    model, mcfg = open_model(base, ctx, cfg.seed, extended(start_cfg, cfg.rope_theta, final_len))
+    model, mcfg = open_model(base, ctx, cfg.seed, extended(start_cfg, cfg.rope_theta, final_len),
+                             activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     longdoc = require(data, "longdoc", cfg.stage_name).path
     text = require(data, "text", cfg.stage_name).path
@@ -56,11 +60,15 @@ def long_context(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: L
     images = read_image_records(world, "train")
     replay = {"text": text_docs(read_text_records(text, "train"), tok),
               "caption": caption_docs(images, world / "train", tok)}
+    mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
     params = apply_trainable(model, cfg.trainable)
-    offset = 0
+    offset, drawn = 0, {}
     for i, sub in enumerate(cfg.sub_stages):
-        state = _train_sub_stage(model, params, mcfg, cfg, sub, i, offset, tok, longdoc, replay, ctx)
+        state, batches = _train_sub_stage(model, params, mcfg, cfg, sub, i, offset, tok, longdoc,
+                                          replay, mix, ctx)
         offset += state.step
+        for n, k in batches.docs_by_source.items():
+            drawn[n] = drawn.get(n, 0) + k
         metrics[f"train/sub{i}_final_loss"] = state.history[-1]["loss"]
         metrics[f"train/sub{i}_seq_len"] = float(sub.seq_len)
     metrics.update(heldout_metrics(model, sets))
@@ -69,17 +77,19 @@ def long_context(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: L
         "eval/needle_recall_base_len": needle_recall(model, val_long, tok, mcfg, cfg.seq_len, n_needle),
         "eval/needle_n": float(n_needle), "model/rope_theta": mcfg.lm.rope_theta,
         "model/max_position_embeddings": float(final_len), "train/steps": float(offset)})
+    metrics.update(mix.metrics(SimpleNamespace(docs_by_source=drawn)))
     return finish(model, mcfg, ctx, metrics, data)
 
 
 def _train_sub_stage(model, params, mcfg, cfg: LongContextConfig, sub: SubStage, index: int,
-                     offset: int, tok, longdoc, replay, ctx):
+                     offset: int, tok, longdoc, replay, mix, ctx):
     long_src = long_docs(read_longdoc_records(longdoc, "train"), tok, max_tokens=sub.seq_len)
     sources = {"long": long_src, **replay}
     share = (1.0 - cfg.long_ratio) / len(replay)
     weights = {"long": cfg.long_ratio, **{name: share for name in replay}}
     rows = cfg.sub_stage_batch(sub)
-    batches = lm_stream(sources, lambda step: weights, tok, cfg, mcfg, seq_len=sub.seq_len, rows=rows)
+    batches = lm_stream({**sources, **mix.sources()}, mix.weights(weights), tok, cfg, mcfg,
+                        seq_len=sub.seq_len, rows=rows, par=ctx.parallel)
     spec = train_spec(cfg, num_steps=cfg.sub_stage_steps(sub), grad_accum=1, step_offset=offset,
-                      label=f"{cfg.stage_name}/{sub.seq_len}")
-    return train(model, params, batches, lm_loss, spec, ctx, mcfg)
+                      label=f"{cfg.stage_name}/{sub.seq_len}", phase=index)
+    return train(model, params, batches, lm_loss, spec, ctx, mcfg), batches

@@ -20,6 +20,7 @@ from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
 from moonforge.stages.data.chat import chat_docs, chat_prompt_items
 from moonforge.stages.data.chat_records import read_reasoning_records, read_rl_prompt_records
+from moonforge.stages.data.user_mix import DeclaredMix
 from moonforge.stages.evals import lm_eval_loss
 from moonforge.stages.posttrain_evals import answer_accuracy, as_metrics, split_by_kind
 from moonforge.stages.sft import sft_loss
@@ -53,7 +54,8 @@ def reasoning_eval(model, tok: Tokenizer, items, loss_batches, max_new_tokens: i
 def long_cot_sft(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: LongCoTSFTConfig,
                  ctx: StageContext) -> StageResult:
     """Return a checkpoint fine-tuned on the verified reasoning traces (text and image)."""
-    model, mcfg = open_model(base, ctx, cfg.seed)
+    model, mcfg = open_model(base, ctx, cfg.seed,
+                             activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     reasoning = require(data, "reasoning", cfg.stage_name).path
     prompts = require(data, "rl_prompts", cfg.stage_name).path
@@ -69,7 +71,9 @@ def long_cot_sft(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: L
                           mcfg.lm.max_position_embeddings)
     metrics = reasoning_eval(model, tok, items, loss_batches, budget, cfg.eval.batch_size, "_before")
     source = chat_docs(train_recs, world / "train", tok, name="reasoning")
-    batches = lm_stream({"reasoning": source}, lambda step: {"reasoning": 1.0}, tok, cfg, mcfg)
+    mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
+    batches = lm_stream({"reasoning": source, **mix.sources()}, mix.weights({"reasoning": 1.0}),
+                        tok, cfg, mcfg, par=ctx.parallel)
     state = train(model, apply_trainable(model, cfg.trainable), batches, sft_loss, train_spec(cfg),
                   ctx, mcfg)
     metrics.update(reasoning_eval(model, tok, items, loss_batches, budget, cfg.eval.batch_size))
@@ -77,5 +81,5 @@ def long_cot_sft(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: L
     epoch = sum(len(source.doc(i, vision_spec(mcfg)).ids) for i in range(len(source)))
     metrics.update({"train/final_loss": state.history[-1]["loss"], "train/steps": float(state.step),
                     "train/epochs": seen / max(epoch, 1), "eval/max_new_tokens": float(budget),
-                    "data/skipped_images": float(batches.skipped)})
+                    "data/skipped_images": float(batches.skipped), **mix.metrics(batches)})
     return finish(model, mcfg, ctx, metrics, data)

@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from moonforge.model.config import VLMConfig
 from moonforge.stages.config import Frozen
+from moonforge.stages.data.declared import DeclaredDataset, inject_declared
 from moonforge.stages.stage_configs import (
     STAGE_CONFIGS,
     AlignConfig,
@@ -115,9 +116,23 @@ class Recipe(Frozen):
     """A ref to an imported checkpoint (`moonforge import`) whose tokenizer.json every stage uses
     in place of the DVC-built BPE (the `tokenizer` dataset); its fingerprint enters each stage's
     fingerprint as that dataset's version. None: train and use the BPE."""
+    datasets: tuple[DeclaredDataset, ...] = ()
+    """Users' own datasets (LLaVA / ShareGPT / messages / OpenAI conversations, WebDataset or
+    Parquet image-text pairs, text, verl / messages+solution RL prompts, preference pairs), each
+    tracked by DVC as data/<name>.dvc (`moonforge data add`); stages mix them in by name through
+    their `mixture:` field. See stages/data/declared.py."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _declared_into_stages(cls, data: Any) -> Any:
+        return inject_declared(data)
 
     @model_validator(mode="after")
     def _graph(self) -> "Recipe":
+        names = [d.name for d in self.datasets]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"datasets: {dup} declared more than once; give each a distinct name")
         seen: list[str] = []
         for i, st in enumerate(self.stages):
             if st.stage_name in seen:

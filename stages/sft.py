@@ -10,10 +10,16 @@ the packed micro-batch's supervised tokens; a micro-batch with none raises (neve
 Phases run in order (Kimi-VL: 1 epoch at 32K with LR 2e-5 -> 2e-6, then 1 epoch at 128K re-warming
 to 1e-5 -> 1e-6): each gets a fresh optimizer, its own peak LR, linear warmup over `warmup_frac` of
 its steps and a cosine decay to `min_lr`; rows per step shrink with seq_len so tokens per step stay
-constant. A `num_epochs` phase resolves its steps from the training set's token count.
+constant. A `num_epochs` phase resolves its steps from the training set's token count. Each phase is
+a `train` phase of its own index, so a rerun after a crash skips the finished phases and resumes the
+interrupted one at its step.
+
+Users' own conversation datasets (the recipe's `datasets:`, named in `mixture:`) are checked
+before training and mixed in by token share; the generated `sft` set is optional when they are.
 
 Closing eval, before and after training: greedy answer accuracy on held-out sft dialogues
-(image = VQA, and text), mean response length, and the held-out masked SFT loss.
+(image = VQA, and text), mean response length, and the held-out masked SFT loss; and
+eval/<name>_acc on each declared set's held-out dialogues (first in the summary).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 from moonforge.model.config import VLMConfig
 from moonforge.model.tokenizer import Tokenizer
@@ -29,6 +36,7 @@ from moonforge.stages.config import ScheduleConfig
 from moonforge.stages.data.chat import chat_docs, chat_prompt_items
 from moonforge.stages.data.chat_records import read_sft_records
 from moonforge.stages.data.sources import DocSource
+from moonforge.stages.data.user_mix import DeclaredMix
 from moonforge.stages.evals import lm_eval_loss
 from moonforge.stages.posttrain_evals import answer_accuracy, as_metrics, split_by_kind
 from moonforge.stages.stage_configs import SFTConfig, SFTPhase
@@ -101,24 +109,30 @@ def phase_schedule(phase: SFTPhase) -> ScheduleConfig:
 
 
 def run_phases(model, params, mcfg: VLMConfig, cfg, phases: Sequence[SFTPhase],
-               sources: Mapping[str, DocSource], weights: Mapping[str, float], tok: Tokenizer,
-               ctx: StageContext) -> tuple[list[TrainState], dict[str, float]]:
-    """Train the phases in order on the mixture; returns their states and per-phase metrics."""
+               sources: Mapping[str, DocSource], weights, tok: Tokenizer,
+               ctx: StageContext) -> tuple[list[TrainState], dict[str, float], SimpleNamespace]:
+    """Train the phases in order on the mixture (`weights`: a mapping, or a function of the
+    step); returns their states, per-phase metrics and the documents drawn per source
+    (`.docs_by_source`, summed over the phases)."""
     needs_epochs = any(p.num_steps is None for p in phases)
     epoch_tokens = source_tokens(sources, mcfg) if needs_epochs else None
     states, metrics, offset = [], {}, 0
+    drawn_docs = SimpleNamespace(docs_by_source={n: 0 for n in sources})
+    weights_at = weights if callable(weights) else (lambda step: weights)
     for i, phase in enumerate(phases):
         micro, accum = phase_rows(cfg, phase)
-        batches = lm_stream(sources, lambda step: weights, tok, cfg, mcfg, seq_len=phase.seq_len,
-                            rows=micro)
+        batches = lm_stream(sources, weights_at, tok, cfg, mcfg, seq_len=phase.seq_len,
+                            rows=micro, par=ctx.parallel)
         opt = cfg.optimizer.model_copy(update={"lr": phase.lr})
         spec = train_spec(cfg, num_steps=phase_steps(cfg, phase, epoch_tokens), grad_accum=accum,
                           optimizer=opt, schedule=phase_schedule(phase), step_offset=offset,
-                          label=f"{cfg.stage_name}/{phase.seq_len}")
+                          label=f"{cfg.stage_name}/{phase.seq_len}", phase=i)
         state = train(model, params, batches, sft_loss, spec, ctx, mcfg)
         offset += state.step
         states.append(state)
         drawn = batches.tokens_by_source
+        for n, k in batches.docs_by_source.items():
+            drawn_docs.docs_by_source[n] += k
         metrics.update({f"train/phase{i}_final_loss": state.history[-1]["loss"],
                         f"train/phase{i}_seq_len": float(phase.seq_len),
                         f"train/phase{i}_steps": float(state.step),
@@ -127,7 +141,7 @@ def run_phases(model, params, mcfg: VLMConfig, cfg, phases: Sequence[SFTPhase],
     metrics["train/steps"] = float(offset)
     if epoch_tokens is not None:
         metrics["data/epoch_tokens"] = float(epoch_tokens)
-    return states, metrics
+    return states, metrics, drawn_docs
 
 
 def answer_budget(tok: Tokenizer, items, margin: int = 2) -> int:
@@ -146,27 +160,62 @@ def chat_eval(model, tok: Tokenizer, items, loss_batches, max_new_tokens: int, b
     return out
 
 
-def sft(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: SFTConfig,
-        ctx: StageContext) -> StageResult:
-    """Return the instruct checkpoint: phases of masked ChatML SFT on the text/image mixture."""
-    model, mcfg = open_model(base, ctx, cfg.seed)
-    tok = open_tokenizer(data, mcfg, cfg.stage_name)
+def declared_eval(model, tok: Tokenizer, held: Mapping[str, list], batch_size: int,
+                  suffix: str = "") -> dict[str, float]:
+    """eval/<name>_acc{suffix} (+ _n) on each declared dataset's held-out dialogues: greedy
+    answer accuracy against the last assistant turn (exact match)."""
+    out = {}
+    for name, items in held.items():
+        res = answer_accuracy(model, tok, items, max_new_tokens=answer_budget(tok, items),
+                              batch_size=batch_size)
+        out[f"eval/{name}_acc{suffix}"] = res["acc"]
+        out[f"eval/{name}_n{suffix}"] = res["n"]
+    return out
+
+
+def _generated(data: Mapping[str, DatasetRef], cfg: SFTConfig, tok: Tokenizer, mcfg: VLMConfig):
+    """(train sources, eval items, eval loss batches) of the generated `sft` set; empty when the
+    stage's data: names only declared datasets."""
+    if "sft" not in data:
+        return {}, [], []
     sft_dir = require(data, "sft", cfg.stage_name).path
     world = require(data, "toyworld", cfg.stage_name).path
-    train_recs = read_sft_records(sft_dir, "train")
     val_recs = read_sft_records(sft_dir, "val")
-    per_kind = max(1, cfg.eval.num_examples // 2)
     items = split_by_kind(chat_prompt_items(val_recs, world / "val", tok, vision_spec(mcfg),
-                                            dataset_name="sft/val"), per_kind)
+                                            dataset_name="sft/val"), max(1, cfg.eval.num_examples // 2))
     val_src = chat_docs(val_recs, world / "val", tok, name="sft/val")
     loss_batches = eval_batches(val_src, tok, cfg, mcfg, seq_len=cfg.phases[0].seq_len)
-    budget = answer_budget(tok, items)
-    metrics = chat_eval(model, tok, items, loss_batches, budget, cfg.eval.batch_size, "_before")
-    sources = chat_sources(train_recs, world / "train", tok, "sft")
+    sources = chat_sources(read_sft_records(sft_dir, "train"), world / "train", tok, "sft")
+    return sources, items, loss_batches
+
+
+def sft(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: SFTConfig,
+        ctx: StageContext) -> StageResult:
+    """Return the instruct checkpoint: phases of masked ChatML SFT on the text/image mixture
+    (plus the declared datasets of `mixture:`, checked before training)."""
+    model, mcfg = open_model(base, ctx, cfg.seed,
+                             activation_checkpointing=cfg.activation_checkpointing)
+    tok = open_tokenizer(data, mcfg, cfg.stage_name)
+    mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
+    held = {n: mix.heldout_items(n) for n, ds in mix.sets.items() if ds.heldout}
+    sources, items, loss_batches = _generated(data, cfg, tok, mcfg)
+    if not sources and not mix:
+        raise ValueError(f"stage {cfg.stage_name!r}: no training dialogues; give it the sft "
+                         "dataset or declared conversations in mixture:")
+    budget = answer_budget(tok, items) if items else 0
+    metrics = declared_eval(model, tok, held, cfg.eval.batch_size, "_before")
+    if items:
+        metrics.update(chat_eval(model, tok, items, loss_batches, budget, cfg.eval.batch_size, "_before"))
+    weights = mix.weights(mix_weights(sources, cfg.text_image_token_ratio))
+    sources = {**sources, **mix.sources()}
     params = apply_trainable(model, cfg.trainable)
-    _, train_metrics = run_phases(model, params, mcfg, cfg, cfg.phases, sources,
-                                  mix_weights(sources, cfg.text_image_token_ratio), tok, ctx)
-    metrics.update(train_metrics)
-    metrics.update(chat_eval(model, tok, items, loss_batches, budget, cfg.eval.batch_size))
-    metrics["eval/max_new_tokens"] = float(budget)
+    _, train_metrics, drawn = run_phases(model, params, mcfg, cfg, cfg.phases, sources, weights,
+                                         tok, ctx)
+    after = declared_eval(model, tok, held, cfg.eval.batch_size)
+    metrics = {**{k: v for k, v in after.items() if "_acc" in k}, **metrics, **train_metrics}
+    if items:
+        metrics.update(chat_eval(model, tok, items, loss_batches, budget, cfg.eval.batch_size))
+        metrics["eval/max_new_tokens"] = float(budget)
+    metrics.update({k: v for k, v in after.items() if "_acc" not in k})
+    metrics.update(mix.metrics(drawn))
     return finish(model, mcfg, ctx, metrics, data)

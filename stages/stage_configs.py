@@ -11,9 +11,31 @@ from typing import Literal
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from moonforge.stages.config import Frozen, StageConfig
+from moonforge.stages.data.declared import DeclaredDataset, check_mixture
 
 
-class LMPretrainConfig(StageConfig):
+class MixtureStage(StageConfig):
+    """Fields every stage kind has for users' own data (the recipe's `datasets:` section)."""
+
+    mixture: dict[str, PositiveFloat] = {}
+    """Declared datasets mixed into this stage's training data: name -> share (of the training
+    tokens; of the prompts for rl / long2short). The shares add up to at most 1 and the stage's
+    generated sources share the rest in their usual proportions. Each stage kind accepts the
+    formats in stages/data/declared.py ACCEPTS."""
+    declared: tuple[DeclaredDataset, ...] = ()
+    """The declarations of the `mixture` names, copied in from the recipe's `datasets:` when the
+    recipe loads (so they count in the fingerprint); anything written here is replaced."""
+
+    @model_validator(mode="after")
+    def _check_mixture(self) -> "MixtureStage":
+        check_mixture(self.kind, self.stage_name, self.mixture, {d.name: d for d in self.declared})
+        return self
+
+    def declaration(self, name: str) -> DeclaredDataset:
+        return next(d for d in self.declared if d.name == name)
+
+
+class LMPretrainConfig(MixtureStage):
     """Pre-stage: text-only LM pretraining (Moonlight's 5.2T tokens, which Kimi-VL branches from).
 
     Not one of the nine lifecycle stages; recipes declare it first so that alignment has a
@@ -30,7 +52,7 @@ class ResolutionMilestone(Frozen):
     max_patches: PositiveInt
 
 
-class ViTPretrainConfig(StageConfig):
+class ViTPretrainConfig(MixtureStage):
     """Stage 1: CoCa-like ViT pretraining, L = L_siglip + caption_weight * L_caption."""
 
     kind: Literal["vit_pretrain"] = "vit_pretrain"
@@ -60,7 +82,7 @@ class ViTPretrainConfig(StageConfig):
         return self
 
 
-class AlignConfig(StageConfig):
+class AlignConfig(MixtureStage):
     """Stage 2: ViT-LLM alignment; only vision + projector train, the LM stays bit-identical."""
 
     kind: Literal["align"] = "align"
@@ -99,14 +121,14 @@ class MultimodalRamp(Frozen):
         return self.final_ratio * min(1.0, (frac - self.text_only_frac) / span)
 
 
-class JointPretrainConfig(StageConfig):
+class JointPretrainConfig(MixtureStage):
     """Stage 3: everything trains; text-only first, then a rising multimodal ratio."""
 
     kind: Literal["joint_pretrain"] = "joint_pretrain"
     multimodal_ramp: MultimodalRamp = MultimodalRamp()
 
 
-class CooldownConfig(StageConfig):
+class CooldownConfig(MixtureStage):
     """Stage 4: high-quality subset plus a low ratio of synthetic QA, decaying LR, bias frozen."""
 
     kind: Literal["cooldown"] = "cooldown"
@@ -133,7 +155,7 @@ class SubStage(Frozen):
         return self
 
 
-class LongContextConfig(StageConfig):
+class LongContextConfig(MixtureStage):
     """Stage 5: RoPE base reset, then sub-stages of x4 context each, 25% long / 75% replay."""
 
     kind: Literal["long_context"] = "long_context"
@@ -194,7 +216,7 @@ class SFTPhase(Frozen):
     warmup_frac: float = Field(0.02, ge=0.0, lt=1.0)
 
 
-class SFTConfig(StageConfig):
+class SFTConfig(MixtureStage):
     """Stage 6: ChatML SFT, loss on assistant answers + closing specials, packed, two phases."""
 
     kind: Literal["sft"] = "sft"
@@ -220,14 +242,14 @@ class SFTConfig(StageConfig):
         return sum(p.num_steps or 0 for p in self.phases)
 
 
-class LongCoTSFTConfig(StageConfig):
+class LongCoTSFTConfig(MixtureStage):
     """Stage 7: a small set of verified long reasoning traces, same masked loss as SFT."""
 
     kind: Literal["long_cot_sft"] = "long_cot_sft"
     num_epochs: PositiveFloat = 2.0
 
 
-class RLConfig(StageConfig):
+class RLConfig(MixtureStage):
     """Stage 8: k1.5 online policy mirror descent with verifiable rewards.
 
     The StageConfig budget `num_steps` is the total number of gradient steps; they are split
@@ -290,7 +312,7 @@ class RLConfig(StageConfig):
         return self.steps // self.num_iterations
 
 
-class Long2ShortConfig(StageConfig):
+class Long2ShortConfig(MixtureStage):
     """Stage 9: merge, shortest rejection sampling, DPO, and long2short RL.
 
     Each method yields a candidate; the returned checkpoint is the most token-efficient candidate

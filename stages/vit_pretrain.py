@@ -9,6 +9,7 @@ is not involved and is carried through unchanged.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import SimpleNamespace
 
 from torch import Tensor, nn
 
@@ -16,6 +17,7 @@ from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, Sta
 from moonforge.stages.data.batches import image_text_batches
 from moonforge.stages.data.evalsets import retrieval_eval_batch
 from moonforge.stages.data.records import read_image_records
+from moonforge.stages.data.user_mix import DeclaredMix
 from moonforge.stages.evals import retrieval_accuracy
 from moonforge.stages.stage_configs import ViTPretrainConfig
 from moonforge.stages.train.freeze import apply_trainable
@@ -51,7 +53,8 @@ def coca_loss(caption_weight: float):
 def vit_pretrain(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: ViTPretrainConfig,
                  ctx: StageContext) -> StageResult:
     """Return a checkpoint whose ViT and stage-1 towers are trained; retrieval accuracy in metrics."""
-    model, mcfg = open_model(base, ctx, cfg.seed)
+    model, mcfg = open_model(base, ctx, cfg.seed,
+                             activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     world = require(data, "toyworld", cfg.stage_name).path
     model.caption.init_logit_params(cfg.siglip_init_logit_scale, cfg.siglip_init_logit_bias)
@@ -59,10 +62,14 @@ def vit_pretrain(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: V
     val = retrieval_eval_batch(read_image_records(world, "val"), world / "val", tok,
                                vision_spec(mcfg), max_len, limit=cfg.eval.num_examples)
     before = retrieval_accuracy(model, val)
+    mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
+    par = ctx.parallel
     batches = image_text_batches(
         read_image_records(world, "train"), world / "train", tok,
         cfg.micro_batch_size or cfg.batch_size, lambda s: patch_cap(cfg, s // cfg.grad_accum, v.max_patches),
-        cfg.text_targets, v.patch_size, v.merge_size, cfg.seed, max_len)
+        cfg.text_targets, v.patch_size, v.merge_size, cfg.seed, max_len,
+        rank=par.rank if par is not None else 0, world=par.world_size if par is not None else 1,
+        extra=mix.pairs())
     state = train(model, apply_trainable(model, cfg.trainable), batches,
                   coca_loss(cfg.caption_weight), train_spec(cfg), ctx, mcfg)
     after = retrieval_accuracy(model, val)
@@ -71,5 +78,6 @@ def vit_pretrain(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: V
                "eval/retrieval_chance": after["chance"], "eval/retrieval_n": after["n"],
                "train/final_loss": last["loss"], "train/final_siglip_loss": last["siglip_loss"],
                "train/final_caption_loss": last["caption_loss"], "train/steps": float(state.step),
-               "data/skipped_images": float(batches.skipped)}
+               "data/skipped_images": float(batches.skipped),
+               **mix.metrics(SimpleNamespace(docs_by_source=batches.drawn))}
     return finish(model, mcfg, ctx, metrics, data)

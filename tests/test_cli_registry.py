@@ -43,10 +43,12 @@ def invoke(*args):
 
 
 def rows(output: str, keys: tuple[str, ...]) -> dict[str, str]:
-    """Table lines of a rich table by their first cell (borders stripped)."""
+    """Table lines of a rich table by their first cell (borders or column gaps stripped)."""
+    import re
+
     out = {}
     for line in output.splitlines():
-        cells = [c.strip() for c in line.replace("┃", "│").split("│") if c.strip()]
+        cells = [c.strip() for c in re.split(r"[│┃]| {2,}", line) if c.strip()]
         if cells and cells[0] in keys:
             out[cells[0]] = " | ".join(cells)
     return out

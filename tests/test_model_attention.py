@@ -98,13 +98,25 @@ def _fake_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_plumbing_matches_sdpa_with_a_cpu_stand_in(monkeypatch, causal):
-    """Token flattening, cu_seqlens, v padding and dtype casts of the flash path, checked on CPU."""
+    """Token flattening, cu_seqlens and v padding of the flash path, checked on CPU in bf16."""
     monkeypatch.setattr(attention, "_flash_varlen", _fake_flash_varlen)
     q, k, v = _qkv(2, 3, DOCS_BL.shape[1], 16, 8)
-    out = attend(q, k, v, DOCS_BL, causal, backend="flash", scale=0.3)
+    out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), DOCS_BL, causal, backend="flash",
+                 scale=0.3)
     ref = attend(q, k, v, DOCS_BL, causal, backend="sdpa", scale=0.3)
-    assert out.dtype == torch.float32 and out.shape == ref.shape
-    torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_flash_never_casts_fp32_down(monkeypatch):
+    """fp32 activations are not run in bf16: the batch runs exact SDPA (with a warning)."""
+    monkeypatch.setattr(attention, "_flash_varlen", _fake_flash_varlen)
+    monkeypatch.setattr(attention, "_warned", set())
+    q, k, v = _qkv(2, 3, DOCS_BL.shape[1], 16, 8)
+    with pytest.warns(UserWarning, match="bf16 / fp16 only"):
+        out = attend(q, k, v, DOCS_BL, True, backend="flash")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, attend(q, k, v, DOCS_BL, True, backend="dense"))
 
 
 @pytest.mark.gpu

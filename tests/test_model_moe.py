@@ -79,7 +79,8 @@ def test_moe_output_shape_and_grads():
     y.square().sum().backward()
     assert x.grad is not None and moe.gate.weight.grad.abs().sum() > 0
     assert moe.gate.load_counts.sum() == 13 * 2
-    assert all(p.dim() == 2 for n, p in moe.named_parameters() if "experts" in n)
+    assert moe.experts.gate_up.shape == (4, 2 * 8, 16) and moe.experts.down.shape == (4, 16, 8)
+    assert moe.experts.gate_up.grad.abs().sum() > 0 and moe.experts.down.grad.abs().sum() > 0
 
 
 def test_moe_matches_dense_per_token_loop():

@@ -100,4 +100,4 @@ def test_explain_diff_names_upstream_data_code_and_model():
 
 
 def test_code_version_is_stable_within_a_process():
-    assert code_version() == code_version() and len(code_version()) == 16
+    assert code_version("sft") == code_version("sft") and len(code_version("sft").digest) == 16

@@ -37,6 +37,9 @@ RESOLVED_REFS = {"tokenizer"}
 """Recipe-level refs to artifacts: the fingerprint of what they resolve to enters each stage's
 fingerprint as its `tokenizer` data version (tested in tests/test_interop_recipe.py), the ref's
 spelling does not."""
+COPIED_INTO_STAGES = {"datasets"}
+"""Recipe-level declarations of users' datasets: a stage that mixes one in gets a copy in its
+own config (`declared`, an identity field walked below) and its DVC hash as a data version."""
 
 FIXED_BY_VALIDATOR = {
     ("vit_pretrain", (0, "at_frac")),   # the first resolution milestone starts at 0.0
@@ -116,11 +119,22 @@ def _scalar_candidates(value: Any, ann: Any) -> list[Any]:
     return []
 
 
+def _declaration(kind: str) -> dict:
+    """A users' dataset declaration of a format stage `kind` accepts (for `declared`/`mixture`)."""
+    from moonforge.stages.data.declared import ACCEPTS
+
+    return {"name": "user_set", "format": ACCEPTS[kind][0], "path": "a.jsonl"}
+
+
 def candidates(value: Any, ann: Any) -> list[Any]:
     """Plausible other values for a leaf (validity is checked by the schema itself)."""
+    if isinstance(value, dict):  # mixture: a share of a declared dataset (see base_for)
+        return [{"user_set": 0.5}] if not value else [{}]
     if isinstance(value, tuple):
         inner = [a for a in _flat_args(ann) if typing.get_origin(a) is tuple]
         elem_ann = typing.get_args(inner[0])[0] if inner else Any
+        if not value and "format" in getattr(elem_ann, "model_fields", {}):  # declared
+            return [(_declaration("sft"),)]
         out = [value[:-1]] if value else []
         out += [value + value[-1:]] if value else []
         out += [tuple(reversed(value))] if len(set(map(repr, value))) > 1 else []
@@ -203,6 +217,9 @@ def base_for(case: tuple) -> BaseModel | None:
     cfg, _ = _target(ri, which)
     if _first_change(cfg, path) is not None:
         return cfg
+    if path == ("mixture",):  # a share needs a declaration of a format the stage accepts
+        rebased = mutate(cfg, ("declared",), (_declaration(cfg.kind),))
+        return rebased if rebased is not None and _first_change(rebased, path) is not None else None
     ann, value = _leaf(cfg, path)
     siblings = [p for p, _, v, _ in _leaves(cfg) if p[:-1] == path[:-1] and p != path and v]
     extra = []
@@ -222,7 +239,8 @@ def base_for(case: tuple) -> BaseModel | None:
 
 
 def test_recipe_top_level_fields_are_classified():
-    assert set(Recipe.model_fields) == {"model", "stages"} | RECIPE_METADATA | RESOLVED_REFS
+    assert set(Recipe.model_fields) == ({"model", "stages"} | RECIPE_METADATA | RESOLVED_REFS
+                                        | COPIED_INTO_STAGES)
 
 
 def test_the_walk_sees_the_runtime_fields_and_nested_identity_fields():
@@ -230,7 +248,7 @@ def test_the_walk_sees_the_runtime_fields_and_nested_identity_fields():
     # init is Runtime as written: its refs are resolved, and the artifacts' fingerprints enter
     # as the inputs record's `init` (tests/test_interop_recipe.py)
     assert {p for _, p in paths} == {("log_every",), ("checkpoint_every",), ("num_workers",),
-                                     ("init",)} | {
+                                     ("activation_checkpointing",), ("init",)} | {
         ("launcher", f) for f in ("kind", "nproc_per_node", "nnodes", "zero_stage", "backend")}
     ident = {p for _, _, p, rt in cases() if not rt}
     assert ("optimizer", "muon", "momentum") in ident and ("lm", "rope_theta") in ident

@@ -1,4 +1,5 @@
-"""A NaN loss fails the stage clearly, keeps its last good checkpoint, and a rerun resumes from it."""
+"""A NaN loss fails the stage clearly, keeps its last good checkpoint (`status` shows it as
+resumable work), and a rerun resumes from it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from moonforge.registry.errors import StageFailed
-from moonforge.registry.run_stage import run_stage
+from moonforge.registry.run_stage import run_stage, stage_status
 from moonforge.registry.store import open_store
 from moonforge.registry.tracking import NullTracker
 from moonforge.stages.artifacts import StageResult
@@ -67,6 +68,11 @@ def test_nan_keeps_last_checkpoint_and_rerun_resumes(tmp_project, monkeypatch):
     assert store.versions("lm_pretrain") == []  # nothing partial is visible as an artifact
     fp_dirs = list((tmp_project / ".moonforge/store/lm_pretrain").glob(".partial-*"))
     assert len(fp_dirs) == 1 and (fp_dirs[0] / "train_state" / "step-0000008").is_dir()
+    row = stage_status(recipe, tmp_project)[0]  # `moonforge status` shows the resumable work
+    assert (row["stage"], row["state"], row["partial"]["step"]) == ("lm_pretrain", "missing", 8)
+    assert row["partial"]["running"] is None
+    assert "resumable: phase 0 step 8/10 (global step 8); a rerun continues from there" \
+        in row["reasons"]
 
     fixed = TrainingStage(nan_at=None)
     monkeypatch.setattr(catalog, "stage_function", lambda kind: fixed)

@@ -170,20 +170,32 @@ def test_two_writers_never_share_a_version_number(s3_env, tmp_path, monkeypatch)
     assert b._claim("sft") == 2  # the conditional put on sft/1/.claim was refused (412)
 
 
-def test_a_failed_runs_checkpoints_are_kept_in_the_bucket_for_a_resume_elsewhere(s3_env, tmp_path):
+def test_a_runs_checkpoints_go_to_the_bucket_for_a_resume_elsewhere(s3_env, tmp_path):
+    import torch
+
+    from moonforge.model.config import VLMConfig
+    from moonforge.stages.train.checkpoint import read_train_record, save_train_state
+
     _, bucket, client = s3_env
     store = S3Store(f"s3://{bucket}", tmp_path / "a", FAST)
-    staging = store.begin("sft")
-    (staging / "train_state" / "step-4").mkdir(parents=True)
-    (staging / "train_state" / "step-4" / "state.pt").write_bytes(b"state")
-    kept = store.keep_partial(staging, "9" * 64)
-    assert kept == tmp_path / "a" / "sft" / f".partial-{'9' * 16}"
+    work = store.work_dir("sft", "9" * 64)
+    assert work == tmp_path / "a" / "sft" / f".partial-{'9' * 16}"
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    for step in (4, 8):
+        save_train_state(net, VLMConfig(), opt, step, work, phase=1, global_step=40 + step,
+                         num_steps=10, extra={"loader": [step]})
+        store.sync_partial("sft", "9" * 64)  # what the lease heartbeat does while it trains
+    uploaded = keys(client, bucket, "sft/")
+    assert uploaded and all("/step-0000048/" in k or k.endswith("partial.json") for k in uploaded)
     other = S3Store(f"s3://{bucket}", tmp_path / "b", FAST)  # a rerun on another node
-    got = other.partial("sft", "9" * 64)
-    assert (got / "train_state" / "step-4" / "state.pt").read_bytes() == b"state"
-    assert other.versions("sft") == [] and other.partial("sft", "8" * 64) is None
+    assert other.partial_work("sft", "9" * 64)["step"] == 8
+    got = other.resume_point("sft", "9" * 64)
+    rec = read_train_record(got)
+    assert (got.name, rec.phase, rec.step, rec.extra) == ("step-0000048", 1, 8, {"loader": [8]})
+    assert other.versions("sft") == [] and other.resume_point("sft", "8" * 64) is None
     other.drop_partial("sft", "9" * 64)
-    assert keys(client, bucket, "sft/") == [] and not got.exists()
+    assert keys(client, bucket, "sft/") == [] and not other.work_dir("sft", "9" * 64).exists()
 
 
 def test_unreachable_endpoint_is_retried_then_named_with_the_fix(s3_env, tmp_path, monkeypatch):

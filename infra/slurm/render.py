@@ -34,6 +34,8 @@ class SlurmCluster(BaseModel):
     nodes: int = Field(ge=1)
     gpus_per_node: int = Field(ge=0, le=16)
     cpus_per_node: int = Field(ge=1)
+    exclusive: bool = True
+    """Whole nodes (sbatch --exclusive); false lets small jobs share a node."""
     time_limit: str
     log_dir: str
     moonforge_home: str

@@ -3,9 +3,11 @@ Kimi-VL's `text_config` (which has the same keys but no model_type).
 
 moonforge's MoELM with `attention: mla` is this architecture, and its parameter names are the HF
 names without the `model.` prefix, so the mapping is mostly a rename. What it translates:
-- experts: transformers 5 keeps them fused in memory (`mlp.experts.gate_up_proj` [E, 2F, D] with
-  gate first, `mlp.experts.down_proj` [E, D, F]); files hold per-expert
-  `mlp.experts.N.{gate,up,down}_proj.weight`. Both import; export writes per-expert names.
+- experts: moonforge stacks them (`mlp.experts.gate_up` [E, 2F, D], gate rows first, and
+  `mlp.experts.down` [E, D, F]: model/experts.py), as transformers 5 does in memory
+  (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, the same layout); files hold per-expert
+  `mlp.experts.N.{gate,up,down}_proj.weight`. Both import (stacked bit for bit); export writes
+  per-expert names.
 - RoPE: the rope rows on disk (per head in q_proj / q_b_proj, and the last qk_rope_head_dim rows
   of kv_a_proj_with_mqa) are interleaved pairs when `rope_interleave: true` (the default), which
   is moonforge's own layout: no permutation (the parity test proves it). With
@@ -34,6 +36,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import torch
 from pydantic import BaseModel
 from torch import Tensor
 
@@ -42,6 +45,7 @@ from moonforge.model.adapters.hf_lm import (TensorReader, config_value, lm_confi
                                             lm_state_shapes, our_lm_tensors, pairs_from_halves,
                                             permute_rows, rope_theta_from_hf)
 from moonforge.model.config import LMConfig
+from moonforge.model.experts import split_expert_state
 
 MODEL_TYPES = ("deepseek_v3",)
 
@@ -60,7 +64,7 @@ _DEFAULTS = {  # transformers 5.23 DeepseekV3Config defaults, for keys a config.
 }
 _REQUIRED_VALUES = {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_layer_freq": 1,
                     "hidden_act": "silu", "attention_bias": False}
-_EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+_STACKED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up|down)")
 
 
 def _value(hf_config: Mapping, key: str):
@@ -117,15 +121,20 @@ def _pairs_from_halves(key: str, t: Tensor, lm: LMConfig) -> Tensor:
     return t
 
 
-def _fused_expert(reader: TensorReader, lm: LMConfig, layer: int, expert: int, kind: str) -> Tensor:
-    """One expert's gate / up / down weight cut from the fused transformers-5 tensors (cloned:
-    slices share storage, which safetensors refuses to save)."""
+def _stacked_experts(reader: TensorReader, lm: LMConfig, layer: int, kind: str,
+                     fused: bool) -> Tensor:
+    """Our stacked `gate_up` [E, 2F, D] or `down` [E, D, F] of one layer, from transformers 5's
+    fused tensors (the same layout) or from the per-expert tensors of a file."""
     E, F, D = lm.num_experts, lm.moe_intermediate_size, lm.hidden_size
     prefix = f"model.layers.{layer}.mlp.experts."
+    if fused:
+        return (reader.get(prefix + "gate_up_proj", (E, 2 * F, D)) if kind == "gate_up"
+                else reader.get(prefix + "down_proj", (E, D, F)))
     if kind == "down":
-        return reader.get(prefix + "down_proj", (E, D, F))[expert].clone()
-    gate_up_EXD = reader.get(prefix + "gate_up_proj", (E, 2 * F, D))
-    return gate_up_EXD[expert, :F].clone() if kind == "gate" else gate_up_EXD[expert, F:].clone()
+        return torch.stack([reader.get(f"{prefix}{e}.down_proj.weight", (D, F)) for e in range(E)])
+    return torch.stack([torch.cat([reader.get(f"{prefix}{e}.gate_proj.weight", (F, D)),
+                                   reader.get(f"{prefix}{e}.up_proj.weight", (F, D))])
+                        for e in range(E)])
 
 
 def _ignorable(num_layers: int, num_mtp: int):
@@ -146,9 +155,10 @@ def state_from_hf(hf_state: Mapping[str, Tensor], parts: Mapping[str, BaseModel]
     interleaved = _value(hf_config, "rope_interleave")
     out: dict[str, Tensor] = {}
     for key, shape in lm_state_shapes(lm).items():
-        m = _EXPERT.fullmatch(key)
-        if m and f"model.layers.{m[1]}.mlp.experts.gate_up_proj" in hf_state:
-            t = _fused_expert(reader, lm, int(m[1]), int(m[2]), m[3])
+        m = _STACKED.fullmatch(key)
+        if m:
+            fused = f"model.layers.{m[1]}.mlp.experts.gate_up_proj" in hf_state
+            t = _stacked_experts(reader, lm, int(m[1]), m[2], fused)
         else:
             t = reader.get(_hf_name(key), shape)
         if key.endswith("e_score_correction_bias"):
@@ -203,6 +213,13 @@ def state_to_hf(state: Mapping[str, Tensor], parts: Mapping[str, BaseModel]) -> 
     LM writes no lm_head.weight, as save_pretrained does."""
     lm: LMConfig = parts["lm"]
     out: dict[str, Tensor] = {}
-    for key, t in our_lm_tensors(state, lm):
-        out[_hf_name(key)] = t.float() if key.endswith("e_score_correction_bias") else t
+    tensors = dict(our_lm_tensors(state, lm))
+    for key, t in tensors.items():
+        m = _STACKED.fullmatch(key)
+        if m and m[2] == "gate_up":
+            prefix = f"model.layers.{m[1]}.mlp.experts."
+            for e, kind, w in split_expert_state(t, tensors[key.replace("gate_up", "down")]):
+                out[f"{prefix}{e}.{kind}_proj.weight"] = w
+        elif not m:
+            out[_hf_name(key)] = t.float() if key.endswith("e_score_correction_bias") else t
     return out

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from moonforge.model.adapters.base import InteropError, expect_shape, take
 from moonforge.model.config import LMConfig
+from moonforge.model.experts import merge_all_expert_keys
 from moonforge.model.lm import MoELM
 
 DEFAULT_ROPE_THETA = 10_000.0
@@ -129,7 +130,9 @@ class TensorReader:
 
 def our_lm_tensors(state: Mapping[str, Tensor], lm: LMConfig) -> Iterable[tuple[str, Tensor]]:
     """(unprefixed key, tensor) for every tensor MoELM(lm) has, read from our "lm."-prefixed
-    `state`; InteropError for a missing or mis-shaped one and for unknown "lm." keys."""
+    `state`; InteropError for a missing or mis-shaped one and for unknown "lm." keys. A state
+    saved before experts were stacked (per-expert `experts.{e}.*_proj.weight`) is read too."""
+    state = merge_all_expert_keys(state)
     shapes = lm_state_shapes(lm)
     unknown = sorted(k for k in state if k.startswith("lm.") and k[3:] not in shapes)
     if unknown:

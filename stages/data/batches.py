@@ -20,7 +20,10 @@ the source furthest below its share of the recent tokens (counts decay over ~8 b
 shares track weights that change with the step (ramps) without a lag from earlier steps.
 Text documents longer than seq_len are handed out one seq_len chunk per pick (each chunk is its
 own packed segment anyway), so one huge document cannot swamp the mixture.
-Which document a source gives is a seeded per-source permutation, reshuffled every epoch.
+Which document a source gives is its ShardOrder (shard_order.py): a seeded permutation per epoch
+(per block of its files for a declared dataset). Under data parallelism each rank draws from its
+own share of every source and builds only its own micro-batches (None for the others'); the
+iterators' state_dict() / load_state_dict() (small JSON) resume the stream exactly.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.data.images import ImageLoader, num_image_tokens, to_patches
 from moonforge.stages.data.packing import PackedRow, RowPacker
 from moonforge.stages.data.records import ImageRecord
+from moonforge.stages.data.shard_order import ShardOrder
 from moonforge.stages.data.sources import (  # re-exported: batch builders and their sources
     Doc, DocSource, VisionSpec, caption_docs, long_docs, qa_docs, text_docs,
 )
@@ -117,7 +121,7 @@ def load_doc_images(doc: Doc, vision: VisionSpec) -> list[tuple[torch.Tensor, tu
     """Patches of every image of `doc`, or None if one is corrupt (counted by its loader)."""
     out = []
     for ref in doc.images:
-        img = ref.loader.load(ref.path)
+        img = ref.load()
         if img is None:
             return None
         pixels, grid = to_patches(img, vision.patch_size, vision.merge_size, vision.max_patches)
@@ -128,34 +132,42 @@ def load_doc_images(doc: Doc, vision: VisionSpec) -> list[tuple[torch.Tensor, tu
     return out
 
 
-class _Cycler:
-    """Indices 0..n-1 in a fresh seeded permutation per epoch, forever."""
-
-    def __init__(self, n: int, seed: str):
-        self.n, self.seed, self.epoch, self.order = n, seed, 0, []
-
-    def next(self) -> int:
-        if not self.order:
-            self.order = list(range(self.n))
-            random.Random(f"{self.seed}/{self.epoch}").shuffle(self.order)
-            self.order.reverse()  # pop() from the end walks the permutation front to back
-            self.epoch += 1
-        return self.order.pop()
+def owns(step: int, rank: int, world: int, worker: int = 0, num_workers: int = 1) -> bool:
+    """Whether micro-batch `step` of a stream is built by `rank` (and, with loader workers, by
+    `worker` of that rank): a step's micro-batches are dealt round-robin over the ranks
+    (Parallel.my_share keeps micro_batches[rank::world]; grad_accum is a multiple of world, so
+    the position in the step and in the stream agree mod world), and a rank's own micro-batches
+    round-robin over its workers (the order torch's DataLoader takes them in)."""
+    return step % world == rank and (step // world) % num_workers == worker
 
 
-class LMBatchIterator(Iterator[LMBatch]):
-    """Infinite LMBatch stream over a re-weighted source mixture (see lm_batches)."""
+class LMBatchIterator(Iterator[LMBatch | None]):
+    """Infinite LMBatch stream over a re-weighted source mixture (see lm_batches).
+
+    Data parallel (`rank` of `world`): every rank draws from its own share of each source
+    (ShardOrder slots), packs only its own rows and yields None for the micro-batches other ranks
+    build (`owns`), so no rank loads, patches or collates another rank's data.
+
+    `state_dict()` is a small JSON object: per source the order position and token counters, and
+    which document pieces sit in the packer and in closed rows not yet handed out, named by
+    (source, document, chunk). `load_state_dict` rebuilds exactly the same stream from it.
+    """
 
     def __init__(self, sources: Mapping[str, DocSource], weights_at: Callable[[int], Mapping[str, float]],
-                 tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int, vision: VisionSpec):
+                 tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int, vision: VisionSpec,
+                 rank: int = 0, world: int = 1, worker: int = 0, num_workers: int = 1):
         if not sources:
             raise ValueError("lm_batches needs at least one document source")
         self.sources, self.weights_at, self.tok = dict(sources), weights_at, tokenizer
         self.batch_size, self.vision, self.step = batch_size, vision, 0
+        self.rank, self.world, self.worker, self.num_workers = rank, world, worker, num_workers
         self.packer = RowPacker(seq_len, tokenizer.pad_id, ignore_ids=(tokenizer.media_pad_id,))
-        self.cyclers = {n: _Cycler(len(s), f"lm_batches/{seed}/{n}") for n, s in self.sources.items()}
+        slot, slots = rank * num_workers + worker, world * num_workers
+        self.orders = {n: s.order(f"lm_batches/{seed}/{n}", slot, slots) for n, s in self.sources.items()}
         self.tokens_by_source = {n: 0 for n in self.sources}
         """Non-padding tokens drawn from each source so far (what the weights control)."""
+        self.docs_by_source = {n: 0 for n in self.sources}
+        """Documents drawn from each source so far (this rank)."""
         self._recent = {n: 0.0 for n in self.sources}
         self._pending: dict[str, list] = {n: [] for n in self.sources}
         """Remaining seq_len chunks of a long text document, handed out one per pick."""
@@ -180,17 +192,17 @@ class LMBatchIterator(Iterator[LMBatch]):
         return max(sorted(n for n, w in weights.items() if w > 0),
                    key=lambda n: weights[n] / total_w - self._recent[n] / recent)
 
-    def _next_piece(self, name: str) -> tuple[list[int], list[int] | None, list | None] | None:
-        """The next <= seq_len tokens of source `name` (long text documents come in chunks)."""
-        if self._pending[name]:
-            return self._pending[name].pop(0)
-        doc = self.sources[name].doc(self.cyclers[name].next(), self.vision)
+    def _pieces(self, name: str, index: int, first_chunk: int = 0) -> list | None:
+        """[(tag, ids, mask, images)] of document `index` of `name` from chunk `first_chunk` on;
+        None for a bad record or a corrupt image (counted by the source)."""
+        doc = self.sources[name].doc(index, self.vision)
+        if doc is None:
+            return None
         seq_len = self.packer.seq_len
         if not doc.images:
             mask = doc.loss_mask
-            self._pending[name] = [(doc.ids[i:i + seq_len], mask[i:i + seq_len] if mask else None, None)
-                                   for i in range(0, len(doc.ids), seq_len)]
-            return self._pending[name].pop(0) if self._pending[name] else None
+            return [([name, index, k], doc.ids[i:i + seq_len], mask[i:i + seq_len] if mask else None, None)
+                    for k, i in enumerate(range(0, len(doc.ids), seq_len))][first_chunk:]
         images = load_doc_images(doc, self.vision)
         if images is None:
             return None  # corrupt image: counted by the loader; draw another document
@@ -199,49 +211,124 @@ class LMBatchIterator(Iterator[LMBatch]):
                                                    for _, g in images):
             raise ValueError(f"an image document from {name!r} is longer than seq_len={seq_len} "
                              "and truncation would cut its image; raise seq_len")
-        return ids, mask, images
+        return [([name, index, 0], ids, mask, images)]
+
+    def _next_piece(self, name: str):
+        """The next <= seq_len tokens of source `name` (long text documents come in chunks)."""
+        if not self._pending[name]:
+            self._pending[name] = self._pieces(name, self.orders[name].next()) or []
+            self.docs_by_source[name] += bool(self._pending[name])
+        return self._pending[name].pop(0) if self._pending[name] else None
 
     def _add_one(self) -> None:
         name = self._pick_source()
         piece = self._next_piece(name)
         if piece is None:
             return
-        ids, mask, images = piece
+        tag, ids, mask, images = piece
         decay = math.exp(-len(ids) / self._window)
         self._recent = {n: v * decay for n, v in self._recent.items()}
         self._recent[name] += len(ids)
         self.tokens_by_source[name] += len(ids)
-        self._rows += self.packer.add(ids, mask, images)
+        self._rows += self.packer.add(ids, mask, images, tag)
 
-    def __next__(self) -> LMBatch:
+    def __next__(self) -> LMBatch | None:
+        if not owns(self.step, self.rank, self.world, self.worker, self.num_workers):
+            self.step += 1
+            return None  # another rank's micro-batch: it builds it from its own share
         while len(self._rows) < self.batch_size:
             self._add_one()
         rows, self._rows = self._rows[:self.batch_size], self._rows[self.batch_size:]
         self.step += 1
         return collate_rows(rows, self.tok.media_pad_id)
 
+    # -- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Where the stream is, as JSON (see the class docstring)."""
+        return {"step": self.step, "rank": self.rank, "world": self.world, "worker": self.worker,
+                "num_workers": self.num_workers, "skipped": self.skipped,
+                "orders": {n: o.state_dict() for n, o in self.orders.items()},
+                "recent": dict(self._recent), "tokens": dict(self.tokens_by_source),
+                "docs": dict(self.docs_by_source),
+                "pending": {n: p[0][0] for n, p in self._pending.items() if p},
+                "open": self.packer.open_tags, "rows": [r.tags for r in self._rows]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state` was taken. A data-parallel job saves every rank's state
+        ({"ranks": [...]}, see stages/train/loop.py); saved at another world size, the stream is
+        rebuilt by drawing (and dropping) as many micro-batches as the saved one had produced."""
+        if "ranks" in state:
+            per_rank = state["ranks"]
+            if len(per_rank) != self.world:
+                return self._replay(int(per_rank[0]["step"]))
+            state = per_rank[self.rank]
+        mine = (self.world, self.rank, self.worker, self.num_workers)
+        if (state.get("world", 1), state.get("rank", 0), state.get("worker", 0),
+                state.get("num_workers", 1)) != mine:
+            return self._replay(int(state["step"]))
+        self.step = int(state["step"])
+        for n, o in self.orders.items():
+            o.load_state_dict(state["orders"][n])
+        self._recent = {n: float(state["recent"][n]) for n in self.sources}
+        self.tokens_by_source = {n: int(state["tokens"][n]) for n in self.sources}
+        self.docs_by_source = {n: int(state.get("docs", {}).get(n, 0)) for n in self.sources}
+        self._pending = {n: [] for n in self.sources}
+        for n, (_, index, chunk) in state["pending"].items():
+            self._pending[n] = self._pieces(n, index, chunk) or []
+        self._rows = []
+        for tags in state["rows"]:
+            packer = RowPacker(self.packer.seq_len, self.tok.pad_id, (self.tok.media_pad_id,))
+            for tag in tags:
+                self._repack(packer, tag)
+            self._rows += packer.flush()
+        self.packer = RowPacker(self.packer.seq_len, self.tok.pad_id, (self.tok.media_pad_id,))
+        for tag in state["open"]:
+            self._repack(self.packer, tag)
+
+    def _repack(self, packer: RowPacker, tag: list) -> None:
+        name, index, chunk = tag
+        pieces = self._pieces(name, index, chunk)
+        if not pieces:
+            raise ValueError(f"resuming the data stream: document {index} of {name!r} no longer "
+                             "reads as it did (the dataset changed since the checkpoint)")
+        _, ids, mask, images = pieces[0]
+        packer.add(ids, mask, images, tag)
+
+    def _replay(self, steps: int) -> None:
+        for _ in range(steps):
+            next(self)
+
 
 def lm_batches(sources: Mapping[str, DocSource], weights_at: Callable[[int], Mapping[str, float]],
                tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int,
-               patch_size: int, merge_size: int, max_patches: int) -> LMBatchIterator:
+               patch_size: int, merge_size: int, max_patches: int, rank: int = 0,
+               world: int = 1, worker: int = 0, num_workers: int = 1) -> LMBatchIterator:
     """Infinite packed LM batches from a mixture whose token shares follow `weights_at(step)`.
 
     `step` counts batches already produced by this iterator. Example (joint pretraining ramp):
         lm_batches({"text": text_docs(...), "caption": caption_docs(...)},
                    lambda s: {"text": 1.0 - ramp(s), "caption": ramp(s)}, tok, 256, 16, 0, 8, 2, 64)
     Image documents with a corrupt file are skipped (`.skipped`); too many raise
-    TooManyCorruptImagesError from the source's loader.
+    TooManyCorruptImagesError from the source's loader. `rank` / `world`: this process's share
+    under data parallelism (see LMBatchIterator).
     """
     return LMBatchIterator(sources, weights_at, tokenizer, seq_len, batch_size, seed,
-                           VisionSpec(patch_size, merge_size, max_patches))
+                           VisionSpec(patch_size, merge_size, max_patches), rank, world, worker,
+                           num_workers)
 
 
-class ImageTextIterator(Iterator[ImageTextBatch]):
-    """Infinite ImageTextBatch stream (see image_text_batches)."""
+class ImageTextIterator(Iterator[ImageTextBatch | None]):
+    """Infinite ImageTextBatch stream (see image_text_batches); sharded and resumable like
+    LMBatchIterator (None for another rank's micro-batch; JSON state_dict).
+
+    `extra` mixes in other image-text sources by share of the examples: name -> (source, share),
+    a source having `order(seed, slot, slots)` and `pair(index) -> (image, text) or None`
+    (user_mix.DeclaredPairs); the toy-world records get the rest."""
 
     def __init__(self, records: Sequence[ImageRecord], loader: ImageLoader, tokenizer: Tokenizer,
                  batch_size: int, max_patches_at: Callable[[int], int], text_targets: Sequence[str],
-                 patch_size: int, merge_size: int, seed: int, max_text_len: int):
+                 patch_size: int, merge_size: int, seed: int, max_text_len: int,
+                 rank: int = 0, world: int = 1, extra: Mapping[str, tuple] | None = None):
         bad = sorted(set(text_targets) - {"caption", "alt_text", "ocr", "grounding"})
         if bad or not text_targets:
             raise ValueError(f"text_targets {list(text_targets)}: use caption, alt_text, ocr, grounding")
@@ -251,8 +338,15 @@ class ImageTextIterator(Iterator[ImageTextBatch]):
         self.batch_size, self.max_patches_at, self.targets = batch_size, max_patches_at, tuple(text_targets)
         self.patch_size, self.merge_size, self.max_text_len = patch_size, merge_size, max_text_len
         self.rng = random.Random(f"image_text/{seed}")
-        self.cycler = _Cycler(len(self.records), f"image_text/{seed}/order")
-        self.step = 0
+        self.order = ShardOrder([len(self.records)], 1, f"image_text/{seed}/order", rank, world)
+        self.step, self.rank, self.world = 0, rank, world
+        self.extra = dict(extra or {})
+        self.extra_orders = {n: src.order(f"image_text/{seed}/{n}", rank, world)
+                             for n, (src, _) in self.extra.items()}
+        self.shares = {"": max(0.0, 1.0 - sum(s for _, s in self.extra.values())),
+                       **{n: s for n, (_, s) in self.extra.items()}}
+        self.drawn = {n: 0 for n in self.shares}
+        """Examples drawn per source ("" = the toy-world records)."""
 
     @property
     def skipped(self) -> int:
@@ -266,28 +360,73 @@ class ImageTextIterator(Iterator[ImageTextBatch]):
             return getattr(rec, target)
         return rec.caption
 
-    def __next__(self) -> ImageTextBatch:
+    def __next__(self) -> ImageTextBatch | None:
         cap = self.max_patches_at(self.step)
+        mine = owns(self.step, self.rank, self.world)
+        self.step += 1
+        if not mine:
+            return None  # another rank's micro-batch
         pixels, grids, texts = [], [], []
         while len(grids) < self.batch_size:
-            rec = self.records[self.cycler.next()]
-            img = self.loader.load(rec.image)
-            if img is None:
+            got = self._example()
+            if got is None:
                 continue
+            img, text = got
             p, g = to_patches(img, self.patch_size, self.merge_size, cap)
             pixels.append(p)
             grids.append(g)
-            texts.append(text_ids(self.tok, self._target(rec), self.max_text_len))
-        self.step += 1
+            texts.append(text_ids(self.tok, text, self.max_text_len))
         ids, mask = pad_texts(texts, self.tok.pad_id)
         return ImageTextBatch(torch.cat(pixels), torch.tensor(grids, dtype=torch.long), ids, mask)
+
+    def _example(self):
+        """(image, target text) of the next example, or None if it was bad (counted)."""
+        total = sum(self.drawn.values()) or 1
+        # the source furthest below its share of the examples so far goes next (ties: by name)
+        name = max(sorted(n for n, s in self.shares.items() if s > 0),
+                   key=lambda n: self.shares[n] - self.drawn[n] / total)
+        self.drawn[name] += 1
+        if name:
+            src, _ = self.extra[name]
+            return src.pair(self.extra_orders[name].next())
+        rec = self.records[self.order.next()]
+        img = self.loader.load(rec.image)
+        return None if img is None else (img, self._target(rec))
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"step": self.step, "rank": self.rank, "world": self.world,
+                "order": self.order.state_dict(), "rng": [version, list(internal), gauss],
+                "extra": {n: o.state_dict() for n, o in self.extra_orders.items()},
+                "drawn": dict(self.drawn)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """See LMBatchIterator.load_state_dict."""
+        if "ranks" in state:
+            if len(state["ranks"]) != self.world:
+                return self._replay(int(state["ranks"][0]["step"]))
+            state = state["ranks"][self.rank]
+        if state.get("world", 1) != self.world or state.get("rank", 0) != self.rank:
+            return self._replay(int(state["step"]))
+        self.step = int(state["step"])
+        self.order.load_state_dict(state["order"])
+        for n, o in self.extra_orders.items():
+            o.load_state_dict(state["extra"][n])
+        self.drawn = {n: int(state.get("drawn", {}).get(n, 0)) for n in self.shares}
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+    def _replay(self, steps: int) -> None:
+        for _ in range(steps):
+            next(self)
 
 
 def image_text_batches(records: Sequence[ImageRecord], image_root: Path, tokenizer: Tokenizer,
                        batch_size: int, max_patches_at: Callable[[int], int],
                        text_targets: Sequence[str], patch_size: int, merge_size: int, seed: int,
                        max_text_len: int, dataset_name: str = "toyworld",
-                       max_corrupt_frac: float = 0.01) -> ImageTextIterator:
+                       max_corrupt_frac: float = 0.01, rank: int = 0,
+                       world: int = 1, extra: Mapping[str, tuple] | None = None) -> ImageTextIterator:
     """Infinite stage-1 batches; the patch cap of batch k is max_patches_at(k) (progressive resolution).
 
     Each image gets one target text, drawn per example from `text_targets` (a target the record
@@ -295,4 +434,4 @@ def image_text_batches(records: Sequence[ImageRecord], image_root: Path, tokeniz
     """
     loader = ImageLoader(dataset_name, image_root, len(records), max_corrupt_frac)
     return ImageTextIterator(records, loader, tokenizer, batch_size, max_patches_at, text_targets,
-                             patch_size, merge_size, seed, max_text_len)
+                             patch_size, merge_size, seed, max_text_len, rank, world, extra)

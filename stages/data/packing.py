@@ -37,6 +37,8 @@ class PackedRow:
     doc_ids: list[int]
     payloads: list[Any] = field(default_factory=list)
     """Per-segment payloads (e.g. the images of a document), in row order."""
+    tags: list[Any] = field(default_factory=list)
+    """Per-segment tags given to `add` (what the segment was; a batch iterator's resume state)."""
 
 
 class RowPacker:
@@ -47,15 +49,15 @@ class RowPacker:
             raise ValueError(f"seq_len must be at least 2, got {seq_len}")
         self.seq_len, self.pad_id = seq_len, pad_id
         self.ignore_ids = frozenset(ignore_ids)
-        self._segments: list[tuple[list[int], list[int], Any]] = []
+        self._segments: list[tuple[list[int], list[int], Any, Any]] = []
         self._used = 0
 
     def add(self, ids: Sequence[int], loss_mask: Sequence[int] | None = None,
-            payload: Any = None) -> list[PackedRow]:
+            payload: Any = None, tag: Any = None) -> list[PackedRow]:
         """Queue one document; return the rows this closed (usually zero or one).
 
         A document with a payload (images) must fit one row, since its media positions cannot
-        be split from the image features that fill them.
+        be split from the image features that fill them. `tag` (any value) is kept per segment.
         """
         if loss_mask is not None and len(loss_mask) != len(ids):
             raise ValueError(f"loss mask has {len(loss_mask)} entries for {len(ids)} tokens")
@@ -68,21 +70,27 @@ class RowPacker:
             chunk = list(ids[start:start + self.seq_len])
             if self._used + len(chunk) > self.seq_len:
                 rows.append(self._close())
-            self._segments.append((chunk, mask[start:start + self.seq_len], payload))
+            self._segments.append((chunk, mask[start:start + self.seq_len], payload, tag))
             self._used += len(chunk)
         return rows
+
+    @property
+    def open_tags(self) -> list[Any]:
+        """Tags of the segments of the row being filled (not closed yet)."""
+        return [seg[3] for seg in self._segments]
 
     def flush(self) -> list[PackedRow]:
         """Close the current row if it holds anything."""
         return [self._close()] if self._segments else []
 
     def _close(self) -> PackedRow:
-        ids, mask, pos, docs, payloads = [], [], [], [], []
-        for d, (chunk, m, payload) in enumerate(self._segments):
+        ids, mask, pos, docs, payloads, tags = [], [], [], [], [], []
+        for d, (chunk, m, payload, tag) in enumerate(self._segments):
             ids += chunk
             mask += m
             pos += range(len(chunk))
             docs += [d] * len(chunk)
+            tags.append(tag)
             if payload is not None:
                 payloads.append(payload)
         pad = self.seq_len - len(ids)
@@ -91,7 +99,8 @@ class RowPacker:
         pos += [0] * pad
         docs += [-1] * pad
         self._segments, self._used = [], 0
-        return PackedRow(ids, shifted_labels(ids, mask, docs, self.ignore_ids), pos, docs, payloads)
+        return PackedRow(ids, shifted_labels(ids, mask, docs, self.ignore_ids), pos, docs, payloads,
+                         tags)
 
 
 def shifted_labels(ids: Sequence[int], mask: Sequence[int], doc_ids: Sequence[int],

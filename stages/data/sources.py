@@ -23,6 +23,7 @@ from pathlib import Path
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.data.images import ImageLoader, num_image_tokens, patch_grid
 from moonforge.stages.data.records import ImageRecord, LongDocRecord, TextRecord
+from moonforge.stages.data.shard_order import ShardOrder
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class ImageRef:
     path: str
     grid_hw: tuple[int, int]
 
+    def load(self):
+        """The decoded image, or None when it is corrupt (counted by the loader)."""
+        return self.loader.load(self.path)
+
 
 @dataclass(frozen=True)
 class Doc:
@@ -56,9 +61,14 @@ class Doc:
 
 
 class DocSource:
-    """`len(source)` documents, document i built by `source.doc(i, vision)`."""
+    """`len(source)` documents, document i built by `source.doc(i, vision)`.
 
-    def __init__(self, name: str, num_docs: int, make: Callable[[int, VisionSpec], Doc],
+    `order` says in which order a batch iterator visits them (a fresh seeded permutation per
+    epoch, the share of one data-parallel rank); a streamed source (a declared dataset) orders
+    by blocks of its files instead and may return None for a bad record (counted, skipped).
+    """
+
+    def __init__(self, name: str, num_docs: int, make: Callable[[int, VisionSpec], Doc | None],
                  loader: ImageLoader | None = None):
         if num_docs <= 0:
             raise ValueError(f"document source {name!r} is empty; check its dataset and filters")
@@ -67,8 +77,12 @@ class DocSource:
     def __len__(self) -> int:
         return self._num_docs
 
-    def doc(self, index: int, vision: VisionSpec) -> Doc:
+    def doc(self, index: int, vision: VisionSpec) -> Doc | None:
         return self._make(index, vision)
+
+    def order(self, seed: str, slot: int = 0, num_slots: int = 1) -> ShardOrder:
+        """The visiting order of this source for one data-parallel slot (see ShardOrder)."""
+        return ShardOrder([len(self)], 1, seed, slot, num_slots)
 
 
 def _image(tok: Tokenizer, loader: ImageLoader, rec: ImageRecord,

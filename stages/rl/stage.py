@@ -20,6 +20,7 @@ from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
 from moonforge.stages.data.chat import ChatPromptItem, chat_prompt_items
 from moonforge.stages.data.chat_records import read_rl_prompt_records
+from moonforge.stages.data.user_mix import DeclaredMix, weighted_pool
 from moonforge.stages.posttrain_evals import answer_accuracy, as_metrics, split_by_kind
 from moonforge.stages.rl.opmd_loop import OPMDRun, run_opmd
 from moonforge.stages.rl.repeat import RepeatConfig
@@ -95,6 +96,28 @@ def answer_metrics(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptI
     return as_metrics(res, "eval/", suffix)
 
 
+def declared_metrics(model: nn.Module, tok: Tokenizer, held: Mapping[str, list], max_new_tokens: int,
+                     batch_size: int, suffix: str = "",
+                     repeat: tuple[int | None, int | None] = (None, None)) -> dict[str, float]:
+    """eval/<name>_acc{suffix} on each declared prompt set's held-out prompts (its verifiers)."""
+    out = {}
+    for name, items in held.items():
+        res = answer_accuracy(model, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              repeat_ngram=repeat[0], repeat_max=repeat[1])
+        out[f"eval/{name}_acc{suffix}"] = res["acc"]
+    return out
+
+
+def with_declared(items: list[ChatPromptItem], cfg, data: Mapping[str, DatasetRef], tok: Tokenizer,
+                  vision, ctx: StageContext) -> tuple[list[ChatPromptItem], DeclaredMix, dict]:
+    """The training prompts with the declared prompt sets of `mixture:` mixed in by share
+    (checked before training), the DeclaredMix and their held-out prompts by name."""
+    mix = DeclaredMix(cfg, data, tok, vision, ctx.parallel)
+    prompts = {n: mix.prompts(n) for n, ds in mix.sets.items() if ds.kind == "prompt"}
+    held = {n: mix.heldout_items(n) for n, ds in mix.sets.items() if ds.kind == "prompt" and ds.heldout}
+    return weighted_pool(items, prompts, cfg.mixture, f"{cfg.stage_name}/{cfg.seed}"), mix, held
+
+
 def rl(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: RLConfig,
        ctx: StageContext) -> StageResult:
     """Return the policy after cfg.num_iterations OPMD iterations on rl_prompts/train.
@@ -112,15 +135,18 @@ def rl(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: RLConfig,
 
 
 def _rl(base, data, cfg: RLConfig, ctx: StageContext) -> StageResult:
-    model, mcfg = open_model(base, ctx, cfg.seed)
+    model, mcfg = open_model(base, ctx, cfg.seed,
+                             activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     vision = vision_spec(mcfg)
     train_items = prompt_items(data, tok, vision, "train", cfg.stage_name)
     val_items = prompt_items(data, tok, vision, "val", cfg.stage_name, cfg.eval.num_examples // 2)
+    train_items, mix, held = with_declared(train_items, cfg, data, tok, vision, ctx)
     run = opmd_run(cfg)
-    evaluate = lambda suffix: answer_metrics(model, tok, val_items, cfg.max_new_tokens,  # noqa: E731
-                                             cfg.eval.batch_size, suffix,
-                                             (run.repeat_ngram, run.repeat_max))
+    repeat = (run.repeat_ngram, run.repeat_max)
+    evaluate = lambda suffix: {  # noqa: E731
+        **declared_metrics(model, tok, held, cfg.max_new_tokens, cfg.eval.batch_size, suffix, repeat),
+        **answer_metrics(model, tok, val_items, cfg.max_new_tokens, cfg.eval.batch_size, suffix, repeat)}
     before = evaluate("_before")
     t0 = time.perf_counter()
     curves = run_opmd(model, tok, train_items, run, ctx)
@@ -133,5 +159,6 @@ def _rl(base, data, cfg: RLConfig, ctx: StageContext) -> StageResult:
                "rl/accuracy_first": trained[0]["accuracy"], "rl/accuracy_last": trained[-1]["accuracy"],
                "rl/mean_len_first": trained[0]["mean_len"], "rl/mean_len_last": trained[-1]["mean_len"],
                "rl/verifier_errors": curves[-1]["verifier_errors"], "rl/seconds": seconds,
-               "train/steps": float(cfg.steps_per_iteration * cfg.num_iterations)}
+               "train/steps": float(cfg.steps_per_iteration * cfg.num_iterations),
+               **mix.metrics()}
     return finish(model, mcfg, ctx, metrics, data)

@@ -48,10 +48,13 @@ class Parallel:
     zero_stage: int = 0
     ds_config: dict | None = None
     """Generated DeepSpeed config (registry/launch.py `deepspeed_config`); deepspeed only."""
+    writer_rank: int = 0
+    """The rank that writes checkpoints and the artifact: local rank 0 of node 0 (the flow's node;
+    a multi-node c10d rendezvous may give global rank 0 to another node)."""
 
     @property
     def is_writer(self) -> bool:
-        return self.rank == 0
+        return self.rank == self.writer_rank
 
     def my_share(self, micro_batches: list[Any]) -> list[Any]:
         return micro_batches[self.rank::self.world_size]
@@ -101,6 +104,13 @@ class Parallel:
     def gather_state(self, optimizer) -> dict:
         """Single-process-format optimizer state (collective for ZeRO)."""
         return optimizer.state_dict()
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """`obj` of every rank in rank order (a collective: every rank calls it), e.g. each
+        rank's data position for the checkpoint, or its part of a dataset check."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
 
 class DeepSpeedOptimizer:
@@ -167,8 +177,15 @@ def init_parallel(launcher: LauncherConfig, device: str, ds_config: dict | None)
         deepspeed.init_distributed(dist_backend=backend)
     else:
         dist.init_process_group(backend=backend)
-    return Parallel(dist.get_rank(), dist.get_world_size(), launcher.kind, launcher.zero_stage,
-                    ds_config)
+    rank = dist.get_rank()
+    # MOONFORGE_NODE_RANK: set by the node launcher (registry/launch.py) on multi-node runs.
+    local = os.environ.get("LOCAL_RANK")
+    mine = os.environ.get("MOONFORGE_NODE_RANK", "0") == "0" and (
+        local == "0" if local is not None else rank == 0)
+    writer = torch.tensor([rank if mine else -1], device=device if backend == "nccl" else "cpu")
+    dist.all_reduce(writer, op=dist.ReduceOp.MAX)
+    return Parallel(rank, dist.get_world_size(), launcher.kind, launcher.zero_stage, ds_config,
+                    writer_rank=max(int(writer), 0))
 
 
 def _import(ref: str):

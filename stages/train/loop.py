@@ -4,6 +4,11 @@ A stage supplies a batch iterator and a `loss_fn(model, batch) -> (loss, metrics
 gradient accumulation, bf16 autocast on CUDA (fp32 on CPU: bf16 matmuls are ~50x slower there),
 grad clipping, the LR schedule, the MoE router-bias update, NaN checks, periodic checkpoints and
 metric/progress reporting through the StageContext. There is no Trainer class.
+
+A stage with several phases (SFT phases, long_context sub-stages) calls `train` once per phase
+with `TrainSpec.phase` = its index. Checkpoints record (phase, step), so a resumed run skips the
+phases that had finished, continues the interrupted one at its step (weights, optimizer, RNG,
+data position) and starts the later ones fresh: the final weights equal an unbroken run's.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from torch import Tensor, nn
 from moonforge.model.config import VLMConfig
 from moonforge.stages.artifacts import StageContext
 from moonforge.stages.config import OptimizerConfig, ScheduleConfig
-from moonforge.stages.train.checkpoint import read_train_state, save_train_state
+from moonforge.stages.train.checkpoint import (TrainRecord, latest_train_state, read_train_record,
+                                               read_train_state, restore_rng, save_train_state)
 from moonforge.stages.train.freeze import GROUPS
 from moonforge.stages.train.optim import MuonAdamW
 from moonforge.stages.train.schedule import lr_multiplier
@@ -47,15 +53,24 @@ class TrainSpec:
     """Global step of this phase's first step (sub-stages share one metric axis)."""
     label: str = "train"
     """Progress-bar label and metric prefix."""
+    phase: int = 0
+    """Index of this phase within the stage (SFT phase, long_context sub-stage): what resume
+    compares with the checkpoint's phase. Each train() call of one stage needs its own."""
 
 
 @dataclass
 class TrainState:
     model: nn.Module
-    optimizer: MuonAdamW
+    optimizer: MuonAdamW | None
+    """None for a phase skipped on resume (it had finished before the crash)."""
     spec: TrainSpec
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    """Metrics of each step this call ran; when it ran none because the phase had finished before
+    a crash, the last step's metrics from the checkpoint (so history[-1] is always there)."""
+    earlier: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Finished earlier phases {index: {"steps", "last", "extra"}}, recorded in this phase's
+    checkpoints."""
 
 
 def _autocast(device: str):
@@ -133,19 +148,39 @@ def set_train_mode(model: nn.Module, trainable: tuple[str, ...]) -> None:
 
 def train(model: nn.Module, named_params: list[tuple[str, nn.Parameter]], batches: Iterator[Any],
           loss_fn: LossFn, spec: TrainSpec, ctx: StageContext, model_cfg: VLMConfig) -> TrainState:
-    """Run `spec.num_steps` optimizer steps; log every `log_every`; checkpoint periodically."""
+    """Run `spec.num_steps` optimizer steps; log every `log_every`; checkpoint every
+    `checkpoint_every` steps and at the end of the phase.
+
+    With ctx.resume_from (a periodic checkpoint of this stage at phase p, step s): a phase before
+    p is skipped (its step count and last metrics come from the checkpoint), phase p continues at
+    step s, a later phase starts fresh. A batch iterator with state_dict()/load_state_dict() has
+    its position saved in the checkpoint; any other is fast-forwarded by drawing s batches.
+    """
     par = ctx.parallel
-    opt_state = None
-    if ctx.resume_from is not None:  # weights before the optimizer: ZeRO copies them at init
-        step, opt_state = read_train_state(model, ctx.resume_from)
+    # A resume point that is gone was rotated out by a newer checkpoint of this very run: we are
+    # past it (a later phase), so this phase starts fresh.
+    resume = read_train_record(ctx.resume_from) if ctx.resume_from is not None and \
+        ctx.resume_from.exists() else None
+    if resume is not None and spec.phase < resume.phase:  # finished before the crash
+        done = resume.phases.get(spec.phase) or {}
+        steps = int(done.get("steps", spec.num_steps))
+        _fast_forward(batches, TrainRecord(steps, extra=done.get("extra") or {}), spec)
+        return TrainState(model, None, spec, steps, [dict(done.get("last") or {})],
+                          dict(resume.phases))
+    record = None
+    if resume is not None and spec.phase == resume.phase:
+        # weights before the optimizer: ZeRO copies them at init
+        record = read_train_state(model, ctx.resume_from, restore_rng=False)
     optimizer = (MuonAdamW(named_params, spec.optimizer) if par is None else
                  par.build_optimizer(model, named_params, spec.optimizer, spec.grad_accum))
-    state = TrainState(model, optimizer, spec)
-    if opt_state is not None:
-        state.optimizer.load_state_dict(opt_state)
-        state.step = step
-        for _ in range(state.step * spec.grad_accum):  # keep the data order of an unbroken run
-            next(batches)
+    state = TrainState(model, optimizer, spec, earlier=_earlier_phases(spec, ctx, record))
+    if record is not None:
+        state.optimizer.load_state_dict(record.optimizer)
+        state.step = record.step
+        if record.step >= spec.num_steps:  # finished before the crash: nothing left to run
+            state.history.append(dict(record.last))
+        _fast_forward(batches, record, spec)
+        restore_rng(ctx.resume_from)  # after the fast-forward: as if the steps had just run
     set_train_mode(model, spec.trainable)
     t0 = time.perf_counter()
     while state.step < spec.num_steps:
@@ -156,22 +191,58 @@ def train(model: nn.Module, named_params: list[tuple[str, nn.Parameter]], batche
         gstep = spec.step_offset + state.step
         if state.step % spec.log_every == 0 or state.step == spec.num_steps:
             ctx.sink.log(gstep, {f"{spec.label}/{k}": v for k, v in metrics.items()})
-        if spec.checkpoint_every and state.step % spec.checkpoint_every == 0:
-            _checkpoint(state, model_cfg, ctx)
+        if spec.checkpoint_every and (state.step % spec.checkpoint_every == 0
+                                      or state.step == spec.num_steps):
+            _checkpoint(state, model_cfg, ctx, batches)
         ctx.progress(state.step, spec.num_steps, spec.label)
     ctx.sink.flush()
     model.eval()
     return state
 
 
-def _checkpoint(state: TrainState, model_cfg: VLMConfig, ctx: StageContext) -> None:
-    par = ctx.parallel
-    if par is None:
-        save_train_state(state.model, model_cfg, state.optimizer, state.step, ctx.out)
+def _earlier_phases(spec: TrainSpec, ctx: StageContext, record: TrainRecord | None) -> dict:
+    """Summaries of the phases before this one: from the checkpoint resumed, else from the end
+    checkpoint the previous phase left in ctx.out (each phase checkpoints when it finishes)."""
+    if record is not None:
+        return dict(record.phases)
+    if spec.phase == 0 or not spec.checkpoint_every:
+        return {}
+    prev = latest_train_state(ctx.out)
+    if prev is None:
+        return {}
+    rec = read_train_record(prev)
+    if rec.phase >= spec.phase:
+        return {}
+    return {**rec.phases, rec.phase: {"steps": rec.step, "last": rec.last, "extra": rec.extra}}
+
+
+def _fast_forward(batches: Iterator[Any], record: TrainRecord, spec: TrainSpec) -> None:
+    """Put the batch iterator where an unbroken run would be after record.step steps (a skipped
+    phase's too, so its data metrics match)."""
+    saved = record.extra.get("batches")
+    if saved is not None and hasattr(batches, "load_state_dict"):
+        batches.load_state_dict(saved)
         return
-    full = _Saved(par.gather_state(state.optimizer))  # collective under ZeRO: every rank calls
-    if par.is_writer:
-        save_train_state(state.model, model_cfg, full, state.step, ctx.out)
+    for _ in range(record.step * spec.grad_accum):
+        next(batches)
+
+
+def _checkpoint(state: TrainState, model_cfg: VLMConfig, ctx: StageContext, batches: Any) -> None:
+    par, spec = ctx.parallel, state.spec
+    data = batches.state_dict() if hasattr(batches, "state_dict") else None
+    if par is None:
+        opt: Any = state.optimizer
+    else:
+        if data is not None:  # each rank reads its own share of the data: keep every position
+            data = {"ranks": par.gather_objects(data)}  # collective: every rank calls
+        opt = _Saved(par.gather_state(state.optimizer))  # collective under ZeRO: every rank calls
+        if not par.is_writer:
+            return
+    extra = {"batches": data} if data is not None else {}
+    save_train_state(state.model, model_cfg, opt, state.step, ctx.out, phase=spec.phase,
+                     global_step=spec.step_offset + state.step, num_steps=spec.num_steps,
+                     last=state.history[-1] if state.history else {}, phases=state.earlier,
+                     extra=extra)
 
 
 @dataclass

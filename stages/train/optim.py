@@ -1,7 +1,9 @@
 """Muon for 2-D weight matrices + AdamW for everything else (Moonlight, Kimi-VL section 2.2).
 
-Muon (stages/train/muon.py: torch.optim.Muon's math with a per-device NS dtype) takes only 2-D
-params, and embeddings / output heads are not hidden-layer matrices, so they go to AdamW with the norms, biases, conv/patch weights and the position grid.
+Muon (stages/train/muon.py: torch.optim.Muon's math with a per-device NS dtype) takes 2-D
+params and the stacked 3-D expert weights (each expert's gate, up and down orthogonalised on
+their own); embeddings / output heads are not hidden-layer matrices, so they go to AdamW with the
+norms, biases, conv/patch weights and the position grid.
 Muon uses `adjust_lr_fn="match_rms_adamw"` (lr * 0.2 * sqrt(max(A, B))) so both optimizers share
 one peak LR and weight decay.
 """
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moonforge.model.experts import EXPERT_PARAMS
 from moonforge.stages.config import OptimizerConfig
 from moonforge.stages.train.muon import Muon
 
@@ -20,8 +23,22 @@ from moonforge.stages.train.muon import Muon
 _ADAMW_NAME_HINTS = ("embed", "lm_head", "head.weight", "pos_emb", "logit_")
 
 
+def matrix_shape(name: str, p: nn.Parameter) -> tuple[int, int, int] | None:
+    """The (N, A, B) independent matrices a stacked expert parameter holds, else None.
+
+    gate_up [E, 2F, D] -> (2E, F, D): gate and up are separate matrices, as when each expert
+    was three nn.Linear; down [E, D, F] -> itself.
+    """
+    if p.ndim != 3 or not name.endswith(EXPERT_PARAMS):
+        return None
+    E, X, D = p.shape
+    return (2 * E, X // 2, D) if name.endswith("gate_up") else (E, X, D)
+
+
 def is_muon_param(name: str, p: nn.Parameter) -> bool:
-    return p.ndim == 2 and not any(h in name for h in _ADAMW_NAME_HINTS)
+    if any(h in name for h in _ADAMW_NAME_HINTS):
+        return False
+    return p.ndim == 2 or matrix_shape(name, p) is not None
 
 
 class MuonAdamW:
@@ -29,6 +46,7 @@ class MuonAdamW:
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], cfg: OptimizerConfig) -> None:
         muon = [p for n, p in named_params if cfg.use_muon and is_muon_param(n, p)]
+        stacked = {p: matrix_shape(n, p) for n, p in named_params if matrix_shape(n, p)}
         muon_ids = {id(p) for p in muon}
         adamw = [p for _, p in named_params if id(p) not in muon_ids]
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -37,7 +55,7 @@ class MuonAdamW:
             self.optimizers.append(Muon(
                 muon, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon.momentum,
                 nesterov=True, ns_steps=cfg.muon.ns_steps, adjust_lr_fn=cfg.muon.adjust_lr_fn,
-                ns_dtype=ns_dtype[cfg.muon.ns_dtype]))
+                ns_dtype=ns_dtype[cfg.muon.ns_dtype], matrix_shapes=stacked))
         if adamw:
             self.optimizers.append(torch.optim.AdamW(
                 adamw, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adamw.betas,

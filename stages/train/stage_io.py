@@ -20,8 +20,10 @@ from moonforge.stages.artifacts import EVAL_FILE, Checkpoint, DatasetRef, StageC
 from moonforge.stages.config import StageConfig
 from moonforge.stages.data.batches import lm_batches
 from moonforge.stages.data.evalsets import lm_eval_batches
+from moonforge.stages.data.loader_workers import WorkerStream
 from moonforge.stages.data.records import require_dataset
 from moonforge.stages.data.sources import DocSource, VisionSpec
+from moonforge.stages.train.activation_ckpt import apply_ac
 from moonforge.stages.train.checkpoint import PERIODIC_DIR, load_weights, save_weights
 from moonforge.stages.train.init_parts import load_init
 from moonforge.stages.train.loop import TrainSpec
@@ -39,10 +41,12 @@ def require(data: Mapping[str, DatasetRef], name: str, stage: str) -> DatasetRef
 
 
 def open_model(base: Checkpoint | None, ctx: StageContext, seed: int,
-               model_cfg: VLMConfig | None = None) -> tuple[VLM, VLMConfig]:
+               model_cfg: VLMConfig | None = None, *,
+               activation_checkpointing: bool = False) -> tuple[VLM, VLMConfig]:
     """Build the VLM (seeded), load `base`'s weights, then the recipe's `init:` parts
     (ctx.init); `model_cfg` overrides the shape's runtime-settable fields (e.g. the long-context
-    RoPE base)."""
+    RoPE base). `activation_checkpointing` (the stage's Runtime field) then checkpoints every
+    LM, ViT and stage-1 tower block."""
     cfg = model_cfg or (base.model_config() if base is not None else ctx.model)
     torch.manual_seed(seed)
     model = build_vlm(cfg, device=ctx.device, seed=seed)
@@ -50,6 +54,8 @@ def open_model(base: Checkpoint | None, ctx: StageContext, seed: int,
         load_weights(model, base)
     if ctx.init:  # the recipe's init: parts override the upstream's weights for those parts
         load_init(model, cfg, ctx.init)
+    if activation_checkpointing:
+        apply_ac(model, ("lm", "vision", "caption"))
     return model, cfg
 
 
@@ -90,12 +96,22 @@ def train_spec(cfg: StageConfig, **override) -> TrainSpec:
 
 
 def lm_stream(sources: Mapping[str, DocSource], weights_at, tok: Tokenizer, cfg: StageConfig,
-              model_cfg: VLMConfig, seq_len: int | None = None, rows: int | None = None):
-    """Infinite packed micro-batches from a re-weighted source mixture."""
+              model_cfg: VLMConfig, seq_len: int | None = None, rows: int | None = None,
+              par=None):
+    """Infinite packed micro-batches from a re-weighted source mixture; `par` (ctx.parallel):
+    this rank builds only its own micro-batches, from its own share of every source; with
+    cfg.num_workers > 0 loader processes build them (stages/data/loader_workers.py)."""
     v = model_cfg.vision
     micro = rows or (cfg.micro_batch_size or cfg.batch_size)
-    return lm_batches(sources, weights_at, tok, seq_len or cfg.seq_len, micro, cfg.seed,
-                      v.patch_size, v.merge_size, v.max_patches)
+    rank, world = (par.rank, par.world_size) if par is not None else (0, 1)
+
+    def make(worker: int = 0, num_workers: int = 1):
+        return lm_batches(sources, weights_at, tok, seq_len or cfg.seq_len, micro, cfg.seed,
+                          v.patch_size, v.merge_size, v.max_patches, rank, world, worker, num_workers)
+
+    if cfg.num_workers:  # loader processes, each with its own share of every source
+        return WorkerStream(make, rank, world, cfg.num_workers)
+    return make()
 
 
 def eval_batches(source: DocSource, tok: Tokenizer, cfg: StageConfig, model_cfg: VLMConfig,

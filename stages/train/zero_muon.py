@@ -12,7 +12,8 @@ buffer is then the matrix itself plus alignment padding) and a step does:
 i.e. "gather the full matrix, Newton-Schulz, keep the local shard" (training-methods.md section
 1). Optimizer state stays sharded (ZeRO-1); NS runs once per matrix on every rank, as in
 Moonlight. Without a ZeRO wrapper (full 2-D params) it is exactly MuonAdamW's math, which is what
-tests/test_distributed.py compares against. One group per parameter costs one small flatten per
+tests/test_distributed.py compares against. A stacked 3-D expert parameter is gathered whole and
+orthogonalised per matrix (batched NS), as MuonAdamW does. One group per parameter costs one small flatten per
 parameter; the gradient reduction is still bucketed by DeepSpeed.
 
 Checkpoints: `full_state_dict()` gathers the shards into the single-process MuonAdamW format and
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from moonforge.stages.config import OptimizerConfig
 from moonforge.stages.train.muon import adjusted_lr, newton_schulz
-from moonforge.stages.train.optim import MuonAdamW, is_muon_param
+from moonforge.stages.train.optim import MuonAdamW, is_muon_param, matrix_shape
 
 _NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -51,6 +52,7 @@ class ZeroMuonAdamW(torch.optim.Optimizer):
         index = {id(p): (i, j) for i, opt in enumerate(reference.optimizers)
                  for j, p in enumerate(opt.param_groups[0]["params"])}
         groups = [{"params": [p], "name": n, "shape": tuple(p.shape), "numel": p.numel(),
+                   "matrices": matrix_shape(n, p) or tuple(p.shape),
                    "kind": "muon" if cfg.use_muon and is_muon_param(n, p) else "adamw",
                    "ref": index[id(p)]} for n, p in named_params]
         defaults = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon.momentum,
@@ -76,12 +78,12 @@ class ZeroMuonAdamW(torch.optim.Optimizer):
         buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
         buf.lerp_(p.grad, 1 - mu)
         update = p.grad.lerp(buf, mu)
-        full = self._gather(update, g).view(g["shape"])
+        full = self._gather(update, g).view(g["matrices"])  # stacked experts: (N, A, B)
         dtype = g["ns_dtype"] or (torch.bfloat16 if p.is_cuda else torch.float32)
         ortho = newton_schulz(full, g["ns_steps"], g["ns_eps"], dtype).to(p.dtype)
         p.mul_(1 - lr * g["weight_decay"])
-        p.add_(self._local(ortho, p), alpha=-adjusted_lr(lr, torch.Size(g["shape"]),
-                                                         g["adjust_lr_fn"]))
+        p.add_(self._local(ortho.reshape(g["shape"]), p),
+               alpha=-adjusted_lr(lr, torch.Size(g["matrices"]), g["adjust_lr_fn"]))
 
     def _adamw(self, p: Tensor, g: dict) -> None:
         """torch.optim.AdamW's single-tensor update (no amsgrad), elementwise on the slice."""

@@ -1,0 +1,193 @@
+"""moonforge's LM train step vs transformers' DeepseekV3ForCausalLM: tokens/s ratio and MFU.
+
+Both models hold the same weights (transformers' random init, imported through
+model/adapters/deepseek_v3.py), see the same tokens (4 x 512 random ids, one document per row,
+next-token loss: transformers' own from `labels`, moonforge's stages' `token_ce` on labels shifted
+the way the packer ships them) and take AdamW steps with the same settings, in fp32 on this CPU.
+transformers runs its defaults (SDPA attention, grouped_mm experts where torch has them);
+moonforge its `auto` choices (attention form by measured cost, grouped GEMM experts). The two step in
+alternating order, round after round, in one process, so load on a shared box hits both alike.
+
+MFU = model FLOPs per second / a fp32 matmul peak measured in this same run:
+  model FLOPs per token = 6 * (matmul params a token uses: attention projections, dense FFN,
+  top-k routed + shared experts, router, lm_head) + 6 * layers * heads * (d_qk + d_v) * (L + 1) / 2
+  (causal attention: a token sees (L + 1) / 2 keys on average).
+
+Run: python benchmarks/bench_lm_vs_hf.py [--rounds 6] [--steps 2] [--threads N] [--clock cpu]
+                                          [--profile]
+Prints the per-round ratios, the median ratio (goal >= 1.3x) and both MFUs (goal >= 55%).
+On a box shared with other jobs, `--threads 1 --clock cpu` times process CPU seconds, which
+other processes do not inflate (wall time with 2 threads also pays for every OpenMP barrier
+that waits on a preempted thread).
+
+Legend: B rows, L tokens per row, V vocab, D hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+# Must precede `import torch`: with OpenMP's spinning wait, 2 threads on a shared 2-core box
+# stall each other at every parallel region (as in bench_generation.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+
+from moonforge.model.adapters import deepseek_v3  # noqa: E402
+from moonforge.model.lm import MoELM  # noqa: E402
+from moonforge.stages.train.objectives import IGNORE, token_ce  # noqa: E402
+
+HF_CONFIG = dict(
+    vocab_size=8192, hidden_size=256, intermediate_size=1024, moe_intermediate_size=512,
+    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+    n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=128,
+    q_lora_rank=None, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
+    first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=10000.0,
+    max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
+    pad_token_id=None, attn_implementation="sdpa")
+"""d=256, 4 layers (1 dense + 3 MoE), 8 experts top-2 + 1 shared, MLA (kv rank 128, 4 heads of
+64 + 32 rope dims), vocab 8192."""
+B, L = 4, 512
+LR = 1e-4
+
+
+def build_pair(seed: int = 0) -> tuple[DeepseekV3ForCausalLM, MoELM]:
+    """transformers' model (its own init, router biases randomised) and moonforge's LM with the
+    same weights, imported through the deepseek_v3 adapter."""
+    torch.manual_seed(seed)
+    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**HF_CONFIG)).train()
+    with torch.no_grad():
+        for name, buf in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0.0, 0.01)
+    hf_config = json.loads(hf.config.to_json_string())
+    parts = deepseek_v3.parts_from_hf(hf_config)
+    state = deepseek_v3.state_from_hf(hf.state_dict(), parts, hf_config)
+    lm = MoELM(parts["lm"]).train()
+    lm.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()}, strict=True)
+    return hf, lm
+
+
+def model_flops_per_token(lm: MoELM) -> float:
+    """Training FLOPs per token (see the module docstring)."""
+    cfg = lm.cfg
+    matmul = sum(p.numel() for n, p in lm.named_parameters()
+                 if p.dim() >= 2 and not n.startswith("embed_tokens") and "experts." not in n)
+    matmul += sum(cfg.num_experts_per_tok * moe.experts.params_per_expert()
+                  for _, moe in lm.moe_layers())
+    d_qk = cfg.head_dim + cfg.qk_rope_head_dim
+    attn = cfg.num_layers * cfg.num_heads * (d_qk + cfg.head_dim) * (L + 1) / 2
+    return 6 * matmul + 6 * attn
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def matmul_peak(clock, n: int = 2048, repeats: int = 5) -> float:
+    """Best achieved fp32 FLOP/s of an n x n x n matmul (the MFU denominator)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = clock()
+        a @ b
+        best = min(best, clock() - t0)
+    return 2 * n**3 / best
+
+
+def make_steps(hf: DeepseekV3ForCausalLM, lm: MoELM, ids_BL: torch.Tensor):
+    """One full train step (zero_grad, forward, loss, backward, AdamW step) for each model."""
+    pos_BL = torch.arange(L).repeat(B, 1)
+    doc_BL = torch.zeros(B, L, dtype=torch.long)
+    labels_BL = F.pad(ids_BL[:, 1:], (0, 1), value=IGNORE)  # pre-shifted, as the packer does
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=0.1)
+    opt_mf = torch.optim.AdamW(lm.parameters(), lr=LR, weight_decay=0.1)
+
+    def hf_step() -> float:
+        opt_hf.zero_grad(set_to_none=True)
+        loss = hf(input_ids=ids_BL, labels=ids_BL).loss
+        loss.backward()
+        opt_hf.step()
+        return loss.item()
+
+    def mf_step() -> float:
+        opt_mf.zero_grad(set_to_none=True)
+        loss, _ = token_ce(lm(ids_BL, pos_BL, doc_BL), labels_BL)  # the stages' LM loss
+        loss.backward()
+        opt_mf.step()
+        return loss.item()
+
+    return hf_step, mf_step
+
+
+def timed(step, n: int, clock) -> float:
+    """Seconds per step, median of n."""
+    times = []
+    for _ in range(n):
+        t0 = clock()
+        step()
+        times.append(clock() - t0)
+    return statistics.median(times)
+
+
+def profile(step, label: str, rows: int = 25) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(f"--- profile: {label} (self CPU time) ---")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall seconds, or process CPU seconds (use with --threads 1)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf, lm = build_pair()
+    ids_BL = torch.randint(0, HF_CONFIG["vocab_size"], (B, L),
+                           generator=torch.Generator().manual_seed(1))
+    hf_step, mf_step = make_steps(hf, lm, ids_BL)
+    loss_hf, loss_mf = hf_step(), mf_step()  # warm-up; the same weights give the same loss
+    print(f"step-1 loss: transformers {loss_hf:.6f}, moonforge {loss_mf:.6f} "
+          f"(|diff| {abs(loss_hf - loss_mf):.1e})")
+    flops = model_flops_per_token(lm) * B * L
+    clock = CLOCKS[args.clock]
+    peak = matmul_peak(clock)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; "
+          f"{B} x {L} tokens, "
+          f"{flops / 1e9:.1f} GFLOP per step; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    ratios, t_hf, t_mf = [], [], []
+    for r in range(args.rounds):
+        order = [("hf", hf_step), ("mf", mf_step)][:: 1 if r % 2 == 0 else -1]
+        got = {name: timed(step, args.steps, clock) for name, step in order}
+        t_hf.append(got["hf"])
+        t_mf.append(got["mf"])
+        ratios.append(got["hf"] / got["mf"])
+        print(f"round {r}: transformers {B * L / got['hf']:7.0f} tok/s, moonforge "
+              f"{B * L / got['mf']:7.0f} tok/s, ratio {ratios[-1]:.2f}x")
+    med_hf, med_mf = statistics.median(t_hf), statistics.median(t_mf)
+    print(f"median ratio (moonforge / transformers tokens/s): {statistics.median(ratios):.2f}x "
+          f"(rounds {min(ratios):.2f}-{max(ratios):.2f}); goal >= 1.3x")
+    print(f"MFU: moonforge {flops / med_mf / peak:.1%}, transformers {flops / med_hf / peak:.1%} "
+          f"(of {peak / 1e9:.1f} GFLOP/s); goal >= 55%")
+    if args.profile:
+        profile(mf_step, "moonforge")
+        profile(hf_step, "transformers")
+
+
+if __name__ == "__main__":
+    main()

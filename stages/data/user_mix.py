@@ -1,0 +1,282 @@
+"""Declared datasets inside a stage: checked before training, mixed in by weight, scored, recorded.
+
+    mix = DeclaredMix(cfg, data, tok, vision, ctx.parallel)   # opens + checks every mixture entry
+    batches = lm_stream({**generated, **mix.sources()}, mix.weights(weights_at), ...)
+    ... train ...
+    metrics.update(mix.metrics(batches))                     # records used / skipped, by reason
+
+`DeclaredMix` opens each dataset the stage's `mixture:` names (its declaration is in the stage
+config, its files under the DatasetRef's directory or on S3), runs the full check (every record
+read, every image decoded; split over the data-parallel ranks and merged) and raises
+DeclaredDataError with the report, before any training, when more than max_bad_fraction of the
+records are bad. Documents: a dialogue is `encode_chat` with the answer-only loss mask, a pair is
+[image] caption <eos> (loss on the caption), a text is text <eos>; pixels load at batch time.
+`weights` scales the stage's own mixture to 1 - sum(shares) and adds the declared shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from moonforge.model.tokenizer import IMAGE_MARKER, Tokenizer
+from moonforge.stages.data.chat import ChatPromptItem
+from moonforge.stages.data.images import num_image_tokens, to_patches
+from moonforge.stages.data.shard_order import ShardOrder
+from moonforge.stages.data.sources import Doc, DocSource, ImageRef, VisionSpec
+from moonforge.stages.data.user_check import CheckReport, check_set, require_ok
+from moonforge.stages.data.user_images import BadRecord, ImageSource, decode_image, image_size
+from moonforge.stages.data.user_samples import Sample
+from moonforge.stages.data.user_sets import DeclaredSet
+
+
+class _Images:
+    """The 'loader' of a declared source's ImageRefs: decodes, counts what fails."""
+
+    def __init__(self, ds: DeclaredSet):
+        self.ds, self.root, self.skipped = ds, ds.root, 0
+
+    def failed(self, err: BadRecord) -> None:
+        self.skipped += 1
+        self.ds.skipped[err.reason] += 1
+
+
+@dataclass(frozen=True)
+class _SourceRef(ImageRef):
+    """An ImageRef whose bytes come from an ImageSource (a file, an S3 object or inline bytes)."""
+
+    source: ImageSource | None = None
+
+    def load(self):
+        try:
+            return decode_image(self.source)
+        except BadRecord as e:
+            self.loader.failed(e)
+            return None
+
+
+class DeclaredDocSource(DocSource):
+    """Training documents of a declared dataset of kind chat, pair or text (see module doc)."""
+
+    def __init__(self, ds: DeclaredSet, tok: Tokenizer):
+        self.ds, self.tok = ds, tok
+        super().__init__(ds.name, len(ds), self._make, _Images(ds))
+
+    def order(self, seed: str, slot: int = 0, num_slots: int = 1) -> ShardOrder:
+        return self.ds.order(seed, slot, num_slots)
+
+    def _make(self, index: int, vision: VisionSpec) -> Doc | None:
+        rec = self.ds.record(index)
+        try:
+            if isinstance(rec, BadRecord):
+                raise rec
+            grids = [vision.grid(*image_size(im)) for im in rec.images]
+        except BadRecord as e:
+            self.loader.failed(e)
+            return None
+        counts = [num_image_tokens(g, vision.merge_size) for g in grids]
+        refs = tuple(_SourceRef(self.loader, im.uri, g, im) for im, g in zip(rec.images, grids))
+        tok = self.tok
+        if rec.kind == "chat":
+            ids, mask = tok.encode_chat(rec.message_dicts(), counts)
+            return Doc(ids, mask, refs)
+        body = tok.encode(rec.text) + [tok.eos_id]
+        media = [i for n in counts for i in tok.media_placeholder(n)]
+        return Doc(media + body, [0] * len(media) + [1] * len(body) if media else None, refs)
+
+
+class DeclaredPairs:
+    """A declared image-text pair set as vit_pretrain's ImageTextIterator reads it."""
+
+    def __init__(self, ds: DeclaredSet):
+        self.ds, self.loader = ds, _Images(ds)
+
+    def order(self, seed: str, slot: int = 0, num_slots: int = 1) -> ShardOrder:
+        return self.ds.order(seed, slot, num_slots)
+
+    def pair(self, index: int):
+        """(decoded image, caption), or None for a bad record / image (counted)."""
+        rec = self.ds.record(index)
+        try:
+            if isinstance(rec, BadRecord):
+                raise rec
+            return decode_image(rec.images[0]), rec.text
+        except BadRecord as e:
+            self.loader.failed(e)
+            return None
+
+
+def _patched(images, vision: VisionSpec):
+    out = [to_patches(decode_image(im), vision.patch_size, vision.merge_size, vision.max_patches)
+           for im in images]
+    pixels = torch.cat([p for p, _ in out]) if out else None
+    grid = torch.tensor([g for _, g in out], dtype=torch.long) if out else None
+    return pixels, grid, [num_image_tokens(g, vision.merge_size) for _, g in out]
+
+
+def prompt_item(rec: Sample, tok: Tokenizer, vision: VisionSpec) -> ChatPromptItem:
+    """A generation prompt of a sample: a chat's turns before its last answer (reference = that
+    answer, exact match), or an RL prompt with its answer and verifier. BadRecord if an image
+    does not decode."""
+    msgs, answer, verifier = rec.message_dicts(), rec.answer or rec.chosen, rec.verifier or "exact"
+    if rec.kind == "chat":
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        msgs, answer = msgs[:last], msgs[last]["content"]
+    shown = sum(m["content"].count(IMAGE_MARKER) for m in msgs)
+    pixels, grid, counts = _patched(rec.images[:shown], vision)
+    ids, _ = tok.encode_chat(msgs, counts, add_generation_prompt=True)
+    kind = "image" if shown else "text"
+    difficulty = rec.difficulty if rec.kind == "prompt" and rec.difficulty is not None else (
+        0.5 if rec.kind == "prompt" else None)
+    return ChatPromptItem(rec.key, kind, ids, pixels, grid, answer, verifier, difficulty)
+
+
+def reduce_reports(rep: CheckReport, par) -> CheckReport:
+    """Merge the per-rank check reports (a collective under data parallelism)."""
+    if par is None or par.world_size == 1:
+        return rep
+    parts = par.gather_objects(rep)
+    merged = parts[0]
+    for other in parts[1:]:
+        merged.merge(other)
+    return merged
+
+
+class DeclaredMix:
+    """The declared datasets of one stage's `mixture:` (see the module docstring)."""
+
+    def __init__(self, cfg, data: Mapping, tok: Tokenizer, vision: VisionSpec, par=None):
+        self.cfg, self.tok, self.vision, self.par = cfg, tok, vision, par
+        self.shares = dict(cfg.mixture)
+        self.sets: dict[str, DeclaredSet] = {}
+        self.reports: dict[str, CheckReport] = {}
+        rank, world = (par.rank, par.world_size) if par is not None else (0, 1)
+        for name in self.shares:
+            if name not in data:
+                raise KeyError(f"stage {cfg.stage_name!r}: mixture names {name!r} but the stage "
+                               f"was given datasets {sorted(data)}; list it in the stage's data:")
+            ds = DeclaredSet(cfg.declaration(name), data[name].path)
+            rep = reduce_reports(check_set(ds, tok, vision, rank, world), par)
+            require_ok(rep, cfg.stage_name)
+            self.sets[name], self.reports[name] = ds, rep
+        self._sources: dict[str, DeclaredDocSource] = {}
+        self._prompt_counts: dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.sets)
+
+    def sources(self) -> dict[str, DocSource]:
+        """Training documents of the chat / pair / text datasets, by dataset name."""
+        for name, ds in self.sets.items():
+            if ds.kind in ("chat", "pair", "text") and name not in self._sources:
+                self._sources[name] = DeclaredDocSource(ds, self.tok)
+        return dict(self._sources)
+
+    def weights(self, weights_at: Callable[[int], Mapping[str, float]] | Mapping[str, float]
+                ) -> Callable[[int], dict[str, float]]:
+        """The stage's own weights scaled to 1 - sum(shares), plus the declared shares."""
+        rest = max(0.0, 1.0 - sum(self.shares.values()))
+        self.sources()
+        if not self._sources:
+            return weights_at if callable(weights_at) else (lambda step: dict(weights_at))
+
+        def at(step: int) -> dict[str, float]:
+            own = dict(weights_at(step) if callable(weights_at) else weights_at)
+            total = sum(own.values())
+            out = {k: (rest * v / total if total > 0 else 0.0) for k, v in own.items()}
+            out.update({n: s for n, s in self.shares.items() if n in self._sources})
+            return out
+
+        return at
+
+    def heldout_items(self, name: str) -> list[ChatPromptItem]:
+        """Prompts of the held-out records of `name` (in id order; a bad one is left out)."""
+        ds, items = self.sets[name], []
+        for rid in ds.heldout:
+            rec = ds.record(rid)
+            try:
+                if isinstance(rec, BadRecord):
+                    raise rec
+                items.append(prompt_item(rec, self.tok, self.vision))
+            except BadRecord:
+                continue
+        return items
+
+    def prompts(self, name: str, exclude_heldout: bool = True) -> list[ChatPromptItem]:
+        """Every usable record of an RL prompt / chat dataset as a generation prompt (the whole
+        set is in memory: prompt sets are small next to pretraining data)."""
+        ds, held, items = self.sets[name], set(self.sets[name].heldout), []
+        for rid, rec in ds.records():
+            if exclude_heldout and rid in held or isinstance(rec, BadRecord):
+                continue
+            try:
+                items.append(prompt_item(rec, self.tok, self.vision))
+            except BadRecord:
+                continue
+        self._prompt_counts[name] = len(items)
+        return items
+
+    def pairs(self) -> dict[str, tuple["DeclaredPairs", float]]:
+        """The image-text pair sets with their shares (vit_pretrain's `extra` sources)."""
+        return {n: (DeclaredPairs(ds), self.shares[n]) for n, ds in self.sets.items() if ds.kind == "pair"}
+
+    def metrics(self, batches=None) -> dict[str, float]:
+        """Per dataset: records, valid, held out, used (documents drawn, all ranks), skipped in
+        the check and in training, by reason: data/<name>/... (lineage reads them)."""
+        out: dict[str, float] = {}
+        drawn = {**self._prompt_counts, **(getattr(batches, "docs_by_source", None) or {})}
+        used = {n: float(drawn.get(n, 0)) for n in self.sets}
+        trained_bad = {f"{n}/{r}": float(c) for n, ds in self.sets.items() for r, c in ds.skipped.items()}
+        if self.par is not None and self.par.world_size > 1:
+            keys = sorted(used) + sorted(trained_bad)
+            summed = self.par.mean_metrics({k: {**used, **trained_bad}[k] for k in keys})
+            used = {n: summed[n] * self.par.world_size for n in used}
+            trained_bad = {k: summed[k] * self.par.world_size for k in trained_bad}
+        for name, rep in self.reports.items():
+            p = f"data/{name}/"
+            out.update({p + "records": float(rep.num_records), p + "valid": float(rep.num_records - rep.num_bad),
+                        p + "heldout": float(len(self.sets[name].heldout)),
+                        p + "records_used": float(round(used[name])), p + "skipped": float(rep.num_bad)})
+            out.update({p + f"skipped/{r}": float(c) for r, c in rep.bad.items()})
+        out.update({f"data/{k.split('/')[0]}/skipped_in_training/{k.split('/')[1]}": v
+                    for k, v in trained_bad.items()})
+        return out
+
+
+def weighted_pool(own: list, declared: Mapping[str, list], shares: Mapping[str, float],
+                  seed: str) -> list:
+    """A list of prompts (or pairs) in which each declared set makes up its share of the items
+    (repeated or subsampled in a seeded order) and `own` the rest: uniform sampling from the pool
+    then follows the mixture. With no own items the declared sets split the pool by share."""
+    import random
+
+    declared = {n: items for n, items in declared.items() if items}
+    if not declared:
+        return list(own)
+    rest = max(0.0, 1.0 - sum(shares[n] for n in declared))
+    unit = len(own) / rest if own and rest > 0 else float(max(len(v) / shares[n] for n, v in declared.items()))
+    pool = list(own) if rest > 0 else []
+    for name, items in declared.items():
+        want = max(1, round(unit * shares[name]))
+        order = list(range(len(items)))
+        random.Random(f"{seed}/{name}").shuffle(order)
+        pool += [items[order[i % len(items)]] for i in range(want)]
+    return pool
+
+
+def preference_pairs(mix: DeclaredMix, name: str) -> list[tuple[ChatPromptItem, list[int], list[int]]]:
+    """(prompt, chosen ids, rejected ids) of a preference dataset's training records; responses
+    end in the turn-end token, as sampled responses do."""
+    ds, held, out = mix.sets[name], set(mix.sets[name].heldout), []
+    end = [mix.tok.turn_end_id]
+    for rid, rec in ds.records():
+        if rid in held or isinstance(rec, BadRecord):
+            continue
+        try:
+            item = prompt_item(rec, mix.tok, mix.vision)
+        except BadRecord:
+            continue
+        out.append((item, mix.tok.encode(rec.chosen) + end, mix.tok.encode(rec.rejected) + end))
+    return out
