@@ -121,9 +121,12 @@ class LauncherConfig(Frozen):
 
     The global batch is fixed: `batch_size` counts sequences per optimizer step summed over all
     ranks; each rank takes every world_size-th micro-batch of the step and gradients are averaged
-    over ranks, so an update equals the single-process update up to float summation order. That
-    is why the whole section is Runtime: changing the world size or ZeRO stage never makes a new
-    artifact version (tests/test_distributed.py pins the loss-curve tolerance).
+    over ranks, so on the generated datasets an update equals the single-process update up to float
+    summation order (tests/test_distributed.py pins the loss-curve tolerance). Users' streaming
+    datasets are read in per-rank block shares, so their sample order depends on the world size
+    (stages/data/shard_order.py). The whole section is still Runtime, as in torchtitan: the world
+    size and ZeRO stage are how a run is executed, not what it trains, and never make a new
+    artifact version.
     """
 
     kind: Literal["inprocess", "torchrun", "deepspeed"] = "inprocess"

@@ -108,11 +108,11 @@ def _scalar_candidates(value: Any, ann: Any) -> list[Any]:
         out: list[Any] = []
         for a in args:
             if a is int or (isinstance(a, type) and issubclass(a, int)):
-                out += [1, 2, 4]
+                out += [1, 2, 4, 0]  # 0: launcher.node_rank, which must stay below nnodes = 1
             elif a is float or (isinstance(a, type) and issubclass(a, float)):
                 out += [0.5, 0.1, 2.0]
             elif a is str:
-                out += ["x"]
+                out += ["x", "127.0.0.1:29400"]  # host:port: launcher.rdzv_endpoint
             elif isinstance(a, type) and issubclass(a, BaseModel):  # e.g. init: {lm: x}
                 out += [{name: "x"} for name in a.model_fields]
         return out
@@ -128,8 +128,10 @@ def _declaration(kind: str) -> dict:
 
 def candidates(value: Any, ann: Any) -> list[Any]:
     """Plausible other values for a leaf (validity is checked by the schema itself)."""
-    if isinstance(value, dict):  # mixture: a share of a declared dataset (see base_for)
-        return [{"user_set": 0.5}] if not value else [{}]
+    if isinstance(value, dict):
+        if str in typing.get_args(ann)[1:]:  # launcher.node_selector: Kubernetes node labels
+            return [{"kubernetes.io/arch": "amd64"}] if not value else [{}]
+        return [{"user_set": 0.5}] if not value else [{}]  # mixture: a declared set's share
     if isinstance(value, tuple):
         inner = [a for a in _flat_args(ann) if typing.get_origin(a) is tuple]
         elem_ann = typing.get_args(inner[0])[0] if inner else Any
@@ -249,7 +251,8 @@ def test_the_walk_sees_the_runtime_fields_and_nested_identity_fields():
     # as the inputs record's `init` (tests/test_interop_recipe.py)
     assert {p for _, p in paths} == {("log_every",), ("checkpoint_every",), ("num_workers",),
                                      ("activation_checkpointing",), ("init",)} | {
-        ("launcher", f) for f in ("kind", "nproc_per_node", "nnodes", "zero_stage", "backend")}
+        ("launcher", f) for f in ("kind", "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint",
+                                  "rdzv_timeout_s", "node_selector", "zero_stage", "backend")}
     ident = {p for _, _, p, rt in cases() if not rt}
     assert ("optimizer", "muon", "momentum") in ident and ("lm", "rope_theta") in ident
     assert ("resolution_schedule", 0, "max_patches") in ident and ("phases",) in ident
