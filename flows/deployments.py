@@ -16,12 +16,13 @@ the per-stage tasks and Prefect artifacts land on the deployment run's own page.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moonforge.flows.lifecycle import lifecycle_flow, rerun_flow, stages_until
 from moonforge.stages.recipe import Recipe, RecipeError, load_recipe
@@ -58,6 +59,15 @@ class _Params(BaseModel):
             raise ValueError(str(e)) from None
 
 
+def default_project() -> str:
+    """$MOONFORGE_HOME (the checkout a Slurm or process worker runs flows for), else ".".
+
+    A run whose parameters omit `project` (e.g. `prefect deployment run ... --params` replacing
+    the deployment's defaults) may start in a temporary directory Prefect pulled the code into;
+    "." there would put the artifacts in a store nobody reads afterwards."""
+    return os.environ.get("MOONFORGE_HOME") or "."
+
+
 class LifecycleParams(_Params):
     """Run the recipe's whole lifecycle (cached stages are reused)."""
 
@@ -67,8 +77,9 @@ class LifecycleParams(_Params):
     """Stop after this stage (default: run every stage)."""
     overrides: list[str] = []
     """Recipe overrides, like the CLI's --set: stages.<name>.<field>=value or model.<...>=value."""
-    project: str = "."
-    """The moonforge project directory (artifact store, .moonforge/, dvc.yaml) on the worker."""
+    project: str = Field(default_factory=default_project)
+    """The moonforge project directory (artifact store, .moonforge/, dvc.yaml) on the worker;
+    default $MOONFORGE_HOME, else the flow's working directory."""
 
     @model_validator(mode="after")
     def _check(self) -> "LifecycleParams":
@@ -93,8 +104,9 @@ class RerunParams(_Params):
     """Also rerun every later stage, each from the artifact just produced."""
     overrides: list[str] = []
     """Recipe overrides, like the CLI's --set: stages.<name>.<field>=value or model.<...>=value."""
-    project: str = "."
-    """The moonforge project directory (artifact store, .moonforge/, dvc.yaml) on the worker."""
+    project: str = Field(default_factory=default_project)
+    """The moonforge project directory (artifact store, .moonforge/, dvc.yaml) on the worker;
+    default $MOONFORGE_HOME, else the flow's working directory."""
 
     @model_validator(mode="after")
     def _check(self) -> "RerunParams":

@@ -89,9 +89,7 @@ def source_tokens(sources: Mapping[str, DocSource], mcfg: VLMConfig) -> int:
 
 def phase_rows(cfg: SFTConfig, phase: SFTPhase) -> tuple[int, int]:
     """(rows per micro-batch, micro-batches per step): tokens per step = batch_size * seq_len."""
-    rows = max(1, cfg.batch_size * cfg.seq_len // phase.seq_len)
-    micro = max(1, min(rows, (cfg.micro_batch_size or cfg.batch_size) * cfg.seq_len // phase.seq_len))
-    return micro, max(1, rows // micro)
+    return cfg.phase_rows(phase)
 
 
 def phase_steps(cfg: SFTConfig, phase: SFTPhase, epoch_tokens: int | None) -> int:

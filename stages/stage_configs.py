@@ -175,6 +175,11 @@ class LongContextConfig(MixtureStage):
             raise ValueError(
                 "long_context: put num_steps / num_tokens in each sub_stages entry, not on the stage"
             )
+        if self.launcher.world_size > 1:  # one micro-batch per step: nothing to share
+            raise ValueError(
+                f"long_context: each sub-stage step is one micro-batch, which cannot be shared by "
+                f"{self.launcher.world_size} ranks (no context parallelism yet); run this stage "
+                "with launcher.kind: inprocess (or nproc_per_node: 1, nnodes: 1)")
         return self
 
     def sub_stage_steps(self, sub: SubStage) -> int:
@@ -234,7 +239,24 @@ class SFTConfig(MixtureStage):
         for i, p in enumerate(self.phases):
             if (p.num_steps is None) == (p.num_epochs is None):
                 raise ValueError(f"sft.phases[{i}]: set exactly one of num_steps or num_epochs")
+        world = self.launcher.world_size
+        for i, p in enumerate(self.phases):  # each phase has its own micro-batches per step
+            micro, accum = self.phase_rows(p)
+            if world > 1 and accum % world:
+                raise ValueError(
+                    f"sft.phases[{i}] (seq_len {p.seq_len}): {accum} micro-batch(es) of {micro} "
+                    f"rows per step cannot be shared by {world} ranks (launcher.nproc_per_node x "
+                    f"nnodes); set micro_batch_size so every phase has a multiple of {world} "
+                    f"(e.g. micro_batch_size: {max(1, self.batch_size // (2 * world))})")
         return self
+
+    def phase_rows(self, phase: SFTPhase) -> tuple[int, int]:
+        """(rows per micro-batch, micro-batches per step) of a phase: tokens per step stay
+        batch_size * seq_len, micro-batches hold micro_batch_size * seq_len tokens."""
+        rows = max(1, self.batch_size * self.seq_len // phase.seq_len)
+        mb = self.micro_batch_size or self.batch_size
+        micro = max(1, min(rows, mb * self.seq_len // phase.seq_len))
+        return micro, max(1, rows // micro)
 
     @property
     def steps(self) -> int:

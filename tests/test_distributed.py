@@ -121,6 +121,33 @@ def test_world_size_that_does_not_divide_the_batch_is_a_clear_error():
         _cfg(nproc_per_node=2)
 
 
+def test_sft_phases_and_long_context_that_cannot_share_a_step_are_refused_at_load():
+    """Their own micro-batching escapes the stage-level check; a rank left without a micro-batch
+    would reach the step's all-reduces out of order and hang the job (seen under Slurm)."""
+    tiny = ["stages.sft.launcher.kind=torchrun", "stages.sft.launcher.nproc_per_node=2"]
+    with pytest.raises(ValueError, match=r"sft.phases\[0\] \(seq_len 256\): 1 micro-batch\(es\) of 8 "
+                                         r"rows per step cannot be shared by 2 ranks.*"
+                                         r"micro_batch_size: 2"):
+        load_recipe(REPO / "recipes" / "tiny.yaml", tiny)
+    ok = load_recipe(REPO / "recipes" / "tiny.yaml", [*tiny, "stages.sft.micro_batch_size=2"])
+    sft = next(s for s in ok.stages if s.kind == "sft")
+    assert [sft.phase_rows(p) for p in sft.phases] == [(2, 4), (1, 2)]
+    with pytest.raises(ValueError, match=r"long_context: each sub-stage step is one micro-batch, "
+                                         r"which cannot be shared by 2 ranks"):
+        load_recipe(REPO / "recipes" / "tiny.yaml", [
+            "stages.long_context.launcher.kind=torchrun",
+            "stages.long_context.launcher.nproc_per_node=2"])
+
+
+def test_a_step_whose_micro_batches_do_not_divide_over_the_ranks_fails_instead_of_hanging():
+    from moonforge.stages.train.distributed import Parallel
+
+    par = Parallel(rank=1, world_size=2, engine="torchrun")
+    assert par.my_share(["a", "b", "c", "d"]) == ["b", "d"]
+    with pytest.raises(ValueError, match=r"1 micro-batch\(es\) per step cannot be shared by 2 ranks"):
+        par.my_share(["a"])
+
+
 def test_zero3_on_cpu_is_refused_with_the_fix(tmp_path):
     with pytest.raises(launch.LauncherUnavailable,
                        match=r"zero_stage=3 .*CUDA.*set launcher.zero_stage to 2"):

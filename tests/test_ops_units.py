@@ -40,6 +40,18 @@ def test_lifecycle_params_check_until_against_the_recipe():
         LifecycleParams(project=str(REPO), until="x")
 
 
+def test_params_without_a_project_use_moonforge_home_not_the_flow_cwd(monkeypatch, tmp_path):
+    """`prefect deployment run --params` replaces the deployment's defaults; a Slurm job then
+    runs the flow in Prefect's temp copy of the code, where "." would hide the artifacts."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOONFORGE_HOME", str(REPO))
+    assert RerunParams(stage="sft").project == str(REPO)
+    assert LifecycleParams().recipe_path() == str(REPO / "recipes" / "tiny.yaml")
+    monkeypatch.delenv("MOONFORGE_HOME")
+    with pytest.raises(ValueError, match="no such file under project '.'"):
+        RerunParams(stage="sft")
+
+
 def test_prefect_reports_the_pydantic_message_for_a_run():
     """What the flow-run process does before the flow body: the message reaches the run state."""
     from prefect.exceptions import ParameterTypeError

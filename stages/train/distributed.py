@@ -57,6 +57,13 @@ class Parallel:
         return self.rank == self.writer_rank
 
     def my_share(self, micro_batches: list[Any]) -> list[Any]:
+        """This rank's micro-batches of the step. Refused unless every rank gets as many: a rank
+        with fewer (or none) would reach the step's collectives out of order and hang the job."""
+        if len(micro_batches) % self.world_size:
+            raise ValueError(
+                f"{len(micro_batches)} micro-batch(es) per step cannot be shared by "
+                f"{self.world_size} ranks; make the stage's micro-batches per step a multiple of "
+                f"{self.world_size} (a smaller micro_batch_size) or launch fewer processes")
         return micro_batches[self.rank::self.world_size]
 
     def mean_metrics(self, totals: dict[str, float]) -> dict[str, float]:
