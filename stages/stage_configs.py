@@ -243,18 +243,22 @@ class SFTConfig(MixtureStage):
         for i, p in enumerate(self.phases):  # each phase has its own micro-batches per step
             micro, accum = self.phase_rows(p)
             if world > 1 and accum % world:
+                fits = [mb for mb in range(self.batch_size, 0, -1) if self.batch_size % mb == 0
+                        and all(self.phase_rows(q, mb)[1] % world == 0 for q in self.phases)]
+                fix = (f"set micro_batch_size: {fits[0]}" if fits else
+                       f"use a world size that divides {micro * accum} (its rows per step) or a "
+                       "larger batch_size (no context parallelism yet)")
                 raise ValueError(
                     f"sft.phases[{i}] (seq_len {p.seq_len}): {accum} micro-batch(es) of {micro} "
                     f"rows per step cannot be shared by {world} ranks (launcher.nproc_per_node x "
-                    f"nnodes); set micro_batch_size so every phase has a multiple of {world} "
-                    f"(e.g. micro_batch_size: {max(1, self.batch_size // (2 * world))})")
+                    f"nnodes); {fix}")
         return self
 
-    def phase_rows(self, phase: SFTPhase) -> tuple[int, int]:
+    def phase_rows(self, phase: SFTPhase, micro_batch_size: int | None = None) -> tuple[int, int]:
         """(rows per micro-batch, micro-batches per step) of a phase: tokens per step stay
         batch_size * seq_len, micro-batches hold micro_batch_size * seq_len tokens."""
         rows = max(1, self.batch_size * self.seq_len // phase.seq_len)
-        mb = self.micro_batch_size or self.batch_size
+        mb = micro_batch_size or self.micro_batch_size or self.batch_size
         micro = max(1, min(rows, mb * self.seq_len // phase.seq_len))
         return micro, max(1, rows // micro)
 

@@ -127,11 +127,17 @@ def test_sft_phases_and_long_context_that_cannot_share_a_step_are_refused_at_loa
     tiny = ["stages.sft.launcher.kind=torchrun", "stages.sft.launcher.nproc_per_node=2"]
     with pytest.raises(ValueError, match=r"sft.phases\[0\] \(seq_len 256\): 1 micro-batch\(es\) of 8 "
                                          r"rows per step cannot be shared by 2 ranks.*"
-                                         r"micro_batch_size: 2"):
+                                         r"set micro_batch_size: 4"):
         load_recipe(REPO / "recipes" / "tiny.yaml", tiny)
     ok = load_recipe(REPO / "recipes" / "tiny.yaml", [*tiny, "stages.sft.micro_batch_size=2"])
     sft = next(s for s in ok.stages if s.kind == "sft")
     assert [sft.phase_rows(p) for p in sft.phases] == [(2, 4), (1, 2)]
+    with pytest.raises(ValueError, match=r"sft.phases\[1\] \(seq_len 131072\): 64 micro-batch\(es\) "
+                                         r"of 1 rows per step cannot be shared by 128 ranks.*use a "
+                                         r"world size that divides 64"):
+        load_recipe(REPO / "recipes" / "kimi-vl-a3b.yaml", [
+            "stages.sft.launcher.kind=deepspeed", "stages.sft.launcher.nnodes=16",
+            "stages.sft.launcher.nproc_per_node=8"])
     with pytest.raises(ValueError, match=r"long_context: each sub-stage step is one micro-batch, "
                                          r"which cannot be shared by 2 ranks"):
         load_recipe(REPO / "recipes" / "tiny.yaml", [
