@@ -12,10 +12,10 @@ Thresholds (measured on the 2-core CPU, with margin; the README's "What the tiny
 stage-1 image->text retrieval >= 3x chance over 128 distinct captions; held-out text loss lower
 after joint pretraining than before it, and lower again after the cooldown; SFT VQA accuracy at
 least 5 points above the pre-SFT model (measured 0 -> 9.4%); RL held-out reasoning accuracy at
-least 3 points above its long-CoT start (measured 9.8 -> 17.9%; +6.5..+9.8 over RL seeds 0-3 at
-lr 3e-4..5e-4); long2short mean response length at least 10% shorter (measured 51.3 -> 45.2
-tokens, -12%; -21% with RL seed 1) with accuracy within 2 points (the stage's acc_tolerance;
-measured 17.9 -> 16.3%).
+least 3 points above its long-CoT start (measured 8.1 -> 17.1%; before the grouped experts
+changed the float rounding upstream, +6.5..+9.8 over RL seeds 0-3 at lr 3e-4..5e-4); long2short
+mean response length at least 10% shorter (measured 40.6 -> 32.5 tokens, -20%; earlier -12% and
+-21%) with accuracy within 2 points (the stage's acc_tolerance; measured 17.1 -> 17.1%).
 """
 
 from __future__ import annotations
