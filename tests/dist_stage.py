@@ -16,11 +16,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moonforge.stages.artifacts import StageResult
+from pathlib import Path
+
+from moonforge.stages.artifacts import StageContext, StageResult
 from moonforge.stages.train.checkpoint import PERIODIC_DIR, load_weights, save_weights
 from moonforge.stages.train.loop import TrainSpec, train
 
 VOCAB, DIM = 64, 32
+REPO = Path(__file__).resolve().parents[1]
+
+
+def toy_cfg(**launcher):
+    """The LM-pretrain config the launcher tests give the toy stage: 8 steps of 4 micro-batches."""
+    from moonforge.stages.stage_configs import LMPretrainConfig
+
+    return LMPretrainConfig(upstream=None, trainable=("lm",), optimizer={"lr": 1e-2},
+                            schedule={"kind": "cosine", "warmup_steps": 2}, seq_len=12,
+                            batch_size=8, micro_batch_size=2, num_steps=8, launcher=launcher)
+
+
+def toy_ctx(tmp_path: Path, name: str) -> StageContext:
+    """A fresh output directory `tmp_path/name` with the tiny recipe's model config."""
+    from moonforge.stages.recipe import load_recipe
+
+    out = tmp_path / name
+    out.mkdir()
+    return StageContext(out=out, model=load_recipe(REPO / "recipes" / "tiny.yaml").model)
+
+
+def loss_curve(metrics: dict[str, float]) -> list[float]:
+    """The per-step losses toy_stage reports as train/loss/NNN, in step order."""
+    return [v for k, v in sorted(metrics.items()) if k.startswith("train/loss/")]
 
 
 class ToyLM(nn.Module):

@@ -32,10 +32,9 @@ from moonforge.registry.errors import StageFailed
 from moonforge.registry.run_stage import run_stage
 from moonforge.registry.store import open_store
 from moonforge.registry.tracking import NullTracker
-from moonforge.stages.artifacts import ListSink, StageContext
+from moonforge.stages.artifacts import ListSink
 from moonforge.stages.config import LauncherConfig
 from moonforge.stages.recipe import load_recipe
-from moonforge.stages.stage_configs import LMPretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -44,20 +43,7 @@ LOSS_TOL = 1e-4
 pytestmark = pytest.mark.timeout(300)
 
 
-def _cfg(**launcher) -> LMPretrainConfig:
-    return LMPretrainConfig(upstream=None, trainable=("lm",), optimizer={"lr": 1e-2},
-                            schedule={"kind": "cosine", "warmup_steps": 2}, seq_len=12,
-                            batch_size=8, micro_batch_size=2, num_steps=8, launcher=launcher)
-
-
-def _ctx(tmp_path: Path, name: str) -> StageContext:
-    out = tmp_path / name
-    out.mkdir()
-    return StageContext(out=out, model=load_recipe(REPO / "recipes" / "tiny.yaml").model)
-
-
-def _curve(metrics: dict[str, float]) -> list[float]:
-    return [v for k, v in sorted(metrics.items()) if k.startswith("train/loss/")]
+_cfg, _ctx, _curve = dist_stage.toy_cfg, dist_stage.toy_ctx, dist_stage.loss_curve
 
 
 class OtherNode:

@@ -23,10 +23,9 @@ from moonforge.registry.errors import StageFailed
 from moonforge.registry.run_stage import run_stage
 from moonforge.registry.store import open_store
 from moonforge.registry.tracking import NullTracker
-from moonforge.stages.artifacts import ListSink, StageContext
+from moonforge.stages.artifacts import ListSink
 from moonforge.stages.config import OptimizerConfig
 from moonforge.stages.recipe import load_recipe
-from moonforge.stages.stage_configs import LMPretrainConfig
 from moonforge.stages.train.optim import MuonAdamW
 from moonforge.stages.train.zero_muon import ZeroMuonAdamW
 
@@ -36,20 +35,7 @@ LOSS_TOL = 1e-4
 STAGE = "dist_stage:toy_stage"
 
 
-def _cfg(**launcher) -> LMPretrainConfig:
-    return LMPretrainConfig(upstream=None, trainable=("lm",), optimizer={"lr": 1e-2},
-                            schedule={"kind": "cosine", "warmup_steps": 2}, seq_len=12,
-                            batch_size=8, micro_batch_size=2, num_steps=8, launcher=launcher)
-
-
-def _ctx(tmp_path: Path, name: str) -> StageContext:
-    out = tmp_path / name
-    out.mkdir()
-    return StageContext(out=out, model=load_recipe(REPO / "recipes" / "tiny.yaml").model)
-
-
-def _curve(metrics: dict[str, float]) -> list[float]:
-    return [v for k, v in sorted(metrics.items()) if k.startswith("train/loss/")]
+_cfg, _ctx, _curve = dist_stage.toy_cfg, dist_stage.toy_ctx, dist_stage.loss_curve
 
 
 @pytest.fixture(scope="module")
