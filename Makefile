@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.moonforge/prefect
 
-.PHONY: demo test install clean chromium slurm postgres
+.PHONY: demo test lint install clean chromium slurm postgres
 
 $(STAMP): pyproject.toml requirements.lock.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,7 +54,14 @@ postgres:
 	    { apt-get update -q >/dev/null 2>&1 && $(APT_INSTALL) postgresql >/dev/null 2>&1; }; }; } || \
 	  echo "note: postgresql could not be installed (needs root and apt); the Postgres test will skip"
 
-test: $(STAMP) chromium slurm postgres
+# Static checks (configured in pyproject.toml): lint, format and types, before any test runs.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	@mkdir -p $(VENV)/typeroot && ln -sfn ../.. $(VENV)/typeroot/moonforge
+	$(VENV)/bin/mypy
+
+test: lint chromium slurm postgres
 	@mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest -q
 

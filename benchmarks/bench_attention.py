@@ -75,7 +75,7 @@ def padded_sdpa(q, k, v, lengths: list[int]):
     for n in lengths[:-1]:
         starts.append(starts[-1] + n)
     for i, (s, n) in enumerate(zip(starts, lengths)):
-        qp[i, :, :n], kp[i, :, :n], vp[i, :, :n] = q[0, :, s:s + n], k[0, :, s:s + n], v[0, :, s:s + n]
+        qp[i, :, :n], kp[i, :, :n], vp[i, :, :n] = q[0, :, s : s + n], k[0, :, s : s + n], v[0, :, s : s + n]
     keep = torch.arange(M, device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
     causal = torch.ones(M, M, dtype=torch.bool, device=q.device).tril()
     mask = causal[None, None] & keep[:, None, None, :]
@@ -112,13 +112,17 @@ def main() -> None:
     q, k, v = (torch.randn(1, H, T, D, device=device, dtype=dtype) for _ in range(3))
     useful = 4 * H * D * sum(n * n for n in lengths) / 2
     peak = matmul_peak(device, dtype)
-    print(f"device {device} ({torch.cuda.get_device_name() if gpu else 'cpu'}), {dtype}; "
-          f"{len(lengths)} docs in {T} tokens (max {max(lengths)}), H={H} D={D}; "
-          f"matmul peak {peak / 1e12:.2f} TFLOP/s")
-    runs = {"padded": lambda: padded_sdpa(q, k, v, lengths),
-            "dense": lambda: attend(q, k, v, doc, True, backend="dense"),
-            "segments": lambda: attend(q, k, v, doc, True, backend="padded"),
-            "sdpa": lambda: attend(q, k, v, doc, True, backend="sdpa")}
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if gpu else 'cpu'}), {dtype}; "
+        f"{len(lengths)} docs in {T} tokens (max {max(lengths)}), H={H} D={D}; "
+        f"matmul peak {peak / 1e12:.2f} TFLOP/s"
+    )
+    runs = {
+        "padded": lambda: padded_sdpa(q, k, v, lengths),
+        "dense": lambda: attend(q, k, v, doc, True, backend="dense"),
+        "segments": lambda: attend(q, k, v, doc, True, backend="padded"),
+        "sdpa": lambda: attend(q, k, v, doc, True, backend="sdpa"),
+    }
     if flash_available(device):
         runs["flash"] = lambda: attend(q, k, v, doc, True, backend="flash")
     else:
@@ -152,8 +156,10 @@ def metadata_once_vs_per_layer(q, k, v, doc, layers: int, device, repeats: int) 
     with torch.no_grad():
         t_once, t_per = timed(once, device, repeats), timed(per_layer, device, repeats)
         t_meta = timed(lambda: attention_meta(doc, True, backend, q.dtype), device, repeats)
-    print(f"metadata once vs per layer ({layers} layers, {backend}): {1e3 * t_once:.2f} ms vs "
-          f"{1e3 * t_per:.2f} ms = {t_per / t_once:.2f}x (building it: {1e3 * t_meta:.2f} ms)")
+    print(
+        f"metadata once vs per layer ({layers} layers, {backend}): {1e3 * t_once:.2f} ms vs "
+        f"{1e3 * t_per:.2f} ms = {t_per / t_once:.2f}x (building it: {1e3 * t_meta:.2f} ms)"
+    )
 
 
 if __name__ == "__main__":

@@ -38,10 +38,22 @@ from moonforge.registry.store import LocalStore
 
 def lm_config(gb: float) -> LMConfig:
     """A Moonlight-shaped MoE LM whose fp32 weights take about `gb` GB (layers scale it)."""
-    base = dict(vocab_size=32000, hidden_size=1024, num_heads=8, attention="mla", head_dim=64,
-                kv_lora_rank=256, qk_rope_head_dim=32, first_k_dense=1,
-                dense_intermediate_size=2816, num_experts=16, num_experts_per_tok=2,
-                num_shared_experts=1, moe_intermediate_size=704, latent_norm_eps=1e-6)
+    base = dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        num_heads=8,
+        attention="mla",
+        head_dim=64,
+        kv_lora_rank=256,
+        qk_rope_head_dim=32,
+        first_k_dense=1,
+        dense_intermediate_size=2816,
+        num_experts=16,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
+        moe_intermediate_size=704,
+        latent_norm_eps=1e-6,
+    )
     one = LMConfig(num_layers=2, **base)
     two = LMConfig(num_layers=3, **base)
     per_layer = _nbytes(two) - _nbytes(one)
@@ -97,8 +109,10 @@ def main() -> None:
         cfg = lm_config(args.gb)
         size = write_source(cfg, root / "src", int(args.shard_gb * 1e9))
         shards = len(list((root / "src").glob("*.safetensors")))
-        print(f"checkpoint: DeepSeek-V3 layout, {cfg.num_layers} layers, {size / 1e9:.2f} GB fp32, "
-              f"{shards} shard(s)")
+        print(
+            f"checkpoint: DeepSeek-V3 layout, {cfg.num_layers} layers, {size / 1e9:.2f} GB fp32, "
+            f"{shards} shard(s)"
+        )
         n = [0]
 
         def fresh(name: str) -> Path:
@@ -112,8 +126,7 @@ def main() -> None:
         info = import_checkpoint(root / "src", store, "moonlight").info
 
         def run_export() -> None:
-            export_checkpoint(info, fresh("out"), store, part="lm",
-                              max_shard_bytes=int(args.shard_gb * 1e9))
+            export_checkpoint(info, fresh("out"), store, part="lm", max_shard_bytes=int(args.shard_gb * 1e9))
 
         def run_baseline() -> None:
             baseline(root / "src", fresh("base"))
@@ -123,11 +136,16 @@ def main() -> None:
         t_exp = timed(run_export, args.repeats)
         gb = size / 1e9
         print(f"{'path':<28}{'best s':>8}{'GB/s':>8}{'ratio':>8}")
-        for name, t in (("safetensors load+save", t_base), ("moonforge import", t_imp),
-                        ("moonforge export --part lm", t_exp)):
+        for name, t in (
+            ("safetensors load+save", t_base),
+            ("moonforge import", t_imp),
+            ("moonforge export --part lm", t_exp),
+        ):
             print(f"{name:<28}{t:8.2f}{gb / t:8.2f}{t_base / t:8.2f}")
-        print(f"import/baseline = {t_base / t_imp:.2f}x, export/baseline = {t_base / t_exp:.2f}x "
-              "(goal >= 0.5: throughput relative to the plain load + save)")
+        print(
+            f"import/baseline = {t_base / t_imp:.2f}x, export/baseline = {t_base / t_exp:.2f}x "
+            "(goal >= 0.5: throughput relative to the plain load + save)"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

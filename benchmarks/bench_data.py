@@ -72,10 +72,13 @@ def write_webdataset(pairs, out: Path, per_shard: int = 500) -> None:
     out.mkdir(parents=True)
     for s in range(0, len(pairs), per_shard):
         with tarfile.open(out / f"{s // per_shard:05d}.tar", "w") as tf:
-            for name, data, caption in pairs[s:s + per_shard]:
+            for name, data, caption in pairs[s : s + per_shard]:
                 key, ext = name.split(".")
-                for member, blob in ((name, data), (f"{key}.txt", caption.encode()),
-                                     (f"{key}.json", json.dumps({"caption": caption}).encode())):
+                for member, blob in (
+                    (name, data),
+                    (f"{key}.txt", caption.encode()),
+                    (f"{key}.json", json.dumps({"caption": caption}).encode()),
+                ):
                     info = tarfile.TarInfo(member)
                     info.size = len(blob)
                     tf.addfile(info, io.BytesIO(blob))
@@ -99,14 +102,25 @@ def in_memory_source(pairs, tok: Tokenizer) -> DocSource:
         n = (grid[0] // vision.merge_size) * (grid[1] // vision.merge_size)
         media = tok.media_placeholder(n)
         body = tok.encode(pairs[i][2]) + [tok.eos_id]
-        return Doc(media + body, [0] * len(media) + [1] * len(body), (_SourceRef(loader, src.uri, grid, src),))
+        return Doc(
+            media + body, [0] * len(media) + [1] * len(body), (_SourceRef(loader, src.uri, grid, src),)
+        )
 
     return DocSource("in_memory", len(pairs), make, loader)
 
 
 def samples_per_s(source: DocSource, tok: Tokenizer, vision: VisionSpec, batches: int) -> tuple[float, int]:
-    it = lm_batches({"s": source}, lambda s: {"s": 1.0}, tok, SEQ_LEN, ROWS, 0, vision.patch_size,
-                    vision.merge_size, vision.max_patches)
+    it = lm_batches(
+        {"s": source},
+        lambda s: {"s": 1.0},
+        tok,
+        SEQ_LEN,
+        ROWS,
+        0,
+        vision.patch_size,
+        vision.merge_size,
+        vision.max_patches,
+    )
     next(it)  # warm up (first block / row group, imports)
     before = it.docs_by_source["s"]
     start = time.perf_counter()
@@ -123,16 +137,30 @@ def model_and_tok() -> tuple[VLMConfig, Tokenizer]:
     return VLMConfig.model_validate(raw), tok
 
 
-def wait_share(source: DocSource, tok: Tokenizer, mcfg: VLMConfig, vision: VisionSpec,
-               steps: int) -> tuple[float, float]:
+def wait_share(
+    source: DocSource, tok: Tokenizer, mcfg: VLMConfig, vision: VisionSpec, steps: int
+) -> tuple[float, float]:
     """(seconds per micro-batch waiting for data, seconds per training step) on the tiny VLM."""
     model = build_vlm(mcfg, seed=0)
     named = [(n, p) for n, p in model.named_parameters() if not n.startswith("caption.")]
-    spec = TrainSpec(num_steps=steps + 2, optimizer=OptimizerConfig(lr=1e-3),
-                     schedule=ScheduleConfig(kind="constant"), trainable=("vision", "projector", "lm"))
+    spec = TrainSpec(
+        num_steps=steps + 2,
+        optimizer=OptimizerConfig(lr=1e-3),
+        schedule=ScheduleConfig(kind="constant"),
+        trainable=("vision", "projector", "lm"),
+    )
     state = TrainState(model, MuonAdamW(named, spec.optimizer), spec)
-    it = lm_batches({"s": source}, lambda s: {"s": 1.0}, tok, SEQ_LEN, ROWS, 1, vision.patch_size,
-                    vision.merge_size, vision.max_patches)
+    it = lm_batches(
+        {"s": source},
+        lambda s: {"s": 1.0},
+        tok,
+        SEQ_LEN,
+        ROWS,
+        1,
+        vision.patch_size,
+        vision.merge_size,
+        vision.max_patches,
+    )
     model.train()
     waits, computes = [], []
     for step in range(steps + 2):
@@ -163,26 +191,33 @@ def main() -> None:
         write_webdataset(pairs, root / "wds")
         write_parquet(pairs, root / "pq")
         sets = {
-            "webdataset": DeclaredSet(DeclaredDataset(name="wds", format="webdataset",
-                                                      path="wds/*.tar"), root),
+            "webdataset": DeclaredSet(
+                DeclaredDataset(name="wds", format="webdataset", path="wds/*.tar"), root
+            ),
             "parquet": DeclaredSet(DeclaredDataset(name="pq", format="parquet", path="pq"), root),
         }
-        sources = {"in-memory": in_memory_source(pairs, tok),
-                   **{k: DeclaredDocSource(ds, tok) for k, ds in sets.items()}}
+        sources = {
+            "in-memory": in_memory_source(pairs, tok),
+            **{k: DeclaredDocSource(ds, tok) for k, ds in sets.items()},
+        }
         rates = {}
         for _ in range(2):  # interleaved rounds: machine load hits every path alike
             for name, src in sources.items():
                 rate, _ = samples_per_s(src, tok, vision, args.batches)
                 rates.setdefault(name, []).append(rate)
         base = max(rates["in-memory"])
-        print(f"{'path':<12} {'samples/s':>10} {'vs in-memory':>13}   ({args.pairs} pairs, "
-              f"{args.batches} micro-batches of {ROWS} x {SEQ_LEN} tokens per path, best of 2)")
+        print(
+            f"{'path':<12} {'samples/s':>10} {'vs in-memory':>13}   ({args.pairs} pairs, "
+            f"{args.batches} micro-batches of {ROWS} x {SEQ_LEN} tokens per path, best of 2)"
+        )
         for name, r in rates.items():
             print(f"{name:<12} {max(r):>10.0f} {max(r) / base:>12.2f}x")
         wait, step = wait_share(sources["webdataset"], tok, mcfg, vision, args.steps)
-        print(f"tiny VLM step on the WebDataset stream: data {wait * 1000:.1f} ms + compute "
-              f"{step * 1000:.0f} ms per step -> {wait / (wait + step):.1%} of the step waiting "
-              f"for data (goal < 5%)")
+        print(
+            f"tiny VLM step on the WebDataset stream: data {wait * 1000:.1f} ms + compute "
+            f"{step * 1000:.0f} ms per step -> {wait / (wait + step):.1%} of the step waiting "
+            f"for data (goal < 5%)"
+        )
 
 
 if __name__ == "__main__":

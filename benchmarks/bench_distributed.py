@@ -35,8 +35,16 @@ WARMUP = 3
 
 
 def _cfg(steps: int, **launcher) -> LMPretrainConfig:
-    return LMPretrainConfig(upstream=None, trainable=("lm",), optimizer={"lr": 1e-2}, seq_len=64,
-                            batch_size=32, micro_batch_size=8, num_steps=steps, launcher=launcher)
+    return LMPretrainConfig(
+        upstream=None,
+        trainable=("lm",),
+        optimizer={"lr": 1e-2},
+        seq_len=64,
+        batch_size=32,
+        micro_batch_size=8,
+        num_steps=steps,
+        launcher=launcher,
+    )
 
 
 def _steps_per_s(sink: ListSink) -> float:
@@ -88,13 +96,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # what each torchrun rank gets (OMP_NUM_THREADS=1): same per-process budget
     one, two = throughput(args.steps)
-    print(f"throughput, global batch 32 x 64 tokens: single process {one:.2f} steps/s, "
-          f"torchrun 2 procs {two:.2f} steps/s -> DDP/single = {two / one:.2f}x")
+    print(
+        f"throughput, global batch 32 x 64 tokens: single process {one:.2f} steps/s, "
+        f"torchrun 2 procs {two:.2f} steps/s -> DDP/single = {two / one:.2f}x"
+    )
     mu_s, mu_share = optimizer_share(True, args.steps)
     ad_s, ad_share = optimizer_share(False, args.steps)
-    print(f"optimizer step: Muon+AdamW {mu_s * 1e3:.2f} ms ({mu_share:.1%} of the train step), "
-          f"AdamW only {ad_s * 1e3:.2f} ms ({ad_share:.1%}) -> Muon/AdamW step time = "
-          f"{mu_s / ad_s:.2f}x")
+    print(
+        f"optimizer step: Muon+AdamW {mu_s * 1e3:.2f} ms ({mu_share:.1%} of the train step), "
+        f"AdamW only {ad_s * 1e3:.2f} ms ({ad_share:.1%}) -> Muon/AdamW step time = "
+        f"{mu_s / ad_s:.2f}x"
+    )
 
 
 if __name__ == "__main__":

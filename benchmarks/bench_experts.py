@@ -32,14 +32,13 @@ def looped(experts: GroupedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor) 
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         if n:
-            outs.append(experts[e](x_AD[start:start + n]))
+            outs.append(experts[e](x_AD[start : start + n]))
         start += n
     return torch.cat(outs)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--width", type=int, default=512)
@@ -70,11 +69,12 @@ def main() -> None:
         x_AD = x_TD[order_A // K]
         fn(x_AD).backward(gy_AD)
 
-    forms = {"looped": lambda x: looped(experts, x, counts_E),
-             "padded": lambda x: experts._padded(x, counts_E, experts.gate_up, experts.down)}
+    forms = {
+        "looped": lambda x: looped(experts, x, counts_E),
+        "padded": lambda x: experts._padded(x, counts_E, experts.gate_up, experts.down),
+    }
     if grouped_mm_available(x_TD.device, x_TD.dtype):
-        forms["grouped_mm"] = lambda x: experts._grouped_mm(x, counts_E, experts.gate_up,
-                                                            experts.down)
+        forms["grouped_mm"] = lambda x: experts._grouped_mm(x, counts_E, experts.gate_up, experts.down)
     with torch.no_grad():
         x_AD = x_TD[order_A // K]
         ref = forms["looped"](x_AD)
@@ -88,9 +88,11 @@ def main() -> None:
             run(forms[name])
             times[name].append(clock() - t0)
     base = statistics.median(times["looped"][1:])
-    print(f"{T} tokens x top-{K} over {E} experts (busiest {int(counts_E.max())} of "
-          f"{T * K} rows), d={args.dim}, width {args.width}, {torch.get_num_threads()} threads, "
-          f"{args.clock} clock")
+    print(
+        f"{T} tokens x top-{K} over {E} experts (busiest {int(counts_E.max())} of "
+        f"{T * K} rows), d={args.dim}, width {args.width}, {torch.get_num_threads()} threads, "
+        f"{args.clock} clock"
+    )
     print(f"{'form':>10} {'ms fwd+bwd':>11} {'vs looped':>10}")
     for name, ts in times.items():
         t = statistics.median(ts[1:])

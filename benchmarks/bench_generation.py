@@ -40,8 +40,7 @@ def tiny_vlm() -> VLM:
 
 def timed_generate(model: VLM, prompts: list[list[int]], new: int, use_cache: bool):
     start = time.perf_counter()
-    out = generate(model, prompts, max_new_tokens=new, temperature=0.0, stop_ids=(),
-                   use_cache=use_cache)
+    out = generate(model, prompts, max_new_tokens=new, temperature=0.0, stop_ids=(), use_cache=use_cache)
     return out, time.perf_counter() - start
 
 
@@ -65,8 +64,10 @@ def main() -> None:
     full, t_full = timed_generate(model, prompts, args.new, use_cache=False)
     assert cached.tokens == full.tokens, "cached and uncached greedy generations differ"
     num_tokens = sum(cached.lengths)
-    print(f"tiny VLM ({model.cfg.lm.attention}), CPU, {args.threads} threads: B={args.batch} "
-          f"prompts x L={args.prompt_len} tokens, {args.new} new tokens each, greedy")
+    print(
+        f"tiny VLM ({model.cfg.lm.attention}), CPU, {args.threads} threads: B={args.batch} "
+        f"prompts x L={args.prompt_len} tokens, {args.new} new tokens each, greedy"
+    )
     print(f"{'mode':<14}{'seconds':>10}{'tokens/s':>12}")
     print(f"{'kv cache':<14}{t_cached:>10.2f}{num_tokens / t_cached:>12.1f}")
     print(f"{'no cache':<14}{t_full:>10.2f}{num_tokens / t_full:>12.1f}")

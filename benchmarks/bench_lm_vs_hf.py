@@ -44,13 +44,34 @@ from moonforge.model.lm import MoELM  # noqa: E402
 from moonforge.stages.train.objectives import IGNORE, token_ce  # noqa: E402
 
 HF_CONFIG = dict(
-    vocab_size=8192, hidden_size=256, intermediate_size=1024, moe_intermediate_size=512,
-    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
-    n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=128,
-    q_lora_rank=None, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
-    first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=10000.0,
-    max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
-    pad_token_id=None, attn_implementation="sdpa")
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=1024,
+    moe_intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    kv_lora_rank=128,
+    q_lora_rank=None,
+    qk_rope_head_dim=32,
+    qk_nope_head_dim=64,
+    v_head_dim=64,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    rope_theta=10000.0,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+    attn_implementation="sdpa",
+)
 """d=256, 4 layers (1 dense + 3 MoE), 8 experts top-2 + 1 shared, MLA (kv rank 128, 4 heads of
 64 + 32 rope dims), vocab 8192."""
 B, L = 4, 512
@@ -77,10 +98,12 @@ def build_pair(seed: int = 0) -> tuple[DeepseekV3ForCausalLM, MoELM]:
 def model_flops_per_token(lm: MoELM) -> float:
     """Training FLOPs per token (see the module docstring)."""
     cfg = lm.cfg
-    matmul = sum(p.numel() for n, p in lm.named_parameters()
-                 if p.dim() >= 2 and not n.startswith("embed_tokens") and "experts." not in n)
-    matmul += sum(cfg.num_experts_per_tok * moe.experts.params_per_expert()
-                  for _, moe in lm.moe_layers())
+    matmul = sum(
+        p.numel()
+        for n, p in lm.named_parameters()
+        if p.dim() >= 2 and not n.startswith("embed_tokens") and "experts." not in n
+    )
+    matmul += sum(cfg.num_experts_per_tok * moe.experts.params_per_expert() for _, moe in lm.moe_layers())
     d_qk = cfg.head_dim + cfg.qk_rope_head_dim
     attn = cfg.num_layers * cfg.num_heads * (d_qk + cfg.head_dim) * (L + 1) / 2
     return 6 * matmul + 6 * attn
@@ -137,7 +160,8 @@ def timed(step, n: int, clock) -> float:
 
 
 def profile(step, label: str, rows: int = 25) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
@@ -146,30 +170,36 @@ def profile(step, label: str, rows: int = 25) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                   help="wall seconds, or process CPU seconds (use with --threads 1)")
+    p.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="wall seconds, or process CPU seconds (use with --threads 1)",
+    )
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     hf, lm = build_pair()
-    ids_BL = torch.randint(0, HF_CONFIG["vocab_size"], (B, L),
-                           generator=torch.Generator().manual_seed(1))
+    ids_BL = torch.randint(0, HF_CONFIG["vocab_size"], (B, L), generator=torch.Generator().manual_seed(1))
     hf_step, mf_step = make_steps(hf, lm, ids_BL)
     loss_hf, loss_mf = hf_step(), mf_step()  # warm-up; the same weights give the same loss
-    print(f"step-1 loss: transformers {loss_hf:.6f}, moonforge {loss_mf:.6f} "
-          f"(|diff| {abs(loss_hf - loss_mf):.1e})")
+    print(
+        f"step-1 loss: transformers {loss_hf:.6f}, moonforge {loss_mf:.6f} "
+        f"(|diff| {abs(loss_hf - loss_mf):.1e})"
+    )
     flops = model_flops_per_token(lm) * B * L
     clock = CLOCKS[args.clock]
     peak = matmul_peak(clock)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; "
-          f"{B} x {L} tokens, "
-          f"{flops / 1e9:.1f} GFLOP per step; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; "
+        f"{B} x {L} tokens, "
+        f"{flops / 1e9:.1f} GFLOP per step; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+    )
     ratios, t_hf, t_mf = [], [], []
     for r in range(args.rounds):
         order = [("hf", hf_step), ("mf", mf_step)][:: 1 if r % 2 == 0 else -1]
@@ -177,13 +207,19 @@ def main() -> None:
         t_hf.append(got["hf"])
         t_mf.append(got["mf"])
         ratios.append(got["hf"] / got["mf"])
-        print(f"round {r}: transformers {B * L / got['hf']:7.0f} tok/s, moonforge "
-              f"{B * L / got['mf']:7.0f} tok/s, ratio {ratios[-1]:.2f}x")
+        print(
+            f"round {r}: transformers {B * L / got['hf']:7.0f} tok/s, moonforge "
+            f"{B * L / got['mf']:7.0f} tok/s, ratio {ratios[-1]:.2f}x"
+        )
     med_hf, med_mf = statistics.median(t_hf), statistics.median(t_mf)
-    print(f"median ratio (moonforge / transformers tokens/s): {statistics.median(ratios):.2f}x "
-          f"(rounds {min(ratios):.2f}-{max(ratios):.2f}); goal >= 1.3x")
-    print(f"MFU: moonforge {flops / med_mf / peak:.1%}, transformers {flops / med_hf / peak:.1%} "
-          f"(of {peak / 1e9:.1f} GFLOP/s); goal >= 55%")
+    print(
+        f"median ratio (moonforge / transformers tokens/s): {statistics.median(ratios):.2f}x "
+        f"(rounds {min(ratios):.2f}-{max(ratios):.2f}); goal >= 1.3x"
+    )
+    print(
+        f"MFU: moonforge {flops / med_mf / peak:.1%}, transformers {flops / med_hf / peak:.1%} "
+        f"(of {peak / 1e9:.1f} GFLOP/s); goal >= 55%"
+    )
     if args.profile:
         profile(mf_step, "moonforge")
         profile(hf_step, "transformers")

@@ -79,8 +79,7 @@ def train_pass(lm: MoELM, batch, rows_per_step: int) -> float:
         # next-token loss only inside a document
         target = torch.where(doc[sl][:, 1:] == doc[sl][:, :-1], ids[sl][:, 1:], -100)
         target = torch.where(doc[sl][:, 1:] < 0, -100, target)
-        loss = F.cross_entropy(logits_BLV[:, :-1].flatten(0, 1), target.flatten(),
-                               ignore_index=-100)
+        loss = F.cross_entropy(logits_BLV[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
         loss.backward()
         lm.zero_grad(set_to_none=True)
     return time.perf_counter() - start
@@ -107,8 +106,10 @@ def matmul_peak(n: int = 1024, iters: int = 20) -> float:
 def model_flops(lm: MoELM, cfg: LMConfig, lengths: list[int]) -> float:
     """Training FLOPs (fwd + bwd) for the useful tokens, see the module docstring."""
     active = sum(p.numel() for p in lm.parameters()) - lm.embed_tokens.weight.numel()
-    idle = sum((m.num_experts - cfg.num_experts_per_tok)
-               * sum(p.numel() for p in m.experts[0].parameters()) for _, m in lm.moe_layers())
+    idle = sum(
+        (m.num_experts - cfg.num_experts_per_tok) * sum(p.numel() for p in m.experts[0].parameters())
+        for _, m in lm.moe_layers()
+    )
     d_qk = cfg.head_dim + (cfg.qk_rope_head_dim if cfg.attention == "mla" else 0)
     causal_pairs = sum(n * (n + 1) / 2 for n in lengths)
     attn = 6 * cfg.num_layers * cfg.num_heads * (d_qk + cfg.head_dim) * causal_pairs
@@ -143,20 +144,28 @@ def main() -> None:
     peak = max(peak_before, matmul_peak())  # timed on both sides: a shared CPU is noisy
     flops = model_flops(lm, cfg, lengths)
 
-    print(f"tiny LM ({sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M params, "
-          f"{cfg.attention}), {args.docs} docs, lengths {min(lengths)}-{max_len} "
-          f"(mean {useful / len(lengths):.0f}), {useful} useful tokens, threads={args.threads}")
-    print(f"{'layout':<8} {'rows x len':>12} {'useful frac':>12} {'fwd+bwd s':>10} "
-          f"{'us/useful tok':>14} {'MFU':>7}")
+    print(
+        f"tiny LM ({sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M params, "
+        f"{cfg.attention}), {args.docs} docs, lengths {min(lengths)}-{max_len} "
+        f"(mean {useful / len(lengths):.0f}), {useful} useful tokens, threads={args.threads}"
+    )
+    print(
+        f"{'layout':<8} {'rows x len':>12} {'useful frac':>12} {'fwd+bwd s':>10} "
+        f"{'us/useful tok':>14} {'MFU':>7}"
+    )
     for name, (ids, _, _), t in (("packed", packed, t_packed), ("padded", padded, t_padded)):
         B, L = ids.shape
         mfu = flops / t / peak
-        print(f"{name:<8} {f'{B} x {L}':>12} {useful / (B * L):>12.3f} {t:>10.3f} "
-              f"{1e6 * t / useful:>14.2f} {mfu:>7.2%}")
+        print(
+            f"{name:<8} {f'{B} x {L}':>12} {useful / (B * L):>12.3f} {t:>10.3f} "
+            f"{1e6 * t / useful:>14.2f} {mfu:>7.2%}"
+        )
     print(f"speed-up per useful token (padded / packed): {t_padded / t_packed:.2f}x")
-    print(f"fp32 matmul peak (1024^3, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s; "
-          f"packed run achieved {flops / t_packed / 1e9:.2f} GFLOP/s model FLOPs -> "
-          f"MFU {flops / t_packed / peak:.2%}")
+    print(
+        f"fp32 matmul peak (1024^3, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s; "
+        f"packed run achieved {flops / t_packed / 1e9:.2f} GFLOP/s model FLOPs -> "
+        f"MFU {flops / t_packed / peak:.2%}"
+    )
 
 
 if __name__ == "__main__":

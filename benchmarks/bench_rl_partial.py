@@ -40,6 +40,7 @@ PROMPT_LEN = 16
 
 def forced_generate(lengths: dict[tuple[int, ...], int], real):
     """generate() that ends each row at its prompt's drawn length (stop ids ignored)."""
+
     def gen(model, contexts, *, max_new_tokens, **kw):
         left = [lengths[tuple(c[:PROMPT_LEN])] - (len(c) - PROMPT_LEN) for c in contexts]
         steps = min(max_new_tokens, max(left))
@@ -50,9 +51,13 @@ def forced_generate(lengths: dict[tuple[int, ...], int], real):
         # image slot on resume; any plain id will do here
         media_pad = kw["media_pad_id"]
         toks = [[300 if x == media_pad else x for x in t[:n]] for t, n in zip(out.tokens, cut)]
-        return GenerationOutput(toks,
-                                [lp[:n] for lp, n in zip(out.logprobs, cut)],
-                                ["stop" if n <= max_new_tokens else "length" for n in left], cut)
+        return GenerationOutput(
+            toks,
+            [lp[:n] for lp, n in zip(out.logprobs, cut)],
+            ["stop" if n <= max_new_tokens else "length" for n in left],
+            cut,
+        )
+
     return gen
 
 
@@ -60,13 +65,23 @@ def run(mode: str, budget: int, args, model_cfg, tok, items, lengths) -> dict[st
     torch.manual_seed(0)
     model = build_vlm(model_cfg, seed=0)
     segment = budget if mode == "partial" else args.max_len
-    cfg = OPMDRun(label=f"bench_{mode}", num_iterations=args.iterations,
-                  prompts_per_iteration=args.prompts, samples_per_prompt=args.k, steps_per_iteration=1,
-                  tau=0.5, temperature=1.0,
-                  rollout=RolloutConfig(segment_budget=segment, max_total_tokens=args.max_len, repeat=None),
-                  length=LengthPenaltyConfig(weight=0.0), sampler=SamplerConfig(use_curriculum=False),
-                  optimizer=OptimizerConfig(lr=1e-4), schedule=ScheduleConfig(kind="constant"),
-                  trainable=("lm",), rows_per_forward=64, seed=0)
+    cfg = OPMDRun(
+        label=f"bench_{mode}",
+        num_iterations=args.iterations,
+        prompts_per_iteration=args.prompts,
+        samples_per_prompt=args.k,
+        steps_per_iteration=1,
+        tau=0.5,
+        temperature=1.0,
+        rollout=RolloutConfig(segment_budget=segment, max_total_tokens=args.max_len, repeat=None),
+        length=LengthPenaltyConfig(weight=0.0),
+        sampler=SamplerConfig(use_curriculum=False),
+        optimizer=OptimizerConfig(lr=1e-4),
+        schedule=ScheduleConfig(kind="constant"),
+        trainable=("lm",),
+        rows_per_forward=64,
+        seed=0,
+    )
     real = policy.generate
     policy.generate = forced_generate(lengths, real)
     try:
@@ -76,10 +91,13 @@ def run(mode: str, budget: int, args, model_cfg, tok, items, lengths) -> dict[st
             total = time.perf_counter() - t0
     finally:
         policy.generate = real
-    return {"iter_s": total / args.iterations,
-            "rollout_s": sum(c["rollout_seconds"] for c in curves) / args.iterations,
-            "trained": sum(c["trajectories"] for c in curves),
-            "tokens": curves[-1]["generated_tokens"], "buffered_end": curves[-1]["buffered"]}
+    return {
+        "iter_s": total / args.iterations,
+        "rollout_s": sum(c["rollout_seconds"] for c in curves) / args.iterations,
+        "trained": sum(c["trajectories"] for c in curves),
+        "tokens": curves[-1]["generated_tokens"],
+        "buffered_end": curves[-1]["buffered"],
+    }
 
 
 def main() -> None:
@@ -100,9 +118,13 @@ def main() -> None:
     prompts = [torch.randint(300, 2000, (PROMPT_LEN,), generator=gen).tolist() for _ in range(n)]
     drawn = long_tailed_lengths(n, args.median, args.sigma, args.max_len, seed=0)
     lengths = {tuple(pr): d for pr, d in zip(prompts, drawn)}
-    items = [ChatPromptItem(f"p{i}", "text", pr, None, None, "1", "exact", 0.0) for i, pr in enumerate(prompts)]
-    print(f"lengths: median {sorted(drawn)[n // 2]}, mean {sum(drawn) / n:.1f}, max {max(drawn)} "
-          f"({n} prompts x k={args.k}, {args.iterations} iterations, budget {args.budget})")
+    items = [
+        ChatPromptItem(f"p{i}", "text", pr, None, None, "1", "exact", 0.0) for i, pr in enumerate(prompts)
+    ]
+    print(
+        f"lengths: median {sorted(drawn)[n // 2]}, mean {sum(drawn) / n:.1f}, max {max(drawn)} "
+        f"({n} prompts x k={args.k}, {args.iterations} iterations, budget {args.budget})"
+    )
     warm = argparse.Namespace(**{**vars(args), "iterations": 1})
     run("partial", args.budget, warm, model_cfg, tok, items, lengths)  # first-call overheads out
     res = {m: run(m, args.budget, args, model_cfg, tok, items, lengths) for m in ("full", "partial")}

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220),
-          "yellow": (235, 210, 20)}
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (235, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
 SIZE = 32
 
@@ -48,10 +47,17 @@ def build(out: Path, num: int, seed: int) -> Path:
         color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
         name = f"{i:04d}.png"
         picture(color, shape, rng).save(out / "images" / name)
-        question, answer = (("What color is the shape?", color) if i % 2 == 0
-                            else ("What shape is it?", shape))
-        rows.append({"id": f"toy-{i:04d}", "image": name, "conversations": [
-            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+        question, answer = ("What color is the shape?", color) if i % 2 == 0 else ("What shape is it?", shape)
+        rows.append(
+            {
+                "id": f"toy-{i:04d}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
     path = out / "llava.json"
     path.write_text(json.dumps(rows, indent=1))
     return path

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -20,10 +20,16 @@ from rich.table import Table
 
 from moonforge.flows.tables import Column, emit, format_option, metric_lines
 
-app = typer.Typer(name="moonforge", help="Train a Kimi-VL-style VLM through its lifecycle.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="The DVC data pipeline (dvc.yaml / dvc.lock) and your own datasets.",
-                       no_args_is_help=True)
+app = typer.Typer(
+    name="moonforge",
+    help="Train a Kimi-VL-style VLM through its lifecycle.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(
+    help="The DVC data pipeline (dvc.yaml / dvc.lock) and your own datasets.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 
 console = Console()
@@ -37,23 +43,33 @@ def _project() -> Path:
     return Path.cwd().resolve()
 
 
-def _recipe_path(recipe: Optional[str]) -> str:
+def _recipe_path(recipe: str | None) -> str:
     return str((_project() / (recipe or DEFAULT_RECIPE)).resolve())
 
 
 @contextmanager
 def _errors() -> Iterator[None]:
     """Known failures -> one paragraph on stderr and exit 1 (traceback only with MOONFORGE_DEBUG=1)."""
-    from moonforge.registry.errors import (ArtifactNotFound, DatasetError, PromotionRefused,
-                                           RegistryError, StageFailed)
+    from moonforge.registry.errors import (
+        ArtifactNotFound,
+        DatasetError,
+        PromotionRefused,
+        RegistryError,
+        StageFailed,
+    )
     from moonforge.stages.catalog import StageNotAvailable
     from moonforge.stages.recipe import RecipeError
 
     debug = os.environ.get("MOONFORGE_DEBUG") == "1"
-    titles = {RecipeError: "recipe error", ArtifactNotFound: "artifact not found",
-              DatasetError: "data error", StageNotAvailable: "stage not available",
-              StageFailed: "stage failed", RegistryError: "registry error",
-              PromotionRefused: "promotion refused"}
+    titles = {
+        RecipeError: "recipe error",
+        ArtifactNotFound: "artifact not found",
+        DatasetError: "data error",
+        StageNotAvailable: "stage not available",
+        StageFailed: "stage failed",
+        RegistryError: "registry error",
+        PromotionRefused: "promotion refused",
+    }
     try:
         yield
     except typer.Exit:
@@ -62,17 +78,27 @@ def _errors() -> Iterator[None]:
         if debug:
             raise
         title = next(t for cls, t in titles.items() if isinstance(e, cls))
-        hint = ("\nNothing was committed for the failed stage; earlier artifacts are intact. "
-                "Set MOONFORGE_DEBUG=1 for the traceback.") if isinstance(e, StageFailed) else ""
-        err_console.print(f"[bold red]{title}:[/bold red] {e}{hint}", markup=True, highlight=False,
-                          soft_wrap=True)
-        raise typer.Exit(1)
+        hint = (
+            (
+                "\nNothing was committed for the failed stage; earlier artifacts are intact. "
+                "Set MOONFORGE_DEBUG=1 for the traceback."
+            )
+            if isinstance(e, StageFailed)
+            else ""
+        )
+        err_console.print(
+            f"[bold red]{title}:[/bold red] {e}{hint}", markup=True, highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(1) from None
     except Exception as e:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {type(e).__name__}: {e}\n"
-                          "Set MOONFORGE_DEBUG=1 for the traceback.", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+        err_console.print(
+            f"[bold red]error:[/bold red] {type(e).__name__}: {e}\nSet MOONFORGE_DEBUG=1 for the traceback.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
 
 
 def _embedded_prefect_defaults() -> None:
@@ -125,9 +151,15 @@ def _progress_bars(enabled: bool = True) -> Iterator[None]:
 
     from moonforge.flows.lifecycle import PROGRESS
 
-    bars = Progress(TextColumn("{task.fields[stage]:<16}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                    transient=False)
+    bars = Progress(
+        TextColumn("{task.fields[stage]:<16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
     ids: dict[str, int] = {}
 
     def report(stage: str, done: int, total: int, desc: str) -> None:
@@ -154,8 +186,15 @@ def _summary(outcomes: dict[str, dict], t0: float, fmt: str = "table") -> None:
         # the stage's own results first: "_before" numbers belong to the upstream model
         evals = [k for k in ms if k.startswith("eval/") and not k.endswith("_before")]
         how = "cache hit" if o["cache_hit"] else f"trained {o['wall_s']:.1f} s"
-        shown.append({"stage": o["stage"], "artifact": f"{o['ref']}\n{how}", "ref": o["ref"],
-                      "how": how, "metrics": metric_lines(ms, evals[:4] or list(ms)[:4])})
+        shown.append(
+            {
+                "stage": o["stage"],
+                "artifact": f"{o['ref']}\n{how}",
+                "ref": o["ref"],
+                "how": how,
+                "metrics": metric_lines(ms, evals[:4] or list(ms)[:4]),
+            }
+        )
         if o.get("resumed_from"):
             notes.append(f"{o['stage']}: resumed from {o['resumed_from']}")
         if o.get("waited_for"):
@@ -164,19 +203,31 @@ def _summary(outcomes: dict[str, dict], t0: float, fmt: str = "table") -> None:
         last = list(outcomes.values())[-1]["ref"]
         notes.append("Runs and metrics: mlflow ui --backend-store-uri sqlite:///.moonforge/mlflow.db")
         notes.append(f"Lineage: moonforge lineage {last}")
-    cols = [Column("stage", "stage", no_wrap=True), Column("artifact", "artifact", no_wrap=True),
-            Column("metrics", "headline metrics", no_wrap=True)]
+    cols = [
+        Column("stage", "stage", no_wrap=True),
+        Column("artifact", "artifact", no_wrap=True),
+        Column("metrics", "headline metrics", no_wrap=True),
+    ]
     if fmt == "markdown":
         cols[1:2] = [Column("ref", "artifact"), Column("how", "how")]
-    emit(console, fmt, shown, cols, outcomes,
-         f"moonforge: {len(outcomes)} stage(s) in {time.time() - t0:.1f}s", notes)
+    emit(
+        console,
+        fmt,
+        shown,
+        cols,
+        outcomes,
+        f"moonforge: {len(outcomes)} stage(s) in {time.time() - t0:.1f}s",
+        notes,
+    )
 
 
 @app.command()
-def run(recipe: Optional[str] = typer.Argument(None, help=f"Recipe YAML (default {DEFAULT_RECIPE})."),
-        set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-        until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
-        format_: str = format_option()) -> None:
+def run(
+    recipe: str | None = typer.Argument(None, help=f"Recipe YAML (default {DEFAULT_RECIPE})."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    until: str | None = typer.Option(None, "--until", help="Stop after this stage."),
+    format_: str = format_option(),
+) -> None:
     """Run the whole lifecycle (cached stages are reused)."""
     _embedded_prefect_defaults()
     with _errors():
@@ -189,38 +240,60 @@ def run(recipe: Optional[str] = typer.Argument(None, help=f"Recipe YAML (default
         _quiet_prefect_tracebacks()
         t0 = time.time()
         with _progress_bars(format_ != "json"), owned():
-            outcomes = lifecycle_flow(recipe_path=path, overrides=list(set_), until=until,
-                                      project=str(_project()))
+            outcomes = lifecycle_flow(
+                recipe_path=path, overrides=list(set_), until=until, project=str(_project())
+            )
         _summary(outcomes, t0, format_)
 
 
-REF_HELP = ("stage@latest, stage@N, stage@<fingerprint-prefix>, runs:/<mlflow-run-id>, "
-            "models:/<name>@<alias>, models:/<name>/<n> or an artifact path")
+REF_HELP = (
+    "stage@latest, stage@N, stage@<fingerprint-prefix>, runs:/<mlflow-run-id>, "
+    "models:/<name>@<alias>, models:/<name>/<n> or an artifact path"
+)
 
 
 def _print_plan(plan: list, fmt: str = "table") -> None:
     n = sum(p.action == "run" for p in plan)
-    shown = [{"stage": p.stage,
-              "would": (f"run -> {p.ref}" if p.action == "run" else f"reuse {p.ref}") if fmt != "table"
-              else (f"[yellow]run -> {p.ref}[/]" if p.action == "run" else f"[green]reuse {p.ref}[/]"),
-              "from": f"{p.upstream}\n({p.upstream_how})", "fingerprint": p.fingerprint[:12],
-              "why": "\n".join(p.reasons)} for p in plan]
-    cols = [Column("stage", "stage", no_wrap=True), Column("would", "would"),
-            Column("from", "from upstream"), Column("fingerprint", "fingerprint", wide_only=True),
-            Column("why", "why")]
-    emit(console, fmt, shown, cols, [vars(p) for p in plan],
-         "moonforge rerun --dry-run: nothing was run",
-         [f"{n} stage(s) would train, {len(plan) - n} would be reused from the cache."])
+    shown = [
+        {
+            "stage": p.stage,
+            "would": (f"run -> {p.ref}" if p.action == "run" else f"reuse {p.ref}")
+            if fmt != "table"
+            else (f"[yellow]run -> {p.ref}[/]" if p.action == "run" else f"[green]reuse {p.ref}[/]"),
+            "from": f"{p.upstream}\n({p.upstream_how})",
+            "fingerprint": p.fingerprint[:12],
+            "why": "\n".join(p.reasons),
+        }
+        for p in plan
+    ]
+    cols = [
+        Column("stage", "stage", no_wrap=True),
+        Column("would", "would"),
+        Column("from", "from upstream"),
+        Column("fingerprint", "fingerprint", wide_only=True),
+        Column("why", "why"),
+    ]
+    emit(
+        console,
+        fmt,
+        shown,
+        cols,
+        [vars(p) for p in plan],
+        "moonforge rerun --dry-run: nothing was run",
+        [f"{n} stage(s) would train, {len(plan) - n} would be reused from the cache."],
+    )
 
 
 @app.command()
-def rerun(stage: str = typer.Argument(..., help="Stage name to rerun."),
-          from_: Optional[str] = typer.Option(None, "--from", help="Upstream artifact: " + REF_HELP),
-          set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-          downstream: bool = typer.Option(False, "--downstream", help="Also rerun every later stage."),
-          dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run and why; run nothing."),
-          recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML."),
-          format_: str = format_option()) -> None:
+def rerun(
+    stage: str = typer.Argument(..., help="Stage name to rerun."),
+    from_: str | None = typer.Option(None, "--from", help="Upstream artifact: " + REF_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    downstream: bool = typer.Option(False, "--downstream", help="Also rerun every later stage."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run and why; run nothing."),
+    recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML."),
+    format_: str = format_option(),
+) -> None:
     """Rerun one stage from any upstream artifact version."""
     _embedded_prefect_defaults()
     with _errors():
@@ -247,15 +320,23 @@ def rerun(stage: str = typer.Argument(..., help="Stage name to rerun."),
         _quiet_prefect_tracebacks()
         t0 = time.time()
         with _progress_bars(format_ != "json"), owned():
-            outcomes = rerun_flow(recipe_path=path, stage=stage, from_ref=from_, overrides=list(set_),
-                                  downstream=downstream, project=str(_project()))
+            outcomes = rerun_flow(
+                recipe_path=path,
+                stage=stage,
+                from_ref=from_,
+                overrides=list(set_),
+                downstream=downstream,
+                project=str(_project()),
+            )
         _summary(outcomes, t0, format_)
 
 
 @app.command()
-def status(recipe: Optional[str] = typer.Argument(None, help=f"Recipe YAML (default {DEFAULT_RECIPE})."),
-           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-           format_: str = format_option()) -> None:
+def status(
+    recipe: str | None = typer.Argument(None, help=f"Recipe YAML (default {DEFAULT_RECIPE})."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    format_: str = format_option(),
+) -> None:
     """Each stage: fresh / stale / missing, and why (resumable work of a killed run included)."""
     with _errors():
         from moonforge.registry.run_stage import stage_status
@@ -264,19 +345,31 @@ def status(recipe: Optional[str] = typer.Argument(None, help=f"Recipe YAML (defa
         rows = stage_status(rec, _project())
         colors = {"fresh": "green", "stale": "yellow", "missing": "red"}
         plain = format_ != "table"
-        shown = [{"stage": r["stage"],
-                  "state": r["state"] if plain else f"[{colors[r['state']]}]{r['state']}[/]",
-                  "artifact": r["ref"] or "-", "changed": ", ".join(r.get("changed") or []) or "-",
-                  "why": "\n".join(r["reasons"]) or "-"} for r in rows]
-        cols = [Column("stage", "stage", no_wrap=True), Column("state", "state", no_wrap=True),
-                Column("artifact", "artifact", no_wrap=True),
-                Column("changed", "changed input", wide_only=True), Column("why", "why")]
+        shown = [
+            {
+                "stage": r["stage"],
+                "state": r["state"] if plain else f"[{colors[r['state']]}]{r['state']}[/]",
+                "artifact": r["ref"] or "-",
+                "changed": ", ".join(r.get("changed") or []) or "-",
+                "why": "\n".join(r["reasons"]) or "-",
+            }
+            for r in rows
+        ]
+        cols = [
+            Column("stage", "stage", no_wrap=True),
+            Column("state", "state", no_wrap=True),
+            Column("artifact", "artifact", no_wrap=True),
+            Column("changed", "changed input", wide_only=True),
+            Column("why", "why"),
+        ]
         emit(console, format_, shown, cols, rows, f"recipe {rec.name}")
 
 
 @app.command()
-def lineage(ref: str = typer.Argument(..., help=REF_HELP),
-            format: str = typer.Option("tree", "--format", help="tree | mermaid | json")) -> None:
+def lineage(
+    ref: str = typer.Argument(..., help=REF_HELP),
+    format: str = typer.Option("tree", "--format", help="tree | mermaid | json"),
+) -> None:
     """Walk an artifact's lineage back to its data."""
     with _errors():
         from moonforge.registry import lineage as lin
@@ -293,16 +386,21 @@ def lineage(ref: str = typer.Argument(..., help=REF_HELP),
 
 
 @app.command()
-def diff(ref1: str = typer.Argument(..., help="The older version: " + REF_HELP),
-         ref2: str = typer.Argument(..., help="The newer version of the same stage.")) -> None:
+def diff(
+    ref1: str = typer.Argument(..., help="The older version: " + REF_HELP),
+    ref2: str = typer.Argument(..., help="The newer version of the same stage."),
+) -> None:
     """Config and input differences between two versions of a stage."""
     with _errors():
         from moonforge.registry.artifact_diff import diff_artifacts
         from moonforge.registry.store import open_store
 
         d = diff_artifacts(open_store(_project()), ref1, ref2, _project())
-        console.print(f"[bold]{d.a.ref}[/] (fp {d.a.fingerprint[:12]}) -> [bold]{d.b.ref}[/] "
-                      f"(fp {d.b.fingerprint[:12]})", highlight=False)
+        console.print(
+            f"[bold]{d.a.ref}[/] (fp {d.a.fingerprint[:12]}) -> [bold]{d.b.ref}[/] "
+            f"(fp {d.b.fingerprint[:12]})",
+            highlight=False,
+        )
         if d.same_fingerprint:
             console.print("same fingerprint: identical inputs", style="green")
         table = Table(title="differences")
@@ -315,16 +413,19 @@ def diff(ref1: str = typer.Argument(..., help="The older version: " + REF_HELP),
         for r in d.provenance:
             table.add_row("provenance", r)
         for k, a, b in d.metrics:
-            table.add_row("metric", f"{k}: {'-' if a is None else f'{a:.4g}'} -> "
-                                    f"{'-' if b is None else f'{b:.4g}'}")
+            table.add_row(
+                "metric", f"{k}: {'-' if a is None else f'{a:.4g}'} -> {'-' if b is None else f'{b:.4g}'}"
+            )
         console.print(table)
 
 
 @app.command()
-def promote(ref: str = typer.Argument(..., help="The artifact to promote: " + REF_HELP),
-            alias: str = typer.Option("champion", "--alias", help="Registry alias to move."),
-            recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML (model name, gates)."),
-            set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def promote(
+    ref: str = typer.Argument(..., help="The artifact to promote: " + REF_HELP),
+    alias: str = typer.Option("champion", "--alias", help="Registry alias to move."),
+    recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML (model name, gates)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
     """Move a model-registry alias to an artifact if every recipe promotion gate passes."""
     with _errors():
         from moonforge.registry.errors import PromotionRefused
@@ -339,8 +440,9 @@ def promote(ref: str = typer.Argument(..., help="The artifact to promote: " + RE
                 _print_gates(e.decision)
             raise
         _print_gates(d)
-        console.print(f"[green]promoted[/]: {d.model}@{alias} -> version {d.version} ({d.artifact})",
-                      highlight=False)
+        console.print(
+            f"[green]promoted[/]: {d.model}@{alias} -> version {d.version} ({d.artifact})", highlight=False
+        )
 
 
 def _print_gates(d) -> None:
@@ -348,17 +450,22 @@ def _print_gates(d) -> None:
     for col in ("gate", "observed", "result"):
         table.add_column(col)
     for r in d.results:
-        table.add_row(r.gate, "missing" if r.observed is None else f"{r.observed:.4g}",
-                      "[green]pass[/]" if r.passed else "[red]FAIL[/]")
+        table.add_row(
+            r.gate,
+            "missing" if r.observed is None else f"{r.observed:.4g}",
+            "[green]pass[/]" if r.passed else "[red]FAIL[/]",
+        )
     if not d.results:
         table.add_row("(the recipe declares no gates)", "-", "[green]pass[/]")
     console.print(table)
 
 
 @app.command()
-def models(name: Optional[str] = typer.Option(None, "--name", help="Registered model (default: the recipe's)."),
-           recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML."),
-           format_: str = format_option()) -> None:
+def models(
+    name: str | None = typer.Option(None, "--name", help="Registered model (default: the recipe's)."),
+    recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML."),
+    format_: str = format_option(),
+) -> None:
     """List a registered model's versions with their aliases, artifacts and gate decisions."""
     with _errors():
         from dataclasses import asdict
@@ -367,25 +474,37 @@ def models(name: Optional[str] = typer.Option(None, "--name", help="Registered m
 
         name = name or _load(_recipe_path(recipe), []).model_name
         rows = mr.version_rows(mr.client_for(_project()), name)
-        cols = [Column("version", "version", "right", no_wrap=True), Column("aliases", "aliases", no_wrap=True),
-                Column("artifact", "artifact", no_wrap=True),
-                Column("fingerprint", "fingerprint", wide_only=True, no_wrap=True),
-                Column("metrics", "key metrics", no_wrap=True), Column("decisions", "decisions")]
+        cols = [
+            Column("version", "version", "right", no_wrap=True),
+            Column("aliases", "aliases", no_wrap=True),
+            Column("artifact", "artifact", no_wrap=True),
+            Column("fingerprint", "fingerprint", wide_only=True, no_wrap=True),
+            Column("metrics", "key metrics", no_wrap=True),
+            Column("decisions", "decisions"),
+        ]
         shown = []
         for r in rows:
             keys = [k for k in r.metrics if k.startswith("eval/") and not k.endswith("_before")][:4]
-            shown.append({"version": str(r.version), "aliases": ", ".join(r.aliases) or "-",
-                          "artifact": r.artifact, "fingerprint": r.fingerprint[:12],
-                          "metrics": metric_lines(r.metrics, keys) or "-",
-                          "decisions": "\n".join(f"{a}: {o}" for a, o in sorted(r.decisions.items())) or "-"})
+            shown.append(
+                {
+                    "version": str(r.version),
+                    "aliases": ", ".join(r.aliases) or "-",
+                    "artifact": r.artifact,
+                    "fingerprint": r.fingerprint[:12],
+                    "metrics": metric_lines(r.metrics, keys) or "-",
+                    "decisions": "\n".join(f"{a}: {o}" for a, o in sorted(r.decisions.items())) or "-",
+                }
+            )
         emit(console, format_, shown, cols, [asdict(r) for r in rows], f"registered model {name}")
 
 
 @app.command()
-def chat(ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
-         question: str = typer.Argument(..., help="What to ask."),
-         image: Optional[Path] = typer.Option(None, "--image", help="An image file to ask about."),
-         max_new_tokens: int = typer.Option(64, "--max-new-tokens")) -> None:
+def chat(
+    ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
+    question: str = typer.Argument(..., help="What to ask."),
+    image: Path | None = typer.Option(None, "--image", help="An image file to ask about."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+) -> None:
     """Ask a checkpoint a question about an image (greedy, KV cache)."""
     with _errors():
         from moonforge.registry.hf_tokenizer import load_checkpoint_tokenizer
@@ -405,9 +524,11 @@ def chat(ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
 
 
 @app.command(name="eval")
-def eval_(ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
-          examples: int = typer.Option(128, "--examples", help="Held-out prompts (half text, half image)."),
-          max_new_tokens: int = typer.Option(112, "--max-new-tokens")) -> None:
+def eval_(
+    ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
+    examples: int = typer.Option(128, "--examples", help="Held-out prompts (half text, half image)."),
+    max_new_tokens: int = typer.Option(112, "--max-new-tokens"),
+) -> None:
     """Held-out answer accuracy of a checkpoint on rl_prompts/val (text and image), greedy."""
     with _errors():
         from rich.table import Table
@@ -423,8 +544,14 @@ def eval_(ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
         info = resolve_ref(ref, store, _project())
         data = read_lock(_project(), ["rl_prompts", "toyworld"])
         tok = load_checkpoint_tokenizer(info, store, _project())
-        metrics = evaluate(Checkpoint(info.path), tok, data["rl_prompts"].path,
-                           data["toyworld"].path, examples, max_new_tokens)
+        metrics = evaluate(
+            Checkpoint(info.path),
+            tok,
+            data["rl_prompts"].path,
+            data["toyworld"].path,
+            examples,
+            max_new_tokens,
+        )
         table = Table(title=f"{info.ref}: rl_prompts/val")
         table.add_column("metric")
         table.add_column("value", justify="right")
@@ -434,13 +561,15 @@ def eval_(ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
 
 
 @app.command()
-def plan(recipe: str = typer.Argument(..., help="Recipe YAML, e.g. recipes/kimi-vl-a3b.yaml."),
-         gpu: str = typer.Option("h100", "--gpu", help="GPU type: a100, h100, h200, b200."),
-         gpus: int = typer.Option(512, "--gpus", help="Total GPUs (data x context parallel)."),
-         mfu: float = typer.Option(0.4, "--mfu", help="Model FLOPs utilisation of training."),
-         zero: int = typer.Option(2, "--zero", help="ZeRO stage 0-3 for the memory estimate."),
-         set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-         format_: str = format_option()) -> None:
+def plan(
+    recipe: str = typer.Argument(..., help="Recipe YAML, e.g. recipes/kimi-vl-a3b.yaml."),
+    gpu: str = typer.Option("h100", "--gpu", help="GPU type: a100, h100, h200, b200."),
+    gpus: int = typer.Option(512, "--gpus", help="Total GPUs (data x context parallel)."),
+    mfu: float = typer.Option(0.4, "--mfu", help="Model FLOPs utilisation of training."),
+    zero: int = typer.Option(2, "--zero", help="ZeRO stage 0-3 for the memory estimate."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    format_: str = format_option(),
+) -> None:
     """Token budgets, steps, FLOPs, memory per GPU and GPU-hours per stage."""
     with _errors():
         from moonforge.flows.plan_table import print_plan
@@ -451,7 +580,7 @@ def plan(recipe: str = typer.Argument(..., help="Recipe YAML, e.g. recipes/kimi-
             result = make_plan(rec, plan_config(gpu=gpu, num_gpus=gpus, mfu=mfu, zero_stage=zero))
         except PlanError as e:
             err_console.print(f"[bold red]plan error:[/bold red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
         print_plan(result, rec, format_, console)
 
 
@@ -467,47 +596,73 @@ def data_build(names: list[str] = typer.Argument(None, help="Datasets (dvc stage
 
 
 @data_app.command("status")
-def data_status(names: list[str] = typer.Argument(None, help="Datasets (dvc stages); default all."),
-                format_: str = format_option()) -> None:
+def data_status(
+    names: list[str] = typer.Argument(None, help="Datasets (dvc stages); default all."),
+    format_: str = format_option(),
+) -> None:
     """dvc status: which datasets are out of date."""
     with _errors():
         from moonforge.registry.data_versions import dvc_status, read_lock
 
         changed = dvc_status(_project(), names or [])
-        rows = [{"name": n, "state": "changed" if n in changed else "up to date", "digest": d.digest,
-                 "path": str(d.path), "changes": changed.get(n)} for n, d in read_lock(_project()).items()]
+        rows = [
+            {
+                "name": n,
+                "state": "changed" if n in changed else "up to date",
+                "digest": d.digest,
+                "path": str(d.path),
+                "changes": changed.get(n),
+            }
+            for n, d in read_lock(_project()).items()
+        ]
         shown = [{**r, "changes": "" if r["changes"] is None else str(r["changes"])} for r in rows]
-        cols = [Column("name", "dataset", no_wrap=True), Column("state", "state", no_wrap=True),
-                Column("digest", "DVC digest", no_wrap=True), Column("changes", "dvc status")]
+        cols = [
+            Column("name", "dataset", no_wrap=True),
+            Column("state", "state", no_wrap=True),
+            Column("digest", "DVC digest", no_wrap=True),
+            Column("changes", "dvc status"),
+        ]
         emit(console, format_, shown, cols, rows)
 
 
 @data_app.command("add")
-def data_add(name: str = typer.Argument(..., help="Dataset name (lower case, digits, _)."),
-             path: str = typer.Argument(..., help="A file, directory, glob or s3:// URI."),
-             format_: str = typer.Option(..., "--format", help="llava, sharegpt, messages, openai, "
-                                         "webdataset, parquet, text, verl, rl_messages, preference."),
-             images_root: Optional[str] = typer.Option(None, "--images-root",
-                                                       help="Folder (or s3:// prefix) of the images."),
-             heldout: int = typer.Option(0, "--heldout", help="Records kept for the closing eval."),
-             recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe",
-                                        help="Recipe whose datasets: gets the declaration.")) -> None:
+def data_add(
+    name: str = typer.Argument(..., help="Dataset name (lower case, digits, _)."),
+    path: str = typer.Argument(..., help="A file, directory, glob or s3:// URI."),
+    format_: str = typer.Option(
+        ...,
+        "--format",
+        help="llava, sharegpt, messages, openai, webdataset, parquet, text, verl, rl_messages, preference.",
+    ),
+    images_root: str | None = typer.Option(
+        None, "--images-root", help="Folder (or s3:// prefix) of the images."
+    ),
+    heldout: int = typer.Option(0, "--heldout", help="Records kept for the closing eval."),
+    recipe: str = typer.Option(
+        DEFAULT_RECIPE, "--recipe", help="Recipe whose datasets: gets the declaration."
+    ),
+) -> None:
     """Track your own dataset with DVC (data/NAME.dvc) and declare it in the recipe."""
     with _errors():
         from moonforge.registry.user_data import add_dataset
 
         decl = add_dataset(_project(), name, path, format_, images_root, _recipe_path(recipe), heldout)
-        console.print(f"added {name}: {decl.pop('records')} records ({format_}), tracked as "
-                      f"data/{name}.dvc, declared in {recipe}:", highlight=False)
+        console.print(
+            f"added {name}: {decl.pop('records')} records ({format_}), tracked as "
+            f"data/{name}.dvc, declared in {recipe}:",
+            highlight=False,
+        )
         for k, v in decl.items():
             console.print(f"  {k}: {v}", highlight=False)
         console.print(f"Mix it into a stage: --set stages.<stage>.mixture.{name}=0.5", highlight=False)
 
 
 @data_app.command("check")
-def data_check(name: str = typer.Argument(..., help="A dataset the recipe declares."),
-               recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML."),
-               format_: str = typer.Option("table", "--format", help="table or json.")) -> None:
+def data_check(
+    name: str = typer.Argument(..., help="A dataset the recipe declares."),
+    recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML."),
+    format_: str = typer.Option("table", "--format", help="table or json."),
+) -> None:
     """Validate every record (images decoded); exit 1 above the dataset's max_bad_fraction."""
     with _errors():
         import json
@@ -522,15 +677,16 @@ def data_check(name: str = typer.Argument(..., help="A dataset the recipe declar
         else:
             console.print(rep.render(), highlight=False, soft_wrap=True)
         if not rep.ok:
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
 
 @data_app.command("show")
-def data_show(name: str = typer.Argument(..., help="A dataset the recipe declares."),
-              n: int = typer.Option(3, "-n", help="How many samples."),
-              recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML."),
-              png: Optional[Path] = typer.Option(None, "--png",
-                                                 help="Thumbnail sheet (default NAME-samples.png).")) -> None:
+def data_show(
+    name: str = typer.Argument(..., help="A dataset the recipe declares."),
+    n: int = typer.Option(3, "-n", help="How many samples."),
+    recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML."),
+    png: Path | None = typer.Option(None, "--png", help="Thumbnail sheet (default NAME-samples.png)."),
+) -> None:
     """Print samples as the model sees them (chat template, image placeholders); thumbnails to a PNG."""
     with _errors():
         from moonforge.registry.errors import DatasetError
@@ -539,8 +695,10 @@ def data_show(name: str = typer.Argument(..., help="A dataset the recipe declare
 
         ds, tok, vision = open_declared(_project(), _recipe_path(recipe), name)
         if tok is None:
-            raise DatasetError("no tokenizer to render with: build it with `moonforge data build "
-                               "tokenizer` (or set the recipe's tokenizer:)")
+            raise DatasetError(
+                "no tokenizer to render with: build it with `moonforge data build "
+                "tokenizer` (or set the recipe's tokenizer:)"
+            )
         png = png or Path(f"{name}-samples.png")
         for block in show_samples(ds, tok, vision, n, png):
             console.print(block, highlight=False, soft_wrap=True, markup=False)
@@ -548,11 +706,9 @@ def data_show(name: str = typer.Argument(..., help="A dataset the recipe declare
             console.print(f"thumbnails: {png}", highlight=False)
 
 
-# deploy, serve and server up|down|status (and the callback that finds `server up`'s servers)
-from moonforge.flows import ops_cli  # noqa: E402,F401  (registers its commands on `app`)
-# import and export (Hugging Face checkpoints in and out)
-from moonforge.flows import interop_cli  # noqa: E402,F401
-
+# Imported last because they register their commands on `app`: deploy, serve and server
+# up|down|status (ops_cli), import and export of Hugging Face checkpoints (interop_cli).
+from moonforge.flows import interop_cli, ops_cli  # noqa: E402,F401
 
 if __name__ == "__main__":
     app()

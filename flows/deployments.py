@@ -51,8 +51,10 @@ class _Params(BaseModel):
             raise ValueError(f"overrides {bad}: each must be key=value, e.g. stages.sft.optimizer.lr=1e-4")
         path = Path(self.recipe_path())
         if not path.is_file():
-            raise ValueError(f"recipe {self.recipe!r}: no such file under project {self.project!r} "
-                             f"({path}); pass a path relative to the project, e.g. recipes/tiny.yaml")
+            raise ValueError(
+                f"recipe {self.recipe!r}: no such file under project {self.project!r} "
+                f"({path}); pass a path relative to the project, e.g. recipes/tiny.yaml"
+            )
         try:
             return load_recipe(path, self.overrides)
         except RecipeError as e:
@@ -82,7 +84,7 @@ class LifecycleParams(_Params):
     default $MOONFORGE_HOME, else the flow's working directory."""
 
     @model_validator(mode="after")
-    def _check(self) -> "LifecycleParams":
+    def _check(self) -> LifecycleParams:
         try:
             stages_until(self._load(), self.until)
         except RecipeError as e:  # worded for the CLI flag; here it is the `until` field
@@ -109,37 +111,55 @@ class RerunParams(_Params):
     default $MOONFORGE_HOME, else the flow's working directory."""
 
     @model_validator(mode="after")
-    def _check(self) -> "RerunParams":
+    def _check(self) -> RerunParams:
         recipe = self._load()
         if self.stage not in recipe.stage_names():
-            raise ValueError(f"stage {self.stage!r} is not in recipe {recipe.name!r}; "
-                             f"stages are: {', '.join(recipe.stage_names())}")
+            raise ValueError(
+                f"stage {self.stage!r} is not in recipe {recipe.name!r}; "
+                f"stages are: {', '.join(recipe.stage_names())}"
+            )
         return self
 
 
 @flow(name="lifecycle", persist_result=False, validate_parameters=True)
 def lifecycle_deployment(params: LifecycleParams) -> dict[str, dict]:
     """The whole lifecycle, launched from a deployment (UI form, schedule or API)."""
-    return lifecycle_flow.fn(recipe_path=params.recipe_path(), overrides=list(params.overrides),
-                             until=params.until, project=str(Path(params.project).resolve()))
+    return lifecycle_flow.fn(
+        recipe_path=params.recipe_path(),
+        overrides=list(params.overrides),
+        until=params.until,
+        project=str(Path(params.project).resolve()),
+    )
 
 
 @flow(name="rerun", persist_result=False, validate_parameters=True)
 def rerun_deployment(params: RerunParams) -> dict[str, dict]:
     """One stage rerun, launched from a deployment (UI form or API)."""
-    return rerun_flow.fn(recipe_path=params.recipe_path(), stage=params.stage,
-                         from_ref=params.from_ref, overrides=list(params.overrides),
-                         downstream=params.downstream, project=str(Path(params.project).resolve()))
+    return rerun_flow.fn(
+        recipe_path=params.recipe_path(),
+        stage=params.stage,
+        from_ref=params.from_ref,
+        overrides=list(params.overrides),
+        downstream=params.downstream,
+        project=str(Path(params.project).resolve()),
+    )
 
 
 def deployment_names(recipe: Recipe) -> list[str]:
-    """"flow/deployment" names `build_deployments` creates for a recipe, lifecycle first."""
+    """ "flow/deployment" names `build_deployments` creates for a recipe, lifecycle first."""
     return [f"lifecycle/{recipe.name}"] + [f"rerun/{recipe.name}-{s}" for s in recipe.stage_names()]
 
 
-def build_deployments(recipe: Recipe, recipe_rel: str, project: Path, *, cron: str | None = None,
-                      timezone: str = "UTC", env: dict[str, str] | None = None,
-                      pool: str | None = WORK_POOL) -> list[Any]:
+def build_deployments(
+    recipe: Recipe,
+    recipe_rel: str,
+    project: Path,
+    *,
+    cron: str | None = None,
+    timezone: str = "UTC",
+    env: dict[str, str] | None = None,
+    pool: str | None = WORK_POOL,
+) -> list[Any]:
     """RunnerDeployments for the lifecycle and each stage of `recipe`.
 
     Entrypoints are module paths (`moonforge.flows.deployments.rerun_deployment`), so any worker
@@ -151,25 +171,34 @@ def build_deployments(recipe: Recipe, recipe_rel: str, project: Path, *, cron: s
     project = project.resolve()
     base = {"recipe": recipe_rel, "overrides": [], "project": str(project)}
     job = {"working_dir": str(project), "env": dict(env or {})} if pool else None
-    common = dict(entrypoint_type=EntrypointType.MODULE_PATH, job_variables=job,
-                  tags=[*TAGS, f"recipe:{recipe.name}"])
+    common = dict(
+        entrypoint_type=EntrypointType.MODULE_PATH, job_variables=job, tags=[*TAGS, f"recipe:{recipe.name}"]
+    )
     if pool:
         common["work_pool_name"] = pool
     from prefect.schedules import Cron
 
     schedule = {"schedules": [Cron(cron, timezone=timezone)]} if cron else {}
-    out = [lifecycle_deployment.to_deployment(
-        name=recipe.name, parameters={"params": {**base, "until": None}},
-        description=f"The whole {recipe.name} lifecycle: {' -> '.join(recipe.stage_names())}.",
-        **schedule, **common)]
+    out = [
+        lifecycle_deployment.to_deployment(
+            name=recipe.name,
+            parameters={"params": {**base, "until": None}},
+            description=f"The whole {recipe.name} lifecycle: {' -> '.join(recipe.stage_names())}.",
+            **schedule,
+            **common,
+        )
+    ]
     for s in recipe.stage_names():
         up = recipe.stage(s).upstream
-        out.append(rerun_deployment.to_deployment(
-            name=f"{recipe.name}-{s}",
-            parameters={"params": {**base, "stage": s, "from_ref": None, "downstream": False}},
-            description=f"Rerun {s} ({recipe.name}) from any upstream artifact"
-                        + (f" (default: {up}@latest)." if up else " (first stage: no upstream)."),
-            **common))
+        out.append(
+            rerun_deployment.to_deployment(
+                name=f"{recipe.name}-{s}",
+                parameters={"params": {**base, "stage": s, "from_ref": None, "downstream": False}},
+                description=f"Rerun {s} ({recipe.name}) from any upstream artifact"
+                + (f" (default: {up}@latest)." if up else " (first stage: no upstream)."),
+                **common,
+            )
+        )
     return out
 
 
@@ -187,9 +216,14 @@ def ensure_work_pool(name: str = WORK_POOL) -> str:
         except ObjectNotFound:
             pass
         try:
-            client.create_work_pool(WorkPoolCreate(
-                name=name, type="process", description="moonforge: flow runs as local processes",
-                base_job_template=ProcessWorker.get_default_base_job_template()))
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type="process",
+                    description="moonforge: flow runs as local processes",
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                )
+            )
         except ObjectAlreadyExists:  # a starting worker created it meanwhile
             pass
         return client.read_work_pool(name).type

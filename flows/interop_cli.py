@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import typer
 
 from moonforge.flows.cli import REF_HELP, _errors, _project, app, console
@@ -16,11 +17,17 @@ FORMAT_HELP = "Output format: table or json."
 
 
 @app.command(name="import")
-def import_(path: Path = typer.Argument(..., help="A local Hugging Face checkpoint directory "
-                                        "(config.json + safetensors, optionally tokenizer.json)."),
-            name: str = typer.Option("import", "--name",
-                                     help="Store name of the import: refs become NAME@latest, NAME@1."),
-            format_: str = typer.Option("table", "--format", help=FORMAT_HELP)) -> None:
+def import_(
+    path: Path = typer.Argument(
+        ...,
+        help="A local Hugging Face checkpoint directory "
+        "(config.json + safetensors, optionally tokenizer.json).",
+    ),
+    name: str = typer.Option(
+        "import", "--name", help="Store name of the import: refs become NAME@latest, NAME@1."
+    ),
+    format_: str = typer.Option("table", "--format", help=FORMAT_HELP),
+) -> None:
     """Import HF weights (deepseek_v3, kimi_vl, siglip, llama, qwen2) as a versioned artifact."""
     with _errors():
         from moonforge.model.adapters.base import InteropError
@@ -29,41 +36,58 @@ def import_(path: Path = typer.Argument(..., help="A local Hugging Face checkpoi
         from moonforge.stages.stage_configs import STAGE_CONFIGS
 
         try:
-            res = import_checkpoint(path, open_store(_project()), name, _project(),
-                                    reserved=tuple(STAGE_CONFIGS))
+            res = import_checkpoint(
+                path, open_store(_project()), name, _project(), reserved=tuple(STAGE_CONFIGS)
+            )
         except InteropError as e:
             from moonforge.flows.cli import err_console
 
             err_console.print(f"[bold red]import error:[/bold red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
         tok = json.loads((res.info.path / "import.json").read_text()).get("tokenizer")
-        row = {"ref": res.info.ref, "fingerprint": res.info.fingerprint, "model_type": res.model_type,
-               "parts": list(res.parts), "cache_hit": res.cache_hit, "path": str(res.info.path),
-               "tokenizer": tok, "notes": list(res.notes)}
+        row = {
+            "ref": res.info.ref,
+            "fingerprint": res.info.fingerprint,
+            "model_type": res.model_type,
+            "parts": list(res.parts),
+            "cache_hit": res.cache_hit,
+            "path": str(res.info.path),
+            "tokenizer": tok,
+            "notes": list(res.notes),
+        }
         if format_ == "json":
             typer.echo(json.dumps(row, indent=2))
             return
         verb = "already imported as" if res.cache_hit else "imported as"
-        console.print(f"{path} ({res.model_type}: {', '.join(res.parts)}) {verb} "
-                      f"[bold]{res.info.ref}[/] (fp {res.info.fingerprint[:12]})", highlight=False)
+        console.print(
+            f"{path} ({res.model_type}: {', '.join(res.parts)}) {verb} "
+            f"[bold]{res.info.ref}[/] (fp {res.info.fingerprint[:12]})",
+            highlight=False,
+        )
         if tok:
             added = ", ".join(tok["added_tokens"]) or "none"
-            console.print(f"tokenizer: {tok['vocab_size']} tokens ({tok['dialect']} dialect); "
-                          f"added {added}; embedding rows grown by {tok['embedding_rows_grown']}",
-                          highlight=False)
+            console.print(
+                f"tokenizer: {tok['vocab_size']} tokens ({tok['dialect']} dialect); "
+                f"added {added}; embedding rows grown by {tok['embedding_rows_grown']}",
+                highlight=False,
+            )
         for note in res.notes:
             console.print(f"note: {note}", style="dim", highlight=False)
 
 
 @app.command()
-def export(ref: str = typer.Argument(..., help="The artifact to export: " + REF_HELP),
-           out: Path = typer.Argument(..., help="Output directory (must be empty or absent)."),
-           format_: str = typer.Option("hf", "--format", help="Checkpoint format: hf."),
-           part: str = typer.Option("lm", "--part", help="lm: transformers-native causal LM; "
-                                    "vlm: the whole VLM in the Kimi-VL layout."),
-           force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
-           shard_gb: float = typer.Option(5.0, "--max-shard-gb", help="Shard size (GB) above "
-                                          "which weights are split with an index.")) -> None:
+def export(
+    ref: str = typer.Argument(..., help="The artifact to export: " + REF_HELP),
+    out: Path = typer.Argument(..., help="Output directory (must be empty or absent)."),
+    format_: str = typer.Option("hf", "--format", help="Checkpoint format: hf."),
+    part: str = typer.Option(
+        "lm", "--part", help="lm: transformers-native causal LM; vlm: the whole VLM in the Kimi-VL layout."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
+    shard_gb: float = typer.Option(
+        5.0, "--max-shard-gb", help="Shard size (GB) above which weights are split with an index."
+    ),
+) -> None:
     """Export an artifact as a Hugging Face checkpoint (safetensors, config, tokenizer, card)."""
     with _errors():
         from moonforge.model.adapters.base import InteropError
@@ -78,16 +102,20 @@ def export(ref: str = typer.Argument(..., help="The artifact to export: " + REF_
         store = open_store(_project())
         info = resolve_ref(ref, store, _project())
         try:
-            res = export_checkpoint(info, out, store, _project(), part=part, force=force,  # type: ignore[arg-type]
-                                    max_shard_bytes=int(shard_gb * 1024**3))
+            res = export_checkpoint(
+                info,
+                out,
+                store,
+                _project(),
+                part=part,
+                force=force,  # type: ignore[arg-type]
+                max_shard_bytes=int(shard_gb * 1024**3),
+            )
         except InteropError as e:
             from moonforge.flows.cli import err_console
 
             err_console.print(f"[bold red]export error:[/bold red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
-        console.print(f"{info.ref} -> {res.out} ({res.model_type}; {', '.join(res.files)})",
-                      highlight=False)
+            raise typer.Exit(1) from None
+        console.print(f"{info.ref} -> {res.out} ({res.model_type}; {', '.join(res.files)})", highlight=False)
         if res.tokenizer is None:
-            console.print("note: no tokenizer is recorded for this artifact; none was written",
-                          style="dim")
-
+            console.print("note: no tokenizer is recorded for this artifact; none was written", style="dim")

@@ -69,8 +69,10 @@ def read_state(project: str | Path) -> list[Service]:
     try:
         return [Service(**s) for s in json.loads(p.read_text())["services"]]
     except (ValueError, KeyError, TypeError) as e:
-        raise ServerError(f"{p} is unreadable ({e}); delete it (after stopping any server it "
-                          "started) and run `moonforge server up` again") from None
+        raise ServerError(
+            f"{p} is unreadable ({e}); delete it (after stopping any server it "
+            "started) and run `moonforge server up` again"
+        ) from None
 
 
 def is_alive(s: Service) -> bool:
@@ -140,18 +142,23 @@ def database_url(name: str, url: str) -> str:
     try:
         u = make_url(url)
     except ArgumentError:
-        raise ServerError(f"{name}: {url!r} is not a database URL; use "
-                          "postgresql://USER:PASSWORD@HOST:PORT/DATABASE") from None
+        raise ServerError(
+            f"{name}: {url!r} is not a database URL; use postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+        ) from None
     backend = u.drivername.split("+")[0]
     if backend in _PG:
         if not u.database or not u.host:
-            raise ServerError(f"{name}: {masked(url)} names no host or database; use "
-                              "postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
+            raise ServerError(
+                f"{name}: {masked(url)} names no host or database; use "
+                "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+            )
         # SQLAlchemy 2.1's plain postgresql:// means psycopg 3; MLflow gets the pinned psycopg2
         u = u.set(drivername="postgresql+asyncpg" if name == "prefect" else "postgresql+psycopg2")
     elif backend != "sqlite":
-        raise ServerError(f"{name}: {masked(url)}: use a PostgreSQL URL "
-                          "(postgresql://USER:PASSWORD@HOST:PORT/DATABASE) or sqlite:///PATH")
+        raise ServerError(
+            f"{name}: {masked(url)}: use a PostgreSQL URL "
+            "(postgresql://USER:PASSWORD@HOST:PORT/DATABASE) or sqlite:///PATH"
+        )
     elif name == "prefect":
         u = u.set(drivername="sqlite+aiosqlite")
     return u.render_as_string(hide_password=False)
@@ -178,8 +185,14 @@ def check_database(name: str, url: str, timeout: int = 10) -> None:
     import psycopg2
 
     try:
-        conn = psycopg2.connect(host=u.host, port=u.port or 5432, user=u.username,
-                                password=u.password, dbname=u.database, connect_timeout=timeout)
+        conn = psycopg2.connect(
+            host=u.host,
+            port=u.port or 5432,
+            user=u.username,
+            password=u.password,
+            dbname=u.database,
+            connect_timeout=timeout,
+        )
     except psycopg2.Error as e:
         reason = " ".join(str(e).split())
         if u.password:
@@ -187,7 +200,8 @@ def check_database(name: str, url: str, timeout: int = 10) -> None:
         raise ServerError(
             f"{name}: cannot use its database {masked(url)}: {reason}. Check that PostgreSQL runs "
             f"at {u.host}:{u.port or 5432} and that role {u.username!r} may log in to database "
-            f"{u.database!r} with this password, then rerun `moonforge server up`") from None
+            f"{u.database!r} with this password, then rerun `moonforge server up`"
+        ) from None
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL")
@@ -195,35 +209,64 @@ def check_database(name: str, url: str, timeout: int = 10) -> None:
     finally:
         conn.close()
     if name == "mlflow" and existing:  # a fresh database: `mlflow server` creates the schema
-        res = subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", url],
-                             capture_output=True, text=True, timeout=600)
+        res = subprocess.run(
+            [sys.executable, "-m", "mlflow", "db", "upgrade", url],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if res.returncode != 0:
             tail = (res.stderr or res.stdout)[-1500:]
             tail = tail.replace(u.password, "***") if u.password else tail
             raise ServerError(f"mlflow: `mlflow db upgrade` failed on {masked(url)}:\n{tail}")
 
 
-def _command(name: str, port: int, project: Path,
-             db: str | None = None) -> tuple[list[str], dict[str, str], str, str]:
+def _command(
+    name: str, port: int, project: Path, db: str | None = None
+) -> tuple[list[str], dict[str, str], str, str]:
     """argv, extra env, API URL, UI URL for one server (`db`: its database URL, default the
     project's SQLite file)."""
     base = f"http://{HOST}:{port}"
     mf = project / ".moonforge"
     if name == "prefect":
-        env = {"PREFECT_HOME": str(mf / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_UI_API_URL": f"{base}/api"}
+        env = {
+            "PREFECT_HOME": str(mf / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_API_URL": f"{base}/api",
+        }
         if db:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = db
-        return ([sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
-                 "--port", str(port)], env, f"{base}/api", base)
-    argv = [sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port),
-            "--workers", "1", "--serve-artifacts", "--artifacts-destination", str(mf / "mlartifacts")]
+        return (
+            [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)],
+            env,
+            f"{base}/api",
+            base,
+        )
+    argv = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(mf / "mlartifacts"),
+    ]
     env = {"MLFLOW_BACKEND_STORE_URI": db or f"sqlite:///{mf / 'mlflow.db'}"}
     return argv, env, base, base
 
 
-def up(project: str | Path, ports: dict[str, int] | None = None, timeout: float = 180.0,
-       db: dict[str, str | None] | None = None) -> list[Service]:
+def up(
+    project: str | Path,
+    ports: dict[str, int] | None = None,
+    timeout: float = 180.0,
+    db: dict[str, str | None] | None = None,
+) -> list[Service]:
     """Start both servers, wait until each answers /health, record them; ServerError if they
     run already, a port is taken, a database (`db`: server name -> URL) cannot be reached, or
     one does not come up (the other is stopped again)."""
@@ -232,14 +275,18 @@ def up(project: str | Path, ports: dict[str, int] | None = None, timeout: float 
     dbs = {n: database_url(n, u) for n, u in (db or {}).items() if u}
     running = [s for s in read_state(project) if is_alive(s)]
     if running:
-        raise ServerError("moonforge servers are already running for this project: "
-                          + ", ".join(f"{s.name} at {s.url} (pid {s.pid})" for s in running)
-                          + "; use them, or stop them first with `moonforge server down`")
+        raise ServerError(
+            "moonforge servers are already running for this project: "
+            + ", ".join(f"{s.name} at {s.url} (pid {s.pid})" for s in running)
+            + "; use them, or stop them first with `moonforge server down`"
+        )
     for name, port in ports.items():
         if not port_free(port):
-            raise ServerError(f"{name}: port {port} on {HOST} is taken by another process; pick a "
-                              f"free one with `moonforge server up {FLAGS[name]} <port>` or stop "
-                              "whatever listens there")
+            raise ServerError(
+                f"{name}: port {port} on {HOST} is taken by another process; pick a "
+                f"free one with `moonforge server up {FLAGS[name]} <port>` or stop "
+                "whatever listens there"
+            )
     for name, url in dbs.items():
         check_database(name, url)
     (project / ".moonforge" / "prefect").mkdir(parents=True, exist_ok=True)
@@ -247,16 +294,33 @@ def up(project: str | Path, ports: dict[str, int] | None = None, timeout: float 
     started: list[Service] = []
     for name, port in ports.items():
         argv, extra, api, ui = _command(name, port, project, dbs.get(name))
-        env = {k: v for k, v in os.environ.items() if k not in (
-            "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_DATABASE_CONNECTION_URL",
-            "MLFLOW_BACKEND_STORE_URI")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k
+            not in (
+                "PREFECT_API_URL",
+                "MLFLOW_TRACKING_URI",
+                "PREFECT_API_DATABASE_CONNECTION_URL",
+                "MLFLOW_BACKEND_STORE_URI",
+            )
+        }
         log = project / LOG_DIR / f"{name}.log"
         with log.open("ab") as fh:
-            proc = subprocess.Popen(argv, cwd=project, env={**env, **extra}, stdout=fh,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)  # own group: outlives `up`, `down` kills it
-        started.append(Service(name, proc.pid, port, ui, api, str(log), "server",
-                               masked(dbs[name]) if name in dbs else ""))
+            proc = subprocess.Popen(
+                argv,
+                cwd=project,
+                env={**env, **extra},
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # own group: outlives `up`, `down` kills it
+        started.append(
+            Service(
+                name, proc.pid, port, ui, api, str(log), "server", masked(dbs[name]) if name in dbs else ""
+            )
+        )
     try:
         _wait_healthy(started, timeout)
     except ServerError:
@@ -274,12 +338,15 @@ def _wait_healthy(services: list[Service], timeout: float) -> None:
             if healthy(s):
                 waiting.remove(s)
             elif not is_alive(s):
-                raise ServerError(f"{s.name} server exited while starting; the end of {s.log}:\n"
-                                  + _tail(Path(s.log)))
+                raise ServerError(
+                    f"{s.name} server exited while starting; the end of {s.log}:\n" + _tail(Path(s.log))
+                )
         if waiting and time.time() > deadline:
             s = waiting[0]
-            raise ServerError(f"{s.name} server did not answer {s.api_url}/health within "
-                              f"{timeout:.0f}s; the end of {s.log}:\n{_tail(Path(s.log))}")
+            raise ServerError(
+                f"{s.name} server did not answer {s.api_url}/health within "
+                f"{timeout:.0f}s; the end of {s.log}:\n{_tail(Path(s.log))}"
+            )
         time.sleep(0.5)
 
 

@@ -10,8 +10,9 @@ markdown: a pipe table (line breaks as <br>), for notes, issues and PRs.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import typer
 from rich import box
@@ -44,13 +45,21 @@ class Column:
     """Never folded (names): other columns give way."""
 
 
-def rich_table(rows: Sequence[Mapping[str, str]], cols: Sequence[Column], title: str | None,
-               width: int) -> Table:
+def rich_table(
+    rows: Sequence[Mapping[str, str]], cols: Sequence[Column], title: str | None, width: int
+) -> Table:
     """The rich table, narrowed to fit `width` columns if needed."""
+
     def build(use: Sequence[Column]) -> Table:
         multiline = any("\n" in str(r.get(c.key, "")) for r in rows for c in use)
-        t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False,
-                  expand=False, show_lines=multiline)  # a rule between rows of several lines
+        t = Table(
+            title=title,
+            box=box.SIMPLE_HEAD,
+            title_justify="left",
+            pad_edge=False,
+            expand=False,
+            show_lines=multiline,
+        )  # a rule between rows of several lines
         for c in use:
             t.add_column(c.header, justify=c.justify, overflow="fold", no_wrap=c.no_wrap)
         for r in rows:
@@ -77,8 +86,9 @@ class _Null:
         pass
 
 
-def markdown_table(rows: Sequence[Mapping[str, str]], cols: Sequence[Column],
-                   title: str | None = None) -> str:
+def markdown_table(
+    rows: Sequence[Mapping[str, str]], cols: Sequence[Column], title: str | None = None
+) -> str:
     def cell(v: Any) -> str:
         return str(v).replace("|", "\\|").replace("\n", "<br>")
 
@@ -89,8 +99,15 @@ def markdown_table(rows: Sequence[Mapping[str, str]], cols: Sequence[Column],
     return "\n".join(out)
 
 
-def emit(console: Console, fmt: str, rows: Sequence[Mapping[str, str]], cols: Sequence[Column],
-         data: Any, title: str | None = None, notes: Sequence[str] = ()) -> None:
+def emit(
+    console: Console,
+    fmt: str,
+    rows: Sequence[Mapping[str, str]],
+    cols: Sequence[Column],
+    data: Any,
+    title: str | None = None,
+    notes: Sequence[str] = (),
+) -> None:
     """Print one table command's output: `rows` (display strings) as a table or markdown with
     `notes` under it, or `data` (raw records) as JSON."""
     if fmt == "json":

@@ -136,7 +136,7 @@ def suffix_block_mask(doc_ids_BK: Tensor, num_queries: int) -> Tensor:
     """
     B, K = doc_ids_BK.shape
     seg_BK = segment_ids(doc_ids_BK)
-    mask_BQK = seg_BK[:, K - num_queries:, None] == seg_BK[:, None, :]
+    mask_BQK = seg_BK[:, K - num_queries :, None] == seg_BK[:, None, :]
     q_pos_Q = torch.arange(K - num_queries, K, device=doc_ids_BK.device)
     mask_BQK &= torch.arange(K, device=doc_ids_BK.device)[None, :] <= q_pos_Q[:, None]
     return mask_BQK[:, None]
@@ -210,8 +210,9 @@ def activation_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def attention_meta(doc_ids_BL: Tensor, causal: bool, backend: str,
-                   dtype: torch.dtype = torch.float32) -> AttnMeta:
+def attention_meta(
+    doc_ids_BL: Tensor, causal: bool, backend: str, dtype: torch.dtype = torch.float32
+) -> AttnMeta:
     """Everything every layer's attention needs about this batch, built once.
 
     backend: a resolved backend (`resolve_backend`); dtype: the q/k/v dtype (`activation_dtype`),
@@ -222,9 +223,11 @@ def attention_meta(doc_ids_BL: Tensor, causal: bool, backend: str,
     if backend == "flash" and not _half(dtype):
         if "flash-fp32" not in _warned:
             _warned.add("flash-fp32")
-            warnings.warn(f"attention backend 'flash' runs bf16 / fp16 only; {dtype} activations "
-                          "run 'sdpa' instead (exact, slower); use bf16 autocast for flash",
-                          stacklevel=2)
+            warnings.warn(
+                f"attention backend 'flash' runs bf16 / fp16 only; {dtype} activations "
+                "run 'sdpa' instead (exact, slower); use bf16 autocast for flash",
+                stacklevel=2,
+            )
         backend = "sdpa"
     if backend == "dense":
         return AttnMeta("dense", causal, doc_ids_BL, mask_B1LL=block_mask(doc_ids_BL, causal))
@@ -234,8 +237,9 @@ def attention_meta(doc_ids_BL: Tensor, causal: bool, backend: str,
         cu_S1, max_len = cu_seqlens_from_doc_ids(doc_ids_BL)
         return AttnMeta("varlen", causal, doc_ids_BL, cu_seqlens_S1=cu_S1, max_seqlen=max_len)
     if backend == "flex":
-        return AttnMeta("flex", causal, doc_ids_BL,
-                        block_mask=_flex_block_mask(segment_ids(doc_ids_BL), causal))
+        return AttnMeta(
+            "flex", causal, doc_ids_BL, block_mask=_flex_block_mask(segment_ids(doc_ids_BL), causal)
+        )
     return _sdpa_meta(doc_ids_BL, causal)
 
 
@@ -252,13 +256,13 @@ def _sdpa_meta(doc_ids_BL: Tensor, causal: bool) -> AttnMeta:
     real_T = (doc_ids_BL >= 0).flatten()
     lengths_S = torch.bincount(seg_BL.flatten()[real_T], minlength=1)  # 0 for padding segments
     one_doc_rows = (seg_BL[:, -1] == seg_BL[:, 0]).all() if L else real_T.all()
-    full, S, Lmax = torch.stack([real_T.all() & one_doc_rows, (lengths_S > 0).sum(),
-                                 lengths_S.max()]).tolist()
+    full, S, Lmax = torch.stack(
+        [real_T.all() & one_doc_rows, (lengths_S > 0).sum(), lengths_S.max()]
+    ).tolist()
     if full:
         return AttnMeta("full", causal, doc_ids_BL)
     if S and S * Lmax * Lmax < PADDED_OVER_DENSE * B * L * L:
-        return AttnMeta("padded", causal, doc_ids_BL,
-                        segments=segment_plan(doc_ids_BL, causal, seg_BL))
+        return AttnMeta("padded", causal, doc_ids_BL, segments=segment_plan(doc_ids_BL, causal, seg_BL))
     return AttnMeta("dense", causal, doc_ids_BL, mask_B1LL=block_mask(doc_ids_BL, causal))
 
 
@@ -273,8 +277,9 @@ def _flex_block_mask(seg_BL: Tensor, causal: bool):
     return create_block_mask(mask_mod, B, None, L, L, device=seg_BL.device)
 
 
-def attention(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, meta: AttnMeta,
-              scale: float | None = None) -> Tensor:
+def attention(
+    q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, meta: AttnMeta, scale: float | None = None
+) -> Tensor:
     """Block-diagonal (per document) attention with prebuilt metadata; returns (B, H, L, Dv).
 
     q, k: (B, H, L, Dh); v: (B, H, L, Dv). `scale` defaults to Dh ** -0.5.
@@ -284,8 +289,7 @@ def attention(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, meta: AttnMeta,
             return causal_sdpa(q_BHLD, k_BHLD, v_BHLE, scale)
         return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLE, scale=scale)
     if meta.kernel == "dense":
-        return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLE, attn_mask=meta.mask_B1LL,
-                                              scale=scale)
+        return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLE, attn_mask=meta.mask_B1LL, scale=scale)
     if meta.kernel == "padded":
         return _sdpa_segments(q_BHLD, k_BHLD, v_BHLE, meta.segments, meta.causal, scale)
     if meta.kernel == "varlen":
@@ -298,32 +302,40 @@ def causal_sdpa(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, scale: float | N
     keys [0, chunk end) with a causal mask on the diagonal block. Same result up to rounding."""
     L = q_BHLD.shape[2]
     if q_BHLD.device.type != "cpu" or L <= CAUSAL_CHUNK:
-        return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLE, is_causal=True,
-                                              scale=scale)
+        return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLE, is_causal=True, scale=scale)
     outs = []
     for lo in range(0, L, CAUSAL_CHUNK):
         hi = min(lo + CAUSAL_CHUNK, L)
         mask_QK = torch.ones(hi - lo, hi, dtype=torch.bool, device=q_BHLD.device).tril(lo)
-        outs.append(F.scaled_dot_product_attention(q_BHLD[:, :, lo:hi], k_BHLD[:, :, :hi],
-                                                   v_BHLE[:, :, :hi], attn_mask=mask_QK,
-                                                   scale=scale))
+        outs.append(
+            F.scaled_dot_product_attention(
+                q_BHLD[:, :, lo:hi], k_BHLD[:, :, :hi], v_BHLE[:, :, :hi], attn_mask=mask_QK, scale=scale
+            )
+        )
     return torch.cat(outs, dim=2)
 
 
-def attend(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, doc_ids_BL: Tensor, causal: bool,
-           backend: Backend = "auto", scale: float | None = None) -> Tensor:
+def attend(
+    q_BHLD: Tensor,
+    k_BHLD: Tensor,
+    v_BHLE: Tensor,
+    doc_ids_BL: Tensor,
+    causal: bool,
+    backend: Backend = "auto",
+    scale: float | None = None,
+) -> Tensor:
     """One-shot `attention`: builds the metadata for `doc_ids_BL` (-1 = padding) and attends.
 
     Models build the metadata once per forward instead (`attention_meta`). With a KV cache use
     `attend_cached`.
     """
-    meta = attention_meta(doc_ids_BL, causal, resolve_backend(backend, q_BHLD.device),
-                          q_BHLD.dtype)
+    meta = attention_meta(doc_ids_BL, causal, resolve_backend(backend, q_BHLD.device), q_BHLD.dtype)
     return attention(q_BHLD, k_BHLD, v_BHLE, meta, scale)
 
 
-def attend_cached(q_BHQD: Tensor, k_BHKD: Tensor, v_BHKE: Tensor, doc_ids_BK: Tensor,
-                  scale: float | None = None) -> Tensor:
+def attend_cached(
+    q_BHQD: Tensor, k_BHKD: Tensor, v_BHKE: Tensor, doc_ids_BK: Tensor, scale: float | None = None
+) -> Tensor:
     """Causal block-diagonal attention of Q new queries over K >= Q cached keys: (B, H, Q, Dv).
 
     The queries sit at the last Q key positions; doc_ids_BK covers all K keys (-1 = padding).
@@ -332,8 +344,7 @@ def attend_cached(q_BHQD: Tensor, k_BHKD: Tensor, v_BHKE: Tensor, doc_ids_BK: Te
     of size 1 expanded over H (MLA's absorbed decode).
     """
     mask_B1QK = suffix_block_mask(doc_ids_BK, q_BHQD.shape[2])
-    return F.scaled_dot_product_attention(q_BHQD, k_BHKD, v_BHKE, attn_mask=mask_B1QK,
-                                          scale=scale)
+    return F.scaled_dot_product_attention(q_BHQD, k_BHKD, v_BHKE, attn_mask=mask_B1QK, scale=scale)
 
 
 def _tokens(x_BHLX: Tensor) -> Tensor:
@@ -342,8 +353,9 @@ def _tokens(x_BHLX: Tensor) -> Tensor:
     return x_BHLX.transpose(1, 2).reshape(B * L, H, X)
 
 
-def _sdpa_segments(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, plan: SegmentPlan,
-                   causal: bool, scale: float | None) -> Tensor:
+def _sdpa_segments(
+    q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, plan: SegmentPlan, causal: bool, scale: float | None
+) -> Tensor:
     """SDPA over the documents gathered into a padded (S, H, Lmax, D) batch (varlen by padding);
     padding tokens of the packed rows return their own value vector."""
     B, H, L, _ = q_BHLD.shape
@@ -357,8 +369,9 @@ def _sdpa_segments(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, plan: Segment
     if causal:
         out_SHLE = causal_sdpa(q_SHLD, k_SHLD, v_SHLE, scale)
     else:
-        out_SHLE = F.scaled_dot_product_attention(q_SHLD, k_SHLD, v_SHLE,
-                                                  attn_mask=plan.keys_S11L, scale=scale)
+        out_SHLE = F.scaled_dot_product_attention(
+            q_SHLD, k_SHLD, v_SHLE, attn_mask=plan.keys_S11L, scale=scale
+        )
     out_PHE = out_SHLE.transpose(1, 2).reshape(S * Lmax, H, -1)
     out_THE = torch.cat([out_PHE, v_THE]).index_select(0, plan.unpad_T)
     return out_THE.view(B, L, H, -1).transpose(1, 2)
@@ -369,40 +382,53 @@ def _varlen_kernel():
         return _flash_varlen, "flash_attn"
     if _torch_varlen is not None:
         return _torch_varlen, "torch"
-    raise RuntimeError("attn backend 'flash' needs flash-attn (pip install moonforge[flash]) or "
-                       "torch >= 2.10 with torch.nn.attention.varlen on CUDA; use 'sdpa'")
+    raise RuntimeError(
+        "attn backend 'flash' needs flash-attn (pip install moonforge[flash]) or "
+        "torch >= 2.10 with torch.nn.attention.varlen on CUDA; use 'sdpa'"
+    )
 
 
-def _flash(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, meta: AttnMeta,
-           scale: float | None) -> Tensor:
+def _flash(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, meta: AttnMeta, scale: float | None) -> Tensor:
     kernel, kind = _varlen_kernel()
     B, H, L, Dh = q_BHLD.shape
     Dv = v_BHLE.shape[-1]
     if not _half(q_BHLD.dtype):  # attention_meta never plans this; a direct caller might
-        raise TypeError(f"attn backend 'flash' runs bf16 / fp16 only, got {q_BHLD.dtype}; cast "
-                        "explicitly, run under autocast, or use the 'sdpa' backend")
+        raise TypeError(
+            f"attn backend 'flash' runs bf16 / fp16 only, got {q_BHLD.dtype}; cast "
+            "explicitly, run under autocast, or use the 'sdpa' backend"
+        )
     v_THE = _tokens(v_BHLE)
     if Dv < Dh:  # varlen kernels want one head dim for q, k and v; zero-pad v and slice back
         v_THE = F.pad(v_THE, (0, Dh - Dv))
     cu_S1, max_len = meta.cu_seqlens_S1, meta.max_seqlen
     q_THD, k_THD = _tokens(q_BHLD), _tokens(k_BHLD)
     if kind == "flash_attn":
-        out_THE = kernel(q_THD, k_THD, v_THE, cu_S1, cu_S1, max_len, max_len,
-                         softmax_scale=scale, causal=meta.causal)
+        out_THE = kernel(
+            q_THD, k_THD, v_THE, cu_S1, cu_S1, max_len, max_len, softmax_scale=scale, causal=meta.causal
+        )
     elif "is_causal" in inspect.signature(kernel).parameters:  # torch 2.10 / 2.11
-        out_THE = kernel(q_THD, k_THD, v_THE, cu_S1, cu_S1, max_len, max_len,
-                         is_causal=meta.causal, scale=scale)
+        out_THE = kernel(
+            q_THD, k_THD, v_THE, cu_S1, cu_S1, max_len, max_len, is_causal=meta.causal, scale=scale
+        )
     else:  # torch >= 2.12: a causal window instead of is_causal
-        out_THE = kernel(q_THD, k_THD, v_THE, cu_S1, cu_S1, max_len, max_len, scale=scale,
-                         window_size=(-1, 0) if meta.causal else (-1, -1))
+        out_THE = kernel(
+            q_THD,
+            k_THD,
+            v_THE,
+            cu_S1,
+            cu_S1,
+            max_len,
+            max_len,
+            scale=scale,
+            window_size=(-1, 0) if meta.causal else (-1, -1),
+        )
     return out_THE[..., :Dv].reshape(B, L, H, Dv).transpose(1, 2)
 
 
 _compiled_flex = None
 
 
-def _flex(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, meta: AttnMeta,
-          scale: float | None) -> Tensor:
+def _flex(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, meta: AttnMeta, scale: float | None) -> Tensor:
     """FlexAttention with the batch's block mask: compiled once on CUDA (the fused kernel);
     eager elsewhere (it materialises the scores: a reference, not a fast path)."""
     global _compiled_flex
@@ -418,8 +444,14 @@ def _flex(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, meta: AttnMeta,
         return fn(q_BHLD, k_BHLD, v_BHLE, block_mask=meta.block_mask, scale=scale)
 
 
-def attend_reference(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, doc_ids_BL: Tensor,
-                     causal: bool, scale: float | None = None) -> Tensor:
+def attend_reference(
+    q_BHLD: Tensor,
+    k_BHLD: Tensor,
+    v_BHLE: Tensor,
+    doc_ids_BL: Tensor,
+    causal: bool,
+    scale: float | None = None,
+) -> Tensor:
     """Slow per-document reference: one SDPA call per segment, no masks. For tests only."""
     B, H, L, _ = q_BHLD.shape
     out_BHLE = torch.zeros(B, H, L, v_BHLE.shape[-1], dtype=v_BHLE.dtype, device=v_BHLE.device)
@@ -429,6 +461,6 @@ def attend_reference(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, doc_ids_BL:
             idx = (seg_BL[b] == s).nonzero().flatten()
             lo, hi = int(idx[0]), int(idx[-1]) + 1
             out_BHLE[b, :, lo:hi] = F.scaled_dot_product_attention(
-                q_BHLD[b, :, lo:hi], k_BHLD[b, :, lo:hi], v_BHLE[b, :, lo:hi],
-                is_causal=causal, scale=scale)
+                q_BHLD[b, :, lo:hi], k_BHLD[b, :, lo:hi], v_BHLE[b, :, lo:hi], is_causal=causal, scale=scale
+            )
     return out_BHLE

@@ -28,8 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moonforge.model.attention import (AttnMeta, Backend, activation_dtype, attention,
-                                       attention_meta, resolve_backend)
+from moonforge.model.attention import (
+    AttnMeta,
+    Backend,
+    activation_dtype,
+    attention,
+    attention_meta,
+    resolve_backend,
+)
 from moonforge.model.config import CaptionTowerConfig
 from moonforge.model.vision import image_ids
 
@@ -88,9 +94,15 @@ class AttentionPool(nn.Module):
 class CaptionTowers(nn.Module):
     """image_embed / text_embed for SigLIP, caption_logits for the caption loss."""
 
-    def __init__(self, cfg: CaptionTowerConfig, vision_dim: int, vocab_size: int,
-                 backend: Backend = "auto", logit_scale_init: float = math.log(10.0),
-                 logit_bias_init: float = -10.0) -> None:
+    def __init__(
+        self,
+        cfg: CaptionTowerConfig,
+        vision_dim: int,
+        vocab_size: int,
+        backend: Backend = "auto",
+        logit_scale_init: float = math.log(10.0),
+        logit_bias_init: float = -10.0,
+    ) -> None:
         super().__init__()
         C, H = cfg.hidden_size, cfg.num_heads
         if C % H:
@@ -118,8 +130,9 @@ class CaptionTowers(nn.Module):
         self.logit_bias = nn.Parameter(torch.empty(()))
         self.reset_parameters(logit_scale_init, logit_bias_init)
 
-    def reset_parameters(self, logit_scale_init: float = math.log(10.0),
-                         logit_bias_init: float = -10.0, std: float = 0.02) -> None:
+    def reset_parameters(
+        self, logit_scale_init: float = math.log(10.0), logit_bias_init: float = -10.0, std: float = 0.02
+    ) -> None:
         """Normal(0, std) weights, zero biases, unit LayerNorms, SigLIP t' and b set as given."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -141,13 +154,16 @@ class CaptionTowers(nn.Module):
 
     def _meta(self, doc_ids_BL: Tensor, causal: bool, x_BLC: Tensor) -> AttnMeta:
         """A tower's attention metadata, built once per call and shared by its blocks."""
-        return attention_meta(doc_ids_BL, causal, resolve_backend(self.attn_backend, x_BLC.device),
-                              activation_dtype(x_BLC))
+        return attention_meta(
+            doc_ids_BL, causal, resolve_backend(self.attn_backend, x_BLC.device), activation_dtype(x_BLC)
+        )
 
     def _check_len(self, L: int) -> None:
         if L > self.cfg.max_text_len:
-            raise ValueError(f"caption length {L} > model.caption.max_text_len="
-                             f"{self.cfg.max_text_len}; truncate captions before the towers")
+            raise ValueError(
+                f"caption length {L} > model.caption.max_text_len="
+                f"{self.cfg.max_text_len}; truncate captions before the towers"
+            )
 
     def image_embed(self, feats_NDv: Tensor, grid_hw: Tensor) -> Tensor:
         """(N, Dv) packed ViT features -> (n_img, E) unit-norm image embeddings."""

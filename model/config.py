@@ -44,7 +44,7 @@ class VisionConfig(_Shape):
     """LayerNorm epsilon."""
 
     @model_validator(mode="after")
-    def _check(self) -> "VisionConfig":
+    def _check(self) -> VisionConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.vision.hidden_size={self.hidden_size} is not divisible by "
@@ -138,7 +138,7 @@ class LMConfig(_Shape):
     models tie. Moonlight / Kimi-VL do not."""
 
     @model_validator(mode="after")
-    def _check(self) -> "LMConfig":
+    def _check(self) -> LMConfig:
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(
                 f"model.lm.num_experts_per_tok={self.num_experts_per_tok} exceeds "
@@ -156,20 +156,25 @@ class LMConfig(_Shape):
         if self.attention == "mha" and self.num_heads % (self.num_kv_heads or self.num_heads):
             raise ValueError(
                 f"model.lm.num_heads={self.num_heads} is not a multiple of "
-                f"num_kv_heads={self.num_kv_heads}; each key/value head serves a whole group")
+                f"num_kv_heads={self.num_kv_heads}; each key/value head serves a whole group"
+            )
 
     def _check_groups(self) -> None:
         G, E = self.num_expert_groups, self.num_experts
         if E % G:
             raise ValueError(f"model.lm.num_experts={E} is not divisible by num_expert_groups={G}")
         if G > 1 and E // G < 2:
-            raise ValueError("model.lm.num_expert_groups leaves fewer than 2 experts per group; "
-                             "groups are scored by their two best experts")
+            raise ValueError(
+                "model.lm.num_expert_groups leaves fewer than 2 experts per group; "
+                "groups are scored by their two best experts"
+            )
         reachable = min(self.num_topk_groups, G) * (E // G)
         if self.num_experts_per_tok > reachable:
-            raise ValueError(f"model.lm.num_experts_per_tok={self.num_experts_per_tok} exceeds the "
-                             f"{reachable} experts of num_topk_groups={self.num_topk_groups} "
-                             "groups; raise num_topk_groups or lower top-k")
+            raise ValueError(
+                f"model.lm.num_experts_per_tok={self.num_experts_per_tok} exceeds the "
+                f"{reachable} experts of num_topk_groups={self.num_topk_groups} "
+                "groups; raise num_topk_groups or lower top-k"
+            )
 
 
 class CaptionTowerConfig(_Shape):

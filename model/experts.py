@@ -149,14 +149,18 @@ class GroupedExperts(nn.Module):
                     f"experts impl 'grouped_mm' is required but torch's grouped GEMM cannot run "
                     f"{x_AD.dtype} on {x_AD.device} (needs torch >= 2.8 with F.grouped_mm / "
                     "torch._grouped_mm, bf16 on CUDA SM >= 8.0, row strides of 16 bytes); use "
-                    "impl 'auto' to fall back to the padded bmm path")
+                    "impl 'auto' to fall back to the padded bmm path"
+                )
             return True
         if self.impl == "padded" or not ok:
             where = x_AD.device.type
             if self.impl == "auto" and _expects_grouped_mm(x_AD) and where not in _warned:
                 _warned.add(where)
-                warnings.warn(f"grouped GEMM unavailable for {x_AD.dtype} on {x_AD.device}; MoE "
-                              "experts run as padded bmm (a host sync per layer)", stacklevel=3)
+                warnings.warn(
+                    f"grouped GEMM unavailable for {x_AD.dtype} on {x_AD.device}; MoE "
+                    "experts run as padded bmm (a host sync per layer)",
+                    stacklevel=3,
+                )
             return False
         return True
 
@@ -172,8 +176,7 @@ class GroupedExperts(nn.Module):
         A, D = x_AD.shape
         E = counts_E.shape[0]
         C = int(counts_E.max()) if A else 0
-        expert_A = torch.repeat_interleave(torch.arange(E, device=x_AD.device), counts_E,
-                                           output_size=A)
+        expert_A = torch.repeat_interleave(torch.arange(E, device=x_AD.device), counts_E, output_size=A)
         starts_E = counts_E.cumsum(0) - counts_E
         slot_A = torch.arange(A, device=x_AD.device) - starts_E[expert_A]
         x_ECD = x_AD.new_zeros(E, C, D).index_put((expert_A, slot_A), x_AD)
@@ -181,8 +184,9 @@ class GroupedExperts(nn.Module):
         y_ECD = torch.bmm(F.silu(gate_ECF) * up_ECF, down.transpose(1, 2))
         return y_ECD[expert_A, slot_A]
 
-    def _load_from_state_dict(self, state_dict: MutableMapping[str, Tensor], prefix: str,
-                              *args, **kwargs) -> None:
+    def _load_from_state_dict(
+        self, state_dict: MutableMapping[str, Tensor], prefix: str, *args, **kwargs
+    ) -> None:
         merge_expert_keys(state_dict, prefix, self.num_experts)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -194,8 +198,7 @@ def merge_expert_keys(state: MutableMapping[str, Tensor], prefix: str, num_exper
     Does nothing when the stacked keys are there or any per-expert key is missing (the caller's
     strict load then names what is missing or unexpected).
     """
-    names = [[f"{prefix}{e}.{k}_proj.weight" for k in ("gate", "up", "down")]
-             for e in range(num_experts)]
+    names = [[f"{prefix}{e}.{k}_proj.weight" for k in ("gate", "up", "down")] for e in range(num_experts)]
     if prefix + "gate_up" in state or not all(n in state for row in names for n in row):
         return
     state[prefix + "gate_up"] = torch.stack([torch.cat([state[g], state[u]]) for g, u, _ in names])

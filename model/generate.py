@@ -59,8 +59,9 @@ class GenerationOutput:
     lengths: list[int]
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = PAD_ID,
-             device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int = PAD_ID, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor, Tensor]:
     """(input_ids_BL, position_ids_BL, doc_ids_BL) of right-aligned prompts, L = longest prompt.
 
     Pads get `pad_id`, position 0 and doc id -1; real tokens doc id 0 and positions 0, 1, ...
@@ -71,7 +72,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = PAD_ID,
     L = max(len(p) for p in prompts)
     ids_BL = torch.full((len(prompts), L), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids_BL[b, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        ids_BL[b, L - len(p) :] = torch.tensor(list(p), dtype=torch.long)
     num_pad_B1 = torch.tensor([[L - len(p)] for p in prompts])
     pos_BL = (torch.arange(L)[None, :] - num_pad_B1).clamp(min=0)
     doc_BL = torch.where(torch.arange(L)[None, :] < num_pad_B1, -1, 0)
@@ -82,9 +83,16 @@ class _Decoder:
     """Left-padded prompts (ids, positions, doc ids), their media mask and images on the model's
     device: what both decoders start from."""
 
-    def __init__(self, model: VLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 media_mask_BL: Tensor, pixels_NP: Tensor | None, grid_hw: Tensor | None,
-                 pad_id: int = PAD_ID) -> None:
+    def __init__(
+        self,
+        model: VLM,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        media_mask_BL: Tensor,
+        pixels_NP: Tensor | None,
+        grid_hw: Tensor | None,
+        pad_id: int = PAD_ID,
+    ) -> None:
         self.model, self.pad_id = model, pad_id
         device = model.lm.embed_tokens.weight.device
         self.ids_BL, self.pos_BL, self.doc_BL = left_pad(prompts, pad_id, device=device)
@@ -95,9 +103,16 @@ class _Decoder:
 class CachedDecoder(_Decoder):
     """Prefill the padded prompts into a `KVCache`, then decode one position per step."""
 
-    def __init__(self, model: VLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 media_mask_BL: Tensor, pixels_NP: Tensor | None, grid_hw: Tensor | None,
-                 pad_id: int = PAD_ID) -> None:
+    def __init__(
+        self,
+        model: VLM,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        media_mask_BL: Tensor,
+        pixels_NP: Tensor | None,
+        grid_hw: Tensor | None,
+        pad_id: int = PAD_ID,
+    ) -> None:
         super().__init__(model, prompts, max_new_tokens, media_mask_BL, pixels_NP, grid_hw, pad_id)
         device = self.ids_BL.device
         B, L = self.ids_BL.shape
@@ -121,8 +136,12 @@ class CachedDecoder(_Decoder):
             self.next_pos_R = self.next_pos_R[keep_R]
             self.rows = list(rows)
         lm = self.model.lm
-        h_R1D = lm.hidden_cached(lm.embed(next_ids_R[:, None]), self.next_pos_R[:, None],
-                                 torch.zeros_like(next_ids_R)[:, None], self.cache)
+        h_R1D = lm.hidden_cached(
+            lm.embed(next_ids_R[:, None]),
+            self.next_pos_R[:, None],
+            torch.zeros_like(next_ids_R)[:, None],
+            self.cache,
+        )
         self.next_pos_R = self.next_pos_R + 1
         return lm.logits(h_R1D[:, 0])
 
@@ -133,8 +152,9 @@ class FullDecoder(_Decoder):
 
     def prefill(self) -> Tensor:
         """Logits (B, V) for the first new token of every prompt."""
-        return self.model(self.ids_BL, self.pos_BL, self.doc_BL, self.media_mask_BL,
-                          self.pixels_NP, self.grid_hw)[:, -1]
+        return self.model(
+            self.ids_BL, self.pos_BL, self.doc_BL, self.media_mask_BL, self.pixels_NP, self.grid_hw
+        )[:, -1]
 
     def step(self, rows: Sequence[int], next_ids_R: Tensor) -> Tensor:
         """As `CachedDecoder.step`, recomputing everything."""
@@ -147,8 +167,9 @@ class FullDecoder(_Decoder):
         self.doc_BL = torch.cat([self.doc_BL, doc_B[:, None]], dim=1)
         no_media_B1 = torch.zeros_like(ids_B[:, None], dtype=torch.bool)
         self.media_mask_BL = torch.cat([self.media_mask_BL, no_media_B1], dim=1)
-        logits_BLV = self.model(self.ids_BL, self.pos_BL, self.doc_BL, self.media_mask_BL,
-                                self.pixels_NP, self.grid_hw)
+        logits_BLV = self.model(
+            self.ids_BL, self.pos_BL, self.doc_BL, self.media_mask_BL, self.pixels_NP, self.grid_hw
+        )
         return logits_BLV[rows_R, -1]
 
 
@@ -165,8 +186,7 @@ def top_p_filter(probs_RV: Tensor, top_p: float) -> Tensor:
     return kept_RV / kept_RV.sum(-1, keepdim=True)
 
 
-def sample(logits_RV: Tensor, temperature: float, top_p: float,
-           generator: torch.Generator | None) -> Tensor:
+def sample(logits_RV: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
     """Next token ids (R,): argmax when temperature == 0, else a draw from
     top_p_filter(softmax(logits / temperature))."""
     if temperature == 0:
@@ -186,15 +206,17 @@ class RepeatDetector:
 
     def __init__(self, ngram: int, max_count: int) -> None:
         if ngram < 1 or max_count < 2:
-            raise ValueError(f"repeat_ngram={ngram} must be >= 1 and repeat_max={max_count} "
-                             ">= 2 (one occurrence is not a repeat)")
+            raise ValueError(
+                f"repeat_ngram={ngram} must be >= 1 and repeat_max={max_count} "
+                ">= 2 (one occurrence is not a repeat)"
+            )
         self.ngram, self.max_count = ngram, max_count
         self.tail: list[int] = []
         self.counts: Counter[tuple[int, ...]] = Counter()
 
     def push(self, token: int) -> bool:
         """Add one generated token; True when the generation should end as "repeat"."""
-        self.tail = (self.tail + [token])[-self.ngram:]
+        self.tail = (self.tail + [token])[-self.ngram :]
         if len(self.tail) < self.ngram:
             return False
         key = tuple(self.tail)
@@ -202,8 +224,9 @@ class RepeatDetector:
         return self.counts[key] >= self.max_count
 
 
-def _check_args(max_new_tokens: int, temperature: float, top_p: float,
-                repeat_ngram: int | None, repeat_max: int | None) -> None:
+def _check_args(
+    max_new_tokens: int, temperature: float, top_p: float, repeat_ngram: int | None, repeat_max: int | None
+) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if temperature < 0:
@@ -215,13 +238,24 @@ def _check_args(max_new_tokens: int, temperature: float, top_p: float,
 
 
 @torch.no_grad()
-def generate(model: VLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0,
-             stop_ids: Sequence[int] = DEFAULT_STOP_IDS, pixels_NP: Tensor | None = None,
-             grid_hw: Tensor | None = None, media_pad_id: int = MEDIA_PAD_ID,
-             pad_id: int = PAD_ID, seed: int | None = None, generator: torch.Generator | None = None,
-             use_cache: bool = True, repeat_ngram: int | None = None,
-             repeat_max: int | None = None) -> GenerationOutput:
+def generate(
+    model: VLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] = DEFAULT_STOP_IDS,
+    pixels_NP: Tensor | None = None,
+    grid_hw: Tensor | None = None,
+    media_pad_id: int = MEDIA_PAD_ID,
+    pad_id: int = PAD_ID,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    repeat_ngram: int | None = None,
+    repeat_max: int | None = None,
+) -> GenerationOutput:
     """Continue every prompt by up to `max_new_tokens` tokens.
 
     prompts: token id lists of any lengths (batched with left padding). Images: the prompts'
@@ -245,24 +279,42 @@ def generate(model: VLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        decoder = decoder_cls(model, prompts, max_new_tokens, media_mask_BL, pixels_NP, grid_hw,
-                              pad_id)
-        return _decode_loop(decoder, len(prompts), max_new_tokens, temperature, top_p,
-                            frozenset(stop_ids), generator, repeat_ngram, repeat_max)
+        decoder = decoder_cls(model, prompts, max_new_tokens, media_mask_BL, pixels_NP, grid_hw, pad_id)
+        return _decode_loop(
+            decoder,
+            len(prompts),
+            max_new_tokens,
+            temperature,
+            top_p,
+            frozenset(stop_ids),
+            generator,
+            repeat_ngram,
+            repeat_max,
+        )
     finally:
         for m, was_training in modes.items():
             m.training = was_training
 
 
-def _decode_loop(decoder: CachedDecoder | FullDecoder, B: int, max_new_tokens: int,
-                 temperature: float, top_p: float, stop_ids: frozenset[int],
-                 generator: torch.Generator | None, repeat_ngram: int | None,
-                 repeat_max: int | None) -> GenerationOutput:
+def _decode_loop(
+    decoder: CachedDecoder | FullDecoder,
+    B: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    stop_ids: frozenset[int],
+    generator: torch.Generator | None,
+    repeat_ngram: int | None,
+    repeat_max: int | None,
+) -> GenerationOutput:
     tokens: list[list[int]] = [[] for _ in range(B)]
     logprobs: list[list[float]] = [[] for _ in range(B)]
     reasons: list[FinishReason] = ["length"] * B
-    detectors = ([RepeatDetector(repeat_ngram, repeat_max) for _ in range(B)]
-                 if repeat_ngram is not None and repeat_max is not None else None)
+    detectors = (
+        [RepeatDetector(repeat_ngram, repeat_max) for _ in range(B)]
+        if repeat_ngram is not None and repeat_max is not None
+        else None
+    )
     rows = list(range(B))
     logits_RV = decoder.prefill()
     for _ in range(max_new_tokens):

@@ -24,8 +24,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from moonforge.model.tokenizer import ChatDialect, Tokenizer, detect_dialect, special_token_ids
 
 
-def ensure_media_tokens(source: HFTokenizer | str | Path,
-                        dialect: ChatDialect | str | None = None) -> tuple[HFTokenizer, list[str]]:
+def ensure_media_tokens(
+    source: HFTokenizer | str | Path, dialect: ChatDialect | str | None = None
+) -> tuple[HFTokenizer, list[str]]:
     """(tokenizer, added): add the dialect's missing special tokens (media and role) at the end.
 
     `source` is a `tokenizers.Tokenizer` (changed in place) or a path to a tokenizer.json or its
@@ -47,15 +48,19 @@ def ensure_media_tokens(source: HFTokenizer | str | Path,
         return hf, []
     registered = [t for t in missing if hf.token_to_id(t) is not None]
     if registered:
-        raise ValueError(f"{registered} exist in the vocabulary as ordinary tokens, so user text "
-                         "could produce them; re-register them as special tokens in tokenizer.json "
-                         "(added_tokens, \"special\": true) before importing")
+        raise ValueError(
+            f"{registered} exist in the vocabulary as ordinary tokens, so user text "
+            "could produce them; re-register them as special tokens in tokenizer.json "
+            '(added_tokens, "special": true) before importing'
+        )
     first = hf.get_vocab_size(with_added_tokens=True)
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     ids = [hf.token_to_id(t) for t in missing]
     if ids != list(range(first, first + len(missing))):
-        raise ValueError(f"added tokens {missing} got ids {ids}, not {first}.. at the end of the "
-                         "vocabulary (the vocabulary has holes); fix the tokenizer.json ids first")
+        raise ValueError(
+            f"added tokens {missing} got ids {ids}, not {first}.. at the end of the "
+            "vocabulary (the vocabulary has holes); fix the tokenizer.json ids first"
+        )
     return hf, missing
 
 
@@ -71,6 +76,7 @@ def chat_template(dialect: ChatDialect) -> str:
     text items and one image placeholder with a single media pad per image item, the form
     image processors (vLLM, transformers) expand to the real count.
     """
+
     def header(role: str) -> str:  # e.g. "<|im_start|>" + message['role'] + "\n"
         return f" + {role} + ".join(_lit(p) for p in dialect.header.split("{role}"))
 
@@ -113,8 +119,11 @@ def hf_tokenizer_files(tok: Tokenizer) -> dict[str, str]:
         "clean_up_tokenization_spaces": False,
     }
     dump = lambda obj: json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # noqa: E731
-    return {"tokenizer.json": tok.to_json() + "\n", "tokenizer_config.json": dump(config),
-            "special_tokens_map.json": dump(special)}
+    return {
+        "tokenizer.json": tok.to_json() + "\n",
+        "tokenizer_config.json": dump(config),
+        "special_tokens_map.json": dump(special),
+    }
 
 
 def generation_config(tok: Tokenizer) -> dict:

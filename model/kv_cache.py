@@ -55,8 +55,9 @@ class KVCache:
     appends its Q positions to every layer and advances `length`.
     """
 
-    def __init__(self, num_layers: int, batch: int, capacity: int,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, num_layers: int, batch: int, capacity: int, device: torch.device | str = "cpu"
+    ) -> None:
         self.capacity = capacity
         self.length = 0
         self.layers = [LayerCache(capacity) for _ in range(num_layers)]
@@ -72,7 +73,7 @@ class KVCache:
         end = self.length + doc_ids_BQ.shape[1]
         if end > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions; writing up to {end}")
-        self.doc_ids_BC[:, self.length:end] = doc_ids_BQ
+        self.doc_ids_BC[:, self.length : end] = doc_ids_BQ
         return self.doc_ids_BC[:, :end]
 
     def advance(self, num_new: int) -> None:

@@ -43,8 +43,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moonforge.model.attention import (AttnMeta, Backend, activation_dtype, attend_cached,
-                                       attention, attention_meta, resolve_backend)
+from moonforge.model.attention import (
+    AttnMeta,
+    Backend,
+    activation_dtype,
+    attend_cached,
+    attention,
+    attention_meta,
+    resolve_backend,
+)
 from moonforge.model.config import LMConfig
 from moonforge.model.experts import ExpertsImpl, GroupedExperts
 from moonforge.model.kv_cache import KVCache, LayerCache
@@ -106,8 +113,15 @@ class MLA(nn.Module):
         out_BHLDn = attention(q_BHLX, k_BHLX, v_BHLDn, meta, scale=self.scale)
         return self.o_proj(out_BHLDn.transpose(1, 2).reshape(B, L, self.H * self.Dn))
 
-    def forward_cached(self, x_BQD: Tensor, cos_BQP: Tensor, sin_BQP: Tensor,
-                       doc_ids_BK: Tensor, cache: LayerCache, start: int) -> Tensor:
+    def forward_cached(
+        self,
+        x_BQD: Tensor,
+        cos_BQP: Tensor,
+        sin_BQP: Tensor,
+        doc_ids_BK: Tensor,
+        cache: LayerCache,
+        start: int,
+    ) -> Tensor:
         """Attend Q new positions over the cache; stores their latent at [start, start + Q).
 
         The prefill (start 0) expands per-head k, v; later steps use `attend_absorbed`.
@@ -117,7 +131,7 @@ class MLA(nn.Module):
         c_kv_BQR, k_rope_B1QDr = self.compress(x_BQD, cos_BQP, sin_BQP)
         (latent_B1KX,) = cache.write(start, torch.cat([c_kv_BQR[:, None], k_rope_B1QDr], dim=-1))
         if start == 0:
-            c_kv_BKR, k_rope_B1KDr = latent_B1KX[:, 0, :, :self.R], latent_B1KX[..., self.R:]
+            c_kv_BKR, k_rope_B1KDr = latent_B1KX[:, 0, :, : self.R], latent_B1KX[..., self.R :]
             k_BHKX, v_BHKDn = self.expand(c_kv_BKR, k_rope_B1KDr)
             out_BHQDn = attend_cached(q_BHQX, k_BHKX, v_BHKDn, doc_ids_BK, scale=self.scale)
         else:
@@ -134,12 +148,11 @@ class MLA(nn.Module):
         B, H, Q, _ = q_BHQX.shape
         K = latent_B1KX.shape[2]
         w_HXR = self.kv_b_proj.weight.view(H, 2 * self.Dn, self.R)
-        w_uk_HDnR, w_uv_HDnR = w_HXR[:, :self.Dn], w_HXR[:, self.Dn:]
+        w_uk_HDnR, w_uv_HDnR = w_HXR[:, : self.Dn], w_HXR[:, self.Dn :]
         q_nope_BHQDn, q_rope_BHQDr = q_BHQX.split([self.Dn, self.Dr], dim=-1)
         q_lat_BHQX = torch.cat([q_nope_BHQDn @ w_uk_HDnR, q_rope_BHQDr], dim=-1)
         k_BHKX = latent_B1KX.expand(B, H, K, self.R + self.Dr)
-        out_BHQR = attend_cached(q_lat_BHQX, k_BHKX, k_BHKX[..., :self.R], doc_ids_BK,
-                                 scale=self.scale)
+        out_BHQR = attend_cached(q_lat_BHQX, k_BHKX, k_BHKX[..., : self.R], doc_ids_BK, scale=self.scale)
         return out_BHQR @ w_uv_HDnR.transpose(1, 2)
 
 
@@ -181,8 +194,15 @@ class MHA(nn.Module):
         out_BHLD = attention(q_BHLD, self.share_kv(k_BHLD), self.share_kv(v_BHLD), meta)
         return self.o_proj(out_BHLD.transpose(1, 2).reshape(B, L, self.H * self.Dh))
 
-    def forward_cached(self, x_BQD: Tensor, cos_BQP: Tensor, sin_BQP: Tensor,
-                       doc_ids_BK: Tensor, cache: LayerCache, start: int) -> Tensor:
+    def forward_cached(
+        self,
+        x_BQD: Tensor,
+        cos_BQP: Tensor,
+        sin_BQP: Tensor,
+        doc_ids_BK: Tensor,
+        cache: LayerCache,
+        start: int,
+    ) -> Tensor:
         """Attend Q new positions over the cache; stores their Hkv-head k, v at
         [start, start + Q)."""
         B, Q, _ = x_BQD.shape
@@ -208,11 +228,19 @@ class DecoderBlock(nn.Module):
         h_BLD = h_BLD + self.self_attn(self.input_layernorm(h_BLD), cos_BLP, sin_BLP, meta)
         return self.ffn(h_BLD)
 
-    def forward_cached(self, h_BQD: Tensor, cos_BQP: Tensor, sin_BQP: Tensor,
-                       doc_ids_BK: Tensor, cache: LayerCache, start: int) -> Tensor:
+    def forward_cached(
+        self,
+        h_BQD: Tensor,
+        cos_BQP: Tensor,
+        sin_BQP: Tensor,
+        doc_ids_BK: Tensor,
+        cache: LayerCache,
+        start: int,
+    ) -> Tensor:
         """`forward` for Q new positions whose keys/values go to `cache` at `start`."""
-        h_BQD = h_BQD + self.self_attn.forward_cached(self.input_layernorm(h_BQD), cos_BQP,
-                                                      sin_BQP, doc_ids_BK, cache, start)
+        h_BQD = h_BQD + self.self_attn.forward_cached(
+            self.input_layernorm(h_BQD), cos_BQP, sin_BQP, doc_ids_BK, cache, start
+        )
         return self.ffn(h_BQD)
 
     def ffn(self, h_BLD: Tensor) -> Tensor:
@@ -230,8 +258,7 @@ class MoELM(nn.Module):
     not part of the shape config: the same weights run on any device.
     """
 
-    def __init__(self, cfg: LMConfig, backend: Backend = "auto",
-                 experts_impl: ExpertsImpl = "auto") -> None:
+    def __init__(self, cfg: LMConfig, backend: Backend = "auto", experts_impl: ExpertsImpl = "auto") -> None:
         super().__init__()
         self.cfg = cfg
         resolve_backend(backend, "cpu")  # reject unknown names at build
@@ -239,13 +266,12 @@ class MoELM(nn.Module):
         rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
         self.rope = Rope1D(rope_dim, cfg.rope_theta, max_len=cfg.max_position_embeddings)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderBlock(cfg, i, experts_impl)
-                                    for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderBlock(cfg, i, experts_impl) for i in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         # Tied: no module at all, so the state dict and optimizer see embed_tokens.weight once.
         self.lm_head: nn.Linear | None = (
-            None if cfg.tie_word_embeddings
-            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -294,8 +320,9 @@ class MoELM(nn.Module):
             h_BLD = layer(h_BLD, cos_BLP, sin_BLP, meta)
         return self.norm(h_BLD)
 
-    def hidden_cached(self, h_BQD: Tensor, position_ids_BQ: Tensor, doc_ids_BQ: Tensor,
-                      cache: KVCache) -> Tensor:
+    def hidden_cached(
+        self, h_BQD: Tensor, position_ids_BQ: Tensor, doc_ids_BQ: Tensor, cache: KVCache
+    ) -> Tensor:
         """`hidden` for Q new positions appended after the `cache.length` cached ones.
 
         Returns (B, Q, D) normed hidden states (apply `logits` for logits) and advances the
@@ -312,8 +339,13 @@ class MoELM(nn.Module):
         cache.advance(Q)
         return self.norm(h_BQD)
 
-    def forward(self, input_ids_BL: Tensor | None, position_ids_BL: Tensor, doc_ids_BL: Tensor,
-                inputs_embeds_BLD: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids_BL: Tensor | None,
+        position_ids_BL: Tensor,
+        doc_ids_BL: Tensor,
+        inputs_embeds_BLD: Tensor | None = None,
+    ) -> Tensor:
         """Logits (B, L, V) from token ids OR precomputed embeddings (exactly one of the two).
 
         Causal within each packed document of `doc_ids_BL` (-1 = padding; padded logits are
@@ -334,8 +366,7 @@ class MoELM(nn.Module):
         Keys: `router/max_over_mean/layer_{i}` per MoE layer, plus `router/max_over_mean` (worst
         layer) and `router/max_over_mean_avg` (mean over layers). Empty dict with no MoE layers.
         """
-        metrics = {f"router/max_over_mean/layer_{i}": moe.update_bias(u)
-                   for i, moe in self.moe_layers()}
+        metrics = {f"router/max_over_mean/layer_{i}": moe.update_bias(u) for i, moe in self.moe_layers()}
         if metrics:
             vals = list(metrics.values())
             metrics["router/max_over_mean"] = max(vals)

@@ -56,8 +56,16 @@ class Router(nn.Module):
     forward(x_TD) -> (idx_TK long expert ids, weights_TK fp32 mixing weights).
     """
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, scaling: float,
-                 norm_topk_prob: bool = True, num_groups: int = 1, topk_groups: int = 1) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        scaling: float,
+        norm_topk_prob: bool = True,
+        num_groups: int = 1,
+        topk_groups: int = 1,
+    ) -> None:
         super().__init__()
         self.top_k = top_k
         self.scaling = scaling
@@ -79,7 +87,8 @@ class Router(nn.Module):
         biased_TGX = biased_TE.view(T, self.num_groups, E // self.num_groups)
         group_TG = biased_TGX.topk(2, dim=-1).values.sum(-1)
         best_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(
-            1, group_TG.topk(self.topk_groups, dim=-1).indices, True)
+            1, group_TG.topk(self.topk_groups, dim=-1).indices, True
+        )
         return biased_TGX.masked_fill(~best_TG[..., None], float("-inf")).view(T, E)
 
     def forward(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,11 +131,17 @@ class MoE(nn.Module):
         super().__init__()
         D, F_ = cfg.hidden_size, cfg.moe_intermediate_size
         self.num_experts = cfg.num_experts
-        self.gate = Router(D, cfg.num_experts, cfg.num_experts_per_tok, cfg.routed_scaling_factor,
-                           cfg.norm_topk_prob, cfg.num_expert_groups, cfg.num_topk_groups)
+        self.gate = Router(
+            D,
+            cfg.num_experts,
+            cfg.num_experts_per_tok,
+            cfg.routed_scaling_factor,
+            cfg.norm_topk_prob,
+            cfg.num_expert_groups,
+            cfg.num_topk_groups,
+        )
         self.experts = GroupedExperts(cfg.num_experts, D, F_, experts_impl)
-        self.shared_experts = (SwiGLU(D, cfg.num_shared_experts * F_)
-                               if cfg.num_shared_experts > 0 else None)
+        self.shared_experts = SwiGLU(D, cfg.num_shared_experts * F_) if cfg.num_shared_experts > 0 else None
 
     def routed(self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
         """Sort the T*K assignments by expert, run all experts at once, scatter-add back."""

@@ -36,8 +36,10 @@ def merge_index(grid_hw: Tensor, merge_size: int, device: torch.device | None = 
     out, offset = [], 0
     for h, w in grid_hw.tolist():
         if h % m or w % m:
-            raise ValueError(f"image grid (h={h}, w={w}) is not divisible by merge_size={m}; "
-                             f"resize images to multiples of {m} patches per side")
+            raise ValueError(
+                f"image grid (h={h}, w={w}) is not divisible by merge_size={m}; "
+                f"resize images to multiples of {m} patches per side"
+            )
         r = torch.arange(h // m, device=device)[:, None, None, None]
         c = torch.arange(w // m, device=device)[None, :, None, None]
         i = torch.arange(m, device=device)[None, None, :, None]
@@ -76,8 +78,7 @@ class PixelShuffleProjector(nn.Module):
         """Merge m x m patches per image and project: (N, C) -> (sum h*w/m^2, D)."""
         num_patches = int((grid_hw[:, 0] * grid_hw[:, 1]).sum())
         if num_patches != feats_NC.shape[0]:
-            raise ValueError(f"grid_hw covers {num_patches} patches but feats has "
-                             f"{feats_NC.shape[0]} rows")
+            raise ValueError(f"grid_hw covers {num_patches} patches but feats has {feats_NC.shape[0]} rows")
         idx_MS = merge_index(grid_hw, self.merge_size, feats_NC.device)
         x_MSC = self.pre_norm(feats_NC[idx_MS])
         h_MF = F.gelu(self.linear_1(x_MSC.flatten(1)))

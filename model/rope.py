@@ -55,7 +55,7 @@ class Rope1D(nn.Module):
     def inv_freq(self, device: torch.device | None = None) -> Tensor:
         """(P,) fp32 inverse frequencies theta ** (-2i / dim)."""
         exps = torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim
-        return self.theta ** -exps
+        return self.theta**-exps
 
     def table(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos/sin tables (length', P) fp32 covering positions [0, length'), length' >= length."""
@@ -102,7 +102,7 @@ class Rope2D(nn.Module):
     def freqs(self, device: torch.device | None = None) -> Tensor:
         """(dim/4,) fp32: 1 / theta ** (arange(0, dim, 4) / dim)."""
         exps = torch.arange(0, self.dim, 4, dtype=torch.float32, device=device) / self.dim
-        return self.theta ** -exps
+        return self.theta**-exps
 
     def angles(self, y_N: Tensor, x_N: Tensor) -> Tensor:
         """(N, dim/2) rotation angles; pair 2i turns by x * f_i, pair 2i+1 by y * f_i."""

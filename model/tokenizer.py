@@ -33,9 +33,17 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|pad|>",
-    "<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>",
-    "<|media_start|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>",
+    "<|endoftext|>",
+    "<|pad|>",
+    "<|im_system|>",
+    "<|im_user|>",
+    "<|im_assistant|>",
+    "<|im_middle|>",
+    "<|im_end|>",
+    "<|media_start|>",
+    "<|media_content|>",
+    "<|media_pad|>",
+    "<|media_end|>",
 )
 """Every special token of moonforge's own BPE, in id order (the build gives them ids 0..10)."""
 
@@ -82,34 +90,55 @@ class ChatDialect:
     @property
     def specials(self) -> tuple[str, ...]:
         """Every special token the templates write, in first-use order (all are required)."""
-        text = "".join([self.bos or "", *(self.header.format(role=r) for r in ROLES),
-                        self.turn_end, self.image.format(pads=self.media_pad)])
+        text = "".join(
+            [
+                self.bos or "",
+                *(self.header.format(role=r) for r in ROLES),
+                self.turn_end,
+                self.image.format(pads=self.media_pad),
+            ]
+        )
         return tuple(dict.fromkeys(_SPECIAL_RE.findall(text)))
 
 
 KIMI = ChatDialect(
-    name="kimi", marker="<|im_middle|>",
-    header="<|im_{role}|>{role}<|im_middle|>", turn_end="<|im_end|>",
-    image="<|media_start|>image<|media_content|>{pads}<|media_end|>", media_pad="<|media_pad|>",
-    stops=("<|endoftext|>", "[EOS]"), eos=("<|endoftext|>", "[EOS]"),
+    name="kimi",
+    marker="<|im_middle|>",
+    header="<|im_{role}|>{role}<|im_middle|>",
+    turn_end="<|im_end|>",
+    image="<|media_start|>image<|media_content|>{pads}<|media_end|>",
+    media_pad="<|media_pad|>",
+    stops=("<|endoftext|>", "[EOS]"),
+    eos=("<|endoftext|>", "[EOS]"),
     pad=("<|pad|>", "[PAD]", "<|endoftext|>", "[EOS]"),
 )
 """moonforge's own BPE and Kimi-VL: no newlines between turns; our eos is <|endoftext|>,
 Kimi-VL's [EOS]."""
 
 QWEN = ChatDialect(
-    name="qwen", marker="<|im_start|>",
-    header="<|im_start|>{role}\n", turn_end="<|im_end|>", turn_sep="\n",
-    image="<|vision_start|>{pads}<|vision_end|>", media_pad="<|image_pad|>",
-    stops=("<|endoftext|>",), eos=("<|endoftext|>",), pad=("<|endoftext|>",),
+    name="qwen",
+    marker="<|im_start|>",
+    header="<|im_start|>{role}\n",
+    turn_end="<|im_end|>",
+    turn_sep="\n",
+    image="<|vision_start|>{pads}<|vision_end|>",
+    media_pad="<|image_pad|>",
+    stops=("<|endoftext|>",),
+    eos=("<|endoftext|>",),
+    pad=("<|endoftext|>",),
 )
 """Qwen2 / Qwen2-VL ChatML (no default system prompt is inserted)."""
 
 LLAMA3 = ChatDialect(
-    name="llama3", marker="<|start_header_id|>", bos="<|begin_of_text|>",
-    header="<|start_header_id|>{role}<|end_header_id|>\n\n", turn_end="<|eot_id|>",
-    image="<|media_start|>image<|media_content|>{pads}<|media_end|>", media_pad="<|media_pad|>",
-    stops=("<|end_of_text|>", "<|eom_id|>"), eos=("<|end_of_text|>",),
+    name="llama3",
+    marker="<|start_header_id|>",
+    bos="<|begin_of_text|>",
+    header="<|start_header_id|>{role}<|end_header_id|>\n\n",
+    turn_end="<|eot_id|>",
+    image="<|media_start|>image<|media_content|>{pads}<|media_end|>",
+    media_pad="<|media_pad|>",
+    stops=("<|end_of_text|>", "<|eom_id|>"),
+    eos=("<|end_of_text|>",),
     pad=("<|finetune_right_pad_id|>", "<|end_of_text|>"),
 )
 """Llama 3 (content not trimmed); no native image tokens: `ensure_media_tokens` adds kimi's."""
@@ -134,8 +163,10 @@ def detect_dialect(hf: HFTokenizer, dialect: ChatDialect | str | None = None) ->
     found = [d for d in DIALECTS.values() if d.marker in have]
     if len(found) != 1:
         markers = {d.name: d.marker for d in DIALECTS.values()}
-        raise ValueError(f"cannot tell the chat dialect: the vocabulary has special markers of "
-                         f"{[d.name for d in found] or 'none'} (markers {markers}); pass dialect=")
+        raise ValueError(
+            f"cannot tell the chat dialect: the vocabulary has special markers of "
+            f"{[d.name for d in found] or 'none'} (markers {markers}); pass dialect="
+        )
     return found[0]
 
 
@@ -168,7 +199,8 @@ class Tokenizer:
                 f"tokenizer lacks the {d.name} dialect's special tokens {missing}; moonforge's "
                 "own: rebuild it with `dvc repro tokenizer` (moonforge.stages.data.bpe adds them); "
                 "an imported one: add them with moonforge.model.hf_tokenizer.ensure_media_tokens "
-                "and grow the embedding rows to match (moonforge.model.vocab_growth.grow_vocab)")
+                "and grow the embedding rows to match (moonforge.model.vocab_growth.grow_vocab)"
+            )
         self._special = have
         self.special_ids = frozenset(have.values())
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
@@ -188,7 +220,7 @@ class Tokenizer:
         self._image = (self._pieces(pre), self._pieces(post))
 
     @classmethod
-    def load(cls, path: str | Path, dialect: ChatDialect | str | None = None) -> "Tokenizer":
+    def load(cls, path: str | Path, dialect: ChatDialect | str | None = None) -> Tokenizer:
         """Load `path` (a tokenizer.json, or a directory holding one)."""
         path = Path(path)
         if path.is_dir():
@@ -221,7 +253,8 @@ class Tokenizer:
                 f"Grow the checkpoint's lm.embed_tokens / lm.lm_head rows to {self.vocab_size} "
                 "(moonforge.model.vocab_growth.grow_vocab, needed after ensure_media_tokens added "
                 f"tokens) and set model.lm.vocab_size: {self.vocab_size}, or use the tokenizer the "
-                "checkpoint was trained with")
+                "checkpoint was trained with"
+            )
         if self.vocab_size < expected and not allow_spare_rows:
             raise ValueError(
                 f"tokenizer has {self.vocab_size} tokens but the model expects vocab_size="

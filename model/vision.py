@@ -23,8 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moonforge.model.attention import (AttnMeta, Backend, activation_dtype, attention,
-                                       attention_meta, resolve_backend)
+from moonforge.model.attention import (
+    AttnMeta,
+    Backend,
+    activation_dtype,
+    attention,
+    attention_meta,
+    resolve_backend,
+)
 from moonforge.model.config import VisionConfig
 from moonforge.model.rope import Rope2D, apply_rotary
 
@@ -71,8 +77,7 @@ class VisionBlock(nn.Module):
         self.fc0 = nn.Linear(D, cfg.intermediate_size, bias=True)
         self.fc1 = nn.Linear(cfg.intermediate_size, D, bias=True)
 
-    def attention(self, x_ND: Tensor, cos_NP: Tensor | None, sin_NP: Tensor | None,
-                  meta: AttnMeta) -> Tensor:
+    def attention(self, x_ND: Tensor, cos_NP: Tensor | None, sin_NP: Tensor | None, meta: AttnMeta) -> Tensor:
         N, D = x_ND.shape
         qkv_3HND = self.wqkv(x_ND).view(N, 3, self.num_heads, -1).permute(1, 2, 0, 3)
         q_HND, k_HND = qkv_3HND[0], qkv_3HND[1]
@@ -82,8 +87,7 @@ class VisionBlock(nn.Module):
         out_1HND = attention(q_HND[None], k_HND[None], qkv_3HND[2][None], meta)
         return self.wo(out_1HND[0].transpose(0, 1).reshape(N, D))
 
-    def forward(self, x_ND: Tensor, cos_NP: Tensor | None, sin_NP: Tensor | None,
-                meta: AttnMeta) -> Tensor:
+    def forward(self, x_ND: Tensor, cos_NP: Tensor | None, sin_NP: Tensor | None, meta: AttnMeta) -> Tensor:
         x_ND = x_ND + self.attention(self.norm0(x_ND), cos_NP, sin_NP, meta)
         h_NI = F.gelu(self.fc0(self.norm1(x_ND)), approximate="tanh")
         return x_ND + self.fc1(h_NI)
@@ -123,11 +127,14 @@ class MoonViT(nn.Module):
         if pixels_NP.dim() != 2 or pixels_NP.shape[1] != P:
             raise ValueError(f"pixels_NP must be (N, 3*p*p = {P}), got {tuple(pixels_NP.shape)}")
         if sum(sizes) != pixels_NP.shape[0]:
-            raise ValueError(f"grid_hw covers {sum(sizes)} patches but pixels_NP has "
-                             f"{pixels_NP.shape[0]} rows")
+            raise ValueError(
+                f"grid_hw covers {sum(sizes)} patches but pixels_NP has {pixels_NP.shape[0]} rows"
+            )
         if sizes and max(sizes) > self.cfg.max_patches:
-            raise ValueError(f"an image has {max(sizes)} patches > vision.max_patches="
-                             f"{self.cfg.max_patches}; resize it before encoding")
+            raise ValueError(
+                f"an image has {max(sizes)} patches > vision.max_patches="
+                f"{self.cfg.max_patches}; resize it before encoding"
+            )
 
     def forward(self, pixels_NP: Tensor, grid_hw: Tensor) -> Tensor:
         """Encode packed images. pixels_NP: (N, 3*p*p); grid_hw: (n_img, 2) ints -> (N, D)."""
@@ -137,8 +144,9 @@ class MoonViT(nn.Module):
         if self.rope is not None:
             cos_NP, sin_NP = self.rope(grid_hw, device=pixels_NP.device)
         img_1N = image_ids(grid_hw, pixels_NP.device)[None]
-        meta = attention_meta(img_1N, False, resolve_backend(self.attn_backend, x_ND.device),
-                              activation_dtype(x_ND))
+        meta = attention_meta(
+            img_1N, False, resolve_backend(self.attn_backend, x_ND.device), activation_dtype(x_ND)
+        )
         for block in self.blocks:
             x_ND = block(x_ND, cos_NP, sin_NP, meta)
         return self.final_norm(x_ND)

@@ -35,16 +35,16 @@ class VLM(nn.Module):
     """forward(input_ids_BL, position_ids_BL, doc_ids_BL, media_mask_BL, pixels_NP, grid_hw)
     -> logits_BLV."""
 
-    def __init__(self, cfg: VLMConfig, attn_backend: Backend = "auto",
-                 experts_impl: ExpertsImpl = "auto") -> None:
+    def __init__(
+        self, cfg: VLMConfig, attn_backend: Backend = "auto", experts_impl: ExpertsImpl = "auto"
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         backend = attn_backend
         self.vision = MoonViT(cfg.vision, backend)
         self.projector = PixelShuffleProjector(cfg.projector, cfg.vision, cfg.lm.hidden_size)
         self.lm = MoELM(cfg.lm, backend, experts_impl)
-        self.caption = CaptionTowers(cfg.caption, cfg.vision.hidden_size, cfg.lm.vocab_size,
-                                     backend)
+        self.caption = CaptionTowers(cfg.caption, cfg.vision.hidden_size, cfg.lm.vocab_size, backend)
 
     def num_image_tokens(self, grid_hw: Tensor) -> int:
         """LM tokens the images of `grid_hw` become: sum of h*w / merge_size**2."""
@@ -54,34 +54,54 @@ class VLM(nn.Module):
         """Packed patches (N, P) of images with grids (n_img, 2) -> image tokens (M, D)."""
         return self.projector(self.vision(pixels_NP, grid_hw), grid_hw)
 
-    def embed(self, input_ids_BL: Tensor, media_mask_BL: Tensor | None = None,
-              pixels_NP: Tensor | None = None, grid_hw: Tensor | None = None) -> Tensor:
+    def embed(
+        self,
+        input_ids_BL: Tensor,
+        media_mask_BL: Tensor | None = None,
+        pixels_NP: Tensor | None = None,
+        grid_hw: Tensor | None = None,
+    ) -> Tensor:
         """Token embeddings (B, L, D) with image tokens scattered into media_mask_BL positions."""
         h_BLD = self.lm.embed(input_ids_BL)
         num_slots = 0 if media_mask_BL is None else int(media_mask_BL.sum())
         if pixels_NP is None or grid_hw is None:
             if num_slots:
-                raise ValueError(f"media_mask_BL has {num_slots} image positions but no "
-                                 "pixels_NP / grid_hw were given (0 image tokens)")
+                raise ValueError(
+                    f"media_mask_BL has {num_slots} image positions but no "
+                    "pixels_NP / grid_hw were given (0 image tokens)"
+                )
             return h_BLD
         img_MD = self.encode_images(pixels_NP, grid_hw)
         if num_slots != img_MD.shape[0]:
-            raise ValueError(f"media_mask_BL has {num_slots} image positions but the images give "
-                             f"{img_MD.shape[0]} image tokens (grid_hw={grid_hw.tolist()}); "
-                             "the placeholder count must equal sum(h*w/merge^2)")
+            raise ValueError(
+                f"media_mask_BL has {num_slots} image positions but the images give "
+                f"{img_MD.shape[0]} image tokens (grid_hw={grid_hw.tolist()}); "
+                "the placeholder count must equal sum(h*w/merge^2)"
+            )
         return h_BLD.masked_scatter(media_mask_BL[..., None], img_MD.to(h_BLD.dtype))
 
-    def forward(self, input_ids_BL: Tensor, position_ids_BL: Tensor, doc_ids_BL: Tensor,
-                media_mask_BL: Tensor | None = None, pixels_NP: Tensor | None = None,
-                grid_hw: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids_BL: Tensor,
+        position_ids_BL: Tensor,
+        doc_ids_BL: Tensor,
+        media_mask_BL: Tensor | None = None,
+        pixels_NP: Tensor | None = None,
+        grid_hw: Tensor | None = None,
+    ) -> Tensor:
         """Logits (B, L, V); text-only when pixels_NP is None. Raises ValueError when the count
         of True positions in media_mask_BL differs from the number of image tokens."""
         h_BLD = self.embed(input_ids_BL, media_mask_BL, pixels_NP, grid_hw)
         return self.lm(None, position_ids_BL, doc_ids_BL, inputs_embeds_BLD=h_BLD)
 
 
-def build_vlm(cfg: VLMConfig, device: str | torch.device = "cpu", seed: int | None = None,
-              attn_backend: Backend = "auto", experts_impl: ExpertsImpl = "auto") -> VLM:
+def build_vlm(
+    cfg: VLMConfig,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    attn_backend: Backend = "auto",
+    experts_impl: ExpertsImpl = "auto",
+) -> VLM:
     """Construct and initialise a VLM directly on `device` ("meta" allocates nothing).
 
     With `seed` (or a prior torch.manual_seed) the init is deterministic for a given device.
@@ -114,8 +134,10 @@ def param_counts(cfg: VLMConfig) -> dict[str, int]:
     lm = model.lm
     embed = _numel(lm.embed_tokens) + (_numel(lm.lm_head) if lm.lm_head is not None else 0)
     total = _numel(lm)
-    idle_experts = sum((moe.num_experts - cfg.lm.num_experts_per_tok)
-                       * moe.experts.params_per_expert() for _, moe in lm.moe_layers())
+    idle_experts = sum(
+        (moe.num_experts - cfg.lm.num_experts_per_tok) * moe.experts.params_per_expert()
+        for _, moe in lm.moe_layers()
+    )
     counts = {
         "vision": _numel(model.vision),
         "projector": _numel(model.projector),

@@ -16,14 +16,19 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-VOCAB_KEYS = ("lm.embed_tokens.weight", "lm.lm_head.weight",
-              "caption.tok_embed.weight", "caption.caption_head.weight")
+VOCAB_KEYS = (
+    "lm.embed_tokens.weight",
+    "lm.lm_head.weight",
+    "caption.tok_embed.weight",
+    "caption.caption_head.weight",
+)
 """The (V, D) tensors of a moonforge VLM state dict indexed by token id: the LM's embedding and
 lm_head (absent when tied) and the CoCa caption towers' (absent in imported checkpoints)."""
 
 
-def grow_vocab(state_dict: Mapping[str, Tensor], num_rows: int,
-               keys: Sequence[str] = VOCAB_KEYS) -> dict[str, Tensor]:
+def grow_vocab(
+    state_dict: Mapping[str, Tensor], num_rows: int, keys: Sequence[str] = VOCAB_KEYS
+) -> dict[str, Tensor]:
     """A copy of `state_dict` whose `keys` tensors have `num_rows` rows (new ones = mean row).
 
     Keys the state dict lacks are skipped (a tied lm_head, no caption towers). Raises ValueError
@@ -33,15 +38,18 @@ def grow_vocab(state_dict: Mapping[str, Tensor], num_rows: int,
     """
     keys = [k for k in keys if k in state_dict]
     if not keys:
-        raise ValueError("state dict has none of the vocabulary tensors; pass keys= naming its "
-                         "embedding and lm_head")
+        raise ValueError(
+            "state dict has none of the vocabulary tensors; pass keys= naming its embedding and lm_head"
+        )
     rows = {k: state_dict[k].shape[0] for k in keys}
     if len(set(rows.values())) != 1:
         raise ValueError(f"vocabulary tensors disagree on their row count: {rows}")
     old = next(iter(rows.values()))
     if num_rows < old:
-        raise ValueError(f"cannot grow {old} vocabulary rows to {num_rows}: that would drop "
-                         "trained rows; use a tokenizer with at least as many tokens")
+        raise ValueError(
+            f"cannot grow {old} vocabulary rows to {num_rows}: that would drop "
+            "trained rows; use a tokenizer with at least as many tokens"
+        )
     out = dict(state_dict)
     for k in keys:
         w = state_dict[k]

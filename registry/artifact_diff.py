@@ -38,8 +38,7 @@ class ArtifactDiff:
         return self.a.fingerprint == self.b.fingerprint
 
 
-def diff_artifacts(store: ArtifactStore, ref_a: str, ref_b: str,
-                   project: str | Path = ".") -> ArtifactDiff:
+def diff_artifacts(store: ArtifactStore, ref_a: str, ref_b: str, project: str | Path = ".") -> ArtifactDiff:
     """Compare two artifacts of the same stage kind; ArtifactNotFound for a missing ref or for
     two different stage kinds (their configs are different schemas, so a field diff is noise)."""
     a, b = resolve_ref(ref_a, store, project), resolve_ref(ref_b, store, project)
@@ -47,27 +46,36 @@ def diff_artifacts(store: ArtifactStore, ref_a: str, ref_b: str,
     if ka != kb:
         raise ArtifactNotFound(
             f"diff compares two versions of one stage: {ref_a} is {a.ref} ({ka}) but {ref_b} is "
-            f"{b.ref} ({kb}); pass two refs of the same stage, e.g. {a.stage}@1 {a.stage}@latest")
+            f"{b.ref} ({kb}); pass two refs of the same stage, e.g. {a.stage}@1 {a.stage}@latest"
+        )
     d = ArtifactDiff(a, b)
-    reasons = explain_diff(a.inputs, b.inputs, fp_namer(store)) if a.inputs else \
-        ["no recorded inputs for " + a.ref]
+    reasons = (
+        explain_diff(a.inputs, b.inputs, fp_namer(store)) if a.inputs else ["no recorded inputs for " + a.ref]
+    )
     d.inputs = [(reason_kind(r), r) for r in reasons]
     la, lb = a.lineage(), b.lineage()
     identity_diffs = {r.split(":", 1)[0] for _, r in d.inputs}
-    d.runtime = [r for r in _dict_diff(la.get("config") or {}, lb.get("config") or {}, "config")
-                 if r.split(":", 1)[0] not in identity_diffs]
+    d.runtime = [
+        r
+        for r in _dict_diff(la.get("config") or {}, lb.get("config") or {}, "config")
+        if r.split(":", 1)[0] not in identity_diffs
+    ]
     ma, mb = la.get("metrics") or {}, lb.get("metrics") or {}
-    d.metrics = [(k, ma.get(k), mb.get(k)) for k in sorted(set(ma) | set(mb))
-                 if ma.get(k) != mb.get(k)]
+    d.metrics = [(k, ma.get(k), mb.get(k)) for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
     d.provenance = _provenance(la, lb)
     return d
 
 
 def _provenance(la: dict[str, Any], lb: dict[str, Any]) -> list[str]:
     out = []
-    for label, key in (("git commit", ("git", "commit")), ("git dirty", ("git", "dirty")),
-                       ("recipe", ("recipe", "name")), ("recipe digest", ("recipe", "digest")),
-                       ("mlflow run", ("mlflow_run_id",)), ("prefect flow run", ("prefect_flow_run_id",))):
+    for label, key in (
+        ("git commit", ("git", "commit")),
+        ("git dirty", ("git", "dirty")),
+        ("recipe", ("recipe", "name")),
+        ("recipe digest", ("recipe", "digest")),
+        ("mlflow run", ("mlflow_run_id",)),
+        ("prefect flow run", ("prefect_flow_run_id",)),
+    ):
         va, vb = la, lb
         for k in key:
             va = (va or {}).get(k) if isinstance(va, dict) else None

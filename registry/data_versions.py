@@ -16,8 +16,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import yaml
 
@@ -43,12 +43,12 @@ def dvc(project_root: str | Path, *args: str, check: bool = True) -> subprocess.
     """Run `dvc <args>` in the project; raise DatasetError with dvc's own message on failure."""
     # dvc.yaml commands call `python`: make it this interpreter's (the venv's), active or not
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run([dvc_executable(), *args], cwd=project_root, capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run(
+        [dvc_executable(), *args], cwd=project_root, capture_output=True, text=True, env=env
+    )
     if check and proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
-        raise DatasetError(f"`dvc {' '.join(args)}` failed in {project_root}: "
-                           + " ".join(msg[-5:]))
+        raise DatasetError(f"`dvc {' '.join(args)}` failed in {project_root}: " + " ".join(msg[-5:]))
     return proc
 
 
@@ -56,8 +56,9 @@ def _load_yaml(path: Path, what: str) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise DatasetError(f"cannot read {what} {path}: {e}; fix or regenerate it "
-                           "(`moonforge data build`)") from e
+        raise DatasetError(
+            f"cannot read {what} {path}: {e}; fix or regenerate it (`moonforge data build`)"
+        ) from e
     if not isinstance(data, dict):
         raise DatasetError(f"{what} {path} is not a YAML mapping; regenerate it (`moonforge data build`)")
     return data
@@ -66,8 +67,10 @@ def _load_yaml(path: Path, what: str) -> dict:
 def _dvc_stages(root: Path) -> dict:
     path = root / "dvc.yaml"
     if not path.exists():
-        raise DatasetError(f"no dvc.yaml in {root}: the data pipeline is missing; datasets are "
-                           "built by dvc.yaml stages named after each dataset (outs: data/<name>)")
+        raise DatasetError(
+            f"no dvc.yaml in {root}: the data pipeline is missing; datasets are "
+            "built by dvc.yaml stages named after each dataset (outs: data/<name>)"
+        )
     return _load_yaml(path, "dvc.yaml").get("stages") or {}
 
 
@@ -88,8 +91,10 @@ def _declared_ref(root: Path, name: str) -> DatasetRef | None:
     outs, deps = meta.get("outs") or [{}], meta.get("deps") or [{}]
     digest = outs[0].get("md5") or deps[0].get("md5") or deps[0].get("etag")
     if not digest:
-        raise DatasetError(f"{path} records no md5 for {name!r}; re-track it with "
-                           f"`moonforge data add {name} PATH --format F`")
+        raise DatasetError(
+            f"{path} records no md5 for {name!r}; re-track it with "
+            f"`moonforge data add {name} PATH --format F`"
+        )
     return DatasetRef(name, root / _out_path(name), str(digest))
 
 
@@ -118,8 +123,10 @@ def read_lock(project_root: str | Path, names: Iterable[str] | None = None) -> d
             return declared if wanted is None else {n: declared[n] for n in wanted}
         if wanted == []:
             return {}
-        raise DatasetError(f"no dvc.lock in {root}: datasets {', '.join(wanted or [])} are not "
-                           "built yet; run `moonforge data build` (dvc repro)")
+        raise DatasetError(
+            f"no dvc.lock in {root}: datasets {', '.join(wanted or [])} are not "
+            "built yet; run `moonforge data build` (dvc repro)"
+        )
     stages = _load_yaml(lock_path, "dvc.lock").get("stages") or {}
     refs: dict[str, DatasetRef] = declared_refs(root)
     for name, st in stages.items():
@@ -134,8 +141,10 @@ def read_lock(project_root: str | Path, names: Iterable[str] | None = None) -> d
         for n in missing:
             if n not in declared:
                 raise DatasetError(_unknown(n, declared))
-        raise DatasetError(f"dataset(s) {', '.join(missing)} not pinned in dvc.lock; run "
-                           f"`moonforge data build` (dvc repro {' '.join(missing)})")
+        raise DatasetError(
+            f"dataset(s) {', '.join(missing)} not pinned in dvc.lock; run "
+            f"`moonforge data build` (dvc repro {' '.join(missing)})"
+        )
     return {n: refs[n] for n in wanted}
 
 
@@ -155,8 +164,9 @@ def dvc_repro(project_root: str | Path, names: Iterable[str] = ()) -> str:
 
 
 def _stamp(root: Path) -> tuple:
-    return tuple((root / f).stat().st_mtime_ns if (root / f).exists() else 0
-                 for f in ("dvc.yaml", "dvc.lock"))
+    return tuple(
+        (root / f).stat().st_mtime_ns if (root / f).exists() else 0 for f in ("dvc.yaml", "dvc.lock")
+    )
 
 
 def ensure_datasets(project_root: str | Path, names: Iterable[str]) -> dict[str, DatasetRef]:
@@ -176,8 +186,10 @@ def ensure_datasets(project_root: str | Path, names: Iterable[str]) -> dict[str,
             raise DatasetError(_unknown(n, declared))
     names = [n for n in names if n not in users]
     if not (root / ".dvc").is_dir():
-        raise DatasetError(f"{root} is not a DVC project (no .dvc/); run `dvc init` there "
-                           f"(or `dvc init --no-scm` outside git), then `moonforge data build`")
+        raise DatasetError(
+            f"{root} is not a DVC project (no .dvc/); run `dvc init` there "
+            f"(or `dvc init --no-scm` outside git), then `moonforge data build`"
+        )
     stamp, checked = _VERIFIED.get(str(root), ((), frozenset()))
     missing = [n for n in names if not (root / _out_path(n)).exists()]
     if missing or stamp != _stamp(root) or not set(names) <= checked:
@@ -191,10 +203,12 @@ def ensure_datasets(project_root: str | Path, names: Iterable[str]) -> dict[str,
 
 
 def _unknown(name: str, stages: dict) -> str:
-    return (f"dataset {name!r} has no dvc stage and no data/{name}.dvc: add your own data with "
-            f"`moonforge data add {name} PATH --format F`, or a stage named {name!r} with `outs: "
-            f"[{_out_path(name)}]` to dvc.yaml (stages: {', '.join(stages) or 'none'}), or remove "
-            "it from the stage's `data:` list")
+    return (
+        f"dataset {name!r} has no dvc stage and no data/{name}.dvc: add your own data with "
+        f"`moonforge data add {name} PATH --format F`, or a stage named {name!r} with `outs: "
+        f"[{_out_path(name)}]` to dvc.yaml (stages: {', '.join(stages) or 'none'}), or remove "
+        "it from the stage's `data:` list"
+    )
 
 
 def ensure_declared(root: Path, name: str) -> DatasetRef:
@@ -212,8 +226,10 @@ def ensure_declared(root: Path, name: str) -> DatasetRef:
             dvc(root, "pull", dvc_file)
     changed = dvc_status(root, [dvc_file])
     if changed:
-        raise DatasetError(f"declared dataset {name!r} changed since it was tracked "
-                           f"({json.dumps(changed)[:300]}); `dvc add data/{name}` (or `moonforge "
-                           f"data add` again) records the new version, `dvc checkout {dvc_file}` "
-                           "restores the tracked one")
+        raise DatasetError(
+            f"declared dataset {name!r} changed since it was tracked "
+            f"({json.dumps(changed)[:300]}); `dvc add data/{name}` (or `moonforge "
+            f"data add` again) records the new version, `dvc checkout {dvc_file}` "
+            "restores the tracked one"
+        )
     return ref

@@ -31,8 +31,13 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}{notes}")
 
 
-_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                        FileExistsError)
+_PERMANENT_OS_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
 
 
 def is_transient(exc: BaseException) -> bool:

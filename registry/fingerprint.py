@@ -22,9 +22,10 @@ import ast
 import functools
 import hashlib
 import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
@@ -81,16 +82,21 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
     return tree
 
 
 def _is_type_checking(node: ast.AST) -> bool:
     t = node.test if isinstance(node, ast.If) else None
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or \
-        (isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST, module: str, is_package: bool, root: Path) -> set[str]:
@@ -122,8 +128,7 @@ def _imports(tree: ast.AST, module: str, is_package: bool, root: Path) -> set[st
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse(path: str, mtime_ns: int, size: int, module: str,
-           root: str) -> tuple[str, frozenset[str]]:
+def _parse(path: str, mtime_ns: int, size: int, module: str, root: str) -> tuple[str, frozenset[str]]:
     """(digest of the docstring-free syntax tree, package modules it imports) of one file."""
     tree = ast.parse(Path(path).read_text(), filename=path)
     deps = _imports(tree, module, path.endswith("__init__.py"), Path(root))
@@ -175,7 +180,7 @@ def code_version(kind: str | None = None, root: str | Path | None = None) -> Cod
     return _code_version(kind, Path(root))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _installed_code_version(kind: str | None) -> CodeVersion:
     return _code_version(kind, PACKAGE_ROOT)
 
@@ -192,10 +197,16 @@ def _code_version(kind: str | None, base: Path) -> CodeVersion:
     if module is not None and _module_file(module, base) is not None:
         roots = [module]
     else:
-        files = [p for d in ("model", "stages") for p in sorted((base / d).rglob("*.py"))
-                 if "__pycache__" not in p.parts]
-        roots = [f"{PACKAGE}." + ".".join(p.relative_to(base).with_suffix("").parts)
-                 .removesuffix(".__init__") for p in files]
+        files = [
+            p
+            for d in ("model", "stages")
+            for p in sorted((base / d).rglob("*.py"))
+            if "__pycache__" not in p.parts
+        ]
+        roots = [
+            f"{PACKAGE}." + ".".join(p.relative_to(base).with_suffix("").parts).removesuffix(".__init__")
+            for p in files
+        ]
     modules = import_closure(roots, base)
     digest = hashlib.sha256(canonical_json(modules).encode()).hexdigest()[:16]
     return CodeVersion(digest, modules)
@@ -224,7 +235,8 @@ def fingerprint_inputs(
     if isinstance(code, CodeVersion):
         extra["code_modules"] = dict(code.modules)
         code = code.digest
-    return {**extra,
+    return {
+        **extra,
         "stage": {"kind": kind, "name": name},
         "config": identity(cfg),
         "model": identity(model),
@@ -271,8 +283,11 @@ def reason_kind(reason: str) -> str:
     return head if head in INPUT_KINDS else "other"
 
 
-def explain_diff(old: Mapping[str, Any] | None, new: Mapping[str, Any],
-                 name_fp: Callable[[str, str], str | None] | None = None) -> list[str]:
+def explain_diff(
+    old: Mapping[str, Any] | None,
+    new: Mapping[str, Any],
+    name_fp: Callable[[str, str], str | None] | None = None,
+) -> list[str]:
     """Human reasons why two inputs records differ, e.g. ["config.optimizer.lr: 0.003 -> 0.001",
     "upstream lm_pretrain changed (fingerprint 1a2b3c4d -> 5e6f7a8b)", "data text: ab12 -> cd34",
     "code moonforge.stages.sft changed"]. Empty when they are identical.
@@ -309,11 +324,14 @@ def explain_diff(old: Mapping[str, Any] | None, new: Mapping[str, Any],
     for part in sorted(set(oi) | set(ni)):
         a, b = oi.get(part), ni.get(part)
         if a != b:
+
             def name(i: Mapping[str, str] | None) -> str:
                 if i is None:
                     return "none"
-                return (name_fp(i["stage"], i["fingerprint"]) if name_fp else None) or \
-                    f"{i['stage']} fingerprint {i['fingerprint'][:8]}"
+                return (
+                    name_fp(i["stage"], i["fingerprint"]) if name_fp else None
+                ) or f"{i['stage']} fingerprint {i['fingerprint'][:8]}"
+
             out.append(f"init {part} changed ({name(a)} -> {name(b)})")
     if old.get("code") != new.get("code"):
         out += _code_diff(old, new)
@@ -321,7 +339,7 @@ def explain_diff(old: Mapping[str, Any] | None, new: Mapping[str, Any],
 
 
 def _code_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """"code moonforge.stages.sft changed" per module when both records name their modules."""
+    """ "code moonforge.stages.sft changed" per module when both records name their modules."""
     om, nm = old.get("code_modules"), new.get("code_modules")
     if not isinstance(om, Mapping) or not isinstance(nm, Mapping):
         return [f"code version changed ({old.get('code')} -> {new.get('code')})"]

@@ -59,12 +59,15 @@ def artifact_parts(info: ArtifactInfo) -> dict[str, Any]:
     raise InteropError(f"{info.ref} has no {MODEL_CONFIG_FILE}; it is not a model checkpoint")
 
 
-def _select(state: Mapping[str, torch.Tensor], parts: Mapping[str, Any],
-            names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def _select(
+    state: Mapping[str, torch.Tensor], parts: Mapping[str, Any], names: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
     missing = [p for p in names if p not in parts]
     if missing:
-        raise InteropError(f"the artifact has no {', '.join(missing)} part(s) (it holds "
-                           f"{', '.join(sorted(parts))}); export --part lm, or a whole VLM")
+        raise InteropError(
+            f"the artifact has no {', '.join(missing)} part(s) (it holds "
+            f"{', '.join(sorted(parts))}); export --part lm, or a whole VLM"
+        )
     return {k: v for k, v in state.items() if k.split(".", 1)[0] in names}
 
 
@@ -75,8 +78,12 @@ def _kimi_token_ids(tok_dir: Path | None) -> dict[str, int] | None:
     from moonforge.model.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tok_dir)
-    ids = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
-           "media_placeholder_token_id": tok.media_pad_id, "bos_token_id": tok.bos_id}
+    ids = {
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id,
+        "media_placeholder_token_id": tok.media_pad_id,
+        "bos_token_id": tok.bos_id,
+    }
     return {k: v for k, v in ids.items() if v is not None}
 
 
@@ -87,31 +94,41 @@ def _data_version(d: Mapping) -> str:
     return f"{d['name']} (md5 {digest[:12]})"
 
 
-def model_card(info: ArtifactInfo, store: ArtifactStore, project: str | Path, model_type: str,
-               part: str) -> str:
+def model_card(
+    info: ArtifactInfo, store: ArtifactStore, project: str | Path, model_type: str, part: str
+) -> str:
     """README.md: what this is and where it came from (the lineage chain, data, metrics)."""
     try:
-        chain = walk(store, info.ref if store.lookup(info.stage, info.fingerprint) else info.path,
-                     project)
+        chain = walk(store, info.ref if store.lookup(info.stage, info.fingerprint) else info.path, project)
     except Exception:  # a card without the chain beats no export
         chain = [info.lineage()]
     rec = chain[0] if chain else {}
-    lines = [f"---\nlibrary_name: transformers\ntags: [moonforge, {model_type}]\n---",
-             f"# {info.ref} ({part}, exported by moonforge)", "",
-             f"- fingerprint: `{info.fingerprint}`",
-             f"- format: `{model_type}` (transformers-native, no remote code)", "",
-             "## Lineage (newest first)", ""]
+    lines = [
+        f"---\nlibrary_name: transformers\ntags: [moonforge, {model_type}]\n---",
+        f"# {info.ref} ({part}, exported by moonforge)",
+        "",
+        f"- fingerprint: `{info.fingerprint}`",
+        f"- format: `{model_type}` (transformers-native, no remote code)",
+        "",
+        "## Lineage (newest first)",
+        "",
+    ]
     for r in chain:
         if r.get("missing"):
             lines.append(f"- {r.get('ref') or r['stage']}: missing from the store")
             continue
         data = ", ".join(_data_version(d) for d in r.get("datasets") or [])
-        init = ", ".join(f"{part} <- {i.get('ref')} (fp {str(i.get('fingerprint'))[:12]})"
-                         for part, i in sorted((r.get("init") or {}).items()))
+        init = ", ".join(
+            f"{part} <- {i.get('ref')} (fp {str(i.get('fingerprint'))[:12]})"
+            for part, i in sorted((r.get("init") or {}).items())
+        )
         src = (r.get("source") or {}).get("path")
-        lines.append(f"- `{r.get('ref')}` fp `{str(r.get('fingerprint'))[:12]}`"
-                     + (f", data: {data}" if data else "") + (f", init: {init}" if init else "")
-                     + (f", imported from `{src}`" if src else ""))
+        lines.append(
+            f"- `{r.get('ref')}` fp `{str(r.get('fingerprint'))[:12]}`"
+            + (f", data: {data}" if data else "")
+            + (f", init: {init}" if init else "")
+            + (f", imported from `{src}`" if src else "")
+        )
     metrics = rec.get("metrics") or {}
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
@@ -119,9 +136,15 @@ def model_card(info: ArtifactInfo, store: ArtifactStore, project: str | Path, mo
     return "\n".join(lines) + "\n"
 
 
-def export_checkpoint(info: ArtifactInfo, out: str | Path, store: ArtifactStore,
-                      project: str | Path = ".", part: Part = "lm", force: bool = False,
-                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportOutcome:
+def export_checkpoint(
+    info: ArtifactInfo,
+    out: str | Path,
+    store: ArtifactStore,
+    project: str | Path = ".",
+    part: Part = "lm",
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> ExportOutcome:
     """Write `info` as a HF checkpoint directory at `out` (see the module docstring)."""
     out = Path(out)
     prepare_out(out, force)  # refuse before loading anything

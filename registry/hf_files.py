@@ -36,8 +36,13 @@ CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 """Files copied along with a checkpoint's weights when present (never code)."""
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 """transformers' default max_shard_size (5 GB)."""
@@ -90,7 +95,8 @@ def weight_files(path: Path) -> list[str]:
         if missing:
             raise InteropError(
                 f"{path / INDEX} lists shard(s) {missing} that are not in {path}; copy the "
-                "missing shard files (an interrupted download or copy?)")
+                "missing shard files (an interrupted download or copy?)"
+            )
         return shards
     if (path / SINGLE).is_file():
         return [SINGLE]
@@ -103,28 +109,38 @@ def weight_files(path: Path) -> list[str]:
             f"{path} holds only pickle weights {pickles}; moonforge never unpickles checkpoints "
             "(loading a pickle can run arbitrary code). Convert them to safetensors first, e.g. "
             "in a trusted environment: model = AutoModel.from_pretrained(dir); "
-            "model.save_pretrained(dir, safe_serialization=True)")
+            "model.save_pretrained(dir, safe_serialization=True)"
+        )
     if len(singles) > 1:
-        raise InteropError(f"{path} has several .safetensors files {singles} but no {INDEX}; "
-                           "add the index (save_pretrained writes it)")
-    raise InteropError(f"{path} has no weights ({SINGLE} or {INDEX}); point at a Hugging Face "
-                       "checkpoint directory")
+        raise InteropError(
+            f"{path} has several .safetensors files {singles} but no {INDEX}; "
+            "add the index (save_pretrained writes it)"
+        )
+    raise InteropError(
+        f"{path} has no weights ({SINGLE} or {INDEX}); point at a Hugging Face checkpoint directory"
+    )
 
 
 def read_hf_dir(path: str | Path) -> HFCheckpoint:
     """Read a local HF checkpoint directory. Raises InteropError for every bad input above."""
     path = Path(path)
     if not path.is_dir():
-        raise InteropError(f"{path} is not a directory; pass a Hugging Face checkpoint directory "
-                           "(config.json + *.safetensors)")
+        raise InteropError(
+            f"{path} is not a directory; pass a Hugging Face checkpoint directory "
+            "(config.json + *.safetensors)"
+        )
     if not (path / CONFIG).is_file():
-        raise InteropError(f"{path} has no {CONFIG}; a Hugging Face checkpoint directory needs "
-                           "one (save_pretrained writes it)")
+        raise InteropError(
+            f"{path} has no {CONFIG}; a Hugging Face checkpoint directory needs "
+            "one (save_pretrained writes it)"
+        )
     config = _read_json(path / CONFIG, "config")
     notes = []
     if "auto_map" in config or any(path.glob("*.py")):
-        notes.append("remote code (auto_map / *.py) ignored: moonforge maps this architecture "
-                     "natively and never executes code from a checkpoint")
+        notes.append(
+            "remote code (auto_map / *.py) ignored: moonforge maps this architecture "
+            "natively and never executes code from a checkpoint"
+        )
     shards = weight_files(path)
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
@@ -135,8 +151,10 @@ def read_hf_dir(path: str | Path) -> HFCheckpoint:
         weight_map = _read_json(path / INDEX, "safetensors index")["weight_map"]
         absent = sorted(k for k in weight_map if k not in tensors)
         if absent:
-            raise InteropError(f"{path / INDEX} lists tensors {absent[:5]} that no shard holds; "
-                               "the shards and the index disagree (re-save the checkpoint)")
+            raise InteropError(
+                f"{path / INDEX} lists tensors {absent[:5]} that no shard holds; "
+                "the shards and the index disagree (re-save the checkpoint)"
+            )
     files = {name: sha256_file(path / name) for name in [CONFIG, *shards]}
     tok_files = [path / n for n in TOKENIZER_FILES if (path / n).is_file()]
     return HFCheckpoint(path, config, tensors, files, tok_files, notes)
@@ -157,8 +175,9 @@ def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[st
     return groups
 
 
-def write_weights(out: Path, tensors: Mapping[str, torch.Tensor],
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+def write_weights(
+    out: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> list[str]:
     """Write safetensors (sharded + index above max_shard_bytes) into `out`; return file names."""
     contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
     groups = _shards(contiguous, max_shard_bytes)
@@ -173,16 +192,20 @@ def write_weights(out: Path, tensors: Mapping[str, torch.Tensor],
         names.append(name)
         weight_map.update({k: name for k in group})
     total = sum(t.numel() * t.element_size() for t in contiguous.values())
-    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                         "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    (out / INDEX).write_text(
+        json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2
+        )
+    )
     return names + [INDEX]
 
 
 def prepare_out(out: Path, force: bool) -> None:
     """Refuse a non-empty OUT unless `force` (checked before any work is done)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise InteropError(f"{out} exists and is not empty; choose another directory or pass "
-                           "--force to replace it")
+        raise InteropError(
+            f"{out} exists and is not empty; choose another directory or pass --force to replace it"
+        )
 
 
 def write_hf_dir(out: str | Path, fill: Callable[[Path], None], force: bool = False) -> Path:

@@ -32,10 +32,10 @@ from moonforge.model.adapters.base import PARTS, InteropError
 from moonforge.model.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
 from moonforge.registry.fingerprint import fingerprint
 from moonforge.registry.hf_files import HFCheckpoint, read_hf_dir
+from moonforge.registry.hf_tokenizer import TOKENIZER_DIR, import_tokenizer
 from moonforge.registry.lineage import git_info, package_versions
 from moonforge.registry.store import ArtifactInfo, ArtifactStore
 from moonforge.stages.artifacts import MODEL_CONFIG_FILE, WEIGHTS_FILE
-from moonforge.registry.hf_tokenizer import TOKENIZER_DIR, import_tokenizer
 
 IMPORT_FILE = "import.json"
 IMPORT_KIND = "import"
@@ -55,8 +55,10 @@ def read_import(path: Path) -> dict:
     """The import.json of an imported artifact directory (InteropError if it is not one)."""
     p = Path(path) / IMPORT_FILE
     if not p.is_file():
-        raise InteropError(f"{path} is not an imported checkpoint (no {IMPORT_FILE}); import one "
-                           "with `moonforge import HF_DIR`")
+        raise InteropError(
+            f"{path} is not an imported checkpoint (no {IMPORT_FILE}); import one "
+            "with `moonforge import HF_DIR`"
+        )
     return json.loads(p.read_text())
 
 
@@ -71,27 +73,44 @@ def is_import(info: ArtifactInfo) -> bool:
 
 
 def _inputs(name: str, ckpt: HFCheckpoint) -> dict:
-    return {"stage": {"kind": IMPORT_KIND, "name": name},
-            "source": {"model_type": ckpt.model_type, "files": dict(sorted(ckpt.files.items()))}}
+    return {
+        "stage": {"kind": IMPORT_KIND, "name": name},
+        "source": {"model_type": ckpt.model_type, "files": dict(sorted(ckpt.files.items()))},
+    }
 
 
-def _write(staging: Path, ckpt: HFCheckpoint, parts: Mapping[str, Any],
-           state: Mapping[str, torch.Tensor], tok: dict | None) -> None:
-    save_file({k: v.contiguous() for k, v in state.items()}, str(staging / WEIGHTS_FILE),
-              metadata={"format": "pt"})
+def _write(
+    staging: Path,
+    ckpt: HFCheckpoint,
+    parts: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    tok: dict | None,
+) -> None:
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(staging / WEIGHTS_FILE), metadata={"format": "pt"}
+    )
     if set(parts) == set(PARTS):  # a whole VLM: a complete Checkpoint for chat / eval / rerun
         cfg = VLMConfig(vision=parts["vision"], projector=parts["projector"], lm=parts["lm"])
         (staging / MODEL_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
-    record = {"model_type": ckpt.model_type, "source_path": str(ckpt.path.resolve()),
-              "files": ckpt.files, "notes": ckpt.notes,
-              "parts": {k: v.model_dump(mode="json") for k, v in parts.items()},
-              "tokenizer": tok, "hf_config": ckpt.config}
+    record = {
+        "model_type": ckpt.model_type,
+        "source_path": str(ckpt.path.resolve()),
+        "files": ckpt.files,
+        "notes": ckpt.notes,
+        "parts": {k: v.model_dump(mode="json") for k, v in parts.items()},
+        "tokenizer": tok,
+        "hf_config": ckpt.config,
+    }
     (staging / IMPORT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
 
 
-def import_checkpoint(path: str | Path, store: ArtifactStore, name: str = IMPORT_KIND,
-                      project: str | Path = ".",
-                      reserved: tuple[str, ...] = ()) -> ImportOutcome:
+def import_checkpoint(
+    path: str | Path,
+    store: ArtifactStore,
+    name: str = IMPORT_KIND,
+    project: str | Path = ".",
+    reserved: tuple[str, ...] = (),
+) -> ImportOutcome:
     """Import the HF checkpoint at `path` as the next version of `name` in `store`.
 
     `reserved`: names that may not be used (the lifecycle's stage names, so `sft@1` always means
@@ -99,8 +118,10 @@ def import_checkpoint(path: str | Path, store: ArtifactStore, name: str = IMPORT
     before anything is written to the store.
     """
     if name in reserved:
-        raise InteropError(f"--name {name!r} is a lifecycle stage name; pick another name for the "
-                           "import (e.g. moonlight, siglip)")
+        raise InteropError(
+            f"--name {name!r} is a lifecycle stage name; pick another name for the "
+            "import (e.g. moonlight, siglip)"
+        )
     started = time.time()
     ckpt = read_hf_dir(path)
     adapter = adapter_for(ckpt.model_type)
@@ -115,17 +136,28 @@ def import_checkpoint(path: str | Path, store: ArtifactStore, name: str = IMPORT
     try:
         tok = None
         if any(p.name == "tokenizer.json" for p in ckpt.tokenizer_files):
-            tok, parts, state = import_tokenizer(ckpt.tokenizer_files, staging / TOKENIZER_DIR,
-                                                 parts, state)
+            tok, parts, state = import_tokenizer(ckpt.tokenizer_files, staging / TOKENIZER_DIR, parts, state)
         _write(staging, ckpt, parts, state, tok)
-        lineage = {"stage": name, "kind": IMPORT_KIND, "fingerprint": fp,
-                   "source": {"path": str(ckpt.path.resolve()), "model_type": ckpt.model_type,
-                              "files": ckpt.files},
-                   "parts": sorted(parts), "tokenizer": tok, "upstream": None, "datasets": [],
-                   "git": git_info(project), "packages": package_versions(), "metrics": {},
-                   "timestamps": {"start": started, "end": time.time()}}
-        info = store.commit(staging, fp, inputs, sidecars=lambda v: {
-            "lineage.json": {**lineage, "version": v, "ref": f"{name}@{v}"}})
+        lineage = {
+            "stage": name,
+            "kind": IMPORT_KIND,
+            "fingerprint": fp,
+            "source": {"path": str(ckpt.path.resolve()), "model_type": ckpt.model_type, "files": ckpt.files},
+            "parts": sorted(parts),
+            "tokenizer": tok,
+            "upstream": None,
+            "datasets": [],
+            "git": git_info(project),
+            "packages": package_versions(),
+            "metrics": {},
+            "timestamps": {"start": started, "end": time.time()},
+        }
+        info = store.commit(
+            staging,
+            fp,
+            inputs,
+            sidecars=lambda v: {"lineage.json": {**lineage, "version": v, "ref": f"{name}@{v}"}},
+        )
     except BaseException:
         store.abort(staging)
         raise
@@ -137,8 +169,11 @@ def load_part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     prefix = part + "."
-    return {k[len(prefix):]: v for k, v in load_file(str(Path(path) / WEIGHTS_FILE)).items()
-            if k.startswith(prefix)}
+    return {
+        k[len(prefix) :]: v
+        for k, v in load_file(str(Path(path) / WEIGHTS_FILE)).items()
+        if k.startswith(prefix)
+    }
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:

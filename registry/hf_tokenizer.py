@@ -32,8 +32,9 @@ from moonforge.registry.store import ArtifactInfo, ArtifactStore
 TOKENIZER_DIR = "tokenizer"
 
 
-def import_tokenizer(files: list[Path], out: Path, parts: dict[str, Any],
-                     state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, Any], dict[str, torch.Tensor]]:
+def import_tokenizer(
+    files: list[Path], out: Path, parts: dict[str, Any], state: dict[str, torch.Tensor]
+) -> tuple[dict, dict[str, Any], dict[str, torch.Tensor]]:
     """Copy the tokenizer files into `out`, add missing media tokens, grow the LM's rows to match.
 
     Returns (the record for import.json, parts with lm.vocab_size updated, the state).
@@ -48,7 +49,8 @@ def import_tokenizer(files: list[Path], out: Path, parts: dict[str, Any],
         raise InteropError(
             f"the checkpoint's tokenizer.json has {original} tokens but its LM has only {rows} "
             "embedding rows; token ids past the table cannot be embedded. Use the tokenizer the "
-            "model was trained with, or resize the model's embeddings before importing")
+            "model was trained with, or resize the model's embeddings before importing"
+        )
     hf, added = ensure_media_tokens(hf)
     hf.save(str(out / "tokenizer.json"))
     size = hf.get_vocab_size(with_added_tokens=True)
@@ -58,8 +60,13 @@ def import_tokenizer(files: list[Path], out: Path, parts: dict[str, Any],
         grown = size - rows
         parts = {**parts, "lm": parts["lm"].model_copy(update={"vocab_size": size})}
     tok = Tokenizer.load(out / "tokenizer.json")
-    record = {"vocab_size": size, "original_vocab_size": original, "added_tokens": added,
-              "embedding_rows_grown": grown, "dialect": tok.dialect.name}
+    record = {
+        "vocab_size": size,
+        "original_vocab_size": original,
+        "added_tokens": added,
+        "embedding_rows_grown": grown,
+        "dialect": tok.dialect.name,
+    }
     return record, parts, state
 
 
@@ -73,8 +80,7 @@ def _dataset_tokenizer(rec: Mapping) -> Path | None:
     return None
 
 
-def checkpoint_tokenizer(info: ArtifactInfo, store: ArtifactStore,
-                         project: str | Path = ".") -> Path | None:
+def checkpoint_tokenizer(info: ArtifactInfo, store: ArtifactStore, project: str | Path = ".") -> Path | None:
     """The directory of the tokenizer.json `info` was trained with, or None if none is known."""
     own = info.path / TOKENIZER_DIR / "tokenizer.json"
     found = _dataset_tokenizer(info.lineage())
@@ -95,8 +101,7 @@ def load_checkpoint_tokenizer(info: ArtifactInfo, store: ArtifactStore, project:
     return Tokenizer.load(read_lock(project, ["tokenizer"])["tokenizer"].path)
 
 
-def write_tokenizer_files(tok_dir: Path, out: Path, hf_config: dict,
-                          override_ids: bool = True) -> list[str]:
+def write_tokenizer_files(tok_dir: Path, out: Path, hf_config: dict, override_ids: bool = True) -> list[str]:
     """Write tokenizer.json, tokenizer_config.json (chat template), special_tokens_map.json and
     generation_config.json into `out`; set the special-token ids in `hf_config` (only where the
     adapter left them unset unless `override_ids`: an adapter that knows the tokenizer's ids,

@@ -43,9 +43,10 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
 from moonforge.stages.config import LauncherConfig, StageConfig
@@ -86,7 +87,8 @@ def check_launcher(launcher: LauncherConfig, device: str) -> None:
     if launcher.backend == "nccl" and not cuda:
         raise LauncherUnavailable(
             "launcher.backend=nccl needs CUDA devices and this stage runs on CPU; "
-            "set launcher.backend to gloo (or auto)")
+            "set launcher.backend to gloo (or auto)"
+        )
     if launcher.kind != "deepspeed":
         return
     try:
@@ -94,16 +96,19 @@ def check_launcher(launcher: LauncherConfig, device: str) -> None:
     except ImportError as e:
         raise LauncherUnavailable(
             "launcher.kind=deepspeed but DeepSpeed is not installed; run `make install` (it "
-            "installs the pinned deepspeed with DS_BUILD_OPS=0) or set launcher.kind: torchrun") from e
+            "installs the pinned deepspeed with DS_BUILD_OPS=0) or set launcher.kind: torchrun"
+        ) from e
     if launcher.zero_stage == 3 and not cuda:
         raise LauncherUnavailable(
             "launcher.zero_stage=3 partitions the parameters themselves, which DeepSpeed runs only "
             "on CUDA devices (NCCL), and the Muon client optimizer supports ZeRO 0-2 only; on this "
-            "CPU machine set launcher.zero_stage to 2 (or 0/1), or launcher.kind: torchrun")
+            "CPU machine set launcher.zero_stage to 2 (or 0/1), or launcher.kind: torchrun"
+        )
     if launcher.zero_stage == 3:
         raise LauncherUnavailable(
             "launcher.zero_stage=3 is not supported with the Muon client optimizer yet "
-            "(it needs whole matrices; ZeRO-3 hands out parameter shards); use zero_stage 2")
+            "(it needs whole matrices; ZeRO-3 hands out parameter shards); use zero_stage 2"
+        )
 
 
 def deepspeed_config(cfg: StageConfig, device: str) -> dict[str, Any]:
@@ -120,11 +125,15 @@ def deepspeed_config(cfg: StageConfig, device: str) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": cfg.grad_accum // world,
         "gradient_clipping": cfg.optimizer.grad_clip or 0.0,
-        "zero_optimization": {"stage": cfg.launcher.zero_stage, "overlap_comm": False,
-                              "contiguous_gradients": True, "round_robin_gradients": False},
+        "zero_optimization": {
+            "stage": cfg.launcher.zero_stage,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+            "round_robin_gradients": False,
+        },
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": False},
-        "steps_per_print": 2 ** 31,
+        "steps_per_print": 2**31,
         "wall_clock_breakdown": False,
     }
 
@@ -148,8 +157,13 @@ def in_slurm_batch(env: Mapping[str, str]) -> bool:
 
 def _slurm_first_host(nodelist: str) -> str:
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
         return out[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return nodelist.split(",")[0]
@@ -165,7 +179,8 @@ def node_plan(la: LauncherConfig, env: Mapping[str, str], node_rank: int | None 
         raise LauncherUnavailable(
             f"launcher.nnodes={n} but Slurm job {env.get('SLURM_JOB_ID', '?')} has {alloc} node(s); "
             f"submit it with --nodes={n} (`nodes:` in infra/slurm/cluster.yaml) or set "
-            f"launcher.nnodes to {alloc}")
+            f"launcher.nnodes to {alloc}"
+        )
     src = "--node-rank"
     if node_rank is None:
         var = next((v for v in NODE_RANK_VARS if env.get(v, "").isdigit()), None)
@@ -177,10 +192,12 @@ def node_plan(la: LauncherConfig, env: Mapping[str, str], node_rank: int | None 
             raise LauncherUnavailable(
                 f"launcher.nnodes={n} but this node's rank is unknown: set launcher.node_rank (0 on "
                 "the node that runs the flow), or run under Slurm (SLURM_NODEID), a Kubernetes "
-                "indexed Job (JOB_COMPLETION_INDEX) or with NODE_RANK set")
+                "indexed Job (JOB_COMPLETION_INDEX) or with NODE_RANK set"
+            )
     if not 0 <= node_rank < n:
-        raise LauncherUnavailable(f"node rank {node_rank} (from {src}) is not in 0..{n - 1} "
-                                  f"for launcher.nnodes={n}")
+        raise LauncherUnavailable(
+            f"node rank {node_rank} (from {src}) is not in 0..{n - 1} for launcher.nnodes={n}"
+        )
     if la.rdzv_endpoint:
         endpoint, esrc = la.rdzv_endpoint, "launcher.rdzv_endpoint"
     elif env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
@@ -191,7 +208,8 @@ def node_plan(la: LauncherConfig, env: Mapping[str, str], node_rank: int | None 
     else:
         raise LauncherUnavailable(
             f"launcher.nnodes={n} but no rendezvous endpoint: set launcher.rdzv_endpoint to node "
-            "0's host:port (e.g. node0:29400), or MASTER_ADDR and MASTER_PORT")
+            "0's host:port (e.g. node0:29400), or MASTER_ADDR and MASTER_PORT"
+        )
     return NodePlan(n, node_rank, endpoint, f"node rank from {src}, endpoint from {esrc}")
 
 
@@ -199,12 +217,39 @@ def single_node_command(la: LauncherConfig, job: Path) -> list[str]:
     """The launcher for all of a one-node job's processes (127.0.0.1, a free port)."""
     py, port = sys.executable, str(_free_port())
     if la.kind == "torchrun":
-        return [py, "-m", "torch.distributed.run", "--nnodes", "1",
-                "--nproc_per_node", str(la.nproc_per_node), "--master_addr", "127.0.0.1",
-                "--master_port", port, "-m", CHILD_MODULE, str(job)]
-    return [py, "-m", "deepspeed.launcher.runner", "--num_nodes", "1",
-            "--num_gpus", str(la.nproc_per_node), "--master_addr", "127.0.0.1", "--master_port",
-            port, "--no_local_rank", "--module", CHILD_MODULE, str(job)]
+        return [
+            py,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(la.nproc_per_node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            "-m",
+            CHILD_MODULE,
+            str(job),
+        ]
+    return [
+        py,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_nodes",
+        "1",
+        "--num_gpus",
+        str(la.nproc_per_node),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        port,
+        "--no_local_rank",
+        "--module",
+        CHILD_MODULE,
+        str(job),
+    ]
 
 
 def node_command(la: LauncherConfig, plan: NodePlan, job: Path, rdzv_id: str) -> list[str]:
@@ -212,24 +257,50 @@ def node_command(la: LauncherConfig, plan: NodePlan, job: Path, rdzv_id: str) ->
     (a lost node fails the stage; the rerun resumes from the last checkpoint)."""
     t = la.rdzv_timeout_s
     conf = f"join_timeout={t},read_timeout={t},is_host={int(plan.node_rank == 0)}"
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(plan.nnodes),
-            "--nproc_per_node", str(la.nproc_per_node), "--rdzv_backend", "c10d",
-            "--rdzv_endpoint", plan.endpoint, "--rdzv_id", rdzv_id, "--rdzv_conf", conf,
-            "--max_restarts", "0", "-m", CHILD_MODULE, str(job)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(plan.nnodes),
+        "--nproc_per_node",
+        str(la.nproc_per_node),
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        plan.endpoint,
+        "--rdzv_id",
+        rdzv_id,
+        "--rdzv_conf",
+        conf,
+        "--max_restarts",
+        "0",
+        "-m",
+        CHILD_MODULE,
+        str(job),
+    ]
 
 
 def srun_command(la: LauncherConfig, stage: str, job: Path, env: Mapping[str, str]) -> list[str]:
     """Inside a Slurm batch script: one job step with one node launcher per node."""
     n = la.nnodes
-    cmd = ["srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-           "--export=ALL", f"--job-name=moonforge-{stage}"]
+    cmd = [
+        "srun",
+        f"--nodes={n}",
+        f"--ntasks={n}",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        "--export=ALL",
+        f"--job-name=moonforge-{stage}",
+    ]
     if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
         cmd.append(f"--cpus-per-task={env['SLURM_CPUS_PER_TASK']}")
     return cmd + [sys.executable, "-m", NODE_MODULE, "node", str(job)]
 
 
-def launch_command(cfg: StageConfig, job: Path, rdzv_id: str = "",
-                   env: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+def launch_command(
+    cfg: StageConfig, job: Path, rdzv_id: str = "", env: Mapping[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
     """The command this (the flow's) process runs, and the environment it adds."""
     env = os.environ if env is None else env
     la = cfg.launcher
@@ -237,8 +308,15 @@ def launch_command(cfg: StageConfig, job: Path, rdzv_id: str = "",
         return srun_command(la, cfg.stage_name, job, env), {}
     if la.nnodes > 1:
         plan = node_plan(la, env)
-        log.info("%s: node %d of %d (%s); start every other node with: python -m %s node %s",
-                 cfg.stage_name, plan.node_rank, plan.nnodes, plan.source, NODE_MODULE, job)
+        log.info(
+            "%s: node %d of %d (%s); start every other node with: python -m %s node %s",
+            cfg.stage_name,
+            plan.node_rank,
+            plan.nnodes,
+            plan.source,
+            NODE_MODULE,
+            job,
+        )
         return node_command(la, plan, job, rdzv_id), {"MOONFORGE_NODE_RANK": str(plan.node_rank)}
     return single_node_command(la, job), {}
 
@@ -247,14 +325,20 @@ def _workdir(cfg: StageConfig, ctx: StageContext) -> Path:
     """Where the job file, metrics and results live: visible to every node of a multi-node job
     (MOONFORGE_LAUNCH_DIR, else beside the staging dir, which is in the store)."""
     base = os.environ.get("MOONFORGE_LAUNCH_DIR") or (
-        str(Path(ctx.out).parent) if cfg.launcher.nnodes > 1 else None)
+        str(Path(ctx.out).parent) if cfg.launcher.nnodes > 1 else None
+    )
     if base:
         Path(base).mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".tmp-launch-{cfg.stage_name}-", dir=base))
 
 
-def launch_stage(function: str, base: Checkpoint | None, data: Mapping[str, DatasetRef],
-                 cfg: StageConfig, ctx: StageContext) -> StageResult:
+def launch_stage(
+    function: str,
+    base: Checkpoint | None,
+    data: Mapping[str, DatasetRef],
+    cfg: StageConfig,
+    ctx: StageContext,
+) -> StageResult:
     """Run stage `function` ("module:name") under cfg.launcher and return rank 0's result."""
     check_launcher(cfg.launcher, ctx.device)
     plan = node_plan(cfg.launcher, os.environ) if cfg.launcher.nnodes > 1 else None
@@ -262,24 +346,36 @@ def launch_stage(function: str, base: Checkpoint | None, data: Mapping[str, Data
     try:
         job = work / "job.json"
         rdzv_id = f"moonforge-{cfg.stage_name}-{uuid.uuid4().hex[:12]}"
-        job.write_text(json.dumps({
-            "function": function, "kind": cfg.kind, "cfg": cfg.model_dump(mode="json"),
-            "model": ctx.model.model_dump(mode="json"), "out": str(ctx.out), "workdir": str(work),
-            "base": str(base.path) if base else None, "device": ctx.device,
-            "resume_from": str(ctx.resume_from) if ctx.resume_from else None,
-            "init": {k: str(v) for k, v in ctx.init.items()},
-            "data": {n: [str(d.path), d.digest] for n, d in data.items()},
-            "ds_config": deepspeed_config(cfg, ctx.device) if cfg.launcher.kind == "deepspeed" else None,
-            "rdzv_id": rdzv_id, "pythonpath": _pythonpath(),
-        }, indent=1))
+        job.write_text(
+            json.dumps(
+                {
+                    "function": function,
+                    "kind": cfg.kind,
+                    "cfg": cfg.model_dump(mode="json"),
+                    "model": ctx.model.model_dump(mode="json"),
+                    "out": str(ctx.out),
+                    "workdir": str(work),
+                    "base": str(base.path) if base else None,
+                    "device": ctx.device,
+                    "resume_from": str(ctx.resume_from) if ctx.resume_from else None,
+                    "init": {k: str(v) for k, v in ctx.init.items()},
+                    "data": {n: [str(d.path), d.digest] for n, d in data.items()},
+                    "ds_config": deepspeed_config(cfg, ctx.device)
+                    if cfg.launcher.kind == "deepspeed"
+                    else None,
+                    "rdzv_id": rdzv_id,
+                    "pythonpath": _pythonpath(),
+                },
+                indent=1,
+            )
+        )
         cmd, extra = launch_command(cfg, job, rdzv_id)
         rc, tail = _run(cmd, cfg, ctx, extra)
         _replay_metrics(work / "metrics.jsonl", ctx)
         if rc != 0:
             raise _failure(cfg, rc, tail, work, plan)
         res = json.loads((work / "result.json").read_text())
-        return StageResult(Checkpoint(Path(res["checkpoint"])), res["metrics"],
-                           tuple(res["data_used"]))
+        return StageResult(Checkpoint(Path(res["checkpoint"])), res["metrics"], tuple(res["data_used"]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -289,22 +385,24 @@ def _pythonpath(extra: str = "") -> str:
     return os.pathsep.join([p for p in sys.path if p] + ([extra] if extra else []))
 
 
-def _run(cmd: list[str], cfg: StageConfig, ctx: StageContext,
-         extra_env: Mapping[str, str] | None = None) -> tuple[int, list[str]]:
+def _run(
+    cmd: list[str], cfg: StageConfig, ctx: StageContext, extra_env: Mapping[str, str] | None = None
+) -> tuple[int, list[str]]:
     """Start the launcher in its own session, stream its output, return (exit code, last lines)."""
     env = {**os.environ, **(extra_env or {})}
     env["PYTHONPATH"] = _pythonpath(env.get("PYTHONPATH", ""))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")
     log.info("%s: launching %s", cfg.stage_name, " ".join(cmd))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     tail: collections.deque[str] = collections.deque(maxlen=40)
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
             if line.startswith(PROGRESS_PREFIX):
-                done, total, desc = line[len(PROGRESS_PREFIX):].split(" ", 2)
+                done, total, desc = line[len(PROGRESS_PREFIX) :].split(" ", 2)
                 ctx.progress(int(done), int(total), desc)
                 continue
             tail.append(line)
@@ -342,17 +440,24 @@ def _known_errors() -> dict[str, type[BaseException]]:
     if not _KNOWN_ERRORS:
         from moonforge.stages.train.loop import NonFiniteLossError
 
-        _KNOWN_ERRORS.update(NonFiniteLossError=NonFiniteLossError, ValueError=ValueError,
-                             KeyError=KeyError, FileNotFoundError=FileNotFoundError)
+        _KNOWN_ERRORS.update(
+            NonFiniteLossError=NonFiniteLossError,
+            ValueError=ValueError,
+            KeyError=KeyError,
+            FileNotFoundError=FileNotFoundError,
+        )
     return _KNOWN_ERRORS
 
 
-_RDZV_ERRORS = re.compile(r"RendezvousTimeoutError|RendezvousConnectionError|"
-                          r"connection to the C10d store has failed|RendezvousClosedError")
+_RDZV_ERRORS = re.compile(
+    r"RendezvousTimeoutError|RendezvousConnectionError|"
+    r"connection to the C10d store has failed|RendezvousClosedError"
+)
 
 
-def _failure(cfg: StageConfig, rc: int, tail: list[str], work: Path,
-             plan: NodePlan | None = None) -> BaseException:
+def _failure(
+    cfg: StageConfig, rc: int, tail: list[str], work: Path, plan: NodePlan | None = None
+) -> BaseException:
     """The error a failed launch becomes: a rank's own error type when it raised a known one
     (NaN loss, config errors), else LaunchFailed naming the exit, and the signal when a rank was
     killed (the surviving ranks' "connection closed" errors are only collateral); on several
@@ -371,7 +476,8 @@ def _failure(cfg: StageConfig, rc: int, tail: list[str], work: Path,
             f"stage {cfg.stage_name!r}: the {la.nnodes} nodes did not meet at the rendezvous "
             f"{where} within {la.rdzv_timeout_s} s (launcher.rdzv_timeout_s); check that it is node "
             f"0's address, that its port is open to every node, and that every node started "
-            f"(python -m {NODE_MODULE} node JOB.json). Last output:\n  {last}")
+            f"(python -m {NODE_MODULE} node JOB.json). Last output:\n  {last}"
+        )
     codes = [int(c) for c in re.findall(r"(?:exitcode|return code)\s*[:=]\s*(-?\d+)", text)]
     codes += [rc] if rc < 0 else []
     sig = next((-c for c in codes if c < 0), None)
@@ -379,24 +485,31 @@ def _failure(cfg: StageConfig, rc: int, tail: list[str], work: Path,
     if sig is not None or len(errs) < la.world_size:
         dead = sorted(set(range(la.world_size)) - {e["rank"] for e in errs})
         # The launcher may kill the surviving ranks before they report, so several can show dead.
-        who = f"ranks {', '.join(map(str, dead))} were" if len(dead) > 1 else \
-            f"rank {dead[0] if dead else '?'} was"
-        why = (f"{who} killed"
-               + (f" by {signal.Signals(sig).name}" if sig else "")
-               + " (out of memory, a cancelled or preempted job)")
+        who = (
+            f"ranks {', '.join(map(str, dead))} were"
+            if len(dead) > 1
+            else f"rank {dead[0] if dead else '?'} was"
+        )
+        why = (
+            f"{who} killed"
+            + (f" by {signal.Signals(sig).name}" if sig else "")
+            + " (out of memory, a cancelled or preempted job)"
+        )
         if la.nnodes > 1 and sig is None:
-            why = (f"{who} lost: with {la.nnodes} nodes this means a node died, was preempted or "
-                   "dropped off the network")
+            why = (
+                f"{who} lost: with {la.nnodes} nodes this means a node died, was preempted or "
+                "dropped off the network"
+            )
         if errs:
             why += f"; the other ranks then failed with {errs[0]['type']}"
     else:
         err = errs[0]
-        why = (f"rank {err['rank']} raised {err['type']}: {err['message']}\n"
-               f"{err['traceback'][-1500:]}")
+        why = f"rank {err['rank']} raised {err['type']}: {err['message']}\n{err['traceback'][-1500:]}"
     return LaunchFailed(
         f"stage {cfg.stage_name!r}: the {la.kind} launcher ({la.world_size} processes) failed "
         f"with exit code {rc}: {why}. Last output:\n  {last}\nRerunning the stage resumes from "
-        f"its last periodic checkpoint (checkpoint_every), at any world size.")
+        f"its last periodic checkpoint (checkpoint_every), at any world size."
+    )
 
 
 def _free_port() -> int:
@@ -407,23 +520,30 @@ def _free_port() -> int:
 
 # -- one node of a multi-node launch ------------------------------------------------------------
 
+
 def node_main(argv: list[str] | None = None) -> int:
     """`python -m moonforge.registry.launch node JOB.json [--node-rank R]`: run this machine's
     launcher for a job file another node wrote (srun runs it on every node under Slurm)."""
     from moonforge.stages.stage_configs import STAGE_CONFIGS
 
-    ap = argparse.ArgumentParser(prog=f"python -m {NODE_MODULE} node",
-                                 description=node_main.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog=f"python -m {NODE_MODULE} node", description=node_main.__doc__.splitlines()[0]
+    )
     ap.add_argument("job", type=Path, help="job.json on a filesystem every node sees")
-    ap.add_argument("--node-rank", type=int, default=None,
-                    help="this node's rank (default: SLURM_NODEID, JOB_COMPLETION_INDEX, NODE_RANK)")
+    ap.add_argument(
+        "--node-rank",
+        type=int,
+        default=None,
+        help="this node's rank (default: SLURM_NODEID, JOB_COMPLETION_INDEX, NODE_RANK)",
+    )
     args = ap.parse_args(argv)
     try:
         job = json.loads(args.job.read_text())
         la = STAGE_CONFIGS[job["kind"]].model_validate(job["cfg"]).launcher
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (job.get("pythonpath", ""),
-                                                         env.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (job.get("pythonpath", ""), env.get("PYTHONPATH", "")) if p
+        )
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("PYTHONUNBUFFERED", "1")
         if la.nnodes == 1:
@@ -431,8 +551,11 @@ def node_main(argv: list[str] | None = None) -> int:
         else:
             plan = node_plan(la, env, args.node_rank)
             env["MOONFORGE_NODE_RANK"] = str(plan.node_rank)
-            print(f"moonforge node {plan.node_rank} of {plan.nnodes} on {socket.gethostname()}: "
-                  f"rendezvous {plan.endpoint} ({plan.source})", flush=True)
+            print(
+                f"moonforge node {plan.node_rank} of {plan.nnodes} on {socket.gethostname()}: "
+                f"rendezvous {plan.endpoint} ({plan.source})",
+                flush=True,
+            )
             cmd = node_command(la, plan, args.job, job["rdzv_id"])
     except (OSError, ValueError, KeyError) as e:
         print(f"moonforge node: {args.job}: {e}", file=sys.stderr)

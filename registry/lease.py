@@ -28,8 +28,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("moonforge.registry.lease")
 
@@ -111,8 +112,7 @@ class Lease:
 
 
 class LocalLease(Lease):
-    def __init__(self, stage: str, fingerprint: str, info: dict, previous: dict | None,
-                 path: Path, fd: int):
+    def __init__(self, stage: str, fingerprint: str, info: dict, previous: dict | None, path: Path, fd: int):
         super().__init__(stage, fingerprint, info, previous)
         self.path, self._fd = path, fd
         self.renew()
@@ -170,8 +170,7 @@ def try_local_lock(path: Path) -> int | None:
         os.close(fd)  # it was released and unlinked while we opened it: lock the new one
 
 
-def acquire_local(path: Path, stage: str, fingerprint: str, wait: WaitFn | None,
-                  poll_s: float) -> LocalLease:
+def acquire_local(path: Path, stage: str, fingerprint: str, wait: WaitFn | None, poll_s: float) -> LocalLease:
     """Block until we hold the flock on `path`; the file's old content (a dead holder's record)
     becomes `previous`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +214,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{lease.stage}", daemon=True)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -231,12 +230,16 @@ class Heartbeat:
         while not self._stop.wait(self.every_s):
             try:
                 if not self.lease.renew():
-                    log.error("%s: lost the lease on fingerprint %s to another run; it will "
-                              "reuse or redo this work", self.lease.stage,
-                              self.lease.fingerprint[:12])
+                    log.error(
+                        "%s: lost the lease on fingerprint %s to another run; it will "
+                        "reuse or redo this work",
+                        self.lease.stage,
+                        self.lease.fingerprint[:12],
+                    )
                     return
                 if self.also is not None:
                     self.also()
             except Exception as e:  # a missed beat is retried on the next one
-                log.warning("%s: lease heartbeat failed (%s: %s); retrying", self.lease.stage,
-                            type(e).__name__, e)
+                log.warning(
+                    "%s: lease heartbeat failed (%s: %s); retrying", self.lease.stage, type(e).__name__, e
+                )

@@ -16,8 +16,9 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from moonforge.registry.errors import ArtifactNotFound
 from moonforge.registry.store import ArtifactStore
@@ -25,7 +26,7 @@ from moonforge.registry.store import ArtifactStore
 PACKAGES = ("torch", "prefect", "mlflow", "dvc", "moonforge")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def package_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in PACKAGES:
@@ -34,6 +35,7 @@ def package_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             if name == "moonforge":
                 from moonforge import __version__
+
                 out[name] = __version__
             else:
                 out[name] = None
@@ -45,22 +47,29 @@ def scheduler_info(env: Mapping[str, str] | None = None) -> dict[str, str] | Non
     Kubernetes pod; None on a plain machine."""
     env = os.environ if env is None else env
     if env.get("SLURM_JOB_ID"):
-        keys = {"job_id": "SLURM_JOB_ID", "cluster": "SLURM_CLUSTER_NAME",
-                "partition": "SLURM_JOB_PARTITION", "nodes": "SLURM_JOB_NODELIST",
-                "num_nodes": "SLURM_JOB_NUM_NODES"}
+        keys = {
+            "job_id": "SLURM_JOB_ID",
+            "cluster": "SLURM_CLUSTER_NAME",
+            "partition": "SLURM_JOB_PARTITION",
+            "nodes": "SLURM_JOB_NODELIST",
+            "num_nodes": "SLURM_JOB_NUM_NODES",
+        }
         return {"kind": "slurm", **{k: env[v] for k, v in keys.items() if env.get(v)}}
     if env.get("KUBERNETES_SERVICE_HOST"):
-        return {"kind": "kubernetes", "pod": env.get("HOSTNAME", "?"),
-                **({"index": env["JOB_COMPLETION_INDEX"]} if env.get("JOB_COMPLETION_INDEX") else {})}
+        return {
+            "kind": "kubernetes",
+            "pod": env.get("HOSTNAME", "?"),
+            **({"index": env["JOB_COMPLETION_INDEX"]} if env.get("JOB_COMPLETION_INDEX") else {}),
+        }
     return None
 
 
 def git_info(project: str | Path) -> dict[str, Any]:
     """{"commit": sha or None, "dirty": bool or None} for the project checkout."""
+
     def git(*args: str) -> str | None:
         try:
-            p = subprocess.run(["git", "-C", str(project), *args], capture_output=True, text=True,
-                               timeout=20)
+            p = subprocess.run(["git", "-C", str(project), *args], capture_output=True, text=True, timeout=20)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return p.stdout.strip() if p.returncode == 0 else None
@@ -76,13 +85,17 @@ def dataset_counts(name: str, metrics: Mapping[str, float]) -> dict[str, Any]:
     """What a stage recorded about a declared dataset it read (metrics data/<name>/...): records,
     records used in training, held out, skipped (and why); {} for the generated datasets."""
     prefix = f"data/{name}/"
-    mine = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+    mine = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
     if not mine:
         return {}
-    out: dict[str, Any] = {k: int(mine[k]) for k in ("records", "records_used", "heldout", "skipped")
-                           if k in mine}
-    out["skipped_by_reason"] = {k.split("/", 1)[1]: int(v) for k, v in sorted(mine.items())
-                                if k.startswith(("skipped/", "skipped_in_training/"))}
+    out: dict[str, Any] = {
+        k: int(mine[k]) for k in ("records", "records_used", "heldout", "skipped") if k in mine
+    }
+    out["skipped_by_reason"] = {
+        k.split("/", 1)[1]: int(v)
+        for k, v in sorted(mine.items())
+        if k.startswith(("skipped/", "skipped_in_training/"))
+    }
     return out
 
 
@@ -148,8 +161,12 @@ def walk(store: ArtifactStore, ref: str | Path, project: str | Path = ".") -> li
     seen: set[str] = set()
     while info is not None and info.fingerprint not in seen:
         seen.add(info.fingerprint)
-        rec = info.lineage() or {"stage": info.stage, "version": info.version,
-                                 "fingerprint": info.fingerprint, "ref": info.ref}
+        rec = info.lineage() or {
+            "stage": info.stage,
+            "version": info.version,
+            "fingerprint": info.fingerprint,
+            "ref": info.ref,
+        }
         rec = {**rec, "path": str(info.path)}
         chain.append(rec)
         up = rec.get("upstream")
@@ -162,8 +179,14 @@ def walk(store: ArtifactStore, ref: str | Path, project: str | Path = ".") -> li
             except ArtifactNotFound:
                 info = None
         if info is None:
-            chain.append({"stage": up["stage"], "ref": up.get("ref"), "missing": True,
-                          "fingerprint": up["fingerprint"]})
+            chain.append(
+                {
+                    "stage": up["stage"],
+                    "ref": up.get("ref"),
+                    "missing": True,
+                    "fingerprint": up["fingerprint"],
+                }
+            )
     return chain
 
 
@@ -186,29 +209,45 @@ def render_tree(chain: list[dict]):
             git = rec.get("git") or {}
             recipe = rec.get("recipe") or {}
             sched = rec.get("scheduler") or {}
-            ids = [f"mlflow run {rec['mlflow_run_id']}" if rec.get("mlflow_run_id") else "",
-                   f"prefect flow run {rec['prefect_flow_run_id']}"
-                   if rec.get("prefect_flow_run_id") else "",
-                   f"slurm job {sched.get('job_id')} on {sched.get('nodes', '?')}"
-                   if sched.get("kind") == "slurm" else ""]
-            label = (f"[bold]{rec.get('ref')}[/bold]  fp {rec['fingerprint'][:12]}"
-                     + (f"  git {str(git.get('commit'))[:8]}{'+dirty' if git.get('dirty') else ''}"
-                        if git.get("commit") else "")
-                     + (f"  recipe {recipe.get('name')} ({str(recipe.get('digest'))[:8]})"
-                        if recipe.get("name") else "")
-                     + (f"\n{_metrics_line(rec)}" if rec.get("metrics") else "")
-                     + "".join(f"\n{i}" for i in ids if i))
+            ids = [
+                f"mlflow run {rec['mlflow_run_id']}" if rec.get("mlflow_run_id") else "",
+                f"prefect flow run {rec['prefect_flow_run_id']}" if rec.get("prefect_flow_run_id") else "",
+                f"slurm job {sched.get('job_id')} on {sched.get('nodes', '?')}"
+                if sched.get("kind") == "slurm"
+                else "",
+            ]
+            label = (
+                f"[bold]{rec.get('ref')}[/bold]  fp {rec['fingerprint'][:12]}"
+                + (
+                    f"  git {str(git.get('commit'))[:8]}{'+dirty' if git.get('dirty') else ''}"
+                    if git.get("commit")
+                    else ""
+                )
+                + (
+                    f"  recipe {recipe.get('name')} ({str(recipe.get('digest'))[:8]})"
+                    if recipe.get("name")
+                    else ""
+                )
+                + (f"\n{_metrics_line(rec)}" if rec.get("metrics") else "")
+                + "".join(f"\n{i}" for i in ids if i)
+            )
         child = Tree(label) if root is None else node.add(label)
         root = root or child
         for d in rec.get("datasets") or []:
-            used = (f"  used {d['records_used']} of {d.get('records')}, skipped {d.get('skipped', 0)}"
-                    + "".join(f" {k}:{v}" for k, v in (d.get("skipped_by_reason") or {}).items())
-                    if "records_used" in d else "")
-            child.add(f"[cyan]data {d['name']}[/cyan]  md5 {str(d.get('digest'))[:12]}  "
-                      f"{d.get('path')}{used}")
+            used = (
+                f"  used {d['records_used']} of {d.get('records')}, skipped {d.get('skipped', 0)}"
+                + "".join(f" {k}:{v}" for k, v in (d.get("skipped_by_reason") or {}).items())
+                if "records_used" in d
+                else ""
+            )
+            child.add(
+                f"[cyan]data {d['name']}[/cyan]  md5 {str(d.get('digest'))[:12]}  {d.get('path')}{used}"
+            )
         for part, i in sorted((rec.get("init") or {}).items()):
-            child.add(f"[magenta]init {part}[/magenta] <- {i.get('ref')}  fp "
-                      f"{str(i.get('fingerprint'))[:12]}  {i.get('path')}")
+            child.add(
+                f"[magenta]init {part}[/magenta] <- {i.get('ref')}  fp "
+                f"{str(i.get('fingerprint'))[:12]}  {i.get('path')}"
+            )
         src = rec.get("source") or {}
         if src.get("path"):
             child.add(f"[magenta]imported[/magenta] {src.get('model_type')} from {src['path']}")
@@ -239,7 +278,7 @@ def render_mermaid(chain: list[dict]) -> str:
 
     for rec in reversed(chain):
         nid = _node_id(rec)
-        label = f'{rec.get("ref") or rec["stage"]}<br/>fp {rec["fingerprint"][:8]}'
+        label = f"{rec.get('ref') or rec['stage']}<br/>fp {rec['fingerprint'][:8]}"
         if rec.get("missing"):
             label += "<br/>missing from the store"
         if rec.get("mlflow_run_id"):

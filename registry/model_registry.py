@@ -34,7 +34,8 @@ def validate_model_name(name: str) -> str:
     if not isinstance(name, str) or not MODEL_NAME_RE.match(name):
         raise RegistryError(
             f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (starting with a "
-            f"letter or digit, at most 128 chars), e.g. tiny or kimi-vl-a3b")
+            f"letter or digit, at most 128 chars), e.g. tiny or kimi-vl-a3b"
+        )
     return name
 
 
@@ -42,10 +43,13 @@ def validate_alias(alias: str) -> str:
     if not isinstance(alias, str) or not ALIAS_RE.match(alias):
         raise RegistryError(
             f"invalid alias {alias!r}: an alias starts with a letter and holds letters, digits, "
-            f"'_' or '-' (at most 63 chars), e.g. champion or candidate")
+            f"'_' or '-' (at most 63 chars), e.g. champion or candidate"
+        )
     if RESERVED_ALIAS_RE.match(alias):
-        raise RegistryError(f"invalid alias {alias!r}: MLflow reserves 'latest' and 'v<N>' as "
-                            f"version selectors; pick another name, e.g. champion")
+        raise RegistryError(
+            f"invalid alias {alias!r}: MLflow reserves 'latest' and 'v<N>' as "
+            f"version selectors; pick another name, e.g. champion"
+        )
     return alias
 
 
@@ -77,11 +81,11 @@ def _model_or_error(client: Any, name: str) -> Any:
     known = ", ".join(registered_models(client)) or "none yet"
     raise RegistryError(
         f"no registered model {name!r} in {client.tracking_uri} (registered: {known}); register "
-        f"one with `moonforge promote <stage>@latest --alias candidate` or run the lifecycle")
+        f"one with `moonforge promote <stage>@latest --alias candidate` or run the lifecycle"
+    )
 
 
-def get_version(client: Any, name: str, alias: str | None = None,
-                version: int | None = None) -> Any:
+def get_version(client: Any, name: str, alias: str | None = None, version: int | None = None) -> Any:
     """The ModelVersion `name@alias` or `name/version`, or RegistryError naming what exists."""
     from mlflow.exceptions import MlflowException
 
@@ -93,14 +97,16 @@ def get_version(client: Any, name: str, alias: str | None = None,
             have = ", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items())) or "no aliases yet"
             raise RegistryError(
                 f"model {name!r} has no alias {alias!r} ({have}); move it there with "
-                f"`moonforge promote REF --alias {alias}`")
+                f"`moonforge promote REF --alias {alias}`"
+            )
         return client.get_model_version(name, str(aliases[alias]))
     try:
         return client.get_model_version(name, str(version))
     except MlflowException:
         have = ", ".join(str(v.version) for v in list_versions(client, name)) or "none"
-        raise RegistryError(f"model {name!r} has no version {version} (versions: {have}); "
-                            f"list them with `moonforge models`") from None
+        raise RegistryError(
+            f"model {name!r} has no version {version} (versions: {have}); list them with `moonforge models`"
+        ) from None
 
 
 def list_versions(client: Any, name: str) -> list[Any]:
@@ -111,8 +117,10 @@ def list_versions(client: Any, name: str) -> list[Any]:
 
 def find_version(client: Any, name: str, fingerprint: str) -> Any | None:
     """The version registered for this artifact fingerprint, if any."""
-    return next((v for v in list_versions(client, name)
-                 if (v.tags or {}).get(TAG + "fingerprint") == fingerprint), None)
+    return next(
+        (v for v in list_versions(client, name) if (v.tags or {}).get(TAG + "fingerprint") == fingerprint),
+        None,
+    )
 
 
 def recorded_metrics(mv: Any) -> dict[str, float]:
@@ -121,7 +129,7 @@ def recorded_metrics(mv: Any) -> dict[str, float]:
     for k, v in (mv.tags or {}).items():
         if k.startswith(METRIC_TAG):
             try:
-                out[k[len(METRIC_TAG):]] = float(v)
+                out[k[len(METRIC_TAG) :]] = float(v)
             except ValueError:
                 continue
     return out
@@ -132,9 +140,11 @@ def _ensure_model(client: Any, name: str, recipe_name: str) -> None:
 
     try:
         client.create_registered_model(
-            name, tags={TAG + "recipe": recipe_name},
+            name,
+            tags={TAG + "recipe": recipe_name},
             description=f"moonforge recipe {recipe_name}: stage outputs as versions (references "
-                        f"to the artifact store; no weights are copied into MLflow)")
+            f"to the artifact store; no weights are copied into MLflow)",
+        )
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in _error_code(e) and "already exists" not in str(e):
             raise
@@ -155,16 +165,24 @@ def _run_for(client: Any, info: ArtifactInfo, project: str | Path, recipe_name: 
     from moonforge.registry.tracking import Tracker
 
     exp = Tracker(project, recipe_name, uri=client.tracking_uri).experiment_id
-    run = client.create_run(exp, run_name=f"register-{info.ref}", tags={
-        TAG + "kind": "registration", TAG + "stage": info.stage,
-        TAG + "fingerprint": info.fingerprint, TAG + "version": str(info.version),
-        TAG + "artifact_path": info.uri})
+    run = client.create_run(
+        exp,
+        run_name=f"register-{info.ref}",
+        tags={
+            TAG + "kind": "registration",
+            TAG + "stage": info.stage,
+            TAG + "fingerprint": info.fingerprint,
+            TAG + "version": str(info.version),
+            TAG + "artifact_path": info.uri,
+        },
+    )
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
 
-def register(client: Any, name: str, info: ArtifactInfo, store: ArtifactStore,
-             project: str | Path, recipe_name: str) -> Any:
+def register(
+    client: Any, name: str, info: ArtifactInfo, store: ArtifactStore, project: str | Path, recipe_name: str
+) -> Any:
     """The model version for store artifact `info` (created on first registration)."""
     validate_model_name(name)
     _ensure_model(client, name, recipe_name)
@@ -173,20 +191,34 @@ def register(client: Any, name: str, info: ArtifactInfo, store: ArtifactStore,
         return existing
     run_id = _run_for(client, info, project, recipe_name)
     lin = info.lineage()
-    reference = {"stage": info.stage, "version": info.version, "ref": info.ref,
-                 "fingerprint": info.fingerprint, "store": store.where(), "path": info.uri,
-                 "note": "the checkpoint lives in the moonforge artifact store, not in MLflow"}
+    reference = {
+        "stage": info.stage,
+        "version": info.version,
+        "ref": info.ref,
+        "fingerprint": info.fingerprint,
+        "store": store.where(),
+        "path": info.uri,
+        "note": "the checkpoint lives in the moonforge artifact store, not in MLflow",
+    }
     client.log_text(run_id, json.dumps(reference, indent=2), f"{REF_DIR}/reference.json")
-    tags = {TAG + "stage": info.stage, TAG + "kind": str(lin.get("kind") or info.stage),
-            TAG + "fingerprint": info.fingerprint, TAG + "artifact_ref": info.ref,
-            TAG + "artifact_path": info.uri, TAG + "store": store.where(),
-            TAG + "recipe": recipe_name,
-            TAG + "git_commit": str((lin.get("git") or {}).get("commit") or "")}
+    tags = {
+        TAG + "stage": info.stage,
+        TAG + "kind": str(lin.get("kind") or info.stage),
+        TAG + "fingerprint": info.fingerprint,
+        TAG + "artifact_ref": info.ref,
+        TAG + "artifact_path": info.uri,
+        TAG + "store": store.where(),
+        TAG + "recipe": recipe_name,
+        TAG + "git_commit": str((lin.get("git") or {}).get("commit") or ""),
+    }
     tags.update({METRIC_TAG + k: repr(float(v)) for k, v in (lin.get("metrics") or {}).items()})
     return client.create_model_version(
-        name, source=f"runs:/{run_id}/{REF_DIR}", run_id=run_id,
+        name,
+        source=f"runs:/{run_id}/{REF_DIR}",
+        run_id=run_id,
         tags={k[:250]: str(v)[:MAX_TAG_VALUE] for k, v in tags.items()},
-        description=f"{info.ref} (fingerprint {info.fingerprint[:12]}) in {store.where()}")
+        description=f"{info.ref} (fingerprint {info.fingerprint[:12]}) in {store.where()}",
+    )
 
 
 @dataclass(frozen=True)
@@ -210,9 +242,15 @@ def version_rows(client: Any, name: str) -> list[VersionRow]:
     rows = []
     for mv in list_versions(client, name):
         tags = mv.tags or {}
-        rows.append(VersionRow(
-            name, int(mv.version), tuple(sorted(by_version.get(str(mv.version), []))),
-            tags.get(TAG + "artifact_ref", "?"), tags.get(TAG + "fingerprint", ""),
-            recorded_metrics(mv),
-            {k[len(TAG + "decision."):]: v for k, v in tags.items() if k.startswith(TAG + "decision.")}))
+        rows.append(
+            VersionRow(
+                name,
+                int(mv.version),
+                tuple(sorted(by_version.get(str(mv.version), []))),
+                tags.get(TAG + "artifact_ref", "?"),
+                tags.get(TAG + "fingerprint", ""),
+                recorded_metrics(mv),
+                {k[len(TAG + "decision.") :]: v for k, v in tags.items() if k.startswith(TAG + "decision.")},
+            )
+        )
     return rows

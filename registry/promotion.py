@@ -17,9 +17,10 @@ from __future__ import annotations
 import getpass
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from moonforge.registry import model_registry as mr
 from moonforge.registry.errors import PromotionRefused, RegistryError
@@ -59,9 +60,17 @@ class Decision:
         return [r for r in self.results if not r.passed]
 
     def evidence(self) -> str:
-        return json.dumps({"outcome": self.outcome, "artifact": self.artifact,
-                           "fingerprint": self.fingerprint, "at": self.at, "by": self.by,
-                           "gates": [asdict(r) for r in self.results]}, sort_keys=True)
+        return json.dumps(
+            {
+                "outcome": self.outcome,
+                "artifact": self.artifact,
+                "fingerprint": self.fingerprint,
+                "at": self.at,
+                "by": self.by,
+                "gates": [asdict(r) for r in self.results],
+            },
+            sort_keys=True,
+        )
 
 
 def check_gates(gates: tuple[Gate, ...], metrics: Mapping[str, float]) -> list[GateResult]:
@@ -70,18 +79,35 @@ def check_gates(gates: tuple[Gate, ...], metrics: Mapping[str, float]) -> list[G
     for g in gates:
         if g.metric not in metrics:
             have = ", ".join(sorted(metrics)) or "no metrics at all"
-            out.append(GateResult(str(g), g.metric, g.op, g.value, None, False,
-                                  f"{g.metric} was not recorded for this version (recorded: {have})"))
+            out.append(
+                GateResult(
+                    str(g),
+                    g.metric,
+                    g.op,
+                    g.value,
+                    None,
+                    False,
+                    f"{g.metric} was not recorded for this version (recorded: {have})",
+                )
+            )
             continue
         v = float(metrics[g.metric])
         ok = g.passes(v)
-        out.append(GateResult(str(g), g.metric, g.op, g.value, v, ok,
-                              f"{g.metric} = {v:.4g} {'passes' if ok else 'fails'} {g}"))
+        out.append(
+            GateResult(
+                str(g),
+                g.metric,
+                g.op,
+                g.value,
+                v,
+                ok,
+                f"{g.metric} = {v:.4g} {'passes' if ok else 'fails'} {g}",
+            )
+        )
     return out
 
 
-def _artifact_for(recipe: Recipe, store: ArtifactStore, ref: str,
-                  project: str | Path) -> ArtifactInfo:
+def _artifact_for(recipe: Recipe, store: ArtifactStore, ref: str, project: str | Path) -> ArtifactInfo:
     info = resolve_ref(ref, store, project)
     allowed = recipe.promoted_stages()
     if info.stage not in allowed:
@@ -89,18 +115,21 @@ def _artifact_for(recipe: Recipe, store: ArtifactStore, ref: str,
             f"{ref} resolves to {info.ref}, a {info.stage} artifact, but recipe {recipe.name!r} "
             f"registers only {', '.join(allowed)} as model {recipe.model_name!r}; promote a "
             f"{allowed[-1]} ref (e.g. {allowed[-1]}@latest) or add {info.stage!r} to "
-            f"promotion.stages in the recipe")
+            f"promotion.stages in the recipe"
+        )
     return info
 
 
 def _record(client: Any, d: Decision) -> None:
     client.set_model_version_tag(d.model, str(d.version), f"{mr.TAG}decision.{d.alias}", d.outcome)
-    client.set_model_version_tag(d.model, str(d.version), f"{mr.TAG}evidence.{d.alias}",
-                                 d.evidence()[:mr.MAX_TAG_VALUE])
+    client.set_model_version_tag(
+        d.model, str(d.version), f"{mr.TAG}evidence.{d.alias}", d.evidence()[: mr.MAX_TAG_VALUE]
+    )
 
 
-def promote(recipe: Recipe, project: str | Path, store: ArtifactStore, ref: str, alias: str,
-            client: Any = None) -> Decision:
+def promote(
+    recipe: Recipe, project: str | Path, store: ArtifactStore, ref: str, alias: str, client: Any = None
+) -> Decision:
     """Register `ref` (if new) and move `alias` to it when every recipe gate passes.
 
     Raises RegistryError (bad alias / model name / stage), ArtifactNotFound (bad ref) before
@@ -113,8 +142,17 @@ def promote(recipe: Recipe, project: str | Path, store: ArtifactStore, ref: str,
     mv = mr.register(client, name, info, store, project, recipe.name)
     results = check_gates(recipe.promotion.gates, mr.recorded_metrics(mv))
     ok = all(r.passed for r in results)
-    d = Decision(name, int(mv.version), alias, info.ref, info.fingerprint,
-                 "promoted" if ok else "refused", results, time.time(), _user())
+    d = Decision(
+        name,
+        int(mv.version),
+        alias,
+        info.ref,
+        info.fingerprint,
+        "promoted" if ok else "refused",
+        results,
+        time.time(),
+        _user(),
+    )
     _record(client, d)
     if not ok:
         lines = "\n".join(f"  - {r.reason}" for r in d.failed)
@@ -123,21 +161,32 @@ def promote(recipe: Recipe, project: str | Path, store: ArtifactStore, ref: str,
             f"{len(d.failed)} of {len(results)} gate(s) failed:\n{lines}\n"
             f"The decision and its evidence are recorded on the version "
             f"(tags moonforge.decision.{alias} / moonforge.evidence.{alias}); the alias did not move.",
-            d)
+            d,
+        )
     client.set_registered_model_alias(name, alias, str(d.version))
     return d
 
 
-def set_candidate(recipe: Recipe, project: str | Path, store: ArtifactStore, ref: str,
-                  client: Any = None) -> Decision:
+def set_candidate(
+    recipe: Recipe, project: str | Path, store: ArtifactStore, ref: str, client: Any = None
+) -> Decision:
     """Register `ref` and point `candidate` at it without gating (the lifecycle's last step);
     gate results are still recorded as evidence, so `moonforge models` shows how it would fare."""
     name = mr.validate_model_name(recipe.model_name)
     info = _artifact_for(recipe, store, ref, project)
     client = client or mr.client_for(project)
     mv = mr.register(client, name, info, store, project, recipe.name)
-    d = Decision(name, int(mv.version), CANDIDATE, info.ref, info.fingerprint, "set",
-                 check_gates(recipe.promotion.gates, mr.recorded_metrics(mv)), time.time(), _user())
+    d = Decision(
+        name,
+        int(mv.version),
+        CANDIDATE,
+        info.ref,
+        info.fingerprint,
+        "set",
+        check_gates(recipe.promotion.gates, mr.recorded_metrics(mv)),
+        time.time(),
+        _user(),
+    )
     _record(client, d)
     client.set_registered_model_alias(name, CANDIDATE, str(d.version))
     return d

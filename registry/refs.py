@@ -15,8 +15,9 @@ resolving to something else. mlflow is imported only for runs:/ and models:/ ref
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from moonforge.registry.errors import ArtifactNotFound
 from moonforge.registry.store import ArtifactInfo, ArtifactStore
@@ -42,7 +43,8 @@ def _from_tags(store: ArtifactStore, tags: dict[str, str], what: str) -> Artifac
     if not stage or not fp:
         raise ArtifactNotFound(
             f"{what} carries no moonforge.stage / moonforge.fingerprint tags, so it is not a "
-            f"moonforge stage output; pass a stage run or a registered moonforge model version")
+            f"moonforge stage output; pass a stage run or a registered moonforge model version"
+        )
     hit = store.lookup(stage, fp)
     if hit is not None:
         return hit
@@ -57,32 +59,39 @@ def _from_tags(store: ArtifactStore, tags: dict[str, str], what: str) -> Artifac
     raise ArtifactNotFound(
         f"{what} points at {stage} fingerprint {fp[:12]}, which is not in the store "
         f"{store.where()} (existing: {store.describe()}); set MOONFORGE_STORE to the store it was "
-        f"built in, or rebuild it (moonforge run --until {stage})")
+        f"built in, or rebuild it (moonforge run --until {stage})"
+    )
 
 
 def _from_run(ref: str, store: ArtifactStore, project: str | Path, client: Any) -> ArtifactInfo:
-    run_id = ref[len("runs:/"):].strip("/").split("/")[0]
+    run_id = ref[len("runs:/") :].strip("/").split("/")[0]
     if not _RUN_ID_RE.match(run_id):
-        raise ArtifactNotFound(f"ref {ref!r}: expected runs:/<mlflow-run-id> (32 hex chars), "
-                               f"e.g. runs:/0123abcd...; got run id {run_id!r}")
+        raise ArtifactNotFound(
+            f"ref {ref!r}: expected runs:/<mlflow-run-id> (32 hex chars), "
+            f"e.g. runs:/0123abcd...; got run id {run_id!r}"
+        )
     from mlflow.exceptions import MlflowException
 
     c = _client(project, client)
     try:
         run = c.get_run(run_id)
     except MlflowException as e:
-        raise ArtifactNotFound(f"ref {ref!r}: no MLflow run {run_id} in {c.tracking_uri} "
-                               f"({e.error_code}); copy the run id from the MLflow UI or "
-                               f"`moonforge lineage <stage>@latest`") from None
+        raise ArtifactNotFound(
+            f"ref {ref!r}: no MLflow run {run_id} in {c.tracking_uri} "
+            f"({e.error_code}); copy the run id from the MLflow UI or "
+            f"`moonforge lineage <stage>@latest`"
+        ) from None
     tags = dict(run.data.tags)
     if tags.get(TAG + "kind") == "lifecycle":
         raise ArtifactNotFound(
             f"ref {ref!r} is a lifecycle (parent) run, which has no single artifact; use one of "
-            f"its stage runs (child runs in the MLflow UI) or a stage@version ref")
+            f"its stage runs (child runs in the MLflow UI) or a stage@version ref"
+        )
     if run.info.status != "FINISHED":
         raise ArtifactNotFound(
             f"ref {ref!r}: MLflow run {run_id} ({tags.get(TAG + 'stage', '?')}) is "
-            f"{run.info.status}, so it committed no artifact; use a finished run")
+            f"{run.info.status}, so it committed no artifact; use a finished run"
+        )
     return _from_tags(store, tags, f"MLflow run {run_id}")
 
 
@@ -90,12 +99,16 @@ def parse_model_ref(ref: str) -> tuple[str, str | None, int | None]:
     """`models:/name@alias` -> (name, alias, None); `models:/name/3` -> (name, None, 3)."""
     m = _MODEL_REF_RE.match(ref)
     if not m:
-        raise ArtifactNotFound(f"ref {ref!r}: expected models:/<name>@<alias> (e.g. "
-                               f"models:/tiny@champion) or models:/<name>/<version> (e.g. models:/tiny/3)")
+        raise ArtifactNotFound(
+            f"ref {ref!r}: expected models:/<name>@<alias> (e.g. "
+            f"models:/tiny@champion) or models:/<name>/<version> (e.g. models:/tiny/3)"
+        )
     version = m["version"]
     if version is not None and not version.isdigit():
-        raise ArtifactNotFound(f"ref {ref!r}: model version {version!r} is not a number; use "
-                               f"models:/{m['name']}/<n> or models:/{m['name']}@<alias>")
+        raise ArtifactNotFound(
+            f"ref {ref!r}: model version {version!r} is not a number; use "
+            f"models:/{m['name']}/<n> or models:/{m['name']}@<alias>"
+        )
     return m["name"], m["alias"], int(version) if version is not None else None
 
 
@@ -120,8 +133,9 @@ RESOLVERS: dict[str, Callable[[str, ArtifactStore, Any, Any], ArtifactInfo]] = {
 }
 
 
-def resolve_ref(ref: str | Path, store: ArtifactStore, project: str | Path = ".",
-                client: Any = None) -> ArtifactInfo:
+def resolve_ref(
+    ref: str | Path, store: ArtifactStore, project: str | Path = ".", client: Any = None
+) -> ArtifactInfo:
     """The committed artifact `ref` names (any form in the module docstring).
 
     Raises ArtifactNotFound naming the ref, what exists and how to fix it. `client`: an
@@ -129,8 +143,9 @@ def resolve_ref(ref: str | Path, store: ArtifactStore, project: str | Path = "."
     """
     s = str(ref).strip()
     if not s:
-        raise ArtifactNotFound("empty ref: pass stage@latest, stage@N, runs:/<id>, "
-                               "models:/<name>@<alias> or an artifact path")
+        raise ArtifactNotFound(
+            "empty ref: pass stage@latest, stage@N, runs:/<id>, models:/<name>@<alias> or an artifact path"
+        )
     for prefix, fn in RESOLVERS.items():
         if s.startswith(prefix):
             return fn(s, store, project, client)

@@ -44,8 +44,14 @@ def _digests(project: str | Path) -> dict[str, str]:
         return {}
 
 
-def plan_rerun(recipe: Recipe, stage: str, project: str | Path, store: ArtifactStore,
-               from_ref: str | None = None, downstream: bool = False) -> list[PlannedStage]:
+def plan_rerun(
+    recipe: Recipe,
+    stage: str,
+    project: str | Path,
+    store: ArtifactStore,
+    from_ref: str | None = None,
+    downstream: bool = False,
+) -> list[PlannedStage]:
     """The plan for rerunning `stage` (and, with downstream, every later stage that depends on
     it). Raises what a real rerun would raise before training: RecipeError for an unknown stage,
     ArtifactNotFound for a missing / wrong-kind upstream ref."""
@@ -66,8 +72,9 @@ def plan_rerun(recipe: Recipe, stage: str, project: str | Path, store: ArtifactS
         tok = expected_tokenizer_digest(recipe, store, project)
         if tok is not None and TOKENIZER in data:
             data[TOKENIZER] = tok
-        inputs = fingerprint_inputs(cfg, recipe.model, up, data, code_version(cfg.kind),
-                                    init=expected_init(cfg, store, project))
+        inputs = fingerprint_inputs(
+            cfg, recipe.model, up, data, code_version(cfg.kind), init=expected_init(cfg, store, project)
+        )
         fp = fingerprint(inputs)
         hit = store.lookup(name, fp)
         latest = store.latest(name)
@@ -77,11 +84,14 @@ def plan_rerun(recipe: Recipe, stage: str, project: str | Path, store: ArtifactS
         else:
             action = "run"
             ref = f"{name}@{(max((a.version for a in store.versions(name)), default=0)) + 1}"
-            reasons = (["never built"] if latest is None
-                       else [f"vs {latest.ref}: {r}"
-                          for r in explain_diff(latest.inputs, inputs, fp_namer(store))])
-        reasons += [f"data {n} is not pinned in dvc.lock yet (built first)"
-                    for n, d in data.items() if d == UNBUILT]
+            reasons = (
+                ["never built"]
+                if latest is None
+                else [f"vs {latest.ref}: {r}" for r in explain_diff(latest.inputs, inputs, fp_namer(store))]
+            )
+        reasons += [
+            f"data {n} is not pinned in dvc.lock yet (built first)" for n, d in data.items() if d == UNBUILT
+        ]
         planned[name] = (fp, ref)
         out.append(PlannedStage(name, action, up_ref, how, fp, ref, reasons))
     return out

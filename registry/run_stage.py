@@ -20,9 +20,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from moonforge.registry.data_versions import ensure_datasets, read_lock
 from moonforge.registry.errors import ArtifactNotFound, DatasetError, StageFailed
@@ -30,8 +31,14 @@ from moonforge.registry.fingerprint import code_version, fingerprint, fingerprin
 from moonforge.registry.launch import stage_runner
 from moonforge.registry.lease import Heartbeat, Lease, lease_ttl_s
 from moonforge.registry.lineage import build_lineage
-from moonforge.registry.stage_inputs import (TOKENIZER, expected_init, expected_tokenizer_digest,
-                                              init_record, resolve_init, tokenizer_dataset)
+from moonforge.registry.stage_inputs import (
+    TOKENIZER,
+    expected_init,
+    expected_tokenizer_digest,
+    init_record,
+    resolve_init,
+    tokenizer_dataset,
+)
 from moonforge.registry.store import TRAIN_STATE_DIR, ArtifactInfo, ArtifactStore, open_store
 from moonforge.stages import catalog
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
@@ -69,8 +76,9 @@ class StageOutcome:
         return asdict(self)
 
 
-def expected_chain(recipe: Recipe, project: str | Path,
-                   digests: Mapping[str, str] | None = None) -> dict[str, tuple[dict, str]]:
+def expected_chain(
+    recipe: Recipe, project: str | Path, digests: Mapping[str, str] | None = None
+) -> dict[str, tuple[dict, str]]:
     """stage name -> (inputs, fingerprint) the recipe implies today, for every stage.
 
     Data digests come from dvc.lock (unpinned datasets count as "unbuilt"); upstream fingerprints
@@ -87,10 +95,14 @@ def expected_chain(recipe: Recipe, project: str | Path,
     digests = {**digests, TOKENIZER: tok} if tok is not None else digests
     for cfg in recipe.stages:
         up = (cfg.upstream, out[cfg.upstream][1]) if cfg.upstream else None
-        inputs = fingerprint_inputs(cfg, recipe.model, up,
-                                    {n: digests.get(n, UNBUILT) for n in cfg.data},
-                                    code_version(cfg.kind),
-                                    init=expected_init(cfg, store, project) if store else None)
+        inputs = fingerprint_inputs(
+            cfg,
+            recipe.model,
+            up,
+            {n: digests.get(n, UNBUILT) for n in cfg.data},
+            code_version(cfg.kind),
+            init=expected_init(cfg, store, project) if store else None,
+        )
         out[cfg.stage_name] = (inputs, fingerprint(inputs))
     return out
 
@@ -103,8 +115,13 @@ def external_store(recipe: Recipe, project: str | Path) -> ArtifactStore | None:
     return open_store(project)
 
 
-def resolve_upstream(recipe: Recipe, stage_name: str, project: str | Path, store: ArtifactStore,
-                     upstream_ref: str | None = None) -> tuple[ArtifactInfo | None, str]:
+def resolve_upstream(
+    recipe: Recipe,
+    stage_name: str,
+    project: str | Path,
+    store: ArtifactStore,
+    upstream_ref: str | None = None,
+) -> tuple[ArtifactInfo | None, str]:
     """The upstream artifact of `stage_name` and how it was chosen.
 
     An explicit ref wins. Otherwise: the upstream stage's artifact whose fingerprint matches what
@@ -117,7 +134,8 @@ def resolve_upstream(recipe: Recipe, stage_name: str, project: str | Path, store
         if cfg.upstream is None:
             raise ArtifactNotFound(
                 f"--from {upstream_ref}: stage {stage_name!r} starts from scratch (upstream: null "
-                f"in recipe {recipe.name!r}), so it takes no upstream artifact; drop --from")
+                f"in recipe {recipe.name!r}), so it takes no upstream artifact; drop --from"
+            )
         info = resolve_ref(upstream_ref, store, project)
         note = check_upstream_kind(recipe, stage_name, upstream_ref, info, store)
         return info, f"explicit ({upstream_ref}{'; ' + note if note else ''})"
@@ -132,14 +150,17 @@ def resolve_upstream(recipe: Recipe, stage_name: str, project: str | Path, store
         raise ArtifactNotFound(
             f"stage {stage_name!r} needs an artifact of its upstream {cfg.upstream!r}, and the "
             f"store has none (existing: {store.describe()}); run `moonforge run --until "
-            f"{cfg.upstream}` first, or pass --from REF")
-    log.warning("%s: no %s artifact matches the recipe's chain; using %s", stage_name,
-                cfg.upstream, latest.ref)
+            f"{cfg.upstream}` first, or pass --from REF"
+        )
+    log.warning(
+        "%s: no %s artifact matches the recipe's chain; using %s", stage_name, cfg.upstream, latest.ref
+    )
     return latest, f"latest ({latest.ref}; no artifact matched the recipe chain)"
 
 
-def check_upstream_kind(recipe: Recipe, stage_name: str, ref: str, info: ArtifactInfo,
-                        store: ArtifactStore) -> str:
+def check_upstream_kind(
+    recipe: Recipe, stage_name: str, ref: str, info: ArtifactInfo, store: ArtifactStore
+) -> str:
     """Refuse an explicit upstream that is not on the stage's upstream chain (e.g. `rerun sft
     --from rl@1`, a later stage, or the stage itself): the stage would start from a checkpoint
     from the wrong point of the lifecycle. An earlier ancestor is allowed (an ablation that
@@ -160,7 +181,8 @@ def check_upstream_kind(recipe: Recipe, stage_name: str, ref: str, info: Artifac
             raise ArtifactNotFound(
                 f"--from {ref}: {info.ref} is an import of only some parts of a model; a stage "
                 f"starts from a whole VLM. Use it through the recipe's init: (e.g. init: "
-                f"{{lm: {info.ref}}}) on a stage with upstream: null")
+                f"{{lm: {info.ref}}}) on a stage with upstream: null"
+            )
         return f"external import {info.ref}"
     for i, st in enumerate(chain):
         if info.stage == st.stage_name or got == st.kind:
@@ -172,7 +194,8 @@ def check_upstream_kind(recipe: Recipe, stage_name: str, ref: str, info: Artifac
         f"--from {ref}: resolves to {info.ref}, a {got} artifact, but stage {stage_name!r} starts "
         f"from its upstream {up.stage_name!r} (kind {up.kind}) or an earlier stage of its chain "
         f"({', '.join(c.stage_name for c in chain[1:]) or 'none'}); pass a {up.stage_name} ref "
-        f"(e.g. {up.stage_name}@latest; recent: {have})")
+        f"(e.g. {up.stage_name}@latest; recent: {have})"
+    )
 
 
 def _no_progress(stage: str, done: int, total: int, desc: str) -> None:
@@ -201,9 +224,16 @@ class _Job:
         return self.cfg.stage_name
 
     def tracking_fields(self) -> dict[str, Any]:
-        return dict(stage=self.name, kind=self.cfg.kind, cfg=self.cfg, fingerprint=self.fingerprint,
-                    upstream=self.upstream.ref if self.upstream else None, datasets=self.datasets,
-                    recipe_digest=self.recipe.digest(), flow_run_id=self.flow_run_id)
+        return dict(
+            stage=self.name,
+            kind=self.cfg.kind,
+            cfg=self.cfg,
+            fingerprint=self.fingerprint,
+            upstream=self.upstream.ref if self.upstream else None,
+            datasets=self.datasets,
+            recipe_digest=self.recipe.digest(),
+            flow_run_id=self.flow_run_id,
+        )
 
 
 def run_stage(
@@ -238,20 +268,24 @@ def run_stage(
     datasets = ensure_datasets(project, [n for n in cfg.data if tok is None or n != TOKENIZER])
     if tok is not None:
         datasets = {n: (tok if n == TOKENIZER else datasets[n]) for n in cfg.data}
-    inputs = fingerprint_inputs(cfg, recipe.model,
-                                (upstream.stage, upstream.fingerprint) if upstream else None,
-                                {n: d.digest for n, d in datasets.items()}, code_version(cfg.kind),
-                                init=init_record(init))
-    job = _Job(recipe, cfg, project, store, upstream, how, datasets, inputs, fingerprint(inputs),
-               flow_run_id, init)
+    inputs = fingerprint_inputs(
+        cfg,
+        recipe.model,
+        (upstream.stage, upstream.fingerprint) if upstream else None,
+        {n: d.digest for n, d in datasets.items()},
+        code_version(cfg.kind),
+        init=init_record(init),
+    )
+    job = _Job(
+        recipe, cfg, project, store, upstream, how, datasets, inputs, fingerprint(inputs), flow_run_id, init
+    )
     progress = progress or _no_progress
     _collect_garbage(store, job.name)
     hit = store.lookup(job.name, job.fingerprint)
     if hit is not None:
         return _cache_hit(job, hit, tracker, progress, t0)
     waited: list[dict] = []
-    lease = store.lease(job.name, job.fingerprint,
-                        wait=lambda h: _waiting(job, h, waited, progress))
+    lease = store.lease(job.name, job.fingerprint, wait=lambda h: _waiting(job, h, waited, progress))
     try:
         if waited:  # the holder we waited for may have died: clear what it left
             _collect_garbage(store, job.name)
@@ -259,25 +293,52 @@ def run_stage(
         who = _who(waited[-1]) if waited else None
         if hit is not None:
             if who:
-                log.warning("%s: %s finished building this fingerprint; reusing %s", job.name,
-                            who, hit.ref)
+                log.warning("%s: %s finished building this fingerprint; reusing %s", job.name, who, hit.ref)
             return _cache_hit(job, hit, tracker, progress, t0, waited_for=who)
         _close_dead_holder(job, lease, tracker)
         info, metrics, run_id, resumed = _execute(job, tracker, progress, lease)
     finally:
         lease.release()
-    return StageOutcome(job.name, info.ref, info.version, job.fingerprint, False, metrics,
-                        str(info.path), time.time() - t0, run_id, resumed, who)
+    return StageOutcome(
+        job.name,
+        info.ref,
+        info.version,
+        job.fingerprint,
+        False,
+        metrics,
+        str(info.path),
+        time.time() - t0,
+        run_id,
+        resumed,
+        who,
+    )
 
 
-def _cache_hit(job: _Job, hit: ArtifactInfo, tracker: Any, progress: StageProgress, t0: float,
-               waited_for: str | None = None) -> StageOutcome:
+def _cache_hit(
+    job: _Job,
+    hit: ArtifactInfo,
+    tracker: Any,
+    progress: StageProgress,
+    t0: float,
+    waited_for: str | None = None,
+) -> StageOutcome:
     metrics = hit.lineage().get("metrics") or {}
-    run_id = tracker.log_cache_hit(**job.tracking_fields(), version=hit.version,
-                                   metrics=metrics, artifact_dir=hit.path)
+    run_id = tracker.log_cache_hit(
+        **job.tracking_fields(), version=hit.version, metrics=metrics, artifact_dir=hit.path
+    )
     progress(job.name, 1, 1, "cached")
-    return StageOutcome(job.name, hit.ref, hit.version, job.fingerprint, True, metrics,
-                        str(hit.path), time.time() - t0, run_id, waited_for=waited_for)
+    return StageOutcome(
+        job.name,
+        hit.ref,
+        hit.version,
+        job.fingerprint,
+        True,
+        metrics,
+        str(hit.path),
+        time.time() - t0,
+        run_id,
+        waited_for=waited_for,
+    )
 
 
 def _who(holder: dict) -> str:
@@ -286,9 +347,13 @@ def _who(holder: dict) -> str:
 
 def _waiting(job: _Job, holder: dict, waited: list[dict], progress: StageProgress) -> None:
     if not waited:
-        log.warning("%s: another run (%s) is building this fingerprint (%s); waiting for it to "
-                    "finish, then reusing its artifact", job.name, _who(holder),
-                    job.fingerprint[:12])
+        log.warning(
+            "%s: another run (%s) is building this fingerprint (%s); waiting for it to "
+            "finish, then reusing its artifact",
+            job.name,
+            _who(holder),
+            job.fingerprint[:12],
+        )
         progress(job.name, 0, 1, f"waiting for {_who(holder)}")
     waited.append(holder)
 
@@ -309,8 +374,10 @@ def _close_dead_holder(job: _Job, lease: Lease, tracker: Any) -> None:
     prev = lease.previous
     if not prev:
         return
-    why = (f"its process ({_who(prev)}) died while building {job.name} fingerprint "
-           f"{job.fingerprint[:12]}; a later run took over")
+    why = (
+        f"its process ({_who(prev)}) died while building {job.name} fingerprint "
+        f"{job.fingerprint[:12]}; a later run took over"
+    )
     try:
         tracker.kill_runs([prev.get("mlflow_run_id"), prev.get("mlflow_parent_run_id")], why)
         if job.flow_run_id and prev.get("prefect_flow_run_id") not in (None, "", job.flow_run_id):
@@ -318,12 +385,12 @@ def _close_dead_holder(job: _Job, lease: Lease, tracker: Any) -> None:
 
             mark_flow_runs_crashed([prev["prefect_flow_run_id"]], why)
     except Exception as e:
-        log.warning("%s: could not close the dead run's records (%s: %s)", job.name,
-                    type(e).__name__, e)
+        log.warning("%s: could not close the dead run's records (%s: %s)", job.name, type(e).__name__, e)
 
 
-def _execute(job: _Job, tracker: Any, progress: StageProgress,
-             lease: Lease) -> tuple[ArtifactInfo, dict, str | None, str | None]:
+def _execute(
+    job: _Job, tracker: Any, progress: StageProgress, lease: Lease
+) -> tuple[ArtifactInfo, dict, str | None, str | None]:
     """Call the stage function into a staging dir and commit it; on any failure abort + FAILED.
     Returns (artifact, metrics, MLflow run id, the checkpoint resumed from or None)."""
     fn = stage_runner(catalog.stage_function(job.cfg.kind), job.cfg)  # in process or launched
@@ -335,8 +402,11 @@ def _execute(job: _Job, tracker: Any, progress: StageProgress,
     (staging / TRAIN_STATE_DIR).symlink_to(ckpts, target_is_directory=True)
     try:
         run = tracker.start_stage(**job.tracking_fields())
-        lease.update(mlflow_run_id=run.run_id, mlflow_parent_run_id=tracker.parent_run_id,
-                     prefect_flow_run_id=job.flow_run_id)
+        lease.update(
+            mlflow_run_id=run.run_id,
+            mlflow_parent_run_id=tracker.parent_run_id,
+            prefect_flow_run_id=job.flow_run_id,
+        )
     except BaseException:
         store.abort(staging)
         raise
@@ -347,27 +417,40 @@ def _execute(job: _Job, tracker: Any, progress: StageProgress,
         progress(job.name, done, of, desc)
 
     resumed = _announce_resume(job, resume, run.run_id, lease, tracker, progress)
-    ctx = StageContext(out=staging, model=job.recipe.model, sink=run.sink, progress=report,
-                       resume_from=resume, init={p: a.path for p, a in job.init.items()})
+    ctx = StageContext(
+        out=staging,
+        model=job.recipe.model,
+        sink=run.sink,
+        progress=report,
+        resume_from=resume,
+        init={p: a.path for p, a in job.init.items()},
+    )
     started = time.time()
-    beat = Heartbeat(lease, min(5.0, lease_ttl_s() / 3),
-                     also=lambda: store.sync_partial(job.name, job.fingerprint))
+    beat = Heartbeat(
+        lease, min(5.0, lease_ttl_s() / 3), also=lambda: store.sync_partial(job.name, job.fingerprint)
+    )
     try:
         with beat:
-            result = fn(Checkpoint(job.upstream.path) if job.upstream else None, job.datasets,
-                        job.cfg, ctx)
+            result = fn(Checkpoint(job.upstream.path) if job.upstream else None, job.datasets, job.cfg, ctx)
             if not isinstance(result, StageResult):
-                raise TypeError(f"stage function for {job.cfg.kind!r} returned "
-                                f"{type(result).__name__}, not a StageResult")
+                raise TypeError(
+                    f"stage function for {job.cfg.kind!r} returned {type(result).__name__}, not a StageResult"
+                )
             if not Path(result.checkpoint.path).resolve().is_relative_to(staging.resolve()):
-                raise ValueError(f"stage {job.name!r} returned a checkpoint at "
-                                 f"{result.checkpoint.path}, outside its output dir "
-                                 f"ctx.out={staging}")
+                raise ValueError(
+                    f"stage {job.name!r} returned a checkpoint at "
+                    f"{result.checkpoint.path}, outside its output dir "
+                    f"ctx.out={staging}"
+                )
             run.sink.flush()
             _unlink_checkpoints(staging)
             fields = _lineage_fields(job, result, ctx, run.run_id, started, time.time())
-            info = store.commit(staging, job.fingerprint, job.inputs,
-                                sidecars=lambda v: {"lineage.json": build_lineage(version=v, **fields)})
+            info = store.commit(
+                staging,
+                job.fingerprint,
+                job.inputs,
+                sidecars=lambda v: {"lineage.json": build_lineage(version=v, **fields)},
+            )
     except BaseException as e:
         _unlink_checkpoints(staging)
         kept = _keep_checkpoints(job)
@@ -387,15 +470,17 @@ def _execute(job: _Job, tracker: Any, progress: StageProgress,
     return info, dict(result.metrics), run.run_id, resumed
 
 
-def _announce_resume(job: _Job, resume: Path | None, run_id: str | None, lease: Lease,
-                     tracker: Any, progress: StageProgress) -> str | None:
+def _announce_resume(
+    job: _Job, resume: Path | None, run_id: str | None, lease: Lease, tracker: Any, progress: StageProgress
+) -> str | None:
     """Say (log, progress bar, MLflow tags) that this run continues an unfinished one."""
     if resume is None:
         return None
     rec = read_train_record(resume)
     resumed = f"{rec.describe()} at {resume}"
-    log.warning("%s: resuming from the last periodic checkpoint an unfinished run left: %s",
-                job.name, resumed)
+    log.warning(
+        "%s: resuming from the last periodic checkpoint an unfinished run left: %s", job.name, resumed
+    )
     tags = {"resumed_from": resumed}
     if lease.previous and lease.previous.get("mlflow_run_id"):
         tags["resumed_from_run"] = str(lease.previous["mlflow_run_id"])
@@ -421,34 +506,61 @@ def _keep_checkpoints(job: _Job) -> Path | None:
     try:
         job.store.sync_partial(job.name, job.fingerprint)
     except Exception as e:  # often the store itself is what failed
-        log.warning("%s: could not upload the last checkpoint (%s: %s); it stays in %s",
-                    job.name, type(e).__name__, e, job.store.work_dir(job.name, job.fingerprint))
+        log.warning(
+            "%s: could not upload the last checkpoint (%s: %s); it stays in %s",
+            job.name,
+            type(e).__name__,
+            e,
+            job.store.work_dir(job.name, job.fingerprint),
+        )
     from moonforge.stages.train.train_record import latest_checkpoint
 
     return latest_checkpoint(job.store.work_dir(job.name, job.fingerprint) / TRAIN_STATE_DIR)
 
 
-def _lineage_fields(job: _Job, result: StageResult, ctx: StageContext, run_id: str | None,
-                    started: float, ended: float) -> dict[str, Any]:
+def _lineage_fields(
+    job: _Job, result: StageResult, ctx: StageContext, run_id: str | None, started: float, ended: float
+) -> dict[str, Any]:
     up = job.upstream
     return dict(
-        stage=job.name, kind=job.cfg.kind, fingerprint=job.fingerprint,
-        config=job.cfg.model_dump(mode="json"), model=job.recipe.model.model_dump(mode="json"),
-        upstream=None if up is None else {
-            "stage": up.stage, "version": up.version, "ref": up.ref,
-            "fingerprint": up.fingerprint, "path": str(up.path), "resolution": job.how},
-        datasets=[{"name": d.name, "path": str(d.path), "digest": d.digest,
-                   "read": d.name in result.data_used} for d in job.datasets.values()],
-        project=job.project, recipe={"name": job.recipe.name, "digest": job.recipe.digest()},
-        metrics=result.metrics, started=started, ended=ended, device=ctx.device,
-        world_size=job.cfg.launcher.world_size, mlflow_run_id=run_id,
-        prefect_flow_run_id=job.flow_run_id, code_version=job.inputs["code"],
-        init={p: {"ref": a.ref, "fingerprint": a.fingerprint, "path": str(a.path)}
-              for p, a in job.init.items()})
+        stage=job.name,
+        kind=job.cfg.kind,
+        fingerprint=job.fingerprint,
+        config=job.cfg.model_dump(mode="json"),
+        model=job.recipe.model.model_dump(mode="json"),
+        upstream=None
+        if up is None
+        else {
+            "stage": up.stage,
+            "version": up.version,
+            "ref": up.ref,
+            "fingerprint": up.fingerprint,
+            "path": str(up.path),
+            "resolution": job.how,
+        },
+        datasets=[
+            {"name": d.name, "path": str(d.path), "digest": d.digest, "read": d.name in result.data_used}
+            for d in job.datasets.values()
+        ],
+        project=job.project,
+        recipe={"name": job.recipe.name, "digest": job.recipe.digest()},
+        metrics=result.metrics,
+        started=started,
+        ended=ended,
+        device=ctx.device,
+        world_size=job.cfg.launcher.world_size,
+        mlflow_run_id=run_id,
+        prefect_flow_run_id=job.flow_run_id,
+        code_version=job.inputs["code"],
+        init={
+            p: {"ref": a.ref, "fingerprint": a.fingerprint, "path": str(a.path)} for p, a in job.init.items()
+        },
+    )
 
 
-def stage_status(recipe: Recipe, project: str | Path,
-                 store: ArtifactStore | None = None) -> list[dict[str, Any]]:
+def stage_status(
+    recipe: Recipe, project: str | Path, store: ArtifactStore | None = None
+) -> list[dict[str, Any]]:
     """Per stage: {"stage", "state": fresh|stale|missing, "ref", "reasons", "changed", "partial"}
     against the store.
 
@@ -469,19 +581,43 @@ def stage_status(recipe: Recipe, project: str | Path,
         hit = store.lookup(name, fp)
         latest = store.latest(name)
         if hit is not None:
-            rows.append({"stage": name, "state": "fresh", "ref": hit.ref, "fingerprint": fp,
-                         "changed": [], "reasons": [] if hit.version == latest.version else
-                         [f"latest is {latest.ref}, but {hit.ref} matches the recipe"]})
+            rows.append(
+                {
+                    "stage": name,
+                    "state": "fresh",
+                    "ref": hit.ref,
+                    "fingerprint": fp,
+                    "changed": [],
+                    "reasons": []
+                    if hit.version == latest.version
+                    else [f"latest is {latest.ref}, but {hit.ref} matches the recipe"],
+                }
+            )
             rows[-1]["partial"] = None
             continue
         if latest is None:
-            rows.append({"stage": name, "state": "missing", "ref": None, "fingerprint": fp,
-                         "changed": [], "reasons": ["never built"] + [f"data {n} not built" for n in unbuilt]})
+            rows.append(
+                {
+                    "stage": name,
+                    "state": "missing",
+                    "ref": None,
+                    "fingerprint": fp,
+                    "changed": [],
+                    "reasons": ["never built"] + [f"data {n} not built" for n in unbuilt],
+                }
+            )
         else:
             reasons = explain_diff(latest.inputs, inputs, name_fp)
-            rows.append({"stage": name, "state": "stale", "ref": latest.ref, "fingerprint": fp,
-                         "reasons": reasons,
-                         "changed": sorted({reason_kind(r) for r in reasons})})
+            rows.append(
+                {
+                    "stage": name,
+                    "state": "stale",
+                    "ref": latest.ref,
+                    "fingerprint": fp,
+                    "reasons": reasons,
+                    "changed": sorted({reason_kind(r) for r in reasons}),
+                }
+            )
         rows[-1]["partial"] = partial = _partial(store, name, fp)
         if partial is not None:
             rows[-1]["reasons"] = rows[-1]["reasons"] + partial_lines(partial)
@@ -502,15 +638,19 @@ def partial_lines(partial: Mapping[str, Any]) -> list[str]:
     if partial.get("running"):
         out.append(f"running now: {_who(partial['running'])}")
     if partial.get("checkpoint"):
-        out.append(f"resumable: phase {partial['phase']} step {partial['step']}/"
-                   f"{partial['num_steps']} (global step {partial['global_step']}); a rerun "
-                   "continues from there")
+        out.append(
+            f"resumable: phase {partial['phase']} step {partial['step']}/"
+            f"{partial['num_steps']} (global step {partial['global_step']}); a rerun "
+            "continues from there"
+        )
     return out
 
 
 def fp_namer(store: ArtifactStore) -> Callable[[str, str], str | None]:
     """(stage, fingerprint) -> "stage@N" when the store holds it, for readable reasons."""
+
     def name(stage: str, fp: str) -> str | None:
         hit = store.lookup(stage, fp)
         return hit.ref if hit is not None else None
+
     return name

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt
 
@@ -54,7 +55,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/some/prefix/` -> ("bucket", "some/prefix"); ValueError naming the fix."""
     if not uri.startswith("s3://"):
         raise ValueError(f"{uri!r} is not an s3:// URI; use s3://bucket[/prefix]")
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
     if not bucket:
         raise ValueError(f"{uri!r} names no bucket; use s3://bucket[/prefix]")
     return bucket, prefix.strip("/")
@@ -83,8 +84,11 @@ class S3Bucket:
 
             s = self.settings
             # total_max_attempts counts the first try; botocore's "max_attempts" would not
-            cfg = Config(retries={"total_max_attempts": s.max_attempts, "mode": "standard"},
-                         connect_timeout=s.connect_timeout_s, read_timeout=s.read_timeout_s)
+            cfg = Config(
+                retries={"total_max_attempts": s.max_attempts, "mode": "standard"},
+                connect_timeout=s.connect_timeout_s,
+                read_timeout=s.read_timeout_s,
+            )
             with self.errors("connect to"):
                 self._client = boto3.session.Session().client("s3", config=cfg)
         return self._client
@@ -100,9 +104,11 @@ class S3Bucket:
         from boto3.s3.transfer import TransferConfig
 
         s = self.settings
-        return TransferConfig(multipart_threshold=s.multipart_threshold_mb * MB,
-                              multipart_chunksize=s.multipart_chunksize_mb * MB,
-                              max_concurrency=s.max_concurrency)
+        return TransferConfig(
+            multipart_threshold=s.multipart_threshold_mb * MB,
+            multipart_chunksize=s.multipart_chunksize_mb * MB,
+            max_concurrency=s.max_concurrency,
+        )
 
     @contextmanager
     def errors(self, action: str, key: str = "") -> Iterator[None]:
@@ -122,21 +128,32 @@ class S3Bucket:
         from botocore import exceptions as bx
 
         if isinstance(e, bx.ProfileNotFound):
-            return StoreConfigError(f"cannot {action} {where}: {e}; set AWS_PROFILE to a profile "
-                                    "in ~/.aws/config, or unset it and use AWS_ACCESS_KEY_ID / "
-                                    "AWS_SECRET_ACCESS_KEY")
+            return StoreConfigError(
+                f"cannot {action} {where}: {e}; set AWS_PROFILE to a profile "
+                "in ~/.aws/config, or unset it and use AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY"
+            )
         if isinstance(e, (bx.NoCredentialsError, bx.PartialCredentialsError)):
             return StoreConfigError(
                 f"cannot {action} {where}: no AWS credentials found ({type(e).__name__}); set "
                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE naming a profile "
-                "with credentials (endpoint: AWS_ENDPOINT_URL)")
-        if isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError,
-                          bx.ReadTimeoutError, bx.ConnectionClosedError)):
+                "with credentials (endpoint: AWS_ENDPOINT_URL)"
+            )
+        if isinstance(
+            e,
+            (
+                bx.EndpointConnectionError,
+                bx.ConnectTimeoutError,
+                bx.ReadTimeoutError,
+                bx.ConnectionClosedError,
+            ),
+        ):
             return StoreUnavailable(
                 f"cannot {action} {where}: the S3 endpoint {self.endpoint} did not answer after "
                 f"{self.settings.max_attempts} attempts with backoff ({type(e).__name__}). Check "
                 "that it is up and that AWS_ENDPOINT_URL (or the profile's endpoint_url) points at "
-                "it; nothing was committed, and rerunning resumes")
+                "it; nothing was committed, and rerunning resumes"
+            )
         client_error = e if isinstance(e, bx.ClientError) else None
         cause = e.__cause__ or e.__context__  # s3transfer wraps ClientError in S3UploadFailedError
         if client_error is None and isinstance(cause, bx.ClientError):
@@ -149,17 +166,23 @@ class S3Bucket:
             return StoreConfigError(
                 f"cannot {action} {where}: bucket {self.bucket!r} does not exist at "
                 f"{self.endpoint}; create it (`aws s3 mb s3://{self.bucket}`) or point "
-                "MOONFORGE_STORE at an existing bucket")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
-                    "ExpiredToken", "InvalidToken") or status == 403:
+                "MOONFORGE_STORE at an existing bucket"
+            )
+        if (
+            code
+            in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken")
+            or status == 403
+        ):
             return StoreConfigError(
                 f"cannot {action} {where}: S3 at {self.endpoint} refused the credentials ({code}); "
                 "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that they "
-                f"may read and write bucket {self.bucket!r}")
+                f"may read and write bucket {self.bucket!r}"
+            )
         if isinstance(status, int) and (status >= 500 or code in ("SlowDown", "Throttling")):
             return StoreUnavailable(
                 f"cannot {action} {where}: S3 at {self.endpoint} kept failing ({code}, HTTP "
-                f"{status}) after {self.settings.max_attempts} attempts; retry later")
+                f"{status}) after {self.settings.max_attempts} attempts; retry later"
+            )
         return None
 
     # -- operations ----------------------------------------------------------------------------
@@ -176,8 +199,7 @@ class S3Bucket:
             return None
         return obj if isinstance(obj, dict) else None
 
-    def put_json(self, key: str, obj: Any, only_if_new: bool = False,
-                 if_match: str | None = None) -> str:
+    def put_json(self, key: str, obj: Any, only_if_new: bool = False, if_match: str | None = None) -> str:
         """Write `obj` at `key` and return its ETag. only_if_new: fail with ClientError
         PreconditionFailed (412) when the key exists (S3 conditional write, If-None-Match: *);
         if_match: fail the same way unless the object's ETag is still `if_match`."""
@@ -186,8 +208,9 @@ class S3Bucket:
         if if_match is not None:
             extra["IfMatch"] = if_match
         with self.errors("write", key):
-            return self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
-                                          ContentType="application/json", **extra).get("ETag", "")
+            return self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ContentType="application/json", **extra
+            ).get("ETag", "")
 
     def get_json_meta(self, key: str) -> tuple[dict | None, str, float | None]:
         """(JSON object or None, ETag, seconds since it was last written by the server's clock
@@ -232,15 +255,17 @@ class S3Bucket:
         kw = {"Bucket": self.bucket, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
         with self.errors("list", prefix):
             for page in self.client.get_paginator("list_objects_v2").paginate(**kw):
-                dirs += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+                dirs += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
                 keys += [o["Key"] for o in page.get("Contents", [])]
         return dirs, keys
 
     def delete(self, keys: list[str]) -> None:
         with self.errors("delete", keys[0] if keys else ""):
             for i in range(0, len(keys), 1000):
-                self.client.delete_objects(Bucket=self.bucket, Delete={
-                    "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+                self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
+                )
 
     def upload(self, path: Path, key: str) -> None:
         """One file; multipart above the threshold (s3transfer aborts the upload on failure)."""

@@ -34,22 +34,38 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from botocore.exceptions import ClientError
 
 from moonforge.registry.errors import ArtifactNotFound
-from moonforge.registry.lease import (LEASE_PREFIX, Lease, WaitFn, lease_ttl_s, this_process)
-from moonforge.registry.s3_bucket import (S3Bucket, S3Settings, StoreConfigError,
-                                          StoreUnavailable, is_precondition_failure, parse_s3_uri)
-from moonforge.registry.store import (LINEAGE, MANIFEST, PARTIAL_PREFIX, TMP_PREFIX,
-                                      TRAIN_STATE_DIR, ArtifactInfo, ArtifactStore, Sidecars,
-                                      _sha256, _STAGE_RE, _write_json_atomic)
+from moonforge.registry.lease import LEASE_PREFIX, Lease, WaitFn, lease_ttl_s, this_process
+from moonforge.registry.s3_bucket import (
+    S3Bucket,
+    S3Settings,
+    StoreConfigError,
+    StoreUnavailable,
+    is_precondition_failure,
+    parse_s3_uri,
+)
+from moonforge.registry.store import (
+    _STAGE_RE,
+    LINEAGE,
+    MANIFEST,
+    PARTIAL_PREFIX,
+    TMP_PREFIX,
+    TRAIN_STATE_DIR,
+    ArtifactInfo,
+    ArtifactStore,
+    Sidecars,
+    _sha256,
+    _write_json_atomic,
+)
 from moonforge.stages.train.train_record import latest_checkpoint, read_train_record
 
-__all__ = ["S3Store", "S3ArtifactInfo", "S3Settings", "StoreConfigError", "StoreUnavailable",
-           "parse_s3_uri"]
+__all__ = ["S3Store", "S3ArtifactInfo", "S3Settings", "StoreConfigError", "StoreUnavailable", "parse_s3_uri"]
 
 log = logging.getLogger("moonforge.registry.s3")
 
@@ -61,10 +77,15 @@ class S3ArtifactInfo(ArtifactInfo):
     """A committed artifact in an S3 store. `path` is its local copy, fetched on first access
     (so listing versions or resolving refs downloads nothing); `uri` is where it lives."""
 
-    def __init__(self, store: "S3Store", stage: str, version: int, manifest: dict):
+    def __init__(self, store: S3Store, stage: str, version: int, manifest: dict):
         # ArtifactInfo is a frozen dataclass whose `path` we replace with a lazy property.
-        for k, v in (("stage", stage), ("version", version), ("manifest", manifest),
-                     ("fingerprint", manifest["fingerprint"]), ("_store", store)):
+        for k, v in (
+            ("stage", stage),
+            ("version", version),
+            ("manifest", manifest),
+            ("fingerprint", manifest["fingerprint"]),
+            ("_store", store),
+        ):
             object.__setattr__(self, k, v)
 
     @property
@@ -82,7 +103,10 @@ class S3ArtifactInfo(ArtifactInfo):
         return f"S3ArtifactInfo({self.ref}, {self.uri}, fp={self.fingerprint[:12]})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, S3ArtifactInfo) and (self.uri, self.fingerprint) == (other.uri, other.fingerprint)
+        return isinstance(other, S3ArtifactInfo) and (self.uri, self.fingerprint) == (
+            other.uri,
+            other.fingerprint,
+        )
 
     def __hash__(self) -> int:
         return hash((self.uri, self.fingerprint))
@@ -131,17 +155,20 @@ class S3Store(ArtifactStore):
         n = max((int(d) for d in dirs if d.isdigit()), default=0) + 1
         while True:
             try:
-                self.s3.put_json(self._key(stage, n, CLAIM), {
-                    "claimed": time.time(), "host": socket.gethostname(), "pid": os.getpid()},
-                    only_if_new=True)
+                self.s3.put_json(
+                    self._key(stage, n, CLAIM),
+                    {"claimed": time.time(), "host": socket.gethostname(), "pid": os.getpid()},
+                    only_if_new=True,
+                )
                 return n
             except ClientError as e:  # 412: another writer holds n (or 409: racing for it)
                 if not is_precondition_failure(e):
                     raise
                 n += 1
 
-    def commit(self, staging: Path, fingerprint: str, inputs: Mapping[str, Any],
-               sidecars: Sidecars | None = None) -> ArtifactInfo:
+    def commit(
+        self, staging: Path, fingerprint: str, inputs: Mapping[str, Any], sidecars: Sidecars | None = None
+    ) -> ArtifactInfo:
         staging = Path(staging)
         stage = staging.parent.name
         if not staging.name.startswith(TMP_PREFIX) or staging.parent.parent != self.cache:
@@ -154,10 +181,20 @@ class S3Store(ArtifactStore):
         uri = self.uri_of(stage, version)
         for name, obj in (sidecars(version) if sidecars else {}).items():
             _write_json_atomic(staging / name, self._with_uris(name, obj, uri))
-        files = {p.relative_to(staging).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(staging.rglob("*")) if p.is_file() and p.name != MANIFEST}
-        manifest = {"stage": stage, "version": version, "fingerprint": fingerprint,
-                    "inputs": dict(inputs), "files": files, "created": time.time(), "uri": uri}
+        files = {
+            p.relative_to(staging).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(staging.rglob("*"))
+            if p.is_file() and p.name != MANIFEST
+        }
+        manifest = {
+            "stage": stage,
+            "version": version,
+            "fingerprint": fingerprint,
+            "inputs": dict(inputs),
+            "files": files,
+            "created": time.time(),
+            "uri": uri,
+        }
         uploaded: list[str] = []
         try:
             for rel in files:
@@ -195,8 +232,12 @@ class S3Store(ArtifactStore):
         try:
             self.s3.delete(keys)
         except Exception as e:  # the commit's own error is what matters
-            log.warning("could not delete %d uploaded objects of a failed commit (%s); they are "
-                        "invisible without a manifest", len(keys), type(e).__name__)
+            log.warning(
+                "could not delete %d uploaded objects of a failed commit (%s); they are "
+                "invisible without a manifest",
+                len(keys),
+                type(e).__name__,
+            )
 
     def abort(self, staging: Path, keep: bool = False) -> None:
         staging = Path(staging)
@@ -205,8 +246,7 @@ class S3Store(ArtifactStore):
         self._unlock_staging(staging)
 
     # -- leases ------------------------------------------------------------------------------
-    def lease(self, stage: str, fingerprint: str, wait: WaitFn | None = None,
-              poll_s: float = 1.0) -> Lease:
+    def lease(self, stage: str, fingerprint: str, wait: WaitFn | None = None, poll_s: float = 1.0) -> Lease:
         """Create `<stage>/.lease-<fp16>` conditionally; take over one not renewed for its ttl."""
         if not _STAGE_RE.match(stage):
             raise ValueError(f"invalid stage name {stage!r} for the store")
@@ -230,8 +270,13 @@ class S3Store(ArtifactStore):
                     if not is_precondition_failure(e):
                         raise
                     continue
-                log.warning("%s: the lease of %s expired %.0f s after its last renewal (its "
-                            "holder died); taking over", stage, _who(held or {}), age)
+                log.warning(
+                    "%s: the lease of %s expired %.0f s after its last renewal (its "
+                    "holder died); taking over",
+                    stage,
+                    _who(held or {}),
+                    age,
+                )
                 return S3Lease(self, key, stage, fingerprint, info, held or {}, new)
             if wait is not None:
                 wait(held or {})
@@ -262,9 +307,17 @@ class S3Store(ArtifactStore):
             for name in files:
                 self._upload(snap / name, self._partial_key(stage, fingerprint, ck.name, name))
             rec = read_train_record(snap)
-            self.s3.put_json(self._partial_key(stage, fingerprint, PARTIAL_MARK), {
-                "checkpoint": ck.name, "files": files, "phase": rec.phase, "step": rec.step,
-                "num_steps": rec.num_steps, "global_step": rec.global_step})  # last: complete
+            self.s3.put_json(
+                self._partial_key(stage, fingerprint, PARTIAL_MARK),
+                {
+                    "checkpoint": ck.name,
+                    "files": files,
+                    "phase": rec.phase,
+                    "step": rec.step,
+                    "num_steps": rec.num_steps,
+                    "global_step": rec.global_step,
+                },
+            )  # last: complete
         finally:
             shutil.rmtree(snap, ignore_errors=True)
         self._synced[(stage, fingerprint[:16])] = ck.name
@@ -286,8 +339,7 @@ class S3Store(ArtifactStore):
         tmp = self._begin_local(stage)
         try:
             for name in mark["files"]:
-                self.s3.download(self._partial_key(stage, fingerprint, mark["checkpoint"], name),
-                                 tmp / name)
+                self.s3.download(self._partial_key(stage, fingerprint, mark["checkpoint"], name), tmp / name)
             dest = work / TRAIN_STATE_DIR / mark["checkpoint"]
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(dest, ignore_errors=True)
@@ -295,8 +347,12 @@ class S3Store(ArtifactStore):
         finally:
             self.abort(tmp)
         self._synced[(stage, fingerprint[:16])] = mark["checkpoint"]
-        log.info("%s: fetched the checkpoint %s of an earlier run from %s", stage,
-                 mark["checkpoint"], self.root_uri)
+        log.info(
+            "%s: fetched the checkpoint %s of an earlier run from %s",
+            stage,
+            mark["checkpoint"],
+            self.root_uri,
+        )
         return latest_checkpoint(work / TRAIN_STATE_DIR)
 
     def drop_partial(self, stage: str, fingerprint: str) -> None:
@@ -307,17 +363,17 @@ class S3Store(ArtifactStore):
             if keys:
                 self.s3.delete(keys)
         except Exception as e:
-            log.warning("could not delete kept checkpoints of %s from %s: %s", stage,
-                        self.root_uri, e)
+            log.warning("could not delete kept checkpoints of %s from %s: %s", stage, self.root_uri, e)
 
     def partial_work(self, stage: str, fingerprint: str) -> dict | None:
         out = self._local_partial(stage, fingerprint)
         mark = self.s3.get_json(self._partial_key(stage, fingerprint, PARTIAL_MARK))
-        if mark and mark.get("checkpoint") and (out is None
-                                                or out["global_step"] < mark["global_step"]):
-            out = {"checkpoint": f"{self.root_uri}/{stage}/{PARTIAL_PREFIX}{fingerprint[:16]}/"
-                                 f"{mark['checkpoint']}",
-                   **{k: mark.get(k) for k in ("phase", "step", "num_steps", "global_step")}}
+        if mark and mark.get("checkpoint") and (out is None or out["global_step"] < mark["global_step"]):
+            out = {
+                "checkpoint": f"{self.root_uri}/{stage}/{PARTIAL_PREFIX}{fingerprint[:16]}/"
+                f"{mark['checkpoint']}",
+                **{k: mark.get(k) for k in ("phase", "step", "num_steps", "global_step")},
+            }
         held, _, age = self.s3.get_json_meta(self._key(stage, f"{LEASE_PREFIX}{fingerprint[:16]}"))
         live = held and age is not None and age <= float(held.get("ttl_s") or 0)
         running = held if live else None
@@ -334,7 +390,7 @@ class S3Store(ArtifactStore):
         dirs, _ = self.s3.list(self._key(stage) + "/")
         committed = {a.fingerprint[:16] for a in self.versions(stage)}
         for d in dirs:
-            if d.startswith(PARTIAL_PREFIX) and d[len(PARTIAL_PREFIX):] in committed:
+            if d.startswith(PARTIAL_PREFIX) and d[len(PARTIAL_PREFIX) :] in committed:
                 _, keys = self.s3.list(self._key(stage, d) + "/", None)
                 if keys:
                     self.s3.delete(keys)
@@ -373,7 +429,7 @@ class S3Store(ArtifactStore):
         """An artifact by its s3:// URI or by its local copy `<cache>/<stage>/<n>`."""
         s = str(path)
         if s.startswith("s3:/") and not s.startswith("s3://"):
-            s = "s3://" + s[len("s3:/"):]  # Path() collapses the double slash
+            s = "s3://" + s[len("s3:/") :]  # Path() collapses the double slash
         if s.startswith("s3://"):
             return self._open_uri(s)
         p = Path(s).expanduser().resolve()
@@ -381,22 +437,26 @@ class S3Store(ArtifactStore):
             a = self._info(p.parent.name, int(p.name))
             if a is not None:
                 return a
-        raise ArtifactNotFound(f"no artifact at {p}: it is not a local copy of an artifact of "
-                               f"{self.root_uri}; existing artifacts: {self.describe()}")
+        raise ArtifactNotFound(
+            f"no artifact at {p}: it is not a local copy of an artifact of "
+            f"{self.root_uri}; existing artifacts: {self.describe()}"
+        )
 
     def _open_uri(self, uri: str) -> ArtifactInfo:
         bucket, key = parse_s3_uri(uri)
-        rest = key[len(self.prefix):].strip("/") if key.startswith(self.prefix) else None
+        rest = key[len(self.prefix) :].strip("/") if key.startswith(self.prefix) else None
         parts = rest.split("/") if rest is not None else []
         if bucket != self.bucket or len(parts) != 2 or not parts[1].isdigit():
             raise ArtifactNotFound(
                 f"{uri} is not an artifact of this store ({self.root_uri}/<stage>/<version>); "
                 f"point MOONFORGE_STORE at its store, or use stage@version (existing: "
-                f"{self.describe()})")
+                f"{self.describe()})"
+            )
         a = self._info(parts[0], int(parts[1]))
         if a is None:
-            raise ArtifactNotFound(f"no committed artifact at {uri} (no manifest.json); "
-                                   f"existing: {self.describe()}")
+            raise ArtifactNotFound(
+                f"no committed artifact at {uri} (no manifest.json); existing: {self.describe()}"
+            )
         return a
 
     def resolve(self, ref: str | Path) -> ArtifactInfo:
@@ -432,7 +492,8 @@ class S3Store(ArtifactStore):
                 if _sha256(tmp / rel) != meta.get("sha256"):
                     raise StoreConfigError(
                         f"{info.uri}/{rel} does not match its manifest's sha256: the object was "
-                        "changed outside moonforge; delete that version and rebuild it")
+                        "changed outside moonforge; delete that version and rebuild it"
+                    )
             _write_json_atomic(tmp / MANIFEST, info.manifest)  # last: the local copy is complete
             shutil.rmtree(local, ignore_errors=True)
             try:
@@ -452,8 +513,16 @@ def _who(holder: dict) -> str:
 class S3Lease(Lease):
     """A lease object in the bucket, renewed with puts conditional on its own ETag."""
 
-    def __init__(self, store: S3Store, key: str, stage: str, fingerprint: str, info: dict,
-                 previous: dict | None, etag: str):
+    def __init__(
+        self,
+        store: S3Store,
+        key: str,
+        stage: str,
+        fingerprint: str,
+        info: dict,
+        previous: dict | None,
+        etag: str,
+    ):
         super().__init__(stage, fingerprint, info, previous)
         self.store, self.key, self.etag = store, key, etag
 
@@ -478,6 +547,10 @@ class S3Lease(Lease):
             try:
                 self.store.s3.delete_if_match(self.key, self.etag)
             except Exception as e:  # it expires by itself
-                log.warning("could not release the lease %s (%s); it expires in %.0f s", self.key,
-                            e, float(self.info.get("ttl_s") or 0))
+                log.warning(
+                    "could not release the lease %s (%s); it expires in %.0f s",
+                    self.key,
+                    e,
+                    float(self.info.get("ttl_s") or 0),
+                )
             self.etag = ""

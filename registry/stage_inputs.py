@@ -10,8 +10,9 @@ imported tokenizer, resolved to store artifacts and to the fingerprint facts the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from moonforge.registry.errors import ArtifactNotFound
 from moonforge.registry.store import ArtifactInfo, ArtifactStore
@@ -37,7 +38,8 @@ def resolve_init(cfg: Any, store: ArtifactStore, project: str | Path) -> dict[st
         except ArtifactNotFound as e:
             raise ArtifactNotFound(
                 f"stage {cfg.stage_name!r} init.{part}: {e} (import it first: moonforge import "
-                f"HF_DIR --name {ref.split('@')[0]})") from e
+                f"HF_DIR --name {ref.split('@')[0]})"
+            ) from e
     return out
 
 
@@ -76,7 +78,8 @@ def tokenizer_dataset(recipe: Any, store: ArtifactStore, project: str | Path) ->
         raise ArtifactNotFound(
             f"recipe tokenizer: {ref} resolves to {info.ref}, which holds no tokenizer/"
             "tokenizer.json; import a checkpoint directory that has a tokenizer.json, or drop "
-            "`tokenizer:` to use the DVC-built BPE")
+            "`tokenizer:` to use the DVC-built BPE"
+        )
     return DatasetRef(TOKENIZER, folder, f"import:{info.fingerprint}")
 
 

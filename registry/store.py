@@ -33,14 +33,22 @@ import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from moonforge.registry.errors import ArtifactNotFound
-from moonforge.registry.lease import (LEASE_PREFIX, Lease, WaitFn, acquire_local, local_lease_held,
-                                      read_holder, try_local_lock)
+from moonforge.registry.lease import (
+    LEASE_PREFIX,
+    Lease,
+    WaitFn,
+    acquire_local,
+    local_lease_held,
+    read_holder,
+    try_local_lock,
+)
 from moonforge.stages.train.train_record import latest_checkpoint, read_train_record
 
 MANIFEST = "manifest.json"
@@ -102,8 +110,9 @@ class ArtifactStore(ABC):
         """A fresh local staging directory for `stage` to write its output into."""
 
     @abstractmethod
-    def commit(self, staging: Path, fingerprint: str, inputs: Mapping[str, Any],
-               sidecars: Sidecars | None = None) -> ArtifactInfo:
+    def commit(
+        self, staging: Path, fingerprint: str, inputs: Mapping[str, Any], sidecars: Sidecars | None = None
+    ) -> ArtifactInfo:
         """Make `staging` visible as the next version of its stage (or return the existing
         artifact if another writer committed the same fingerprint first)."""
 
@@ -112,8 +121,7 @@ class ArtifactStore(ABC):
         """Discard a staging directory (keep=True leaves it under .tmp- for debugging)."""
 
     @abstractmethod
-    def lease(self, stage: str, fingerprint: str, wait: WaitFn | None = None,
-              poll_s: float = 1.0) -> Lease:
+    def lease(self, stage: str, fingerprint: str, wait: WaitFn | None = None, poll_s: float = 1.0) -> Lease:
         """Block until this process may build (stage, fingerprint); see registry.lease."""
 
     @abstractmethod
@@ -158,7 +166,8 @@ class ArtifactStore(ABC):
         if s.startswith(("runs:/", "models:/", "s3://")):
             raise ArtifactNotFound(
                 f"ref {s!r}: {s.split(':')[0]} refs are not supported by this store yet; use "
-                f"stage@version (existing: {self.describe()}) or an artifact path")
+                f"stage@version (existing: {self.describe()}) or an artifact path"
+            )
         p = Path(s).expanduser()
         if "@" not in s and (os.sep in s or p.exists()):
             return self.open_path(p)
@@ -171,7 +180,8 @@ class ArtifactStore(ABC):
             raise ArtifactNotFound(
                 f"no artifact {s!r}: stage {stage!r} has no committed versions in {self.where()}; "
                 f"existing: {self.describe()}. Run the lifecycle up to it (moonforge run --until "
-                f"{stage}) or pass an existing ref")
+                f"{stage}) or pass an existing ref"
+            )
         listing = ", ".join(f"{a.version} ({a.fingerprint[:8]})" for a in versions)
         if sel == "latest":
             return versions[-1]
@@ -183,17 +193,21 @@ class ArtifactStore(ABC):
         if len(sel) < MIN_PREFIX or not re.fullmatch(r"[0-9a-fA-F]+", sel):
             raise ArtifactNotFound(
                 f"ref {s!r}: after '@' give latest, a version number or a fingerprint prefix of "
-                f">= {MIN_PREFIX} hex chars; {stage} has versions {listing}")
+                f">= {MIN_PREFIX} hex chars; {stage} has versions {listing}"
+            )
         hits = [a for a in versions if a.fingerprint.startswith(sel.lower())]
         if len(hits) == 1:
             return hits[0]
         if not hits:
-            raise ArtifactNotFound(f"no artifact {s!r}: no {stage} fingerprint starts with "
-                                   f"{sel!r}; {stage} has versions {listing}")
+            raise ArtifactNotFound(
+                f"no artifact {s!r}: no {stage} fingerprint starts with "
+                f"{sel!r}; {stage} has versions {listing}"
+            )
         raise ArtifactNotFound(
             f"ambiguous ref {s!r}: fingerprint prefix {sel!r} matches {stage} versions "
             + ", ".join(f"{a.version} ({a.fingerprint[:12]})" for a in hits)
-            + "; use a longer prefix or the version number")
+            + "; use a longer prefix or the version number"
+        )
 
     def where(self) -> str:
         return repr(self)
@@ -234,7 +248,7 @@ class ArtifactStore(ABC):
         """The last complete periodic checkpoint of a run of this fingerprint, or None."""
         return latest_checkpoint(self.work_dir(stage, fingerprint) / TRAIN_STATE_DIR)
 
-    def sync_partial(self, stage: str, fingerprint: str) -> None:
+    def sync_partial(self, stage: str, fingerprint: str) -> None:  # noqa: B027 (a no-op by default)
         """Make the newest local periodic checkpoint durable where other machines see it (an S3
         store uploads it; a local store already is)."""
 
@@ -247,8 +261,14 @@ class ArtifactStore(ABC):
         if ck is None:
             return None
         rec = read_train_record(ck)
-        return {"checkpoint": str(ck), "phase": rec.phase, "step": rec.step,
-                "num_steps": rec.num_steps, "global_step": rec.global_step, "running": None}
+        return {
+            "checkpoint": str(ck),
+            "phase": rec.phase,
+            "step": rec.step,
+            "num_steps": rec.num_steps,
+            "global_step": rec.global_step,
+            "running": None,
+        }
 
     def gc(self, stage: str) -> list[Path]:
         """Remove what dead runs left under the local `stage` dir: staging dirs whose writer is
@@ -271,10 +291,11 @@ class ArtifactStore(ABC):
             elif name.startswith(PARTIAL_PREFIX) and p.is_dir():
                 if committed is None:
                     committed = {a.fingerprint[:16] for a in self.versions(stage)}
-                fp16 = name[len(PARTIAL_PREFIX):]
+                fp16 = name[len(PARTIAL_PREFIX) :]
                 done = fp16 in committed
-                if (done or latest_checkpoint(p / TRAIN_STATE_DIR) is None) and \
-                        self._remove_partial_if_free(stage, fp16, p, drop_lease=done):
+                if (done or latest_checkpoint(p / TRAIN_STATE_DIR) is None) and self._remove_partial_if_free(
+                    stage, fp16, p, drop_lease=done
+                ):
                     removed.append(p)
         return removed
 
@@ -344,8 +365,9 @@ class LocalStore(ArtifactStore):
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def commit(self, staging: Path, fingerprint: str, inputs: Mapping[str, Any],
-               sidecars: Sidecars | None = None) -> ArtifactInfo:
+    def commit(
+        self, staging: Path, fingerprint: str, inputs: Mapping[str, Any], sidecars: Sidecars | None = None
+    ) -> ArtifactInfo:
         staging = Path(staging)
         stage = staging.parent.name
         if not staging.name.startswith(TMP_PREFIX) or staging.parent.parent != self.root:
@@ -360,10 +382,17 @@ class LocalStore(ArtifactStore):
                 _write_json_atomic(staging / name, obj)
             files = {
                 p.relative_to(staging).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                for p in sorted(staging.rglob("*")) if p.is_file() and p.name != MANIFEST
+                for p in sorted(staging.rglob("*"))
+                if p.is_file() and p.name != MANIFEST
             }
-            manifest = {"stage": stage, "version": version, "fingerprint": fingerprint,
-                        "inputs": dict(inputs), "files": files, "created": time.time()}
+            manifest = {
+                "stage": stage,
+                "version": version,
+                "fingerprint": fingerprint,
+                "inputs": dict(inputs),
+                "files": files,
+                "created": time.time(),
+            }
             _write_json_atomic(staging / MANIFEST, manifest)  # last file in: the commit mark
             final = self.root / stage / str(version)
             os.rename(staging, final)  # atomic; fails rather than overwrite an existing version
@@ -380,8 +409,7 @@ class LocalStore(ArtifactStore):
     def _lease_path(self, stage: str, fp16: str) -> Path:
         return self.root / stage / f"{LEASE_PREFIX}{fp16[:16]}"
 
-    def lease(self, stage: str, fingerprint: str, wait: WaitFn | None = None,
-              poll_s: float = 1.0) -> Lease:
+    def lease(self, stage: str, fingerprint: str, wait: WaitFn | None = None, poll_s: float = 1.0) -> Lease:
         if not _STAGE_RE.match(stage):
             raise ValueError(f"invalid stage name {stage!r} for the store")
         return acquire_local(self._lease_path(stage, fingerprint), stage, fingerprint, wait, poll_s)
@@ -417,9 +445,8 @@ class LocalStore(ArtifactStore):
             return removed
         committed = {a.fingerprint[:16] for a in self.versions(stage)}
         for p in d.glob(f"{LEASE_PREFIX}*"):  # a lease of a committed fingerprint is history
-            fp16 = p.name[len(LEASE_PREFIX):]
-            if fp16 in committed and not self.work_dir(stage, fp16).exists() and \
-                    _remove_if_unlocked(p, p):
+            fp16 = p.name[len(LEASE_PREFIX) :]
+            if fp16 in committed and not self.work_dir(stage, fp16).exists() and _remove_if_unlocked(p, p):
                 removed.append(p)
         return removed
 
@@ -472,12 +499,15 @@ class LocalStore(ArtifactStore):
     def open_path(self, path: Path) -> ArtifactInfo:
         path = Path(path).expanduser().resolve()
         if not path.exists():
-            raise ArtifactNotFound(f"no artifact at {path}: the path does not exist; existing "
-                                   f"artifacts: {self.describe()}")
+            raise ArtifactNotFound(
+                f"no artifact at {path}: the path does not exist; existing artifacts: {self.describe()}"
+            )
         a = self._read(path)
         if a is None:
-            raise ArtifactNotFound(f"{path} is not a committed artifact (no readable {MANIFEST}); "
-                                   f"existing artifacts: {self.describe()}")
+            raise ArtifactNotFound(
+                f"{path} is not a committed artifact (no readable {MANIFEST}); "
+                f"existing artifacts: {self.describe()}"
+            )
         return ArtifactInfo(a.stage, a.version, a.fingerprint, path, a.manifest)
 
 

@@ -20,8 +20,9 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from moonforge.registry.lease import process_alive, this_process
 from moonforge.stages.artifacts import DatasetRef, ListSink
@@ -48,7 +49,9 @@ environment). Unset: `.moonforge/mlartifacts` with the embedded SQLite backend, 
 
 
 def artifact_root(project: str | Path) -> str:
-    return os.environ.get(ARTIFACT_ROOT_ENV) or (Path(project).resolve() / ".moonforge" / "mlartifacts").as_uri()
+    return (
+        os.environ.get(ARTIFACT_ROOT_ENV) or (Path(project).resolve() / ".moonforge" / "mlartifacts").as_uri()
+    )
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -67,7 +70,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 
 def _chunks(seq: Sequence, n: int):
     for i in range(0, len(seq), n):
-        yield seq[i:i + n]
+        yield seq[i : i + n]
 
 
 class BatchedMlflowSink(ListSink):
@@ -143,15 +146,24 @@ class NullTracker:
 
 def _owner_tags() -> dict[str, str]:
     me = this_process()
-    return {TAG + "host": str(me["host"]), TAG + "pid": str(me["pid"]),
-            TAG + "pid_start": str(me["pid_start"] or "")}
+    return {
+        TAG + "host": str(me["host"]),
+        TAG + "pid": str(me["pid"]),
+        TAG + "pid_start": str(me["pid_start"] or ""),
+    }
 
 
 class Tracker:
     """MLflow for one recipe (= experiment); optionally nested under a lifecycle parent run."""
 
-    def __init__(self, project: str | Path, recipe_name: str, parent_run_id: str | None = None,
-                 uri: str | None = None, flush_every: int = 50):
+    def __init__(
+        self,
+        project: str | Path,
+        recipe_name: str,
+        parent_run_id: str | None = None,
+        uri: str | None = None,
+        flush_every: int = 50,
+    ):
         self.project = Path(project).resolve()
         self.recipe_name = recipe_name
         self.parent_run_id = parent_run_id
@@ -166,7 +178,7 @@ class Tracker:
             from mlflow import MlflowClient
 
             if self.uri.startswith("sqlite:///"):
-                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+                Path(self.uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
             self._client = MlflowClient(self.uri)
         return self._client
 
@@ -179,18 +191,25 @@ class Tracker:
                 wanted = os.environ.get(ARTIFACT_ROOT_ENV)
                 if wanted and not exp.artifact_location.startswith(wanted.rstrip("/")):
                     # MLflow fixes an experiment's artifact location when it is created
-                    warnings.warn(f"{ARTIFACT_ROOT_ENV}={wanted} is ignored for experiment "
-                                  f"{self.recipe_name!r}, created earlier with artifacts at "
-                                  f"{exp.artifact_location}; rename or delete that experiment to "
-                                  "move its new artifacts", stacklevel=2)
+                    warnings.warn(
+                        f"{ARTIFACT_ROOT_ENV}={wanted} is ignored for experiment "
+                        f"{self.recipe_name!r}, created earlier with artifacts at "
+                        f"{exp.artifact_location}; rename or delete that experiment to "
+                        "move its new artifacts",
+                        stacklevel=2,
+                    )
             else:
                 from mlflow.exceptions import MlflowException
 
-                loc = (artifact_root(self.project) if self.uri.startswith("sqlite:")
-                       or os.environ.get(ARTIFACT_ROOT_ENV) else None)
+                loc = (
+                    artifact_root(self.project)
+                    if self.uri.startswith("sqlite:") or os.environ.get(ARTIFACT_ROOT_ENV)
+                    else None
+                )
                 try:
-                    self._experiment_id = self.client.create_experiment(self.recipe_name,
-                                                                        artifact_location=loc)
+                    self._experiment_id = self.client.create_experiment(
+                        self.recipe_name, artifact_location=loc
+                    )
                 except MlflowException:  # another process created it first
                     self._experiment_id = self.client.get_experiment_by_name(self.recipe_name).experiment_id
         return self._experiment_id
@@ -200,10 +219,17 @@ class Tracker:
         """Open the parent run; stage runs started afterwards nest under it."""
         from mlflow.entities import Param
 
-        run = self.client.create_run(self.experiment_id, run_name=f"{recipe.name}-lifecycle", tags={
-            TAG + "recipe": recipe.name, TAG + "recipe_digest": recipe.digest(),
-            TAG + "prefect_flow_run_id": str(flow_run_id or ""), TAG + "kind": "lifecycle",
-            **_owner_tags()})
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{recipe.name}-lifecycle",
+            tags={
+                TAG + "recipe": recipe.name,
+                TAG + "recipe_digest": recipe.digest(),
+                TAG + "prefect_flow_run_id": str(flow_run_id or ""),
+                TAG + "kind": "lifecycle",
+                **_owner_tags(),
+            },
+        )
         self.parent_run_id = run.info.run_id
         params = flatten({"model": recipe.model.model_dump(mode="json")})
         params["stages"] = ",".join(recipe.stage_names())
@@ -219,19 +245,34 @@ class Tracker:
             self.client.set_terminated(self.parent_run_id, status)
 
     # -- per-stage child runs ------------------------------------------------------------------
-    def _create_stage_run(self, stage: str, kind: str, cfg: Any, fingerprint: str,
-                          upstream: str | None, datasets: Mapping[str, DatasetRef],
-                          recipe_digest: str, flow_run_id: str | None, cache_hit: bool) -> str:
+    def _create_stage_run(
+        self,
+        stage: str,
+        kind: str,
+        cfg: Any,
+        fingerprint: str,
+        upstream: str | None,
+        datasets: Mapping[str, DatasetRef],
+        recipe_digest: str,
+        flow_run_id: str | None,
+        cache_hit: bool,
+    ) -> str:
         from mlflow.entities import DatasetInput, InputTag, Param
 
         from moonforge.registry.lineage import git_info
 
-        tags = {TAG + "stage": stage, TAG + "kind": kind, TAG + "fingerprint": fingerprint,
-                TAG + "cache_hit": str(cache_hit).lower(),
-                TAG + "git_commit": str(git_info(self.project).get("commit") or ""),
-                TAG + "recipe": self.recipe_name, TAG + "recipe_digest": recipe_digest,
-                TAG + "upstream": upstream or "",
-                TAG + "prefect_flow_run_id": str(flow_run_id or ""), **_owner_tags()}
+        tags = {
+            TAG + "stage": stage,
+            TAG + "kind": kind,
+            TAG + "fingerprint": fingerprint,
+            TAG + "cache_hit": str(cache_hit).lower(),
+            TAG + "git_commit": str(git_info(self.project).get("commit") or ""),
+            TAG + "recipe": self.recipe_name,
+            TAG + "recipe_digest": recipe_digest,
+            TAG + "upstream": upstream or "",
+            TAG + "prefect_flow_run_id": str(flow_run_id or ""),
+            **_owner_tags(),
+        }
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         run_id = self.client.create_run(self.experiment_id, run_name=stage, tags=tags).info.run_id
@@ -239,20 +280,35 @@ class Tracker:
         for chunk in _chunks([Param(k, v) for k, v in params.items()], 100):
             self.client.log_batch(run_id, params=chunk)
         if datasets:
-            self.client.log_inputs(run_id, datasets=[
-                DatasetInput(_dataset_entity(d), [InputTag("mlflow.data.context", "train")])
-                for d in datasets.values()])
+            self.client.log_inputs(
+                run_id,
+                datasets=[
+                    DatasetInput(_dataset_entity(d), [InputTag("mlflow.data.context", "train")])
+                    for d in datasets.values()
+                ],
+            )
         return run_id
 
-    def start_stage(self, *, stage: str, kind: str, cfg: Any, fingerprint: str,
-                    upstream: str | None, datasets: Mapping[str, DatasetRef], recipe_digest: str,
-                    flow_run_id: str | None = None) -> StageRun:
-        run_id = self._create_stage_run(stage, kind, cfg, fingerprint, upstream, datasets,
-                                        recipe_digest, flow_run_id, cache_hit=False)
+    def start_stage(
+        self,
+        *,
+        stage: str,
+        kind: str,
+        cfg: Any,
+        fingerprint: str,
+        upstream: str | None,
+        datasets: Mapping[str, DatasetRef],
+        recipe_digest: str,
+        flow_run_id: str | None = None,
+    ) -> StageRun:
+        run_id = self._create_stage_run(
+            stage, kind, cfg, fingerprint, upstream, datasets, recipe_digest, flow_run_id, cache_hit=False
+        )
         return StageRun(run_id, BatchedMlflowSink(self.client, run_id, self.flush_every))
 
-    def finish_stage(self, run: StageRun, *, version: int, metrics: Mapping[str, float],
-                     artifact_dir: Path) -> None:
+    def finish_stage(
+        self, run: StageRun, *, version: int, metrics: Mapping[str, float], artifact_dir: Path
+    ) -> None:
         """Summary metrics, loss curve, lineage.json, version tag; mark the run FINISHED."""
         from mlflow.entities import Metric, RunTag
 
@@ -261,9 +317,13 @@ class Tracker:
             ts = int(time.time() * 1000)
             step = max((s for s, _ in getattr(run.sink, "rows", [])), default=0)
             self.client.log_batch(
-                run.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()],
-                tags=[RunTag(TAG + "version", str(version)),
-                      RunTag(TAG + "artifact_path", str(artifact_dir))])
+                run.run_id,
+                metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()],
+                tags=[
+                    RunTag(TAG + "version", str(version)),
+                    RunTag(TAG + "artifact_path", str(artifact_dir)),
+                ],
+            )
             with tempfile.TemporaryDirectory(prefix="moonforge-plot-") as tmp:
                 png = _loss_curve(getattr(run.sink, "rows", []), Path(tmp))
                 if png is not None:
@@ -285,17 +345,29 @@ class Tracker:
         self.client.log_batch(run.run_id, tags=[RunTag(TAG + "error", f"{type(exc).__name__}: {exc}"[:5000])])
         self.client.set_terminated(run.run_id, "FAILED")
 
-    def log_cache_hit(self, *, stage: str, kind: str, cfg: Any, fingerprint: str,
-                      upstream: str | None, datasets: Mapping[str, DatasetRef], recipe_digest: str,
-                      version: int, metrics: Mapping[str, float], artifact_dir: Path,
-                      flow_run_id: str | None = None) -> str:
+    def log_cache_hit(
+        self,
+        *,
+        stage: str,
+        kind: str,
+        cfg: Any,
+        fingerprint: str,
+        upstream: str | None,
+        datasets: Mapping[str, DatasetRef],
+        recipe_digest: str,
+        version: int,
+        metrics: Mapping[str, float],
+        artifact_dir: Path,
+        flow_run_id: str | None = None,
+    ) -> str:
         """A child run tagged cache_hit=true carrying the cached artifact's metrics."""
-        run_id = self._create_stage_run(stage, kind, cfg, fingerprint, upstream, datasets,
-                                        recipe_digest, flow_run_id, cache_hit=True)
-        self.finish_stage(StageRun(run_id, ListSink()), version=version, metrics=metrics,
-                          artifact_dir=artifact_dir)
+        run_id = self._create_stage_run(
+            stage, kind, cfg, fingerprint, upstream, datasets, recipe_digest, flow_run_id, cache_hit=True
+        )
+        self.finish_stage(
+            StageRun(run_id, ListSink()), version=version, metrics=metrics, artifact_dir=artifact_dir
+        )
         return run_id
-
 
     # -- runs whose process died ---------------------------------------------------------------
     def tag(self, run_id: str | None, tags: Mapping[str, str]) -> None:
@@ -303,30 +375,42 @@ class Tracker:
         from mlflow.entities import RunTag
 
         if run_id:
-            self.client.log_batch(run_id, tags=[RunTag(TAG + k, str(v)[:5000])
-                                                for k, v in tags.items()])
+            self.client.log_batch(run_id, tags=[RunTag(TAG + k, str(v)[:5000]) for k, v in tags.items()])
 
     def reap_dead_runs(self) -> list[dict]:
         """End as KILLED every RUNNING run of this experiment opened by a process of this host
         that is gone. Returns {"run_id", "kind", "prefect_flow_run_id"} of each run ended."""
-        runs = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
-                                       max_results=1000)
+        runs = self.client.search_runs(
+            [self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000
+        )
         dead = []
         for r in runs:
             t = r.data.tags
-            owner = {"host": t.get(TAG + "host"), "pid": t.get(TAG + "pid"),
-                     "pid_start": t.get(TAG + "pid_start") or None}
+            owner = {
+                "host": t.get(TAG + "host"),
+                "pid": t.get(TAG + "pid"),
+                "pid_start": t.get(TAG + "pid_start") or None,
+            }
             if owner["pid"] and process_alive(owner) is False:
                 dead.append(r)
-        ended = self.kill_runs([r.info.run_id for r in dead], "its process (pid {pid} on {host}) "
-                               "died without ending it (killed, out of memory or preempted)",
-                               {r.info.run_id: r.data.tags for r in dead})
-        return [{"run_id": r.info.run_id, "kind": r.data.tags.get(TAG + "kind", ""),
-                 "prefect_flow_run_id": r.data.tags.get(TAG + "prefect_flow_run_id", "")}
-                for r in dead if r.info.run_id in ended]
+        ended = self.kill_runs(
+            [r.info.run_id for r in dead],
+            "its process (pid {pid} on {host}) died without ending it (killed, out of memory or preempted)",
+            {r.info.run_id: r.data.tags for r in dead},
+        )
+        return [
+            {
+                "run_id": r.info.run_id,
+                "kind": r.data.tags.get(TAG + "kind", ""),
+                "prefect_flow_run_id": r.data.tags.get(TAG + "prefect_flow_run_id", ""),
+            }
+            for r in dead
+            if r.info.run_id in ended
+        ]
 
-    def kill_runs(self, run_ids: Iterable[str | None], reason: str,
-                  tags: Mapping[str, Mapping[str, str]] | None = None) -> list[str]:
+    def kill_runs(
+        self, run_ids: Iterable[str | None], reason: str, tags: Mapping[str, Mapping[str, str]] | None = None
+    ) -> list[str]:
         """End the given runs as KILLED if they are still RUNNING, recording why
         (`reason` may use {pid} and {host} from each run's tags). Returns the ids ended."""
         from mlflow.entities import RunTag
@@ -345,8 +429,9 @@ class Tracker:
             self.client.log_batch(run_id, tags=[RunTag(TAG + "end_reason", why[:5000])])
             self.client.set_terminated(run_id, "KILLED")
             ended.append(run_id)
-            log.warning("MLflow run %s (%s) marked KILLED: %s", run_id,
-                        run.data.tags.get("mlflow.runName", "?"), why)
+            log.warning(
+                "MLflow run %s (%s) marked KILLED: %s", run_id, run.data.tags.get("mlflow.runName", "?"), why
+            )
         return ended
 
 
@@ -365,13 +450,20 @@ def reap_dead_flow_runs(reason: str) -> list[str]:
     """Crash every pending/running Prefect flow run tagged by `owner_tags` of a process of this
     host that is gone (even one killed before it opened any MLflow run)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState,
-                                                FlowRunFilterStateType, FlowRunFilterTags)
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
     from prefect.client.schemas.objects import StateType
 
-    flt = FlowRunFilter(tags=FlowRunFilterTags(all_=[OWNED_TAG]), state=FlowRunFilterState(
-        type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING,
-                                          StateType.SCHEDULED])))
+    flt = FlowRunFilter(
+        tags=FlowRunFilterTags(all_=[OWNED_TAG]),
+        state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED])
+        ),
+    )
     dead = []
     try:
         with get_client(sync_client=True) as client:
@@ -380,7 +472,7 @@ def reap_dead_flow_runs(reason: str) -> list[str]:
         log.warning("could not list Prefect flow runs to find dead ones: %s", e)
         return []
     for fr in runs:
-        owner = next((t[len(OWNER_TAG):] for t in fr.tags if t.startswith(OWNER_TAG)), None)
+        owner = next((t[len(OWNER_TAG) :] for t in fr.tags if t.startswith(OWNER_TAG)), None)
         if owner is None:
             continue
         host, pid, start = owner.rsplit(":", 2)

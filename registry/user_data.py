@@ -31,7 +31,7 @@ def _static_prefix(pattern: str) -> tuple[str, str]:
     if cut < 0:
         return pattern, ""
     head = pattern[:cut].rsplit("/", 1)[0] if "/" in pattern[:cut] else "."
-    return head, pattern[len(head):].lstrip("/")
+    return head, pattern[len(head) :].lstrip("/")
 
 
 def _copy_in(src: Path, target: Path) -> str:
@@ -40,8 +40,7 @@ def _copy_in(src: Path, target: Path) -> str:
     if src.is_relative_to(target):
         return str(src.relative_to(target)) or "."
     if target.is_relative_to(src):
-        raise DatasetError(f"{src} holds the project itself; point at the dataset's own file or "
-                           "folder")
+        raise DatasetError(f"{src} holds the project itself; point at the dataset's own file or folder")
     if not src.exists():
         raise DatasetError(f"{src}: no such file or directory")
     dest = target / src.name
@@ -52,23 +51,27 @@ def _copy_in(src: Path, target: Path) -> str:
     return src.name
 
 
-def declaration_for(name: str, path: str, fmt: str, images_root: str | None, heldout: int,
-                    project: Path) -> dict[str, Any]:
+def declaration_for(
+    name: str, path: str, fmt: str, images_root: str | None, heldout: int, project: Path
+) -> dict[str, Any]:
     """The declaration `data add` writes (paths made relative to data/<name>/ after copying)."""
     target = project / "data" / name
     decl: dict[str, Any] = {"name": name, "format": fmt}
     if path.startswith("s3://"):
         if images_root and not images_root.startswith("s3://"):
-            raise DatasetError("an s3:// dataset streams from S3, so its --images-root must be an "
-                               "s3:// URI too")
+            raise DatasetError(
+                "an s3:// dataset streams from S3, so its --images-root must be an s3:// URI too"
+            )
         decl["path"] = path
         if images_root:
             decl["images_root"] = images_root
     else:
         head, rest = _static_prefix(path)
         if rest and Path(head).resolve() == project:
-            raise DatasetError(f"{path}: give the glob a directory of its own (e.g. shards/*.tar); "
-                               "it would copy the whole project into data/")
+            raise DatasetError(
+                f"{path}: give the glob a directory of its own (e.g. shards/*.tar); "
+                "it would copy the whole project into data/"
+            )
         base = _copy_in(Path(head), target)
         decl["path"] = f"{base}/{rest}" if rest else base
         if images_root:
@@ -86,8 +89,10 @@ def _validated(decl: dict[str, Any]) -> DeclaredDataset:
     try:
         return DeclaredDataset.model_validate(decl)
     except ValidationError as e:
-        why = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'declaration'}: "
-                        f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+        why = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'declaration'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        )
         raise DatasetError(f"dataset {decl.get('name')!r}: {why}") from None
 
 
@@ -97,16 +102,21 @@ def declare_in_recipe(recipe_path: Path, decl: dict[str, Any]) -> None:
     text = recipe_path.read_text()
     raw = yaml.safe_load(text) or {}
     if any(isinstance(d, dict) and d.get("name") == decl["name"] for d in raw.get("datasets") or []):
-        raise DatasetError(f"{recipe_path} already declares a dataset {decl['name']!r}; remove it "
-                           "from the recipe's datasets: first, or pick another name")
-    entry = "".join("  " + line for line in
-                    yaml.safe_dump([decl], sort_keys=False, width=100).splitlines(keepends=True))
+        raise DatasetError(
+            f"{recipe_path} already declares a dataset {decl['name']!r}; remove it "
+            "from the recipe's datasets: first, or pick another name"
+        )
+    entry = "".join(
+        "  " + line for line in yaml.safe_dump([decl], sort_keys=False, width=100).splitlines(keepends=True)
+    )
     lines = text.splitlines(keepends=True)
     top = re.compile(r"^datasets:\s*(\[\s*\])?\s*(#.*)?$")
     start = next((i for i, ln in enumerate(lines) if top.match(ln)), None)
     if start is None:
-        new = (text.rstrip("\n") + "\n\n# Users' own data (`moonforge data add`); stages mix them "
-               "in with mixture:\ndatasets:\n" + entry)
+        new = (
+            text.rstrip("\n") + "\n\n# Users' own data (`moonforge data add`); stages mix them "
+            "in with mixture:\ndatasets:\n" + entry
+        )
     else:
         lines[start] = "datasets:\n"
         end = start + 1
@@ -130,13 +140,22 @@ def _refuse_unreadable(ds) -> None:
 
     first = [ds.record(i) for i in range(min(ds.block, len(ds)))]
     if first and all(isinstance(r, BadRecord) for r in first):
-        raise DatasetError(f"none of the first {len(first)} records of {ds.pattern} reads as format "
-                           f"{ds.decl.format!r}; e.g. {first[0]}. Pick the right --format, or add "
-                           "the dataset and map its columns / tags in the recipe's declaration")
+        raise DatasetError(
+            f"none of the first {len(first)} records of {ds.pattern} reads as format "
+            f"{ds.decl.format!r}; e.g. {first[0]}. Pick the right --format, or add "
+            "the dataset and map its columns / tags in the recipe's declaration"
+        )
 
 
-def add_dataset(project: str | Path, name: str, path: str, fmt: str, images_root: str | None,
-                recipe_path: str | Path, heldout: int = 0) -> dict[str, Any]:
+def add_dataset(
+    project: str | Path,
+    name: str,
+    path: str,
+    fmt: str,
+    images_root: str | None,
+    recipe_path: str | Path,
+    heldout: int = 0,
+) -> dict[str, Any]:
     """Track a user's dataset with DVC and declare it in the recipe; returns the declaration."""
     from moonforge.stages.data.user_sets import DeclaredSet
 
@@ -147,8 +166,10 @@ def add_dataset(project: str | Path, name: str, path: str, fmt: str, images_root
     if any(isinstance(d, dict) and d.get("name") == name for d in raw.get("datasets") or []):
         raise DatasetError(f"{recipe_path} already declares a dataset {name!r}; pick another name")
     if declared_file(root, name).exists():
-        raise DatasetError(f"data/{name}.dvc exists already; pick another name (or `dvc remove "
-                           f"data/{name}.dvc` and delete data/{name} first)")
+        raise DatasetError(
+            f"data/{name}.dvc exists already; pick another name (or `dvc remove "
+            f"data/{name}.dvc` and delete data/{name} first)"
+        )
     target = root / "data" / name
     created = not target.exists()
     try:
@@ -180,9 +201,11 @@ def open_declared(project: str | Path, recipe_path: str | Path, name: str):
     recipe = load_recipe(recipe_path)
     decl = next((d for d in recipe.datasets if d.name == name), None)
     if decl is None:
-        raise DatasetError(f"recipe {recipe.name!r} ({recipe_path}) declares no dataset {name!r} "
-                           f"(declared: {', '.join(d.name for d in recipe.datasets) or 'none'}); "
-                           f"add it with `moonforge data add {name} PATH --format F`")
+        raise DatasetError(
+            f"recipe {recipe.name!r} ({recipe_path}) declares no dataset {name!r} "
+            f"(declared: {', '.join(d.name for d in recipe.datasets) or 'none'}); "
+            f"add it with `moonforge data add {name} PATH --format F`"
+        )
     v = recipe.model.vision
     vision = VisionSpec(v.patch_size, v.merge_size, v.max_patches)
     tok = None

@@ -19,7 +19,14 @@ from moonforge.stages.train.freeze import apply_trainable, group_digest
 from moonforge.stages.train.loop import train
 from moonforge.stages.train.objectives import lm_loss
 from moonforge.stages.train.stage_io import (
-    eval_batches, finish, lm_stream, open_model, open_tokenizer, require, train_spec, vision_spec,
+    eval_batches,
+    finish,
+    lm_stream,
+    open_model,
+    open_tokenizer,
+    require,
+    train_spec,
+    vision_spec,
 )
 
 
@@ -27,27 +34,48 @@ class FrozenModuleChanged(RuntimeError):
     """A group that must stay frozen moved: a bug, never a tolerable drift."""
 
 
-def align(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: AlignConfig,
-          ctx: StageContext) -> StageResult:
+def align(
+    base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: AlignConfig, ctx: StageContext
+) -> StageResult:
     """Return a checkpoint with the ViT + projector aligned to the (unchanged) LM."""
-    model, mcfg = open_model(base, ctx, cfg.seed,
-                             activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     world = require(data, "toyworld", cfg.stage_name).path
     sets = heldout_sets(tok, None, world, lambda src: eval_batches(src, tok, cfg, mcfg))
     before = heldout_metrics(model, sets, "_before")
     lm_before = group_digest(model, "lm")
     images = read_image_records(world, "train")
-    sources = {"caption": caption_docs(images, world / "train", tok),
-               "qa": qa_docs(images, world / "train", tok)}
+    sources = {
+        "caption": caption_docs(images, world / "train", tok),
+        "qa": qa_docs(images, world / "train", tok),
+    }
     mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
-    batches = lm_stream({**sources, **mix.sources()}, mix.weights({"caption": 0.7, "qa": 0.3}),
-                        tok, cfg, mcfg, par=ctx.parallel)
-    state = train(model, apply_trainable(model, cfg.trainable), batches, lm_loss,
-                  train_spec(cfg, router_bias_update=0.0), ctx, mcfg)
+    batches = lm_stream(
+        {**sources, **mix.sources()},
+        mix.weights({"caption": 0.7, "qa": 0.3}),
+        tok,
+        cfg,
+        mcfg,
+        par=ctx.parallel,
+    )
+    state = train(
+        model,
+        apply_trainable(model, cfg.trainable),
+        batches,
+        lm_loss,
+        train_spec(cfg, router_bias_update=0.0),
+        ctx,
+        mcfg,
+    )
     if group_digest(model, "lm") != lm_before:
         raise FrozenModuleChanged("align: the LM changed during alignment although it is frozen")
-    metrics = {**before, **heldout_metrics(model, sets), "align/lm_bit_identical": 1.0,
-               "train/final_loss": state.history[-1]["loss"], "train/steps": float(state.step),
-               "data/skipped_images": float(batches.skipped), **mix.metrics(batches)}
+    metrics = {
+        **before,
+        **heldout_metrics(model, sets),
+        "align/lm_bit_identical": 1.0,
+        "train/final_loss": state.history[-1]["loss"],
+        "train/steps": float(state.step),
+        "data/skipped_images": float(batches.skipped),
+        **mix.metrics(batches),
+    }
     return finish(model, mcfg, ctx, metrics, data)

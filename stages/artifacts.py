@@ -9,9 +9,10 @@ and `data` (datasets by name, already resolved to their pinned versions), writes
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 from moonforge.model.config import VLMConfig
 

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Callable
+from collections.abc import Callable
 
 from moonforge.stages.stage_configs import STAGE_CONFIGS
 
-LIFECYCLE = ("vit_pretrain", "align", "joint_pretrain", "cooldown", "long_context",
-             "sft", "long_cot_sft", "rl", "long2short")
+LIFECYCLE = (
+    "vit_pretrain",
+    "align",
+    "joint_pretrain",
+    "cooldown",
+    "long_context",
+    "sft",
+    "long_cot_sft",
+    "rl",
+    "long2short",
+)
 """The nine canonical lifecycle stages, in order (lm_pretrain is the text-only pre-stage)."""
 
 _FUNCTIONS: dict[str, str] = {

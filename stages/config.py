@@ -98,7 +98,7 @@ class ScheduleConfig(Frozen):
     """Final multiplier for cosine / linear decay (e.g. 4.2e-5 / 4.2e-4 = 0.1)."""
 
     @model_validator(mode="after")
-    def _check(self) -> "ScheduleConfig":
+    def _check(self) -> ScheduleConfig:
         if self.warmup_frac is not None and self.warmup_steps:
             raise ValueError("schedule: set warmup_steps or warmup_frac, not both")
         if self.warmup_frac is not None and self.warmup_frac >= 1:
@@ -159,19 +159,24 @@ class LauncherConfig(Frozen):
         return self.nproc_per_node * self.nnodes
 
     @model_validator(mode="after")
-    def _check(self) -> "LauncherConfig":
+    def _check(self) -> LauncherConfig:
         if self.kind == "inprocess" and self.world_size > 1:
             raise ValueError(
                 f"launcher: nproc_per_node={self.nproc_per_node} x nnodes={self.nnodes} needs a "
-                "launcher; set launcher.kind to torchrun or deepspeed")
+                "launcher; set launcher.kind to torchrun or deepspeed"
+            )
         if self.node_rank is not None and self.node_rank >= self.nnodes:
-            raise ValueError(f"launcher.node_rank={self.node_rank} is not below nnodes={self.nnodes}; "
-                             f"nodes are numbered 0..{self.nnodes - 1}")
+            raise ValueError(
+                f"launcher.node_rank={self.node_rank} is not below nnodes={self.nnodes}; "
+                f"nodes are numbered 0..{self.nnodes - 1}"
+            )
         if self.rdzv_endpoint is not None:
             host, _, port = self.rdzv_endpoint.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"launcher.rdzv_endpoint={self.rdzv_endpoint!r}: use host:port, "
-                                 "e.g. node0.cluster:29400 (node 0's address, a port every node reaches)")
+                raise ValueError(
+                    f"launcher.rdzv_endpoint={self.rdzv_endpoint!r}: use host:port, "
+                    "e.g. node0.cluster:29400 (node 0's address, a port every node reaches)"
+                )
         return self
 
 
@@ -194,20 +199,30 @@ class InitConfig(Frozen):
     """LM weights (e.g. an imported DeepSeek-V3 / Moonlight, Llama or Qwen2)."""
 
     @model_validator(mode="after")
-    def _check(self) -> "InitConfig":
+    def _check(self) -> InitConfig:
         named = self.parts()
         if not named:
-            raise ValueError("init: name at least one of vlm, vision, projector, lm (a ref such "
-                             "as moonlight@latest)")
+            raise ValueError(
+                "init: name at least one of vlm, vision, projector, lm (a ref such as moonlight@latest)"
+            )
         if self.vlm is not None and len(named) > 1:
-            raise ValueError("init: vlm already covers vision, projector and lm; give vlm alone "
-                             "or the parts alone")
+            raise ValueError(
+                "init: vlm already covers vision, projector and lm; give vlm alone or the parts alone"
+            )
         return self
 
     def parts(self) -> dict[str, str]:
         """Part name -> ref, for the parts that are set."""
-        return {k: v for k, v in (("vlm", self.vlm), ("vision", self.vision),
-                                  ("projector", self.projector), ("lm", self.lm)) if v is not None}
+        return {
+            k: v
+            for k, v in (
+                ("vlm", self.vlm),
+                ("vision", self.vision),
+                ("projector", self.projector),
+                ("lm", self.lm),
+            )
+            if v is not None
+        }
 
 
 class StageConfig(Frozen):
@@ -259,11 +274,10 @@ class StageConfig(Frozen):
     so `siglip@latest` and `siglip@3` are the same input when they name the same artifact."""
 
     @model_validator(mode="after")
-    def _check_budget(self) -> "StageConfig":
+    def _check_budget(self) -> StageConfig:
         if (self.num_steps is None) == (self.num_tokens is None):
             raise ValueError(
-                f"stage {self.stage_name!r}: set exactly one of num_steps or num_tokens "
-                "(e.g. num_steps: 200)"
+                f"stage {self.stage_name!r}: set exactly one of num_steps or num_tokens (e.g. num_steps: 200)"
             )
         mb = self.micro_batch_size
         if mb is not None and self.batch_size % mb:
@@ -276,12 +290,14 @@ class StageConfig(Frozen):
             raise ValueError(
                 f"stage {self.stage_name!r}: batch_size={self.batch_size} does not divide over "
                 f"{world} ranks (launcher.nproc_per_node x nnodes); the global batch stays fixed, "
-                f"so set batch_size to a multiple of {world} or change launcher.nproc_per_node")
+                f"so set batch_size to a multiple of {world} or change launcher.nproc_per_node"
+            )
         if world > 1 and self.grad_accum % world:
             raise ValueError(
                 f"stage {self.stage_name!r}: {self.grad_accum} micro-batch(es) of "
                 f"{self.micro_batch_size or self.batch_size} per step cannot be shared by {world} "
-                f"ranks; set micro_batch_size to {self.batch_size // world} (or a divisor of it)")
+                f"ranks; set micro_batch_size to {self.batch_size // world} (or a divisor of it)"
+            )
         return self
 
     @property

@@ -19,15 +19,22 @@ from moonforge.stages.train.freeze import apply_trainable
 from moonforge.stages.train.loop import train
 from moonforge.stages.train.objectives import lm_loss
 from moonforge.stages.train.stage_io import (
-    eval_batches, finish, lm_stream, open_model, open_tokenizer, require, train_spec, vision_spec,
+    eval_batches,
+    finish,
+    lm_stream,
+    open_model,
+    open_tokenizer,
+    require,
+    train_spec,
+    vision_spec,
 )
 
 
-def cooldown(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: CooldownConfig,
-             ctx: StageContext) -> StageResult:
+def cooldown(
+    base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: CooldownConfig, ctx: StageContext
+) -> StageResult:
     """Return a checkpoint annealed on the high-quality mixture with synthetic QA."""
-    model, mcfg = open_model(base, ctx, cfg.seed,
-                             activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     text = require(data, "text", cfg.stage_name).path
     world = require(data, "toyworld", cfg.stage_name).path
@@ -35,20 +42,28 @@ def cooldown(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: Coold
     before = heldout_metrics(model, sets, "_before")
     quality = "high" if cfg.high_quality_only else None
     images = [r for r in read_image_records(world, "train") if quality is None or r.quality == quality]
-    sources = {"text": text_docs(read_text_records(text, "train"), tok, quality=quality),
-               "caption": caption_docs(images, world / "train", tok),
-               "qa": qa_docs(images, world / "train", tok)}
+    sources = {
+        "text": text_docs(read_text_records(text, "train"), tok, quality=quality),
+        "caption": caption_docs(images, world / "train", tok),
+        "qa": qa_docs(images, world / "train", tok),
+    }
     rest = 1.0 - cfg.qa_ratio
-    weights = {"text": rest * (1 - cfg.multimodal_ratio), "caption": rest * cfg.multimodal_ratio,
-               "qa": cfg.qa_ratio}
+    weights = {
+        "text": rest * (1 - cfg.multimodal_ratio),
+        "caption": rest * cfg.multimodal_ratio,
+        "qa": cfg.qa_ratio,
+    }
     mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
-    batches = lm_stream({**sources, **mix.sources()}, mix.weights(weights), tok, cfg, mcfg,
-                        par=ctx.parallel)
-    state = train(model, apply_trainable(model, cfg.trainable), batches, lm_loss, train_spec(cfg),
-                  ctx, mcfg)
+    batches = lm_stream({**sources, **mix.sources()}, mix.weights(weights), tok, cfg, mcfg, par=ctx.parallel)
+    state = train(model, apply_trainable(model, cfg.trainable), batches, lm_loss, train_spec(cfg), ctx, mcfg)
     drawn = batches.tokens_by_source
-    metrics = {**before, **heldout_metrics(model, sets),
-               "train/final_loss": state.history[-1]["loss"], "train/steps": float(state.step),
-               "data/qa_token_share": drawn["qa"] / max(sum(drawn.values()), 1),
-               "data/skipped_images": float(batches.skipped), **mix.metrics(batches)}
+    metrics = {
+        **before,
+        **heldout_metrics(model, sets),
+        "train/final_loss": state.history[-1]["loss"],
+        "train/steps": float(state.step),
+        "data/qa_token_share": drawn["qa"] / max(sum(drawn.values()), 1),
+        "data/skipped_images": float(batches.skipped),
+        **mix.metrics(batches),
+    }
     return finish(model, mcfg, ctx, metrics, data)

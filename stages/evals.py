@@ -8,8 +8,8 @@ that is exactly "greedy decoding reproduces the answer and then stops", in one f
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -86,15 +86,19 @@ def heldout_sets(tok, text_dir, world_dir, make_batches) -> HeldOut:
     """Build the val-split sets; `make_batches(source)` packs a DocSource in index order."""
     text = make_batches(text_docs(read_text_records(text_dir, "val"), tok)) if text_dir else []
     images = read_image_records(world_dir, "val")
-    return HeldOut(text=text,
-                   caption=make_batches(caption_docs(images, world_dir / "val", tok, ("caption",))),
-                   vqa=make_batches(qa_docs(images, world_dir / "val", tok)))
+    return HeldOut(
+        text=text,
+        caption=make_batches(caption_docs(images, world_dir / "val", tok, ("caption",))),
+        vqa=make_batches(qa_docs(images, world_dir / "val", tok)),
+    )
 
 
 def heldout_metrics(model: nn.Module, sets: HeldOut, suffix: str = "") -> dict[str, float]:
     """eval/text_loss, eval/caption_loss (image-conditioned) and eval/vqa_acc (exact match)."""
-    out = {f"eval/caption_loss{suffix}": lm_eval_loss(model, sets.caption)["loss"],
-           f"eval/vqa_acc{suffix}": exact_match(model, sets.vqa)["acc"]}
+    out = {
+        f"eval/caption_loss{suffix}": lm_eval_loss(model, sets.caption)["loss"],
+        f"eval/vqa_acc{suffix}": exact_match(model, sets.vqa)["acc"],
+    }
     if sets.text:
         out[f"eval/text_loss{suffix}"] = lm_eval_loss(model, sets.text)["loss"]
     return out

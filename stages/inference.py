@@ -14,10 +14,10 @@ import torch
 
 from moonforge.model.generate import generate
 from moonforge.model.tokenizer import Tokenizer
+from moonforge.model.vlm import build_vlm
 from moonforge.stages.artifacts import Checkpoint
 from moonforge.stages.data.images import load_image, num_image_tokens, to_patches
 from moonforge.stages.train.checkpoint import load_weights
-from moonforge.model.vlm import build_vlm
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,9 @@ class ChatAnswer:
     finish_reason: str
 
 
-def chat(ckpt: Checkpoint, tokenizer: Tokenizer, question: str, image: Path | None = None,
-         max_new_tokens: int = 64) -> ChatAnswer:
+def chat(
+    ckpt: Checkpoint, tokenizer: Tokenizer, question: str, image: Path | None = None, max_new_tokens: int = 64
+) -> ChatAnswer:
     """Greedy answer of the checkpoint's model to `question` about `image`."""
     cfg = ckpt.model_config()
     tokenizer.require_vocab_size(cfg.lm.vocab_size, allow_spare_rows=True)  # imports may pad rows
@@ -41,16 +42,30 @@ def chat(ckpt: Checkpoint, tokenizer: Tokenizer, question: str, image: Path | No
         pixels, hw = to_patches(load_image(image), v.patch_size, v.merge_size, v.max_patches)
         grid = torch.tensor([hw], dtype=torch.long)
         counts, content = [num_image_tokens(hw, v.merge_size)], f"<image>\n{question}"
-    ids, _ = tokenizer.encode_chat([{"role": "user", "content": content}], counts,
-                                   add_generation_prompt=True)
-    out = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=0.0,
-                   stop_ids=tokenizer.stop_ids, pixels_NP=pixels, grid_hw=grid,
-                   pad_id=tokenizer.pad_id, media_pad_id=tokenizer.media_pad_id)
+    ids, _ = tokenizer.encode_chat([{"role": "user", "content": content}], counts, add_generation_prompt=True)
+    out = generate(
+        model,
+        [ids],
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        stop_ids=tokenizer.stop_ids,
+        pixels_NP=pixels,
+        grid_hw=grid,
+        pad_id=tokenizer.pad_id,
+        media_pad_id=tokenizer.media_pad_id,
+    )
     return ChatAnswer(tokenizer.decode(out.tokens[0]).strip(), out.lengths[0], out.finish_reasons[0])
 
 
-def evaluate(ckpt: Checkpoint, tokenizer: Tokenizer, rl_prompts: Path, toyworld: Path,
-             num_examples: int = 128, max_new_tokens: int = 112, batch_size: int = 64) -> dict:
+def evaluate(
+    ckpt: Checkpoint,
+    tokenizer: Tokenizer,
+    rl_prompts: Path,
+    toyworld: Path,
+    num_examples: int = 128,
+    max_new_tokens: int = 112,
+    batch_size: int = 64,
+) -> dict:
     """What `moonforge eval` runs: greedy held-out answer accuracy of a checkpoint.
 
     The set is rl_prompts/val balanced text / image (`num_examples // 2` of each, images from
@@ -70,9 +85,15 @@ def evaluate(ckpt: Checkpoint, tokenizer: Tokenizer, rl_prompts: Path, toyworld:
     model = build_vlm(cfg)
     load_weights(model, ckpt)
     model.eval()
-    items = split_by_kind(chat_prompt_items(read_rl_prompt_records(rl_prompts, "val"),
-                                            toyworld / "val", tokenizer, vision_spec(cfg),
-                                            dataset_name="rl_prompts/val"), num_examples // 2)
-    res = answer_accuracy(model, tokenizer, items, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size)
+    items = split_by_kind(
+        chat_prompt_items(
+            read_rl_prompt_records(rl_prompts, "val"),
+            toyworld / "val",
+            tokenizer,
+            vision_spec(cfg),
+            dataset_name="rl_prompts/val",
+        ),
+        num_examples // 2,
+    )
+    res = answer_accuracy(model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return as_metrics(res, "eval/")

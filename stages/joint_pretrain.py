@@ -19,42 +19,59 @@ from moonforge.stages.train.freeze import apply_trainable
 from moonforge.stages.train.loop import train
 from moonforge.stages.train.objectives import lm_loss
 from moonforge.stages.train.stage_io import (
-    eval_batches, finish, lm_stream, open_model, open_tokenizer, require, train_spec, vision_spec,
+    eval_batches,
+    finish,
+    lm_stream,
+    open_model,
+    open_tokenizer,
+    require,
+    train_spec,
+    vision_spec,
 )
 
 QA_SHARE_OF_MULTIMODAL = 1 / 3
 """Within the multimodal share, QA documents vs captions/OCR/alt text (the rest)."""
 
 
-def joint_pretrain(base: Checkpoint | None, data: Mapping[str, DatasetRef],
-                   cfg: JointPretrainConfig, ctx: StageContext) -> StageResult:
+def joint_pretrain(
+    base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: JointPretrainConfig, ctx: StageContext
+) -> StageResult:
     """Return a checkpoint trained on text + a ramped multimodal mixture."""
-    model, mcfg = open_model(base, ctx, cfg.seed,
-                             activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     text = require(data, "text", cfg.stage_name).path
     world = require(data, "toyworld", cfg.stage_name).path
     sets = heldout_sets(tok, text, world, lambda src: eval_batches(src, tok, cfg, mcfg))
     before = heldout_metrics(model, sets, "_before")
     images = read_image_records(world, "train")
-    sources = {"text": text_docs(read_text_records(text, "train"), tok),
-               "caption": caption_docs(images, world / "train", tok),
-               "qa": qa_docs(images, world / "train", tok)}
+    sources = {
+        "text": text_docs(read_text_records(text, "train"), tok),
+        "caption": caption_docs(images, world / "train", tok),
+        "qa": qa_docs(images, world / "train", tok),
+    }
 
     def weights_at(batch_index: int) -> dict[str, float]:
         mm = cfg.multimodal_ramp.ratio_at(batch_index / (cfg.steps * cfg.grad_accum))
-        return {"text": 1.0 - mm, "caption": mm * (1 - QA_SHARE_OF_MULTIMODAL),
-                "qa": mm * QA_SHARE_OF_MULTIMODAL}
+        return {
+            "text": 1.0 - mm,
+            "caption": mm * (1 - QA_SHARE_OF_MULTIMODAL),
+            "qa": mm * QA_SHARE_OF_MULTIMODAL,
+        }
 
     mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
-    batches = lm_stream({**sources, **mix.sources()}, mix.weights(weights_at), tok, cfg, mcfg,
-                        par=ctx.parallel)
-    state = train(model, apply_trainable(model, cfg.trainable), batches, lm_loss, train_spec(cfg),
-                  ctx, mcfg)
-    metrics = {**before, **heldout_metrics(model, sets),
-               "train/final_loss": state.history[-1]["loss"], "train/steps": float(state.step),
-               "data/multimodal_token_share": _share(batches, ("caption", "qa")),
-               "data/skipped_images": float(batches.skipped), **mix.metrics(batches)}
+    batches = lm_stream(
+        {**sources, **mix.sources()}, mix.weights(weights_at), tok, cfg, mcfg, par=ctx.parallel
+    )
+    state = train(model, apply_trainable(model, cfg.trainable), batches, lm_loss, train_spec(cfg), ctx, mcfg)
+    metrics = {
+        **before,
+        **heldout_metrics(model, sets),
+        "train/final_loss": state.history[-1]["loss"],
+        "train/steps": float(state.step),
+        "data/multimodal_token_share": _share(batches, ("caption", "qa")),
+        "data/skipped_images": float(batches.skipped),
+        **mix.metrics(batches),
+    }
     return finish(model, mcfg, ctx, metrics, data)
 
 

@@ -61,30 +61,49 @@ Samples = dict[int, list[Sample]]
 """train item index -> its sampled responses (content = generated ids)."""
 
 
-def sample_responses(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem],
-                     questions: Sequence[int], cfg: Long2ShortConfig) -> Samples:
+def sample_responses(
+    model: nn.Module,
+    tok: Tokenizer,
+    items: Sequence[ChatPromptItem],
+    questions: Sequence[int],
+    cfg: Long2ShortConfig,
+) -> Samples:
     """`cfg.num_samples` responses per question from the long model, scored by its verifier."""
     gen = torch.Generator(model.lm.embed_tokens.weight.device).manual_seed(cfg.seed)
     stats, out = VerifyStats(), {}
     per_call = max(1, cfg.eval.batch_size // cfg.num_samples)
     for start in range(0, len(questions), per_call):
-        qs = questions[start:start + per_call]
+        qs = questions[start : start + per_call]
         rows = [items[q] for q in qs for _ in range(cfg.num_samples)]
         pix = [it.pixels_NP for it in rows if it.pixels_NP is not None]
         grid = [it.grid_hw for it in rows if it.grid_hw is not None]
-        res = generate(model, [it.prompt_ids for it in rows], max_new_tokens=cfg.sample_max_new_tokens,
-                       temperature=cfg.sample_temperature, generator=gen, stop_ids=rollout_stop_ids(tok),
-                       pad_id=tok.pad_id, media_pad_id=tok.media_pad_id,
-                       pixels_NP=torch.cat(pix) if pix else None, grid_hw=torch.cat(grid) if grid else None,
-                       repeat_ngram=REPEAT[0], repeat_max=REPEAT[1])
+        res = generate(
+            model,
+            [it.prompt_ids for it in rows],
+            max_new_tokens=cfg.sample_max_new_tokens,
+            temperature=cfg.sample_temperature,
+            generator=gen,
+            stop_ids=rollout_stop_ids(tok),
+            pad_id=tok.pad_id,
+            media_pad_id=tok.media_pad_id,
+            pixels_NP=torch.cat(pix) if pix else None,
+            grid_hw=torch.cat(grid) if grid else None,
+            repeat_ngram=REPEAT[0],
+            repeat_max=REPEAT[1],
+        )
         for r, (it, ids) in enumerate(zip(rows, res.tokens)):
             ok = score(it.verifier, tok.decode(ids), it.answer, stats) == 1.0
             out.setdefault(qs[r // cfg.num_samples], []).append(Sample(ids, len(ids), ok))
     return out
 
 
-def _train(model: nn.Module, cfg: Long2ShortConfig, ctx: StageContext, label: str,
-           loss_fn: Callable[[int], tuple[Tensor, dict[str, float]]]) -> list[float]:
+def _train(
+    model: nn.Module,
+    cfg: Long2ShortConfig,
+    ctx: StageContext,
+    label: str,
+    loss_fn: Callable[[int], tuple[Tensor, dict[str, float]]],
+) -> list[float]:
     """cfg.steps optimizer steps of `loss_fn(step)` with a fresh MuonAdamW; returns the losses."""
     named = apply_trainable(model, cfg.trainable)
     opt, losses = MuonAdamW(named, cfg.optimizer), []
@@ -100,8 +119,14 @@ def _train(model: nn.Module, cfg: Long2ShortConfig, ctx: StageContext, label: st
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], clip).item()
         opt.step()
         losses.append(loss.item())
-        ctx.sink.log(step + 1, {f"{label}/loss": loss.item(), f"{label}/grad_norm": grad_norm,
-                                **{f"{label}/{k}": v for k, v in metrics.items()}})
+        ctx.sink.log(
+            step + 1,
+            {
+                f"{label}/loss": loss.item(),
+                f"{label}/grad_norm": grad_norm,
+                **{f"{label}/{k}": v for k, v in metrics.items()},
+            },
+        )
     return losses
 
 
@@ -112,8 +137,14 @@ def _batch(n: int, step: int, rows: int, seed: int) -> list[int]:
     return [order[(step * rows + j) % n] for j in range(min(rows, n))]
 
 
-def shortest_rs(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem], samples: Samples,
-                cfg: Long2ShortConfig, ctx: StageContext) -> dict[str, float] | None:
+def shortest_rs(
+    model: nn.Module,
+    tok: Tokenizer,
+    items: Sequence[ChatPromptItem],
+    samples: Samples,
+    cfg: Long2ShortConfig,
+    ctx: StageContext,
+) -> dict[str, float] | None:
     """SFT on each question's shortest correct sample; None when no question has one."""
     data = [(items[q], s.content) for q, ss in samples.items() if (s := shortest_correct(ss))]
     if not data:
@@ -121,23 +152,36 @@ def shortest_rs(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem
 
     def loss_fn(step: int):
         batch = [data[i] for i in _batch(len(data), step, cfg.batch_size, cfg.seed)]
-        logp = response_logprobs(model, [b[0] for b in batch], [b[1] for b in batch],
-                                 media_pad_id=tok.media_pad_id)
+        logp = response_logprobs(
+            model, [b[0] for b in batch], [b[1] for b in batch], media_pad_id=tok.media_pad_id
+        )
         tokens = sum(len(b[1]) for b in batch)
         return -logp.sum() / tokens, {"tokens": float(tokens)}
 
     losses = _train(model, cfg, ctx, "long2short_shortest_rs", loss_fn)
-    return {"examples": float(len(data)), "loss_first": losses[0], "loss_last": losses[-1],
-            "target_mean_len": sum(len(d[1]) for d in data) / len(data)}
+    return {
+        "examples": float(len(data)),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "target_mean_len": sum(len(d[1]) for d in data) / len(data),
+    }
 
 
-def dpo(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem], samples: Samples,
-        cfg: Long2ShortConfig, ctx: StageContext,
-        declared: Mapping[str, list] | None = None) -> dict[str, float] | None:
+def dpo(
+    model: nn.Module,
+    tok: Tokenizer,
+    items: Sequence[ChatPromptItem],
+    samples: Samples,
+    cfg: Long2ShortConfig,
+    ctx: StageContext,
+    declared: Mapping[str, list] | None = None,
+) -> dict[str, float] | None:
     """DPO on long2short pairs plus the declared preference pairs of `mixture:` (by share),
     pi_ref = the model as it is on entry; None when there is no pair."""
-    own = [(items[p.question], p.chosen.content, p.rejected.content)
-           for p in build_dpo_pairs(samples, cfg.dpo_long_factor)]
+    own = [
+        (items[p.question], p.chosen.content, p.rejected.content)
+        for p in build_dpo_pairs(samples, cfg.dpo_long_factor)
+    ]
     pairs = weighted_pool(own, declared or {}, cfg.mixture, f"{cfg.stage_name}/dpo/{cfg.seed}")
     if not pairs:
         return None
@@ -148,32 +192,54 @@ def dpo(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem], sampl
 
     def loss_fn(step: int):
         idx = _batch(len(pairs), step, max(1, cfg.batch_size // 2), cfg.seed)
-        both = response_logprobs(model, [its[i] for i in idx] * 2,
-                                 [chosen[i] for i in idx] + [rejected[i] for i in idx],
-                                 media_pad_id=tok.media_pad_id)
-        return dpo_loss(both[:len(idx)], both[len(idx):], ref_w[idx], ref_l[idx], cfg.dpo_beta)
+        both = response_logprobs(
+            model,
+            [its[i] for i in idx] * 2,
+            [chosen[i] for i in idx] + [rejected[i] for i in idx],
+            media_pad_id=tok.media_pad_id,
+        )
+        return dpo_loss(both[: len(idx)], both[len(idx) :], ref_w[idx], ref_l[idx], cfg.dpo_beta)
 
     losses = _train(model, cfg, ctx, "long2short_dpo", loss_fn)
     return {"pairs": float(len(pairs)), "loss_first": losses[0], "loss_last": losses[-1]}
 
 
-def long2short_rl(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem],
-                  cfg: Long2ShortConfig, ctx: StageContext) -> dict[str, float]:
+def long2short_rl(
+    model: nn.Module,
+    tok: Tokenizer,
+    items: Sequence[ChatPromptItem],
+    cfg: Long2ShortConfig,
+    ctx: StageContext,
+) -> dict[str, float]:
     """OPMD with the length penalty on from the start and the rollout cap cut to max_new_tokens."""
     run = OPMDRun(
-        label="long2short_rl", num_iterations=cfg.rl_iterations,
-        prompts_per_iteration=cfg.rl_prompts_per_iteration, samples_per_prompt=cfg.rl_samples_per_prompt,
-        steps_per_iteration=cfg.rl_steps_per_iteration, tau=cfg.rl_tau,
+        label="long2short_rl",
+        num_iterations=cfg.rl_iterations,
+        prompts_per_iteration=cfg.rl_prompts_per_iteration,
+        samples_per_prompt=cfg.rl_samples_per_prompt,
+        steps_per_iteration=cfg.rl_steps_per_iteration,
+        tau=cfg.rl_tau,
         temperature=cfg.sample_temperature,
-        rollout=RolloutConfig(segment_budget=cfg.max_new_tokens, max_total_tokens=cfg.max_new_tokens,
-                              repeat=RepeatConfig()),
+        rollout=RolloutConfig(
+            segment_budget=cfg.max_new_tokens, max_total_tokens=cfg.max_new_tokens, repeat=RepeatConfig()
+        ),
         length=LengthPenaltyConfig(weight=cfg.length_penalty_weight, warmup_iterations=0),
-        sampler=SamplerConfig(use_curriculum=False), optimizer=cfg.optimizer, schedule=cfg.schedule,
-        trainable=tuple(cfg.trainable), rows_per_forward=cfg.micro_batch_size or cfg.batch_size,
-        seed=cfg.seed, repeat_ngram=REPEAT[0], repeat_max=REPEAT[1])
+        sampler=SamplerConfig(use_curriculum=False),
+        optimizer=cfg.optimizer,
+        schedule=cfg.schedule,
+        trainable=tuple(cfg.trainable),
+        rows_per_forward=cfg.micro_batch_size or cfg.batch_size,
+        seed=cfg.seed,
+        repeat_ngram=REPEAT[0],
+        repeat_max=REPEAT[1],
+    )
     curves = [c for c in run_opmd(model, tok, items, run, ctx) if "reward_mean" in c]
-    return {"reward_first": curves[0]["reward_mean"], "reward_last": curves[-1]["reward_mean"],
-            "mean_len_first": curves[0]["mean_len"], "mean_len_last": curves[-1]["mean_len"]}
+    return {
+        "reward_first": curves[0]["reward_mean"],
+        "reward_last": curves[-1]["reward_mean"],
+        "mean_len_first": curves[0]["mean_len"],
+        "mean_len_last": curves[-1]["mean_len"],
+    }
 
 
 def choose(table: Mapping[str, Mapping[str, float]], acc_tolerance: float) -> str:
@@ -181,8 +247,9 @@ def choose(table: Mapping[str, Mapping[str, float]], acc_tolerance: float) -> st
     return pick_best([(n, r["acc"], r["mean_len"]) for n, r in table.items()], acc_tolerance)[0]
 
 
-def long2short(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: Long2ShortConfig,
-               ctx: StageContext) -> StageResult:
+def long2short(
+    base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: Long2ShortConfig, ctx: StageContext
+) -> StageResult:
     """Return the most token-efficient of the long model and its long2short candidates.
 
     Metrics: eval/acc, eval/mean_len, eval/acc_per_1k_tokens of the returned model; the same of
@@ -200,8 +267,7 @@ def long2short(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: Lon
 def _long2short(base, data, cfg: Long2ShortConfig, ctx: StageContext) -> StageResult:
     if base is None:
         raise ValueError("long2short starts from a long-CoT model; set `upstream: rl` (or long_cot_sft)")
-    model, mcfg = open_model(base, ctx, cfg.seed,
-                             activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     train = prompt_items(data, tok, vision_spec(mcfg), "train", cfg.stage_name)
     val = prompt_items(data, tok, vision_spec(mcfg), "val", cfg.stage_name, cfg.eval.num_examples // 2)
@@ -209,12 +275,22 @@ def _long2short(base, data, cfg: Long2ShortConfig, ctx: StageContext) -> StageRe
     prefs = {n: preference_pairs(mix, n) for n, ds in mix.sets.items() if ds.kind == "preference"}
 
     def evaluate() -> dict[str, float]:
-        r = answer_accuracy(model, tok, val, max_new_tokens=cfg.sample_max_new_tokens,
-                            batch_size=cfg.eval.batch_size, repeat_ngram=REPEAT[0], repeat_max=REPEAT[1])
-        mine = declared_metrics(model, tok, held, cfg.sample_max_new_tokens, cfg.eval.batch_size,
-                                repeat=REPEAT)
-        return {**{k: float(r[k]) for k in ("acc", "mean_len", "acc_per_1k_tokens")},
-                **{k.removeprefix("eval/"): v for k, v in mine.items()}}
+        r = answer_accuracy(
+            model,
+            tok,
+            val,
+            max_new_tokens=cfg.sample_max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+            repeat_ngram=REPEAT[0],
+            repeat_max=REPEAT[1],
+        )
+        mine = declared_metrics(
+            model, tok, held, cfg.sample_max_new_tokens, cfg.eval.batch_size, repeat=REPEAT
+        )
+        return {
+            **{k: float(r[k]) for k in ("acc", "mean_len", "acc_per_1k_tokens")},
+            **{k.removeprefix("eval/"): v for k, v in mine.items()},
+        }
 
     long_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     table, extra = {"long": evaluate()}, {}
@@ -256,8 +332,9 @@ def _close(model, mcfg, ctx, cfg, data, table, extra, long_state) -> StageResult
         model.load_state_dict(long_state)
     else:
         load_weights(model, Checkpoint(ctx.out / name))
-    (ctx.out / "long2short.json").write_text(json.dumps({"chosen": name, "candidates": table,
-                                                         "methods": extra}, indent=2))
+    (ctx.out / "long2short.json").write_text(
+        json.dumps({"chosen": name, "candidates": table, "methods": extra}, indent=2)
+    )
     metrics = {f"cand/{n}/{k}": v for n, r in table.items() for k, v in r.items()}
     metrics.update({f"{m}/{k}": v for m, r in extra.items() for k, v in r.items()})
     metrics.update({f"eval/{k}": v for k, v in table[name].items()})

@@ -24,7 +24,14 @@ from moonforge.stages.train.freeze import apply_trainable
 from moonforge.stages.train.loop import train
 from moonforge.stages.train.objectives import lm_loss
 from moonforge.stages.train.stage_io import (
-    eval_batches, finish, lm_stream, open_model, open_tokenizer, require, train_spec, vision_spec,
+    eval_batches,
+    finish,
+    lm_stream,
+    open_model,
+    open_tokenizer,
+    require,
+    train_spec,
+    vision_spec,
 )
 
 
@@ -41,13 +48,19 @@ def needle_recall(model, records, tok, mcfg: VLMConfig, seq_len: int, n: int) ->
     return exact_match(model, batches)["acc"]
 
 
-def long_context(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: LongContextConfig,
-                 ctx: StageContext) -> StageResult:
+def long_context(
+    base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: LongContextConfig, ctx: StageContext
+) -> StageResult:
     """Return a checkpoint trained at the sub-stages' lengths with the new RoPE base recorded."""
     start_cfg = base.model_config() if base is not None else ctx.model
     final_len = cfg.sub_stages[-1].seq_len
-    model, mcfg = open_model(base, ctx, cfg.seed, extended(start_cfg, cfg.rope_theta, final_len),
-                             activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(
+        base,
+        ctx,
+        cfg.seed,
+        extended(start_cfg, cfg.rope_theta, final_len),
+        activation_checkpointing=cfg.activation_checkpointing,
+    )
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     longdoc = require(data, "longdoc", cfg.stage_name).path
     text = require(data, "text", cfg.stage_name).path
@@ -55,41 +68,76 @@ def long_context(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: L
     sets = heldout_sets(tok, text, world, lambda src: eval_batches(src, tok, cfg, mcfg))
     val_long = read_longdoc_records(longdoc, "val")
     n_needle = min(cfg.needle_eval_docs, len(val_long))
-    metrics = {"eval/needle_recall_base_len_before":
-               needle_recall(model, val_long, tok, mcfg, cfg.seq_len, n_needle)}
+    metrics = {
+        "eval/needle_recall_base_len_before": needle_recall(model, val_long, tok, mcfg, cfg.seq_len, n_needle)
+    }
     images = read_image_records(world, "train")
-    replay = {"text": text_docs(read_text_records(text, "train"), tok),
-              "caption": caption_docs(images, world / "train", tok)}
+    replay = {
+        "text": text_docs(read_text_records(text, "train"), tok),
+        "caption": caption_docs(images, world / "train", tok),
+    }
     mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
     params = apply_trainable(model, cfg.trainable)
     offset, drawn = 0, {}
     for i, sub in enumerate(cfg.sub_stages):
-        state, batches = _train_sub_stage(model, params, mcfg, cfg, sub, i, offset, tok, longdoc,
-                                          replay, mix, ctx)
+        state, batches = _train_sub_stage(
+            model, params, mcfg, cfg, sub, i, offset, tok, longdoc, replay, mix, ctx
+        )
         offset += state.step
         for n, k in batches.docs_by_source.items():
             drawn[n] = drawn.get(n, 0) + k
         metrics[f"train/sub{i}_final_loss"] = state.history[-1]["loss"]
         metrics[f"train/sub{i}_seq_len"] = float(sub.seq_len)
     metrics.update(heldout_metrics(model, sets))
-    metrics.update({
-        "eval/needle_recall": needle_recall(model, val_long, tok, mcfg, final_len, n_needle),
-        "eval/needle_recall_base_len": needle_recall(model, val_long, tok, mcfg, cfg.seq_len, n_needle),
-        "eval/needle_n": float(n_needle), "model/rope_theta": mcfg.lm.rope_theta,
-        "model/max_position_embeddings": float(final_len), "train/steps": float(offset)})
+    metrics.update(
+        {
+            "eval/needle_recall": needle_recall(model, val_long, tok, mcfg, final_len, n_needle),
+            "eval/needle_recall_base_len": needle_recall(model, val_long, tok, mcfg, cfg.seq_len, n_needle),
+            "eval/needle_n": float(n_needle),
+            "model/rope_theta": mcfg.lm.rope_theta,
+            "model/max_position_embeddings": float(final_len),
+            "train/steps": float(offset),
+        }
+    )
     metrics.update(mix.metrics(SimpleNamespace(docs_by_source=drawn)))
     return finish(model, mcfg, ctx, metrics, data)
 
 
-def _train_sub_stage(model, params, mcfg, cfg: LongContextConfig, sub: SubStage, index: int,
-                     offset: int, tok, longdoc, replay, mix, ctx):
+def _train_sub_stage(
+    model,
+    params,
+    mcfg,
+    cfg: LongContextConfig,
+    sub: SubStage,
+    index: int,
+    offset: int,
+    tok,
+    longdoc,
+    replay,
+    mix,
+    ctx,
+):
     long_src = long_docs(read_longdoc_records(longdoc, "train"), tok, max_tokens=sub.seq_len)
     sources = {"long": long_src, **replay}
     share = (1.0 - cfg.long_ratio) / len(replay)
     weights = {"long": cfg.long_ratio, **{name: share for name in replay}}
     rows = cfg.sub_stage_batch(sub)
-    batches = lm_stream({**sources, **mix.sources()}, mix.weights(weights), tok, cfg, mcfg,
-                        seq_len=sub.seq_len, rows=rows, par=ctx.parallel)
-    spec = train_spec(cfg, num_steps=cfg.sub_stage_steps(sub), grad_accum=1, step_offset=offset,
-                      label=f"{cfg.stage_name}/{sub.seq_len}", phase=index)
+    batches = lm_stream(
+        {**sources, **mix.sources()},
+        mix.weights(weights),
+        tok,
+        cfg,
+        mcfg,
+        seq_len=sub.seq_len,
+        rows=rows,
+        par=ctx.parallel,
+    )
+    spec = train_spec(
+        cfg,
+        num_steps=cfg.sub_stage_steps(sub),
+        grad_accum=1,
+        step_offset=offset,
+        label=f"{cfg.stage_name}/{sub.seq_len}",
+        phase=index,
+    )
     return train(model, params, batches, lm_loss, spec, ctx, mcfg), batches

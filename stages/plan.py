@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from moonforge.model.config import VLMConfig
 from moonforge.stages.config import StageConfig
 from moonforge.stages.plan_hw import (  # noqa: F401  (re-exported: the plan's public names)
-    GPUS, MEMORY_HEADROOM, GPUSpec, PlanConfig, PlanError, choose_layout, plan_config)
+    GPUS,
+    MEMORY_HEADROOM,
+    GPUSpec,
+    PlanConfig,
+    PlanError,
+    choose_layout,
+    plan_config,
+)
 from moonforge.stages.plan_model import ModelCosts, TokenPath, model_costs, stage_path
 
 
@@ -92,8 +99,9 @@ def budgeted_tokens(stage: StageConfig) -> float | None:
 # memory
 
 
-def memory_per_gpu(path: TokenPath, costs: ModelCosts, cfg: PlanConfig, seq_tokens: int,
-                   use_muon: bool) -> Memory:
+def memory_per_gpu(
+    path: TokenPath, costs: ModelCosts, cfg: PlanConfig, seq_tokens: int, use_muon: bool
+) -> Memory:
     """Per-GPU bytes for a stage's module path and `seq_tokens` tokens per micro-batch per GPU.
 
     bf16 params (2 B) for every resident module; for trained ones bf16 grads (2 B) and optimizer
@@ -110,8 +118,7 @@ def memory_per_gpu(path: TokenPath, costs: ModelCosts, cfg: PlanConfig, seq_toke
     params = 2 * resident / (n if z >= 3 else 1)
     grads = 2 * trained / (n if z >= 2 else 1)
     optimizer = states / (n if z >= 1 else 1)
-    acts = costs.activation_bytes(path, seq_tokens, cfg.image_token_share,
-                                  cfg.activation_checkpointing)
+    acts = costs.activation_bytes(path, seq_tokens, cfg.image_token_share, cfg.activation_checkpointing)
     return Memory(params, grads, optimizer, acts)
 
 
@@ -124,8 +131,10 @@ def _segments(stage: StageConfig) -> list[tuple[str, int, int, int | None]]:
     name = stage.stage_name
     subs = getattr(stage, "sub_stages", None)
     if subs:
-        return [(f"{name}[{i}]", s.seq_len, stage.sub_stage_batch(s), stage.sub_stage_steps(s))
-                for i, s in enumerate(subs)]
+        return [
+            (f"{name}[{i}]", s.seq_len, stage.sub_stage_batch(s), stage.sub_stage_steps(s))
+            for i, s in enumerate(subs)
+        ]
     phases = getattr(stage, "phases", None)
     if phases:
         return [(f"{name}[{i}]", p.seq_len, stage.batch_size, p.num_steps) for i, p in enumerate(phases)]
@@ -158,19 +167,28 @@ def vit_patches_per_image(stage: StageConfig) -> float:
     return sum((end - m.at_frac) * m.max_patches for m, end in zip(ms, ends))
 
 
-def flops_per_token(stage: StageConfig, costs: ModelCosts, cfg: PlanConfig, seq_len: int,
-                    train: bool = True) -> float:
+def flops_per_token(
+    stage: StageConfig, costs: ModelCosts, cfg: PlanConfig, seq_len: int, train: bool = True
+) -> float:
     """Model FLOPs per token of `stage` (training, or one forward pass when not `train`)."""
     path = stage_path(stage)
     if path.unit == "patch":
         p = vit_patches_per_image(stage)
-        return costs.flops_per_token(path, seq_len, train, patches_per_image=p,
-                                     text_per_patch=costs.shape.caption.max_text_len / p)
+        return costs.flops_per_token(
+            path, seq_len, train, patches_per_image=p, text_per_patch=costs.shape.caption.max_text_len / p
+        )
     return costs.flops_per_token(path, seq_len, train, image_share=cfg.image_token_share)
 
 
-def _row(stage: StageConfig, label: str, seq_len: int, rows: int, steps: int | None,
-         cfg: PlanConfig, costs: ModelCosts) -> SegmentPlan:
+def _row(
+    stage: StageConfig,
+    label: str,
+    seq_len: int,
+    rows: int,
+    steps: int | None,
+    cfg: PlanConfig,
+    costs: ModelCosts,
+) -> SegmentPlan:
     path = stage_path(stage)
     use_muon = stage.optimizer.use_muon
     cap = cfg.spec.memory_gb * 1e9 * MEMORY_HEADROOM
@@ -180,8 +198,14 @@ def _row(stage: StageConfig, label: str, seq_len: int, rows: int, steps: int | N
 
     rl_like = stage.kind in ("rl", "long2short")
     layout_rows = _rl_work(stage)[2] if rl_like else rows
-    dp, cp, mb = choose_layout(stage.stage_name, layout_rows, stage.micro_batch_size, seq_len, cfg,
-                               lambda mb, cp: mem(mb, cp).total <= cap)
+    dp, cp, mb = choose_layout(
+        stage.stage_name,
+        layout_rows,
+        stage.micro_batch_size,
+        seq_len,
+        cfg,
+        lambda mb, cp: mem(mb, cp).total <= cap,
+    )
     m = mem(mb, cp)
     peak = cfg.spec.peak_tflops * 1e12
     note, tokens, flops, hours = "", None, None, None
@@ -202,10 +226,26 @@ def _row(stage: StageConfig, label: str, seq_len: int, rows: int, steps: int | N
         flops = flops_per_token(stage, costs, cfg, seq_len) * tokens
         hours = flops / (peak * cfg.mfu) / 3600
     if not m.total <= cap:
-        note = (f"needs {m.total / 1e9:.0f} GB > {cap / 1e9:.0f} GB usable: more GPUs (more context "
-                f"parallelism), a higher --zero, or a smaller micro_batch_size") + (f"; {note}" if note else "")
-    return SegmentPlan(label, stage.kind, seq_len, steps, tokens, flops, hours, m, m.total <= cap,
-                       dp, cp, mb, rows // dp // mb if not rl_like else layout_rows // dp // mb, note)
+        note = (
+            f"needs {m.total / 1e9:.0f} GB > {cap / 1e9:.0f} GB usable: more GPUs (more context "
+            f"parallelism), a higher --zero, or a smaller micro_batch_size"
+        ) + (f"; {note}" if note else "")
+    return SegmentPlan(
+        label,
+        stage.kind,
+        seq_len,
+        steps,
+        tokens,
+        flops,
+        hours,
+        m,
+        m.total <= cap,
+        dp,
+        cp,
+        mb,
+        rows // dp // mb if not rl_like else layout_rows // dp // mb,
+        note,
+    )
 
 
 def make_plan(recipe, cfg: PlanConfig, model: VLMConfig | None = None) -> Plan:

@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from moonforge.stages.config import Frozen
 
+
 class PlanError(ValueError):
     """A plan that cannot be made, with a message naming the option or field and the fix."""
 
@@ -23,9 +24,9 @@ class GPUSpec:
 
 
 GPUS: dict[str, GPUSpec] = {
-    "a100": GPUSpec(312.0, 80.0),    # A100 SXM 80GB
-    "h100": GPUSpec(989.0, 80.0),    # H100 SXM
-    "h200": GPUSpec(989.0, 141.0),   # same compute as H100, more HBM
+    "a100": GPUSpec(312.0, 80.0),  # A100 SXM 80GB
+    "h100": GPUSpec(989.0, 80.0),  # H100 SXM
+    "h200": GPUSpec(989.0, 141.0),  # same compute as H100, more HBM
     "b200": GPUSpec(2250.0, 180.0),
 }
 MEMORY_HEADROOM = 0.9
@@ -67,9 +68,11 @@ def plan_config(**kw) -> PlanConfig:
     try:
         return PlanConfig(**kw)
     except ValidationError as e:
-        msgs = [f"{CLI_OPTIONS.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else 'plan'}: "
-                f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
-                for err in e.errors()]
+        msgs = [
+            f"{CLI_OPTIONS.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else 'plan'}: "
+            f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
+            for err in e.errors()
+        ]
         raise PlanError("; ".join(msgs)) from None
 
 
@@ -77,13 +80,13 @@ CLI_OPTIONS = {"gpu": "--gpu", "num_gpus": "--gpus", "mfu": "--mfu", "zero_stage
 """PlanConfig field -> the `moonforge plan` option that sets it (for error messages)."""
 
 
-
 # ----------------------------------------------------------------------------------------------
 # layout
 
 
-def choose_layout(name: str, rows: int, micro: int | None, seq_len: int, cfg: PlanConfig,
-                  fits) -> tuple[int, int, int]:
+def choose_layout(
+    name: str, rows: int, micro: int | None, seq_len: int, cfg: PlanConfig, fits
+) -> tuple[int, int, int]:
     """(dp, cp, micro-batch per GPU): the smallest context-parallel degree cp (dividing num_gpus
     and seq_len) such that dp = num_gpus / cp divides `rows` and the memory check `fits(mb, cp)`
     passes; if none fits, the smallest valid one (the row is then flagged as not fitting)."""
@@ -95,9 +98,11 @@ def choose_layout(name: str, rows: int, micro: int | None, seq_len: int, cfg: Pl
         per_rank = rows // dp
         mb = min(micro or per_rank, per_rank)
         if per_rank % mb:
-            raise PlanError(f"stage {name!r}: {per_rank} sequences per GPU are not a multiple of "
-                            f"micro_batch_size={mb}; set stages.{name}.micro_batch_size to a divisor "
-                            f"of {per_rank}")
+            raise PlanError(
+                f"stage {name!r}: {per_rank} sequences per GPU are not a multiple of "
+                f"micro_batch_size={mb}; set stages.{name}.micro_batch_size to a divisor "
+                f"of {per_rank}"
+            )
         if fits(mb, cp):
             return dp, cp, mb
         valid.append((dp, cp, mb))
@@ -107,7 +112,8 @@ def choose_layout(name: str, rows: int, micro: int | None, seq_len: int, cfg: Pl
         f"stage {name!r}: a batch of {rows} sequences cannot be split over {cfg.num_gpus} GPUs "
         f"(the data-parallel size must divide the batch, and context parallelism can only split "
         f"each sequence over a divisor of the GPUs); use --gpus {_suggest_gpus(rows, seq_len, cfg.num_gpus)} "
-        f"or change stages.{name}.batch_size")
+        f"or change stages.{name}.batch_size"
+    )
 
 
 def _layout_exists(n: int, rows: int, seq_len: int) -> bool:

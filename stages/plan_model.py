@@ -78,9 +78,15 @@ class ModelCosts:
         v = self.shape.vision
         return v.num_layers * 4 * v.hidden_size * patches_per_image
 
-    def flops_per_token(self, path: TokenPath, seq_len: int, train: bool,
-                        image_share: float = 0.3, patches_per_image: float | None = None,
-                        text_per_patch: float = 0.0) -> float:
+    def flops_per_token(
+        self,
+        path: TokenPath,
+        seq_len: int,
+        train: bool,
+        image_share: float = 0.3,
+        patches_per_image: float | None = None,
+        text_per_patch: float = 0.0,
+    ) -> float:
         """FLOPs per token of `path` (training when `train`, else one forward pass)."""
 
         def mult(module: str) -> tuple[int, int]:  # (x N, x attention-forward)
@@ -88,7 +94,7 @@ class ModelCosts:
                 return 2, 1
             return (6, 3) if module in path.trained else (4, 3)
 
-        merge2 = self.shape.vision.merge_size ** 2
+        merge2 = self.shape.vision.merge_size**2
         total = 0.0
         if path.unit == "patch":  # stage 1: every token is a ViT patch
             p = patches_per_image or self.avg_patches_per_image
@@ -119,8 +125,13 @@ class ModelCosts:
         attn = 2 * h + 2 * H * d_qk + 2 * H * lm.head_dim + latent
         dense = attn + 2 * h + 3 * lm.dense_intermediate_size
         f = lm.moe_intermediate_size
-        moe = (attn + 2 * h + lm.num_experts_per_tok * (h + 3 * f)
-               + 3 * lm.num_shared_experts * f + lm.num_experts)
+        moe = (
+            attn
+            + 2 * h
+            + lm.num_experts_per_tok * (h + 3 * f)
+            + 3 * lm.num_shared_experts * f
+            + lm.num_experts
+        )
         return dense, moe
 
     def _vit_layer_elems(self) -> int:
@@ -133,8 +144,7 @@ class ModelCosts:
         per_token = width * len(layers) + max(layers) if ckpt else sum(layers)
         return BF16 * tokens * per_token
 
-    def activation_bytes(self, path: TokenPath, tokens: int, image_share: float,
-                         ckpt: bool) -> float:
+    def activation_bytes(self, path: TokenPath, tokens: int, image_share: float, ckpt: bool) -> float:
         """Activation bytes for one micro-batch of `tokens` tokens on one GPU. Modules that no
         backward reaches run under no_grad and keep nothing. LM stages add the logits: bf16 plus
         the fp32 copy cross-entropy upcasts to (objectives.token_ce), tokens x vocab x 6 bytes."""
@@ -146,9 +156,8 @@ class ModelCosts:
             total += self._stack_bytes(tokens, lm.hidden_size, layers, ckpt)
             total += tokens * lm.vocab_size * (BF16 + FP32)
         if "vision" in path.modules and path.backward_through("vision"):
-            patches = tokens if path.unit == "patch" else tokens * image_share * v.merge_size ** 2
-            total += self._stack_bytes(patches, v.hidden_size, [self._vit_layer_elems()] * v.num_layers,
-                                       ckpt)
+            patches = tokens if path.unit == "patch" else tokens * image_share * v.merge_size**2
+            total += self._stack_bytes(patches, v.hidden_size, [self._vit_layer_elems()] * v.num_layers, ckpt)
         return total
 
 
@@ -161,9 +170,14 @@ def model_costs(shape: VLMConfig) -> ModelCosts:
     lm_head = shape.lm.vocab_size * shape.lm.hidden_size  # a real matmul per token, tied or not
     return ModelCosts(
         shape=shape,
-        params={"vision": c["vision"], "projector": c["projector"], "caption": c["caption"],
-                "lm": c["lm_total"]},
-        lm_embed=c["lm_embed"], lm_active=c["lm_active"],
+        params={
+            "vision": c["vision"],
+            "projector": c["projector"],
+            "caption": c["caption"],
+            "lm": c["lm_total"],
+        },
+        lm_embed=c["lm_embed"],
+        lm_active=c["lm_active"],
         lm_compute=c["lm_active_no_embed"] + lm_head,
         avg_patches_per_image=float(shape.vision.max_patches),
     )

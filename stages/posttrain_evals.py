@@ -60,10 +60,18 @@ def _batch_images(batch: Sequence[ChatPromptItem]) -> tuple[torch.Tensor | None,
     return torch.cat(pix), torch.cat(grid)
 
 
-def generate_responses(model, tokenizer: Tokenizer, items: Sequence[ChatPromptItem], *,
-                       max_new_tokens: int, batch_size: int, temperature: float = 0.0,
-                       seed: int = 0, repeat_ngram: int | None = None,
-                       repeat_max: int | None = None) -> list[tuple[str, int, str]]:
+def generate_responses(
+    model,
+    tokenizer: Tokenizer,
+    items: Sequence[ChatPromptItem],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    repeat_ngram: int | None = None,
+    repeat_max: int | None = None,
+) -> list[tuple[str, int, str]]:
     """(decoded response, generated length, finish reason) per item, in input order.
 
     Items are batched in order of prompt length (less left padding); each row is exactly its
@@ -78,37 +86,65 @@ def generate_responses(model, tokenizer: Tokenizer, items: Sequence[ChatPromptIt
     if device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        return _generate_sorted(model, tokenizer, items, device, max_new_tokens, batch_size,
-                                temperature, seed, repeat_ngram, repeat_max)
+        return _generate_sorted(
+            model,
+            tokenizer,
+            items,
+            device,
+            max_new_tokens,
+            batch_size,
+            temperature,
+            seed,
+            repeat_ngram,
+            repeat_max,
+        )
     finally:
         torch.set_num_threads(threads)
 
 
-def _generate_sorted(model, tokenizer, items, device, max_new_tokens, batch_size, temperature,
-                     seed, repeat_ngram, repeat_max) -> list[tuple[str, int, str]]:
+def _generate_sorted(
+    model, tokenizer, items, device, max_new_tokens, batch_size, temperature, seed, repeat_ngram, repeat_max
+) -> list[tuple[str, int, str]]:
     order = sorted(range(len(items)), key=lambda i: (len(items[i].prompt_ids), i))
     out: list[tuple[str, int, str] | None] = [None] * len(items)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         batch = [items[i] for i in idx]
         pixels_NP, grid_hw = _batch_images(batch)
-        gen = generate(model, [it.prompt_ids for it in batch], max_new_tokens=max_new_tokens,
-                       temperature=temperature,
-                       pixels_NP=None if pixels_NP is None else pixels_NP.to(device),
-                       grid_hw=grid_hw, seed=seed + start, use_cache=True,
-                       stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                       media_pad_id=tokenizer.media_pad_id,
-                       repeat_ngram=repeat_ngram, repeat_max=repeat_max)
+        gen = generate(
+            model,
+            [it.prompt_ids for it in batch],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            pixels_NP=None if pixels_NP is None else pixels_NP.to(device),
+            grid_hw=grid_hw,
+            seed=seed + start,
+            use_cache=True,
+            stop_ids=tokenizer.stop_ids,
+            pad_id=tokenizer.pad_id,
+            media_pad_id=tokenizer.media_pad_id,
+            repeat_ngram=repeat_ngram,
+            repeat_max=repeat_max,
+        )
         for j, i in enumerate(idx):
             out[i] = (tokenizer.decode(gen.tokens[j]), gen.lengths[j], gen.finish_reasons[j])
     return out  # type: ignore[return-value]
 
 
-def answer_accuracy(model, tokenizer: Tokenizer, items: Sequence[ChatPromptItem], *,
-                    max_new_tokens: int, batch_size: int, temperature: float = 0.0,
-                    verifier_stats: VerifyStats | None = None, seed: int = 0,
-                    repeat_ngram: int | None = None, repeat_max: int | None = None,
-                    return_items: bool = False) -> dict:
+def answer_accuracy(
+    model,
+    tokenizer: Tokenizer,
+    items: Sequence[ChatPromptItem],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 0.0,
+    verifier_stats: VerifyStats | None = None,
+    seed: int = 0,
+    repeat_ngram: int | None = None,
+    repeat_max: int | None = None,
+    return_items: bool = False,
+) -> dict:
     """Generate an answer for every item and score it with the item's verifier.
 
     Returns {"acc", "mean_len", "acc_per_1k_tokens", "n", "verifier_errors", "by_kind"} (+ "items"
@@ -117,14 +153,26 @@ def answer_accuracy(model, tokenizer: Tokenizer, items: Sequence[ChatPromptItem]
     """
     if not items:
         raise ValueError("answer_accuracy needs at least one item (the eval set is empty)")
-    gens = generate_responses(model, tokenizer, items, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, temperature=temperature, seed=seed,
-                              repeat_ngram=repeat_ngram, repeat_max=repeat_max)
+    gens = generate_responses(
+        model,
+        tokenizer,
+        items,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        temperature=temperature,
+        seed=seed,
+        repeat_ngram=repeat_ngram,
+        repeat_max=repeat_max,
+    )
     return score_responses(items, gens, verifier_stats, return_items)
 
 
-def score_responses(items: Sequence[ChatPromptItem], gens: Sequence[tuple[str, int, str]],
-                    verifier_stats: VerifyStats | None = None, return_items: bool = False) -> dict:
+def score_responses(
+    items: Sequence[ChatPromptItem],
+    gens: Sequence[tuple[str, int, str]],
+    verifier_stats: VerifyStats | None = None,
+    return_items: bool = False,
+) -> dict:
     """The answer_accuracy result of already generated (response, length, finish_reason)s."""
     # Imported here: the rl package imports this module (its stages use answer_accuracy).
     from moonforge.stages.rl.efficiency import accuracy_per_1k_tokens
@@ -134,18 +182,26 @@ def score_responses(items: Sequence[ChatPromptItem], gens: Sequence[tuple[str, i
         raise ValueError(f"need one generation per item; got {len(gens)} for {len(items)} items")
     stats = verifier_stats if verifier_stats is not None else VerifyStats()
     errors_before = stats.num_errors
-    results = [ItemResult(it.record_id, it.kind, text, it.answer,
-                          score(it.verifier, text, it.answer, stats), length, reason)
-               for it, (text, length, reason) in zip(items, gens)]
+    results = [
+        ItemResult(
+            it.record_id, it.kind, text, it.answer, score(it.verifier, text, it.answer, stats), length, reason
+        )
+        for it, (text, length, reason) in zip(items, gens)
+    ]
     acc = sum(r.reward for r in results) / len(results)
     mean_len = sum(r.length for r in results) / len(results)
     by_kind = {}
     for kind in sorted({r.kind for r in results}):
         rs = [r.reward for r in results if r.kind == kind]
         by_kind[kind] = sum(rs) / len(rs)
-    out = {"acc": acc, "mean_len": mean_len,
-           "acc_per_1k_tokens": accuracy_per_1k_tokens(acc, mean_len), "n": float(len(results)),
-           "verifier_errors": float(stats.num_errors - errors_before), "by_kind": by_kind}
+    out = {
+        "acc": acc,
+        "mean_len": mean_len,
+        "acc_per_1k_tokens": accuracy_per_1k_tokens(acc, mean_len),
+        "n": float(len(results)),
+        "verifier_errors": float(stats.num_errors - errors_before),
+        "by_kind": by_kind,
+    }
     if return_items:
         out["items"] = results
     return out
@@ -156,8 +212,10 @@ def as_metrics(result: dict, prefix: str = "eval/", suffix: str = "") -> dict[st
 
     Example: as_metrics(r, "eval/", "_before") -> {"eval/acc_before": .., "eval/text_acc_before": ..}
     """
-    out = {f"{prefix}{k}{suffix}": float(result[k])
-           for k in ("acc", "mean_len", "acc_per_1k_tokens", "n", "verifier_errors")}
+    out = {
+        f"{prefix}{k}{suffix}": float(result[k])
+        for k in ("acc", "mean_len", "acc_per_1k_tokens", "n", "verifier_errors")
+    }
     out.update({f"{prefix}{kind}_acc{suffix}": v for kind, v in result["by_kind"].items()})
     return out
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -25,9 +25,9 @@ from moonforge.stages.stage_configs import (
     AlignConfig,
     CooldownConfig,
     JointPretrainConfig,
+    LMPretrainConfig,
     Long2ShortConfig,
     LongContextConfig,
-    LMPretrainConfig,
     LongCoTSFTConfig,
     RLConfig,
     SFTConfig,
@@ -35,8 +35,16 @@ from moonforge.stages.stage_configs import (
 )
 
 AnyStage = Annotated[
-    Union[LMPretrainConfig, ViTPretrainConfig, AlignConfig, JointPretrainConfig, CooldownConfig, LongContextConfig,
-          SFTConfig, LongCoTSFTConfig, RLConfig, Long2ShortConfig],
+    LMPretrainConfig
+    | ViTPretrainConfig
+    | AlignConfig
+    | JointPretrainConfig
+    | CooldownConfig
+    | LongContextConfig
+    | SFTConfig
+    | LongCoTSFTConfig
+    | RLConfig
+    | Long2ShortConfig,
     Field(discriminator="kind"),
 ]
 
@@ -47,10 +55,11 @@ class RecipeError(ValueError):
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 """Registered-model names: safe in models:/ URIs, URLs and MLflow search filters."""
-_GATE_RE = re.compile(r"^\s*(?P<metric>[A-Za-z0-9_][A-Za-z0-9_./-]*)\s*(?P<op>>=|<=|==|>|<)\s*"
-                      r"(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
-GATE_OPS = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__,
-            "==": float.__eq__}
+_GATE_RE = re.compile(
+    r"^\s*(?P<metric>[A-Za-z0-9_][A-Za-z0-9_./-]*)\s*(?P<op>>=|<=|==|>|<)\s*"
+    r"(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$"
+)
+GATE_OPS = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__, "==": float.__eq__}
 
 
 class Gate(Frozen):
@@ -71,7 +80,8 @@ class Gate(Frozen):
         if not m:
             raise ValueError(
                 f"gate {data!r}: write it as '<metric> <op> <number>', e.g. 'eval/acc >= 0.6'; "
-                f"op is one of {', '.join(GATE_OPS)}")
+                f"op is one of {', '.join(GATE_OPS)}"
+            )
         return {"metric": m["metric"], "op": m["op"], "value": float(m["value"])}
 
     def passes(self, value: float) -> bool:
@@ -93,11 +103,12 @@ class PromotionConfig(Frozen):
     an alias; a metric the version never recorded fails its gate."""
 
     @model_validator(mode="after")
-    def _check(self) -> "PromotionConfig":
+    def _check(self) -> PromotionConfig:
         if self.model_name is not None and not MODEL_NAME_RE.match(self.model_name):
             raise ValueError(
                 f"promotion.model_name {self.model_name!r} is not a valid model name; use letters, "
-                f"digits, '_', '.', '-' (starting with a letter or digit), e.g. tiny-vlm")
+                f"digits, '_', '.', '-' (starting with a letter or digit), e.g. tiny-vlm"
+            )
         return self
 
 
@@ -128,7 +139,7 @@ class Recipe(Frozen):
         return inject_declared(data)
 
     @model_validator(mode="after")
-    def _graph(self) -> "Recipe":
+    def _graph(self) -> Recipe:
         names = [d.name for d in self.datasets]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -140,7 +151,7 @@ class Recipe(Frozen):
                     f"stages[{i}]: duplicate stage name {st.stage_name!r}; give it a distinct `name:`"
                 )
             if st.upstream is not None and st.upstream not in seen:
-                later = [s.stage_name for s in self.stages[i + 1:]]
+                later = [s.stage_name for s in self.stages[i + 1 :]]
                 why = "comes later in the list" if st.upstream in later else "is not declared"
                 raise ValueError(
                     f"stages[{i}] ({st.stage_name}): upstream {st.upstream!r} {why}; an upstream must "
@@ -149,11 +160,14 @@ class Recipe(Frozen):
             seen.append(st.stage_name)
         for name in self.promotion.stages:
             if name not in seen:
-                raise ValueError(f"promotion.stages: {name!r} is not a stage of this recipe; "
-                                 f"stages are: {', '.join(seen)}")
+                raise ValueError(
+                    f"promotion.stages: {name!r} is not a stage of this recipe; stages are: {', '.join(seen)}"
+                )
         if self.promotion.model_name is None and not MODEL_NAME_RE.match(self.name):
-            raise ValueError(f"recipe name {self.name!r} cannot double as the registered-model "
-                             f"name; set promotion.model_name (letters, digits, '_', '.', '-')")
+            raise ValueError(
+                f"recipe name {self.name!r} cannot double as the registered-model "
+                f"name; set promotion.model_name (letters, digits, '_', '.', '-')"
+            )
         return self
 
     @property
@@ -255,7 +269,9 @@ def apply_override(data: dict, assignment: str) -> dict:
                 raise RecipeError(f"--set {key}: name a stage and a field, e.g. stages.cooldown.qa_ratio=0.2")
             names = [(s.get("name") or s.get("kind")) for s in data.get("stages", [])]
             if stage_key not in names:
-                raise RecipeError(f"--set {key}: no stage named {stage_key!r}; stages are: {', '.join(names)}")
+                raise RecipeError(
+                    f"--set {key}: no stage named {stage_key!r}; stages are: {', '.join(names)}"
+                )
             node = data["stages"][names.index(stage_key)]
             rest = parts[2:]
             for p in rest[:-1]:

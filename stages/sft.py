@@ -44,7 +44,14 @@ from moonforge.stages.train.freeze import apply_trainable
 from moonforge.stages.train.loop import TrainState, train
 from moonforge.stages.train.objectives import lm_loss
 from moonforge.stages.train.stage_io import (
-    eval_batches, finish, lm_stream, open_model, open_tokenizer, require, train_spec, vision_spec,
+    eval_batches,
+    finish,
+    lm_stream,
+    open_model,
+    open_tokenizer,
+    require,
+    train_spec,
+    vision_spec,
 )
 
 
@@ -57,7 +64,8 @@ def sft_loss(model, batch):
     if batch.num_targets == 0:
         raise NoSupervisedTokensError(
             f"SFT micro-batch of {batch.num_tokens} tokens has no supervised (assistant) token; "
-            "the dialogues' assistant turns were masked out or truncated away (check seq_len)")
+            "the dialogues' assistant turns were masked out or truncated away (check seq_len)"
+        )
     loss, metrics = lm_loss(model, batch)
     metrics["supervised_frac"] = batch.num_targets / max(batch.num_tokens, 1)
     return loss, metrics
@@ -102,13 +110,22 @@ def phase_steps(cfg: SFTConfig, phase: SFTPhase, epoch_tokens: int | None) -> in
 
 def phase_schedule(phase: SFTPhase) -> ScheduleConfig:
     """Warmup over warmup_frac of the phase from 0, then cosine from lr down to min_lr."""
-    return ScheduleConfig(kind="cosine", warmup_frac=phase.warmup_frac,
-                          min_ratio=min(1.0, phase.min_lr / phase.lr))
+    return ScheduleConfig(
+        kind="cosine", warmup_frac=phase.warmup_frac, min_ratio=min(1.0, phase.min_lr / phase.lr)
+    )
 
 
-def run_phases(model, params, mcfg: VLMConfig, cfg, phases: Sequence[SFTPhase],
-               sources: Mapping[str, DocSource], weights, tok: Tokenizer,
-               ctx: StageContext) -> tuple[list[TrainState], dict[str, float], SimpleNamespace]:
+def run_phases(
+    model,
+    params,
+    mcfg: VLMConfig,
+    cfg,
+    phases: Sequence[SFTPhase],
+    sources: Mapping[str, DocSource],
+    weights,
+    tok: Tokenizer,
+    ctx: StageContext,
+) -> tuple[list[TrainState], dict[str, float], SimpleNamespace]:
     """Train the phases in order on the mixture (`weights`: a mapping, or a function of the
     step); returns their states, per-phase metrics and the documents drawn per source
     (`.docs_by_source`, summed over the phases)."""
@@ -119,23 +136,34 @@ def run_phases(model, params, mcfg: VLMConfig, cfg, phases: Sequence[SFTPhase],
     weights_at = weights if callable(weights) else (lambda step: weights)
     for i, phase in enumerate(phases):
         micro, accum = phase_rows(cfg, phase)
-        batches = lm_stream(sources, weights_at, tok, cfg, mcfg, seq_len=phase.seq_len,
-                            rows=micro, par=ctx.parallel)
+        batches = lm_stream(
+            sources, weights_at, tok, cfg, mcfg, seq_len=phase.seq_len, rows=micro, par=ctx.parallel
+        )
         opt = cfg.optimizer.model_copy(update={"lr": phase.lr})
-        spec = train_spec(cfg, num_steps=phase_steps(cfg, phase, epoch_tokens), grad_accum=accum,
-                          optimizer=opt, schedule=phase_schedule(phase), step_offset=offset,
-                          label=f"{cfg.stage_name}/{phase.seq_len}", phase=i)
+        spec = train_spec(
+            cfg,
+            num_steps=phase_steps(cfg, phase, epoch_tokens),
+            grad_accum=accum,
+            optimizer=opt,
+            schedule=phase_schedule(phase),
+            step_offset=offset,
+            label=f"{cfg.stage_name}/{phase.seq_len}",
+            phase=i,
+        )
         state = train(model, params, batches, sft_loss, spec, ctx, mcfg)
         offset += state.step
         states.append(state)
         drawn = batches.tokens_by_source
         for n, k in batches.docs_by_source.items():
             drawn_docs.docs_by_source[n] += k
-        metrics.update({f"train/phase{i}_final_loss": state.history[-1]["loss"],
-                        f"train/phase{i}_seq_len": float(phase.seq_len),
-                        f"train/phase{i}_steps": float(state.step),
-                        f"data/phase{i}_text_token_share":
-                            drawn.get("text", 0) / max(sum(drawn.values()), 1)})
+        metrics.update(
+            {
+                f"train/phase{i}_final_loss": state.history[-1]["loss"],
+                f"train/phase{i}_seq_len": float(phase.seq_len),
+                f"train/phase{i}_steps": float(state.step),
+                f"data/phase{i}_text_token_share": drawn.get("text", 0) / max(sum(drawn.values()), 1),
+            }
+        )
     metrics["train/steps"] = float(offset)
     if epoch_tokens is not None:
         metrics["data/epoch_tokens"] = float(epoch_tokens)
@@ -147,8 +175,9 @@ def answer_budget(tok: Tokenizer, items, margin: int = 2) -> int:
     return max(len(tok.encode(it.answer)) for it in items) + 1 + margin
 
 
-def chat_eval(model, tok: Tokenizer, items, loss_batches, max_new_tokens: int, batch_size: int,
-              suffix: str = "") -> dict[str, float]:
+def chat_eval(
+    model, tok: Tokenizer, items, loss_batches, max_new_tokens: int, batch_size: int, suffix: str = ""
+) -> dict[str, float]:
     """eval/{acc,vqa_acc,text_acc,mean_len,acc_per_1k_tokens,n,sft_loss}{suffix}."""
     res = answer_accuracy(model, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
     out = as_metrics(res, "eval/", suffix)
@@ -158,14 +187,16 @@ def chat_eval(model, tok: Tokenizer, items, loss_batches, max_new_tokens: int, b
     return out
 
 
-def declared_eval(model, tok: Tokenizer, held: Mapping[str, list], batch_size: int,
-                  suffix: str = "") -> dict[str, float]:
+def declared_eval(
+    model, tok: Tokenizer, held: Mapping[str, list], batch_size: int, suffix: str = ""
+) -> dict[str, float]:
     """eval/<name>_acc{suffix} (+ _n) on each declared dataset's held-out dialogues: greedy
     answer accuracy against the last assistant turn (exact match)."""
     out = {}
     for name, items in held.items():
-        res = answer_accuracy(model, tok, items, max_new_tokens=answer_budget(tok, items),
-                              batch_size=batch_size)
+        res = answer_accuracy(
+            model, tok, items, max_new_tokens=answer_budget(tok, items), batch_size=batch_size
+        )
         out[f"eval/{name}_acc{suffix}"] = res["acc"]
         out[f"eval/{name}_n{suffix}"] = res["n"]
     return out
@@ -179,27 +210,31 @@ def _generated(data: Mapping[str, DatasetRef], cfg: SFTConfig, tok: Tokenizer, m
     sft_dir = require(data, "sft", cfg.stage_name).path
     world = require(data, "toyworld", cfg.stage_name).path
     val_recs = read_sft_records(sft_dir, "val")
-    items = split_by_kind(chat_prompt_items(val_recs, world / "val", tok, vision_spec(mcfg),
-                                            dataset_name="sft/val"), max(1, cfg.eval.num_examples // 2))
+    items = split_by_kind(
+        chat_prompt_items(val_recs, world / "val", tok, vision_spec(mcfg), dataset_name="sft/val"),
+        max(1, cfg.eval.num_examples // 2),
+    )
     val_src = chat_docs(val_recs, world / "val", tok, name="sft/val")
     loss_batches = eval_batches(val_src, tok, cfg, mcfg, seq_len=cfg.phases[0].seq_len)
     sources = chat_sources(read_sft_records(sft_dir, "train"), world / "train", tok, "sft")
     return sources, items, loss_batches
 
 
-def sft(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: SFTConfig,
-        ctx: StageContext) -> StageResult:
+def sft(
+    base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: SFTConfig, ctx: StageContext
+) -> StageResult:
     """Return the instruct checkpoint: phases of masked ChatML SFT on the text/image mixture
     (plus the declared datasets of `mixture:`, checked before training)."""
-    model, mcfg = open_model(base, ctx, cfg.seed,
-                             activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
     held = {n: mix.heldout_items(n) for n, ds in mix.sets.items() if ds.heldout}
     sources, items, loss_batches = _generated(data, cfg, tok, mcfg)
     if not sources and not mix:
-        raise ValueError(f"stage {cfg.stage_name!r}: no training dialogues; give it the sft "
-                         "dataset or declared conversations in mixture:")
+        raise ValueError(
+            f"stage {cfg.stage_name!r}: no training dialogues; give it the sft "
+            "dataset or declared conversations in mixture:"
+        )
     budget = answer_budget(tok, items) if items else 0
     metrics = declared_eval(model, tok, held, cfg.eval.batch_size, "_before")
     if items:
@@ -207,8 +242,7 @@ def sft(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: SFTConfig,
     weights = mix.weights(mix_weights(sources, cfg.text_image_token_ratio))
     sources = {**sources, **mix.sources()}
     params = apply_trainable(model, cfg.trainable)
-    _, train_metrics, drawn = run_phases(model, params, mcfg, cfg, cfg.phases, sources, weights,
-                                         tok, ctx)
+    _, train_metrics, drawn = run_phases(model, params, mcfg, cfg, cfg.phases, sources, weights, tok, ctx)
     after = declared_eval(model, tok, held, cfg.eval.batch_size)
     metrics = {**{k: v for k, v in after.items() if "_acc" in k}, **metrics, **train_metrics}
     if items:

@@ -27,7 +27,7 @@ class MixtureStage(StageConfig):
     recipe loads (so they count in the fingerprint); anything written here is replaced."""
 
     @model_validator(mode="after")
-    def _check_mixture(self) -> "MixtureStage":
+    def _check_mixture(self) -> MixtureStage:
         check_mixture(self.kind, self.stage_name, self.mixture, {d.name: d for d in self.declared})
         return self
 
@@ -63,7 +63,11 @@ class ViTPretrainConfig(MixtureStage):
     siglip_init_logit_bias: float = -10.0
     """b at init."""
     text_targets: tuple[Literal["caption", "alt_text", "ocr", "grounding"], ...] = (
-        "caption", "alt_text", "ocr", "grounding")
+        "caption",
+        "alt_text",
+        "ocr",
+        "grounding",
+    )
     """Which text fields of an image record serve as targets (sampled per example)."""
     resolution_schedule: tuple[ResolutionMilestone, ...] = (
         ResolutionMilestone(at_frac=0.0, max_patches=256),
@@ -73,7 +77,7 @@ class ViTPretrainConfig(MixtureStage):
     """Progressive resolution: patch caps rising over the stage."""
 
     @model_validator(mode="after")
-    def _milestones(self) -> "ViTPretrainConfig":
+    def _milestones(self) -> ViTPretrainConfig:
         fr = [m.at_frac for m in self.resolution_schedule]
         if not fr or fr[0] != 0.0 or fr != sorted(fr):
             raise ValueError(
@@ -88,7 +92,7 @@ class AlignConfig(MixtureStage):
     kind: Literal["align"] = "align"
 
     @model_validator(mode="after")
-    def _lm_frozen(self) -> "AlignConfig":
+    def _lm_frozen(self) -> AlignConfig:
         if "lm" in self.trainable:
             raise ValueError(
                 "align.trainable must not include 'lm' (the LM is frozen during alignment); "
@@ -108,7 +112,7 @@ class MultimodalRamp(Frozen):
     """Final multimodal share of sequences (k1.5: 30%)."""
 
     @model_validator(mode="after")
-    def _order(self) -> "MultimodalRamp":
+    def _order(self) -> MultimodalRamp:
         if self.ramp_end_frac <= self.text_only_frac:
             raise ValueError("multimodal_ramp.ramp_end_frac must be > text_only_frac")
         return self
@@ -149,7 +153,7 @@ class SubStage(Frozen):
     num_tokens: PositiveFloat | None = None
 
     @model_validator(mode="after")
-    def _budget(self) -> "SubStage":
+    def _budget(self) -> SubStage:
         if (self.num_steps is None) == (self.num_tokens is None):
             raise ValueError("long_context.sub_stages[*]: set exactly one of num_steps or num_tokens")
         return self
@@ -169,7 +173,7 @@ class LongContextConfig(MixtureStage):
     """Held-out needle documents scored at the base and the final length (one forward each)."""
 
     @model_validator(mode="after")
-    def _check_budget(self) -> "LongContextConfig":
+    def _check_budget(self) -> LongContextConfig:
         # The budget lives in sub_stages; a stage-level one would be ambiguous.
         if self.num_steps is not None or self.num_tokens is not None:
             raise ValueError(
@@ -179,7 +183,8 @@ class LongContextConfig(MixtureStage):
             raise ValueError(
                 f"long_context: each sub-stage step is one micro-batch, which cannot be shared by "
                 f"{self.launcher.world_size} ranks (no context parallelism yet); run this stage "
-                "with launcher.kind: inprocess (or nproc_per_node: 1, nnodes: 1)")
+                "with launcher.kind: inprocess (or nproc_per_node: 1, nnodes: 1)"
+            )
         return self
 
     def sub_stage_steps(self, sub: SubStage) -> int:
@@ -196,7 +201,7 @@ class LongContextConfig(MixtureStage):
         return sum(self.sub_stage_steps(s) for s in self.sub_stages)
 
     @model_validator(mode="after")
-    def _lengths(self) -> "LongContextConfig":
+    def _lengths(self) -> LongContextConfig:
         prev = self.seq_len
         for i, s in enumerate(self.sub_stages):
             if s.seq_len <= prev:
@@ -231,7 +236,7 @@ class SFTConfig(MixtureStage):
     """Text-only : image dialogue tokens (about 1:1)."""
 
     @model_validator(mode="after")
-    def _check_budget(self) -> "SFTConfig":
+    def _check_budget(self) -> SFTConfig:
         if not self.phases:
             raise ValueError("sft.phases: list at least one phase (seq_len, lr, min_lr, num_steps)")
         if self.num_steps is not None or self.num_tokens is not None:
@@ -243,15 +248,23 @@ class SFTConfig(MixtureStage):
         for i, p in enumerate(self.phases):  # each phase has its own micro-batches per step
             micro, accum = self.phase_rows(p)
             if world > 1 and accum % world:
-                fits = [mb for mb in range(self.batch_size, 0, -1) if self.batch_size % mb == 0
-                        and all(self.phase_rows(q, mb)[1] % world == 0 for q in self.phases)]
-                fix = (f"set micro_batch_size: {fits[0]}" if fits else
-                       f"use a world size that divides {micro * accum} (its rows per step) or a "
-                       "larger batch_size (no context parallelism yet)")
+                fits = [
+                    mb
+                    for mb in range(self.batch_size, 0, -1)
+                    if self.batch_size % mb == 0
+                    and all(self.phase_rows(q, mb)[1] % world == 0 for q in self.phases)
+                ]
+                fix = (
+                    f"set micro_batch_size: {fits[0]}"
+                    if fits
+                    else f"use a world size that divides {micro * accum} (its rows per step) or a "
+                    "larger batch_size (no context parallelism yet)"
+                )
                 raise ValueError(
                     f"sft.phases[{i}] (seq_len {p.seq_len}): {accum} micro-batch(es) of {micro} "
                     f"rows per step cannot be shared by {world} ranks (launcher.nproc_per_node x "
-                    f"nnodes); {fix}")
+                    f"nnodes); {fix}"
+                )
         return self
 
     def phase_rows(self, phase: SFTPhase, micro_batch_size: int | None = None) -> tuple[int, int]:
@@ -323,13 +336,17 @@ class RLConfig(MixtureStage):
     """Fail the stage when more than this share of verifier calls raise (a broken verifier)."""
 
     @model_validator(mode="after")
-    def _rl_budget(self) -> "RLConfig":
+    def _rl_budget(self) -> RLConfig:
         if self.steps < self.num_iterations:
-            raise ValueError(f"rl: num_steps={self.steps} is the total gradient steps and must be "
-                             f">= num_iterations={self.num_iterations} (>= 1 step per iteration)")
+            raise ValueError(
+                f"rl: num_steps={self.steps} is the total gradient steps and must be "
+                f">= num_iterations={self.num_iterations} (>= 1 step per iteration)"
+            )
         if self.rollout_token_budget and self.rollout_token_budget > self.max_new_tokens:
-            raise ValueError(f"rl: rollout_token_budget={self.rollout_token_budget} exceeds "
-                             f"max_new_tokens={self.max_new_tokens}; lower it or set null")
+            raise ValueError(
+                f"rl: rollout_token_budget={self.rollout_token_budget} exceeds "
+                f"max_new_tokens={self.max_new_tokens}; lower it or set null"
+            )
         return self
 
     @property
@@ -374,7 +391,7 @@ class Long2ShortConfig(MixtureStage):
     """Candidates within this accuracy of the best one compete on acc per 1k tokens."""
 
     @model_validator(mode="after")
-    def _methods(self) -> "Long2ShortConfig":
+    def _methods(self) -> Long2ShortConfig:
         if not self.methods or len(set(self.methods)) != len(self.methods):
             raise ValueError("long2short.methods: list each method once, e.g. [merge, shortest_rs, dpo, rl]")
         if self.max_new_tokens > self.sample_max_new_tokens:
@@ -384,7 +401,17 @@ class Long2ShortConfig(MixtureStage):
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     c.model_fields["kind"].default: c
-    for c in (LMPretrainConfig, ViTPretrainConfig, AlignConfig, JointPretrainConfig, CooldownConfig,
-              LongContextConfig, SFTConfig, LongCoTSFTConfig, RLConfig, Long2ShortConfig)
+    for c in (
+        LMPretrainConfig,
+        ViTPretrainConfig,
+        AlignConfig,
+        JointPretrainConfig,
+        CooldownConfig,
+        LongContextConfig,
+        SFTConfig,
+        LongCoTSFTConfig,
+        RLConfig,
+        Long2ShortConfig,
+    )
 }
 """Canonical stage kind -> its config class, in lifecycle order."""

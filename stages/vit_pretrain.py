@@ -24,7 +24,12 @@ from moonforge.stages.train.freeze import apply_trainable
 from moonforge.stages.train.loop import train
 from moonforge.stages.train.objectives import caption_loss, siglip_loss
 from moonforge.stages.train.stage_io import (
-    finish, open_model, open_tokenizer, require, train_spec, vision_spec,
+    finish,
+    open_model,
+    open_tokenizer,
+    require,
+    train_spec,
+    vision_spec,
 )
 
 
@@ -45,39 +50,70 @@ def coca_loss(caption_weight: float):
         logits = towers.caption_logits(feats, batch.grid_hw, batch.text_ids_BL)
         l_cap = caption_loss(logits, batch.text_ids_BL, batch.text_mask_BL)
         return l_sig + caption_weight * l_cap, {
-            "siglip_loss": l_sig.item(), "caption_loss": l_cap.item(),
-            "patches": float(batch.pixels_NP.shape[0])}
+            "siglip_loss": l_sig.item(),
+            "caption_loss": l_cap.item(),
+            "patches": float(batch.pixels_NP.shape[0]),
+        }
+
     return loss_fn
 
 
-def vit_pretrain(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: ViTPretrainConfig,
-                 ctx: StageContext) -> StageResult:
+def vit_pretrain(
+    base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: ViTPretrainConfig, ctx: StageContext
+) -> StageResult:
     """Return a checkpoint whose ViT and stage-1 towers are trained; retrieval accuracy in metrics."""
-    model, mcfg = open_model(base, ctx, cfg.seed,
-                             activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     world = require(data, "toyworld", cfg.stage_name).path
     model.caption.init_logit_params(cfg.siglip_init_logit_scale, cfg.siglip_init_logit_bias)
     v, max_len = mcfg.vision, mcfg.caption.max_text_len
-    val = retrieval_eval_batch(read_image_records(world, "val"), world / "val", tok,
-                               vision_spec(mcfg), max_len, limit=cfg.eval.num_examples)
+    val = retrieval_eval_batch(
+        read_image_records(world, "val"),
+        world / "val",
+        tok,
+        vision_spec(mcfg),
+        max_len,
+        limit=cfg.eval.num_examples,
+    )
     before = retrieval_accuracy(model, val)
     mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
     par = ctx.parallel
     batches = image_text_batches(
-        read_image_records(world, "train"), world / "train", tok,
-        cfg.micro_batch_size or cfg.batch_size, lambda s: patch_cap(cfg, s // cfg.grad_accum, v.max_patches),
-        cfg.text_targets, v.patch_size, v.merge_size, cfg.seed, max_len,
-        rank=par.rank if par is not None else 0, world=par.world_size if par is not None else 1,
-        extra=mix.pairs())
-    state = train(model, apply_trainable(model, cfg.trainable), batches,
-                  coca_loss(cfg.caption_weight), train_spec(cfg), ctx, mcfg)
+        read_image_records(world, "train"),
+        world / "train",
+        tok,
+        cfg.micro_batch_size or cfg.batch_size,
+        lambda s: patch_cap(cfg, s // cfg.grad_accum, v.max_patches),
+        cfg.text_targets,
+        v.patch_size,
+        v.merge_size,
+        cfg.seed,
+        max_len,
+        rank=par.rank if par is not None else 0,
+        world=par.world_size if par is not None else 1,
+        extra=mix.pairs(),
+    )
+    state = train(
+        model,
+        apply_trainable(model, cfg.trainable),
+        batches,
+        coca_loss(cfg.caption_weight),
+        train_spec(cfg),
+        ctx,
+        mcfg,
+    )
     after = retrieval_accuracy(model, val)
     last = state.history[-1]
-    metrics = {"eval/retrieval_acc": after["acc"], "eval/retrieval_acc_before": before["acc"],
-               "eval/retrieval_chance": after["chance"], "eval/retrieval_n": after["n"],
-               "train/final_loss": last["loss"], "train/final_siglip_loss": last["siglip_loss"],
-               "train/final_caption_loss": last["caption_loss"], "train/steps": float(state.step),
-               "data/skipped_images": float(batches.skipped),
-               **mix.metrics(SimpleNamespace(docs_by_source=batches.drawn))}
+    metrics = {
+        "eval/retrieval_acc": after["acc"],
+        "eval/retrieval_acc_before": before["acc"],
+        "eval/retrieval_chance": after["chance"],
+        "eval/retrieval_n": after["n"],
+        "train/final_loss": last["loss"],
+        "train/final_siglip_loss": last["siglip_loss"],
+        "train/final_caption_loss": last["caption_loss"],
+        "train/steps": float(state.step),
+        "data/skipped_images": float(batches.skipped),
+        **mix.metrics(SimpleNamespace(docs_by_source=batches.drawn)),
+    }
     return finish(model, mcfg, ctx, metrics, data)

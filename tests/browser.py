@@ -13,8 +13,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -33,21 +33,41 @@ def chromium_or_skip() -> str:
         exe = shutil.which(name)
         if exe:
             return exe
-    pytest.skip("no chromium binary on PATH (issue 4, browser test; skip expires 2026-12-31): "
-                "install Debian's with `apt-get install -y chromium` (`make test` does this when "
-                "it runs as root with apt)")
+    pytest.skip(
+        "no chromium binary on PATH (issue 4, browser test; skip expires 2026-12-31): "
+        "install Debian's with `apt-get install -y chromium` (`make test` does this when "
+        "it runs as root with apt)"
+    )
 
 
 def _chromium(exe: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="mf-chromium-") as profile:
         return subprocess.run(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}",
-             "--window-size=1440,900", *args], capture_output=True, text=True, timeout=timeout)
+            [
+                exe,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                "--window-size=1440,900",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
-def page(exe: str, url: str, name: str, until: Callable[[str], bool],
-         budgets: tuple[int, ...] = (8000, 20000, 45000)) -> str:
+def page(
+    exe: str,
+    url: str,
+    name: str,
+    until: Callable[[str], bool],
+    budgets: tuple[int, ...] = (8000, 20000, 45000),
+) -> str:
     """The DOM of `url` once `until(dom)` holds (or the last try's DOM); saves <name>.html and
     <name>.png under artifacts_dir() and prints where they are."""
     out = artifacts_dir()

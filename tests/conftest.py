@@ -26,21 +26,24 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO = Path(__file__).resolve().parent.parent
-DVC = str(Path(sys.executable).parent / "dvc") if (Path(sys.executable).parent / "dvc").exists() \
+DVC = (
+    str(Path(sys.executable).parent / "dvc")
+    if (Path(sys.executable).parent / "dvc").exists()
     else (shutil.which("dvc") or "dvc")
+)
 
 DVC_YAML = {
     "stages": {
         "text": {
             "cmd": "python -c \"import os; os.makedirs('data/text', exist_ok=True); "
-                   "open('data/text/corpus.txt', 'w').write('the cat sat ' * ${text_repeat})\"",
+            "open('data/text/corpus.txt', 'w').write('the cat sat ' * ${text_repeat})\"",
             "params": ["text_repeat"],
             "outs": ["data/text"],
         },
         "toyworld": {
             "cmd": "python -c \"import os, json; os.makedirs('data/toyworld', exist_ok=True); "
-                   "json.dump([{'shape': 'circle', 'n': i} for i in range(${toy_items})], "
-                   "open('data/toyworld/items.json', 'w'))\"",
+            "json.dump([{'shape': 'circle', 'n': i} for i in range(${toy_items})], "
+            "open('data/toyworld/items.json', 'w'))\"",
             "params": ["toy_items"],
             "outs": ["data/toyworld"],
         },
@@ -52,6 +55,7 @@ PARAMS = {"text_repeat": 3, "toy_items": 4}
 def mini_recipe(repo: Path = REPO) -> dict:
     """Three cheap stages on the tiny model shape; datasets from the test DVC pipeline."""
     tiny = yaml.safe_load((repo / "recipes" / "tiny.yaml").read_text())
+
     def common():  # fresh dicts: shared ones would dump as YAML aliases that overrides mutate together
         return {"optimizer": {"lr": 1.0e-3}, "seq_len": 16, "batch_size": 2, "num_steps": 12}
 
@@ -61,10 +65,20 @@ def mini_recipe(repo: Path = REPO) -> dict:
         "model": tiny["model"],
         "stages": [
             {"kind": "lm_pretrain", "upstream": None, "data": ["text"], "trainable": ["lm"], **common()},
-            {"kind": "vit_pretrain", "upstream": "lm_pretrain", "data": ["toyworld"],
-             "trainable": ["vision", "caption"], **common()},
-            {"kind": "align", "upstream": "vit_pretrain", "data": ["toyworld", "text"],
-             "trainable": ["vision", "projector"], **common()},
+            {
+                "kind": "vit_pretrain",
+                "upstream": "lm_pretrain",
+                "data": ["toyworld"],
+                "trainable": ["vision", "caption"],
+                **common(),
+            },
+            {
+                "kind": "align",
+                "upstream": "vit_pretrain",
+                "data": ["toyworld", "text"],
+                "trainable": ["vision", "projector"],
+                **common(),
+            },
         ],
     }
 
@@ -141,7 +155,7 @@ class FakeStage:
             raise queued.pop(0)
         loss = 4.0
         for step in range(cfg.steps):
-            loss = 4.0 * 0.9 ** step + 0.01 * cfg.seed
+            loss = 4.0 * 0.9**step + 0.01 * cfg.seed
             ctx.sink.log(step, {"train/loss": loss, "train/lr": cfg.optimizer.lr})
             ctx.progress(step + 1, cfg.steps, "train")
         (ctx.out / "partial.bin").unlink()
@@ -174,8 +188,13 @@ def copy_project(dest: Path, datasets: tuple[str, ...]) -> Path:
     """A newcomer's copy of this project at `dest`: tracked and not-ignored files, the given
     already-built `data/<name>` folders (so DVC finds them up to date), committed as its own git
     repo. Returns `dest`."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     dest.mkdir(parents=True)
     for name in files:
         if (REPO / name).is_file():
@@ -193,6 +212,7 @@ def copy_project(dest: Path, datasets: tuple[str, ...]) -> Path:
 
 
 # -- a local S3 endpoint (moto_server) for the S3 store / MLflow / DVC remote tests -------------
+
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20, group: bool = False) -> None:
     """Stop a server/worker a test started: SIGTERM (its whole process group when `group`),
@@ -233,8 +253,9 @@ def s3_endpoint(tmp_path_factory) -> str:
     for _ in range(3):  # the port may be taken between choosing and binding it
         port = free_port()
         with log.open("ab") as fh:
-            proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=fh,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=fh, stderr=subprocess.STDOUT
+            )
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
         while time.time() < deadline and proc.poll() is None:

@@ -87,16 +87,27 @@ def data_stage(base, data, cfg, ctx) -> StageResult:
     tok = Tokenizer.load(data["tokenizer"].path / "tokenizer.json")
     mix = DeclaredMix(cfg, data, tok, vision_spec(ctx.model), ctx.parallel)
     rank = ctx.parallel.rank if ctx.parallel is not None else 0
-    batches = Logged(lm_stream(mix.sources(), mix.weights({}), tok, cfg, ctx.model,
-                               par=ctx.parallel), tok, rank, cfg.grad_accum)
+    batches = Logged(
+        lm_stream(mix.sources(), mix.weights({}), tok, cfg, ctx.model, par=ctx.parallel),
+        tok,
+        rank,
+        cfg.grad_accum,
+    )
     torch.manual_seed(cfg.seed)
     net = TinyLM(tok.vocab_size)
     for n, p in net.named_parameters():
         p.requires_grad_(n.startswith("lm."))
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    spec = TrainSpec(num_steps=cfg.steps, optimizer=cfg.optimizer, schedule=cfg.schedule,
-                     trainable=("lm",), grad_accum=cfg.grad_accum, log_every=1,
-                     checkpoint_every=cfg.checkpoint_every, label="data")
+    spec = TrainSpec(
+        num_steps=cfg.steps,
+        optimizer=cfg.optimizer,
+        schedule=cfg.schedule,
+        trainable=("lm",),
+        grad_accum=cfg.grad_accum,
+        log_every=1,
+        checkpoint_every=cfg.checkpoint_every,
+        label="data",
+    )
     state = train(net, params, batches, lm_loss, spec, ctx, ctx.model)
     metrics = {"train/steps": float(state.step), **mix.metrics(batches.inner)}
     return StageResult(save_weights(net, ctx.model, ctx.out), metrics, tuple(data))

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from pathlib import Path
 
 from moonforge.stages.artifacts import StageContext, StageResult
 from moonforge.stages.train.checkpoint import PERIODIC_DIR, load_weights, save_weights
@@ -30,9 +29,17 @@ def toy_cfg(**launcher):
     """The LM-pretrain config the launcher tests give the toy stage: 8 steps of 4 micro-batches."""
     from moonforge.stages.stage_configs import LMPretrainConfig
 
-    return LMPretrainConfig(upstream=None, trainable=("lm",), optimizer={"lr": 1e-2},
-                            schedule={"kind": "cosine", "warmup_steps": 2}, seq_len=12,
-                            batch_size=8, micro_batch_size=2, num_steps=8, launcher=launcher)
+    return LMPretrainConfig(
+        upstream=None,
+        trainable=("lm",),
+        optimizer={"lr": 1e-2},
+        schedule={"kind": "cosine", "warmup_steps": 2},
+        seq_len=12,
+        batch_size=8,
+        micro_batch_size=2,
+        num_steps=8,
+        launcher=launcher,
+    )
 
 
 def toy_ctx(tmp_path: Path, name: str) -> StageContext:
@@ -53,9 +60,15 @@ class ToyLM(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.vision, self.projector, self.caption = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
-        self.lm = nn.ModuleDict(dict(embed=nn.Embedding(VOCAB, DIM), up=nn.Linear(DIM, 3 * DIM),
-                                     mid=nn.Linear(3 * DIM, 3 * DIM), down=nn.Linear(3 * DIM, DIM),
-                                     lm_head=nn.Linear(DIM, VOCAB, bias=False)))
+        self.lm = nn.ModuleDict(
+            dict(
+                embed=nn.Embedding(VOCAB, DIM),
+                up=nn.Linear(DIM, 3 * DIM),
+                mid=nn.Linear(3 * DIM, 3 * DIM),
+                down=nn.Linear(3 * DIM, DIM),
+                lm_head=nn.Linear(DIM, VOCAB, bias=False),
+            )
+        )
 
 
 def lm_loss(model: ToyLM, tokens_BL: torch.Tensor):
@@ -90,9 +103,16 @@ def toy_stage(base, data, cfg, ctx) -> StageResult:
     for n, p in net.named_parameters():
         p.requires_grad_(n.startswith("lm."))
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    spec = TrainSpec(num_steps=cfg.steps, optimizer=cfg.optimizer, schedule=cfg.schedule,
-                     trainable=("lm",), grad_accum=cfg.grad_accum, log_every=1,
-                     checkpoint_every=cfg.checkpoint_every, label="toy")
+    spec = TrainSpec(
+        num_steps=cfg.steps,
+        optimizer=cfg.optimizer,
+        schedule=cfg.schedule,
+        trainable=("lm",),
+        grad_accum=cfg.grad_accum,
+        log_every=1,
+        checkpoint_every=cfg.checkpoint_every,
+        label="toy",
+    )
     rows = cfg.micro_batch_size or cfg.batch_size
     state = train(net, params, batches(rows, cfg.seq_len, cfg.seed), lm_loss, spec, ctx, ctx.model)
     first = state.step - len(state.history)

@@ -18,8 +18,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def package_copy(dest: Path) -> Path:
     """Every tracked .py file of the package (not tests) under `dest/moonforge`; returns it."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     root = dest / "moonforge"
     for name in files:
         if name.split("/")[0] in ("tests", "benchmarks", "examples", "docs"):

@@ -57,11 +57,18 @@ def tiny_stage(base, data, cfg, ctx):
     torch.manual_seed(0)
     net = TinyNet()
     params = [(n, p) for n, p in net.named_parameters() if not n.startswith("caption")]
-    spec = TrainSpec(num_steps=cfg.steps, optimizer=cfg.optimizer, schedule=cfg.schedule,
-                     trainable=("vision", "projector", "lm"), checkpoint_every=2)
+    spec = TrainSpec(
+        num_steps=cfg.steps,
+        optimizer=cfg.optimizer,
+        schedule=cfg.schedule,
+        trainable=("vision", "projector", "lm"),
+        checkpoint_every=2,
+    )
     state = train(net, params, batches(), loss_fn, spec, ctx, ctx.model)
-    return StageResult(save_weights(net, ctx.model, ctx.out),
-                       {"train/steps": float(state.step), "train/loss": state.history[-1]["loss"]})
+    return StageResult(
+        save_weights(net, ctx.model, ctx.out),
+        {"train/steps": float(state.step), "train/loss": state.history[-1]["loss"]},
+    )
 
 
 def main(project: str, stage: str, calls: str, gate: str | None = None) -> None:
@@ -69,8 +76,9 @@ def main(project: str, stage: str, calls: str, gate: str | None = None) -> None:
     from moonforge.stages import catalog
     from moonforge.stages.recipe import load_recipe
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     os.environ["MF_TEST_CALLS"] = calls
     if gate:
         os.environ["MF_TEST_GATE"] = gate

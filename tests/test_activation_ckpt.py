@@ -56,16 +56,17 @@ def _caption_loss(model, batch):
     logits = model.caption.caption_logits(feats, grid, caps)
     txt = model.caption.text_embed(caps, mask)
     img = model.caption.image_embed(feats, grid)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), caps[:, 1:].flatten()) + \
-        model.caption.siglip_logits(img, txt).square().mean()
+    return (
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), caps[:, 1:].flatten())
+        + model.caption.siglip_logits(img, txt).square().mean()
+    )
 
 
 def _grads(model, loss_fn, batch) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad()
     loss = loss_fn(model, batch)
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
-                         if p.grad is not None}
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("loss_fn", [_vlm_loss, _caption_loss])
@@ -103,8 +104,7 @@ def test_gated_on_grad_mode_not_on_train_mode(monkeypatch):
     apply_ac(model, ("lm",))
     calls = []
     real = activation_ckpt.checkpoint
-    monkeypatch.setattr(activation_ckpt, "checkpoint",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(activation_ckpt, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     batch = _batch(model.cfg.lm.vocab_size, model.cfg.vision.patch_size)
     with torch.no_grad():
         _vlm_loss(model.eval(), batch)

@@ -30,8 +30,10 @@ def invoke(*args):
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
-    code = ("import sys, moonforge.flows.cli as c; "
-            "print(sorted(m for m in ('torch', 'mlflow', 'prefect', 'dvc') if m in sys.modules))")
+    code = (
+        "import sys, moonforge.flows.cli as c; "
+        "print(sorted(m for m in ('torch', 'mlflow', 'prefect', 'dvc') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     res = invoke("--help")
@@ -43,7 +45,9 @@ def test_help_is_fast_and_imports_nothing_heavy():
 def test_bad_recipe_field_exits_nonzero_and_names_the_field(tmp_project):
     res = invoke("run", MINI, "--set", "stages.lm_pretrain.num_stepz=3")
     assert res.exit_code == 1
-    assert "recipe error" in res.output and "num_stepz: unknown field; did you mean 'num_steps'?" in res.output
+    assert (
+        "recipe error" in res.output and "num_stepz: unknown field; did you mean 'num_steps'?" in res.output
+    )
     assert "Traceback" not in res.output
     res = invoke("status", "recipes/nope.yaml")
     assert res.exit_code == 1 and "recipes/nope.yaml does not exist" in res.output
@@ -86,8 +90,17 @@ def test_run_status_lineage_rerun(tmp_project, fake_stages, prefect_api):
     res = invoke("lineage", "align@1")
     assert "data toyworld" in res.output and "lm_pretrain@1" in res.output
 
-    res = invoke("rerun", "vit_pretrain", "--recipe", MINI, "--set", "stages.vit_pretrain.seed=2",
-                 "--from", "lm_pretrain@latest", "--downstream")
+    res = invoke(
+        "rerun",
+        "vit_pretrain",
+        "--recipe",
+        MINI,
+        "--set",
+        "stages.vit_pretrain.seed=2",
+        "--from",
+        "lm_pretrain@latest",
+        "--downstream",
+    )
     assert res.exit_code == 0, res.output
     assert "vit_pretrain@2" in res.output and "align@2" in res.output
 

@@ -6,6 +6,7 @@ import re
 import shutil
 
 import pytest
+from conftest import REPO
 from typer.testing import CliRunner
 
 from moonforge.flows.cli import app
@@ -13,8 +14,6 @@ from moonforge.model.vlm import build_vlm
 from moonforge.registry.store import open_store
 from moonforge.stages.recipe import load_recipe
 from moonforge.stages.train.checkpoint import save_weights
-
-from conftest import REPO
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -24,11 +25,12 @@ from moonforge.registry.tracking import Tracker
 from moonforge.stages.artifacts import StageResult
 from moonforge.stages.recipe import load_recipe
 
-from conftest import REPO
-
 MINI = "recipes/mini.yaml"
-LONG = {"eval/acc_per_1k_tokens": 0.0123456, "eval/needle_recall_base_len": 0.75,
-        "eval/vqa_acc_with_a_rather_long_name": 0.5}
+LONG = {
+    "eval/acc_per_1k_tokens": 0.0123456,
+    "eval/needle_recall_base_len": 0.75,
+    "eval/vqa_acc_with_a_rather_long_name": 0.5,
+}
 
 
 def readable_at_80(text: str) -> None:
@@ -103,14 +105,27 @@ def test_models_status_dry_run_and_data_status(built, narrow):
 
     out = invoke("rerun", "vit_pretrain", "--recipe", MINI, "--downstream", "--dry-run", *over[:2])
     readable_at_80(out)
-    plan = json.loads(invoke("rerun", "vit_pretrain", "--recipe", MINI, "--downstream",
-                             "--dry-run", *over[:2], "--format", "json"))
+    plan = json.loads(
+        invoke(
+            "rerun",
+            "vit_pretrain",
+            "--recipe",
+            MINI,
+            "--downstream",
+            "--dry-run",
+            *over[:2],
+            "--format",
+            "json",
+        )
+    )
     assert [p["action"] for p in plan] == ["run", "run"] and plan[1]["ref"] == "align@2"
 
     out = invoke("data", "status")
     readable_at_80(out)
-    assert {r["name"]: r["state"] for r in json.loads(invoke("data", "status", "--format", "json"))} \
-        == {"text": "up to date", "toyworld": "up to date"}
+    assert {r["name"]: r["state"] for r in json.loads(invoke("data", "status", "--format", "json"))} == {
+        "text": "up to date",
+        "toyworld": "up to date",
+    }
 
 
 def test_run_summary_shows_headline_metrics_in_full(built, narrow, capsys):

@@ -32,8 +32,7 @@ def _wide_consoles(monkeypatch):
 def gated(tmp_project):
     """mini + promotion gates FakeStage can fail (final_loss = 1.255 + 0.01 * seed)."""
     data = yaml.safe_load((tmp_project / MINI).read_text())
-    data["promotion"] = {"model_name": "mini-vlm",
-                         "gates": ["eval/acc >= 0.55", "train/final_loss <= 1.3"]}
+    data["promotion"] = {"model_name": "mini-vlm", "gates": ["eval/acc >= 0.55", "train/final_loss <= 1.3"]}
     (tmp_project / GATED).write_text(yaml.safe_dump(data, sort_keys=False))
     return GATED
 
@@ -71,14 +70,23 @@ def test_help_lists_the_registry_commands():
 
 def test_dry_run_status_lineage_and_diff(tmp_project, fake_stages):
     out = build(tmp_project)
-    res = invoke("rerun", "vit_pretrain", "--recipe", MINI, "--from", "lm_pretrain@1",
-                 "--downstream", "--dry-run")
+    res = invoke(
+        "rerun", "vit_pretrain", "--recipe", MINI, "--from", "lm_pretrain@1", "--downstream", "--dry-run"
+    )
     assert res.exit_code == 0, res.output
     assert "nothing was run" in res.output and "reuse vit_pretrain@1" in res.output
     assert "reuse align@1" in res.output and "0 stage(s) would train, 2 would be reused" in res.output
 
-    res = invoke("rerun", "vit_pretrain", "--recipe", MINI, "--downstream", "--dry-run",
-                 "--set", "stages.vit_pretrain.seed=2")
+    res = invoke(
+        "rerun",
+        "vit_pretrain",
+        "--recipe",
+        MINI,
+        "--downstream",
+        "--dry-run",
+        "--set",
+        "stages.vit_pretrain.seed=2",
+    )
     assert res.exit_code == 0, res.output
     assert "run -> vit_pretrain@2" in res.output and "run -> align@2" in res.output
     assert "vs vit_pretrain@1: config.seed: 0 -> 2" in res.output
@@ -105,7 +113,7 @@ def test_dry_run_status_lineage_and_diff(tmp_project, fake_stages):
     assert chain[0]["recipe"]["name"] == "mini" and chain[-1]["datasets"][0]["name"] == "text"
     res = invoke("lineage", "align@1", "--format", "mermaid")
     assert res.output.startswith("graph LR") and "vit_pretrain_1 --> align_1" in res.output
-    assert '-.-> align_1' in res.output and 'recipe mini' in res.output
+    assert "-.-> align_1" in res.output and "recipe mini" in res.output
     assert f"mlflow {out['align'].mlflow_run_id[:8]}" in res.output
     res = invoke("lineage", "align@1")
     assert "recipe mini" in res.output and "data toyworld" in res.output
@@ -145,14 +153,22 @@ def test_promote_refuses_then_passes_models_and_chat(tmp_project, fake_stages, g
     assert "align@1" in lines["1"] and "champion: refused" in lines["1"]
     assert "champion" in lines["2"] and "champion: promoted" in lines["2"] and "eval/acc=0.6" in lines["2"]
 
-    for args, msg in {("promote", "align@1", "--alias", "Bad!", "--recipe", gated): "registry error: invalid alias 'Bad!'",
-                      ("promote", "align@1", "--alias", "latest", "--recipe", gated): "reserves 'latest'",
-                      ("promote", "lm_pretrain@1", "--recipe", gated): "add 'lm_pretrain' to promotion.stages",
-                      ("promote", "align@7", "--recipe", gated): "no artifact 'align@7'",
-                      ("models", "--name", "nope"): "no registered model 'nope'",
-                      ("models", "--name", "bad name"): "invalid model name 'bad name'",
-                      ("promote", "align@1", "--recipe", gated, "--set", 'promotion.gates=["eval/vqa_acc >= 1"]'):
-                          "eval/vqa_acc was not recorded for this version"}.items():
+    for args, msg in {
+        ("promote", "align@1", "--alias", "Bad!", "--recipe", gated): "registry error: invalid alias 'Bad!'",
+        ("promote", "align@1", "--alias", "latest", "--recipe", gated): "reserves 'latest'",
+        ("promote", "lm_pretrain@1", "--recipe", gated): "add 'lm_pretrain' to promotion.stages",
+        ("promote", "align@7", "--recipe", gated): "no artifact 'align@7'",
+        ("models", "--name", "nope"): "no registered model 'nope'",
+        ("models", "--name", "bad name"): "invalid model name 'bad name'",
+        (
+            "promote",
+            "align@1",
+            "--recipe",
+            gated,
+            "--set",
+            'promotion.gates=["eval/vqa_acc >= 1"]',
+        ): "eval/vqa_acc was not recorded for this version",
+    }.items():
         res = invoke(*args)
         assert res.exit_code == 1 and msg in res.output, (args, res.output)
 
@@ -162,10 +178,15 @@ def test_promote_refuses_then_passes_models_and_chat(tmp_project, fake_stages, g
     from moonforge.stages import inference
 
     seen = []
-    monkeypatch.setattr(data_versions, "read_lock", lambda *a, **k: {"tokenizer": type("D", (), {"path": "tok"})})
+    monkeypatch.setattr(
+        data_versions, "read_lock", lambda *a, **k: {"tokenizer": type("D", (), {"path": "tok"})}
+    )
     monkeypatch.setattr(tokenizer.Tokenizer, "load", staticmethod(lambda path: "tok"))
-    monkeypatch.setattr(inference, "chat", lambda ckpt, tok, q, img, n: seen.append(ckpt.path) or
-                        inference.ChatAnswer("a red circle", 3, "eos"))
+    monkeypatch.setattr(
+        inference,
+        "chat",
+        lambda ckpt, tok, q, img, n: seen.append(ckpt.path) or inference.ChatAnswer("a red circle", 3, "eos"),
+    )
     res = invoke("chat", "models:/mini-vlm@champion", "what is this?")
     assert res.exit_code == 0, res.output
     assert "align@2: a red circle" in res.output and seen[0].name == "2"
@@ -183,10 +204,12 @@ def test_lifecycle_sets_candidate_and_reruns_take_mlflow_refs(tmp_project, fake_
     res = invoke("models", "--recipe", MINI)
     assert "candidate" in res.output and "align@1" in res.output
 
-    vit_run = client.search_runs([client.get_experiment_by_name("mini").experiment_id],
-                                 "tags.`moonforge.stage` = 'vit_pretrain'")[0].info.run_id
-    res = invoke("rerun", "align", "--recipe", MINI, "--from", f"runs:/{vit_run}",
-                 "--set", "stages.align.seed=4")
+    vit_run = client.search_runs(
+        [client.get_experiment_by_name("mini").experiment_id], "tags.`moonforge.stage` = 'vit_pretrain'"
+    )[0].info.run_id
+    res = invoke(
+        "rerun", "align", "--recipe", MINI, "--from", f"runs:/{vit_run}", "--set", "stages.align.seed=4"
+    )
     assert res.exit_code == 0, res.output
     assert "align@2" in res.output
     chain = json.loads(invoke("lineage", "models:/mini@candidate", "--format", "json").output)

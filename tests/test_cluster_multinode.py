@@ -22,11 +22,11 @@ import threading
 import time
 from pathlib import Path
 
+import dist_stage
 import psutil
 import pytest
-
-import dist_stage
 from conftest import free_port, stop_process
+
 from moonforge.registry import launch
 from moonforge.registry.errors import StageFailed
 from moonforge.registry.run_stage import run_stage
@@ -65,7 +65,11 @@ class OtherNode:
                 with self.log.open("wb") as fh:
                     self.proc = subprocess.Popen(
                         [sys.executable, "-m", "moonforge.registry.launch", "node", str(jobs[0])],
-                        env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                        env=env,
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 return
             time.sleep(0.05)
 
@@ -97,8 +101,16 @@ def single(tmp_path_factory):
 @pytest.fixture
 def no_scheduler(monkeypatch) -> None:
     """No scheduler variables from the outer shell."""
-    for var in (*launch.NODE_RANK_VARS, "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID",
-                "SLURM_JOB_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NODELIST", "MOONFORGE_LAUNCH_DIR"):
+    for var in (
+        *launch.NODE_RANK_VARS,
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_JOB_ID",
+        "SLURM_JOB_NUM_NODES",
+        "SLURM_NNODES",
+        "SLURM_JOB_NODELIST",
+        "MOONFORGE_LAUNCH_DIR",
+    ):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -114,8 +126,14 @@ def test_two_nodes_match_the_single_process_curve(single, launch_dir, tmp_path):
     other = OtherNode(launch_dir, tmp_path / "node1.log")
     ctx = _ctx(tmp_path, "out")
     ctx.sink = ListSink()
-    la = dict(kind="torchrun", nnodes=2, nproc_per_node=1, node_rank=0,
-              rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_timeout_s=120)
+    la = dict(
+        kind="torchrun",
+        nnodes=2,
+        nproc_per_node=1,
+        node_rank=0,
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        rdzv_timeout_s=120,
+    )
     try:
         res = launch.launch_stage(STAGE, None, {}, _cfg(**la), ctx)
     finally:
@@ -132,19 +150,38 @@ def test_two_nodes_match_the_single_process_curve(single, launch_dir, tmp_path):
 
 
 def test_a_lost_node_fails_the_stage_clearly_and_the_rerun_resumes(
-        tmp_project, no_scheduler, monkeypatch, single, caplog):
+    tmp_project, no_scheduler, monkeypatch, single, caplog
+):
     """The job file lives beside the staging dir (the default without MOONFORGE_LAUNCH_DIR)."""
     from moonforge.stages import catalog
 
     monkeypatch.setattr(catalog, "stage_function", lambda kind: dist_stage.toy_stage)
     monkeypatch.setenv("MOONFORGE_TOY_STEP_SLEEP", "0.4")
-    toy = ["optimizer.lr=0.01", "schedule.kind=cosine", "schedule.warmup_steps=2", "seq_len=12",
-           "batch_size=8", "micro_batch_size=2", "num_steps=8", "checkpoint_every=3"]
+    toy = [
+        "optimizer.lr=0.01",
+        "schedule.kind=cosine",
+        "schedule.warmup_steps=2",
+        "seq_len=12",
+        "batch_size=8",
+        "micro_batch_size=2",
+        "num_steps=8",
+        "checkpoint_every=3",
+    ]
     sets = [f"stages.lm_pretrain.{s}" for s in toy]
-    two = load_recipe(tmp_project / "recipes" / "mini.yaml", sets + [
-        f"stages.lm_pretrain.launcher.{k}" for k in (
-            "kind=torchrun", "nnodes=2", "node_rank=0", "rdzv_timeout_s=120",
-            f"rdzv_endpoint=127.0.0.1:{free_port()}")])
+    two = load_recipe(
+        tmp_project / "recipes" / "mini.yaml",
+        sets
+        + [
+            f"stages.lm_pretrain.launcher.{k}"
+            for k in (
+                "kind=torchrun",
+                "nnodes=2",
+                "node_rank=0",
+                "rdzv_timeout_s=120",
+                f"rdzv_endpoint=127.0.0.1:{free_port()}",
+            )
+        ],
+    )
     store_dir = tmp_project / ".moonforge" / "store"
     other = OtherNode(store_dir / "lm_pretrain", tmp_project / "node1.log", ".tmp-launch-*/job.json")
 
@@ -157,9 +194,12 @@ def test_a_lost_node_fails_the_stage_clearly_and_the_rerun_resumes(
 
     killer = threading.Thread(target=lose_node_1_after_a_checkpoint, daemon=True)
     killer.start()
-    with pytest.raises(StageFailed, match=r"(?s)LaunchFailed.*torchrun launcher \(2 processes\) "
-                                          r"failed.*rank 1 was lost: with 2 nodes this means a node "
-                                          r"died.*last good checkpoint kept"):
+    with pytest.raises(
+        StageFailed,
+        match=r"(?s)LaunchFailed.*torchrun launcher \(2 processes\) "
+        r"failed.*rank 1 was lost: with 2 nodes this means a node "
+        r"died.*last good checkpoint kept",
+    ):
         run_stage(two, "lm_pretrain", tmp_project, tracker=NullTracker())
     killer.join()
     assert other.wait() == -signal.SIGKILL
@@ -170,8 +210,12 @@ def test_a_lost_node_fails_the_stage_clearly_and_the_rerun_resumes(
     # the rerun (one node, in process: the launcher is Runtime, so the same version) resumes
     monkeypatch.setenv("MOONFORGE_TOY_STEP_SLEEP", "0")
     with caplog.at_level(logging.WARNING, logger="moonforge"):
-        out = run_stage(load_recipe(tmp_project / "recipes" / "mini.yaml", sets), "lm_pretrain",
-                        tmp_project, tracker=NullTracker())
+        out = run_stage(
+            load_recipe(tmp_project / "recipes" / "mini.yaml", sets),
+            "lm_pretrain",
+            tmp_project,
+            tracker=NullTracker(),
+        )
     assert out.ref == "lm_pretrain@1"
     assert "resuming" in caplog.text and "step-0000003" in caplog.text
     resumed, want = _curve(out.metrics)[-5:], _curve(single.metrics)[3:]  # steps 4..8
@@ -182,15 +226,30 @@ def test_a_lost_node_fails_the_stage_clearly_and_the_rerun_resumes(
 def test_a_rendezvous_nobody_reaches_times_out_naming_the_endpoint(launch_dir, tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"  # node 1 of 2: a client of a store nobody hosts
     t0 = time.time()
-    with pytest.raises(launch.LaunchFailed, match=rf"the 2 nodes did not meet at the rendezvous "
-                                                  rf"{endpoint} within 3 s.*node 0's address"):
-        launch.launch_stage(STAGE, None, {}, _cfg(kind="torchrun", nnodes=2, nproc_per_node=1,
-                                                  node_rank=1, rdzv_endpoint=endpoint,
-                                                  rdzv_timeout_s=3), _ctx(tmp_path, "out"))
+    with pytest.raises(
+        launch.LaunchFailed,
+        match=rf"the 2 nodes did not meet at the rendezvous "
+        rf"{endpoint} within 3 s.*node 0's address",
+    ):
+        launch.launch_stage(
+            STAGE,
+            None,
+            {},
+            _cfg(
+                kind="torchrun",
+                nnodes=2,
+                nproc_per_node=1,
+                node_rank=1,
+                rdzv_endpoint=endpoint,
+                rdzv_timeout_s=3,
+            ),
+            _ctx(tmp_path, "out"),
+        )
     assert time.time() - t0 < 60
 
 
 # -- where node rank, endpoint and node count come from ---------------------------------------
+
 
 def _la(**kw) -> LauncherConfig:
     return LauncherConfig(kind="torchrun", nnodes=4, **kw)
@@ -201,8 +260,12 @@ def test_node_plan_from_the_recipe_slurm_and_kubernetes(monkeypatch):
     assert (plan.node_rank, plan.endpoint) == (0, "head:29400")
     assert plan.source == "node rank from launcher.node_rank, endpoint from launcher.rdzv_endpoint"
 
-    slurm = {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "4", "SLURM_NODEID": "2",
-             "SLURM_JOB_NODELIST": "gpu[017-020]"}
+    slurm = {
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NUM_NODES": "4",
+        "SLURM_NODEID": "2",
+        "SLURM_JOB_NODELIST": "gpu[017-020]",
+    }
     monkeypatch.setattr(launch, "_slurm_first_host", lambda nodelist: "gpu017")
     plan = launch.node_plan(_la(), slurm)  # the scheduler's rank wins over none in the recipe
     assert (plan.nnodes, plan.node_rank, plan.endpoint) == (4, 2, "gpu017:29400")
@@ -216,23 +279,40 @@ def test_node_plan_from_the_recipe_slurm_and_kubernetes(monkeypatch):
     assert launch.node_plan(_la(), k8s, node_rank=1).node_rank == 1  # --node-rank wins
 
 
-@pytest.mark.parametrize("la, env, msg", [
-    (dict(), {"MASTER_ADDR": "h", "MASTER_PORT": "1"}, "this node's rank is unknown: set launcher.node_rank"),
-    (dict(node_rank=0), {}, "no rendezvous endpoint: set launcher.rdzv_endpoint"),
-    (dict(), {"SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "0"},
-     r"launcher.nnodes=4 but Slurm job 9 has 2 node\(s\); submit it with --nodes=4"),
-    (dict(), {"NODE_RANK": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, r"node rank 4 \(from NODE_RANK\) is not in 0..3"),
-])
+@pytest.mark.parametrize(
+    "la, env, msg",
+    [
+        (
+            dict(),
+            {"MASTER_ADDR": "h", "MASTER_PORT": "1"},
+            "this node's rank is unknown: set launcher.node_rank",
+        ),
+        (dict(node_rank=0), {}, "no rendezvous endpoint: set launcher.rdzv_endpoint"),
+        (
+            dict(),
+            {"SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "0"},
+            r"launcher.nnodes=4 but Slurm job 9 has 2 node\(s\); submit it with --nodes=4",
+        ),
+        (
+            dict(),
+            {"NODE_RANK": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+            r"node rank 4 \(from NODE_RANK\) is not in 0..3",
+        ),
+    ],
+)
 def test_node_plan_names_what_is_missing(la, env, msg):
     with pytest.raises(launch.LauncherUnavailable, match=msg):
         launch.node_plan(_la(**la), env)
 
 
-@pytest.mark.parametrize("field, value, msg", [
-    ("rdzv_endpoint", "head", "use host:port"),
-    ("rdzv_endpoint", "head:99999", "use host:port"),
-    ("node_rank", 4, "node_rank=4 is not below nnodes=4"),
-])
+@pytest.mark.parametrize(
+    "field, value, msg",
+    [
+        ("rdzv_endpoint", "head", "use host:port"),
+        ("rdzv_endpoint", "head:99999", "use host:port"),
+        ("node_rank", 4, "node_rank=4 is not below nnodes=4"),
+    ],
+)
 def test_bad_launcher_fields_are_config_errors(field, value, msg):
     with pytest.raises(ValueError, match=msg):
         _la(**{field: value})
@@ -241,13 +321,25 @@ def test_bad_launcher_fields_are_config_errors(field, value, msg):
 def test_inside_a_slurm_batch_script_the_launch_goes_through_srun(tmp_path, monkeypatch):
     monkeypatch.setattr(launch.shutil, "which", lambda name: f"/usr/bin/{name}")
     env = {"SLURM_JOB_ID": "5", "SLURM_NODEID": "0", "SLURM_CPUS_PER_TASK": "8"}
-    cmd, extra = launch.launch_command(_cfg(kind="torchrun", nproc_per_node=2), tmp_path / "j.json",
-                                       "rid", env)
-    assert cmd[:7] == ["srun", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
-                       "--kill-on-bad-exit=1", "--export=ALL", "--job-name=moonforge-lm_pretrain"]
-    assert "--cpus-per-task=8" in cmd and cmd[-3:] == ["moonforge.registry.launch", "node",
-                                                        str(tmp_path / "j.json")]
+    cmd, extra = launch.launch_command(
+        _cfg(kind="torchrun", nproc_per_node=2), tmp_path / "j.json", "rid", env
+    )
+    assert cmd[:7] == [
+        "srun",
+        "--nodes=1",
+        "--ntasks=1",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        "--export=ALL",
+        "--job-name=moonforge-lm_pretrain",
+    ]
+    assert "--cpus-per-task=8" in cmd and cmd[-3:] == [
+        "moonforge.registry.launch",
+        "node",
+        str(tmp_path / "j.json"),
+    ]
     # inside a job step (srun already ran), this process is one node: no nested srun
-    cmd, _ = launch.launch_command(_cfg(kind="torchrun", nproc_per_node=2), tmp_path / "j.json",
-                                   "rid", {**env, "SLURM_STEP_ID": "0"})
+    cmd, _ = launch.launch_command(
+        _cfg(kind="torchrun", nproc_per_node=2), tmp_path / "j.json", "rid", {**env, "SLURM_STEP_ID": "0"}
+    )
     assert cmd[0] == sys.executable and "torch.distributed.run" in cmd

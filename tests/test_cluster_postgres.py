@@ -37,8 +37,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def pg_bin_or_skip() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parts[-3]))
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
     exe = Path(found[-1]) if found else (Path(shutil.which("initdb")) if shutil.which("initdb") else None)
     why = None
     if exe is None:
@@ -51,15 +50,18 @@ def pg_bin_or_skip() -> Path:
         except KeyError:
             why = "no postgres user"
     if why:
-        pytest.skip(f"no local PostgreSQL: {why} (issue 13, Postgres test; skip expires "
-                    "2026-12-31): install Debian's postgresql with `make postgres` as root "
-                    "(`make test` does this when it runs as root with apt)")
+        pytest.skip(
+            f"no local PostgreSQL: {why} (issue 13, Postgres test; skip expires "
+            "2026-12-31): install Debian's postgresql with `make postgres` as root "
+            "(`make test` does this when it runs as root with apt)"
+        )
     return exe.parent
 
 
 def _as_postgres(*argv: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True,
-                          capture_output=True, text=True, **kw)
+    return subprocess.run(
+        ["runuser", "-u", "postgres", "--", *argv], check=True, capture_output=True, text=True, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,20 +73,49 @@ def postgres():
     shutil.chown(d, "postgres", "postgres")
     (d / "pw").write_text(SECRET + "\n")
     shutil.chown(d / "pw", "postgres", "postgres")
-    _as_postgres(str(pg / "initdb"), "-D", str(d / "data"), "-U", "postgres", "-E", "UTF8",
-                 "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={d / 'pw'}",
-                 "--no-sync")
+    _as_postgres(
+        str(pg / "initdb"),
+        "-D",
+        str(d / "data"),
+        "-U",
+        "postgres",
+        "-E",
+        "UTF8",
+        "--auth-local=trust",
+        "--auth-host=scram-sha-256",
+        f"--pwfile={d / 'pw'}",
+        "--no-sync",
+    )
     port = free_port()
     log = (d / "postgres.log").open("wb")
-    proc = subprocess.Popen(["runuser", "-u", "postgres", "--", str(pg / "postgres"), "-D",
-                             str(d / "data"), "-p", str(port), "-k", str(d), "-c",
-                             "listen_addresses=127.0.0.1", "-c", "fsync=off"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            str(pg / "postgres"),
+            "-D",
+            str(d / "data"),
+            "-p",
+            str(port),
+            "-k",
+            str(d),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     import psycopg2
 
     def connect(db: str = "postgres", user: str = "postgres"):
-        return psycopg2.connect(host="127.0.0.1", port=port, user=user, password=SECRET,
-                                dbname=db, connect_timeout=5)
+        return psycopg2.connect(
+            host="127.0.0.1", port=port, user=user, password=SECRET, dbname=db, connect_timeout=5
+        )
 
     try:
         deadline = time.time() + 60
@@ -93,8 +124,9 @@ def postgres():
                 conn = connect()
                 break
             except psycopg2.OperationalError:
-                assert proc.poll() is None and time.time() < deadline, \
-                    (d / "postgres.log").read_text()[-2000:]
+                assert proc.poll() is None and time.time() < deadline, (d / "postgres.log").read_text()[
+                    -2000:
+                ]
                 time.sleep(0.2)
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -115,12 +147,21 @@ def _url(name: str, port: int, password: str = SECRET) -> str:
 
 
 def _cli(project: Path, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("PREFECT_", "MLFLOW_", "MOONFORGE_"))}
-    return subprocess.run([MOONFORGE, *args], cwd=project, capture_output=True, text=True,
-                          timeout=timeout, env={**base, "PREFECT_HOME": str(project / ".client-home"),
-                                                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                                                "COLUMNS": "200", **env})
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "MOONFORGE_"))}
+    return subprocess.run(
+        [MOONFORGE, *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={
+            **base,
+            "PREFECT_HOME": str(project / ".client-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "COLUMNS": "200",
+            **env,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +176,19 @@ def project(tmp_path_factory, _dvc_template) -> Path:
 @pytest.fixture(scope="module")
 def servers(project, postgres):
     port, _ = postgres
-    res = _cli(project, "server", "up", "--prefect-port", str(free_port()), "--mlflow-port",
-               str(free_port()), "--prefect-db", _url("prefect", port), "--mlflow-db",
-               _url("mlflow", port))
+    res = _cli(
+        project,
+        "server",
+        "up",
+        "--prefect-port",
+        str(free_port()),
+        "--mlflow-port",
+        str(free_port()),
+        "--prefect-db",
+        _url("prefect", port),
+        "--mlflow-db",
+        _url("mlflow", port),
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     try:
         yield res.stdout
@@ -160,17 +211,29 @@ def test_bad_database_urls_refuse_to_start_naming_the_url_not_the_password(postg
     port, _ = postgres
     dead = free_port()
     for args, msg in [
-        (["--prefect-db", _url("prefect", dead)],
-         f"prefect: cannot use its database postgresql+asyncpg://prefect:***@127.0.0.1:{dead}/prefect: "
-         f'connection to server at "127.0.0.1", port {dead} failed: Connection refused'),
-        (["--mlflow-db", _url("mlflow", port, "wrong-" + SECRET)],
-         f"mlflow: cannot use its database postgresql+psycopg2://mlflow:***@127.0.0.1:{port}/mlflow: "
-         f'connection to server at "127.0.0.1", port {port} failed: FATAL: password '
-         'authentication failed for user "mlflow"'),
+        (
+            ["--prefect-db", _url("prefect", dead)],
+            f"prefect: cannot use its database postgresql+asyncpg://prefect:***@127.0.0.1:{dead}/prefect: "
+            f'connection to server at "127.0.0.1", port {dead} failed: Connection refused',
+        ),
+        (
+            ["--mlflow-db", _url("mlflow", port, "wrong-" + SECRET)],
+            f"mlflow: cannot use its database postgresql+psycopg2://mlflow:***@127.0.0.1:{port}/mlflow: "
+            f'connection to server at "127.0.0.1", port {port} failed: FATAL: password '
+            'authentication failed for user "mlflow"',
+        ),
         (["--mlflow-db", "mysql://mlflow:x@db/mlflow"], "use a PostgreSQL URL"),
     ]:
-        res = _cli(tmp_path, "server", "up", "--prefect-port", str(free_port()), "--mlflow-port",
-                   str(free_port()), *args)
+        res = _cli(
+            tmp_path,
+            "server",
+            "up",
+            "--prefect-port",
+            str(free_port()),
+            "--mlflow-port",
+            str(free_port()),
+            *args,
+        )
         err = " ".join(res.stderr.split())
         assert res.returncode == 1, res.stdout + res.stderr
         assert msg in err, err
@@ -196,19 +259,29 @@ def test_a_stage_runs_and_promotes_through_servers_on_postgres(project, postgres
     assert "promoted" in promoted.stdout and "mini@champion" in promoted.stdout
 
     # Prefect's database: the lifecycle flow run and a task run per stage
-    flows = _rows(connect, "prefect", "SELECT f.name, r.state_type FROM flow_run r "
-                                      "JOIN flow f ON f.id = r.flow_id")
+    flows = _rows(
+        connect, "prefect", "SELECT f.name, r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id"
+    )
     assert ("lifecycle", "COMPLETED") in flows
-    tasks = {n for (n,) in _rows(connect, "prefect", "SELECT name FROM task_run "
-                                                     "WHERE state_type = 'COMPLETED'")}
+    tasks = {
+        n for (n,) in _rows(connect, "prefect", "SELECT name FROM task_run WHERE state_type = 'COMPLETED'")
+    }
     assert {"lm_pretrain", "vit_pretrain", "align"} <= tasks
     # MLflow's: the stage runs, finished, and the model version the alias points at
-    runs = _rows(connect, "mlflow", "SELECT t.value, r.status FROM runs r JOIN tags t ON "
-                                    "t.run_uuid = r.run_uuid WHERE t.key = 'moonforge.stage'")
+    runs = _rows(
+        connect,
+        "mlflow",
+        "SELECT t.value, r.status FROM runs r JOIN tags t ON "
+        "t.run_uuid = r.run_uuid WHERE t.key = 'moonforge.stage'",
+    )
     assert {("lm_pretrain", "FINISHED"), ("vit_pretrain", "FINISHED"), ("align", "FINISHED")} <= set(runs)
-    aliases = _rows(connect, "mlflow", "SELECT a.alias, v.version, v.run_id FROM "
-                                       "registered_model_aliases a JOIN model_versions v ON "
-                                       "v.name = a.name AND v.version = a.version WHERE a.name = 'mini'")
+    aliases = _rows(
+        connect,
+        "mlflow",
+        "SELECT a.alias, v.version, v.run_id FROM "
+        "registered_model_aliases a JOIN model_versions v ON "
+        "v.name = a.name AND v.version = a.version WHERE a.name = 'mini'",
+    )
     assert {a for a, _, _ in aliases} >= {"champion", "candidate"}
     champion = next(r for r in aliases if r[0] == "champion")
     assert (champion[2],) in _rows(connect, "mlflow", "SELECT run_uuid FROM runs")

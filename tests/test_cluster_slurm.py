@@ -41,10 +41,16 @@ from conftest import REPO, mini_recipe, stop_process
 BIN = Path(sys.executable).parent
 POOL = "moonforge-slurm"
 RERUN = "rerun/mini-lm_pretrain"
-STAGE_SETS = ["data=[]", "num_steps=8", "micro_batch_size=1", "checkpoint_every=2",
-              "launcher.kind=torchrun", "launcher.nproc_per_node=2"]
+STAGE_SETS = [
+    "data=[]",
+    "num_steps=8",
+    "micro_batch_size=1",
+    "checkpoint_every=2",
+    "launcher.kind=torchrun",
+    "launcher.nproc_per_node=2",
+]
 """The toy stage reads no dataset (data=[]: no DVC check, which concurrent jobs would contend for)."""
-TOY_SITE = f"""# Test-only startup hook (tests/test_cluster_slurm.py): route every stage kind to the toy stage.
+TOY_SITE = f"""# Test-only startup hook (tests/test_cluster_slurm.py): every stage kind runs the toy stage.
 import os, sys
 if os.environ.get("MOONFORGE_TOY_STAGES") == "1":
     sys.path.insert(0, {str(REPO / "tests")!r})
@@ -59,8 +65,7 @@ def _local_cluster():
     import importlib.util
 
     if "_local_slurm" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("_local_slurm",
-                                                      REPO / "infra/slurm/local_cluster.py")
+        spec = importlib.util.spec_from_file_location("_local_slurm", REPO / "infra/slurm/local_cluster.py")
         sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses need it
         spec.loader.exec_module(sys.modules[spec.name])
     return sys.modules["_local_slurm"]
@@ -71,9 +76,11 @@ def slurm_or_skip():
     missing = local.missing_tools()
     if missing or os.geteuid() != 0:
         why = f"missing {', '.join(missing)}" if missing else "not root (slurmd runs as root)"
-        pytest.skip(f"no local Slurm: {why} (issue 13, Slurm test; skip expires 2026-12-31): "
-                    "install Debian's slurm-wlm and munge with `make slurm` as root (`make test` "
-                    "does this when it runs as root with apt)")
+        pytest.skip(
+            f"no local Slurm: {why} (issue 13, Slurm test; skip expires 2026-12-31): "
+            "install Debian's slurm-wlm and munge with `make slurm` as root (`make test` "
+            "does this when it runs as root with apt)"
+        )
     return local
 
 
@@ -88,13 +95,22 @@ def slurm():
         yield cluster
     finally:
         env = {**os.environ, **cluster.env()}
-        left = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
-                              env=env).stdout.split() if "slurmctld" in cluster.procs else []
+        left = (
+            subprocess.run(
+                ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=env
+            ).stdout.split()
+            if "slurmctld" in cluster.procs
+            else []
+        )
         if left:  # a failed test's jobs: their processes must not outlive the cluster
             subprocess.run(["scancel", *left], env=env)
             deadline = time.time() + 60
-            while time.time() < deadline and subprocess.run(
-                    ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=env).stdout.strip():
+            while (
+                time.time() < deadline
+                and subprocess.run(
+                    ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=env
+                ).stdout.strip()
+            ):
                 time.sleep(1)
         for name in reversed(local.DAEMONS):
             if name in cluster.procs:
@@ -103,10 +119,18 @@ def slurm():
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "MLFLOW_", "MOONFORGE_", "SLURM_", "SBATCH_"))}
-    return {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PATH": f"{BIN}:{env['PATH']}", **extra}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "MLFLOW_", "MOONFORGE_", "SLURM_", "SBATCH_"))
+    }
+    return {
+        **env,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PATH": f"{BIN}:{env['PATH']}",
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -116,20 +140,36 @@ def project(tmp_path_factory, _dvc_template, _mlflow_template) -> Path:
     shutil.copytree(_dvc_template, proj, symlinks=True)
     shutil.copytree(REPO / "recipes", proj / "recipes")
     (proj / "recipes" / "mini.yaml").write_text(yaml.safe_dump(mini_recipe(), sort_keys=False))
-    shutil.copytree(REPO / "infra" / "slurm", proj / "infra" / "slurm",
-                    ignore=shutil.ignore_patterns("flow-run.sbatch", "__pycache__"))
+    shutil.copytree(
+        REPO / "infra" / "slurm",
+        proj / "infra" / "slurm",
+        ignore=shutil.ignore_patterns("flow-run.sbatch", "__pycache__"),
+    )
     (proj / ".moonforge" / "slurm-logs").mkdir(parents=True)
     for db in ("mlflow.db", "mlflow-timelimit.db"):  # migrated once per session (conftest)
         shutil.copy(_mlflow_template, proj / ".moonforge" / db)
     (proj / ".toy-site").mkdir()
     (proj / ".toy-site" / "sitecustomize.py").write_text(TOY_SITE)
-    site = {"job_name": "moonforge", "partition": "debug", "nodes": 1, "gpus_per_node": 0,
-            "cpus_per_node": 2, "exclusive": False, "time_limit": "0:30:00",
-            "log_dir": str(proj / ".moonforge" / "slurm-logs"), "moonforge_home": str(proj),
-            "venv": str(BIN.parent), "env": {}}
+    site = {
+        "job_name": "moonforge",
+        "partition": "debug",
+        "nodes": 1,
+        "gpus_per_node": 0,
+        "cpus_per_node": 2,
+        "exclusive": False,
+        "time_limit": "0:30:00",
+        "log_dir": str(proj / ".moonforge" / "slurm-logs"),
+        "moonforge_home": str(proj),
+        "venv": str(BIN.parent),
+        "env": {},
+    }
     (proj / "cluster.yaml").write_text(yaml.safe_dump(site))
-    subprocess.run([sys.executable, "infra/slurm/render.py", "--config", "cluster.yaml"],
-                   cwd=proj, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "infra/slurm/render.py", "--config", "cluster.yaml"],
+        cwd=proj,
+        check=True,
+        capture_output=True,
+    )
     return proj
 
 
@@ -160,13 +200,25 @@ def worker(project, slurm, api, client):
     except ObjectAlreadyExists:
         pass
     log = project / "worker.log"
-    env = _env(project / ".worker-home", PREFECT_API_URL=api, MOONFORGE_HOME=str(project),
-               PREFECT_WORKER_QUERY_SECONDS="1", MOONFORGE_SLURM_POLL_S="1",
-               PYTHONPATH=str(project / ".toy-site"), MOONFORGE_TOY_STAGES="1", **slurm.env())
+    env = _env(
+        project / ".worker-home",
+        PREFECT_API_URL=api,
+        MOONFORGE_HOME=str(project),
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        MOONFORGE_SLURM_POLL_S="1",
+        PYTHONPATH=str(project / ".toy-site"),
+        MOONFORGE_TOY_STAGES="1",
+        **slurm.env(),
+    )
     with log.open("wb") as fh:
-        proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL],
-                                cwd=project, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", POOL],
+            cwd=project,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield log
     finally:
@@ -175,10 +227,14 @@ def worker(project, slurm, api, client):
 
 @pytest.fixture(scope="module")
 def deployed(project, api, worker) -> None:
-    res = subprocess.run([str(BIN / "moonforge"), "deploy", "--recipe", "recipes/mini.yaml",
-                          "--pool", POOL], cwd=project, capture_output=True, text=True,
-                         timeout=240, env={**_env(project / ".client-home"), "COLUMNS": "200",
-                                           "PREFECT_API_URL": api})
+    res = subprocess.run(
+        [str(BIN / "moonforge"), "deploy", "--recipe", "recipes/mini.yaml", "--pool", POOL],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**_env(project / ".client-home"), "COLUMNS": "200", "PREFECT_API_URL": api},
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"pool {POOL}, process" in res.stdout
 
@@ -189,9 +245,16 @@ def _start(client, project: Path, sets: list[str], **env: str):
 
     d = client.read_deployment_by_name(RERUN)
     env = {"MOONFORGE_TOY_STEP_SLEEP": "0", **env}
-    params = {"params": {"recipe": "recipes/mini.yaml", "stage": "lm_pretrain", "from_ref": None,
-                         "downstream": False, "project": str(project),
-                         "overrides": [f"stages.lm_pretrain.{s}" for s in sets]}}
+    params = {
+        "params": {
+            "recipe": "recipes/mini.yaml",
+            "stage": "lm_pretrain",
+            "from_ref": None,
+            "downstream": False,
+            "project": str(project),
+            "overrides": [f"stages.lm_pretrain.{s}" for s in sets],
+        }
+    }
     jv = {"env": {**(d.job_variables or {}).get("env", {}), **env}}
     return run_deployment(RERUN, parameters=params, job_variables=jv, timeout=0, as_subflow=False)
 
@@ -205,8 +268,10 @@ def _wait(client, fr, worker_log: Path, timeout: float = 300):
         if fr.state.is_final() and not fr.state.is_crashed():
             return fr
         if time.time() > deadline:
-            pytest.fail(f"flow run {fr.id} still {fr.state.name} after {timeout:.0f}s:\n"
-                        + worker_log.read_text(errors="replace")[-4000:])
+            pytest.fail(
+                f"flow run {fr.id} still {fr.state.name} after {timeout:.0f}s:\n"
+                + worker_log.read_text(errors="replace")[-4000:]
+            )
         time.sleep(1)
 
 
@@ -222,8 +287,12 @@ def _slurm_job(project: Path, fr, timeout: float = 120) -> str:
 
 
 def _scontrol(slurm, job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
-                         text=True, env={**os.environ, **slurm.env()}).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **slurm.env()},
+    ).stdout
     return dict(re.findall(r"(\S+?)=(\S*)", out))
 
 
@@ -235,10 +304,15 @@ def _checkpoints(store: Path, pattern: str) -> list[Path]:
 def timelimit_run(client, project, deployed):
     """Started first, finished last: a long lm_pretrain (one process, mostly asleep, its own
     store and MLflow file) in a job with a 1-minute time limit."""
-    return _start(client, project, ["data=[]", "num_steps=100000", "checkpoint_every=1"],
-                  SBATCH_TIMELIMIT="1", MOONFORGE_TOY_STEP_SLEEP="0.5",
-                  MOONFORGE_STORE=str(project / ".store-timelimit"),
-                  MLFLOW_TRACKING_URI=f"sqlite:///{project / '.moonforge' / 'mlflow-timelimit.db'}")
+    return _start(
+        client,
+        project,
+        ["data=[]", "num_steps=100000", "checkpoint_every=1"],
+        SBATCH_TIMELIMIT="1",
+        MOONFORGE_TOY_STEP_SLEEP="0.5",
+        MOONFORGE_STORE=str(project / ".store-timelimit"),
+        MLFLOW_TRACKING_URI=f"sqlite:///{project / '.moonforge' / 'mlflow-timelimit.db'}",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -276,10 +350,11 @@ def bad_runs(client, project, slurm, deployed) -> dict:
 
     dead = project / "slurm-down.conf"
     dead.write_text(conf.replace(f"SlurmctldPort={port}", f"SlurmctldPort={free_port()}"))
-    return {"down": (_start(client, project, STAGE_SETS, SLURM_CONF=str(dead)), dead),
-            "partition": _start(client, project, STAGE_SETS, SBATCH_PARTITION="gpu-h100"),
-            "account": _start(client, project, STAGE_SETS, SBATCH_PARTITION="restricted",
-                              SBATCH_ACCOUNT="nope")}
+    return {
+        "down": (_start(client, project, STAGE_SETS, SLURM_CONF=str(dead)), dead),
+        "partition": _start(client, project, STAGE_SETS, SBATCH_PARTITION="gpu-h100"),
+        "account": _start(client, project, STAGE_SETS, SBATCH_PARTITION="restricted", SBATCH_ACCOUNT="nope"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -301,8 +376,14 @@ def test_the_rerun_resumes_and_records_the_slurm_job(resumed, client, project, w
 
     info = resolve_ref("lm_pretrain@latest", open_store(project), project)
     lineage = info.lineage()
-    assert lineage["scheduler"] == {"kind": "slurm", "job_id": job, "cluster": "moonforge-local",
-                                    "partition": "debug", "nodes": "mfnode", "num_nodes": "1"}
+    assert lineage["scheduler"] == {
+        "kind": "slurm",
+        "job_id": job,
+        "cluster": "moonforge-local",
+        "partition": "debug",
+        "nodes": "mfnode",
+        "num_nodes": "1",
+    }
     assert lineage["prefect_flow_run_id"] == str(fr.id) and lineage["world_size"] == 2
     assert not _checkpoints(project / ".moonforge" / "store", ".partial-*")  # consumed
     mlflow = MlflowClient(f"sqlite:///{project / '.moonforge' / 'mlflow.db'}")
@@ -322,8 +403,11 @@ def _failed(client, fr, worker) -> str:
 def test_slurm_down_names_the_controller_and_the_fix(bad_runs, client, worker):
     fr, dead = bad_runs["down"]
     msg = _failed(client, fr, worker)
-    assert re.search(rf"the Slurm controller localhost:\d+ \(SlurmctldHost in {dead}\) does not "
-                     r"answer from .*: `scontrol ping` says .*DOWN.*Start slurmctld", msg), msg
+    assert re.search(
+        rf"the Slurm controller localhost:\d+ \(SlurmctldHost in {dead}\) does not "
+        r"answer from .*: `scontrol ping` says .*DOWN.*Start slurmctld",
+        msg,
+    ), msg
 
 
 def test_a_partition_the_cluster_lacks_is_named_with_those_it_has(bad_runs, client, worker):
@@ -332,17 +416,20 @@ def test_a_partition_the_cluster_lacks_is_named_with_those_it_has(bad_runs, clie
     assert "set `partition:` in infra/slurm/cluster.yaml" in msg
 
 
-def test_an_account_the_partition_refuses_is_cancelled_not_left_waiting(bad_runs, client, slurm,
-                                                                        worker):
+def test_an_account_the_partition_refuses_is_cancelled_not_left_waiting(bad_runs, client, slurm, worker):
     msg = _failed(client, bad_runs["account"], worker)
-    m = re.search(r"Slurm job (\d+) can never start: it waits with Reason=\S*account\S* "
-                  r"\(partition restricted, account nope\); cancelled it", msg)
+    m = re.search(
+        r"Slurm job (\d+) can never start: it waits with Reason=\S*account\S* "
+        r"\(partition restricted, account nope\); cancelled it",
+        msg,
+    )
     assert m, msg
     assert _scontrol(slurm, m.group(1))["JobState"] == "CANCELLED"
 
 
 def test_a_job_killed_by_its_time_limit_is_reported_as_such_and_resumable(
-        timelimit_run, resumed, client, project, slurm, worker):
+    timelimit_run, resumed, client, project, slurm, worker
+):
     fr = _wait(client, timelimit_run, worker, timeout=300)
     job = _slurm_job(project, fr)
     assert fr.state.is_failed(), (fr.state.name, fr.state.message)

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from frozen_code import package_copy
 
 from moonforge.registry.fingerprint import code_version, explain_diff, fingerprint_inputs
@@ -24,7 +23,7 @@ from moonforge.stages.catalog import LIFECYCLE
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("lm_pretrain",) + LIFECYCLE
-LOSS_LINE = "    metrics[\"supervised_frac\"] = batch.num_targets / max(batch.num_tokens, 1)\n"
+LOSS_LINE = '    metrics["supervised_frac"] = batch.num_targets / max(batch.num_tokens, 1)\n'
 
 
 def edit(path: Path, old: str, new: str) -> None:
@@ -50,8 +49,9 @@ def test_docstrings_layout_planner_builder_and_cli_change_no_stage(tmp_path):
     root = package_copy(tmp_path)
     before = {k: code_version(k, root) for k in KINDS}
     assert before == {k: code_version(k, REPO) for k in KINDS}  # the copy is the checkout's code
-    assert not any("plan" in m or "data.build" in m or "flows" in m
-                   for v in before.values() for m in v.modules)
+    assert not any(
+        "plan" in m or "data.build" in m or "flows" in m for v in before.values() for m in v.modules
+    )
     cosmetic_edits(root)
     assert {k: code_version(k, root) for k in KINDS} == before
 
@@ -62,8 +62,11 @@ def test_a_one_line_loss_edit_changes_only_the_stages_that_run_it(tmp_path):
 
     root = package_copy(tmp_path)
     before = {k: code_version(k, root) for k in KINDS}
-    edit(root / "stages" / "sft.py", LOSS_LINE, LOSS_LINE.replace("max(batch.num_tokens, 1)",
-                                                                  "max(batch.num_tokens, 2)"))
+    edit(
+        root / "stages" / "sft.py",
+        LOSS_LINE,
+        LOSS_LINE.replace("max(batch.num_tokens, 1)", "max(batch.num_tokens, 2)"),
+    )
     after = {k: code_version(k, root) for k in KINDS}
     assert {k for k in KINDS if after[k] != before[k]} == {"sft", "long_cot_sft"}
     cfg = load_recipe(REPO / "recipes" / "tiny.yaml").stage("sft")

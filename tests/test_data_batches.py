@@ -12,14 +12,25 @@ from test_data_helpers import tiny_data
 
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.data.batches import (
-    caption_docs, grounding_text, image_text_batches, lm_batches, long_docs, qa_docs, text_docs,
+    caption_docs,
+    grounding_text,
+    image_text_batches,
+    lm_batches,
+    long_docs,
+    qa_docs,
+    text_docs,
 )
 from moonforge.stages.data.evalsets import (
-    lm_eval_batches, needle_eval_items, retrieval_eval_batch, vqa_eval_items,
+    lm_eval_batches,
+    needle_eval_items,
+    retrieval_eval_batch,
+    vqa_eval_items,
 )
 from moonforge.stages.data.images import TooManyCorruptImagesError
 from moonforge.stages.data.records import (
-    read_image_records, read_longdoc_records, read_text_records,
+    read_image_records,
+    read_longdoc_records,
+    read_text_records,
 )
 from moonforge.stages.data.sources import VisionSpec
 
@@ -41,10 +52,13 @@ def ds():
 
 def _sources(ds, **extra):
     tok = ds["tok"]
-    return {"text": text_docs(ds["text"], tok),
-            "caption": caption_docs(ds["img"], ds["img_root"], tok),
-            "qa": qa_docs(ds["img"], ds["img_root"], tok),
-            "long": long_docs(ds["long"], tok, max_tokens=300), **extra}
+    return {
+        "text": text_docs(ds["text"], tok),
+        "caption": caption_docs(ds["img"], ds["img_root"], tok),
+        "qa": qa_docs(ds["img"], ds["img_root"], tok),
+        "long": long_docs(ds["long"], tok, max_tokens=300),
+        **extra,
+    }
 
 
 def _media_runs(row: list[int], media_pad: int) -> list[int]:
@@ -60,8 +74,17 @@ def _media_runs(row: list[int], media_pad: int) -> list[int]:
 
 def test_media_tokens_match_image_features(ds):
     tok = ds["tok"]
-    it = lm_batches(_sources(ds), lambda s: {"text": 0.3, "caption": 0.3, "qa": 0.3, "long": 0.1},
-                    tok, seq_len=128, batch_size=4, seed=0, patch_size=P, merge_size=M, max_patches=CAP)
+    it = lm_batches(
+        _sources(ds),
+        lambda s: {"text": 0.3, "caption": 0.3, "qa": 0.3, "long": 0.1},
+        tok,
+        seq_len=128,
+        batch_size=4,
+        seed=0,
+        patch_size=P,
+        merge_size=M,
+        max_patches=CAP,
+    )
     with_images = 0
     for _ in range(8):
         b = next(it)
@@ -95,8 +118,17 @@ def test_qa_loss_is_on_the_answer_only(ds):
 
 def test_mixture_weights_are_token_shares(ds):
     tok = ds["tok"]
-    it = lm_batches(_sources(ds), lambda s: {"text": 0.6, "qa": 0.25, "long": 0.15},
-                    tok, seq_len=128, batch_size=8, seed=1, patch_size=P, merge_size=M, max_patches=CAP)
+    it = lm_batches(
+        _sources(ds),
+        lambda s: {"text": 0.6, "qa": 0.25, "long": 0.15},
+        tok,
+        seq_len=128,
+        batch_size=8,
+        seed=1,
+        patch_size=P,
+        merge_size=M,
+        max_patches=CAP,
+    )
     for _ in range(40):
         next(it)
     total = sum(it.tokens_by_source.values())
@@ -108,8 +140,17 @@ def test_mixture_weights_are_token_shares(ds):
 
 def test_weights_follow_the_step(ds):
     tok = ds["tok"]
-    it = lm_batches(_sources(ds), lambda s: {"text": 1.0} if s < 3 else {"qa": 1.0},
-                    tok, seq_len=64, batch_size=4, seed=0, patch_size=P, merge_size=M, max_patches=CAP)
+    it = lm_batches(
+        _sources(ds),
+        lambda s: {"text": 1.0} if s < 3 else {"qa": 1.0},
+        tok,
+        seq_len=64,
+        batch_size=4,
+        seed=0,
+        patch_size=P,
+        merge_size=M,
+        max_patches=CAP,
+    )
     early = [next(it) for _ in range(3)]
     assert all(b.pixels_NP is None and int(b.media_mask_BL.sum()) == 0 for b in early)
     late = [next(it) for _ in range(6)][-1]
@@ -120,10 +161,18 @@ def test_weights_follow_the_step(ds):
 
 def test_image_text_batches_progressive_resolution(ds):
     tok = ds["tok"]
-    it = image_text_batches(ds["img"], ds["img_root"], tok, batch_size=16,
-                            max_patches_at=lambda s: 16 if s < 2 else 64,
-                            text_targets=("caption", "alt_text", "ocr", "grounding"),
-                            patch_size=P, merge_size=M, seed=0, max_text_len=24)
+    it = image_text_batches(
+        ds["img"],
+        ds["img_root"],
+        tok,
+        batch_size=16,
+        max_patches_at=lambda s: 16 if s < 2 else 64,
+        text_targets=("caption", "alt_text", "ocr", "grounding"),
+        patch_size=P,
+        merge_size=M,
+        seed=0,
+        max_text_len=24,
+    )
     batches = [next(it) for _ in range(4)]
     for k, b in enumerate(batches):
         cap = 16 if k < 2 else 64
@@ -133,7 +182,7 @@ def test_image_text_batches_progressive_resolution(ds):
         lengths = b.text_mask_BL.sum(1)
         assert b.text_ids_BL.shape[1] <= 24
         for row, n in zip(b.text_ids_BL.tolist(), lengths.tolist()):
-            assert row[0] == tok.eos_id and row[n - 1] == tok.eos_id and tok.eos_id not in row[1:n - 1]
+            assert row[0] == tok.eos_id and row[n - 1] == tok.eos_id and tok.eos_id not in row[1 : n - 1]
             assert row[n:] == [tok.pad_id] * (len(row) - n)
     assert int(batches[3].grid_hw.prod(1).max()) > 16
 
@@ -160,14 +209,33 @@ def corrupt_split(tmp_path):
 
 def test_corrupt_image_is_skipped_and_counted(ds, corrupt_split):
     root, recs = corrupt_split
-    it = image_text_batches(recs, root, ds["tok"], batch_size=20, max_patches_at=lambda s: 64,
-                            text_targets=("caption",), patch_size=P, merge_size=M, seed=0,
-                            max_text_len=16, max_corrupt_frac=0.05)
+    it = image_text_batches(
+        recs,
+        root,
+        ds["tok"],
+        batch_size=20,
+        max_patches_at=lambda s: 64,
+        text_targets=("caption",),
+        patch_size=P,
+        merge_size=M,
+        seed=0,
+        max_text_len=16,
+        max_corrupt_frac=0.05,
+    )
     for _ in range(4):  # two epochs over 40 records
         assert next(it).num_images == 20
     assert 1 <= it.skipped <= 3 and it.loader.corrupt == {recs[3].image}
-    lm = lm_batches({"cap": caption_docs(recs, root, ds["tok"], max_corrupt_frac=0.05)},
-                    lambda s: {"cap": 1.0}, ds["tok"], 128, 8, 0, P, M, CAP)
+    lm = lm_batches(
+        {"cap": caption_docs(recs, root, ds["tok"], max_corrupt_frac=0.05)},
+        lambda s: {"cap": 1.0},
+        ds["tok"],
+        128,
+        8,
+        0,
+        P,
+        M,
+        CAP,
+    )
     for _ in range(8):
         next(lm)
     assert lm.skipped >= 1
@@ -175,9 +243,19 @@ def test_corrupt_image_is_skipped_and_counted(ds, corrupt_split):
 
 def test_too_many_corrupt_images_raise(ds, corrupt_split):
     root, recs = corrupt_split
-    it = image_text_batches(recs, root, ds["tok"], batch_size=40, max_patches_at=lambda s: 64,
-                            text_targets=("caption",), patch_size=P, merge_size=M, seed=0,
-                            max_text_len=16, dataset_name="toyworld/val")
+    it = image_text_batches(
+        recs,
+        root,
+        ds["tok"],
+        batch_size=40,
+        max_patches_at=lambda s: 64,
+        text_targets=("caption",),
+        patch_size=P,
+        merge_size=M,
+        seed=0,
+        max_text_len=16,
+        dataset_name="toyworld/val",
+    )
     with pytest.raises(TooManyCorruptImagesError, match=r"'toyworld/val': 1 of 40 images are corrupt"):
         next(it)
 

@@ -28,6 +28,7 @@ from moonforge.stages.data.user_sets import DeclaredSet
 
 # -- the shared content -------------------------------------------------------------------------
 
+
 def png_bytes() -> bytes:
     img = Image.new("RGB", (24, 16), (200, 30, 30))
     img.paste((20, 20, 220), (4, 4, 12, 12))
@@ -49,8 +50,11 @@ IMAGES = {"img0.png": png_bytes(), "img1.jpg": jpeg_bytes()}
 # (system, [(user, assistant), ...], image file or None): three dialogues, one text-only
 DIALOGUES = [
     (None, [("<image>\nWhat color is the square?", "blue")], "img0.png"),
-    ("Be brief.", [("<image>\nDescribe the picture.", "a yellow square on green"),
-                   ("How many squares?", "1")], "img1.jpg"),
+    (
+        "Be brief.",
+        [("<image>\nDescribe the picture.", "a yellow square on green"), ("How many squares?", "1")],
+        "img1.jpg",
+    ),
     (None, [("What is 2 + 3?", "5")], None),
 ]
 PAIRS = [("img0.png", "a blue square on red"), ("img1.jpg", "a yellow square on green")]
@@ -96,18 +100,37 @@ def root(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("declared")
     for name, data in IMAGES.items():
         _write(base / "images" / name, data)
-    llava = [{"id": f"d{i}", **({"image": img} if img else {}),
-              "conversations": _sharegpt_msgs(sys, turns)} for i, (sys, turns, img) in enumerate(DIALOGUES)]
+    llava = [
+        {"id": f"d{i}", **({"image": img} if img else {}), "conversations": _sharegpt_msgs(sys, turns)}
+        for i, (sys, turns, img) in enumerate(DIALOGUES)
+    ]
     _write(base / "llava" / "train.json", llava)
-    sharegpt = [{"conversations": _sharegpt_msgs(None, turns), **({"system": sys} if sys else {}),
-                 "images": [img] if img else []} for sys, turns, img in DIALOGUES]
+    sharegpt = [
+        {
+            "conversations": _sharegpt_msgs(None, turns),
+            **({"system": sys} if sys else {}),
+            "images": [img] if img else [],
+        }
+        for sys, turns, img in DIALOGUES
+    ]
     _write(base / "sharegpt" / "train.jsonl", sharegpt)
-    _parquet(base / "sharegpt_pq" / "train.parquet",
-             [{"conversations": _sharegpt_msgs(sys, turns), "images": [_struct(img)] if img else []}
-              for sys, turns, img in DIALOGUES])
-    _write(base / "messages" / "train.jsonl",
-           [{"messages": _sharegpt_msgs(sys, turns, "role", "content", "user", "assistant"),
-             "images": [img] if img else []} for sys, turns, img in DIALOGUES])
+    _parquet(
+        base / "sharegpt_pq" / "train.parquet",
+        [
+            {"conversations": _sharegpt_msgs(sys, turns), "images": [_struct(img)] if img else []}
+            for sys, turns, img in DIALOGUES
+        ],
+    )
+    _write(
+        base / "messages" / "train.jsonl",
+        [
+            {
+                "messages": _sharegpt_msgs(sys, turns, "role", "content", "user", "assistant"),
+                "images": [img] if img else [],
+            }
+            for sys, turns, img in DIALOGUES
+        ],
+    )
     openai = []
     for i, (sys, turns, img) in enumerate(DIALOGUES):
         msgs = [{"role": "system", "content": sys}] if sys else []
@@ -115,8 +138,12 @@ def root(tmp_path_factory) -> Path:
             text = u.replace("<image>\n", "")
             parts = [{"type": "text", "text": text}]
             if j == 0 and img:  # dialogue 0: inline data URI; dialogue 1: TRL image marker + column
-                parts.insert(0, {"type": "image_url", "image_url": {"url": _data_uri(img)}}
-                             if i == 0 else {"type": "image"})
+                parts.insert(
+                    0,
+                    {"type": "image_url", "image_url": {"url": _data_uri(img)}}
+                    if i == 0
+                    else {"type": "image"},
+                )
             msgs += [{"role": "user", "content": parts}, {"role": "assistant", "content": a}]
         openai.append({"messages": msgs, **({"images": [img]} if i == 1 else {})})
     _write(base / "openai" / "train.jsonl", openai)
@@ -125,8 +152,11 @@ def root(tmp_path_factory) -> Path:
     with tarfile.open(base / "wds" / "00000.tar", "w") as tf:
         for k, (img, cap) in enumerate(PAIRS):
             ext = img.rsplit(".", 1)[1]
-            for member, data in ((f"{k:05d}.{ext}", IMAGES[img]), (f"{k:05d}.txt", cap.encode()),
-                                 (f"{k:05d}.json", json.dumps({"caption": cap}).encode())):
+            for member, data in (
+                (f"{k:05d}.{ext}", IMAGES[img]),
+                (f"{k:05d}.txt", cap.encode()),
+                (f"{k:05d}.json", json.dumps({"caption": cap}).encode()),
+            ):
                 info = tarfile.TarInfo(member)
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
@@ -136,27 +166,72 @@ def root(tmp_path_factory) -> Path:
     _write(base / "text_json" / "a.json", [{"text": t} for t in TEXTS])
     _parquet(base / "text_pq" / "a.parquet", [{"text": t} for t in TEXTS])
     # RL prompts: verl Parquet and messages + solution JSONL
-    _parquet(base / "verl" / "train.parquet", [
-        {"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "<image>\nHow many squares?"}],
-         "images": [_struct("img0.png")], "ability": "math",
-         "reward_model": {"style": "rule", "ground_truth": "1"}},
-        {"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "What is 2 + 3?"}],
-         "images": [], "ability": "math", "reward_model": {"style": "rule", "ground_truth": "5"}}])
-    _write(base / "rl_messages" / "train.jsonl", [
-        {"messages": [{"role": "user", "content": "<image>\nHow many squares?"}], "images": ["img0.png"],
-         "solution": "1", "source": "openai/gsm8k"},
-        {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "solution": 5,
-         "source": "openai/gsm8k"}])
+    _parquet(
+        base / "verl" / "train.parquet",
+        [
+            {
+                "data_source": "openai/gsm8k",
+                "prompt": [{"role": "user", "content": "<image>\nHow many squares?"}],
+                "images": [_struct("img0.png")],
+                "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": "1"},
+            },
+            {
+                "data_source": "openai/gsm8k",
+                "prompt": [{"role": "user", "content": "What is 2 + 3?"}],
+                "images": [],
+                "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": "5"},
+            },
+        ],
+    )
+    _write(
+        base / "rl_messages" / "train.jsonl",
+        [
+            {
+                "messages": [{"role": "user", "content": "<image>\nHow many squares?"}],
+                "images": ["img0.png"],
+                "solution": "1",
+                "source": "openai/gsm8k",
+            },
+            {
+                "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+                "solution": 5,
+                "source": "openai/gsm8k",
+            },
+        ],
+    )
     # preference pairs: plain TRL JSONL and conversational TRL Parquet
-    _write(base / "pref" / "train.jsonl", [
-        {"prompt": "Which color is the square?", "images": ["img0.png"], "chosen": "blue",
-         "rejected": "The square in the picture is blue."}])
-    _parquet(base / "pref_pq" / "train.parquet", [
-        {"prompt": [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": "Which color is the square?"}]}],
-         "chosen": [{"role": "assistant", "content": "blue"}],
-         "rejected": [{"role": "assistant", "content": "The square in the picture is blue."}],
-         "images": [_struct("img0.png")]}])
+    _write(
+        base / "pref" / "train.jsonl",
+        [
+            {
+                "prompt": "Which color is the square?",
+                "images": ["img0.png"],
+                "chosen": "blue",
+                "rejected": "The square in the picture is blue.",
+            }
+        ],
+    )
+    _parquet(
+        base / "pref_pq" / "train.parquet",
+        [
+            {
+                "prompt": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image"},
+                            {"type": "text", "text": "Which color is the square?"},
+                        ],
+                    }
+                ],
+                "chosen": [{"role": "assistant", "content": "blue"}],
+                "rejected": [{"role": "assistant", "content": "The square in the picture is blue."}],
+                "images": [_struct("img0.png")],
+            }
+        ],
+    )
     return base
 
 
@@ -183,18 +258,24 @@ def _same(groups: dict[str, list[Sample]]) -> None:
 def test_every_conversation_format_reads_the_same_dialogues(root):
     groups = {
         "llava": _samples(_set(root, format="llava", path="llava/train.json", images_root="images")),
-        "sharegpt": _samples(_set(root, format="sharegpt", path="sharegpt/train.jsonl",
-                                  images_root="images")),
+        "sharegpt": _samples(
+            _set(root, format="sharegpt", path="sharegpt/train.jsonl", images_root="images")
+        ),
         "sharegpt.parquet": _samples(_set(root, format="sharegpt", path="sharegpt_pq")),
-        "messages": _samples(_set(root, format="messages", path="messages/train.jsonl",
-                                  images_root="images")),
+        "messages": _samples(
+            _set(root, format="messages", path="messages/train.jsonl", images_root="images")
+        ),
         "openai": _samples(_set(root, format="openai", path="openai", images_root="images")),
     }
     _same(groups)
     first = groups["llava"][1]
-    assert first.messages == (("system", "Be brief."), ("user", "<image>\nDescribe the picture."),
-                              ("assistant", "a yellow square on green"),
-                              ("user", "How many squares?"), ("assistant", "1"))
+    assert first.messages == (
+        ("system", "Be brief."),
+        ("user", "<image>\nDescribe the picture."),
+        ("assistant", "a yellow square on green"),
+        ("user", "How many squares?"),
+        ("assistant", "1"),
+    )
     assert [s.kind for s in groups["openai"]] == ["chat"] * 3 and groups["openai"][2].images == ()
     # JPEG and PNG bytes arrive unchanged whichever way they were stored
     assert groups["openai"][0].images[0].read_bytes() == IMAGES["img0.png"]
@@ -202,18 +283,37 @@ def test_every_conversation_format_reads_the_same_dialogues(root):
 
 
 def test_image_text_pairs_text_rl_prompts_and_preferences_read_the_same(root):
-    _same({"webdataset": _samples(_set(root, format="webdataset", path="wds/*.tar")),
-           "parquet": _samples(_set(root, format="parquet", path="pairs_pq"))})
-    _same({"jsonl": _samples(_set(root, format="text", path="text_jsonl")),
-           "json": _samples(_set(root, format="text", path="text_json/a.json")),
-           "parquet": _samples(_set(root, format="text", path="text_pq"))})
-    rl = {"verl": _samples(_set(root, format="verl", path="verl")),
-          "rl_messages": _samples(_set(root, format="rl_messages", path="rl_messages",
-                                       images_root="images", columns={"data_source": "source"}))}
+    _same(
+        {
+            "webdataset": _samples(_set(root, format="webdataset", path="wds/*.tar")),
+            "parquet": _samples(_set(root, format="parquet", path="pairs_pq")),
+        }
+    )
+    _same(
+        {
+            "jsonl": _samples(_set(root, format="text", path="text_jsonl")),
+            "json": _samples(_set(root, format="text", path="text_json/a.json")),
+            "parquet": _samples(_set(root, format="text", path="text_pq")),
+        }
+    )
+    rl = {
+        "verl": _samples(_set(root, format="verl", path="verl")),
+        "rl_messages": _samples(
+            _set(
+                root,
+                format="rl_messages",
+                path="rl_messages",
+                images_root="images",
+                columns={"data_source": "source"},
+            )
+        ),
+    }
     _same(rl)
     assert [(s.answer, s.verifier) for s in rl["verl"]] == [("1", "numeric"), ("5", "numeric")]
-    prefs = {"jsonl": _samples(_set(root, format="preference", path="pref", images_root="images")),
-             "parquet": _samples(_set(root, format="preference", path="pref_pq"))}
+    prefs = {
+        "jsonl": _samples(_set(root, format="preference", path="pref", images_root="images")),
+        "parquet": _samples(_set(root, format="preference", path="pref_pq")),
+    }
     _same(prefs)
     assert prefs["jsonl"][0].messages == (("user", "<image>\nWhich color is the square?"),)
 
@@ -226,14 +326,16 @@ def test_verifier_from_the_recipe_wins_over_data_source(root):
 
 
 def test_num_samples_and_heldout(root):
-    ds = _set(root, format="llava", path="llava/train.json", images_root="images", num_samples=2,
-              num_heldout=1)
+    ds = _set(
+        root, format="llava", path="llava/train.json", images_root="images", num_samples=2, num_heldout=1
+    )
     assert len(ds) == 2 and len(ds.heldout) == 1
     order = ds.order("s")
     assert sorted(order.epoch_ids(0)) == [i for i in range(2) if i not in ds.heldout]
 
 
 # -- bad input ------------------------------------------------------------------------------------
+
 
 def _bad_root(tmp_path: Path) -> Path:
     for name, data in IMAGES.items():
@@ -257,19 +359,22 @@ def _msgs(user="<image>\nWhat is it?", assistant="a square", role="assistant"):
     return [{"role": "user", "content": user}, {"role": role, "content": assistant}]
 
 
-@pytest.mark.parametrize("row,reason,says", [
-    ({"messages": _msgs(), "images": ["nope.png"]}, "missing_image", "no such file"),
-    ({"messages": _msgs(), "images": ["truncated.png"]}, "corrupt_image", "truncated.png"),
-    ({"messages": _msgs(), "images": ["img0.png", "img1.jpg"]}, "image_count", "1 <image> marker"),
-    ({"messages": _msgs(user="<image><image> two?"), "images": ["img0.png"]}, "image_count", "more"),
-    ({"messages": _msgs(assistant="  "), "images": ["img0.png"]}, "empty_assistant", "empty"),
-    ({"messages": _msgs(role="bot"), "images": ["img0.png"]}, "unknown_role", "'bot'"),
-    ({"messages": _msgs(), "images": ["../images/img0.png"]}, "path_escape", "climbs out"),
-    ({"messages": _msgs(), "images": ["/etc/passwd"]}, "path_escape", "absolute"),
-    ({"messages": _msgs(), "images": ["file:///etc/passwd"]}, "path_escape", "absolute"),
-    ({"messages": _msgs(), "images": ["https://example.com/x.png"]}, "remote_image", "never fetches"),
-    ({"conversations": _msgs()}, "column_absent", "'messages'"),
-])
+@pytest.mark.parametrize(
+    "row,reason,says",
+    [
+        ({"messages": _msgs(), "images": ["nope.png"]}, "missing_image", "no such file"),
+        ({"messages": _msgs(), "images": ["truncated.png"]}, "corrupt_image", "truncated.png"),
+        ({"messages": _msgs(), "images": ["img0.png", "img1.jpg"]}, "image_count", "1 <image> marker"),
+        ({"messages": _msgs(user="<image><image> two?"), "images": ["img0.png"]}, "image_count", "more"),
+        ({"messages": _msgs(assistant="  "), "images": ["img0.png"]}, "empty_assistant", "empty"),
+        ({"messages": _msgs(role="bot"), "images": ["img0.png"]}, "unknown_role", "'bot'"),
+        ({"messages": _msgs(), "images": ["../images/img0.png"]}, "path_escape", "climbs out"),
+        ({"messages": _msgs(), "images": ["/etc/passwd"]}, "path_escape", "absolute"),
+        ({"messages": _msgs(), "images": ["file:///etc/passwd"]}, "path_escape", "absolute"),
+        ({"messages": _msgs(), "images": ["https://example.com/x.png"]}, "remote_image", "never fetches"),
+        ({"conversations": _msgs()}, "column_absent", "'messages'"),
+    ],
+)
 def test_bad_records_are_named_with_a_reason(tmp_path, row, reason, says):
     rec = _one(_bad_root(tmp_path), row)
     assert isinstance(rec, BadRecord) and rec.reason == reason and says in rec.detail, rec
@@ -280,8 +385,11 @@ def test_user_mapped_column_absent_is_bad_in_json_and_refused_in_parquet(tmp_pat
     rec = _one(_bad_root(tmp_path), {"messages": _msgs(user="hi")}, columns={"images": "pictures"})
     assert isinstance(rec, BadRecord) and rec.reason == "column_absent" and "'pictures'" in rec.detail
     _parquet(tmp_path / "pq" / "a.parquet", [{"caption": "x", "image": _struct("img0.png")}])
-    with pytest.raises(DatasetFormatError, match=r"column 'text' \(mapped from 'text'\) is absent; "
-                                                 r"the file has columns \['caption', 'image'\]"):
+    with pytest.raises(
+        DatasetFormatError,
+        match=r"column 'text' \(mapped from 'text'\) is absent; "
+        r"the file has columns \['caption', 'image'\]",
+    ):
         _set(tmp_path, format="parquet", path="pq")
 
 
@@ -331,11 +439,12 @@ def test_declaration_refuses_paths_outside_its_directory():
 def test_bad_records_are_skipped_and_counted_up_to_max_bad_fraction(tmp_path):
     root = _bad_root(tmp_path)
     good = {"messages": _msgs(), "images": ["img0.png"]}
-    rows = [good] * 98 + [{"messages": _msgs(role="bot"), "images": ["img0.png"]},
-                          {"messages": _msgs(), "images": ["missing.png"]}]
+    rows = [good] * 98 + [
+        {"messages": _msgs(role="bot"), "images": ["img0.png"]},
+        {"messages": _msgs(), "images": ["missing.png"]},
+    ]
     _write(root / "mix" / "x.jsonl", rows)
-    rep = check_set(_set(root, format="messages", path="mix", images_root="images",
-                         max_bad_fraction=0.02))
+    rep = check_set(_set(root, format="messages", path="mix", images_root="images", max_bad_fraction=0.02))
     assert rep.ok and rep.num_records == 100 and rep.bad == {"unknown_role": 1, "missing_image": 1}
     assert rep.kinds == {"chat+image": 98} and rep.widths.summary()["max"] == 24
     strict = check_set(_set(root, format="messages", path="mix", images_root="images"))
@@ -345,11 +454,14 @@ def test_bad_records_are_skipped_and_counted_up_to_max_bad_fraction(tmp_path):
     assert "failed its check before training" in text and "mix/x.jsonl:99" in text
     assert "unknown_role x1" in text and "2.00%; allowed 1.00%" in text
     assert strict.to_dict()["first_bad"][1] == {
-        "key": "mix/x.jsonl:100", "reason": "missing_image",
-        "detail": f"image {root}/images/missing.png: no such file"}
+        "key": "mix/x.jsonl:100",
+        "reason": "missing_image",
+        "detail": f"image {root}/images/missing.png: no such file",
+    }
 
 
 # -- S3 ---------------------------------------------------------------------------------------------
+
 
 def test_s3_paths_read_through_the_same_readers_and_a_missing_object_is_counted(s3_env, root, tmp_path):
     endpoint, bucket, client = s3_env
@@ -358,10 +470,14 @@ def test_s3_paths_read_through_the_same_readers_and_a_missing_object_is_counted(
     body = (root / "messages" / "train.jsonl").read_bytes()
     body += json.dumps({"messages": _msgs(), "images": ["gone.png"]}).encode() + b"\n"
     client.put_object(Bucket=bucket, Key="set/train.jsonl", Body=body)
-    client.put_object(Bucket=bucket, Key="set/wds/00000.tar",
-                      Body=(root / "wds" / "00000.tar").read_bytes())
-    s3 = _set(tmp_path, format="messages", path=f"s3://{bucket}/set/train.jsonl",
-              images_root=f"s3://{bucket}/set/images", max_bad_fraction=0.5)
+    client.put_object(Bucket=bucket, Key="set/wds/00000.tar", Body=(root / "wds" / "00000.tar").read_bytes())
+    s3 = _set(
+        tmp_path,
+        format="messages",
+        path=f"s3://{bucket}/set/train.jsonl",
+        images_root=f"s3://{bucket}/set/images",
+        max_bad_fraction=0.5,
+    )
     local = _samples(_set(root, format="messages", path="messages/train.jsonl", images_root="images"))
     assert len(s3) == 4
     for a, b in zip(local, [s3.record(i) for i in range(3)]):

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import DVC, REPO
+from test_data_declared_formats import IMAGES, _write
+from test_data_post_helpers import post_data
 
 from moonforge.registry.data_versions import ensure_datasets, read_lock
 from moonforge.registry.errors import DatasetError
@@ -29,10 +32,6 @@ from moonforge.stages.data.user_check import DeclaredDataError
 from moonforge.stages.data.user_mix import DeclaredMix, DeclaredPairs, preference_pairs, weighted_pool
 from moonforge.stages.data.user_sets import DeclaredSet
 from moonforge.stages.recipe import RecipeError, load_recipe
-
-from conftest import DVC, REPO
-from test_data_declared_formats import IMAGES, _write
-from test_data_post_helpers import post_data
 
 LLAVA = {"name": "my_llava", "format": "llava", "path": "a.json", "images_root": "images"}
 PAIRS = {"name": "my_pairs", "format": "webdataset", "path": "*.tar"}
@@ -56,23 +55,30 @@ def test_recipe_copies_declarations_into_the_stages_that_mix_them(tmp_path):
     assert mixed.stage("cooldown").declared == () and plain.stage("sft").declared == ()
     fp = lambda r: fingerprint(fingerprint_inputs(r.stage("sft"), r.model, None, {}, "code"))  # noqa: E731
     assert fp(plain) != fp(mixed)
-    columns = load_recipe(_recipe(tmp_path, [{**LLAVA, "columns": {"images": "img"}}],
-                                  mixture={"my_llava": 0.5}))
+    columns = load_recipe(
+        _recipe(tmp_path, [{**LLAVA, "columns": {"images": "img"}}], mixture={"my_llava": 0.5})
+    )
     assert fp(columns) != fp(mixed)  # the mapping is part of the stage's identity
     # set on the command line
     cli = load_recipe(_recipe(tmp_path, [LLAVA]), ["stages.sft.mixture.my_llava=0.3"])
     assert cli.stage("sft").mixture == {"my_llava": 0.3} and cli.stage("sft").declared[0].name == "my_llava"
 
 
-@pytest.mark.parametrize("datasets,sft,says", [
-    ([PAIRS], {"mixture": {"my_pairs": 0.5}},
-     "format 'webdataset', which stage kind 'sft' does not accept; it accepts: llava, sharegpt, "
-     "messages, openai"),
-    ([LLAVA], {"mixture": {"other": 0.5}}, "does not declare.*moonforge data add other"),
-    ([LLAVA, {**LLAVA, "name": "b"}], {"mixture": {"my_llava": 0.7, "b": 0.6}}, "add up to 1.3 > 1"),
-    ([LLAVA, LLAVA], {}, "declared more than once"),
-    ([{**LLAVA, "format": "csv"}], {}, "datasets"),
-])
+@pytest.mark.parametrize(
+    "datasets,sft,says",
+    [
+        (
+            [PAIRS],
+            {"mixture": {"my_pairs": 0.5}},
+            "format 'webdataset', which stage kind 'sft' does not accept; it accepts: llava, sharegpt, "
+            "messages, openai",
+        ),
+        ([LLAVA], {"mixture": {"other": 0.5}}, "does not declare.*moonforge data add other"),
+        ([LLAVA, {**LLAVA, "name": "b"}], {"mixture": {"my_llava": 0.7, "b": 0.6}}, "add up to 1.3 > 1"),
+        ([LLAVA, LLAVA], {}, "declared more than once"),
+        ([{**LLAVA, "format": "csv"}], {}, "datasets"),
+    ],
+)
 def test_recipe_refuses_bad_declarations_before_anything_runs(tmp_path, datasets, sft, says):
     with pytest.raises(RecipeError, match=says):
         load_recipe(_recipe(tmp_path, datasets, **sft))
@@ -80,18 +86,25 @@ def test_recipe_refuses_bad_declarations_before_anything_runs(tmp_path, datasets
 
 # -- DVC versions -----------------------------------------------------------------------------
 
+
 def test_declared_dataset_version_is_its_dvc_file(tmp_project):
     root = tmp_project
     _write(root / "data" / "my_llava" / "a.json", [{"conversations": []}])
     subprocess.run([DVC, "add", "-q", "data/my_llava"], cwd=root, check=True)
     md5 = yaml.safe_load((root / "data" / "my_llava.dvc").read_text())["outs"][0]["md5"]
-    assert read_lock(root)["my_llava"].digest == md5 == ensure_datasets(root, ["my_llava", "text"])[
-        "my_llava"].digest
+    assert (
+        read_lock(root)["my_llava"].digest
+        == md5
+        == ensure_datasets(root, ["my_llava", "text"])["my_llava"].digest
+    )
     (root / "data" / "my_llava" / "a.json").write_text("[]")
     with pytest.raises(DatasetError, match=r"changed since it was tracked.*dvc add data/my_llava"):
         ensure_datasets(root, ["my_llava"])
-    with pytest.raises(DatasetError, match=r"no data/nothing.dvc: add your own data with "
-                                           r"`moonforge data add nothing PATH --format F`"):
+    with pytest.raises(
+        DatasetError,
+        match=r"no data/nothing.dvc: add your own data with "
+        r"`moonforge data add nothing PATH --format F`",
+    ):
         ensure_datasets(root, ["nothing"])
 
 
@@ -111,6 +124,7 @@ def test_s3_import_is_versioned_without_download(tmp_project, s3_env):
 
 # -- stages ---------------------------------------------------------------------------------------
 
+
 def _declared_root(tmp_path: Path, rows: list) -> Path:
     root = tmp_path / "my_llava"
     for name, data in IMAGES.items():
@@ -120,14 +134,16 @@ def _declared_root(tmp_path: Path, rows: list) -> Path:
 
 
 def test_stage_stops_before_training_when_too_many_records_are_bad(tmp_path):
+    from test_stage_sft import _sft_cfg
+
     import moonforge.stages.sft as sft_mod
     from moonforge.model.config import VLMConfig
 
-    from test_stage_sft import _sft_cfg
-
     d = post_data()
-    good = {"image": "img0.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
-                                                     {"from": "gpt", "value": "blue"}]}
+    good = {
+        "image": "img0.png",
+        "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "blue"}],
+    }
     bad = {**good, "image": "../../etc/passwd"}
     root = _declared_root(tmp_path, [good] * 8 + [bad] * 2)
     cfg = _sft_cfg(mixture={"my_llava": 0.5}, declared=[LLAVA])
@@ -159,7 +175,10 @@ def test_vit_pretrain_mixes_declared_pairs_by_example_share_and_resumes(tmp_path
     pairs_dir.mkdir()
     with tarfile.open(pairs_dir / "00000.tar", "w") as tf:
         for k in range(12):
-            for member, blob in ((f"{k:05d}.png", IMAGES["img0.png"]), (f"{k:05d}.txt", f"pair {k}".encode())):
+            for member, blob in (
+                (f"{k:05d}.png", IMAGES["img0.png"]),
+                (f"{k:05d}.txt", f"pair {k}".encode()),
+            ):
                 info = tarfile.TarInfo(member)
                 info.size = len(blob)
                 tf.addfile(info, io.BytesIO(blob))
@@ -168,9 +187,19 @@ def test_vit_pretrain_mixes_declared_pairs_by_example_share_and_resumes(tmp_path
     tok = _tok()
 
     def make():
-        return image_text_batches(read_image_records(world, "train"), world / "train", tok, 8,
-                                  lambda s: 16, ("caption",), 8, 2, 0, 16,
-                                  extra={"my_pairs": (DeclaredPairs(ds), 0.25)})
+        return image_text_batches(
+            read_image_records(world, "train"),
+            world / "train",
+            tok,
+            8,
+            lambda s: 16,
+            ("caption",),
+            8,
+            2,
+            0,
+            16,
+            extra={"my_pairs": (DeclaredPairs(ds), 0.25)},
+        )
 
     it = make()
     for _ in range(3):
@@ -197,8 +226,17 @@ def test_preference_pairs_encode_prompt_chosen_and_rejected(tmp_path):
     root = tmp_path / "pref"
     for name, data in IMAGES.items():
         _write(root / "images" / name, data)
-    _write(root / "p.jsonl", [{"prompt": "Which colour?", "images": ["img0.png"], "chosen": "blue",
-                               "rejected": "It is a blue square on a red picture."}])
+    _write(
+        root / "p.jsonl",
+        [
+            {
+                "prompt": "Which colour?",
+                "images": ["img0.png"],
+                "chosen": "blue",
+                "rejected": "It is a blue square on a red picture.",
+            }
+        ],
+    )
     decl = {"name": "prefs", "format": "preference", "path": "p.jsonl", "images_root": "images"}
 
     class Cfg:
@@ -215,17 +253,35 @@ def test_preference_pairs_encode_prompt_chosen_and_rejected(tmp_path):
 
 
 def test_lineage_records_what_was_read():
-    metrics = {"data/my_llava/records": 240.0, "data/my_llava/records_used": 300.0,
-               "data/my_llava/heldout": 32.0, "data/my_llava/skipped": 2.0,
-               "data/my_llava/skipped/missing_image": 2.0, "eval/acc": 0.5}
+    metrics = {
+        "data/my_llava/records": 240.0,
+        "data/my_llava/records_used": 300.0,
+        "data/my_llava/heldout": 32.0,
+        "data/my_llava/skipped": 2.0,
+        "data/my_llava/skipped/missing_image": 2.0,
+        "eval/acc": 0.5,
+    }
     counts = dataset_counts("my_llava", metrics)
-    assert counts == {"records": 240, "records_used": 300, "heldout": 32, "skipped": 2,
-                      "skipped_by_reason": {"missing_image": 2}}
+    assert counts == {
+        "records": 240,
+        "records_used": 300,
+        "heldout": 32,
+        "skipped": 2,
+        "skipped_by_reason": {"missing_image": 2},
+    }
     assert dataset_counts("toyworld", metrics) == {}
     from rich.console import Console
 
-    tree = render_tree([{"stage": "sft", "ref": "sft@1", "fingerprint": "f" * 16, "datasets": [
-        {"name": "my_llava", "digest": "abc", "path": "data/my_llava", **counts}]}])
+    tree = render_tree(
+        [
+            {
+                "stage": "sft",
+                "ref": "sft@1",
+                "fingerprint": "f" * 16,
+                "datasets": [{"name": "my_llava", "digest": "abc", "path": "data/my_llava", **counts}],
+            }
+        ]
+    )
     console = Console(record=True, width=200)
     console.print(tree)
     assert "used 300 of 240, skipped 2 missing_image:2" in console.export_text()

@@ -20,22 +20,29 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, copy_project
 from typer.testing import CliRunner
 
 from moonforge.flows.cli import app
 
-from conftest import REPO, copy_project
-
 pytestmark = pytest.mark.slow
 
 EVAL = {"num_examples": 8, "batch_size": 32}
-COOLDOWN = ["stages.cooldown.upstream=null", "stages.cooldown.num_steps=4",
-            f"stages.cooldown.eval={json.dumps(EVAL)}"]
+COOLDOWN = [
+    "stages.cooldown.upstream=null",
+    "stages.cooldown.num_steps=4",
+    f"stages.cooldown.eval={json.dumps(EVAL)}",
+]
 """A cooldown@1 in seconds (4 steps from scratch, straight through the registry: no Prefect,
 no MLflow) instead of the lifecycle up to it."""
-SFT_SHORT = ["--set", "stages.sft.seq_len=128",
-             "--set", "stages.sft.phases=[{seq_len: 128, lr: 3.0e-3, min_lr: 3.0e-4, num_steps: 60, "
-                      "warmup_frac: 0.05}]", "--set", f"stages.sft.eval={json.dumps(EVAL)}"]
+SFT_SHORT = [
+    "--set",
+    "stages.sft.seq_len=128",
+    "--set",
+    "stages.sft.phases=[{seq_len: 128, lr: 3.0e-3, min_lr: 3.0e-4, num_steps: 60, warmup_frac: 0.05}]",
+    "--set",
+    f"stages.sft.eval={json.dumps(EVAL)}",
+]
 """The README runs the tiny recipe's full budgets; the test cuts them (the commands are the same)."""
 
 
@@ -69,17 +76,35 @@ def proj(tmp_path_factory, repo_data):
 
 
 def test_readme_walkthrough_sft_learns_the_users_llava_set(proj):
-    subprocess.run([sys.executable, "examples/make_toy_llava.py", "downloads/toy_llava"], check=True,
-                   capture_output=True)
-    out = cli("data", "add", "toy_llava", "downloads/toy_llava/llava.json", "--format", "llava",
-              "--images-root", "downloads/toy_llava/images", "--heldout", "32")
+    subprocess.run(
+        [sys.executable, "examples/make_toy_llava.py", "downloads/toy_llava"], check=True, capture_output=True
+    )
+    out = cli(
+        "data",
+        "add",
+        "toy_llava",
+        "downloads/toy_llava/llava.json",
+        "--format",
+        "llava",
+        "--images-root",
+        "downloads/toy_llava/images",
+        "--heldout",
+        "32",
+    )
     assert "added toy_llava: 240 records (llava), tracked as data/toy_llava.dvc" in out
     assert (proj / "data" / "toy_llava.dvc").is_file() and (proj / "data/toy_llava/images/0000.png").is_file()
     recipe = (proj / "recipes" / "tiny.yaml").read_text()
     assert recipe.startswith("# The embedded default")  # the recipe's own comments survive
     decl = yaml.safe_load(recipe)["datasets"]
-    assert decl == [{"name": "toy_llava", "format": "llava", "path": "llava.json",
-                     "images_root": "images", "num_heldout": 32}]
+    assert decl == [
+        {
+            "name": "toy_llava",
+            "format": "llava",
+            "path": "llava.json",
+            "images_root": "images",
+            "num_heldout": 32,
+        }
+    ]
 
     report = json.loads(cli("data", "check", "toy_llava", "--format", "json"))
     assert report["records"] == 240 and report["bad"] == 0 and report["kinds"] == {"chat+image": 240}
@@ -88,8 +113,9 @@ def test_readme_walkthrough_sft_learns_the_users_llava_set(proj):
     assert "<|media_pad|> x4<|media_end|>" in shown and "<|im_assistant|>assistant<|im_middle|>" in shown
     assert (proj / "toy_llava-samples.png").is_file()
 
-    out = cli("rerun", "sft", "--from", "cooldown@latest", "--set",
-              "stages.sft.mixture.toy_llava=0.5", *SFT_SHORT)
+    out = cli(
+        "rerun", "sft", "--from", "cooldown@latest", "--set", "stages.sft.mixture.toy_llava=0.5", *SFT_SHORT
+    )
     m = re.search(r"eval/toy_llava_acc=([0-9.]+)", out)
     assert m, out  # the stage summary shows it
     lineage = json.loads((proj / ".moonforge/store/sft/1/lineage.json").read_text())
@@ -110,15 +136,14 @@ def test_readme_walkthrough_sft_learns_the_users_llava_set(proj):
     assert inputs["toy_llava"] == ds["digest"][:36]  # MLflow dataset input: name + DVC hash
     assert run.data.metrics["data/toy_llava/records_used"] == ds["records_used"]
     tree = " ".join(cli("lineage", "sft@latest").replace("\u2502", " ").split())
-    print(tree[tree.index("data toy_llava"):][:120])
+    print(tree[tree.index("data toy_llava") :][:120])
     assert f"used {ds['records_used']} of 240, skipped 0" in tree
 
 
 def test_data_add_refuses_bad_input_and_leaves_nothing(proj):
     out = cli("data", "add", "bad", "downloads/toy_llava/llava.json", "--format", "nope", code=1)
     assert "format" in out and not (proj / "data" / "bad").exists()
-    out = cli("data", "add", "also_bad", "downloads/toy_llava/llava.json", "--format", "messages",
-              code=1)
+    out = cli("data", "add", "also_bad", "downloads/toy_llava/llava.json", "--format", "messages", code=1)
     assert "llava.json" in out and not (proj / "data" / "also_bad").exists()
     out = cli("data", "add", "toy_llava", "downloads/toy_llava/llava.json", "--format", "llava", code=1)
     assert "already declares a dataset 'toy_llava'" in out

@@ -19,16 +19,18 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc") if (BIN / "dvc").exists() else (shutil.which("dvc") or "dvc")
 DATASETS = ("toyworld", "text", "longdoc", "tokenizer", *POST_DATASETS)
-DVC_PARAMS = {**TINY_PARAMS, **POST_TINY_PARAMS,
-              "toyworld": {"seed": 0, "num_train": 60, "num_val": 8},
-              "tokenizer": {"vocab_size": 400, "min_frequency": 2}}
+DVC_PARAMS = {
+    **TINY_PARAMS,
+    **POST_TINY_PARAMS,
+    "toyworld": {"seed": 0, "num_train": 60, "num_val": 8},
+    "tokenizer": {"vocab_size": 400, "min_frequency": 2},
+}
 """Even smaller than TINY_PARAMS: this test builds everything twice through dvc."""
 
 
 def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     # dvc.yaml calls `python`: put this interpreter's venv first so that is the one it gets.
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
     proc = subprocess.run([DVC, *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc

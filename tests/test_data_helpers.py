@@ -21,8 +21,14 @@ from moonforge.stages.data.build import build
 TINY_PARAMS = {
     "toyworld": {"seed": 0, "num_train": 300, "num_val": 40},
     "text": {"seed": 0, "max_stdlib_chars": 600_000, "num_generated": 300, "val_frac": 0.05},
-    "longdoc": {"seed": 0, "num_train": 8, "num_val": 4, "min_chars": 1000, "max_chars": 6000,
-                "pool_chars": 600_000},
+    "longdoc": {
+        "seed": 0,
+        "num_train": 8,
+        "num_val": 4,
+        "min_chars": 1000,
+        "max_chars": 6000,
+        "pool_chars": 600_000,
+    },
     "tokenizer": {"vocab_size": 512, "min_frequency": 2},
 }
 """Small enough to build in seconds, big enough for a 512-token BPE."""
@@ -52,8 +58,11 @@ def tiny_data() -> Path:
 
 def tree_digest(path: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under `path`."""
-    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_tiny_params_validate():

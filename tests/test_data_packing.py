@@ -45,7 +45,7 @@ def test_positions_reset_and_labels_stay_inside_documents(docs, seq_len):
         ids, labels, pos, dids = r.input_ids, r.labels, r.position_ids, r.doc_ids
         for d, seg in _segments(r):
             start = dids.index(d)
-            assert pos[start:start + len(seg)] == list(range(len(seg)))
+            assert pos[start : start + len(seg)] == list(range(len(seg)))
             assert dids.index(d) == start and len(seg) <= seq_len
         for t in range(seq_len):
             if t + 1 < seq_len and dids[t] >= 0 and dids[t] == dids[t + 1]:
@@ -58,8 +58,11 @@ def test_positions_reset_and_labels_stay_inside_documents(docs, seq_len):
 @settings(max_examples=100, deadline=None)
 @given(data=st.data(), seq_len=st.integers(4, 40))
 def test_loss_mask_and_media_pads_are_respected(data, seq_len):
-    docs = data.draw(st.lists(st.lists(st.sampled_from([10, 11, 12, MEDIA]), min_size=1, max_size=30),
-                              min_size=1, max_size=10))
+    docs = data.draw(
+        st.lists(
+            st.lists(st.sampled_from([10, 11, 12, MEDIA]), min_size=1, max_size=30), min_size=1, max_size=10
+        )
+    )
     masks = [data.draw(st.lists(st.integers(0, 1), min_size=len(d), max_size=len(d))) for d in docs]
     rows = pack_documents(docs, seq_len, loss_masks=masks, ignore_ids=(MEDIA,))
     targets = [lab for r in rows for lab in r.labels if lab != IGNORE_INDEX]
@@ -68,9 +71,10 @@ def test_loss_mask_and_media_pads_are_respected(data, seq_len):
     expected = 0
     for d, m in zip(docs, masks):
         for c in range(0, len(d), seq_len):
-            chunk, cm = d[c:c + seq_len], m[c:c + seq_len]
-            expected += sum(1 for j in range(1, len(chunk))
-                            if cm[j] and chunk[j] != MEDIA and chunk[j - 1] != MEDIA)
+            chunk, cm = d[c : c + seq_len], m[c : c + seq_len]
+            expected += sum(
+                1 for j in range(1, len(chunk)) if cm[j] and chunk[j] != MEDIA and chunk[j - 1] != MEDIA
+            )
     assert len(targets) == expected
 
 

@@ -15,7 +15,9 @@ from test_data_post_helpers import POST_DATASETS, build_post, post_data
 
 from moonforge.stages.data import problems
 from moonforge.stages.data.chat_records import (
-    read_reasoning_records, read_rl_prompt_records, read_sft_records,
+    read_reasoning_records,
+    read_rl_prompt_records,
+    read_sft_records,
 )
 from moonforge.stages.data.posttrain_params import ReasoningParams
 from moonforge.stages.data.traces import build_split

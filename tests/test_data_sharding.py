@@ -33,9 +33,16 @@ STAGE = "dist_data_stage:data_stage"
 
 # -- ShardOrder -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sizes,block,slots,exclude", [
-    ([25], 2, 2, ()), ([7, 1, 12], 3, 3, (4, 9)), ([5, 5], 1, 1, ()), ([40], 64, 1, (0,)),
-])
+
+@pytest.mark.parametrize(
+    "sizes,block,slots,exclude",
+    [
+        ([25], 2, 2, ()),
+        ([7, 1, 12], 3, 3, (4, 9)),
+        ([5, 5], 1, 1, ()),
+        ([40], 64, 1, (0,)),
+    ],
+)
 def test_slots_are_disjoint_and_add_up_to_each_epoch(sizes, block, slots, exclude):
     orders = [ShardOrder(sizes, block, "t", s, slots, exclude) for s in range(slots)]
     everything = sorted(set(range(sum(sizes))) - set(exclude))
@@ -81,6 +88,7 @@ def test_too_few_blocks_for_the_ranks_is_a_clear_error():
 
 # -- LMBatchIterator ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tok(repo_data):
     from moonforge.model.tokenizer import Tokenizer
@@ -91,20 +99,42 @@ def tok(repo_data):
 def _texts(n: int) -> list[TextRecord]:
     rng = random.Random(0)
     words = "alpha beta gamma delta shape circle square red blue green".split()
-    return [TextRecord(text=f"rec {i} " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 60))),
-                       source="generated", quality="high") for i in range(n)]
+    return [
+        TextRecord(
+            text=f"rec {i} " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 60))),
+            source="generated",
+            quality="high",
+        )
+        for i in range(n)
+    ]
 
 
 def _batches(tok, rank=0, world=1):
     src = {"a": text_docs(_texts(40), tok, name="a"), "b": text_docs(_texts(25)[::-1], tok, name="b")}
-    return lm_batches(src, lambda s: {"a": 0.6, "b": 0.4}, tok, seq_len=48, batch_size=3, seed=1,
-                      patch_size=8, merge_size=2, max_patches=64, rank=rank, world=world)
+    return lm_batches(
+        src,
+        lambda s: {"a": 0.6, "b": 0.4},
+        tok,
+        seq_len=48,
+        batch_size=3,
+        seed=1,
+        patch_size=8,
+        merge_size=2,
+        max_patches=64,
+        rank=rank,
+        world=world,
+    )
 
 
 def _same(x, y) -> bool:
-    return (x is None and y is None) or (x is not None and y is not None and all(
-        (getattr(x, f) is None and getattr(y, f) is None) or getattr(x, f).equal(getattr(y, f))
-        for f in ("input_ids_BL", "labels_BL", "position_ids_BL", "doc_ids_BL")))
+    return (x is None and y is None) or (
+        x is not None
+        and y is not None
+        and all(
+            (getattr(x, f) is None and getattr(y, f) is None) or getattr(x, f).equal(getattr(y, f))
+            for f in ("input_ids_BL", "labels_BL", "position_ids_BL", "doc_ids_BL")
+        )
+    )
 
 
 @pytest.mark.parametrize("cut", [0, 1, 7])
@@ -165,12 +195,26 @@ def job(tmp_path_factory, tok, repo_data):
     root.mkdir()
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _one_row_texts(tok)))
     decl = {"name": "user_text", "format": "text", "path": "docs.jsonl", "shuffle_block": 2}
-    cfg = LMPretrainConfig.model_validate(dict(
-        upstream=None, data=["user_text", "tokenizer"], trainable=["lm"], optimizer={"lr": 1e-2},
-        seq_len=SEQ, batch_size=BATCH, micro_batch_size=1, num_steps=STEPS, checkpoint_every=1,
-        mixture={"user_text": 1.0}, declared=[decl], launcher={"kind": "torchrun", "nproc_per_node": 2}))
-    data = {"user_text": DatasetRef("user_text", root, "test"),
-            "tokenizer": DatasetRef("tokenizer", repo_data / "tokenizer", "test")}
+    cfg = LMPretrainConfig.model_validate(
+        dict(
+            upstream=None,
+            data=["user_text", "tokenizer"],
+            trainable=["lm"],
+            optimizer={"lr": 1e-2},
+            seq_len=SEQ,
+            batch_size=BATCH,
+            micro_batch_size=1,
+            num_steps=STEPS,
+            checkpoint_every=1,
+            mixture={"user_text": 1.0},
+            declared=[decl],
+            launcher={"kind": "torchrun", "nproc_per_node": 2},
+        )
+    )
+    data = {
+        "user_text": DatasetRef("user_text", root, "test"),
+        "tokenizer": DatasetRef("tokenizer", repo_data / "tokenizer", "test"),
+    }
     return cfg, data
 
 
@@ -180,9 +224,9 @@ def _simulated(cfg, data, tok):
     the first epoch."""
     from types import SimpleNamespace
 
-    from moonforge.stages.data.user_mix import DeclaredMix
-
     from dist_data_stage import doc_numbers
+
+    from moonforge.stages.data.user_mix import DeclaredMix
 
     model = load_recipe(REPO / "recipes" / "tiny.yaml").model
     draws, shares = [], []
@@ -200,11 +244,11 @@ def _simulated(cfg, data, tok):
     return draws, shares
 
 
-def _launch(cfg, data, log: Path, out: Path, monkeypatch, kill_at: int | None,
-            resume: Path | None) -> Path | None:
+def _launch(
+    cfg, data, log: Path, out: Path, monkeypatch, kill_at: int | None, resume: Path | None
+) -> Path | None:
     out.mkdir()
-    ctx = StageContext(out=out, model=load_recipe(REPO / "recipes" / "tiny.yaml").model,
-                       resume_from=resume)
+    ctx = StageContext(out=out, model=load_recipe(REPO / "recipes" / "tiny.yaml").model, resume_from=resume)
     monkeypatch.setenv("MOONFORGE_TEST_DATA_LOG", str(log))
     log.mkdir()
     if kill_at is None:
@@ -226,7 +270,7 @@ def test_two_ranks_shard_kill_and_resume_exactly(job, tok, tmp_path, monkeypatch
     assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == list(range(N))
     assert len(shares[0]) != len(shares[1])
     for rows, share in zip(want, shares):  # what a rank trains on walks its share first
-        assert [d for _, docs in rows for d in docs][:len(share)] == share
+        assert [d for _, docs in rows for d in docs][: len(share)] == share
     # killed right after the checkpoints of steps 2 and 4 (mid-epoch, twice in one epoch) and of
     # the step where one rank's first epoch ends exactly; resumed from each; the last run ends
     boundary = next(len(s) // 2 for s in shares if len(s) % 2 == 0)
@@ -250,15 +294,28 @@ def test_two_ranks_shard_kill_and_resume_exactly(job, tok, tmp_path, monkeypatch
 
 # -- loader workers -------------------------------------------------------------------------------
 
+
 def _worker_stream(tok, rank=0, world=1, workers=2):
     from moonforge.stages.data.loader_workers import WorkerStream
 
     src = {"a": text_docs(_texts(40), tok, name="a"), "b": text_docs(_texts(25)[::-1], tok, name="b")}
 
     def make(w, n):
-        return lm_batches(src, lambda s: {"a": 0.6, "b": 0.4}, tok, seq_len=48, batch_size=3,
-                          seed=1, patch_size=8, merge_size=2, max_patches=64, rank=rank,
-                          world=world, worker=w, num_workers=n)
+        return lm_batches(
+            src,
+            lambda s: {"a": 0.6, "b": 0.4},
+            tok,
+            seq_len=48,
+            batch_size=3,
+            seed=1,
+            patch_size=8,
+            merge_size=2,
+            max_patches=64,
+            rank=rank,
+            world=world,
+            worker=w,
+            num_workers=n,
+        )
 
     return WorkerStream(make, rank, world, workers), make
 

@@ -61,8 +61,16 @@ def test_chat_template_loss_mask_token_by_token(tok):
         expected.append((tok.im_end_id, target))
 
     turn(tok.im_system_id, "system", enc("Be brief."), 0)
-    expected.extend((t, 0) for t in [tok.im_user_id, *enc("user"), tok.im_middle_id,
-                                     *tok.media_placeholder(4), *enc("\nWhat color is the circle?")])
+    expected.extend(
+        (t, 0)
+        for t in [
+            tok.im_user_id,
+            *enc("user"),
+            tok.im_middle_id,
+            *tok.media_placeholder(4),
+            *enc("\nWhat color is the circle?"),
+        ]
+    )
     expected.append((tok.im_end_id, 0))
     turn(tok.im_assistant_id, "assistant", enc("red"), 1)
     turn(tok.im_user_id, "user", enc("And the count?"), 0)
@@ -76,17 +84,20 @@ def test_chat_template_loss_mask_token_by_token(tok):
     assert not any(pmask)
 
 
-@pytest.mark.parametrize("messages,images,match", [
-    ([{"role": "robot", "content": "hi"}], [], "unknown role 'robot'"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], [], "empty assistant"),
-    ([{"role": "user", "content": "<image><image>"}], [4], "2 <image> marker"),
-    ([{"role": "user", "content": "no image"}], [4], "0 <image> marker"),
-    ([{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}], [], "system message"),
-    ([{"role": "user", "content": 3}], [], "content must be a string"),
-    ([{"role": "user", "content": "hi", "name": "bob"}], [], "keys 'role' and 'content'"),
-    ([], [], "empty dialogue"),
-    ([{"role": "user", "content": "<image>"}], [0], "positive"),
-])
+@pytest.mark.parametrize(
+    "messages,images,match",
+    [
+        ([{"role": "robot", "content": "hi"}], [], "unknown role 'robot'"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], [], "empty assistant"),
+        ([{"role": "user", "content": "<image><image>"}], [4], "2 <image> marker"),
+        ([{"role": "user", "content": "no image"}], [4], "0 <image> marker"),
+        ([{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}], [], "system message"),
+        ([{"role": "user", "content": 3}], [], "content must be a string"),
+        ([{"role": "user", "content": "hi", "name": "bob"}], [], "keys 'role' and 'content'"),
+        ([], [], "empty dialogue"),
+        ([{"role": "user", "content": "<image>"}], [0], "positive"),
+    ],
+)
 def test_malformed_dialogues_raise(tok, messages, images, match):
     with pytest.raises(ValueError, match=match):
         tok.encode_chat(messages, images)

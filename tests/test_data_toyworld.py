@@ -14,11 +14,18 @@ from test_data_helpers import tiny_data, tree_digest
 
 from moonforge.stages.data import scenes
 from moonforge.stages.data.images import (
-    CorruptImageError, load_image, num_image_tokens, patch_grid, to_patches,
+    CorruptImageError,
+    load_image,
+    num_image_tokens,
+    patch_grid,
+    to_patches,
 )
 from moonforge.stages.data.params import ToyworldParams, load_params
 from moonforge.stages.data.records import (
-    DatasetMissingError, ImageRecord, ManifestError, read_image_records,
+    DatasetMissingError,
+    ImageRecord,
+    ManifestError,
+    read_image_records,
 )
 from moonforge.stages.data.toyworld import build_toyworld
 
@@ -120,8 +127,9 @@ def test_truncated_png_raises_corrupt_image_error(tmp_path, toyworld):
         load_image(tmp_path / "absent.png")
 
 
-@pytest.mark.parametrize("size,cap", [((64, 48), 64), ((64, 48), 16), ((32, 64), 36), ((640, 24), 64),
-                                      ((17, 500), 24)])
+@pytest.mark.parametrize(
+    "size,cap", [((64, 48), 64), ((64, 48), 16), ((32, 64), 36), ((640, 24), 64), ((17, 500), 24)]
+)
 def test_patch_grid_is_even_and_capped(size, cap):
     h, w = patch_grid(*size, patch_size=8, merge_size=2, max_patches=cap)
     assert h % 2 == 0 and w % 2 == 0 and h * w <= cap and h >= 2 and w >= 2

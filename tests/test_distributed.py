@@ -13,11 +13,11 @@ import threading
 import time
 from pathlib import Path
 
+import dist_stage
 import psutil
 import pytest
 import torch
 
-import dist_stage
 from moonforge.registry import launch
 from moonforge.registry.errors import StageFailed
 from moonforge.registry.run_stage import run_stage
@@ -63,8 +63,7 @@ def test_torchrun_two_processes_match_single_process(single, tmp_path):
 
 def test_deepspeed_zero2_two_processes_match_single_process(single, tmp_path):
     ctx = _ctx(tmp_path, "out")
-    res = launch.launch_stage(STAGE, None, {}, _cfg(kind="deepspeed", nproc_per_node=2,
-                                                    zero_stage=2), ctx)
+    res = launch.launch_stage(STAGE, None, {}, _cfg(kind="deepspeed", nproc_per_node=2, zero_stage=2), ctx)
     _assert_same_curve(_curve(res.metrics), _curve(single.metrics))
 
 
@@ -100,8 +99,11 @@ def test_zero_muon_without_sharding_is_muon_adamw():
 def test_world_size_that_does_not_divide_the_batch_is_a_clear_error():
     with pytest.raises(ValueError, match=r"batch_size=8 does not divide over 3 ranks.*multiple of 3"):
         _cfg(kind="torchrun", nproc_per_node=3)
-    with pytest.raises(ValueError, match=r"4 micro-batch\(es\) of 2 per step cannot be shared by "
-                                         r"8 ranks; set micro_batch_size to 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"4 micro-batch\(es\) of 2 per step cannot be shared by "
+        r"8 ranks; set micro_batch_size to 1",
+    ):
         _cfg(kind="torchrun", nproc_per_node=8)
     with pytest.raises(ValueError, match="needs a launcher; set launcher.kind"):
         _cfg(nproc_per_node=2)
@@ -111,24 +113,39 @@ def test_sft_phases_and_long_context_that_cannot_share_a_step_are_refused_at_loa
     """Their own micro-batching escapes the stage-level check; a rank left without a micro-batch
     would reach the step's all-reduces out of order and hang the job (seen under Slurm)."""
     tiny = ["stages.sft.launcher.kind=torchrun", "stages.sft.launcher.nproc_per_node=2"]
-    with pytest.raises(ValueError, match=r"sft.phases\[0\] \(seq_len 256\): 1 micro-batch\(es\) of 8 "
-                                         r"rows per step cannot be shared by 2 ranks.*"
-                                         r"set micro_batch_size: 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"sft.phases\[0\] \(seq_len 256\): 1 micro-batch\(es\) of 8 "
+        r"rows per step cannot be shared by 2 ranks.*"
+        r"set micro_batch_size: 4",
+    ):
         load_recipe(REPO / "recipes" / "tiny.yaml", tiny)
     ok = load_recipe(REPO / "recipes" / "tiny.yaml", [*tiny, "stages.sft.micro_batch_size=2"])
     sft = next(s for s in ok.stages if s.kind == "sft")
     assert [sft.phase_rows(p) for p in sft.phases] == [(2, 4), (1, 2)]
-    with pytest.raises(ValueError, match=r"sft.phases\[1\] \(seq_len 131072\): 64 micro-batch\(es\) "
-                                         r"of 1 rows per step cannot be shared by 128 ranks.*use a "
-                                         r"world size that divides 64"):
-        load_recipe(REPO / "recipes" / "kimi-vl-a3b.yaml", [
-            "stages.sft.launcher.kind=deepspeed", "stages.sft.launcher.nnodes=16",
-            "stages.sft.launcher.nproc_per_node=8"])
-    with pytest.raises(ValueError, match=r"long_context: each sub-stage step is one micro-batch, "
-                                         r"which cannot be shared by 2 ranks"):
-        load_recipe(REPO / "recipes" / "tiny.yaml", [
-            "stages.long_context.launcher.kind=torchrun",
-            "stages.long_context.launcher.nproc_per_node=2"])
+    with pytest.raises(
+        ValueError,
+        match=r"sft.phases\[1\] \(seq_len 131072\): 64 micro-batch\(es\) "
+        r"of 1 rows per step cannot be shared by 128 ranks.*use a "
+        r"world size that divides 64",
+    ):
+        load_recipe(
+            REPO / "recipes" / "kimi-vl-a3b.yaml",
+            [
+                "stages.sft.launcher.kind=deepspeed",
+                "stages.sft.launcher.nnodes=16",
+                "stages.sft.launcher.nproc_per_node=8",
+            ],
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"long_context: each sub-stage step is one micro-batch, "
+        r"which cannot be shared by 2 ranks",
+    ):
+        load_recipe(
+            REPO / "recipes" / "tiny.yaml",
+            ["stages.long_context.launcher.kind=torchrun", "stages.long_context.launcher.nproc_per_node=2"],
+        )
 
 
 def test_a_step_whose_micro_batches_do_not_divide_over_the_ranks_fails_instead_of_hanging():
@@ -141,10 +158,12 @@ def test_a_step_whose_micro_batches_do_not_divide_over_the_ranks_fails_instead_o
 
 
 def test_zero3_on_cpu_is_refused_with_the_fix(tmp_path):
-    with pytest.raises(launch.LauncherUnavailable,
-                       match=r"zero_stage=3 .*CUDA.*set launcher.zero_stage to 2"):
-        launch.launch_stage(STAGE, None, {}, _cfg(kind="deepspeed", nproc_per_node=2,
-                                                  zero_stage=3), _ctx(tmp_path, "out"))
+    with pytest.raises(
+        launch.LauncherUnavailable, match=r"zero_stage=3 .*CUDA.*set launcher.zero_stage to 2"
+    ):
+        launch.launch_stage(
+            STAGE, None, {}, _cfg(kind="deepspeed", nproc_per_node=2, zero_stage=3), _ctx(tmp_path, "out")
+        )
     with pytest.raises(launch.LauncherUnavailable, match="backend=nccl needs CUDA"):
         launch.check_launcher(_cfg(kind="torchrun", nproc_per_node=2, backend="nccl").launcher, "cpu")
 
@@ -156,8 +175,11 @@ def _kill_a_rank_after_checkpoint(store_dir: Path, killed: list) -> None:
         if list(store_dir.rglob("train_state/step-*")):
             for proc in psutil.Process().children(recursive=True):
                 cmd = " ".join(proc.cmdline())
-                if "moonforge.stages.train.distributed" in cmd and "launcher" not in cmd \
-                        and "torch.distributed.run" not in cmd:
+                if (
+                    "moonforge.stages.train.distributed" in cmd
+                    and "launcher" not in cmd
+                    and "torch.distributed.run" not in cmd
+                ):
                     proc.kill()
                     killed.append(proc.pid)
                     return
@@ -165,7 +187,8 @@ def _kill_a_rank_after_checkpoint(store_dir: Path, killed: list) -> None:
 
 
 def test_killed_launcher_fails_clearly_keeps_checkpoint_and_resumes_at_world_size_1(
-        tmp_project, monkeypatch, single):
+    tmp_project, monkeypatch, single
+):
     """DeepSpeed ZeRO-2 at world size 2 checkpoints (gathered, single-process format) at step 3,
     a rank is SIGKILLed; the stage fails naming the signal, the checkpoint survives, and a rerun
     in process (world size 1; the launcher is Runtime, so the same version) resumes from it and
@@ -174,17 +197,31 @@ def test_killed_launcher_fails_clearly_keeps_checkpoint_and_resumes_at_world_siz
 
     monkeypatch.setattr(catalog, "stage_function", lambda kind: dist_stage.toy_stage)
     monkeypatch.setenv("MOONFORGE_TOY_STEP_SLEEP", "0.4")
-    toy = ["optimizer.lr=0.01", "schedule.kind=cosine", "schedule.warmup_steps=2", "seq_len=12",
-           "batch_size=8", "micro_batch_size=2", "num_steps=8", "checkpoint_every=3"]
+    toy = [
+        "optimizer.lr=0.01",
+        "schedule.kind=cosine",
+        "schedule.warmup_steps=2",
+        "seq_len=12",
+        "batch_size=8",
+        "micro_batch_size=2",
+        "num_steps=8",
+        "checkpoint_every=3",
+    ]
     sets = [f"stages.lm_pretrain.{s}" for s in toy]
-    dist = load_recipe(tmp_project / "recipes" / "mini.yaml", sets + [
-        "stages.lm_pretrain.launcher.kind=deepspeed", "stages.lm_pretrain.launcher.nproc_per_node=2"])
+    dist = load_recipe(
+        tmp_project / "recipes" / "mini.yaml",
+        sets + ["stages.lm_pretrain.launcher.kind=deepspeed", "stages.lm_pretrain.launcher.nproc_per_node=2"],
+    )
     killed: list[int] = []
-    watcher = threading.Thread(target=_kill_a_rank_after_checkpoint,
-                               args=(tmp_project / ".moonforge" / "store", killed), daemon=True)
+    watcher = threading.Thread(
+        target=_kill_a_rank_after_checkpoint, args=(tmp_project / ".moonforge" / "store", killed), daemon=True
+    )
     watcher.start()
-    with pytest.raises(StageFailed, match=r"(?s)LaunchFailed.*deepspeed launcher \(2 processes\) "
-                                          r"failed.*(rank \d was|ranks [\d, ]+ were) killed.*last good checkpoint kept"):
+    with pytest.raises(
+        StageFailed,
+        match=r"(?s)LaunchFailed.*deepspeed launcher \(2 processes\) "
+        r"failed.*(rank \d was|ranks [\d, ]+ were) killed.*last good checkpoint kept",
+    ):
         run_stage(dist, "lm_pretrain", tmp_project, tracker=NullTracker())
     watcher.join()
     assert killed

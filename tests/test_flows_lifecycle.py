@@ -51,7 +51,9 @@ def test_lifecycle_runs_the_chain_then_hits_the_cache(tmp_project, fake_stages):
     assert len(flow_ids) == 2 and "" not in flow_ids
     for p in parents:
         kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{p.info.run_id}'")
-        assert {k.data.tags["moonforge.prefect_flow_run_id"] for k in kids} == {p.data.tags["moonforge.prefect_flow_run_id"]}
+        assert {k.data.tags["moonforge.prefect_flow_run_id"] for k in kids} == {
+            p.data.tags["moonforge.prefect_flow_run_id"]
+        }
         assert len(kids) in (2, 3)
 
 
@@ -67,8 +69,9 @@ def test_transient_errors_are_retried_nan_and_config_errors_are_not(tmp_project,
     assert fake_stages.calls.count("vit_pretrain") == 1  # no retry
     client = MlflowClient(tracking_uri(tmp_project))
     exp = client.get_experiment_by_name("mini")
-    last_parent = client.search_runs([exp.experiment_id], "tags.`moonforge.kind` = 'lifecycle'",
-                                     order_by=["attributes.start_time DESC"])[0]
+    last_parent = client.search_runs(
+        [exp.experiment_id], "tags.`moonforge.kind` = 'lifecycle'", order_by=["attributes.start_time DESC"]
+    )[0]
     assert last_parent.info.status == "FAILED"
 
     with pytest.raises(RecipeError, match="--until 'nope'"):

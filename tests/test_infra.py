@@ -40,12 +40,15 @@ def pools() -> dict[str, dict]:
     """Work pool name -> its base job template (the process pool uses Prefect's default)."""
     from prefect.workers.process import ProcessWorker
 
-    return {"moonforge-process": ProcessWorker.get_default_base_job_template(),
-            "moonforge-k8s": json.loads((INFRA / "work-pools" / "kubernetes.json").read_text()),
-            "moonforge-slurm": json.loads((INFRA / "work-pools" / "slurm.json").read_text())}
+    return {
+        "moonforge-process": ProcessWorker.get_default_base_job_template(),
+        "moonforge-k8s": json.loads((INFRA / "work-pools" / "kubernetes.json").read_text()),
+        "moonforge-slurm": json.loads((INFRA / "work-pools" / "slurm.json").read_text()),
+    }
 
 
 # --- prefect.yaml ------------------------------------------------------------------------------
+
 
 def test_prefect_yaml_loads_through_prefects_deploy_model(prefect_yaml):
     from prefect.cli.deploy._config import _load_deploy_configs_and_actions
@@ -55,8 +58,14 @@ def test_prefect_yaml_loads_through_prefects_deploy_model(prefect_yaml):
     configs, _ = _load_deploy_configs_and_actions(INFRA / "prefect.yaml", console=console)
     assert "Skipping" not in console.export_text()  # prefect skips a file it cannot validate
     names = sorted((c["entrypoint"].split(":")[1], c["name"]) for c in configs)
-    assert names == sorted((f, v) for f in ("lifecycle_deployment", "rerun_deployment") for v in ("process", "k8s", "slurm"))
-    assert {c["work_pool"]["name"] for c in configs} == {"moonforge-process", "moonforge-k8s", "moonforge-slurm"}
+    assert names == sorted(
+        (f, v) for f in ("lifecycle_deployment", "rerun_deployment") for v in ("process", "k8s", "slurm")
+    )
+    assert {c["work_pool"]["name"] for c in configs} == {
+        "moonforge-process",
+        "moonforge-k8s",
+        "moonforge-slurm",
+    }
 
 
 def test_entrypoints_are_real_flows_and_parameters_fit_them(prefect_yaml):
@@ -92,6 +101,7 @@ def test_job_variables_are_declared_by_their_pool(prefect_yaml, pools):
 
 # --- work-pool templates -----------------------------------------------------------------------
 
+
 def _render(template: dict, job_variables: dict) -> dict:
     """What a worker does: variable defaults, overridden by the deployment, into the config."""
     from prefect.utilities.templating import apply_values, find_placeholders
@@ -116,8 +126,10 @@ def k8s_errors(obj, type_name: str, path: str = "") -> list[str]:
 
     errs = _walk(obj, type_name, path or type_name)
     if not errs:
+
         class _Response:
             data = json.dumps(obj)
+
         try:
             k8s.ApiClient().deserialize(_Response(), type_name)
         except ValueError as e:
@@ -138,9 +150,11 @@ def _walk(obj, t: str, path: str) -> list[str]:
         if not isinstance(obj, dict):
             return [f"{path}: expected a mapping, got {type(obj).__name__}"]
         quantity = path.endswith((".limits", ".requests"))  # resource quantities: 8 or "8" or "64Gi"
-        return [f"{path}.{k}: {v!r} is not a quantity" for k, v in obj.items()
-                if quantity and not (isinstance(v, (int, str)) and QUANTITY.match(str(v)))] + \
-            ([] if quantity else [e for k, v in obj.items() for e in _walk(v, m.group(1), f"{path}.{k}")])
+        return [
+            f"{path}.{k}: {v!r} is not a quantity"
+            for k, v in obj.items()
+            if quantity and not (isinstance(v, (int, str)) and QUANTITY.match(str(v)))
+        ] + ([] if quantity else [e for k, v in obj.items() for e in _walk(v, m.group(1), f"{path}.{k}")])
     prim = {"str": str, "int": int, "bool": bool, "float": (int, float), "datetime": str}
     if t in prim:
         ok = isinstance(obj, prim[t]) and not (t != "bool" and isinstance(obj, bool))
@@ -169,14 +183,35 @@ def _as_the_k8s_worker_submits(manifest: dict) -> dict:
 
 
 def test_the_schema_check_catches_what_the_api_server_rejects():
-    job = {"apiVersion": "batch/v1", "kind": "Job", "spec": {"template": {"spec": {
-        "parallelism": 1, "restartPolicy": "Never",
-        "containers": [{"name": "c", "image": "i", "resources": {"limits": {"nvidia.com/gpu": "eight"}},
-                        "ports": [{"containerPort": "29400"}]}]}}}}
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "spec": {
+            "template": {
+                "spec": {
+                    "parallelism": 1,
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "c",
+                            "image": "i",
+                            "resources": {"limits": {"nvidia.com/gpu": "eight"}},
+                            "ports": [{"containerPort": "29400"}],
+                        }
+                    ],
+                }
+            }
+        },
+    }
     errs = k8s_errors(job, "V1Job")
     assert "V1Job.spec.template.spec.parallelism: not a field of V1PodSpec" in errs
-    assert "V1Job.spec.template.spec.containers[0].resources.limits.nvidia.com/gpu: 'eight' is not a quantity" in errs
-    assert "V1Job.spec.template.spec.containers[0].ports[0].containerPort: expected int, got str '29400'" in errs
+    assert (
+        "V1Job.spec.template.spec.containers[0].resources.limits.nvidia.com/gpu: 'eight' is not a quantity"
+        in errs
+    )
+    assert (
+        "V1Job.spec.template.spec.containers[0].ports[0].containerPort: expected int, got str '29400'" in errs
+    )
     missing = k8s_errors({"spec": {"template": {"spec": {"containers": [{"image": "i"}]}}}}, "V1Job")
     assert len(missing) == 1 and "`name`, must not be `None`" in missing[0]
 
@@ -191,8 +226,11 @@ def test_kubernetes_job_requests_gpus_on_gpu_nodes_with_shared_storage(prefect_y
     # the prefect-kubernetes worker's required paths (its _get_base_job_manifest)
     assert manifest["apiVersion"] == "batch/v1" and manifest["kind"] == "Job"
     pod = manifest["spec"]["template"]["spec"]
-    assert (manifest["spec"]["parallelism"], manifest["spec"]["completions"],
-            pod["restartPolicy"]) == (1, 1, "Never")
+    assert (manifest["spec"]["parallelism"], manifest["spec"]["completions"], pod["restartPolicy"]) == (
+        1,
+        1,
+        "Never",
+    )
     (container,) = pod["containers"]
     assert container["name"] == "prefect-job" and container["image"] == job_vars["image"]
     res = container["resources"]
@@ -211,29 +249,46 @@ def test_training_job_manifests_take_gpus_and_node_selector_from_the_recipe():
     tj = _load_module(INFRA / "k8s" / "training_job.py", "_training_job")
     from moonforge.stages.recipe import load_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / "kimi-vl-a3b.yaml", [
-        "stages.sft.launcher.kind=deepspeed", "stages.sft.launcher.nnodes=8",
-        "stages.sft.launcher.nproc_per_node=8",
-        "stages.sft.launcher.node_selector={nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}"])
-    service, job = tj.manifests(recipe, "sft", "registry.example/moonforge:abc123",
-                                "/shared/launch/sft/job.json")
+    recipe = load_recipe(
+        ROOT / "recipes" / "kimi-vl-a3b.yaml",
+        [
+            "stages.sft.launcher.kind=deepspeed",
+            "stages.sft.launcher.nnodes=8",
+            "stages.sft.launcher.nproc_per_node=8",
+            "stages.sft.launcher.node_selector={nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}",
+        ],
+    )
+    service, job = tj.manifests(
+        recipe, "sft", "registry.example/moonforge:abc123", "/shared/launch/sft/job.json"
+    )
     assert k8s_errors(service, "V1Service") == [] and k8s_errors(job, "V1Job") == []
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
-    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) \
-        == ("Indexed", 8, 8, 0)
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (
+        "Indexed",
+        8,
+        8,
+        0,
+    )
     (container,) = pod["containers"]
     assert container["resources"]["requests"] == container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert container["command"][-3:] == ["moonforge.registry.launch", "node", "/shared/launch/sft/job.json"]
     env = {e["name"]: e["value"] for e in container["env"]}
     name = job["metadata"]["name"]
-    assert env["MASTER_ADDR"] == f"{name}-0.{name}" and pod["subdomain"] == service["metadata"]["name"] == name
+    assert (
+        env["MASTER_ADDR"] == f"{name}-0.{name}" and pod["subdomain"] == service["metadata"]["name"] == name
+    )
     assert service["spec"]["clusterIP"] == "None"
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63
 
-    cpu = load_recipe(ROOT / "recipes" / "kimi-vl-a3b.yaml", [
-        "stages.sft.launcher.kind=torchrun", "stages.sft.launcher.nnodes=2",
-        "stages.sft.launcher.backend=gloo"])
+    cpu = load_recipe(
+        ROOT / "recipes" / "kimi-vl-a3b.yaml",
+        [
+            "stages.sft.launcher.kind=torchrun",
+            "stages.sft.launcher.nnodes=2",
+            "stages.sft.launcher.backend=gloo",
+        ],
+    )
     _, cpu_job = tj.manifests(cpu, "sft", "img", "/shared/j.json")
     assert cpu_job["spec"]["template"]["spec"]["containers"][0]["resources"] == {"requests": {}, "limits": {}}
     assert k8s_errors(cpu_job, "V1Job") == []
@@ -245,14 +300,17 @@ def test_slurm_pool_submits_the_rendered_sbatch_and_waits(prefect_yaml, pools):
     default = ProcessWorker.get_default_base_job_template()
     assert pools["moonforge-slurm"]["job_configuration"] == default["job_configuration"]  # a process pool
     for cmd in [pools["moonforge-slurm"]["variables"]["properties"]["command"]["default"]] + [
-            d["work_pool"]["job_variables"]["command"] for d in prefect_yaml["deployments"]
-            if d["work_pool"]["name"] == "moonforge-slurm"]:
+        d["work_pool"]["job_variables"]["command"]
+        for d in prefect_yaml["deployments"]
+        if d["work_pool"]["name"] == "moonforge-slurm"
+    ]:
         assert "infra/slurm/submit.py" in cmd and "infra/slurm/flow-run.sbatch" in cmd
     submit = (INFRA / "slurm" / "submit.py").read_text()
     assert '["sbatch", "--parsable", "--wait", "--export=ALL", str(script)]' in submit
 
 
 # --- Slurm ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def slurm():
@@ -281,8 +339,11 @@ def test_submit_explains_sbatch_rejections_naming_the_value(tmp_path, monkeypatc
     submit = _load_module(INFRA / "slurm" / "submit.py", "_slurm_submit")
     script = tmp_path / "run.sbatch"
     script.write_text("#!/bin/bash\n#SBATCH --partition=gpu\n#SBATCH --account=proj42\n")
-    msg = submit.explain_rejection("sbatch: error: Batch job submission failed: Invalid account "
-                                   "or account/partition combination specified", script)
+    msg = submit.explain_rejection(
+        "sbatch: error: Batch job submission failed: Invalid account "
+        "or account/partition combination specified",
+        script,
+    )
     assert msg.startswith("account 'proj42' may not submit to partition 'gpu'")
     assert "sacctmgr show assoc user=$USER" in msg and "SBATCH_ACCOUNT" in msg
     monkeypatch.setenv("SBATCH_ACCOUNT", "other")
@@ -292,7 +353,8 @@ def test_submit_explains_sbatch_rejections_naming_the_value(tmp_path, monkeypatc
     monkeypatch.setenv("SLURM_CONF", str(conf))
     assert submit.controller() == "head01:7817"
     assert "Start slurmctld" in submit.explain_rejection(
-        "sbatch: error: Batch job submission failed: Unable to contact slurm controller", script)
+        "sbatch: error: Batch job submission failed: Unable to contact slurm controller", script
+    )
 
 
 def test_sbatch_template_names_a_missing_value(slurm, tmp_path):
@@ -305,11 +367,14 @@ def test_sbatch_template_names_a_missing_value(slurm, tmp_path):
         slurm.render(cluster, bad)
 
 
-@pytest.mark.parametrize("field, value, msg", [
-    ("time_limit", "a week", "use Slurm's"),
-    ("nodes", 0, "nodes"),
-    ("partitoin", "gpu", "partitoin"),
-])
+@pytest.mark.parametrize(
+    "field, value, msg",
+    [
+        ("time_limit", "a week", "use Slurm's"),
+        ("nodes", 0, "nodes"),
+        ("partitoin", "gpu", "partitoin"),
+    ],
+)
 def test_bad_cluster_config_names_the_field(slurm, tmp_path, field, value, msg):
     data = yaml.safe_load((INFRA / "slurm" / "cluster.yaml").read_text()) | {field: value}
     path = tmp_path / "cluster.yaml"
@@ -319,6 +384,7 @@ def test_bad_cluster_config_names_the_field(slurm, tmp_path, field, value, msg):
 
 
 # --- compose -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
@@ -331,7 +397,9 @@ def test_compose_services_images_healthchecks_and_dependencies(compose):
     for name, svc in services.items():
         assert "image" in svc or "build" in svc, name
         if "image" in svc and "build" not in svc:
-            assert re.fullmatch(r"[\w./-]+:[\w.-]+", svc["image"]) and not svc["image"].endswith(":latest"), name
+            assert re.fullmatch(r"[\w./-]+:[\w.-]+", svc["image"]) and not svc["image"].endswith(":latest"), (
+                name
+            )
         if name != "buckets":  # long-running services report health for depends_on
             assert svc["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
         for dep, cond in (svc.get("depends_on") or {}).items():
@@ -371,8 +439,11 @@ def test_compose_database_and_s3_uris_are_well_formed(compose):
     from sqlalchemy.engine import make_url
 
     env = compose["services"]["prefect-server"]["environment"]
-    url = make_url(_compose_default(env["PREFECT_API_DATABASE_CONNECTION_URL"], "PREFECT_DATABASE_URL")
-                   .replace("${POSTGRES_PASSWORD}", "pw"))
+    url = make_url(
+        _compose_default(env["PREFECT_API_DATABASE_CONNECTION_URL"], "PREFECT_DATABASE_URL").replace(
+            "${POSTGRES_PASSWORD}", "pw"
+        )
+    )
     assert (url.drivername, url.host, url.database) == ("postgresql+asyncpg", "postgres", "prefect")
     cmd = compose["services"]["mlflow"]["command"]
     backend = compose["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
@@ -392,5 +463,5 @@ def test_postgres_init_creates_the_mlflow_database():
     sql = (INFRA / "compose" / "initdb.sql").read_text()
     assert "CREATE DATABASE mlflow OWNER mlflow" in sql and ":'mlflow_password'" in sql
     hook = (INFRA / "compose" / "initdb.sh").read_text()
-    assert "mlflow_password=\"$MLFLOW_DB_PASSWORD\"" in hook
+    assert 'mlflow_password="$MLFLOW_DB_PASSWORD"' in hook
     subprocess.run(["bash", "-n", str(INFRA / "compose" / "initdb.sh")], check=True)

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from moonforge.flows.cli import app
 from moonforge.registry.store import open_store
-
-from conftest import REPO
 
 sys.path.insert(0, str(REPO / "examples"))
 import make_tiny_hf  # noqa: E402
@@ -53,13 +52,11 @@ def _store_is_clean(project: Path, name: str) -> None:
 
 
 def test_import_versions_fingerprints_and_grows_the_vocabulary(project, hf_dirs):
-    out = json.loads(cli("import", str(hf_dirs / "deepseek_v3"), "--name", "moonlight",
-                         "--format", "json"))
+    out = json.loads(cli("import", str(hf_dirs / "deepseek_v3"), "--name", "moonlight", "--format", "json"))
     assert out["ref"] == "moonlight@1" and not out["cache_hit"] and out["parts"] == ["lm"]
     tok = out["tokenizer"]
     assert tok["dialect"] == "kimi" and tok["original_vocab_size"] == 2044
-    assert tok["added_tokens"] == ["<|media_start|>", "<|media_content|>", "<|media_pad|>",
-                                   "<|media_end|>"]
+    assert tok["added_tokens"] == ["<|media_start|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>"]
     assert tok["vocab_size"] == 2048 and tok["embedding_rows_grown"] == 4
     info = open_store(project).resolve("moonlight@1")
     state = load_file(str(info.path / "model.safetensors"))
@@ -72,8 +69,7 @@ def test_import_versions_fingerprints_and_grows_the_vocabulary(project, hf_dirs)
     assert lineage["source"]["model_type"] == "deepseek_v3"
     assert set(lineage["source"]["files"]) == {"config.json", "model.safetensors"}
     # the same files again: a cache hit on the same version
-    again = json.loads(cli("import", str(hf_dirs / "deepseek_v3"), "--name", "moonlight",
-                           "--format", "json"))
+    again = json.loads(cli("import", str(hf_dirs / "deepseek_v3"), "--name", "moonlight", "--format", "json"))
     assert again["cache_hit"] and again["ref"] == "moonlight@1"
 
 

@@ -51,8 +51,11 @@ def test_only_pickle_weights_are_refused_with_the_fix(tmp_path):
     m = tmp_path / "m"
     _config(m)
     torch.save(_tensors(), m / "pytorch_model.bin")
-    with pytest.raises(InteropError, match=r"only pickle weights \['pytorch_model.bin'\].*"
-                                           r"never unpickles.*safetensors"):
+    with pytest.raises(
+        InteropError,
+        match=r"only pickle weights \['pytorch_model.bin'\].*"
+        r"never unpickles.*safetensors",
+    ):
         read_hf_dir(m)
 
 

@@ -13,13 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
-                          LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from moonforge.model.adapters import adapter_for
 from moonforge.model.adapters.base import InteropError
-from moonforge.model.config import (CaptionTowerConfig, LMConfig, ProjectorConfig, VisionConfig,
-                                    VLMConfig)
+from moonforge.model.config import CaptionTowerConfig, LMConfig, ProjectorConfig, VisionConfig, VLMConfig
 from moonforge.model.generate import generate
 from moonforge.model.lm import MoELM
 from moonforge.model.vlm import build_vlm, param_counts
@@ -38,21 +44,51 @@ def one_thread():
 
 
 def _deepseek(**kw) -> DeepseekV3ForCausalLM:
-    base = dict(vocab_size=V, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
-                topk_group=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
-                qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, rope_theta=1234.0,
-                rms_norm_eps=1e-5, max_position_embeddings=64, routed_scaling_factor=2.0,
-                bos_token_id=None, eos_token_id=None, attn_implementation="eager")
+    base = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        first_k_dense_replace=1,
+        rope_theta=1234.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=64,
+        routed_scaling_factor=2.0,
+        bos_token_id=None,
+        eos_token_id=None,
+        attn_implementation="eager",
+    )
     return DeepseekV3ForCausalLM(DeepseekV3Config(**{**base, **kw}))
 
 
 def _dense(cls, cfg_cls, **kw):
-    base = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0,
-                rms_norm_eps=1e-6, max_position_embeddings=64, bos_token_id=None,
-                eos_token_id=None, attn_implementation="eager")
+    base = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=500.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        attn_implementation="eager",
+    )
     return cls(cfg_cls(**{**base, **kw}))
 
 
@@ -63,11 +99,11 @@ CASES = {
     "llama_gqa_tied": lambda: _dense(LlamaForCausalLM, LlamaConfig, tie_word_embeddings=True),
     "llama_gqa_bias": lambda: _dense(LlamaForCausalLM, LlamaConfig, attention_bias=True),
     "qwen2_bias": lambda: _dense(Qwen2ForCausalLM, Qwen2Config),
-    "qwen2_mha_tied": lambda: _dense(Qwen2ForCausalLM, Qwen2Config, num_key_value_heads=4,
-                                     tie_word_embeddings=True),
+    "qwen2_mha_tied": lambda: _dense(
+        Qwen2ForCausalLM, Qwen2Config, num_key_value_heads=4, tie_word_embeddings=True
+    ),
 }
-HF_CLASS = {"deepseek_v3": "DeepseekV3ForCausalLM", "llama": "LlamaForCausalLM",
-            "qwen2": "Qwen2ForCausalLM"}
+HF_CLASS = {"deepseek_v3": "DeepseekV3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 @torch.no_grad()
@@ -133,6 +169,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- import parity ---------------------------------------------------------------------------
 
+
 def test_import_logits_match_transformers(case):
     ids_BL = _ids(2, 12)
     assert _diff(_ours(case.lm, ids_BL), _theirs(case.hf, ids_BL)) <= TOL
@@ -153,12 +190,15 @@ def test_router_bias_changes_routing():
     """The randomised e_score_correction_bias is live: zeroing it changes the logits, so parity
     above covers the bias."""
     case = Case("deepseek")
-    state = {k: (torch.zeros_like(v) if k.endswith("e_score_correction_bias") else v)
-             for k, v in case.state.items()}
+    state = {
+        k: (torch.zeros_like(v) if k.endswith("e_score_correction_bias") else v)
+        for k, v in case.state.items()
+    }
     ids_BL = _ids(2, 12)
     assert _diff(_ours(_moelm(case.parts["lm"], state), ids_BL), _ours(case.lm, ids_BL)) > 1e-3
-    assert all(v.dtype == torch.float32 for k, v in case.state.items()
-               if k.endswith("e_score_correction_bias"))
+    assert all(
+        v.dtype == torch.float32 for k, v in case.state.items() if k.endswith("e_score_correction_bias")
+    )
 
 
 @pytest.mark.parametrize("name", ["deepseek_q_lora", "llama_gqa_tied"])
@@ -176,6 +216,7 @@ def test_saved_checkpoint_imports_like_the_model_in_memory(name, tmp_path):
 
 # --- export ----------------------------------------------------------------------------------
 
+
 def _export(case: Case, out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     hf_config = case.adapter.hf_from_parts(case.parts)
     hf_state = case.adapter.state_to_hf(case.state, case.parts)
@@ -185,9 +226,9 @@ def _export(case: Case, out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _load_exported(out: Path):
-    model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                       local_files_only=True,
-                                                       output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, local_files_only=True, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     return model.eval()
 
@@ -208,8 +249,7 @@ def test_import_of_export_is_bit_identical(case):
     assert parts == case.parts
     again = case.adapter.state_from_hf(hf_state, parts, hf_config)
     assert again.keys() == case.state.keys()
-    assert all(torch.equal(again[k], case.state[k]) and again[k].dtype == case.state[k].dtype
-               for k in again)
+    assert all(torch.equal(again[k], case.state[k]) and again[k].dtype == case.state[k].dtype for k in again)
 
 
 def test_export_config_keys_and_tensor_names_are_transformers_own(tmp_path):
@@ -226,15 +266,26 @@ def test_export_config_keys_and_tensor_names_are_transformers_own(tmp_path):
 
 # --- generation ------------------------------------------------------------------------------
 
+
 def _tiny_vlm(lm_cfg: LMConfig, state: dict[str, torch.Tensor]):
     """A VLM around the imported LM: moonforge's generation runs on a VLM."""
     cfg = VLMConfig(
-        vision=VisionConfig(patch_size=8, hidden_size=16, num_layers=1, num_heads=2,
-                            intermediate_size=16, pos_grid=4, max_patches=16),
-        projector=ProjectorConfig(hidden_size=16), lm=lm_cfg,
-        caption=CaptionTowerConfig(hidden_size=16, num_text_layers=1, num_decoder_layers=1,
-                                   num_heads=2, embed_dim=16, max_text_len=8),
-        attn_backend="sdpa")
+        vision=VisionConfig(
+            patch_size=8,
+            hidden_size=16,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=16,
+            pos_grid=4,
+            max_patches=16,
+        ),
+        projector=ProjectorConfig(hidden_size=16),
+        lm=lm_cfg,
+        caption=CaptionTowerConfig(
+            hidden_size=16, num_text_layers=1, num_decoder_layers=1, num_heads=2, embed_dim=16, max_text_len=8
+        ),
+        attn_backend="sdpa",
+    )
     vlm = build_vlm(cfg, seed=0).eval()
     vlm.lm.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()}, strict=True)
     return vlm
@@ -246,15 +297,22 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
     _export(case, tmp_path)
     loaded = _load_exported(tmp_path)
     prompt = _ids(1, 6, seed=7)[0].tolist()
-    ours = generate(_tiny_vlm(case.parts["lm"], case.state), [prompt], max_new_tokens=32,
-                    temperature=0, stop_ids=(), media_pad_id=-1)
+    ours = generate(
+        _tiny_vlm(case.parts["lm"], case.state),
+        [prompt],
+        max_new_tokens=32,
+        temperature=0,
+        stop_ids=(),
+        media_pad_id=-1,
+    )
     with torch.no_grad():
         theirs = loaded.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32)
-    assert ours.tokens[0] == theirs[0, len(prompt):].tolist()
+    assert ours.tokens[0] == theirs[0, len(prompt) :].tolist()
     assert len(set(ours.tokens[0])) > 1  # not a degenerate constant output
 
 
 # --- the LM options themselves ---------------------------------------------------------------
+
 
 def test_tied_lm_has_one_embedding_tensor_and_counts_it_once(tmp_path):
     case = Case("llama_gqa_tied")
@@ -284,8 +342,9 @@ def test_gqa_cache_holds_only_kv_heads():
     cache = KVCache(len(case.lm.layers), 1, 16)
     ids_1L = _ids(1, 5)
     with torch.no_grad():
-        h = case.lm.hidden_cached(case.lm.embed(ids_1L), torch.arange(5)[None],
-                                  torch.zeros(1, 5, dtype=torch.long), cache)
+        h = case.lm.hidden_cached(
+            case.lm.embed(ids_1L), torch.arange(5)[None], torch.zeros(1, 5, dtype=torch.long), cache
+        )
     assert cache.layers[0].buffers[0].shape == (1, 2, 16, 8)  # (B, Hkv, C, Dh)
     assert _diff(case.lm.logits(h), _ours(case.lm, ids_1L)) <= TOL
 
@@ -294,8 +353,7 @@ def test_group_limit_of_every_group_is_plain_top_k():
     from moonforge.model.moe import Router
 
     x_TD = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
-    routers = [Router(8, 8, 2, 1.0, num_groups=g, topk_groups=k)
-               for g, k in ((1, 1), (4, 4), (4, 9))]
+    routers = [Router(8, 8, 2, 1.0, num_groups=g, topk_groups=k) for g, k in ((1, 1), (4, 4), (4, 9))]
     for r in routers:
         r.weight.data = routers[0].weight.data
     outs = [r(x_TD) for r in routers]
@@ -307,6 +365,7 @@ def test_group_limit_of_every_group_is_plain_top_k():
 
 
 # --- refusals ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ds() -> Case:
@@ -320,15 +379,18 @@ def _refused(adapter, hf_config: dict, hf_state=None, parts=None) -> str:
     return str(e.value)
 
 
-@pytest.mark.parametrize("key, value, named", [
-    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "yarn"),
-    ("rope_scaling", {"type": "linear", "factor": 2.0}, "linear"),
-    ("scoring_func", "softmax", "scoring_func"),
-    ("topk_method", "greedy", "topk_method"),
-    ("moe_layer_freq", 2, "moe_layer_freq"),
-    ("attention_bias", True, "attention_bias"),
-    ("v_head_dim", 16, "v_head_dim"),
-])
+@pytest.mark.parametrize(
+    "key, value, named",
+    [
+        ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "yarn"),
+        ("rope_scaling", {"type": "linear", "factor": 2.0}, "linear"),
+        ("scoring_func", "softmax", "scoring_func"),
+        ("topk_method", "greedy", "topk_method"),
+        ("moe_layer_freq", 2, "moe_layer_freq"),
+        ("attention_bias", True, "attention_bias"),
+        ("v_head_dim", 16, "v_head_dim"),
+    ],
+)
 def test_deepseek_config_refusals_name_the_key(ds, key, value, named):
     msg = _refused(ds.adapter, {**ds.hf_config, key: value})
     assert named in msg
@@ -336,14 +398,16 @@ def test_deepseek_config_refusals_name_the_key(ds, key, value, named):
         assert "moonforge implements plain RoPE with a configurable base" in msg
 
 
-@pytest.mark.parametrize("kind, key, value, named", [
-    ("llama", "rope_parameters", {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5},
-     "llama3"),
-    ("llama", "mlp_bias", True, "mlp_bias"),
-    ("llama", "partial_rotary_factor", 0.5, "partial_rotary_factor"),
-    ("qwen2", "use_sliding_window", True, "sliding"),
-    ("qwen2", "layer_types", ["full_attention", "sliding_attention"], "sliding"),
-])
+@pytest.mark.parametrize(
+    "kind, key, value, named",
+    [
+        ("llama", "rope_parameters", {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}, "llama3"),
+        ("llama", "mlp_bias", True, "mlp_bias"),
+        ("llama", "partial_rotary_factor", 0.5, "partial_rotary_factor"),
+        ("qwen2", "use_sliding_window", True, "sliding"),
+        ("qwen2", "layer_types", ["full_attention", "sliding_attention"], "sliding"),
+    ],
+)
 def test_dense_config_refusals_name_the_key(kind, key, value, named):
     case = Case("llama_gqa_bias" if kind == "llama" else "qwen2_bias")
     assert named in _refused(case.adapter, {**case.hf_config, key: value})
@@ -366,9 +430,11 @@ def test_unexpected_tensor_is_named_but_rotary_and_mtp_tensors_are_ignored(ds):
     extra = "model.layers.0.self_attn.q_norm.weight"
     hf_state = {**ds.hf.state_dict(), extra: torch.ones(8)}
     assert extra in _refused(ds.adapter, ds.hf_config, hf_state, ds.parts)
-    ignorable = {**ds.hf.state_dict(),
-                 "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4),
-                 "model.layers.3.eh_proj.weight": torch.ones(32, 64)}  # the MTP layer
+    ignorable = {
+        **ds.hf.state_dict(),
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4),
+        "model.layers.3.eh_proj.weight": torch.ones(32, 64),
+    }  # the MTP layer
     hf_config = {**ds.hf_config, "num_nextn_predict_layers": 1}
     state = ds.adapter.state_from_hf(ignorable, ds.parts, hf_config)
     assert all(torch.equal(state[k], ds.state[k]) for k in ds.state)

@@ -16,16 +16,22 @@ from PIL import Image
 from safetensors.torch import save
 from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
-from moonforge.model.adapters import adapter_for
-from moonforge.model.adapters import siglip
+from moonforge.model.adapters import adapter_for, siglip
 from moonforge.model.adapters.base import InteropError
 from moonforge.model.rope import Rope2D, apply_rotary
 from moonforge.model.vision import MoonViT
 from moonforge.stages.data.images import to_patches
 
 TOL = 1e-5
-SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              image_size=16, patch_size=4, layer_norm_eps=1e-6)
+SIGLIP = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=16,
+    patch_size=4,
+    layer_norm_eps=1e-6,
+)
 """A 4 x 4 patch grid; head_dim 8 (a multiple of 4, so use_rope may be on after import)."""
 
 
@@ -104,26 +110,47 @@ def test_plain_vit_allows_any_head_dim():
 
     with pytest.raises(ValueError, match="use_rope: false"):
         VisionConfig(hidden_size=36, num_heads=6)
-    cfg = VisionConfig(patch_size=4, hidden_size=36, num_layers=1, num_heads=6,
-                       intermediate_size=8, pos_grid=2, use_rope=False)
+    cfg = VisionConfig(
+        patch_size=4,
+        hidden_size=36,
+        num_layers=1,
+        num_heads=6,
+        intermediate_size=8,
+        pos_grid=2,
+        use_rope=False,
+    )
     assert MoonViT(cfg)(torch.randn(4, 48), torch.tensor([[2, 2]])).shape == (4, 36)
 
 
 def test_imported_config_keeps_rope_and_fits_the_grid():
     vision = siglip.parts_from_hf(SiglipVisionConfig(**SIGLIP).to_dict())["vision"]
     assert vision.use_rope and vision.merge_size == 2 and vision.max_patches >= 16
-    big = siglip.parts_from_hf({"model_type": "siglip_vision_model", "image_size": 384,
-                                "patch_size": 14, "hidden_size": 1152, "num_attention_heads": 16,
-                                "num_hidden_layers": 27, "intermediate_size": 4304})["vision"]
+    big = siglip.parts_from_hf(
+        {
+            "model_type": "siglip_vision_model",
+            "image_size": 384,
+            "patch_size": 14,
+            "hidden_size": 1152,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 27,
+            "intermediate_size": 4304,
+        }
+    )["vision"]
     assert big.pos_grid == 27 and big.max_patches >= 729 and big.layer_norm_eps == 1e-6
 
 
 def test_full_siglip_model_imports_its_vision_tower():
     torch.manual_seed(0)
-    cfg = SiglipConfig(text_config={"hidden_size": 16, "intermediate_size": 32,
-                                    "num_hidden_layers": 1, "num_attention_heads": 2,
-                                    "vocab_size": 50},
-                       vision_config=SIGLIP)
+    cfg = SiglipConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": 50,
+        },
+        vision_config=SIGLIP,
+    )
     full = SiglipModel(cfg).eval()
     hf_state = full.state_dict()
     assert any(k.startswith("vision_model.") for k in hf_state)
@@ -133,8 +160,10 @@ def test_full_siglip_model_imports_its_vision_tower():
     parts = siglip.parts_from_hf(hf_config)
     assert set(parts) == {"vision"} and parts["vision"].hidden_size == 32
     state = siglip.state_from_hf(hf_state, parts, hf_config)
-    assert torch.equal(state["vision.blocks.1.wqkv.weight"][:32],
-                       hf_state["vision_model.encoder.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(
+        state["vision.blocks.1.wqkv.weight"][:32],
+        hf_state["vision_model.encoder.layers.1.self_attn.q_proj.weight"],
+    )
     vit = MoonViT(parts["vision"].model_copy(update={"use_rope": False}), backend="sdpa").eval()
     vit.load_state_dict({k.removeprefix("vision."): v for k, v in state.items()})
     img = _image(16, 16, seed=2)
@@ -184,8 +213,9 @@ def test_siglip_refuses_other_activations_by_name():
     with pytest.raises(InteropError, match="'gelu'.*gelu_pytorch_tanh"):
         siglip.parts_from_hf({**SiglipVisionConfig(**SIGLIP).to_dict(), "hidden_act": "gelu"})
     with pytest.raises(InteropError, match="quick_gelu"):
-        siglip.parts_from_hf({"model_type": "siglip",
-                              "vision_config": {**SIGLIP, "hidden_act": "quick_gelu"}})
+        siglip.parts_from_hf(
+            {"model_type": "siglip", "vision_config": {**SIGLIP, "hidden_act": "quick_gelu"}}
+        )
 
 
 def test_siglip_wrong_shape_names_tensor_and_both_shapes():
@@ -194,8 +224,11 @@ def test_siglip_wrong_shape_names_tensor_and_both_shapes():
     parts = siglip.parts_from_hf(hf_config)
     hf_state = dict(tower.state_dict())
     hf_state["encoder.layers.1.mlp.fc1.weight"] = torch.zeros(48, 32)
-    with pytest.raises(InteropError, match=r"'encoder\.layers\.1\.mlp\.fc1\.weight'.*"
-                                           r"\[48, 32\].*\[64, 32\]"):
+    with pytest.raises(
+        InteropError,
+        match=r"'encoder\.layers\.1\.mlp\.fc1\.weight'.*"
+        r"\[48, 32\].*\[64, 32\]",
+    ):
         siglip.state_from_hf(hf_state, parts, hf_config)
     del hf_state["post_layernorm.bias"]
     hf_state["encoder.layers.1.mlp.fc1.weight"] = torch.zeros(64, 32)
@@ -213,8 +246,9 @@ def _rope2d_reference(q_HND: torch.Tensor, ys: list[int], xs: list[int], theta: 
             f = theta ** (-4 * i / Dh)
             for start, pos in ((4 * i, xs[n]), (4 * i + 2, ys[n])):
                 z = torch.complex(q_HND[:, n, start].double(), q_HND[:, n, start + 1].double())
-                z = z * torch.polar(torch.tensor(1.0, dtype=torch.float64),
-                                    torch.tensor(pos * f, dtype=torch.float64))
+                z = z * torch.polar(
+                    torch.tensor(1.0, dtype=torch.float64), torch.tensor(pos * f, dtype=torch.float64)
+                )
                 out[:, n, start], out[:, n, start + 1] = z.real.float(), z.imag.float()
     return out
 
@@ -235,21 +269,48 @@ def test_moonvit_rope_layout_matches_the_published_one():
 
 # ---------------------------------------------------------------- Kimi-VL: the whole VLM
 
+
 def _tiny_kimi_cfg(**lm_overrides):
     from moonforge.model.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
 
-    vision = VisionConfig(patch_size=4, hidden_size=32, num_layers=2, num_heads=4,
-                          intermediate_size=64, pos_grid=4, merge_size=2, max_patches=64,
-                          layer_norm_eps=1e-5)
-    lm = LMConfig(**{**dict(vocab_size=96, hidden_size=48, num_layers=3, num_heads=4,
-                            attention="mla", head_dim=8, kv_lora_rank=16, qk_rope_head_dim=4,
-                            first_k_dense=1, dense_intermediate_size=64, num_experts=4,
-                            num_experts_per_tok=2, num_shared_experts=1,
-                            moe_intermediate_size=16, routed_scaling_factor=1.5,
-                            rope_theta=800000.0, max_position_embeddings=64),
-                     **lm_overrides})
-    return VLMConfig(vision=vision, projector=ProjectorConfig(layer_norm_eps=1e-5), lm=lm,
-                     attn_backend="sdpa")
+    vision = VisionConfig(
+        patch_size=4,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        pos_grid=4,
+        merge_size=2,
+        max_patches=64,
+        layer_norm_eps=1e-5,
+    )
+    lm = LMConfig(
+        **{
+            **dict(
+                vocab_size=96,
+                hidden_size=48,
+                num_layers=3,
+                num_heads=4,
+                attention="mla",
+                head_dim=8,
+                kv_lora_rank=16,
+                qk_rope_head_dim=4,
+                first_k_dense=1,
+                dense_intermediate_size=64,
+                num_experts=4,
+                num_experts_per_tok=2,
+                num_shared_experts=1,
+                moe_intermediate_size=16,
+                routed_scaling_factor=1.5,
+                rope_theta=800000.0,
+                max_position_embeddings=64,
+            ),
+            **lm_overrides,
+        }
+    )
+    return VLMConfig(
+        vision=vision, projector=ProjectorConfig(layer_norm_eps=1e-5), lm=lm, attn_backend="sdpa"
+    )
 
 
 def _tiny_kimi_vlm(seed: int = 0):
@@ -272,22 +333,34 @@ def _published_names(cfg) -> dict[str, tuple[int, ...]]:
     """The Kimi-VL tensor names and shapes for `cfg`, written from interop.md's rules."""
     v, lm = cfg.vision, cfg.lm
     D, p, G, I = v.hidden_size, v.patch_size, v.pos_grid, v.intermediate_size
-    names = {"vision_tower.patch_embed.proj.weight": (D, 3, p, p),
-             "vision_tower.patch_embed.proj.bias": (D,),
-             "vision_tower.patch_embed.pos_emb.weight": (G, G, D)}
+    names = {
+        "vision_tower.patch_embed.proj.weight": (D, 3, p, p),
+        "vision_tower.patch_embed.proj.bias": (D,),
+        "vision_tower.patch_embed.pos_emb.weight": (G, G, D),
+    }
     for i in range(v.num_layers):
         b = f"vision_tower.encoder.blocks.{i}."
-        for leaf, w, bias in (("wqkv", (3 * D, D), (3 * D,)), ("wo", (D, D), (D,)),
-                              ("norm0", (D,), (D,)), ("norm1", (D,), (D,)),
-                              ("mlp.fc0", (I, D), (I,)), ("mlp.fc1", (D, I), (D,))):
+        for leaf, w, bias in (
+            ("wqkv", (3 * D, D), (3 * D,)),
+            ("wo", (D, D), (D,)),
+            ("norm0", (D,), (D,)),
+            ("norm1", (D,), (D,)),
+            ("mlp.fc0", (I, D), (I,)),
+            ("mlp.fc1", (D, I), (D,)),
+        ):
             names[b + leaf + ".weight"], names[b + leaf + ".bias"] = w, bias
     names["vision_tower.encoder.final_layernorm.weight"] = (D,)
     names["vision_tower.encoder.final_layernorm.bias"] = (D,)
     C = 4 * D
     E, V, H = lm.hidden_size, lm.vocab_size, lm.num_heads
-    for name, shape in (("pre_norm.weight", (D,)), ("pre_norm.bias", (D,)),
-                        ("linear_1.weight", (C, C)), ("linear_1.bias", (C,)),
-                        ("linear_2.weight", (E, C)), ("linear_2.bias", (E,))):
+    for name, shape in (
+        ("pre_norm.weight", (D,)),
+        ("pre_norm.bias", (D,)),
+        ("linear_1.weight", (C, C)),
+        ("linear_1.bias", (C,)),
+        ("linear_2.weight", (E, C)),
+        ("linear_2.bias", (E,)),
+    ):
         names["multi_modal_projector." + name] = shape
     Dn, Dr, R = lm.head_dim, lm.qk_rope_head_dim, lm.kv_lora_rank
     m = "language_model.model."
@@ -313,8 +386,7 @@ def _published_names(cfg) -> dict[str, tuple[int, ...]]:
             names[layer + "mlp.gate.e_score_correction_bias"] = (lm.num_experts,)
             for j in range(lm.num_experts):
                 swiglu(f"{layer}mlp.experts.{j}.", lm.moe_intermediate_size)
-            swiglu(layer + "mlp.shared_experts.",
-                   lm.num_shared_experts * lm.moe_intermediate_size)
+            swiglu(layer + "mlp.shared_experts.", lm.num_shared_experts * lm.moe_intermediate_size)
     names[m + "norm.weight"] = (E,)
     names["language_model.lm_head.weight"] = (V, E)
     return names
@@ -350,15 +422,18 @@ def test_kimi_vl_export_names_shapes_and_bit_identical_round_trip():
     assert bias.dtype == torch.float32
     bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
     bf16_hf = kimi_vl.state_to_hf(bf16, parts)
-    assert bf16_hf["language_model.model.layers.2.mlp.gate.e_score_correction_bias"].dtype \
-        == torch.float32 and bf16_hf["vision_tower.encoder.blocks.0.wqkv.weight"].dtype \
-        == torch.bfloat16
+    assert (
+        bf16_hf["language_model.model.layers.2.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+        and bf16_hf["vision_tower.encoder.blocks.0.wqkv.weight"].dtype == torch.bfloat16
+    )
     save(hf_state)  # no two tensors share storage (safetensors would refuse)
     # q/k/v stay fused head-major; the patch Conv2d is our Linear reshaped
-    assert torch.equal(hf_state["vision_tower.encoder.blocks.1.wqkv.weight"],
-                       state["vision.blocks.1.wqkv.weight"])
-    assert torch.equal(hf_state["vision_tower.patch_embed.proj.weight"].flatten(1),
-                       state["vision.patch_embed.weight"])
+    assert torch.equal(
+        hf_state["vision_tower.encoder.blocks.1.wqkv.weight"], state["vision.blocks.1.wqkv.weight"]
+    )
+    assert torch.equal(
+        hf_state["vision_tower.patch_embed.proj.weight"].flatten(1), state["vision.patch_embed.weight"]
+    )
 
     hf_config = kimi_vl.hf_from_parts(parts)
     back = kimi_vl.state_from_hf(hf_state, parts, hf_config)
@@ -368,8 +443,9 @@ def test_kimi_vl_export_names_shapes_and_bit_identical_round_trip():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
 
     again = build_vlm(cfg, seed=123).eval()
-    again.load_state_dict({**back, **{k: v for k, v in state.items()
-                                      if k.startswith("caption.")}}, strict=True)
+    again.load_state_dict(
+        {**back, **{k: v for k, v in state.items() if k.startswith("caption.")}}, strict=True
+    )
     batch = _batch(cfg)
     with torch.no_grad():
         assert torch.equal(vlm(*batch), again(*batch))
@@ -387,8 +463,9 @@ def test_kimi_vl_import_ignores_inv_freq_and_reads_the_config_back():
     # max_patches is a preprocessing limit with no config.json key: import uses max(4096, G*G)
     assert got["vision"] == parts["vision"].model_copy(update={"max_patches": 4096})
     assert got["projector"] == parts["projector"]
-    assert got["lm"].model_dump(exclude={"latent_norm_eps"}) == \
-        parts["lm"].model_dump(exclude={"latent_norm_eps"})
+    assert got["lm"].model_dump(exclude={"latent_norm_eps"}) == parts["lm"].model_dump(
+        exclude={"latent_norm_eps"}
+    )
     back = kimi_vl.state_from_hf(hf_state, got, hf_config)
     assert not any("inv_freq" in k for k in back)
 
@@ -406,8 +483,12 @@ def test_kimi_vl_config_has_what_vllm_needs():
     vc = hf["vision_config"]
     assert vc["model_type"] == "moonvit" and vc["merge_kernel_size"] == [2, 2]
     assert (vc["patch_size"], vc["init_pos_emb_height"], vc["init_pos_emb_width"]) == (4, 4, 4)
-    assert (vc["hidden_size"], vc["num_hidden_layers"], vc["num_attention_heads"],
-            vc["intermediate_size"]) == (32, 2, 4, 64)
+    assert (
+        vc["hidden_size"],
+        vc["num_hidden_layers"],
+        vc["num_attention_heads"],
+        vc["intermediate_size"],
+    ) == (32, 2, 4, 64)
     tc = hf["text_config"]
     assert "model_type" not in tc and "auto_map" not in tc
     assert tc["topk_method"] == "noaux_tc" and tc["scoring_func"] == "sigmoid"
@@ -416,14 +497,16 @@ def test_kimi_vl_config_has_what_vllm_needs():
     assert tc["first_k_dense_replace"] == 1 and tc["n_shared_experts"] == 1
     assert tc["hidden_size"] == 48 and tc["vocab_size"] == 96
     assert "media_placeholder_token_id" not in hf  # vocab is not Kimi's and no ids given
-    with_ids = kimi_vl.hf_from_parts(_parts(cfg), {"media_placeholder_token_id": 9,
-                                                   "eos_token_id": 1})
+    with_ids = kimi_vl.hf_from_parts(_parts(cfg), {"media_placeholder_token_id": 9, "eos_token_id": 1})
     assert with_ids["media_placeholder_token_id"] == 9 and with_ids["eos_token_id"] == 1
     kimi = _tiny_kimi_cfg(vocab_size=163840)
     published = kimi_vl.hf_from_parts(_parts(kimi))
-    assert (published["media_placeholder_token_id"], published["bos_token_id"],
-            published["eos_token_id"], published["pad_token_id"]) == (163605, 163584, 163585,
-                                                                       163839)
+    assert (
+        published["media_placeholder_token_id"],
+        published["bos_token_id"],
+        published["eos_token_id"],
+        published["pad_token_id"],
+    ) == (163605, 163584, 163585, 163839)
 
 
 def test_kimi_vl_refuses_a_dense_lm_naming_its_kind():
@@ -450,8 +533,11 @@ def test_kimi_vl_wrong_shape_names_tensor_and_both_shapes():
     hf_config = kimi_vl.hf_from_parts(parts)
     hf_state = kimi_vl.state_to_hf(vlm.state_dict(), parts)
     hf_state["vision_tower.patch_embed.proj.weight"] = torch.zeros(32, 3, 5, 5)
-    with pytest.raises(InteropError, match=r"'vision_tower\.patch_embed\.proj\.weight'.*"
-                                           r"\[32, 3, 5, 5\].*\[32, 3, 4, 4\]"):
+    with pytest.raises(
+        InteropError,
+        match=r"'vision_tower\.patch_embed\.proj\.weight'.*"
+        r"\[32, 3, 5, 5\].*\[32, 3, 4, 4\]",
+    ):
         kimi_vl.state_from_hf(hf_state, parts, hf_config)
     hf_state = kimi_vl.state_to_hf(vlm.state_dict(), parts)
     hf_state["multi_modal_projector.linear_2.weight"] = torch.zeros(48, 64)
@@ -463,8 +549,11 @@ def test_kimi_vl_wrong_shape_names_tensor_and_both_shapes():
         kimi_vl.state_from_hf(hf_state, parts, hf_config)
     bad_state = dict(vlm.state_dict())
     bad_state["vision.blocks.1.fc0.weight"] = torch.zeros(60, 32)
-    with pytest.raises(InteropError, match=r"'vision\.blocks\.1\.fc0\.weight'.*\[60, 32\].*"
-                                           r"\[64, 32\]"):
+    with pytest.raises(
+        InteropError,
+        match=r"'vision\.blocks\.1\.fc0\.weight'.*\[60, 32\].*"
+        r"\[64, 32\]",
+    ):
         kimi_vl.state_to_hf(bad_state, parts)
 
 
@@ -485,8 +574,7 @@ def test_kimi_vl_import_reads_published_vision_defaults():
         kimi_vl.parts_from_hf(hf)
 
 
-def _kimi_reference_image_tokens(hf: dict, cfg, pixels_NP: torch.Tensor,
-                                 grid: torch.Tensor) -> torch.Tensor:
+def _kimi_reference_image_tokens(hf: dict, cfg, pixels_NP: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """MoonViT + projector computed straight from the published tensors, written after vLLM's
     native port (Conv2d on (N, 3, p, p) patches, complex freqs_cis with [x, y] per frequency,
     packed wqkv unbound as (3, heads, head_dim), per-image attention, (h/2, 2, w/2, 2) merger,
@@ -495,19 +583,32 @@ def _kimi_reference_image_tokens(hf: dict, cfg, pixels_NP: torch.Tensor,
     v = cfg.vision
     D, p, H, G = v.hidden_size, v.patch_size, v.num_heads, v.pos_grid
     Dh, N, V = D // H, pixels_NP.shape[0], "vision_tower."
-    x = F.conv2d(pixels_NP.view(N, 3, p, p), hf[V + "patch_embed.proj.weight"],
-                 hf[V + "patch_embed.proj.bias"], stride=p).view(N, D)
+    x = F.conv2d(
+        pixels_NP.view(N, 3, p, p),
+        hf[V + "patch_embed.proj.weight"],
+        hf[V + "patch_embed.proj.bias"],
+        stride=p,
+    ).view(N, D)
     table = hf[V + "patch_embed.pos_emb.weight"]
     pos, cis, sizes = [], [], []
     freqs = 1.0 / 10000.0 ** (torch.arange(0, Dh, 4)[: Dh // 4].float() / Dh)
     for h, w in grid.tolist():
-        pos.append(table.flatten(0, 1) if (h, w) == (G, G) else F.interpolate(
-            table.permute(2, 0, 1)[None], size=(h, w), mode="bicubic")[0].permute(1, 2, 0)
-            .flatten(0, 1))
+        pos.append(
+            table.flatten(0, 1)
+            if (h, w) == (G, G)
+            else F.interpolate(table.permute(2, 0, 1)[None], size=(h, w), mode="bicubic")[0]
+            .permute(1, 2, 0)
+            .flatten(0, 1)
+        )
         flat = torch.arange(h * w).float()
         xs, ys = flat % w, flat // w
-        pair = torch.stack([torch.polar(torch.ones(h * w, Dh // 4), torch.outer(xs, freqs)),
-                            torch.polar(torch.ones(h * w, Dh // 4), torch.outer(ys, freqs))], -1)
+        pair = torch.stack(
+            [
+                torch.polar(torch.ones(h * w, Dh // 4), torch.outer(xs, freqs)),
+                torch.polar(torch.ones(h * w, Dh // 4), torch.outer(ys, freqs)),
+            ],
+            -1,
+        )
         cis.append(pair.reshape(h * w, Dh // 2))
         sizes.append(h * w)
     x, cis = x + torch.cat(pos), torch.cat(cis)[:, None]
@@ -519,22 +620,25 @@ def _kimi_reference_image_tokens(hf: dict, cfg, pixels_NP: torch.Tensor,
         return F.linear(t, hf[name + ".weight"], hf[name + ".bias"])
 
     def rope(t):
-        return torch.view_as_real(torch.view_as_complex(t.float().view(N, H, -1, 2)) * cis
-                                  ).flatten(-2)
+        return torch.view_as_real(torch.view_as_complex(t.float().view(N, H, -1, 2)) * cis).flatten(-2)
 
     for i in range(v.num_layers):
         b = f"{V}encoder.blocks.{i}."
         q, k, val = lin(ln(x, b + "norm0"), b + "wqkv").view(N, 3, H, Dh).unbind(1)
         q, k = rope(q), rope(k)
-        out = torch.cat([F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in chunk))
-                         .transpose(0, 1) for chunk in zip(q.split(sizes), k.split(sizes),
-                                                           val.split(sizes))])
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in chunk)).transpose(0, 1)
+                for chunk in zip(q.split(sizes), k.split(sizes), val.split(sizes))
+            ]
+        )
         x = x + lin(out.reshape(N, D), b + "wo")
-        x = x + lin(F.gelu(lin(ln(x, b + "norm1"), b + "mlp.fc0"), approximate="tanh"),
-                    b + "mlp.fc1")
+        x = x + lin(F.gelu(lin(ln(x, b + "norm1"), b + "mlp.fc0"), approximate="tanh"), b + "mlp.fc1")
     x = ln(x, V + "encoder.final_layernorm")
-    merged = [img.view(h // 2, 2, w // 2, 2, D).permute(0, 2, 1, 3, 4).reshape(-1, 4, D)
-              for img, (h, w) in zip(x.split(sizes), grid.tolist())]
+    merged = [
+        img.view(h // 2, 2, w // 2, 2, D).permute(0, 2, 1, 3, 4).reshape(-1, 4, D)
+        for img, (h, w) in zip(x.split(sizes), grid.tolist())
+    ]
     P = "multi_modal_projector."
     y = ln(torch.cat(merged), P + "pre_norm").view(-1, 4 * D)
     return lin(F.gelu(lin(y, P + "linear_1")), P + "linear_2")

@@ -19,20 +19,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_project
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from moonforge.flows.cli import app
 
-from conftest import REPO, copy_project
-
 pytestmark = pytest.mark.slow
 
-SHORT = ["--set", "stages.vit_pretrain.num_steps=6", "--set", "stages.align.num_steps=4",
-         "--set", "stages.joint_pretrain.num_steps=4", "--set", "stages.cooldown.num_steps=4",
-         "--set", "stages.long_context.sub_stages=[{seq_len: 512, num_steps: 2}]",
-         "--set", "stages.sft.phases=[{seq_len: 256, lr: 1.0e-3, min_lr: 1.0e-4, num_steps: 6, "
-                  "warmup_frac: 0.25}]"]
+SHORT = [
+    "--set",
+    "stages.vit_pretrain.num_steps=6",
+    "--set",
+    "stages.align.num_steps=4",
+    "--set",
+    "stages.joint_pretrain.num_steps=4",
+    "--set",
+    "stages.cooldown.num_steps=4",
+    "--set",
+    "stages.long_context.sub_stages=[{seq_len: 512, num_steps: 2}]",
+    "--set",
+    "stages.sft.phases=[{seq_len: 256, lr: 1.0e-3, min_lr: 1.0e-4, num_steps: 6, warmup_frac: 0.25}]",
+]
 QUESTION = "How many circles are there?"
 
 
@@ -45,14 +53,16 @@ def cli(*args: str, code: int = 0) -> str:
 @pytest.fixture(scope="module")
 def proj(tmp_path_factory, repo_data):
     """A project copy after: make_tiny_hf, both imports and the (short) run up to sft."""
-    proj = copy_project(tmp_path_factory.mktemp("walk") / "proj",
-                        ("toyworld", "text", "tokenizer", "rl_prompts"))
+    proj = copy_project(
+        tmp_path_factory.mktemp("walk") / "proj", ("toyworld", "text", "tokenizer", "rl_prompts")
+    )
     old = Path.cwd()
     os.chdir(proj)
     env_store = os.environ.pop("MOONFORGE_STORE", None)
     try:
-        subprocess.run([sys.executable, "examples/make_tiny_hf.py", "out/hf"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "examples/make_tiny_hf.py", "out/hf"], check=True, capture_output=True
+        )
         cli("import", "out/hf/deepseek_v3", "--name", "moonlight")
         cli("import", "out/hf/siglip", "--name", "siglip")
         cli("run", "recipes/tiny-from-hf.yaml", "--until", "sft", *SHORT)
@@ -74,8 +84,7 @@ def test_init_loads_the_imported_weights_and_is_in_the_lineage(proj):
     assert all(torch.equal(lm[k], lm_import[k]) for k in lm)  # frozen in vit_pretrain: the import
     assert vit["vision.pos_emb.weight"].shape == (8, 8, 64)
     lineage = json.loads((proj / ".moonforge/store/vit_pretrain/1/lineage.json").read_text())
-    assert {p: i["ref"] for p, i in lineage["init"].items()} == {"lm": "moonlight@1",
-                                                                  "vision": "siglip@1"}
+    assert {p: i["ref"] for p, i in lineage["init"].items()} == {"lm": "moonlight@1", "vision": "siglip@1"}
     tok = next(d for d in lineage["datasets"] if d["name"] == "tokenizer")
     assert tok["digest"].startswith("import:") and "moonlight/1/tokenizer" in tok["path"]
     tree = cli("lineage", "sft@latest")
@@ -89,11 +98,12 @@ def test_exported_lm_generates_what_moonforge_chat_generates(proj):
     assert "deepseek_v3" in out
     model = AutoModelForCausalLM.from_pretrained(proj / "out/sft").eval()
     tok = AutoTokenizer.from_pretrained(proj / "out/sft")
-    ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}],
-                                  add_generation_prompt=True, return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     with torch.no_grad():
-        gen = model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
+        gen = model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1] :]
     theirs = tok.decode(gen, skip_special_tokens=True).strip()
     chat = cli("chat", "sft@latest", QUESTION, "--max-new-tokens", "32")
     m = re.search(r"sft@1: (.*)\n\((\d+) tokens", chat, re.S)
@@ -116,8 +126,7 @@ def test_vlm_round_trips_through_the_kimi_vl_layout_and_starts_a_rerun(proj):
     sft = cli("chat", "sft@latest", "--image", str(image), QUESTION, "--max-new-tokens", "8")
     kimi = cli("chat", "kimi@1", "--image", str(image), QUESTION, "--max-new-tokens", "8")
     assert sft.split(":", 1)[1] == kimi.split(":", 1)[1]
-    plan = cli("rerun", "sft", "--recipe", "recipes/tiny-from-hf.yaml", "--from", "kimi@1",
-               "--dry-run")
+    plan = cli("rerun", "sft", "--recipe", "recipes/tiny-from-hf.yaml", "--from", "kimi@1", "--dry-run")
     assert "run -> sft@2" in plan and "external" in plan and "kimi@1" in plan, plan
 
 
@@ -128,10 +137,11 @@ def test_a_new_import_makes_the_chain_stale_naming_init(proj):
     cfg["rms_norm_eps"] = 2e-5  # another checkpoint of the same shape
     (proj / "out/hf/deepseek_v3/config.json").write_text(json.dumps(cfg))
     cli("import", "out/hf/deepseek_v3", "--name", "moonlight")
-    rows = {r["stage"]: r for r in json.loads(cli("status", "recipes/tiny-from-hf.yaml", *SHORT,
-                                                  "--format", "json"))}
+    rows = {
+        r["stage"]: r
+        for r in json.loads(cli("status", "recipes/tiny-from-hf.yaml", *SHORT, "--format", "json"))
+    }
     assert rows["vit_pretrain"]["state"] == "stale"
     assert "init" in rows["vit_pretrain"]["changed"]
-    assert any("init lm changed (moonlight@1 -> moonlight@2)" in r
-               for r in rows["vit_pretrain"]["reasons"])
+    assert any("init lm changed (moonlight@1 -> moonlight@2)" in r for r in rows["vit_pretrain"]["reasons"])
     assert rows["sft"]["state"] == "stale"

@@ -3,7 +3,8 @@
 One session-scoped run of `moonforge run recipes/tiny.yaml` (all stages) in a temp copy of
 the project (its own git repo, DVC pipeline and MLflow SQLite file), through the real Prefect API,
 MLflow and DVC, with production storage on a local S3 endpoint (moto_server): the artifact store
-on s3://, the MLflow artifact root on s3://, and the DVC remote on s3:// (a real `dvc push`). The tests then assert what the issue promises: visible learning,
+on s3://, the MLflow artifact root on s3://, and the DVC remote on s3:// (a real `dvc push`).
+The tests then assert what the issue promises: visible learning,
 a bit-identical LM after alignment, the long-context lengths and RoPE base, MLflow parent/child
 runs with params, metrics and dataset inputs, a rerun that makes its downstream stale, lineage
 back to the DVC hashes and git commit, and an all-cache-hit second run.
@@ -30,13 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import copy_project
 from safetensors.torch import load
 from typer.testing import CliRunner
 
 from moonforge.flows.cli import app
 from moonforge.registry.data_versions import dvc
-
-from conftest import copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +62,11 @@ class Tiny:
 
         stage, version = ref.split("@")
         with env_vars(self.env):
-            return boto3.client("s3").get_object(
-                Bucket=self.bucket, Key=f"store/{stage}/{version}/{name}")["Body"].read()
+            return (
+                boto3.client("s3")
+                .get_object(Bucket=self.bucket, Key=f"store/{stage}/{version}/{name}")["Body"]
+                .read()
+            )
 
     def keys(self, prefix: str) -> list[str]:
         import boto3
@@ -106,12 +109,17 @@ def tiny_project(tmp_path_factory, prefect_api, s3_endpoint):
     datasets = ("text", "toyworld", "longdoc", "tokenizer", "sft", "reasoning", "rl_prompts")
     proj = copy_project(tmp_path_factory.mktemp("tiny") / "proj", datasets)
     bucket = f"tiny-{uuid.uuid4().hex[:12]}"
-    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing-key-id",
-           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_CONFIG_FILE": str(proj / ".no-aws-config"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(proj / ".no-aws-credentials"),
-           "AWS_EC2_METADATA_DISABLED": "true", "MOONFORGE_STORE": f"s3://{bucket}/store",
-           "MOONFORGE_MLFLOW_ARTIFACT_ROOT": f"s3://{bucket}/mlflow"}
+    env = {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(proj / ".no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(proj / ".no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "MOONFORGE_STORE": f"s3://{bucket}/store",
+        "MOONFORGE_MLFLOW_ARTIFACT_ROOT": f"s3://{bucket}/mlflow",
+    }
     cwd = os.getcwd()
     os.chdir(proj)
     try:
@@ -213,8 +221,9 @@ def test_rerun_makes_downstream_stale_and_lineage_reaches_data_and_git(tiny_proj
     assert "stale" in row
     chain = json.loads(cli("lineage", "long_context@latest", "--format", "json"))
     assert [c["stage"] for c in chain] == PRETRAIN[::-1]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=proj, capture_output=True,
-                          text=True, check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=proj, capture_output=True, text=True, check=True
+    ).stdout.strip()
     lock = (proj / "dvc.lock").read_text()
     for link in chain:
         assert link["git"]["commit"] == head

@@ -8,11 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from moonforge.model import attention
-from moonforge.model.attention import (attend, attend_reference, block_mask,
-                                       cu_seqlens_from_doc_ids, segment_ids)
+from moonforge.model.attention import (
+    attend,
+    attend_reference,
+    block_mask,
+    cu_seqlens_from_doc_ids,
+    segment_ids,
+)
 
-DOCS_BL = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1],
-                        [5, 5, 5, 5, 5, 5, 7, 7, -1, -1, -1]])
+DOCS_BL = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1], [5, 5, 5, 5, 5, 5, 7, 7, -1, -1, -1]])
 
 
 def _qkv(B: int, H: int, L: int, D: int, Dv: int | None = None, seed: int = 0):
@@ -70,8 +74,9 @@ def test_no_cross_document_leakage(causal):
 def test_auto_falls_back_to_sdpa_on_cpu():
     q, k, v = _qkv(1, 2, 6, 8)
     doc = torch.tensor([[0, 0, 0, 1, 1, 1]])
-    torch.testing.assert_close(attend(q, k, v, doc, True, backend="auto"),
-                               attend(q, k, v, doc, True, backend="sdpa"))
+    torch.testing.assert_close(
+        attend(q, k, v, doc, True, backend="auto"), attend(q, k, v, doc, True, backend="sdpa")
+    )
 
 
 def test_unknown_backend_rejected():
@@ -80,8 +85,9 @@ def test_unknown_backend_rejected():
         attend(q, k, v, torch.zeros(1, 2, dtype=torch.long), True, backend="xformers")
 
 
-def _fake_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       softmax_scale=None, causal=False):
+def _fake_flash_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=False
+):
     """flash_attn_varlen_func's contract on CPU: (T, H, D) tokens, one SDPA per cu_seqlens span."""
     assert q.dtype == k.dtype == v.dtype == torch.bfloat16
     assert q.shape[-1] == v.shape[-1], "flash-attn needs one head dim for q, k, v"
@@ -91,8 +97,11 @@ def _fake_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     out = torch.empty_like(q)
     for a, b in zip(cu, cu[1:]):
         span = [t[a:b].transpose(0, 1).float() for t in (q, k, v)]
-        out[a:b] = F.scaled_dot_product_attention(*span, is_causal=causal,
-                                                  scale=softmax_scale).transpose(0, 1).to(q.dtype)
+        out[a:b] = (
+            F.scaled_dot_product_attention(*span, is_causal=causal, scale=softmax_scale)
+            .transpose(0, 1)
+            .to(q.dtype)
+        )
     return out
 
 
@@ -101,8 +110,7 @@ def test_flash_plumbing_matches_sdpa_with_a_cpu_stand_in(monkeypatch, causal):
     """Token flattening, cu_seqlens and v padding of the flash path, checked on CPU in bf16."""
     monkeypatch.setattr(attention, "_flash_varlen", _fake_flash_varlen)
     q, k, v = _qkv(2, 3, DOCS_BL.shape[1], 16, 8)
-    out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), DOCS_BL, causal, backend="flash",
-                 scale=0.3)
+    out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), DOCS_BL, causal, backend="flash", scale=0.3)
     ref = attend(q, k, v, DOCS_BL, causal, backend="sdpa", scale=0.3)
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)

@@ -21,25 +21,36 @@ from moonforge.model.kv_cache import KVCache
 from moonforge.model.lm import MoELM
 from moonforge.model.vlm import build_vlm
 
-BASE = dict(vocab_size=97, hidden_size=32, num_heads=4, head_dim=8, kv_lora_rank=16,
-            qk_rope_head_dim=4, first_k_dense=1, dense_intermediate_size=48, num_experts=4,
-            num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=16,
-            max_position_embeddings=64)
+BASE = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_heads=4,
+    head_dim=8,
+    kv_lora_rank=16,
+    qk_rope_head_dim=4,
+    first_k_dense=1,
+    dense_intermediate_size=48,
+    num_experts=4,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    moe_intermediate_size=16,
+    max_position_embeddings=64,
+)
 TOL = 1e-5
 """fp32 logits: the backends differ in summation order only (measured <= 2e-6)."""
 
 
 def _lm(num_layers: int = 3, backend: str = "sdpa", seed: int = 0, **kw) -> MoELM:
     torch.manual_seed(seed)
-    return MoELM(LMConfig(**{**BASE, "num_layers": num_layers, **kw}), backend=backend,
-                 experts_impl="grouped_mm").eval()
+    return MoELM(
+        LMConfig(**{**BASE, "num_layers": num_layers, **kw}), backend=backend, experts_impl="grouped_mm"
+    ).eval()
 
 
 def _packed(B: int = 2, L: int = 24):
     """Rows of several documents with restarting positions and trailing padding."""
     ids = torch.randint(0, 97, (B, L), generator=torch.Generator().manual_seed(3))
-    doc = torch.tensor([[0] * 7 + [1] * 5 + [2] * 9 + [-1] * 3,
-                        [4] * 15 + [6] * 2 + [-1] * 7])[:B, :L]
+    doc = torch.tensor([[0] * 7 + [1] * 5 + [2] * 9 + [-1] * 3, [4] * 15 + [6] * 2 + [-1] * 7])[:B, :L]
     pos = torch.zeros_like(doc)
     for b in range(B):
         run = 0
@@ -60,6 +71,7 @@ def _count_host_reads():
         def counted(self, *a, **kw):
             counter["n"] += 1
             return fn(self, *a, **kw)
+
         return counted
 
     for n in names:
@@ -75,8 +87,7 @@ def _count_host_reads():
 def test_metadata_once_per_forward_and_no_host_read_per_layer(backend, monkeypatch):
     built = []
     real = lm_mod.attention_meta
-    monkeypatch.setattr(lm_mod, "attention_meta",
-                        lambda *a, **kw: built.append(1) or real(*a, **kw))
+    monkeypatch.setattr(lm_mod, "attention_meta", lambda *a, **kw: built.append(1) or real(*a, **kw))
     ids, pos, doc = _packed()
     reads = {}
     for depth in (2, 5):
@@ -103,8 +114,15 @@ def test_vision_and_towers_match_across_backends():
     from moonforge.model.config import VisionConfig
     from moonforge.model.vision import MoonViT
 
-    vcfg = VisionConfig(patch_size=4, hidden_size=16, num_layers=2, num_heads=2,
-                        intermediate_size=32, pos_grid=4, max_patches=64)
+    vcfg = VisionConfig(
+        patch_size=4,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=32,
+        pos_grid=4,
+        max_patches=64,
+    )
     grid = torch.tensor([[4, 4], [2, 6], [3, 3]])
     pixels = torch.rand(37, 48, generator=torch.Generator().manual_seed(0))
     outs = []
@@ -134,18 +152,19 @@ def test_attn_backend_is_a_runtime_choice_not_model_config():
     old_json = VLMConfig().model_dump_json()[:-1] + ', "attn_backend": "flash"}'
     assert VLMConfig.model_validate_json(old_json) == VLMConfig()
     assert VLMConfig.model_validate({"attn_backend": "sdpa"}) == VLMConfig()
-    vlm = build_vlm(VLMConfig(lm=LMConfig(**{**BASE, "num_layers": 2})), device="meta",
-                    attn_backend="padded")
+    vlm = build_vlm(VLMConfig(lm=LMConfig(**{**BASE, "num_layers": 2})), device="meta", attn_backend="padded")
     assert vlm.lm.attn_backend == vlm.vision.attn_backend == vlm.caption.attn_backend == "padded"
 
 
 def _decode_all(lm: MoELM, ids, absorbed: bool, monkeypatch) -> torch.Tensor:
     """Prefill 5 tokens, then decode the rest one position at a time: (B, L, V) logits."""
     if not absorbed:  # the previous decode: re-expand the whole cached latent every step
+
         def expanded(self, q_BHQX, latent_B1KX, doc_ids_BK):
-            c_kv, k_rope = latent_B1KX[:, 0, :, :self.R], latent_B1KX[..., self.R:]
+            c_kv, k_rope = latent_B1KX[:, 0, :, : self.R], latent_B1KX[..., self.R :]
             k, v = self.expand(c_kv, k_rope)
             return attn.attend_cached(q_BHQX, k, v, doc_ids_BK, scale=self.scale)
+
         monkeypatch.setattr(lm_mod.MLA, "attend_absorbed", expanded)
     B, L = ids.shape
     cache = KVCache(len(lm.layers), B, L)
@@ -154,8 +173,11 @@ def _decode_all(lm: MoELM, ids, absorbed: bool, monkeypatch) -> torch.Tensor:
     pos = (torch.arange(L)[None] - torch.tensor([[0], [2]])).clamp(min=0)
     outs = [lm.logits(lm.hidden_cached(lm.embed(ids[:, :5]), pos[:, :5], doc[:, :5], cache))]
     for t in range(5, L):
-        outs.append(lm.logits(lm.hidden_cached(lm.embed(ids[:, t:t + 1]), pos[:, t:t + 1],
-                                               doc[:, t:t + 1], cache)))
+        outs.append(
+            lm.logits(
+                lm.hidden_cached(lm.embed(ids[:, t : t + 1]), pos[:, t : t + 1], doc[:, t : t + 1], cache)
+            )
+        )
     monkeypatch.undo()
     return torch.cat(outs, dim=1)
 
@@ -180,8 +202,11 @@ def test_chunked_causal_attention_matches_reference_with_gradients(backend):
     in the padded form) equals the per-document reference, outputs and gradients."""
     g = torch.Generator().manual_seed(0)
     L = 2 * attn.CAUSAL_CHUNK + 37
-    doc = (torch.zeros(2, L, dtype=torch.long) if backend == "sdpa" else
-           torch.tensor([[0] * (L - 40) + [1] * 30 + [-1] * 10, [3] * 7 + [4] * (L - 7)]))
+    doc = (
+        torch.zeros(2, L, dtype=torch.long)
+        if backend == "sdpa"
+        else torch.tensor([[0] * (L - 40) + [1] * 30 + [-1] * 10, [3] * 7 + [4] * (L - 7)])
+    )
     q, k = (torch.randn(2, 3, L, 12, generator=g, requires_grad=True) for _ in range(2))
     v = torch.randn(2, 3, L, 8, generator=g, requires_grad=True)
     meta = attention_meta(doc, True, backend)
@@ -189,6 +214,7 @@ def test_chunked_causal_attention_matches_reference_with_gradients(backend):
     out = attn.attention(q, k, v, meta)
     ref = attn.attend_reference(q, k, v, doc, causal=True)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
-    for a, b in zip(torch.autograd.grad(out.square().sum(), (q, k, v)),
-                    torch.autograd.grad(ref.square().sum(), (q, k, v))):
+    for a, b in zip(
+        torch.autograd.grad(out.square().sum(), (q, k, v)), torch.autograd.grad(ref.square().sum(), (q, k, v))
+    ):
         torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)

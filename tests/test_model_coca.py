@@ -11,8 +11,9 @@ import torch
 from moonforge.model.coca import CaptionTowers
 from moonforge.model.config import CaptionTowerConfig
 
-CFG = CaptionTowerConfig(hidden_size=32, num_text_layers=2, num_decoder_layers=2, num_heads=4,
-                         embed_dim=24, max_text_len=10)
+CFG = CaptionTowerConfig(
+    hidden_size=32, num_text_layers=2, num_decoder_layers=2, num_heads=4, embed_dim=24, max_text_len=10
+)
 GRID = torch.tensor([[2, 3], [4, 4]])
 
 

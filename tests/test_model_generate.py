@@ -13,8 +13,15 @@ import yaml
 
 from moonforge.model.attention import block_mask, suffix_block_mask
 from moonforge.model.config import VLMConfig
-from moonforge.model.generate import (MEDIA_PAD_ID, CachedDecoder, FullDecoder, RepeatDetector,
-                                      generate, left_pad, top_p_filter)
+from moonforge.model.generate import (
+    MEDIA_PAD_ID,
+    CachedDecoder,
+    FullDecoder,
+    RepeatDetector,
+    generate,
+    left_pad,
+    top_p_filter,
+)
 from moonforge.model.vlm import VLM, build_vlm
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -60,9 +67,8 @@ def _row_logprobs(model: VLM, prompt: list[int], new: list[int], pixels=None, gr
     L = ids_1L.shape[1]
     mask_1L = (ids_1L == MEDIA_PAD_ID) & (torch.arange(L) < len(prompt))
     with torch.no_grad():
-        logits_1LV = model(ids_1L, torch.arange(L)[None], torch.zeros_like(ids_1L), mask_1L,
-                           pixels, grid)
-    logp_LV = torch.log_softmax(logits_1LV[0, len(prompt) - 1:-1].float(), -1)
+        logits_1LV = model(ids_1L, torch.arange(L)[None], torch.zeros_like(ids_1L), mask_1L, pixels, grid)
+    logp_LV = torch.log_softmax(logits_1LV[0, len(prompt) - 1 : -1].float(), -1)
     return logp_LV.gather(-1, torch.tensor(new)[:, None])[:, 0]
 
 
@@ -85,8 +91,7 @@ def test_greedy_cached_equals_uncached(vlm):
     full = generate(vlm, prompts, use_cache=False, **kw)
     assert cached.tokens == full.tokens
     assert cached.lengths == [NEW] * 3 and cached.finish_reasons == ["length"] * 3
-    torch.testing.assert_close(torch.tensor(cached.logprobs), torch.tensor(full.logprobs),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(cached.logprobs), torch.tensor(full.logprobs), atol=1e-4, rtol=0)
 
 
 def test_cached_step_logits_match_full_forward(vlm):
@@ -109,32 +114,37 @@ def test_cached_step_logits_match_full_forward(vlm):
 
 def test_logprobs_are_unpadded_model_log_softmax(mla):
     prompts = _prompts()
-    out = generate(mla, prompts, max_new_tokens=NEW, temperature=1.5, top_p=0.9, seed=1,
-                   stop_ids=())
+    out = generate(mla, prompts, max_new_tokens=NEW, temperature=1.5, top_p=0.9, seed=1, stop_ids=())
     for p, new, lp in zip(prompts, out.tokens, out.logprobs):
-        torch.testing.assert_close(torch.tensor(lp), _row_logprobs(mla, p, new), atol=1e-4,
-                                   rtol=0)
+        torch.testing.assert_close(torch.tensor(lp), _row_logprobs(mla, p, new), atol=1e-4, rtol=0)
 
 
 def test_image_prompts_match_uncached_and_single_row(mla):
     g = torch.Generator().manual_seed(1)
-    P = 3 * mla.cfg.vision.patch_size ** 2
+    P = 3 * mla.cfg.vision.patch_size**2
     grids = [torch.tensor([[4, 4]]), torch.tensor([[2, 4]])]  # 4 and 2 image tokens
     pixels = [torch.randn(int(gr.prod()), P, generator=g) for gr in grids]
     text = _prompts((3, 5, 4), seed=2)
-    prompts = [text[0] + [MEDIA_PAD_ID] * 4 + [99],  # image 0
-               text[1],                                # no image
-               [7] + [MEDIA_PAD_ID] * 2 + text[2]]     # image 1
-    kw = dict(max_new_tokens=6, temperature=0.0, stop_ids=(), pixels_NP=torch.cat(pixels),
-              grid_hw=torch.cat(grids))
+    prompts = [
+        text[0] + [MEDIA_PAD_ID] * 4 + [99],  # image 0
+        text[1],  # no image
+        [7] + [MEDIA_PAD_ID] * 2 + text[2],
+    ]  # image 1
+    kw = dict(
+        max_new_tokens=6, temperature=0.0, stop_ids=(), pixels_NP=torch.cat(pixels), grid_hw=torch.cat(grids)
+    )
     cached, full = generate(mla, prompts, **kw), generate(mla, prompts, use_cache=False, **kw)
     assert cached.tokens == full.tokens
     for i, (px, gr) in zip((0, 2), zip(pixels, grids)):
-        torch.testing.assert_close(torch.tensor(cached.logprobs[i]),
-                                   _row_logprobs(mla, prompts[i], cached.tokens[i], px, gr),
-                                   atol=1e-4, rtol=0)
-    no_img = generate(mla, prompts[:1], max_new_tokens=6, temperature=0.0, stop_ids=(),
-                      media_pad_id=-1)  # media pads embedded as text: the images mattered
+        torch.testing.assert_close(
+            torch.tensor(cached.logprobs[i]),
+            _row_logprobs(mla, prompts[i], cached.tokens[i], px, gr),
+            atol=1e-4,
+            rtol=0,
+        )
+    no_img = generate(
+        mla, prompts[:1], max_new_tokens=6, temperature=0.0, stop_ids=(), media_pad_id=-1
+    )  # media pads embedded as text: the images mattered
     assert no_img.tokens[0] != cached.tokens[0]
 
 
@@ -163,11 +173,11 @@ def test_sampling_reproducible_and_greedy_limits(mla):
     assert a.tokens == b.tokens == d.tokens and a.tokens != c.tokens
     greedy = generate(mla, prompts, temperature=0.0, **kw)
     assert generate(mla, prompts, temperature=1.0, top_p=1e-6, seed=3, **kw).tokens == greedy.tokens
-    for p, new, lp in zip(prompts, greedy.tokens, greedy.logprobs):  # argmax at every step
+    for p, new in zip(prompts, greedy.tokens):  # argmax at every step
         ids = torch.tensor([p + new])
         with torch.no_grad():
             logits = mla(ids, torch.arange(ids.shape[1])[None], torch.zeros_like(ids))
-        assert logits[0, len(p) - 1:-1].argmax(-1).tolist() == new
+        assert logits[0, len(p) - 1 : -1].argmax(-1).tolist() == new
 
 
 def test_top_p_filter_example():
@@ -202,8 +212,9 @@ def test_repeat_ends_a_looping_generation(mla):
         lm.lm_head.weight.zero_()
         lm.lm_head.weight[b, 0] = lm.lm_head.weight[a, 1] = 1.0
     prompts = [[300, a], _prompts((4,))[0]]
-    out = generate(loop, prompts, max_new_tokens=30, temperature=0.0, stop_ids=(),
-                   repeat_ngram=2, repeat_max=4)
+    out = generate(
+        loop, prompts, max_new_tokens=30, temperature=0.0, stop_ids=(), repeat_ngram=2, repeat_max=4
+    )
     assert out.tokens[0] == [b, a] * 4 and out.finish_reasons[0] == "repeat"
     plain = generate(loop, prompts[:1], max_new_tokens=12, temperature=0.0, stop_ids=())
     assert plain.finish_reasons == ["length"] and plain.tokens[0] == [b, a] * 6

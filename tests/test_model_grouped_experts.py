@@ -23,10 +23,22 @@ from moonforge.stages.config import OptimizerConfig
 from moonforge.stages.train.optim import MuonAdamW, is_muon_param, matrix_shape
 from moonforge.stages.train.zero_muon import ZeroMuonAdamW
 
-CFG = LMConfig(vocab_size=64, hidden_size=16, num_layers=3, num_heads=2, head_dim=8,
-               kv_lora_rank=8, qk_rope_head_dim=4, dense_intermediate_size=32, num_experts=4,
-               num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=8,
-               routed_scaling_factor=2.5, max_position_embeddings=64)
+CFG = LMConfig(
+    vocab_size=64,
+    hidden_size=16,
+    num_layers=3,
+    num_heads=2,
+    head_dim=8,
+    kv_lora_rank=8,
+    qk_rope_head_dim=4,
+    dense_intermediate_size=32,
+    num_experts=4,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    moe_intermediate_size=8,
+    routed_scaling_factor=2.5,
+    max_position_embeddings=64,
+)
 PARITY_TOL = 1e-6
 """fp32, relative to the largest magnitude of each tensor: grouped vs looped differ only in
 summation order (measured: 3e-7 on the gradients here, where values reach ~300)."""
@@ -128,8 +140,7 @@ def test_old_per_expert_checkpoint_loads_into_grouped_experts_bit_for_bit():
     assert "layers.1.mlp.experts.3.up_proj.weight" in old
     assert not any(k.endswith("experts.gate_up") for k in old)
     dst.load_state_dict(old, strict=True)
-    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(),
-                                                 dst.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
     # and through a whole VLM with the "lm." prefix (what load_weights does)
     vlm = build_vlm(VLMConfig(lm=CFG), seed=1)
     full = {k: v for k, v in vlm.state_dict().items() if not k.startswith("lm.")}
@@ -187,12 +198,16 @@ def test_muon_orthogonalises_each_expert_matrix_like_per_expert_muon():
     experts = lm.layers[1].mlp.experts
     assert matrix_shape("lm.layers.1.mlp.experts.gate_up", experts.gate_up) == (8, 8, 16)
     assert is_muon_param("lm.layers.1.mlp.experts.down", experts.down)
-    stacked = [("gate_up", torch.nn.Parameter(experts.gate_up.detach().clone())),
-               ("down", torch.nn.Parameter(experts.down.detach().clone()))]
+    stacked = [
+        ("gate_up", torch.nn.Parameter(experts.gate_up.detach().clone())),
+        ("down", torch.nn.Parameter(experts.down.detach().clone())),
+    ]
     stacked = [(f"lm.layers.1.mlp.experts.{n}", p) for n, p in stacked]
-    per = [torch.nn.Parameter(w.detach().clone()) for e in range(4)
-           for w in (experts[e].gate_proj_weight, experts[e].up_proj_weight,
-                     experts[e].down_proj_weight)]
+    per = [
+        torch.nn.Parameter(w.detach().clone())
+        for e in range(4)
+        for w in (experts[e].gate_proj_weight, experts[e].up_proj_weight, experts[e].down_proj_weight)
+    ]
     cfg = OptimizerConfig(lr=2e-2)
     opt_s = MuonAdamW(stacked, cfg)
     opt_p = MuonAdamW([(f"lm.m{i}", p) for i, p in enumerate(per)], cfg)

@@ -9,10 +9,22 @@ import torch
 from moonforge.model.config import LMConfig
 from moonforge.model.lm import MoELM
 
-BASE = dict(vocab_size=97, hidden_size=32, num_layers=3, num_heads=4, head_dim=8, kv_lora_rank=16,
-            qk_rope_head_dim=4, first_k_dense=1, dense_intermediate_size=48, num_experts=4,
-            num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=16,
-            max_position_embeddings=64)
+BASE = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_layers=3,
+    num_heads=4,
+    head_dim=8,
+    kv_lora_rank=16,
+    qk_rope_head_dim=4,
+    first_k_dense=1,
+    dense_intermediate_size=48,
+    num_experts=4,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    moe_intermediate_size=16,
+    max_position_embeddings=64,
+)
 
 
 def _lm(attention: str = "mla", seed: int = 0, **kw) -> MoELM:
@@ -89,8 +101,7 @@ def test_rope_theta_change_changes_outputs_not_state():
 def test_positions_beyond_max_position_embeddings_grow_the_table():
     lm = _lm("mha")
     L = 80  # > max_position_embeddings = 64
-    out = lm(torch.zeros(1, L, dtype=torch.long), torch.arange(L)[None],
-             torch.zeros(1, L, dtype=torch.long))
+    out = lm(torch.zeros(1, L, dtype=torch.long), torch.arange(L)[None], torch.zeros(1, L, dtype=torch.long))
     assert out.shape == (1, L, 97) and not out.isnan().any()
 
 
@@ -99,8 +110,12 @@ def test_update_router_biases_reports_per_layer_and_resets():
     ids, pos, doc = _batch()
     lm(ids, pos, doc).sum().backward()
     metrics = lm.update_router_biases(1e-3)
-    assert set(metrics) == {"router/max_over_mean/layer_1", "router/max_over_mean/layer_2",
-                            "router/max_over_mean", "router/max_over_mean_avg"}
+    assert set(metrics) == {
+        "router/max_over_mean/layer_1",
+        "router/max_over_mean/layer_2",
+        "router/max_over_mean",
+        "router/max_over_mean_avg",
+    }
     assert all(v >= 1.0 for v in metrics.values())
     assert all(moe.gate.load_counts.sum() == 0 for _, moe in lm.moe_layers())
     assert any(moe.gate.e_score_correction_bias.abs().sum() > 0 for _, moe in lm.moe_layers())

@@ -8,10 +8,21 @@ import torch
 from moonforge.model.config import LMConfig
 from moonforge.model.moe import MoE, Router, SwiGLU
 
-CFG = LMConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, head_dim=8,
-               kv_lora_rank=8, qk_rope_head_dim=4, dense_intermediate_size=32, num_experts=4,
-               num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=8,
-               routed_scaling_factor=2.5)
+CFG = LMConfig(
+    vocab_size=64,
+    hidden_size=16,
+    num_layers=2,
+    num_heads=2,
+    head_dim=8,
+    kv_lora_rank=8,
+    qk_rope_head_dim=4,
+    dense_intermediate_size=32,
+    num_experts=4,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    moe_intermediate_size=8,
+    routed_scaling_factor=2.5,
+)
 
 
 def _router_with_logits(logits_E: list[float], scaling: float = 2.5) -> tuple[Router, torch.Tensor]:
@@ -57,8 +68,7 @@ def test_bias_update_on_hand_made_loads():
     r.load_counts.copy_(torch.tensor([10.0, 2.0, 4.0, 0.0]))  # mean 4
     imbalance = r.update_bias(0.1)
     # e = mean - load = [-6, 2, 0, 4]; sign = [-1, 1, 0, 1]; mean sign = 0.25
-    torch.testing.assert_close(r.e_score_correction_bias,
-                               0.1 * torch.tensor([-1.25, 0.75, -0.25, 0.75]))
+    torch.testing.assert_close(r.e_score_correction_bias, 0.1 * torch.tensor([-1.25, 0.75, -0.25, 0.75]))
     assert imbalance == 2.5
     assert r.load_counts.sum() == 0
     before = r.e_score_correction_bias.clone()
@@ -90,8 +100,12 @@ def test_moe_matches_dense_per_token_loop():
         torch.nn.init.normal_(p, std=0.2)
     x = torch.randn(7, 16)
     idx, w = moe.gate(x)
-    ref = torch.stack([sum(w[t, j] * moe.experts[int(idx[t, j])](x[t]) for j in range(2))
-                       + moe.shared_experts(x[t]) for t in range(7)])
+    ref = torch.stack(
+        [
+            sum(w[t, j] * moe.experts[int(idx[t, j])](x[t]) for j in range(2)) + moe.shared_experts(x[t])
+            for t in range(7)
+        ]
+    )
     torch.testing.assert_close(moe(x), ref, atol=1e-5, rtol=1e-5)
 
 

@@ -15,8 +15,16 @@ from moonforge.model.projector import PixelShuffleProjector, merge_index, num_me
 from moonforge.model.rope import Rope2D, apply_rotary, grid_positions
 from moonforge.model.vision import MoonViT, PosEmbGrid
 
-VCFG = VisionConfig(patch_size=4, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                    pos_grid=6, merge_size=2, max_patches=64)
+VCFG = VisionConfig(
+    patch_size=4,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=64,
+    pos_grid=6,
+    merge_size=2,
+    max_patches=64,
+)
 
 
 def test_rope2d_frequencies_follow_spec():
@@ -45,8 +53,9 @@ def test_rope2d_is_a_complex_multiply_on_adjacent_pairs():
     x = torch.randn(2, 6, 8)  # (H, N, D)
     out = apply_rotary(x, cos, sin)
     ang = rope.angles(*grid_positions(grid))
-    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (4, 2)).contiguous())
-                             * torch.polar(torch.ones_like(ang), ang)).flatten(-2)
+    ref = torch.view_as_real(
+        torch.view_as_complex(x.unflatten(-1, (4, 2)).contiguous()) * torch.polar(torch.ones_like(ang), ang)
+    ).flatten(-2)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1))  # rotations keep the norm
 
@@ -105,8 +114,10 @@ def test_projector_rejects_grids_not_divisible_by_merge():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=4),
-       st.sampled_from([1, 2, 3]))
+@given(
+    st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=4),
+    st.sampled_from([1, 2, 3]),
+)
 def test_projector_token_count_is_hw_over_merge_squared(half_grids, m):
     cfg = VCFG.model_copy(update={"merge_size": m})
     grid = torch.tensor([[h * m, w * m] for h, w in half_grids])

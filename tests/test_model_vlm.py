@@ -94,11 +94,17 @@ def test_output_shape_for_random_image_counts(tiny, merged_grids):
     pixels = torch.randn(N, 3 * tiny.cfg.vision.patch_size**2)
     L = M + 5
     mask = torch.zeros(1, L, dtype=torch.bool)
-    mask[0, 2:2 + M] = True
+    mask[0, 2 : 2 + M] = True
     with torch.no_grad():
         assert tiny.encode_images(pixels, grid).shape == (M, tiny.cfg.lm.hidden_size)
-        out = tiny(torch.zeros(1, L, dtype=torch.long), torch.arange(L)[None],
-                   torch.zeros(1, L, dtype=torch.long), mask, pixels, grid)
+        out = tiny(
+            torch.zeros(1, L, dtype=torch.long),
+            torch.arange(L)[None],
+            torch.zeros(1, L, dtype=torch.long),
+            mask,
+            pixels,
+            grid,
+        )
     assert out.shape == (1, L, tiny.cfg.lm.vocab_size)
 
 

@@ -37,14 +37,19 @@ pytestmark = pytest.mark.timeout(600)
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
     """A clean environment for child processes: nothing pointing at another server or DB."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "MLFLOW_", "MOONFORGE_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "MOONFORGE_"))}
     return {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
 
 
 def _cli(project: Path, *args: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([MOONFORGE, *args], cwd=project, capture_output=True, text=True,
-                          timeout=timeout, env={**_env(project / ".client-home"), "COLUMNS": "200", **env})
+    return subprocess.run(
+        [MOONFORGE, *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**_env(project / ".client-home"), "COLUMNS": "200", **env},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,23 +68,36 @@ def project(tmp_path_factory, _dvc_template, _mlflow_template) -> Path:
 def servers(project):
     """`moonforge server up` on free ports; teardown runs `moonforge server down` and checks it."""
     ports = {"prefect": free_port(), "mlflow": free_port()}
-    res = _cli(project, "server", "up", "--prefect-port", str(ports["prefect"]),
-               "--mlflow-port", str(ports["mlflow"]))
+    res = _cli(
+        project,
+        "server",
+        "up",
+        "--prefect-port",
+        str(ports["prefect"]),
+        "--mlflow-port",
+        str(ports["mlflow"]),
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     state = json.loads((project / ".moonforge" / "servers.json").read_text())["services"]
     urls = {s["name"]: s["api_url"] for s in state}
     try:
-        yield {"prefect": urls["prefect"], "mlflow": urls["mlflow"],
-               "prefect_ui": f"http://127.0.0.1:{ports['prefect']}", "ports": ports,
-               "pids": [s["pid"] for s in state]}
+        yield {
+            "prefect": urls["prefect"],
+            "mlflow": urls["mlflow"],
+            "prefect_ui": f"http://127.0.0.1:{ports['prefect']}",
+            "ports": ports,
+            "pids": [s["pid"] for s in state],
+        }
     finally:
         res = _cli(project, "server", "down", timeout=60)
         assert res.returncode == 0, res.stdout + res.stderr
         assert "stopped prefect" in res.stdout and "stopped mlflow" in res.stdout
         assert not (project / ".moonforge" / "servers.json").exists()
         for pid in [s["pid"] for s in state]:
-            assert not Path(f"/proc/{pid}/cmdline").exists() or \
-                b"server" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert (
+                not Path(f"/proc/{pid}/cmdline").exists()
+                or b"server" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            )
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +133,7 @@ def upstream(project, servers):
         mp.setattr(catalog, "stage_function", lambda kind: FakeStage())
         recipe = load_recipe(project / "recipes" / "mini.yaml")
         tracker = Tracker(project, recipe.name, uri=servers["mlflow"])
-        return {n: run_stage(recipe, n, project, tracker=tracker)
-                for n in ("lm_pretrain", "vit_pretrain")}
+        return {n: run_stage(recipe, n, project, tracker=tracker) for n in ("lm_pretrain", "vit_pretrain")}
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +141,22 @@ def worker(project, servers):
     """A real `prefect worker` on the process pool (started before `deploy`, it boots meanwhile
     and may create the pool first); its flow runs see the fake stages."""
     log = project / "worker.log"
-    env = _env(project / ".worker-home", PREFECT_API_URL=servers["prefect"], PYTHONPATH=FAKE_SITE,
-               MOONFORGE_FAKE_STAGES="1", PREFECT_WORKER_QUERY_SECONDS="1")
+    env = _env(
+        project / ".worker-home",
+        PREFECT_API_URL=servers["prefect"],
+        PYTHONPATH=FAKE_SITE,
+        MOONFORGE_FAKE_STAGES="1",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+    )
     with log.open("wb") as fh:
-        proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "moonforge-process",
-                                 "--type", "process"], cwd=project, env=env, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "moonforge-process", "--type", "process"],
+            cwd=project,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield log
     finally:
@@ -137,15 +164,23 @@ def worker(project, servers):
 
 
 def _params(project: Path, **kw) -> dict:
-    return {"params": {"recipe": "recipes/mini.yaml", "stage": "align", "from_ref": None,
-                       "downstream": False, "overrides": [], "project": str(project), **kw}}
+    return {
+        "params": {
+            "recipe": "recipes/mini.yaml",
+            "stage": "align",
+            "from_ref": None,
+            "downstream": False,
+            "overrides": [],
+            "project": str(project),
+            **kw,
+        }
+    }
 
 
 def _run(name: str, parameters: dict, log: Path | None, timeout: float = 150):
     from prefect.deployments import run_deployment
 
-    fr = run_deployment(name, parameters=parameters, timeout=timeout, poll_interval=1,
-                        as_subflow=False)
+    fr = run_deployment(name, parameters=parameters, timeout=timeout, poll_interval=1, as_subflow=False)
     if not fr.state.is_final():
         tail = log.read_text(errors="replace")[-3000:] if log else ""
         pytest.fail(f"{name}: flow run {fr.id} still {fr.state.name} after {timeout}s\n{tail}")
@@ -159,16 +194,22 @@ def align_run(project, servers, prefect_client, worker, deployed, upstream):
 
 
 def test_server_up_refuses_when_running_or_port_taken(project, servers, tmp_path):
-    res = _cli(project, "server", "up", "--prefect-port", str(free_port()),
-               "--mlflow-port", str(free_port()))
+    res = _cli(project, "server", "up", "--prefect-port", str(free_port()), "--mlflow-port", str(free_port()))
     assert res.returncode == 1
     assert "already running for this project: prefect at " + servers["prefect_ui"] in res.stderr
     assert "moonforge server down" in res.stderr
 
     other = tmp_path / "other"
     other.mkdir()
-    res = _cli(other, "server", "up", "--prefect-port", str(servers["ports"]["prefect"]),
-               "--mlflow-port", str(free_port()))
+    res = _cli(
+        other,
+        "server",
+        "up",
+        "--prefect-port",
+        str(servers["ports"]["prefect"]),
+        "--mlflow-port",
+        str(free_port()),
+    )
     assert res.returncode == 1
     assert f"prefect: port {servers['ports']['prefect']} on 127.0.0.1 is taken" in res.stderr
     assert "--prefect-port <port>" in res.stderr
@@ -182,8 +223,9 @@ def test_server_up_refuses_when_running_or_port_taken(project, servers, tmp_path
 def test_deploy_registers_typed_deployments_on_the_process_pool(deployed, prefect_client, project):
     from moonforge.stages.recipe import load_recipe
 
-    names = ["lifecycle/mini"] + [f"rerun/mini-{s}" for s in load_recipe(
-        project / "recipes" / "mini.yaml").stage_names()]
+    names = ["lifecycle/mini"] + [
+        f"rerun/mini-{s}" for s in load_recipe(project / "recipes" / "mini.yaml").stage_names()
+    ]
     for name in names:
         assert name in deployed
         d = prefect_client.read_deployment_by_name(name)
@@ -203,8 +245,9 @@ def test_deploy_registers_typed_deployments_on_the_process_pool(deployed, prefec
     assert "stage@latest" in fields["from_ref"]["description"]  # the UI form explains each field
 
 
-def test_stage_rerun_deployment_run_through_the_prefect_api(align_run, prefect_client, project,
-                                                            servers, upstream):
+def test_stage_rerun_deployment_run_through_the_prefect_api(
+    align_run, prefect_client, project, servers, upstream
+):
     from mlflow import MlflowClient
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -226,8 +269,12 @@ def test_stage_rerun_deployment_run_through_the_prefect_api(align_run, prefect_c
     assert run.data.tags["moonforge.upstream"] == "vit_pretrain@1"
     assert run.data.metrics["eval/acc"] == pytest.approx(0.6)
 
-    arts = {a.key: a for a in prefect_client.read_artifacts(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[align_run.id])))}
+    arts = {
+        a.key: a
+        for a in prefect_client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[align_run.id]))
+        )
+    }
     assert {"mini-align-metrics", "mini-align-lineage"} <= set(arts)
     assert arts["mini-align-metrics"].type == "table"
     rows = json.loads(arts["mini-align-metrics"].data)
@@ -241,9 +288,10 @@ def test_bad_parameters_fail_the_prefect_run_with_the_pydantic_message(project, 
     fr = _run("rerun/mini-align", _params(project, stage="nope"), worker)
     assert fr.state.is_failed()
     assert "Validation of flow parameters failed" in fr.state.message
-    assert "stage 'nope' is not in recipe 'mini'; stages are: lm_pretrain, vit_pretrain, align" \
+    assert (
+        "stage 'nope' is not in recipe 'mini'; stages are: lm_pretrain, vit_pretrain, align"
         in fr.state.message
-
+    )
 
 
 def test_browser_shows_deployments_run_and_champion(project, servers, align_run, upstream):
@@ -256,20 +304,26 @@ def test_browser_shows_deployments_run_and_champion(project, servers, align_run,
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", servers["mlflow"])
-        d = promote(load_recipe(project / "recipes" / "mini.yaml"), project, open_store(project),
-                    "align@1", "champion")
+        d = promote(
+            load_recipe(project / "recipes" / "mini.yaml"),
+            project,
+            open_store(project),
+            "align@1",
+            "champion",
+        )
     assert d.outcome == "promoted"
 
     ui = servers["prefect_ui"]
-    dom = page(exe, f"{ui}/deployments", "prefect-deployments",
-               until=lambda dom: "mini-align" in dom)
+    dom = page(exe, f"{ui}/deployments", "prefect-deployments", until=lambda dom: "mini-align" in dom)
     for name in ("mini-lm_pretrain", "mini-vit_pretrain", "mini-align"):
         assert name in dom
-    dom = page(exe, f"{ui}/runs/flow-run/{align_run.id}", "prefect-align-run",
-               until=lambda dom: "Completed" in dom)
+    dom = page(
+        exe, f"{ui}/runs/flow-run/{align_run.id}", "prefect-align-run", until=lambda dom: "Completed" in dom
+    )
     assert align_run.name in dom and "Completed" in dom
-    dom = page(exe, f"{servers['mlflow']}/#/models/mini", "mlflow-model-mini",
-               until=lambda dom: "champion" in dom)
+    dom = page(
+        exe, f"{servers['mlflow']}/#/models/mini", "mlflow-model-mini", until=lambda dom: "champion" in dom
+    )
     assert "champion" in dom and "candidate" in dom
 
 
@@ -279,13 +333,25 @@ def test_serve_runs_a_deployment_from_this_process(project, servers, prefect_cli
     from prefect.exceptions import ObjectNotFound
 
     (project / "recipes" / "mini2.yaml").write_text(
-        yaml.safe_dump({**mini_recipe(), "name": "mini2"}, sort_keys=False))
+        yaml.safe_dump({**mini_recipe(), "name": "mini2"}, sort_keys=False)
+    )
     log = project / "serve.log"
-    env = _env(project / ".serve-home", PYTHONPATH=FAKE_SITE, MOONFORGE_FAKE_STAGES="1",
-               PREFECT_RUNNER_POLL_FREQUENCY="1", COLUMNS="200")
+    env = _env(
+        project / ".serve-home",
+        PYTHONPATH=FAKE_SITE,
+        MOONFORGE_FAKE_STAGES="1",
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+        COLUMNS="200",
+    )
     with log.open("wb") as fh:  # finds the servers through .moonforge/servers.json
-        proc = subprocess.Popen([MOONFORGE, "serve", "--recipe", "recipes/mini2.yaml"], cwd=project,
-                                env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [MOONFORGE, "serve", "--recipe", "recipes/mini2.yaml"],
+            cwd=project,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.time() + 90
         while True:
@@ -297,14 +363,21 @@ def test_serve_runs_a_deployment_from_this_process(project, servers, prefect_cli
             except ObjectNotFound:
                 time.sleep(1)
         assert d.work_pool_name is None and d.entrypoint == "moonforge.flows.deployments.rerun_deployment"
-        fr = _run("rerun/mini2-align", {"params": {**_params(project)["params"],
-                                                   "recipe": "recipes/mini2.yaml"}}, log)
+        fr = _run(
+            "rerun/mini2-align",
+            {"params": {**_params(project)["params"], "recipe": "recipes/mini2.yaml"}},
+            log,
+        )
         assert fr.state.is_completed(), f"{fr.state.message}\n{log.read_text()[-3000:]}"
     finally:
         stop_process(proc, group=True)
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    arts = {a.key: a.data for a in prefect_client.read_artifacts(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))}
+    arts = {
+        a.key: a.data
+        for a in prefect_client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id]))
+        )
+    }
     # same inputs as align@1 (the recipe name is not one of them): served, and a cache hit
     assert "`align@1` (cache hit" in arts["mini2-align-lineage"]

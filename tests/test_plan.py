@@ -19,19 +19,22 @@ TINY = str(ROOT / "recipes" / "tiny.yaml")
 
 # --- hand computation of the Kimi-VL-A3B LM (training-methods.md 0.3) ---------------------------
 H, V, L, HEADS = 2048, 163840, 27, 16
-EMBED = V * H                                   # embed_tokens; lm_head is untied and the same size
-MLA = (H * HEADS * (128 + 64)                   # q_proj: nope 128 + rope 64 per head
-       + H * (512 + 64) + 512                   # kv_a_proj_with_mqa + its RMSNorm
-       + 512 * HEADS * (128 + 128)              # kv_b_proj -> k_nope, v
-       + HEADS * 128 * H)                       # o_proj
-NORMS = 2 * H                                   # two RMSNorms per layer
-DENSE_FFN = 3 * H * 11264                       # layer 0: SwiGLU gate, up, down
-EXPERT = 3 * H * 1408                           # one routed expert
+EMBED = V * H  # embed_tokens; lm_head is untied and the same size
+MLA = (
+    H * HEADS * (128 + 64)  # q_proj: nope 128 + rope 64 per head
+    + H * (512 + 64)
+    + 512  # kv_a_proj_with_mqa + its RMSNorm
+    + 512 * HEADS * (128 + 128)  # kv_b_proj -> k_nope, v
+    + HEADS * 128 * H
+)  # o_proj
+NORMS = 2 * H  # two RMSNorms per layer
+DENSE_FFN = 3 * H * 11264  # layer 0: SwiGLU gate, up, down
+EXPERT = 3 * H * 1408  # one routed expert
 MOE = 64 * EXPERT + 3 * H * (2 * 1408) + 64 * H  # routed + 2 shared (one MLP of width 2816) + router
 LM_TOTAL = 2 * EMBED + L * (MLA + NORMS) + DENSE_FFN + (L - 1) * MOE + H  # + final norm
 LM_ACTIVE = LM_TOTAL - (L - 1) * (64 - 6) * EXPERT  # top-6 of 64 routed experts per token
-LM_COMPUTE = LM_ACTIVE - EMBED                  # the embedding lookup does no matmul; lm_head does
-VIT, PROJ = 416_866_032, 30_679_808             # tests/test_model_vlm.py pins these two
+LM_COMPUTE = LM_ACTIVE - EMBED  # the embedding lookup does no matmul; lm_head does
+VIT, PROJ = 416_866_032, 30_679_808  # tests/test_model_vlm.py pins these two
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +60,31 @@ def test_params_match_the_architecture(plan):
 
 def test_stage_budgets_add_up_to_the_papers_4_4T(full, plan):
     budgets = {s.kind: budgeted_tokens(s) for s in full.stages if s.kind in PRETRAIN_KINDS}
-    assert budgets == {"vit_pretrain": 2.0e12, "align": 0.1e12, "joint_pretrain": 1.4e12,
-                       "cooldown": 0.6e12, "long_context": 0.3e12}
+    assert budgets == {
+        "vit_pretrain": 2.0e12,
+        "align": 0.1e12,
+        "joint_pretrain": 1.4e12,
+        "cooldown": 0.6e12,
+        "long_context": 0.3e12,
+    }
     assert sum(budgets.values()) == pytest.approx(4.4e12, rel=1e-12)
     # steps = round(tokens / (batch * seq_len)); long context keeps 4096 x 8192 tokens per step
-    per_step = {"vit_pretrain": 2048 * 8192, "align": 2048 * 8192, "joint_pretrain": 4096 * 8192,
-                "cooldown": 4096 * 8192, "long_context[0]": 1024 * 32768, "long_context[1]": 256 * 131072}
-    steps = {"vit_pretrain": 119_209,      # 2.0e12 / 16,777,216 = 119,209.29
-             "align": 5_960,               # 1.0e11 / 16,777,216 =   5,960.46
-             "joint_pretrain": 41_723,     # 1.4e12 / 33,554,432 =  41,723.25
-             "cooldown": 17_881,           # 6.0e11 / 33,554,432 =  17,881.39
-             "long_context[0]": 4_470,     # 1.5e11 / 33,554,432 =   4,470.35
-             "long_context[1]": 4_470}
+    per_step = {
+        "vit_pretrain": 2048 * 8192,
+        "align": 2048 * 8192,
+        "joint_pretrain": 4096 * 8192,
+        "cooldown": 4096 * 8192,
+        "long_context[0]": 1024 * 32768,
+        "long_context[1]": 256 * 131072,
+    }
+    steps = {
+        "vit_pretrain": 119_209,  # 2.0e12 / 16,777,216 = 119,209.29
+        "align": 5_960,  # 1.0e11 / 16,777,216 =   5,960.46
+        "joint_pretrain": 41_723,  # 1.4e12 / 33,554,432 =  41,723.25
+        "cooldown": 17_881,  # 6.0e11 / 33,554,432 =  17,881.39
+        "long_context[0]": 4_470,  # 1.5e11 / 33,554,432 =   4,470.35
+        "long_context[1]": 4_470,
+    }
     for name, n in steps.items():
         r = row(plan, name)
         assert (r.steps, r.tokens) == (n, n * per_step[name]), name
@@ -79,9 +95,9 @@ def test_stage_budgets_add_up_to_the_papers_4_4T(full, plan):
 
 def test_joint_pretrain_flops_and_gpu_hours_by_hand(plan):
     s = 8192
-    lm = 6 * LM_COMPUTE + 3 * (L * HEADS * (192 + 128) * s)     # 6N + causal attention (x3 fwd+bwd)
-    vit = 6 * VIT + 3 * (27 * 4 * 1152 * 4096)                  # per patch; images <= 4096 patches
-    per_token = lm + 0.3 * (4 * vit + 6 * PROJ)                 # 30% image tokens, 2x2 patches each
+    lm = 6 * LM_COMPUTE + 3 * (L * HEADS * (192 + 128) * s)  # 6N + causal attention (x3 fwd+bwd)
+    vit = 6 * VIT + 3 * (27 * 4 * 1152 * 4096)  # per patch; images <= 4096 patches
+    per_token = lm + 0.3 * (4 * vit + 6 * PROJ)  # 30% image tokens, 2x2 patches each
     tokens = 41_723 * 4096 * 8192
     r = row(plan, "joint_pretrain")
     assert r.flops == pytest.approx(per_token * tokens, rel=1e-12)
@@ -96,7 +112,7 @@ def test_align_pays_backward_through_the_frozen_lm_but_no_weight_grads(plan):
     assert r.flops == pytest.approx((lm + 0.3 * (4 * vit + 6 * PROJ)) * 5_960 * 2048 * s, rel=1e-12)
     total = VIT + PROJ + LM_TOTAL
     trained = VIT + PROJ
-    assert r.memory.params == 2 * total                   # bf16, all resident (ZeRO-2 keeps params)
+    assert r.memory.params == 2 * total  # bf16, all resident (ZeRO-2 keeps params)
     assert r.memory.grads == pytest.approx(2 * trained / 512)
     assert r.memory.optimizer == pytest.approx(8 * trained / 512)  # Muon: fp32 master + momentum
 
@@ -112,8 +128,8 @@ def test_joint_pretrain_memory_per_gpu_by_hand(plan):
     t = 8192  # one sequence per GPU
     attn = 2 * H + 2 * HEADS * 192 + 2 * HEADS * 128 + (512 + 64)
     moe_layer = attn + 2 * H + 6 * (H + 3 * 1408) + 3 * 2 * 1408 + 64
-    lm_acts = 2 * t * (H * L + moe_layer)           # recompute: layer inputs + one layer rebuilt
-    logits = t * V * (2 + 4)                        # bf16 logits + the fp32 copy for the CE
+    lm_acts = 2 * t * (H * L + moe_layer)  # recompute: layer inputs + one layer rebuilt
+    logits = t * V * (2 + 4)  # bf16 logits + the fp32 copy for the CE
     patches = t * 0.3 * 4
     vit_acts = 2 * patches * (1152 * 27 + 8 * 1152 + 2 * 4304)
     assert r.memory.activations == pytest.approx(lm_acts + logits + vit_acts, rel=1e-12)
@@ -149,12 +165,15 @@ def test_tiny_recipe_plans_on_one_gpu():
     assert row(p, "joint_pretrain").tokens == 100 * 16 * 256  # 100 steps x 16 seqs x 256 tokens
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(gpu="h800"), "unknown GPU type 'h800'; use one of a100, h100, h200, b200"),
-    (dict(mfu=1.5), "--mfu"),
-    (dict(zero_stage=4), "--zero"),
-    (dict(num_gpus=0), "--gpus"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(gpu="h800"), "unknown GPU type 'h800'; use one of a100, h100, h200, b200"),
+        (dict(mfu=1.5), "--mfu"),
+        (dict(zero_stage=4), "--zero"),
+        (dict(num_gpus=0), "--gpus"),
+    ],
+)
 def test_bad_options_name_the_option(kw, msg):
     with pytest.raises(PlanError, match=msg):
         plan_config(**kw)
@@ -167,14 +186,16 @@ def test_world_size_that_cannot_divide_the_batch_names_the_fix(full):
 
 
 def test_micro_batch_that_does_not_divide_the_per_gpu_batch(full):
-    r = load_recipe(FULL, ["stages.joint_pretrain.micro_batch_size=4",
-                           "stages.joint_pretrain.batch_size=6144"])
+    r = load_recipe(
+        FULL, ["stages.joint_pretrain.micro_batch_size=4", "stages.joint_pretrain.batch_size=6144"]
+    )
     # 12 seqs per GPU at cp=1, but 4 x 8K tokens per forward need ~77 GB (32 GB of logits), so the
     # planner splits each sequence over 2 GPUs: dp 256 x cp 2, 24 seqs per rank = 4 x 6 accumulated
     j = row(make_plan(r, plan_config()), "joint_pretrain")
     assert (j.dp, j.cp, j.micro_batch, j.grad_accum, j.fits) == (256, 2, 4, 6, True)
-    r = load_recipe(FULL, ["stages.joint_pretrain.micro_batch_size=4",
-                           "stages.joint_pretrain.batch_size=3072"])  # recipe-valid, 6 per GPU
+    r = load_recipe(
+        FULL, ["stages.joint_pretrain.micro_batch_size=4", "stages.joint_pretrain.batch_size=3072"]
+    )  # recipe-valid, 6 per GPU
     with pytest.raises(PlanError, match=r"6 sequences per GPU.*micro_batch_size=4.*stages\.joint_pretrain"):
         make_plan(r, plan_config(num_gpus=512))
 

@@ -27,8 +27,13 @@ def test_full_scale_budgets_match_the_paper():
     tokens = {s.kind: s.num_tokens for s in r.stages if s.kind in LIFECYCLE[:4]}
     lc = r.stage("long_context")
     tokens["long_context"] = sum(s.num_tokens for s in lc.sub_stages)
-    assert tokens == {"vit_pretrain": 2.0e12, "align": 1.0e11, "joint_pretrain": 1.4e12,
-                      "cooldown": 6.0e11, "long_context": 3.0e11}
+    assert tokens == {
+        "vit_pretrain": 2.0e12,
+        "align": 1.0e11,
+        "joint_pretrain": 1.4e12,
+        "cooldown": 6.0e11,
+        "long_context": 3.0e11,
+    }
     assert sum(tokens.values()) == pytest.approx(4.4e12)
     assert r.model.lm.rope_theta == 50000.0 and lc.rope_theta == 800000.0
     assert [lc.seq_len] + [s.seq_len for s in lc.sub_stages] == [8192, 32768, 131072]
@@ -94,8 +99,14 @@ def test_base_inheritance_one_level(tmp_path):
 @settings(max_examples=25, deadline=None)
 @given(qa=st.floats(0, 1), lr=st.floats(1e-6, 1e-1), steps=st.integers(1, 10_000))
 def test_yaml_round_trip(tmp_path_factory, qa, lr, steps):
-    r = load_recipe(TINY, [f"stages.cooldown.qa_ratio={qa!r}", f"stages.cooldown.optimizer.lr={lr!r}",
-                           f"stages.cooldown.num_steps={steps}"])
+    r = load_recipe(
+        TINY,
+        [
+            f"stages.cooldown.qa_ratio={qa!r}",
+            f"stages.cooldown.optimizer.lr={lr!r}",
+            f"stages.cooldown.num_steps={steps}",
+        ],
+    )
     p = tmp_path_factory.mktemp("rt") / "r.yaml"
     p.write_text(recipe_to_yaml(r))
     assert load_recipe(p) == r
@@ -103,10 +114,16 @@ def test_yaml_round_trip(tmp_path_factory, qa, lr, steps):
 
 
 def test_override_does_not_leak_through_yaml_aliases(tmp_path):
-    text = TINY.read_text().replace("optimizer: {lr: 2.0e-3}\n    schedule: {kind: constant",
-                                    "optimizer: &opt {lr: 2.0e-3}\n    schedule: {kind: constant", 1)
-    text = text.replace("optimizer: {lr: 2.0e-3}\n    schedule: {kind: cosine, warmup_steps: 5",
-                        "optimizer: *opt\n    schedule: {kind: cosine, warmup_steps: 5", 1)
+    text = TINY.read_text().replace(
+        "optimizer: {lr: 2.0e-3}\n    schedule: {kind: constant",
+        "optimizer: &opt {lr: 2.0e-3}\n    schedule: {kind: constant",
+        1,
+    )
+    text = text.replace(
+        "optimizer: {lr: 2.0e-3}\n    schedule: {kind: cosine, warmup_steps: 5",
+        "optimizer: *opt\n    schedule: {kind: cosine, warmup_steps: 5",
+        1,
+    )
     assert "*opt" in text and "&opt" in text
     p = tmp_path / "aliased.yaml"
     p.write_text(text)

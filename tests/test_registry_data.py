@@ -46,10 +46,13 @@ def test_ensure_rebuilds_only_when_needed(tmp_project, monkeypatch):
 
 
 def test_missing_dvc_stage_names_the_dataset_and_the_fix(tmp_project):
-    with pytest.raises(DatasetError, match=r"dataset 'sft' has no dvc stage and no data/sft.dvc: add "
-                                           r"your own data with `moonforge data add sft PATH --format "
-                                           r"F`, or a stage named 'sft' with `outs: \[data/sft\]` to "
-                                           r"dvc.yaml \(stages: text, toyworld\)"):
+    with pytest.raises(
+        DatasetError,
+        match=r"dataset 'sft' has no dvc stage and no data/sft.dvc: add "
+        r"your own data with `moonforge data add sft PATH --format "
+        r"F`, or a stage named 'sft' with `outs: \[data/sft\]` to "
+        r"dvc.yaml \(stages: text, toyworld\)",
+    ):
         ensure_datasets(tmp_project, ["text", "sft"])
     with pytest.raises(DatasetError, match="dataset 'sft' has no dvc stage"):
         read_lock(tmp_project, ["sft"])

@@ -17,8 +17,16 @@ from moonforge.stages.config import Frozen, Runtime, StageConfig
 from moonforge.stages.stage_configs import LMPretrainConfig
 
 MODEL = VLMConfig()
-BASE = dict(kind="lm_pretrain", upstream=None, data=["text"], trainable=["lm"],
-            optimizer={"lr": 1e-3}, seq_len=16, batch_size=4, num_steps=10)
+BASE = dict(
+    kind="lm_pretrain",
+    upstream=None,
+    data=["text"],
+    trainable=["lm"],
+    optimizer={"lr": 1e-3},
+    seq_len=16,
+    batch_size=4,
+    num_steps=10,
+)
 
 
 def fp(cfg, upstream=None, data=None, code="c0", model=MODEL):
@@ -30,8 +38,11 @@ def make(**over):
 
 
 @settings(max_examples=40, deadline=None)
-@given(log_every=st.integers(1, 10_000), num_workers=st.integers(0, 64),
-       checkpoint_every=st.none() | st.integers(1, 10_000))
+@given(
+    log_every=st.integers(1, 10_000),
+    num_workers=st.integers(0, 64),
+    checkpoint_every=st.none() | st.integers(1, 10_000),
+)
 def test_runtime_fields_never_change_the_fingerprint(log_every, num_workers, checkpoint_every):
     cfg = make(log_every=log_every, num_workers=num_workers, checkpoint_every=checkpoint_every)
     assert fp(cfg) == fp(make())
@@ -41,7 +52,9 @@ IDENTITY = {
     "seed": st.integers(1, 10_000),
     "num_steps": st.integers(11, 10_000),
     "seq_len": st.integers(17, 4096),
-    "optimizer": st.floats(1e-6, 0.5, exclude_min=False).filter(lambda x: x != 1e-3).map(lambda lr: {"lr": lr}),
+    "optimizer": st.floats(1e-6, 0.5, exclude_min=False)
+    .filter(lambda x: x != 1e-3)
+    .map(lambda lr: {"lr": lr}),
     "router_bias_update": st.floats(0.0, 1.0).filter(lambda x: x != 1e-3),
     "trainable": st.sampled_from([["vision"], ["lm", "projector"], ["caption", "lm"]]),
     "eval": st.integers(1, 127).map(lambda n: {"num_examples": n}),
@@ -54,8 +67,9 @@ def test_identity_fields_always_change_the_fingerprint(field, data):
     value = data.draw(IDENTITY[field])
     changed = make(**{field: value})
     assert fp(changed) != fp(make())
-    reasons = explain_diff(fingerprint_inputs(make(), MODEL, None, {}, "c"),
-                           fingerprint_inputs(changed, MODEL, None, {}, "c"))
+    reasons = explain_diff(
+        fingerprint_inputs(make(), MODEL, None, {}, "c"), fingerprint_inputs(changed, MODEL, None, {}, "c")
+    )
     assert reasons and all(r.startswith(f"config.{field}") for r in reasons), reasons
 
 
@@ -89,8 +103,13 @@ def test_every_other_input_counts():
 
 def test_explain_diff_names_upstream_data_code_and_model():
     a = fingerprint_inputs(make(), MODEL, ("up", "a" * 64), {"text": "11111111.dir"}, "c0")
-    b = fingerprint_inputs(make(), VLMConfig.model_validate({"lm": {"rope_theta": 1e5}}),
-                           ("up", "b" * 64), {"text": "22222222.dir"}, "c1")
+    b = fingerprint_inputs(
+        make(),
+        VLMConfig.model_validate({"lm": {"rope_theta": 1e5}}),
+        ("up", "b" * 64),
+        {"text": "22222222.dir"},
+        "c1",
+    )
     reasons = explain_diff(a, b)
     assert any(r.startswith("model.lm.rope_theta") for r in reasons)
     assert "upstream up changed (fingerprint aaaaaaaa -> bbbbbbbb)" in reasons

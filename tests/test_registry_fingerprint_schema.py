@@ -42,9 +42,11 @@ COPIED_INTO_STAGES = {"datasets"}
 own config (`declared`, an identity field walked below) and its DVC hash as a data version."""
 
 FIXED_BY_VALIDATOR = {
-    ("vit_pretrain", (0, "at_frac")),   # the first resolution milestone starts at 0.0
-    ("long_context", ("num_steps",)), ("long_context", ("num_tokens",)),  # budget per sub-stage
-    ("sft", ("num_steps",)), ("sft", ("num_tokens",)),                    # budget per phase
+    ("vit_pretrain", (0, "at_frac")),  # the first resolution milestone starts at 0.0
+    ("long_context", ("num_steps",)),
+    ("long_context", ("num_tokens",)),  # budget per sub-stage
+    ("sft", ("num_steps",)),
+    ("sft", ("num_tokens",)),  # budget per phase
 } | {(kind, ("launcher", f)) for kind in STAGE_CONFIGS for f in ("nproc_per_node", "nnodes")}
 # (launcher: an inprocess launcher is one process, so nproc_per_node / nnodes stay 1 alone)
 """(stage kind, path tail) leaves a cross-field validator pins to one value (None / 0.0):
@@ -52,7 +54,7 @@ nothing to vary, so nothing to prove; anything else without a valid mutation fai
 Path_ = tuple  # a field path: ("optimizer", "lr"), ("resolution_schedule", 1, "at_frac")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def recipes() -> tuple[Recipe, ...]:
     return tuple(load_recipe(REPO / "recipes" / r) for r in RECIPES)
 
@@ -169,14 +171,17 @@ def fp(stage_cfg: BaseModel, model_cfg: BaseModel) -> str:
     return fingerprint(fingerprint_inputs(stage_cfg, model_cfg, ("up", "f" * 64), {"d": "a1"}, "c0"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cases() -> tuple[tuple[int, str, Path_, bool], ...]:
     """(recipe index, "stage:<name>" | "model", path, runtime) for every leaf of every config."""
     out = []
     for ri, r in enumerate(recipes()):
         for st_cfg in r.stages:
-            out += [(ri, f"stage:{st_cfg.stage_name}", p, rt) for p, _, _, rt in _leaves(st_cfg)
-                    if p not in SCHEMA_SELECTORS]
+            out += [
+                (ri, f"stage:{st_cfg.stage_name}", p, rt)
+                for p, _, _, rt in _leaves(st_cfg)
+                if p not in SCHEMA_SELECTORS
+            ]
         out += [(ri, "model", p, rt) for p, _, _, rt in _leaves(r.model)]
     return tuple(out)
 
@@ -203,11 +208,13 @@ def _fingerprints(ri: int, which: str, base: BaseModel, changed: BaseModel) -> t
 
 def _first_change(base: BaseModel, path: Path_) -> BaseModel | None:
     ann, value = _leaf(base, path)
-    return next((c for c in (mutate(base, path, v) for v in candidates(value, ann))
-                 if c is not None and c != base), None)
+    return next(
+        (c for c in (mutate(base, path, v) for v in candidates(value, ann)) if c is not None and c != base),
+        None,
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_for(case: tuple) -> BaseModel | None:
     """A valid config from which the leaf at `path` can move on its own.
 
@@ -241,18 +248,35 @@ def base_for(case: tuple) -> BaseModel | None:
 
 
 def test_recipe_top_level_fields_are_classified():
-    assert set(Recipe.model_fields) == ({"model", "stages"} | RECIPE_METADATA | RESOLVED_REFS
-                                        | COPIED_INTO_STAGES)
+    assert set(Recipe.model_fields) == (
+        {"model", "stages"} | RECIPE_METADATA | RESOLVED_REFS | COPIED_INTO_STAGES
+    )
 
 
 def test_the_walk_sees_the_runtime_fields_and_nested_identity_fields():
     paths = {(w, p) for _, w, p, rt in cases() if rt}
     # init is Runtime as written: its refs are resolved, and the artifacts' fingerprints enter
     # as the inputs record's `init` (tests/test_interop_recipe.py)
-    assert {p for _, p in paths} == {("log_every",), ("checkpoint_every",), ("num_workers",),
-                                     ("activation_checkpointing",), ("init",)} | {
-        ("launcher", f) for f in ("kind", "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint",
-                                  "rdzv_timeout_s", "node_selector", "zero_stage", "backend")}
+    assert {p for _, p in paths} == {
+        ("log_every",),
+        ("checkpoint_every",),
+        ("num_workers",),
+        ("activation_checkpointing",),
+        ("init",),
+    } | {
+        ("launcher", f)
+        for f in (
+            "kind",
+            "nproc_per_node",
+            "nnodes",
+            "node_rank",
+            "rdzv_endpoint",
+            "rdzv_timeout_s",
+            "node_selector",
+            "zero_stage",
+            "backend",
+        )
+    }
     ident = {p for _, _, p, rt in cases() if not rt}
     assert ("optimizer", "muon", "momentum") in ident and ("lm", "rope_theta") in ident
     assert ("resolution_schedule", 0, "max_patches") in ident and ("phases",) in ident
@@ -293,8 +317,9 @@ def _mutable_cases() -> list[tuple]:
     return [c for c in cases() if base_for(c) is not None]
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow]
+)
 @given(case=st.sampled_from(_mutable_cases()), data=st.data())
 def test_runtime_fields_never_and_identity_fields_always_change_the_fingerprint(case, data):
     ri, which, path, rt = case

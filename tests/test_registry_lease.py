@@ -33,9 +33,14 @@ class Proc:
 
     def __init__(self, project: Path, calls: Path, env: dict, gate: Path | None = None):
         args = [sys.executable, str(SCRIPT), str(project), STAGE, str(calls)]
-        self.p = subprocess.Popen(args + ([str(gate)] if gate else []), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=env,
-                                  start_new_session=True)
+        self.p = subprocess.Popen(
+            args + ([str(gate)] if gate else []),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         self.err: list[str] = []
         self._t = threading.Thread(target=lambda: self.err.extend(self.p.stderr), daemon=True)
         self._t.start()
@@ -74,16 +79,21 @@ def store_env(request, tmp_project, frozen):
     if request.param == "local":
         return env, tmp_project / ".moonforge" / "store" / STAGE
     _, bucket, _ = request.getfixturevalue("s3_env")
-    env = {**os.environ, "PYTHONPATH": env["PYTHONPATH"], "MOONFORGE_STORE": f"s3://{bucket}/st",
-           "MOONFORGE_LEASE_TTL_S": "3"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": env["PYTHONPATH"],
+        "MOONFORGE_STORE": f"s3://{bucket}/st",
+        "MOONFORGE_LEASE_TTL_S": "3",
+    }
     return env, None
 
 
 def stage_runs(project: Path) -> list:
     client = MlflowClient(tracking_uri(project))
     exp = client.get_experiment_by_name("mini")
-    return client.search_runs([exp.experiment_id], f"tags.`moonforge.stage` = '{STAGE}'",
-                              order_by=["attributes.start_time ASC"])
+    return client.search_runs(
+        [exp.experiment_id], f"tags.`moonforge.stage` = '{STAGE}'", order_by=["attributes.start_time ASC"]
+    )
 
 
 def no_leftovers(d: Path | None) -> None:
@@ -103,15 +113,17 @@ def test_one_builder_per_fingerprint_and_a_dead_one_is_taken_over(store_env, tmp
     a = Proc(tmp_project, calls, {**env, "MOONFORGE_CRASH_AFTER_CHECKPOINT": "6:kill"}, gate)
     wait_for(lambda: (calls / str(a.p.pid)).exists(), "A to hold the lease and start")
     b, c = Proc(tmp_project, calls, env, gate), Proc(tmp_project, calls, env, gate)
-    wait_for(lambda: all(any("is building this fingerprint" in line for line in p.err)
-                         for p in (b, c)), "B and C to wait for A")
+    wait_for(
+        lambda: all(any("is building this fingerprint" in line for line in p.err) for p in (b, c)),
+        "B and C to wait for A",
+    )
     a_run = stage_runs(tmp_project)[-1]
     gate.touch()
     assert a.killed() == -9
     killed_at = time.time()
     outs = {b.p.pid: b.outcome(), c.p.pid: c.outcome()}
-    (trainer, trained), = [(pid, o) for pid, o in outs.items() if not o["cache_hit"]]
-    (_, reused), = [(pid, o) for pid, o in outs.items() if o["cache_hit"]]
+    ((trainer, trained),) = [(pid, o) for pid, o in outs.items() if not o["cache_hit"]]
+    ((_, reused),) = [(pid, o) for pid, o in outs.items() if o["cache_hit"]]
     assert trained["ref"] == reused["ref"] == f"{STAGE}@1"
     assert trained["fingerprint"] == reused["fingerprint"]
     assert "phase 0 step 6/12" in trained["resumed_from"] and "step-0000006" in trained["resumed_from"]
@@ -130,6 +142,10 @@ def test_one_builder_per_fingerprint_and_a_dead_one_is_taken_over(store_env, tmp
     assert [r.info.status for r in runs.values()].count("RUNNING") == 0
     done = [r for r in runs.values() if r.info.status == "FINISHED"]
     assert sorted(r.data.tags["moonforge.cache_hit"] for r in done) == ["false", "true"]
-    assert next(r for r in done if r.data.tags["moonforge.cache_hit"] == "false") \
-        .data.tags["moonforge.resumed_from_run"] == a_run.info.run_id
+    assert (
+        next(r for r in done if r.data.tags["moonforge.cache_hit"] == "false").data.tags[
+            "moonforge.resumed_from_run"
+        ]
+        == a_run.info.run_id
+    )
     no_leftovers(stage_dir)

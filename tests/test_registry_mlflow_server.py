@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import stop_process
 from mlflow import MlflowClient
 from typer.testing import CliRunner
-
-from conftest import stop_process
 
 from moonforge.flows import cli
 from moonforge.registry.errors import PromotionRefused
@@ -34,8 +33,7 @@ from moonforge.stages.recipe import load_recipe
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 # Only the first stage is built (two versions), to keep the REST round trips few.
-GATES = ['promotion.gates=["eval/acc >= 0.45", "train/final_loss <= 1.3"]',
-         "promotion.stages=[lm_pretrain]"]
+GATES = ['promotion.gates=["eval/acc >= 0.45", "train/final_loss <= 1.3"]', "promotion.stages=[lm_pretrain]"]
 
 
 def _free_port() -> int:
@@ -53,21 +51,39 @@ def mlflow_server(tmp_path_factory, _mlflow_template):
     url = f"http://127.0.0.1:{port}"
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(
-        [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT)
+        [
+            MLFLOW,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + 120
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}: "
-                            f"{(root / 'server.log').read_text()[-2000:]}")
+                pytest.fail(
+                    f"mlflow server exited with {proc.returncode}: "
+                    f"{(root / 'server.log').read_text()[-2000:]}"
+                )
             try:
                 urllib.request.urlopen(f"{url}/health", timeout=2)
                 break
             except OSError:
                 if time.time() > deadline:
-                    pytest.fail(f"mlflow server not up after 120 s: {(root / 'server.log').read_text()[-2000:]}")
+                    pytest.fail(
+                        f"mlflow server not up after 120 s: {(root / 'server.log').read_text()[-2000:]}"
+                    )
                 time.sleep(0.3)
         yield url
     finally:
@@ -75,8 +91,9 @@ def mlflow_server(tmp_path_factory, _mlflow_template):
         log.close()
 
 
-def test_gate_refuses_then_passes_on_a_real_mlflow_server(tmp_project, fake_stages, mlflow_server,
-                                                          monkeypatch):
+def test_gate_refuses_then_passes_on_a_real_mlflow_server(
+    tmp_project, fake_stages, mlflow_server, monkeypatch
+):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     recipe_path = tmp_project / "recipes" / "mini.yaml"
 
@@ -87,7 +104,7 @@ def test_gate_refuses_then_passes_on_a_real_mlflow_server(tmp_project, fake_stag
         return run_stage(r, "lm_pretrain", tmp_project, tracker=tracker)
 
     store, client = open_store(tmp_project), MlflowClient(mlflow_server)
-    first = build("stages.lm_pretrain.seed=9")          # final_loss 1.345: fails the loss gate
+    first = build("stages.lm_pretrain.seed=9")  # final_loss 1.345: fails the loss gate
     with pytest.raises(PromotionRefused, match=r"train/final_loss = 1.345 fails train/final_loss <= 1.3"):
         promote(load_recipe(recipe_path, GATES), tmp_project, store, "lm_pretrain@1", "champion")
     v1 = client.get_model_version("mini", "1")
@@ -95,10 +112,22 @@ def test_gate_refuses_then_passes_on_a_real_mlflow_server(tmp_project, fake_stag
     assert v1.source == f"runs:/{first.mlflow_run_id}/moonforge_ref"
     assert "champion" not in client.get_registered_model("mini").aliases
 
-    build()                                             # final_loss 1.255: passes
-    res = CliRunner().invoke(cli.app, ["promote", "lm_pretrain@latest", "--alias", "champion",
-                                       "--recipe", "recipes/mini.yaml", "--set", GATES[0],
-                                       "--set", GATES[1]])
+    build()  # final_loss 1.255: passes
+    res = CliRunner().invoke(
+        cli.app,
+        [
+            "promote",
+            "lm_pretrain@latest",
+            "--alias",
+            "champion",
+            "--recipe",
+            "recipes/mini.yaml",
+            "--set",
+            GATES[0],
+            "--set",
+            GATES[1],
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "promoted: mini@champion -> version 2 (lm_pretrain@2)" in res.output
     assert int(client.get_model_version_by_alias("mini", "champion").version) == 2
@@ -109,8 +138,9 @@ def test_gate_refuses_then_passes_on_a_real_mlflow_server(tmp_project, fake_stag
     assert resolve_ref("models:/mini/1", store, tmp_project).ref == "lm_pretrain@1"
     assert resolve_ref(f"runs:/{first.mlflow_run_id}", store, tmp_project).ref == "lm_pretrain@1"
     # the reference (not the weights) is what MLflow stores
-    ref_file = client.download_artifacts(first.mlflow_run_id, "moonforge_ref/reference.json",
-                                         str(tmp_project))
+    ref_file = client.download_artifacts(
+        first.mlflow_run_id, "moonforge_ref/reference.json", str(tmp_project)
+    )
     assert yaml.safe_load(Path(ref_file).read_text())["ref"] == "lm_pretrain@1"
     files = [f.path for f in client.list_artifacts(first.mlflow_run_id)]
     assert not [f for f in files if f.endswith(".safetensors")], files

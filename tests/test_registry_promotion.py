@@ -38,7 +38,7 @@ def all_artifacts(client, run_id, path=None):
 
 
 def test_gate_refuses_then_passes_and_records_the_decision(tmp_project, fake_stages):
-    build(tmp_project, "stages.align.seed=9")          # align@1: final_loss 1.345 > 1.3
+    build(tmp_project, "stages.align.seed=9")  # align@1: final_loss 1.345 > 1.3
     store, client = open_store(tmp_project), MlflowClient(tracking_uri(tmp_project))
     with pytest.raises(PromotionRefused) as ei:
         promote(mini(tmp_project), tmp_project, store, "align@latest", "champion")
@@ -51,10 +51,12 @@ def test_gate_refuses_then_passes_and_records_the_decision(tmp_project, fake_sta
     assert v1.tags["moonforge.decision.champion"] == "refused"
     evidence = json.loads(v1.tags["moonforge.evidence.champion"])
     assert [(g["gate"], g["passed"]) for g in evidence["gates"]] == [
-        ("eval/acc >= 0.55", True), ("train/final_loss <= 1.3", False)]
+        ("eval/acc >= 0.55", True),
+        ("train/final_loss <= 1.3", False),
+    ]
     assert evidence["gates"][1]["observed"] == pytest.approx(1.345, abs=1e-3)
 
-    build(tmp_project)                                  # align@2: final_loss 1.255
+    build(tmp_project)  # align@2: final_loss 1.255
     d = promote(mini(tmp_project), tmp_project, store, "align@latest", "champion")
     assert (d.version, d.artifact, d.outcome) == (2, "align@2", "promoted")
     assert int(client.get_model_version_by_alias("mini", "champion").version) == 2
@@ -87,8 +89,11 @@ def test_missing_metric_fails_its_gate(tmp_project, fake_stages):
     build(tmp_project)
     store = open_store(tmp_project)
     strict = 'promotion.gates=["eval/vqa_acc >= 0.5"]'
-    with pytest.raises(PromotionRefused, match=r"eval/vqa_acc was not recorded for this version "
-                       r"\(recorded: data/bytes, eval/acc, train/final_loss\)"):
+    with pytest.raises(
+        PromotionRefused,
+        match=r"eval/vqa_acc was not recorded for this version "
+        r"\(recorded: data/bytes, eval/acc, train/final_loss\)",
+    ):
         promote(mini(tmp_project, strict), tmp_project, store, "align@1", "champion")
     res = check_gates((Gate.model_validate("eval/acc > 0.6"),), {"eval/acc": 0.6})
     assert not res[0].passed and res[0].reason == "eval/acc = 0.6 fails eval/acc > 0.6"
@@ -97,12 +102,19 @@ def test_missing_metric_fails_its_gate(tmp_project, fake_stages):
 def test_bad_alias_name_stage_and_gate_are_refused_before_registering(tmp_project, fake_stages):
     build(tmp_project)
     store, client = open_store(tmp_project), MlflowClient(tracking_uri(tmp_project))
-    for alias, msg in {"Champion!": "invalid alias 'Champion!'", "latest": "reserves 'latest'",
-                       "v3": "reserves 'latest' and 'v<N>'", "": "invalid alias ''"}.items():
+    for alias, msg in {
+        "Champion!": "invalid alias 'Champion!'",
+        "latest": "reserves 'latest'",
+        "v3": "reserves 'latest' and 'v<N>'",
+        "": "invalid alias ''",
+    }.items():
         with pytest.raises(RegistryError, match=msg):
             promote(mini(tmp_project), tmp_project, store, "align@1", alias)
-    with pytest.raises(RegistryError, match=r"lm_pretrain@1, a lm_pretrain artifact, but recipe "
-                       r"'mini' registers only align as model 'mini'.*add 'lm_pretrain' to promotion.stages"):
+    with pytest.raises(
+        RegistryError,
+        match=r"lm_pretrain@1, a lm_pretrain artifact, but recipe "
+        r"'mini' registers only align as model 'mini'.*add 'lm_pretrain' to promotion.stages",
+    ):
         promote(mini(tmp_project), tmp_project, store, "lm_pretrain@1", "champion")
     assert client.search_registered_models() == []  # nothing registered by refused requests
     with pytest.raises(RegistryError, match="invalid model name 'bad name'"):

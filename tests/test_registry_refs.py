@@ -35,8 +35,15 @@ def test_every_ref_form_names_the_same_artifact(tmp_project, fake_stages):
     store = open_store(tmp_project)
     align = store.resolve("align@1")
     run_id = out["align"].mlflow_run_id
-    forms = ["align@latest", "align@1", "align", f"align@{align.fingerprint[:6]}", str(align.path),
-             f"runs:/{run_id}", f"runs:/{run_id}/lineage.json"]
+    forms = [
+        "align@latest",
+        "align@1",
+        "align",
+        f"align@{align.fingerprint[:6]}",
+        str(align.path),
+        f"runs:/{run_id}",
+        f"runs:/{run_id}/lineage.json",
+    ]
     for ref in forms:
         assert resolve_ref(ref, store, tmp_project).fingerprint == align.fingerprint, ref
 
@@ -75,19 +82,22 @@ def test_mlflow_refs_that_name_nothing_say_what_exists(tmp_project, fake_stages)
     with pytest.raises(ArtifactNotFound, match="is a lifecycle \\(parent\\) run"):
         resolve_ref(f"runs:/{parent}", store, tmp_project)
     # a run whose artifact is gone from the store (deleted, or built into another store)
-    run_id = client.search_runs([client.get_experiment_by_name("mini").experiment_id],
-                                "tags.`moonforge.stage` = 'align'")[0].info.run_id
+    run_id = client.search_runs(
+        [client.get_experiment_by_name("mini").experiment_id], "tags.`moonforge.stage` = 'align'"
+    )[0].info.run_id
     shutil.rmtree(store.resolve("align@1").path)
-    with pytest.raises(ArtifactNotFound, match="points at align fingerprint .* not in the store "
-                       ".*set MOONFORGE_STORE"):
+    with pytest.raises(
+        ArtifactNotFound, match="points at align fingerprint .* not in the store .*set MOONFORGE_STORE"
+    ):
         resolve_ref(f"runs:/{run_id}", store, tmp_project)
 
 
 def _fake_artifact(store: LocalStore, stage: str, version: int, fp: str) -> None:
     d = store.root / stage / str(version)
     d.mkdir(parents=True)
-    (d / "manifest.json").write_text(json.dumps(
-        {"stage": stage, "version": version, "fingerprint": fp, "inputs": {}, "files": {}}))
+    (d / "manifest.json").write_text(
+        json.dumps({"stage": stage, "version": version, "fingerprint": fp, "inputs": {}, "files": {}})
+    )
 
 
 def test_ambiguous_and_missing_store_refs(tmp_project):
@@ -107,9 +117,12 @@ def test_upstream_of_another_stage_kind_is_refused(tmp_project, fake_stages):
     build(tmp_project)
     r, store = mini(tmp_project), open_store(tmp_project)
     for stage, ref in (("vit_pretrain", "align@1"), ("align", "align@1")):  # later stage, itself
-        with pytest.raises(ArtifactNotFound, match=rf"--from {ref}: resolves to align@1, a align "
-                           rf"artifact, but stage '{stage}' starts from its upstream .* or an "
-                           rf"earlier stage of its chain .*recent: "):
+        with pytest.raises(
+            ArtifactNotFound,
+            match=rf"--from {ref}: resolves to align@1, a align "
+            rf"artifact, but stage '{stage}' starts from its upstream .* or an "
+            rf"earlier stage of its chain .*recent: ",
+        ):
             resolve_upstream(r, stage, tmp_project, store, ref)
     with pytest.raises(ArtifactNotFound, match="starts from scratch .* drop --from"):
         resolve_upstream(r, "lm_pretrain", tmp_project, store, "lm_pretrain@1")
@@ -123,19 +136,24 @@ def test_upstream_of_another_stage_kind_is_refused(tmp_project, fake_stages):
 def test_dry_run_plan_and_status_name_the_changed_input(tmp_project, fake_stages):
     build(tmp_project)
     store = open_store(tmp_project)
-    plan = plan_rerun(mini(tmp_project), "vit_pretrain", tmp_project, store, "lm_pretrain@1",
-                      downstream=True)
+    plan = plan_rerun(mini(tmp_project), "vit_pretrain", tmp_project, store, "lm_pretrain@1", downstream=True)
     assert [(p.stage, p.action, p.ref) for p in plan] == [
-        ("vit_pretrain", "reuse", "vit_pretrain@1"), ("align", "reuse", "align@1")]
+        ("vit_pretrain", "reuse", "vit_pretrain@1"),
+        ("align", "reuse", "align@1"),
+    ]
 
     over = ("stages.vit_pretrain.optimizer.lr=0.005",)
     plan = plan_rerun(mini(tmp_project, *over), "vit_pretrain", tmp_project, store, None, True)
     assert [(p.stage, p.action, p.ref) for p in plan] == [
-        ("vit_pretrain", "run", "vit_pretrain@2"), ("align", "run", "align@2")]
+        ("vit_pretrain", "run", "vit_pretrain@2"),
+        ("align", "run", "align@2"),
+    ]
     assert plan[0].reasons == ["vs vit_pretrain@1: config.optimizer.lr: 0.001 -> 0.005"]
     assert plan[1].upstream == "vit_pretrain@2" and plan[1].upstream_how == "planned output of this rerun"
-    assert plan[1].reasons == [f"vs align@1: upstream vit_pretrain changed (vit_pretrain@1 -> "
-                               f"fingerprint {plan[0].fingerprint[:8]}, not built yet)"]
+    assert plan[1].reasons == [
+        f"vs align@1: upstream vit_pretrain changed (vit_pretrain@1 -> "
+        f"fingerprint {plan[0].fingerprint[:8]}, not built yet)"
+    ]
     assert fake_stages.calls.count("vit_pretrain") == 1  # planning trained nothing
     assert plan_rerun(mini(tmp_project), "align", tmp_project, store, "vit_pretrain@1")[0].action == "reuse"
 
@@ -158,16 +176,31 @@ def test_every_staleness_reason_names_its_input_kind():
     from moonforge.registry.fingerprint import explain_diff, fingerprint_inputs, reason_kind
     from moonforge.stages.stage_configs import LMPretrainConfig
 
-    base = dict(kind="lm_pretrain", upstream=None, trainable=["lm"], optimizer={"lr": 1e-3},
-                seq_len=16, batch_size=4, num_steps=10)
-    a = fingerprint_inputs(LMPretrainConfig.model_validate(base), VLMConfig(), ("up", "a" * 64),
-                           {"text": "11111111"}, "c0")
-    b = fingerprint_inputs(LMPretrainConfig.model_validate({**base, "seed": 3}),
-                           VLMConfig.model_validate({"lm": {"rope_theta": 1e5}}), ("up", "b" * 64),
-                           {"text": "22222222"}, "c1")
+    base = dict(
+        kind="lm_pretrain",
+        upstream=None,
+        trainable=["lm"],
+        optimizer={"lr": 1e-3},
+        seq_len=16,
+        batch_size=4,
+        num_steps=10,
+    )
+    a = fingerprint_inputs(
+        LMPretrainConfig.model_validate(base), VLMConfig(), ("up", "a" * 64), {"text": "11111111"}, "c0"
+    )
+    b = fingerprint_inputs(
+        LMPretrainConfig.model_validate({**base, "seed": 3}),
+        VLMConfig.model_validate({"lm": {"rope_theta": 1e5}}),
+        ("up", "b" * 64),
+        {"text": "22222222"},
+        "c1",
+    )
     names = {"a" * 64: "up@1", "b" * 64: "up@2"}
     reasons = explain_diff(a, b, lambda stage, fp: names.get(fp))
     assert {reason_kind(r): r for r in reasons} == {
-        "config": "config.seed: 0 -> 3", "model": "model.lm.rope_theta: 50000.0 -> 100000.0",
-        "upstream": "upstream up changed (up@1 -> up@2)", "data": "data text: 11111111 -> 22222222",
-        "code": "code version changed (c0 -> c1)"}
+        "config": "config.seed: 0 -> 3",
+        "model": "model.lm.rope_theta: 50000.0 -> 100000.0",
+        "upstream": "upstream up changed (up@1 -> up@2)",
+        "data": "data text: 11111111 -> 22222222",
+        "code": "code version changed (c0 -> c1)",
+    }

@@ -49,8 +49,13 @@ class TrainingStage:
                 yield torch.randn(8, 4, generator=g)
 
         params = [(n, p) for n, p in net.named_parameters() if not n.startswith("caption")]
-        spec = TrainSpec(num_steps=cfg.steps, optimizer=cfg.optimizer, schedule=cfg.schedule,
-                         trainable=("vision", "projector", "lm"), checkpoint_every=4)
+        spec = TrainSpec(
+            num_steps=cfg.steps,
+            optimizer=cfg.optimizer,
+            schedule=cfg.schedule,
+            trainable=("vision", "projector", "lm"),
+            checkpoint_every=4,
+        )
         train(net, params, batches(), loss_fn, spec, ctx, ctx.model)
         return StageResult(save_weights(net, ctx.model, ctx.out), {"train/steps": float(cfg.steps)})
 
@@ -71,8 +76,7 @@ def test_nan_keeps_last_checkpoint_and_rerun_resumes(tmp_project, monkeypatch):
     row = stage_status(recipe, tmp_project)[0]  # `moonforge status` shows the resumable work
     assert (row["stage"], row["state"], row["partial"]["step"]) == ("lm_pretrain", "missing", 8)
     assert row["partial"]["running"] is None
-    assert "resumable: phase 0 step 8/10 (global step 8); a rerun continues from there" \
-        in row["reasons"]
+    assert "resumable: phase 0 step 8/10 (global step 8); a rerun continues from there" in row["reasons"]
 
     fixed = TrainingStage(nan_at=None)
     monkeypatch.setattr(catalog, "stage_function", lambda kind: fixed)

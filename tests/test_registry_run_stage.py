@@ -28,12 +28,16 @@ def test_run_commit_then_cache_hit_and_runtime_fields_do_not_rebuild(tmp_project
     first = run_stage(r, "lm_pretrain", tmp_project, tracker=NullTracker())
     assert (first.ref, first.cache_hit) == ("lm_pretrain@1", False)
     assert (tmp_project / ".moonforge/store/lm_pretrain/1/model.safetensors").exists()
-    again = run_stage(mini(tmp_project, "stages.lm_pretrain.log_every=3",
-                           "stages.lm_pretrain.num_workers=2"), "lm_pretrain", tmp_project,
-                      tracker=NullTracker())
+    again = run_stage(
+        mini(tmp_project, "stages.lm_pretrain.log_every=3", "stages.lm_pretrain.num_workers=2"),
+        "lm_pretrain",
+        tmp_project,
+        tracker=NullTracker(),
+    )
     assert again.cache_hit and again.ref == "lm_pretrain@1" and again.metrics == first.metrics
-    changed = run_stage(mini(tmp_project, "stages.lm_pretrain.seed=1"), "lm_pretrain", tmp_project,
-                        tracker=NullTracker())
+    changed = run_stage(
+        mini(tmp_project, "stages.lm_pretrain.seed=1"), "lm_pretrain", tmp_project, tracker=NullTracker()
+    )
     assert (changed.ref, changed.cache_hit) == ("lm_pretrain@2", False)
     assert fake_stages.calls == ["lm_pretrain", "lm_pretrain"]
 
@@ -44,7 +48,9 @@ def test_failing_stage_leaves_nothing_visible_and_names_the_stage(tmp_project, f
     weights = (tmp_project / ".moonforge/store/lm_pretrain/1/model.safetensors").read_bytes()
     r2 = mini(tmp_project, "stages.lm_pretrain.seed=5")
     fake_stages.fail["lm_pretrain"] = [NonFiniteLossError("loss is nan at step 3")]
-    with pytest.raises(StageFailed, match=r"stage 'lm_pretrain' failed: NonFiniteLossError: loss is nan") as ei:
+    with pytest.raises(
+        StageFailed, match=r"stage 'lm_pretrain' failed: NonFiniteLossError: loss is nan"
+    ) as ei:
         run_stage(r2, "lm_pretrain", tmp_project, tracker=NullTracker())
     assert ei.value.transient is False and isinstance(ei.value.__cause__, NonFiniteLossError)
     store = open_store(tmp_project)
@@ -75,7 +81,7 @@ def test_upstream_resolution_lineage_walk_and_status(tmp_project, fake_stages):
     assert set(rec["packages"]) == {"torch", "prefect", "mlflow", "dvc", "moonforge"}
     assert rec["timestamps"]["end"] >= rec["timestamps"]["start"] and rec["world_size"] == 1
     assert rec["metrics"]["eval/acc"] == pytest.approx(0.6) and "git" in rec and "kind" in rec
-    assert 'lm_pretrain_1 --> vit_pretrain_1' in render_mermaid(chain)
+    assert "lm_pretrain_1 --> vit_pretrain_1" in render_mermaid(chain)
     assert json.loads(render_json(chain))[2]["stage"] == "lm_pretrain"
     from rich.console import Console
 
@@ -92,7 +98,9 @@ def test_upstream_resolution_lineage_walk_and_status(tmp_project, fake_stages):
     assert rows["vit_pretrain"]["state"] == "stale"
     assert any(x.startswith("upstream lm_pretrain changed") for x in rows["vit_pretrain"]["reasons"])
     assert rows["align"]["state"] == "stale"
-    assert stage_status(r, tmp_project)[0]["reasons"] == ["latest is lm_pretrain@2, but lm_pretrain@1 matches the recipe"]
+    assert stage_status(r, tmp_project)[0]["reasons"] == [
+        "latest is lm_pretrain@2, but lm_pretrain@1 matches the recipe"
+    ]
 
     # an explicit upstream ref wins over the recipe chain
     out = run_stage(r, "vit_pretrain", tmp_project, "lm_pretrain@2", tracker=NullTracker())
@@ -115,8 +123,9 @@ def test_mlflow_child_runs_params_batched_metrics_datasets_and_failures(tmp_proj
     client = MlflowClient(tracking_uri(tmp_project))
     exp = client.get_experiment_by_name("mini")
     assert exp.artifact_location.startswith((tmp_project / ".moonforge" / "mlartifacts").as_uri())
-    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'",
-                              order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", order_by=["attributes.start_time ASC"]
+    )
     assert [x.info.run_name for x in runs] == ["lm_pretrain", "lm_pretrain", "vit_pretrain"]
     child, cached, failed = runs
     assert child.info.run_id == out.mlflow_run_id and cached.info.run_id == hit.mlflow_run_id

@@ -24,8 +24,14 @@ def put(store, stage: str, fp: str, payload: bytes = b"weights") -> S3ArtifactIn
     (staging / "model.safetensors").write_bytes(payload)
     (staging / "sub").mkdir()
     (staging / "sub" / "x.txt").write_text("x")
-    return store.commit(staging, fp, {"fp": fp}, sidecars=lambda v: {
-        "lineage.json": {"version": v, "upstream": {"stage": "up", "version": 3, "path": "/x"}}})
+    return store.commit(
+        staging,
+        fp,
+        {"fp": fp},
+        sidecars=lambda v: {
+            "lineage.json": {"version": v, "upstream": {"stage": "up", "version": 3, "path": "/x"}}
+        },
+    )
 
 
 def keys(client, bucket: str, prefix: str = "") -> list[str]:
@@ -36,8 +42,9 @@ def keys(client, bucket: str, prefix: str = "") -> list[str]:
 def count_attempts(store: S3Store, operation: str) -> list[str]:
     """Every HTTP attempt of `operation` (retries included) appends its key."""
     seen: list[str] = []
-    store.client.meta.events.register(f"before-send.s3.{operation}",
-                                      lambda request, **kw: seen.append(request.url))
+    store.client.meta.events.register(
+        f"before-send.s3.{operation}", lambda request, **kw: seen.append(request.url)
+    )
     return seen
 
 
@@ -48,11 +55,18 @@ def test_commit_is_visible_with_manifest_last_and_reads_back_through_a_fresh_cac
     b = put(store, "sft", "b" * 64, b"other")
     assert (a.version, b.version) == (1, 2) and b.uri == f"s3://{bucket}/runs/a/sft/2"
     assert keys(client, bucket, "runs/a/sft/2/") == [
-        "runs/a/sft/2/.claim", "runs/a/sft/2/lineage.json", "runs/a/sft/2/manifest.json",
-        "runs/a/sft/2/model.safetensors", "runs/a/sft/2/sub/x.txt"]
+        "runs/a/sft/2/.claim",
+        "runs/a/sft/2/lineage.json",
+        "runs/a/sft/2/manifest.json",
+        "runs/a/sft/2/model.safetensors",
+        "runs/a/sft/2/sub/x.txt",
+    ]
     m = json.loads(client.get_object(Bucket=bucket, Key="runs/a/sft/2/manifest.json")["Body"].read())
-    assert m["fingerprint"] == "b" * 64 and m["uri"] == b.uri and set(m["files"]) == {
-        "lineage.json", "model.safetensors", "sub/x.txt"}
+    assert (
+        m["fingerprint"] == "b" * 64
+        and m["uri"] == b.uri
+        and set(m["files"]) == {"lineage.json", "model.safetensors", "sub/x.txt"}
+    )
     lin = json.loads(client.get_object(Bucket=bucket, Key="runs/a/sft/2/lineage.json")["Body"].read())
     assert lin["uri"] == b.uri and lin["upstream"]["uri"] == f"s3://{bucket}/runs/a/up/3"
 
@@ -85,19 +99,21 @@ def test_a_local_copy_that_differs_from_the_bucket_is_fetched_again(s3_env, tmp_
     client.put_object(Bucket=bucket, Key="sft/1/model.safetensors", Body=b"tampered")
     shutil.rmtree(tmp_path / "cache" / "sft" / "1")
     with pytest.raises(StoreConfigError, match="does not match its manifest's sha256"):
-        S3Store(f"s3://{bucket}", tmp_path / "cache", FAST).lookup("sft", "a" * 64).path
+        _ = S3Store(f"s3://{bucket}", tmp_path / "cache", FAST).lookup("sft", "a" * 64).path
     assert not (tmp_path / "cache" / "sft" / "1").exists()
 
 
 def test_big_files_go_up_as_multipart_uploads(s3_env, tmp_path):
     _, bucket, client = s3_env
-    store = S3Store(f"s3://{bucket}", tmp_path / "cache",
-                    S3Settings(multipart_threshold_mb=5, multipart_chunksize_mb=5))
+    store = S3Store(
+        f"s3://{bucket}", tmp_path / "cache", S3Settings(multipart_threshold_mb=5, multipart_chunksize_mb=5)
+    )
     a = put(store, "sft", "c" * 64, b"\x01" * (6 << 20))
     etag = client.head_object(Bucket=bucket, Key="sft/1/model.safetensors")["ETag"]
     assert etag.strip('"').endswith("-2")  # S3's multipart ETag: md5-of-parts "-" part count
-    assert (S3Store(f"s3://{bucket}", tmp_path / "c2").lookup("sft", a.fingerprint).path
-            / "model.safetensors").stat().st_size == 6 << 20
+    assert (
+        S3Store(f"s3://{bucket}", tmp_path / "c2").lookup("sft", a.fingerprint).path / "model.safetensors"
+    ).stat().st_size == 6 << 20
 
 
 def test_endpoint_down_during_commit_retries_then_clear_error_and_nothing_visible(s3_env, tmp_path):
@@ -160,7 +176,6 @@ def test_a_crash_mid_upload_leaves_no_visible_artifact(s3_env, tmp_path):
     assert put(fresh, "align", "e" * 64).version == 3  # 1 claimed, 2 has files: both skipped
 
 
-
 def test_two_writers_never_share_a_version_number(s3_env, tmp_path, monkeypatch):
     _, bucket, _ = s3_env
     a = S3Store(f"s3://{bucket}", tmp_path / "a", FAST)
@@ -183,8 +198,17 @@ def test_a_runs_checkpoints_go_to_the_bucket_for_a_resume_elsewhere(s3_env, tmp_
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(net.parameters())
     for step in (4, 8):
-        save_train_state(net, VLMConfig(), opt, step, work, phase=1, global_step=40 + step,
-                         num_steps=10, extra={"loader": [step]})
+        save_train_state(
+            net,
+            VLMConfig(),
+            opt,
+            step,
+            work,
+            phase=1,
+            global_step=40 + step,
+            num_steps=10,
+            extra={"loader": [step]},
+        )
         store.sync_partial("sft", "9" * 64)  # what the lease heartbeat does while it trains
     uploaded = keys(client, bucket, "sft/")
     assert uploaded and all("/step-0000048/" in k or k.endswith("partial.json") for k in uploaded)
@@ -225,14 +249,17 @@ def test_missing_bucket_is_a_clear_permanent_error(s3_env, tmp_path):
         store.commit(staging, "a" * 64, {})
 
 
-def test_missing_credentials_name_the_variables_and_secrets_are_never_logged(s3_env, tmp_path,
-                                                                            monkeypatch, caplog):
+def test_missing_credentials_name_the_variables_and_secrets_are_never_logged(
+    s3_env, tmp_path, monkeypatch, caplog
+):
     _, bucket, _ = s3_env
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     store = S3Store(f"s3://{bucket}", tmp_path / "cache", FAST)
-    with pytest.raises(StoreConfigError, match="no AWS credentials found.*set AWS_ACCESS_KEY_ID "
-                                               "and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"):
+    with pytest.raises(
+        StoreConfigError,
+        match="no AWS credentials found.*set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE",
+    ):
         store.versions("sft")
     monkeypatch.setenv("AWS_PROFILE", "nobody")
     with pytest.raises(StoreConfigError, match="AWS_PROFILE to a profile in ~/.aws/config"):
@@ -263,9 +290,9 @@ def test_open_store_maps_s3_uris_to_an_s3_store_with_a_project_cache(tmp_path, m
         open_store(tmp_path, "s3:///prefix")
 
 
-
-def test_an_outage_at_commit_fails_the_stage_as_transient_and_a_rerun_succeeds(s3_env, tmp_project,
-                                                                              fake_stages):
+def test_an_outage_at_commit_fails_the_stage_as_transient_and_a_rerun_succeeds(
+    s3_env, tmp_project, fake_stages
+):
     from moonforge.registry.errors import StageFailed
     from moonforge.registry.run_stage import run_stage
     from moonforge.registry.tracking import NullTracker
@@ -280,8 +307,9 @@ def test_an_outage_at_commit_fails_the_stage_as_transient_and_a_rerun_succeeds(s
             raise EndpointConnectionError(endpoint_url=request.url)
 
     store.client.meta.events.register("before-send.s3.PutObject", outage)
-    with pytest.raises(StageFailed, match="stage 'lm_pretrain' failed: StoreUnavailable: .*after 3 "
-                                          "attempts") as ei:
+    with pytest.raises(
+        StageFailed, match="stage 'lm_pretrain' failed: StoreUnavailable: .*after 3 attempts"
+    ) as ei:
         run_stage(recipe, "lm_pretrain", tmp_project, tracker=NullTracker(), store=store)
     assert ei.value.transient  # the flow's retry policy retries it; a NaN loss it would not
     assert not list((tmp_project / "cache" / "lm_pretrain").glob(".tmp-*"))  # staging aborted
@@ -293,6 +321,7 @@ def test_an_outage_at_commit_fails_the_stage_as_transient_and_a_rerun_succeeds(s
 
 
 # -- the lifecycle with everything on S3 --------------------------------------------------------
+
 
 def _dvc(project, *args):
     from moonforge.registry.data_versions import dvc

@@ -99,9 +99,13 @@ def test_ref_resolution_and_errors(tmp_path):
     assert store.resolve(str(b.path)).version == 2
     with pytest.raises(ArtifactNotFound, match=r"ambiguous ref 'align@abcd'.*versions 1 \(abcd1.*2 \(abcd2"):
         store.resolve("align@abcd")
-    with pytest.raises(ArtifactNotFound, match=r"no artifact 'align@7': align has versions 1 \(abcd1000\), 2"):
+    with pytest.raises(
+        ArtifactNotFound, match=r"no artifact 'align@7': align has versions 1 \(abcd1000\), 2"
+    ):
         store.resolve("align@7")
-    with pytest.raises(ArtifactNotFound, match=r"stage 'cooldown' has no committed versions.*align \(1, 2\), sft \(1\)"):
+    with pytest.raises(
+        ArtifactNotFound, match=r"stage 'cooldown' has no committed versions.*align \(1, 2\), sft \(1\)"
+    ):
         store.resolve("cooldown@latest")
     with pytest.raises(ArtifactNotFound, match="no align fingerprint starts with 'ffff'"):
         store.resolve("align@ffff")

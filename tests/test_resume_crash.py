@@ -26,14 +26,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, copy_project
 from frozen_code import package_copy, python_path
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from moonforge.registry.store import MANIFEST, LocalStore, _sha256
 from moonforge.registry.tracking import OWNED_TAG, tracking_uri
-
-from conftest import REPO, copy_project
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 SCRIPT = Path(__file__).with_name("lease_stage.py")
@@ -49,8 +48,13 @@ def api_env(frozen: Path, **extra: str) -> dict[str, str]:
     """This environment, pointed at the session's Prefect test API, for child processes."""
     from prefect.settings import PREFECT_API_URL
 
-    return {**os.environ, "PYTHONPATH": python_path(frozen),
-            "PREFECT_API_URL": str(PREFECT_API_URL.value()), "OMP_NUM_THREADS": "1", **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": python_path(frozen),
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
 
 
 def mlflow_runs(project: Path, experiment: str) -> list:
@@ -71,22 +75,34 @@ def owned_unfinished_flow_runs() -> list[str]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            tags=FlowRunFilterTags(all_=[OWNED_TAG])), limit=200)
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[OWNED_TAG])), limit=200
+        )
     return [str(r.id) for r in runs if not r.state.is_final()]
 
 
 # -- 1. moonforge run, kill -9 in SFT phase 1 --------------------------------------------------
 
 SFT_RECIPE = {
-    "name": "sft-crash", "description": "one short two-phase SFT stage from scratch",
-    "stages": [{
-        "kind": "sft", "upstream": None, "data": ["sft", "toyworld", "tokenizer"],
-        "trainable": ["vision", "projector", "lm"], "optimizer": {"lr": 1.0e-3}, "seq_len": 128,
-        "batch_size": 4, "checkpoint_every": 2, "eval": {"num_examples": 2, "batch_size": 2},
-        "phases": [{"seq_len": 128, "lr": 1.0e-3, "min_lr": 1.0e-4, "num_steps": 4},
-                   {"seq_len": 256, "lr": 5.0e-4, "min_lr": 5.0e-5, "num_steps": 4,
-                    "warmup_frac": 0.25}]}],
+    "name": "sft-crash",
+    "description": "one short two-phase SFT stage from scratch",
+    "stages": [
+        {
+            "kind": "sft",
+            "upstream": None,
+            "data": ["sft", "toyworld", "tokenizer"],
+            "trainable": ["vision", "projector", "lm"],
+            "optimizer": {"lr": 1.0e-3},
+            "seq_len": 128,
+            "batch_size": 4,
+            "checkpoint_every": 2,
+            "eval": {"num_examples": 2, "batch_size": 2},
+            "phases": [
+                {"seq_len": 128, "lr": 1.0e-3, "min_lr": 1.0e-4, "num_steps": 4},
+                {"seq_len": 256, "lr": 5.0e-4, "min_lr": 5.0e-5, "num_steps": 4, "warmup_frac": 0.25},
+            ],
+        }
+    ],
 }
 
 
@@ -97,16 +113,18 @@ def sft_project(tmp_path_factory, repo_data) -> Path:
     params["sft"].update(max_images_train=120, max_images_val=30)  # a small SFT build
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     model = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())["model"]
-    (proj / "recipes" / "sft-crash.yaml").write_text(yaml.safe_dump({**SFT_RECIPE, "model": model},
-                                                                     sort_keys=False))
+    (proj / "recipes" / "sft-crash.yaml").write_text(
+        yaml.safe_dump({**SFT_RECIPE, "model": model}, sort_keys=False)
+    )
     return proj
 
 
 def moonforge_run(frozen: Path, project: Path, store: Path, **env: str):
     cmd = [sys.executable, "-m", "moonforge.flows.cli", "run", "recipes/sft-crash.yaml"]
     env = api_env(frozen, MOONFORGE_STORE=str(store), COLUMNS="200", **env)
-    return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=900,
-                          start_new_session=True)
+    return subprocess.run(
+        cmd, cwd=project, env=env, capture_output=True, text=True, timeout=900, start_new_session=True
+    )
 
 
 def test_moonforge_run_killed_in_sft_phase_1_resumes_to_the_same_weights(sft_project, frozen):
@@ -139,6 +157,7 @@ def test_moonforge_run_killed_in_sft_phase_1_resumes_to_the_same_weights(sft_pro
 
 # -- 2. the kill storm -----------------------------------------------------------------------
 
+
 def check_complete(store: LocalStore) -> None:
     """Every visible artifact has every file its manifest lists, byte for byte."""
     for stage in store.stages():
@@ -158,8 +177,9 @@ def test_random_kill_9s_then_a_rerun_leave_nothing_open(tmp_project, tmp_path, f
     cmd = [sys.executable, str(SCRIPT), str(tmp_project), "--flow", str(tmp_path / "calls")]
     t0 = time.time()
     for i in range(kills):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         if i % 2:  # a random moment once a stage trains (then: its steps, commit, the next stage)
             started = tmp_path / "calls" / str(proc.pid)
             deadline = time.time() + 120
@@ -179,11 +199,18 @@ def test_random_kill_9s_then_a_rerun_leave_nothing_open(tmp_project, tmp_path, f
     out = json.loads(final.stdout.strip().splitlines()[-1])
     assert [o["ref"] for o in out.values()] == ["lm_pretrain@1", "vit_pretrain@1", "align@1"]
     check_complete(store)
-    left = [p for d in store.root.iterdir() if d.is_dir() for p in d.iterdir()
-            if p.name.startswith((".tmp-", ".partial-", ".lease-"))]
+    left = [
+        p
+        for d in store.root.iterdir()
+        if d.is_dir()
+        for p in d.iterdir()
+        if p.name.startswith((".tmp-", ".partial-", ".lease-"))
+    ]
     assert left == [], left
     runs = mlflow_runs(tmp_project, "mini")
     assert runs and not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
     assert owned_unfinished_flow_runs() == []
-    print(f"{kills} kills + final run: {time.time() - t0:.0f} s; MLflow runs by status: "
-          f"{sorted((s, sum(r.info.status == s for r in runs)) for s in {r.info.status for r in runs})}")
+    print(
+        f"{kills} kills + final run: {time.time() - t0:.0f} s; MLflow runs by status: "
+        f"{sorted((s, sum(r.info.status == s for r in runs)) for s in {r.info.status for r in runs})}"
+    )

@@ -21,8 +21,13 @@ from test_train_machinery import FakeVLM
 from moonforge.model.config import VLMConfig
 from moonforge.stages.artifacts import DatasetRef, ListSink, StageContext
 from moonforge.stages.config import OptimizerConfig, ScheduleConfig
-from moonforge.stages.train.checkpoint import (CRASH_ENV, SimulatedCrash, latest_train_state,
-                                               read_train_record, read_train_state)
+from moonforge.stages.train.checkpoint import (
+    CRASH_ENV,
+    SimulatedCrash,
+    latest_train_state,
+    read_train_record,
+    read_train_state,
+)
 from moonforge.stages.train.freeze import apply_trainable
 from moonforge.stages.train.loop import TrainSpec, train
 
@@ -73,10 +78,16 @@ def two_phase_run(out: Path, resume: Path | None = None, stateful: bool = False)
 
     states, offset, streams = [], 0, []
     for i, (steps, lr) in enumerate(PHASES):
-        spec = TrainSpec(num_steps=steps, optimizer=OptimizerConfig(lr=lr),
-                         schedule=ScheduleConfig(kind="cosine", warmup_steps=1),
-                         trainable=("vision", "projector", "lm"), checkpoint_every=2,
-                         step_offset=offset, phase=i, label=f"p{i}")
+        spec = TrainSpec(
+            num_steps=steps,
+            optimizer=OptimizerConfig(lr=lr),
+            schedule=ScheduleConfig(kind="cosine", warmup_steps=1),
+            trainable=("vision", "projector", "lm"),
+            checkpoint_every=2,
+            step_offset=offset,
+            phase=i,
+            label=f"p{i}",
+        )
         streams.append(Batches(i, stateful))
         states.append(train(model, params, streams[-1], loss_fn, spec, ctx, VLMConfig()))
         offset += states[-1].step
@@ -95,16 +106,21 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("crash_at, phase, step", [(2, 0, 2), (6, 0, 6), (8, 1, 2), (11, 1, 5)])
 @pytest.mark.parametrize("stateful", [False, True])
-def test_a_crash_in_either_phase_resumes_to_the_same_weights(tmp_path, monkeypatch, unbroken,
-                                                             crash_at, phase, step, stateful):
+def test_a_crash_in_either_phase_resumes_to_the_same_weights(
+    tmp_path, monkeypatch, unbroken, crash_at, phase, step, stateful
+):
     monkeypatch.setenv(CRASH_ENV, str(crash_at))
     with pytest.raises(SimulatedCrash):
         two_phase_run(tmp_path, stateful=stateful)
     monkeypatch.delenv(CRASH_ENV)
     ckpt = latest_train_state(tmp_path)
     rec = read_train_record(ckpt)
-    assert (ckpt.name, rec.phase, rec.step, rec.global_step) == (f"step-{crash_at:07d}", phase,
-                                                                 step, crash_at)
+    assert (ckpt.name, rec.phase, rec.step, rec.global_step) == (
+        f"step-{crash_at:07d}",
+        phase,
+        step,
+        crash_at,
+    )
     assert set(rec.phases) == set(range(phase))  # summaries of the finished phases ride along
 
     model, states, loss_calls, streams = two_phase_run(tmp_path, resume=ckpt, stateful=stateful)
@@ -166,10 +182,15 @@ def test_a_crafted_pickle_is_never_loaded(tmp_path, monkeypatch):
     assert not marker.exists()
     written = latest_train_state(tmp_path)  # what this run saved: safetensors + JSON only
     assert sorted(p.name for p in written.iterdir()) == [
-        "model.safetensors", "model_config.json", "optimizer.safetensors", "train_state.json"]
+        "model.safetensors",
+        "model_config.json",
+        "optimizer.safetensors",
+        "train_state.json",
+    ]
 
 
 # -- the real SFT stage, crashed in phase 0 (test_resume_crash.py kills it in phase 1) ----------
+
 
 @pytest.fixture(scope="module")
 def sft_setup():
@@ -181,15 +202,25 @@ def sft_setup():
     d = post_data()
     tok = Tokenizer.load(d / "tokenizer" / "tokenizer.json")
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml").read_text())
-    raw["model"]["lm"] = {**raw["model"]["lm"], "vocab_size": tok.vocab_size,
-                          "max_position_embeddings": 512}
+    raw["model"]["lm"] = {**raw["model"]["lm"], "vocab_size": tok.vocab_size, "max_position_embeddings": 512}
     mcfg = VLMConfig.model_validate(raw["model"])
-    cfg = SFTConfig.model_validate(dict(
-        upstream=None, data=["sft", "toyworld", "tokenizer"], trainable=["vision", "projector", "lm"],
-        optimizer={"lr": 1e-3}, seq_len=128, batch_size=4, micro_batch_size=2, checkpoint_every=2,
-        eval={"num_examples": 2, "batch_size": 2},
-        phases=[{"seq_len": 128, "lr": 1e-3, "min_lr": 1e-4, "num_steps": 4},
-                {"seq_len": 256, "lr": 5e-4, "min_lr": 5e-5, "num_steps": 3, "warmup_frac": 0.34}]))
+    cfg = SFTConfig.model_validate(
+        dict(
+            upstream=None,
+            data=["sft", "toyworld", "tokenizer"],
+            trainable=["vision", "projector", "lm"],
+            optimizer={"lr": 1e-3},
+            seq_len=128,
+            batch_size=4,
+            micro_batch_size=2,
+            checkpoint_every=2,
+            eval={"num_examples": 2, "batch_size": 2},
+            phases=[
+                {"seq_len": 128, "lr": 1e-3, "min_lr": 1e-4, "num_steps": 4},
+                {"seq_len": 256, "lr": 5e-4, "min_lr": 5e-5, "num_steps": 3, "warmup_frac": 0.34},
+            ],
+        )
+    )
     data = {n: DatasetRef(n, d / n, f"{n}-digest") for n in ("sft", "toyworld", "tokenizer")}
     return cfg, mcfg, data
 
@@ -209,8 +240,7 @@ def sft_unbroken(sft_setup, tmp_path_factory):
 
 
 @pytest.mark.parametrize("crash_at", [2])  # phase 0 step 2 (phase 1: test_resume_crash.py)
-def test_sft_resumed_in_phase_0_ends_bit_identical(tmp_path, monkeypatch, sft_setup, sft_unbroken,
-                                                   crash_at):
+def test_sft_resumed_in_phase_0_ends_bit_identical(tmp_path, monkeypatch, sft_setup, sft_unbroken, crash_at):
     ref = sft_unbroken
     monkeypatch.setenv(CRASH_ENV, str(crash_at))
     with pytest.raises(SimulatedCrash):
@@ -221,6 +251,12 @@ def test_sft_resumed_in_phase_0_ends_bit_identical(tmp_path, monkeypatch, sft_se
     res = run_sft(sft_setup, tmp_path / "run", resume=ckpt)
     a, b = load_file(str(ref.checkpoint.weights)), load_file(str(res.checkpoint.weights))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for k in ("train/steps", "train/phase0_final_loss", "train/phase1_final_loss",
-              "train/phase0_steps", "data/phase0_text_token_share", "eval/sft_loss"):
+    for k in (
+        "train/steps",
+        "train/phase0_final_loss",
+        "train/phase1_final_loss",
+        "train/phase0_steps",
+        "data/phase0_text_token_share",
+        "eval/sft_loss",
+    ):
         assert res.metrics[k] == ref.metrics[k], k

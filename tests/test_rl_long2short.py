@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from moonforge.stages.rl.dpo import (
-    DPOConfig, Sample, build_dpo_pairs, dpo_loss, question_pairs, shortest_correct,
+    DPOConfig,
+    Sample,
+    build_dpo_pairs,
+    dpo_loss,
+    question_pairs,
+    shortest_correct,
 )
 from moonforge.stages.rl.efficiency import accuracy_per_1k_tokens, efficiency_of, pick_best
 from moonforge.stages.rl.merge import merge_state_dicts
@@ -17,11 +22,11 @@ def S(name, length, correct):
 
 
 RESPONSES = [
-    S("c100", 100, True),   # chosen: shortest correct
-    S("c120", 120, True),   # correct, < 1.5x  -> kept out
-    S("c150", 150, True),   # correct, == 1.5x -> rejected
-    S("c400", 400, True),   # correct, long    -> rejected
-    S("w80", 80, False),    # wrong but shorter -> not rejected
+    S("c100", 100, True),  # chosen: shortest correct
+    S("c120", 120, True),  # correct, < 1.5x  -> kept out
+    S("c150", 150, True),  # correct, == 1.5x -> rejected
+    S("c400", 400, True),  # correct, long    -> rejected
+    S("w80", 80, False),  # wrong but shorter -> not rejected
     S("w100", 100, False),  # wrong, same length -> not rejected (must be longer)
     S("w101", 101, False),  # wrong, longer     -> rejected
     S("w900", 900, False),  # wrong, longer     -> rejected
@@ -35,8 +40,11 @@ def test_dpo_pairs_exact():
 
 
 def test_dpo_pairs_over_questions_and_edge_cases():
-    data = {"q1": RESPONSES, "none_correct": [S("w1", 10, False), S("w2", 20, False)],
-            "tie": [S("a", 50, True), S("b", 50, True), S("w", 60, False)]}
+    data = {
+        "q1": RESPONSES,
+        "none_correct": [S("w1", 10, False), S("w2", 20, False)],
+        "tie": [S("a", 50, True), S("b", 50, True), S("w", 60, False)],
+    }
     pairs = build_dpo_pairs(data, long_factor=2.0)
     by_q = {}
     for p in pairs:
@@ -79,10 +87,18 @@ def test_dpo_loss_value_and_gradient():
 
 
 def test_merge_weighted_average_and_buffers():
-    a = {"w": torch.ones(2, 2), "h": torch.full((3,), 2.0, dtype=torch.bfloat16),
-         "steps": torch.tensor(5), "mask": torch.tensor([True, False])}
-    b = {"w": torch.zeros(2, 2), "h": torch.zeros(3, dtype=torch.bfloat16),
-         "steps": torch.tensor(9), "mask": torch.tensor([False, False])}
+    a = {
+        "w": torch.ones(2, 2),
+        "h": torch.full((3,), 2.0, dtype=torch.bfloat16),
+        "steps": torch.tensor(5),
+        "mask": torch.tensor([True, False]),
+    }
+    b = {
+        "w": torch.zeros(2, 2),
+        "h": torch.zeros(3, dtype=torch.bfloat16),
+        "steps": torch.tensor(9),
+        "mask": torch.tensor([False, False]),
+    }
     m = merge_state_dicts(a, b)
     assert torch.equal(m["w"], torch.full((2, 2), 0.5))
     assert m["h"].dtype == torch.bfloat16 and torch.equal(m["h"], torch.ones(3, dtype=torch.bfloat16))

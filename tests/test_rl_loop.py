@@ -54,6 +54,7 @@ def make_generate(model, gen):
             else:
                 outs.append((new, lps, "length"))
         return outs
+
     return generate
 
 
@@ -108,7 +109,12 @@ def test_rl_sources_are_ascii_and_import_no_orchestration():
         assert text.isascii(), path.name
         assert len(text.splitlines()) <= 220, path.name
         for node in ast.walk(ast.parse(text)):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for n in names:
                 assert n.split(".")[0] not in {"prefect", "mlflow", "dvc"}, (path.name, n)

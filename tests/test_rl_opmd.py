@@ -34,7 +34,7 @@ def test_loss_and_gradient_match_hand_computation():
     tau, k = 0.5, 3
     rewards = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
     logp = sequence_logprobs(logits, ids, mask)
-    logp_old = (logp.detach() + torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64))
+    logp_old = logp.detach() + torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
     loss, metrics = opmd_group_loss(logp, logp_old, rewards, tau)
     loss.backward()
 

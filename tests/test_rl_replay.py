@@ -5,7 +5,12 @@ import torch
 
 from moonforge.stages.rl.repeat import RepeatConfig, find_repeat, periodic_tail, repeat_penalty
 from moonforge.stages.rl.replay import (
-    ReplayBuffer, RolloutConfig, Trajectory, long_tailed_lengths, rollout_step, training_tensors,
+    ReplayBuffer,
+    RolloutConfig,
+    Trajectory,
+    long_tailed_lengths,
+    rollout_step,
+    training_tensors,
 )
 
 EOS_AFTER = {}  # prompt head token -> response length at which the fake emits "stop"
@@ -84,6 +89,7 @@ def test_repeat_is_cut_and_finishes():
     def loop_gen(contexts, n):
         ids = [5] + [1, 2] * ((n - 1) // 2)
         return [(ids, [-0.1] * len(ids), "length") for _ in contexts]
+
     cfg = RolloutConfig(segment_budget=21, repeat=RepeatConfig(min_repeats=4, min_span=8))
     (t,) = rollout_step([("p", [9, 9])], ReplayBuffer(), loop_gen, 0, cfg)
     assert t.finish_reason == "repeat" and t.ids == [5, 1, 2] and len(t.logprobs) == 3
@@ -91,15 +97,26 @@ def test_repeat_is_cut_and_finishes():
 
 def test_bad_generator_output_is_an_error():
     with pytest.raises(ValueError, match="budget of 3"):
-        rollout_step([("p", [1])], ReplayBuffer(), lambda c, n: [([1] * 5, [0.0] * 5, "stop")],
-                     0, RolloutConfig(segment_budget=3))
+        rollout_step(
+            [("p", [1])],
+            ReplayBuffer(),
+            lambda c, n: [([1] * 5, [0.0] * 5, "stop")],
+            0,
+            RolloutConfig(segment_budget=3),
+        )
     with pytest.raises(ValueError, match="no progress"):
-        rollout_step([("p", [1])], ReplayBuffer(), lambda c, n: [([], [], "length")],
-                     0, RolloutConfig(segment_budget=3))
+        rollout_step(
+            [("p", [1])],
+            ReplayBuffer(),
+            lambda c, n: [([], [], "length")],
+            0,
+            RolloutConfig(segment_budget=3),
+        )
 
 
 def test_truncate_across_segments():
     from moonforge.stages.rl.replay import Segment
+
     t = Trajectory("p", [0], 0, [Segment([1, 2, 3], [0.1] * 3, 0), Segment([4, 5], [0.2] * 2, 1)])
     t.truncate(4)
     assert t.ids == [1, 2, 3, 4] and [s.iteration for s in t.segments] == [0, 1]

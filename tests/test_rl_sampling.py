@@ -22,9 +22,9 @@ def test_curriculum_uniform_then_hard_only():
 def test_prioritized_distribution_matches_within_tolerance():
     cfg = SamplerConfig(use_curriculum=False, priority_floor=0.05, replacement=True)
     s = PromptSampler(DIFF, cfg, seed=1)
-    s.update(0, [1, 1, 1, 1])       # solved -> floor 0.05
-    s.update(1, [1, 0, 1, 0])       # s=0.5 -> 0.5
-    s.update(2, [0, 0, 0, 1])       # s=0.25 -> 0.75; prompt 3 unseen -> 1.0
+    s.update(0, [1, 1, 1, 1])  # solved -> floor 0.05
+    s.update(1, [1, 0, 1, 0])  # s=0.5 -> 0.5
+    s.update(2, [0, 0, 0, 1])  # s=0.25 -> 0.75; prompt 3 unseen -> 1.0
     w = [0.05, 0.5, 0.75, 1.0]
     want = [x / sum(w) for x in w]
     assert s.probabilities(0).tolist() == pytest.approx(want)

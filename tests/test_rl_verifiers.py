@@ -5,8 +5,18 @@ import math
 import pytest
 
 from moonforge.stages.rl.verifiers import (
-    RewardError, VerifierConfig, VerifyStats, exact_match, extract_answer, extract_choice,
-    get_verifier, multiple_choice, numeric_match, parse_last_number, register_verifier, score,
+    RewardError,
+    VerifierConfig,
+    VerifyStats,
+    exact_match,
+    extract_answer,
+    extract_choice,
+    get_verifier,
+    multiple_choice,
+    numeric_match,
+    parse_last_number,
+    register_verifier,
+    score,
 )
 
 
@@ -23,11 +33,20 @@ def test_exact_match_normalises_whitespace_and_case():
     assert exact_match("Paris", "London") == 0.0
 
 
-@pytest.mark.parametrize("answer,ref,want", [
-    ("3.0", "3", 1.0), ("so x = 3", "3", 1.0), ("between 2 and 5", "5", 1.0),
-    ("1,000 apples", "1000", 1.0), ("-2.50", "-2.5", 1.0), ("3/4", "0.75", 1.0),
-    ("1e-3", "0.001", 1.0), ("3.1", "3", 0.0), ("no number", "3", 0.0),
-])
+@pytest.mark.parametrize(
+    "answer,ref,want",
+    [
+        ("3.0", "3", 1.0),
+        ("so x = 3", "3", 1.0),
+        ("between 2 and 5", "5", 1.0),
+        ("1,000 apples", "1000", 1.0),
+        ("-2.50", "-2.5", 1.0),
+        ("3/4", "0.75", 1.0),
+        ("1e-3", "0.001", 1.0),
+        ("3.1", "3", 0.0),
+        ("no number", "3", 0.0),
+    ],
+)
 def test_numeric_match(answer, ref, want):
     assert numeric_match(answer, ref) == want
 
@@ -38,10 +57,18 @@ def test_numeric_tolerance_and_last_number():
     assert numeric_match("3.001", "3", abs_tol=1e-6, rel_tol=0.0) == 0.0
 
 
-@pytest.mark.parametrize("answer,want", [
-    ("B", "B"), ("(c)", "C"), ("The answer is (D).", "D"), ("b", "B"), ("Option A", "A"),
-    ("A good guess is C", "C"), ("no option here", None),
-])
+@pytest.mark.parametrize(
+    "answer,want",
+    [
+        ("B", "B"),
+        ("(c)", "C"),
+        ("The answer is (D).", "D"),
+        ("b", "B"),
+        ("Option A", "A"),
+        ("A good guess is C", "C"),
+        ("no option here", None),
+    ],
+)
 def test_extract_choice(answer, want):
     assert extract_choice(answer) == want
 
@@ -68,6 +95,7 @@ def test_registry_and_score_with_marker():
 def test_raising_verifier_counts_error_and_returns_zero():
     def boom(answer, ref):
         raise RuntimeError("sandbox died")
+
     register_verifier("test_boom", boom, overwrite=True)
     stats = VerifyStats()
     assert score("test_boom", "Answer: 1", "1", stats) == 0.0

@@ -30,10 +30,16 @@ from moonforge.stages.train.checkpoint import save_weights
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
 MODEL = VLMConfig.model_validate(yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())["model"])
-COMMON = dict(upstream=None, data=("rl_prompts", "toyworld", "tokenizer"),
-              trainable=("vision", "projector", "lm"), optimizer={"lr": 1e-3},
-              schedule={"kind": "constant"}, seq_len=64, batch_size=8,
-              eval={"num_examples": 4, "batch_size": 4})
+COMMON = dict(
+    upstream=None,
+    data=("rl_prompts", "toyworld", "tokenizer"),
+    trainable=("vision", "projector", "lm"),
+    optimizer={"lr": 1e-3},
+    schedule={"kind": "constant"},
+    seq_len=64,
+    batch_size=8,
+    eval={"num_examples": 4, "batch_size": 4},
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,8 +59,9 @@ def _data(tmp: Path, train: list[str] | None = None) -> dict[str, DatasetRef]:
     """Real tokenizer and toy world, a small rl_prompts copy (train lines replaceable)."""
     rl_dir = tmp / "rl_prompts"
     rl_dir.mkdir(parents=True, exist_ok=True)
-    (rl_dir / "train.jsonl").write_text("".join(x + "\n" for x in (train if train is not None
-                                                                   else _lines("train", 12))))
+    (rl_dir / "train.jsonl").write_text(
+        "".join(x + "\n" for x in (train if train is not None else _lines("train", 12)))
+    )
     (rl_dir / "val.jsonl").write_text("".join(x + "\n" for x in _lines("val", 8)))
     paths = {"rl_prompts": rl_dir, "toyworld": DATA / "toyworld", "tokenizer": DATA / "tokenizer"}
     return {n: DatasetRef(n, p, "test") for n, p in paths.items()}
@@ -97,9 +104,16 @@ def test_rl_iteration_contract_and_partial_rollouts(tmp_path, base, monkeypatch)
     monkeypatch.setattr(loop, "rollout_step", rollout)
     monkeypatch.setattr(loop, "response_logprobs", logp)
     monkeypatch.setattr(loop, "score", _even_reward)
-    cfg = RLConfig(**COMMON, num_steps=6, num_iterations=3, prompts_per_iteration=2,
-                   samples_per_prompt=3, max_new_tokens=6, rollout_token_budget=3,
-                   length_penalty_warmup_iters=1)
+    cfg = RLConfig(
+        **COMMON,
+        num_steps=6,
+        num_iterations=3,
+        prompts_per_iteration=2,
+        samples_per_prompt=3,
+        max_new_tokens=6,
+        rollout_token_budget=3,
+        length_penalty_warmup_iters=1,
+    )
     sink = ListSink()
     res = rl(base, _data(tmp_path), cfg, StageContext(out=tmp_path / "out", model=MODEL, sink=sink))
     rows = [json.loads(x) for x in (tmp_path / "out" / "rl_rollouts.jsonl").read_text().splitlines()]
@@ -109,8 +123,13 @@ def test_rl_iteration_contract_and_partial_rollouts(tmp_path, base, monkeypatch)
         it = r["iteration"]
         assert at_logp_old[it] == at_start[it]  # logp_old under the iteration-start weights
         assert len(r["loss"]) == cfg.steps_per_iteration
-        loss, _ = opmd_loss(torch.tensor(r["logp"]), torch.tensor(r["logp_old"]),
-                            torch.tensor(r["rewards"]), r["group_ids"], cfg.tau)
+        loss, _ = opmd_loss(
+            torch.tensor(r["logp"]),
+            torch.tensor(r["logp_old"]),
+            torch.tensor(r["rewards"]),
+            r["group_ids"],
+            cfg.tau,
+        )
         assert math.isclose(loss.item(), r["loss"][0], rel_tol=1e-4, abs_tol=1e-5)
         assert r["l2_loss"][0] == pytest.approx(0.0, abs=1e-6)  # first step: pi == pi_i
     assert at_start[1] != at_start[0] or not rows[0].get("loss")
@@ -126,16 +145,25 @@ def test_rl_iteration_contract_and_partial_rollouts(tmp_path, base, monkeypatch)
 
 def test_rl_nan_reward_names_the_stage(tmp_path, base, monkeypatch):
     monkeypatch.setattr(loop, "score", lambda *a: float("nan"))
-    cfg = RLConfig(**COMMON, num_steps=1, num_iterations=1, prompts_per_iteration=1,
-                   samples_per_prompt=2, max_new_tokens=3)
+    cfg = RLConfig(
+        **COMMON,
+        num_steps=1,
+        num_iterations=1,
+        prompts_per_iteration=1,
+        samples_per_prompt=2,
+        max_new_tokens=3,
+    )
     with pytest.raises(ValueError, match=r"stage 'rl'.*non-finite rewards"):
         rl(base, _data(tmp_path), cfg, StageContext(out=tmp_path / "out", model=MODEL))
 
 
-@pytest.mark.parametrize("case, pattern", [
-    ("empty", r"stage 'rl'.*no records"),
-    ("no_answer", r"stage 'rl'.*answer"),
-])
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("empty", r"stage 'rl'.*no records"),
+        ("no_answer", r"stage 'rl'.*answer"),
+    ],
+)
 def test_rl_bad_prompt_sets_name_the_stage(tmp_path, base, case, pattern):
     train = [] if case == "empty" else [_no_answer_line()]  # read at run time, after the build
     cfg = RLConfig(**COMMON, num_steps=1, num_iterations=1, max_new_tokens=3)
@@ -144,8 +172,12 @@ def test_rl_bad_prompt_sets_name_the_stage(tmp_path, base, case, pattern):
 
 
 def test_choose_picks_most_efficient_within_tolerance():
-    table = {"long": {"acc": 0.50, "mean_len": 100.0}, "merge": {"acc": 0.49, "mean_len": 60.0},
-             "dpo": {"acc": 0.40, "mean_len": 10.0}, "rl": {"acc": 0.485, "mean_len": 50.0}}
+    table = {
+        "long": {"acc": 0.50, "mean_len": 100.0},
+        "merge": {"acc": 0.49, "mean_len": 60.0},
+        "dpo": {"acc": 0.40, "mean_len": 10.0},
+        "rl": {"acc": 0.485, "mean_len": 50.0},
+    }
     assert l2s.choose(table, 0.02) == "rl"
     assert l2s.choose(table, 0.0) == "long"
     assert l2s.choose(table, 0.2) == "dpo"
@@ -154,17 +186,26 @@ def test_choose_picks_most_efficient_within_tolerance():
 def _fake_samples(model, tok, items, questions, cfg):
     """Per question: a short correct, a longer wrong and a 2x-longer correct response."""
     ids = tok.encode("Step 1: 2+3 = 5. Answer: 5")
-    return {q: [Sample(ids[:4], 4, True), Sample(ids[:6], 6, False), Sample(ids[:8], 8, True)]
-            for q in questions}
+    return {
+        q: [Sample(ids[:4], 4, True), Sample(ids[:6], 6, False), Sample(ids[:8], 8, True)] for q in questions
+    }
 
 
 def test_long2short_candidates_and_choice(tmp_path, base, monkeypatch):
     monkeypatch.setattr(l2s, "sample_responses", _fake_samples)
     monkeypatch.setattr(loop, "score", _even_reward)
-    cfg = Long2ShortConfig(**{**COMMON, "upstream": "rl"}, num_steps=1, num_questions=3,
-                           num_samples=4, sample_max_new_tokens=8, max_new_tokens=4,
-                           rl_iterations=1, rl_prompts_per_iteration=2, rl_samples_per_prompt=2,
-                           rl_steps_per_iteration=1)
+    cfg = Long2ShortConfig(
+        **{**COMMON, "upstream": "rl"},
+        num_steps=1,
+        num_questions=3,
+        num_samples=4,
+        sample_max_new_tokens=8,
+        max_new_tokens=4,
+        rl_iterations=1,
+        rl_prompts_per_iteration=2,
+        rl_samples_per_prompt=2,
+        rl_steps_per_iteration=1,
+    )
     res = l2s.long2short(base, _data(tmp_path), cfg, StageContext(out=tmp_path / "out", model=MODEL))
     table = json.loads((tmp_path / "out" / "long2short.json").read_text())
     assert set(table["candidates"]) == {"long", "merge", "shortest_rs", "dpo", "rl"}

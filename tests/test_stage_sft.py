@@ -60,12 +60,20 @@ def mcfg(tok) -> VLMConfig:
 
 
 def _sft_cfg(**kw) -> SFTConfig:
-    base = dict(upstream=None, data=("sft", "toyworld", "tokenizer"),
-                trainable=("vision", "projector", "lm"), optimizer={"lr": 1e-3}, seq_len=128,
-                batch_size=4, log_every=1, eval={"num_examples": 4, "batch_size": 4},
-                phases=[{"seq_len": 128, "lr": 1e-3, "min_lr": 1e-4, "num_steps": 3},
-                        {"seq_len": 256, "lr": 5e-4, "min_lr": 5e-5, "num_steps": 3,
-                         "warmup_frac": 0.34}])
+    base = dict(
+        upstream=None,
+        data=("sft", "toyworld", "tokenizer"),
+        trainable=("vision", "projector", "lm"),
+        optimizer={"lr": 1e-3},
+        seq_len=128,
+        batch_size=4,
+        log_every=1,
+        eval={"num_examples": 4, "batch_size": 4},
+        phases=[
+            {"seq_len": 128, "lr": 1e-3, "min_lr": 1e-4, "num_steps": 3},
+            {"seq_len": 256, "lr": 5e-4, "min_lr": 5e-5, "num_steps": 3, "warmup_frac": 0.34},
+        ],
+    )
     return SFTConfig.model_validate({**base, **kw})
 
 
@@ -75,8 +83,7 @@ def _data(d: Path, names, **paths) -> dict[str, DatasetRef]:
 
 def _items(d, tok, mcfg, n=6):
     recs = read_sft_records(d / "sft", "val")
-    return pe.split_by_kind(chat_prompt_items(recs, d / "toyworld" / "val", tok,
-                                              vision_spec(mcfg)), n // 2)
+    return pe.split_by_kind(chat_prompt_items(recs, d / "toyworld" / "val", tok, vision_spec(mcfg)), n // 2)
 
 
 def _assistant_mask(ids: list[int], tok: Tokenizer) -> list[int]:
@@ -87,21 +94,21 @@ def _assistant_mask(ids: list[int], tok: Tokenizer) -> list[int]:
         if inside:
             mask[t] = 1
             inside = ids[t] != tok.im_end_id
-        elif ids[max(0, t + 1 - len(header)):t + 1] == header:
+        elif ids[max(0, t + 1 - len(header)) : t + 1] == header:
             inside = True
     return mask
 
 
 def test_sft_loss_mask_on_packed_batch_is_assistant_content_and_im_end(d, tok, mcfg):
     cfg = _sft_cfg()
-    sources = sft_mod.chat_sources(read_sft_records(d / "sft", "train"), d / "toyworld" / "train",
-                                   tok, "sft")
+    sources = sft_mod.chat_sources(read_sft_records(d / "sft", "train"), d / "toyworld" / "train", tok, "sft")
     weights = sft_mod.mix_weights(sources, cfg.text_image_token_ratio)
     assert set(sources) == {"text", "image"} and weights == {"text": 0.5, "image": 0.5}
     batch = next(lm_stream(sources, lambda s: weights, tok, cfg, mcfg, seq_len=256, rows=4))
     segments = 0
-    for ids, labels, docs in zip(batch.input_ids_BL.tolist(), batch.labels_BL.tolist(),
-                                 batch.doc_ids_BL.tolist()):
+    for ids, labels, docs in zip(
+        batch.input_ids_BL.tolist(), batch.labels_BL.tolist(), batch.doc_ids_BL.tolist()
+    ):
         for seg_id in sorted(set(docs) - {-1}):
             span = [t for t, x in enumerate(docs) if x == seg_id]
             seg, lab = [ids[t] for t in span], [labels[t] for t in span]
@@ -117,8 +124,7 @@ def test_sft_loss_mask_on_packed_batch_is_assistant_content_and_im_end(d, tok, m
 
 
 def test_batch_without_supervised_tokens_raises(d, tok, mcfg):
-    sources = sft_mod.chat_sources(read_sft_records(d / "sft", "val"), d / "toyworld" / "val",
-                                   tok, "sft")
+    sources = sft_mod.chat_sources(read_sft_records(d / "sft", "val"), d / "toyworld" / "val", tok, "sft")
     batch = next(lm_stream(sources, lambda s: {"text": 1.0}, tok, _sft_cfg(), mcfg, rows=2))
     batch.labels_BL.fill_(-100)
     with pytest.raises(sft_mod.NoSupervisedTokensError, match="no supervised"):
@@ -128,8 +134,7 @@ def test_batch_without_supervised_tokens_raises(d, tok, mcfg):
 def test_answer_accuracy_keys_and_batching_invariance(d, tok, mcfg):
     model, items = build_vlm(mcfg, seed=0), _items(d, tok, mcfg)
     res = pe.answer_accuracy(model, tok, items, max_new_tokens=4, batch_size=4, return_items=True)
-    assert {"acc", "mean_len", "acc_per_1k_tokens", "n", "verifier_errors", "by_kind",
-            "items"} <= set(res)
+    assert {"acc", "mean_len", "acc_per_1k_tokens", "n", "verifier_errors", "by_kind", "items"} <= set(res)
     assert res["n"] == len(items) == 6 and set(res["by_kind"]) == {"text", "image"}
     assert 1 <= res["mean_len"] <= 4 and [r.record_id for r in res["items"]] == [i.record_id for i in items]
     again = pe.answer_accuracy(model, tok, items, max_new_tokens=4, batch_size=1, return_items=True)
@@ -144,8 +149,9 @@ def test_oracle_responses_score_one(d, tok, mcfg, monkeypatch):
 
     def oracle(model, prompts, **kw):
         toks = [by_prompt[tuple(p)] for p in prompts]
-        return GenerationOutput(toks, [[0.0] * len(t) for t in toks], ["stop"] * len(toks),
-                                [len(t) for t in toks])
+        return GenerationOutput(
+            toks, [[0.0] * len(t) for t in toks], ["stop"] * len(toks), [len(t) for t in toks]
+        )
 
     monkeypatch.setattr(pe, "generate", oracle)
     res = pe.answer_accuracy(build_vlm(mcfg, seed=0), tok, items, max_new_tokens=64, batch_size=4)
@@ -188,22 +194,44 @@ def test_sft_phases_seq_len_rewarm_and_eval_keys(d, mcfg, tmp_path, monkeypatch)
     assert lr2 == pytest.approx([0.0, 5e-4, 5e-5])  # re-warm from 0 to the new peak, decay
     assert lr2[1] > lr1[-1]
     assert [s for s, _ in sink.series("sft/256/lr")] == [4, 5, 6]  # one global step axis
-    for k in ("eval/vqa_acc", "eval/vqa_acc_before", "eval/text_acc", "eval/text_acc_before",
-              "eval/mean_len", "eval/sft_loss", "eval/sft_loss_before", "train/steps"):
+    for k in (
+        "eval/vqa_acc",
+        "eval/vqa_acc_before",
+        "eval/text_acc",
+        "eval/text_acc_before",
+        "eval/mean_len",
+        "eval/sft_loss",
+        "eval/sft_loss_before",
+        "train/steps",
+    ):
         assert k in res.metrics, k
     assert res.metrics["train/steps"] == 6 and res.checkpoint.weights.is_file()
     assert res.data_used == ("sft", "tokenizer", "toyworld")
 
 
 def test_long_cot_sft_short_run(d, mcfg, tmp_path):
-    cfg = LongCoTSFTConfig.model_validate(dict(
-        upstream=None, data=("reasoning", "rl_prompts", "toyworld", "tokenizer"),
-        trainable=("vision", "projector", "lm"), optimizer={"lr": 1e-3}, seq_len=256,
-        batch_size=2, num_steps=2, eval={"num_examples": 4, "batch_size": 4}))
+    cfg = LongCoTSFTConfig.model_validate(
+        dict(
+            upstream=None,
+            data=("reasoning", "rl_prompts", "toyworld", "tokenizer"),
+            trainable=("vision", "projector", "lm"),
+            optimizer={"lr": 1e-3},
+            seq_len=256,
+            batch_size=2,
+            num_steps=2,
+            eval={"num_examples": 4, "batch_size": 4},
+        )
+    )
     ctx = StageContext(out=tmp_path / "out", model=mcfg)
     res = long_cot_sft(None, _data(d, cfg.data), cfg, ctx)
-    for k in ("eval/reasoning_acc", "eval/reasoning_acc_before", "eval/mean_len",
-              "eval/mean_len_before", "eval/cot_loss", "train/epochs"):
+    for k in (
+        "eval/reasoning_acc",
+        "eval/reasoning_acc_before",
+        "eval/mean_len",
+        "eval/mean_len_before",
+        "eval/cot_loss",
+        "train/epochs",
+    ):
         assert k in res.metrics, k
     assert res.metrics["eval/n"] == 4 and res.metrics["train/steps"] == 2
     assert len(read_rl_prompt_records(d / "rl_prompts", "val")) >= 4

@@ -28,22 +28,42 @@ from moonforge.model.vlm import build_vlm
 from moonforge.model.vocab_growth import grow_vocab
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-         r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 """Qwen2's pre-tokenizer split (Llama 3's differs only in \\p{N}{1,3})."""
-CORPUS = ["Hello world, the user asked a question.", "What color is the circle? It is red.",
-          "You are a helpful assistant.", "system user assistant image", "Be brief.\n\nAnd the count? two",
-          "Question:\n\nAnswer:\n\nYes\n\nNo\n\nMaybe"] * 10
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>"]
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                   "<|eot_id|>"]
+CORPUS = [
+    "Hello world, the user asked a question.",
+    "What color is the circle? It is red.",
+    "You are a helpful assistant.",
+    "system user assistant image",
+    "Be brief.\n\nAnd the count? two",
+    "Question:\n\nAnswer:\n\nYes\n\nNo\n\nMaybe",
+] * 10
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+]
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 MEDIA = ["<|media_start|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>"]
-DIALOGUE = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "What color is the circle?"},
-            {"role": "assistant", "content": "It is red."},
-            {"role": "user", "content": "And the count?"},
-            {"role": "assistant", "content": " two\n"}]
+DIALOGUE = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What color is the circle?"},
+    {"role": "assistant", "content": "It is red."},
+    {"role": "user", "content": "And the count?"},
+    {"role": "assistant", "content": " two\n"},
+]
 
 
 def _bpe(front=(), back=(), hf_style=False) -> HFTokenizer:
@@ -52,14 +72,21 @@ def _bpe(front=(), back=(), hf_style=False) -> HFTokenizer:
     tok = HFTokenizer(models.BPE())
     if hf_style:
         tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=list(front), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=330,
+        special_tokens=list(front),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     tok.add_special_tokens(list(back))
     return tok
@@ -73,9 +100,11 @@ def _llama3_raw() -> HFTokenizer:
 def toks() -> dict[str, Tokenizer]:
     llama = _llama3_raw()
     ensure_media_tokens(llama)
-    return {"kimi": Tokenizer(_bpe(front=SPECIAL_TOKENS)),
-            "qwen": Tokenizer(_bpe(back=QWEN_SPECIALS, hf_style=True)),
-            "llama3": Tokenizer(llama)}
+    return {
+        "kimi": Tokenizer(_bpe(front=SPECIAL_TOKENS)),
+        "qwen": Tokenizer(_bpe(back=QWEN_SPECIALS, hf_style=True)),
+        "llama3": Tokenizer(llama),
+    }
 
 
 def test_dialect_detection(toks):
@@ -98,7 +127,10 @@ def test_dialect_detection(toks):
     ids = {t: llama._hf.token_to_id(t) for t in LLAMA3_SPECIALS + MEDIA}
     assert llama.stop_ids == (ids["<|eot_id|>"], ids["<|end_of_text|>"])
     assert (llama.bos_id, llama.turn_end_id, llama.media_pad_id) == (
-        ids["<|begin_of_text|>"], ids["<|eot_id|>"], ids["<|media_pad|>"])
+        ids["<|begin_of_text|>"],
+        ids["<|eot_id|>"],
+        ids["<|media_pad|>"],
+    )
 
 
 def _expected(tok: Tokenizer, turns: list[tuple]) -> tuple[list[int], list[int]]:
@@ -112,41 +144,92 @@ def _expected(tok: Tokenizer, turns: list[tuple]) -> tuple[list[int], list[int]]
 
 
 def test_encode_chat_ids_and_masks_per_dialect(toks):
-    msgs = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "<image>\nWhat color?"},
-            {"role": "assistant", "content": "red"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "<image>\nWhat color?"},
+        {"role": "assistant", "content": "red"},
+    ]
     k = toks["kimi"]
-    assert k.encode_chat(msgs, [4]) == _expected(k, [
-        ([k.im_system_id], 0), ("system", 0), ([k.im_middle_id], 0), ("Be brief.", 0), ([k.im_end_id], 0),
-        ([k.im_user_id], 0), ("user", 0), ([k.im_middle_id], 0),
-        ([k.media_start_id], 0), ("image", 0),
-        ([k.media_content_id] + [k.media_pad_id] * 4 + [k.media_end_id], 0),
-        ("\nWhat color?", 0), ([k.im_end_id], 0),
-        ([k.im_assistant_id], 0), ("assistant", 0), ([k.im_middle_id], 0), ("red", 1), ([k.im_end_id], 1)])
+    assert k.encode_chat(msgs, [4]) == _expected(
+        k,
+        [
+            ([k.im_system_id], 0),
+            ("system", 0),
+            ([k.im_middle_id], 0),
+            ("Be brief.", 0),
+            ([k.im_end_id], 0),
+            ([k.im_user_id], 0),
+            ("user", 0),
+            ([k.im_middle_id], 0),
+            ([k.media_start_id], 0),
+            ("image", 0),
+            ([k.media_content_id] + [k.media_pad_id] * 4 + [k.media_end_id], 0),
+            ("\nWhat color?", 0),
+            ([k.im_end_id], 0),
+            ([k.im_assistant_id], 0),
+            ("assistant", 0),
+            ([k.im_middle_id], 0),
+            ("red", 1),
+            ([k.im_end_id], 1),
+        ],
+    )
 
     q = toks["qwen"]
     start, end = q._hf.token_to_id("<|im_start|>"), q.turn_end_id
     vs, ve = q._hf.token_to_id("<|vision_start|>"), q._hf.token_to_id("<|vision_end|>")
-    assert q.encode_chat(msgs, [4]) == _expected(q, [
-        ([start], 0), ("system\nBe brief.", 0), ([end], 0), ("\n", 0),
-        ([start], 0), ("user\n", 0), ([vs] + [q.media_pad_id] * 4 + [ve], 0), ("\nWhat color?", 0),
-        ([end], 0), ("\n", 0),
-        ([start], 0), ("assistant\n", 0), ("red", 1), ([end], 1), ("\n", 0)])  # "\n" never generated
+    assert q.encode_chat(msgs, [4]) == _expected(
+        q,
+        [
+            ([start], 0),
+            ("system\nBe brief.", 0),
+            ([end], 0),
+            ("\n", 0),
+            ([start], 0),
+            ("user\n", 0),
+            ([vs] + [q.media_pad_id] * 4 + [ve], 0),
+            ("\nWhat color?", 0),
+            ([end], 0),
+            ("\n", 0),
+            ([start], 0),
+            ("assistant\n", 0),
+            ("red", 1),
+            ([end], 1),
+            ("\n", 0),
+        ],
+    )  # "\n" never generated
 
     ll = toks["llama3"]
     sh, eh = ll._hf.token_to_id("<|start_header_id|>"), ll._hf.token_to_id("<|end_header_id|>")
     media = ll.media_placeholder(4)
     assert media[-6:] == [ll.media_content_id] + [ll.media_pad_id] * 4 + [ll.media_end_id]
-    assert ll.encode_chat(msgs, [4]) == _expected(ll, [
-        ([ll.bos_id, sh], 0), ("system", 0), ([eh], 0), ("\n\nBe brief.", 0), ([ll.turn_end_id], 0),
-        ([sh], 0), ("user", 0), ([eh], 0), ("\n\n", 0), (media, 0), ("\nWhat color?", 0),
-        ([ll.turn_end_id], 0),
-        ([sh], 0), ("assistant", 0), ([eh], 0), ("\n\n", 0), ("red", 1), ([ll.turn_end_id], 1)])
+    assert ll.encode_chat(msgs, [4]) == _expected(
+        ll,
+        [
+            ([ll.bos_id, sh], 0),
+            ("system", 0),
+            ([eh], 0),
+            ("\n\nBe brief.", 0),
+            ([ll.turn_end_id], 0),
+            ([sh], 0),
+            ("user", 0),
+            ([eh], 0),
+            ("\n\n", 0),
+            (media, 0),
+            ("\nWhat color?", 0),
+            ([ll.turn_end_id], 0),
+            ([sh], 0),
+            ("assistant", 0),
+            ([eh], 0),
+            ("\n\n", 0),
+            ("red", 1),
+            ([ll.turn_end_id], 1),
+        ],
+    )
 
     for tok in toks.values():
         ids, mask = tok.encode_chat(msgs[:2], [4], add_generation_prompt=True)
         full, _ = tok.encode_chat(msgs, [4])
-        assert not any(mask) and full[:len(ids)] == ids  # the prompt is a prefix of the dialogue
+        assert not any(mask) and full[: len(ids)] == ids  # the prompt is a prefix of the dialogue
         ids, mask = tok.encode_chat(DIALOGUE)
         assert tok.decode([t for t, m in zip(ids, mask) if m]) == "It is red. two\n"
         assert [t for t, m in zip(ids, mask) if m and t in tok.special_ids] == [tok.turn_end_id] * 2
@@ -155,7 +238,7 @@ def test_encode_chat_ids_and_masks_per_dialect(toks):
 def test_token_straddling_header_and_content_is_supervised(toks):
     q = toks["qwen"]  # "assistant\n" + "\nx": the regex joins "\n\n", the BPE has merged it
     ids, mask = q.encode_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\nx"}])
-    body = ids[ids.index(q.turn_end_id) + 3:]  # after <|im_end|> "\n" <|im_start|>
+    body = ids[ids.index(q.turn_end_id) + 3 :]  # after <|im_end|> "\n" <|im_start|>
     newlines = q.encode("\n\n")
     assert len(newlines) == 1 and newlines[0] in body
     assert mask[ids.index(newlines[0])] == 1
@@ -197,9 +280,11 @@ def test_ensure_media_tokens_adds_exactly_the_missing_ones(tmp_path):
 def test_grow_vocab_keeps_old_rows_bit_identical():
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
-        sd = {"lm.embed_tokens.weight": torch.randn(10, 4, generator=g).to(dtype),
-              "lm.lm_head.weight": torch.randn(10, 4, generator=g).to(dtype),
-              "lm.norm.weight": torch.ones(4)}
+        sd = {
+            "lm.embed_tokens.weight": torch.randn(10, 4, generator=g).to(dtype),
+            "lm.lm_head.weight": torch.randn(10, 4, generator=g).to(dtype),
+            "lm.norm.weight": torch.ones(4),
+        }
         grown = grow_vocab(sd, 14)
         assert grown["lm.norm.weight"] is sd["lm.norm.weight"]
         for key in ("lm.embed_tokens.weight", "lm.lm_head.weight"):
@@ -222,14 +307,17 @@ def test_grown_checkpoint_loads_into_the_larger_model(toks):
     big.load_state_dict(grow_vocab(small.state_dict(), raw["lm"]["vocab_size"]), strict=True)
     for name, w in small.state_dict().items():  # vocabulary rows grew, nothing else moved
         got = big.state_dict()[name]
-        assert torch.equal(got[:w.shape[0]] if got.shape != w.shape else got, w), name
+        assert torch.equal(got[: w.shape[0]] if got.shape != w.shape else got, w), name
 
 
 def test_vocab_larger_than_embedding_is_refused(toks):
     tok = toks["llama3"]
     rows = tok.vocab_size - 4  # the checkpoint before its rows were grown
-    with pytest.raises(ValueError, match=rf"{tok.vocab_size} tokens but the model expects vocab_size="
-                                         rf"{rows}.*grow_vocab.*model.lm.vocab_size: {tok.vocab_size}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{tok.vocab_size} tokens but the model expects vocab_size="
+        rf"{rows}.*grow_vocab.*model.lm.vocab_size: {tok.vocab_size}",
+    ):
         tok.require_vocab_size(rows)
     with pytest.raises(ValueError, match="would index past the embedding"):
         tok.require_vocab_size(rows, allow_spare_rows=True)
@@ -259,8 +347,9 @@ def test_chat_template_parity_with_transformers(toks, name, tmp_path):
     assert hf.eos_token_id == tok.turn_end_id and hf.pad_token_id == tok.pad_id
     cases = [(DIALOGUE, False), (DIALOGUE[:4], True), (DIALOGUE[1:3], False), (DIALOGUE[1:2], True)]
     for messages, gen_prompt in cases:
-        theirs = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt,
-                                        return_dict=False)
+        theirs = hf.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=gen_prompt, return_dict=False
+        )
         assert theirs == tok.encode_chat(messages, add_generation_prompt=gen_prompt)[0]
     content = [{"type": "image"}, {"type": "text", "text": "hi"}]
     rendered = hf.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
@@ -305,8 +394,10 @@ def test_generation_stops_at_the_dialects_stop_ids(toks, tiny_vlm):
     from moonforge.stages.rl.replay import ReplayBuffer
 
     tok = toks["llama3"]
-    prompts = [tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
-               for q in ("What color is the circle?", "hi")]
+    prompts = [
+        tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
+        for q in ("What color is the circle?", "hi")
+    ]
     ids = dict(stop_ids=tok.stop_ids, pad_id=tok.pad_id, media_pad_id=tok.media_pad_id)
     with _always_emits(tiny_vlm, tok.turn_end_id):
         for use_cache in (True, False):
@@ -318,8 +409,9 @@ def test_generation_stops_at_the_dialects_stop_ids(toks, tiny_vlm):
     # RL rollouts stop at the tokenizer's media pad too (resumed, it would read as an image slot)
     assert rollout_stop_ids(tok) == (*tok.stop_ids, tok.media_pad_id)
     items = [ChatPromptItem("p0", "text", prompts[0], None, None, "red", "exact", 0.0)]
-    sampler = RolloutSampler(tiny_vlm, items, tok, temperature=1.0, top_p=1.0, seed=0,
-                             repeat_ngram=None, repeat_max=None)
+    sampler = RolloutSampler(
+        tiny_vlm, items, tok, temperature=1.0, top_p=1.0, seed=0, repeat_ngram=None, repeat_max=None
+    )
     sampler.expect(ReplayBuffer(), [((0, 0, 0), prompts[0])])
     with _always_emits(tiny_vlm, tok.media_pad_id):
         [(new, logps, reason)] = sampler([prompts[0]], 5)
@@ -331,18 +423,29 @@ def test_generation_stops_at_the_dialects_stop_ids(toks, tiny_vlm):
 
 def test_image_slots_are_the_dialects_media_pads(toks, tiny_vlm):
     tok = toks["qwen"]  # <|image_pad|> is neither our id 9 nor any id of moonforge's own BPE
-    P = 3 * tiny_vlm.cfg.vision.patch_size ** 2
+    P = 3 * tiny_vlm.cfg.vision.patch_size**2
     grid = torch.tensor([[4, 4]])  # 16 patches -> 4 merged image tokens
     pixels = torch.randn(16, P, generator=torch.Generator().manual_seed(0))
-    prompts = [tok.encode_chat([{"role": "user", "content": "<image>\nWhat color?"}], [4],
-                               add_generation_prompt=True)[0],
-               tok.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)[0]]
-    kw = dict(max_new_tokens=5, temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
-              media_pad_id=tok.media_pad_id, pixels_NP=pixels, grid_hw=grid)
+    prompts = [
+        tok.encode_chat(
+            [{"role": "user", "content": "<image>\nWhat color?"}], [4], add_generation_prompt=True
+        )[0],
+        tok.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)[0],
+    ]
+    kw = dict(
+        max_new_tokens=5,
+        temperature=0.0,
+        stop_ids=tok.stop_ids,
+        pad_id=tok.pad_id,
+        media_pad_id=tok.media_pad_id,
+        pixels_NP=pixels,
+        grid_hw=grid,
+    )
     cached, full = generate(tiny_vlm, prompts, **kw), generate(tiny_vlm, prompts, use_cache=False, **kw)
     assert cached.tokens == full.tokens
-    text_only = generate(tiny_vlm, prompts[:1], **{**kw, "media_pad_id": -1, "pixels_NP": None,
-                                                    "grid_hw": None})
+    text_only = generate(
+        tiny_vlm, prompts[:1], **{**kw, "media_pad_id": -1, "pixels_NP": None, "grid_hw": None}
+    )
     assert text_only.logprobs[0] != cached.logprobs[0]  # the image reached the qwen pad slots
 
     from moonforge.stages.data.chat import ChatPromptItem

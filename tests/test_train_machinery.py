@@ -45,8 +45,12 @@ def _mse(model, batch):
 
 
 def _spec(**kw):
-    base = dict(num_steps=60, optimizer=OptimizerConfig(lr=5e-2), schedule=ScheduleConfig(kind="cosine",
-                warmup_steps=2), trainable=("vision", "projector", "lm"))
+    base = dict(
+        num_steps=60,
+        optimizer=OptimizerConfig(lr=5e-2),
+        schedule=ScheduleConfig(kind="cosine", warmup_steps=2),
+        trainable=("vision", "projector", "lm"),
+    )
     base.update(kw)
     return TrainSpec(**base)
 

@@ -36,20 +36,34 @@ def _dns_name(*parts: str) -> str:
     return name[:63].rstrip("-") or "moonforge"
 
 
-def manifests(recipe: Any, stage: str, image: str, job_file: str, *, namespace: str = "moonforge",
-              shared_claim: str = "moonforge-shared", shm_size: str = "64Gi",
-              service_account: str = "moonforge", s3_secret: str = "moonforge-s3") -> list[dict]:
+def manifests(
+    recipe: Any,
+    stage: str,
+    image: str,
+    job_file: str,
+    *,
+    namespace: str = "moonforge",
+    shared_claim: str = "moonforge-shared",
+    shm_size: str = "64Gi",
+    service_account: str = "moonforge",
+    s3_secret: str = "moonforge-s3",
+) -> list[dict]:
     """[Service, Job] for `stage` of `recipe` (a moonforge.stages.recipe.Recipe)."""
     cfg = recipe.stage(stage)
     la = cfg.launcher
     name = _dns_name("mf", recipe.name, cfg.stage_name)
-    labels = {"app.kubernetes.io/name": "moonforge", "moonforge/stage": cfg.stage_name,
-              "moonforge/training-job": name}
+    labels = {
+        "app.kubernetes.io/name": "moonforge",
+        "moonforge/stage": cfg.stage_name,
+        "moonforge/training-job": name,
+    }
     gpus = {} if la.backend == "gloo" else {"nvidia.com/gpu": str(la.nproc_per_node)}
-    env = [{"name": "MASTER_ADDR", "value": f"{name}-0.{name}"},
-           {"name": "MASTER_PORT", "value": str(RDZV_PORT)},
-           {"name": "MOONFORGE_LAUNCH_DIR", "value": f"{SHARED}/launch"},
-           {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"}]
+    env = [
+        {"name": "MASTER_ADDR", "value": f"{name}-0.{name}"},
+        {"name": "MASTER_PORT", "value": str(RDZV_PORT)},
+        {"name": "MOONFORGE_LAUNCH_DIR", "value": f"{SHARED}/launch"},
+        {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"},
+    ]
     container = {
         "name": "node",
         "image": image,
@@ -58,8 +72,7 @@ def manifests(recipe: Any, stage: str, image: str, job_file: str, *, namespace: 
         "envFrom": [{"secretRef": {"name": s3_secret}}],
         "ports": [{"name": "rendezvous", "containerPort": RDZV_PORT}],
         "resources": {"requests": dict(gpus), "limits": dict(gpus)},
-        "volumeMounts": [{"name": "shared", "mountPath": SHARED},
-                         {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [{"name": "shared", "mountPath": SHARED}, {"name": "dshm", "mountPath": "/dev/shm"}],
     }
     pod = {
         "metadata": {"labels": labels},
@@ -68,8 +81,9 @@ def manifests(recipe: Any, stage: str, image: str, job_file: str, *, namespace: 
             "subdomain": name,  # with the headless Service: <name>-<index>.<name> resolves
             "serviceAccountName": service_account,
             "nodeSelector": dict(la.node_selector),
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
-                             "effect": "NoSchedule"}] if gpus else [],
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            if gpus
+            else [],
             "containers": [container],
             "volumes": [
                 {"name": "shared", "persistentVolumeClaim": {"claimName": shared_claim}},
@@ -78,17 +92,28 @@ def manifests(recipe: Any, stage: str, image: str, job_file: str, *, namespace: 
         },
     }
     service = {
-        "apiVersion": "v1", "kind": "Service",
+        "apiVersion": "v1",
+        "kind": "Service",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"clusterIP": "None", "selector": {"moonforge/training-job": name},
-                 "publishNotReadyAddresses": True,
-                 "ports": [{"name": "rendezvous", "port": RDZV_PORT, "targetPort": RDZV_PORT}]},
+        "spec": {
+            "clusterIP": "None",
+            "selector": {"moonforge/training-job": name},
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": RDZV_PORT, "targetPort": RDZV_PORT}],
+        },
     }
     job = {
-        "apiVersion": "batch/v1", "kind": "Job",
+        "apiVersion": "batch/v1",
+        "kind": "Job",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"completionMode": "Indexed", "completions": la.nnodes, "parallelism": la.nnodes,
-                 "backoffLimit": 0, "ttlSecondsAfterFinished": 86400, "template": pod},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": la.nnodes,
+            "parallelism": la.nnodes,
+            "backoffLimit": 0,
+            "ttlSecondsAfterFinished": 86400,
+            "template": pod,
+        },
     }
     return [service, job]
 
@@ -100,8 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image", required=True, help="the training image (infra/Dockerfile)")
     ap.add_argument("--job-file", required=True, help="the stage's job.json on the shared volume")
     ap.add_argument("--namespace", default="moonforge")
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    help="recipe override, e.g. stages.sft.launcher.nnodes=8")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="recipe override, e.g. stages.sft.launcher.nnodes=8",
+    )
     args = ap.parse_args(argv)
     from moonforge.stages.recipe import RecipeError, load_recipe
 

@@ -39,8 +39,7 @@ def _free_port() -> int:
 def missing_tools() -> list[str]:
     """The Debian programs `up` needs that are not installed."""
     need = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
-    return [t for t in need if shutil.which(t) is None
-            and not Path(f"/usr/sbin/{t}").exists()]
+    return [t for t in need if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
 
 
 def _exe(name: str) -> str:
@@ -57,14 +56,14 @@ SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={d / 'munge.sock'}
+AuthInfo=socket={d / "munge.sock"}
 CredType=cred/munge
-StateSaveLocation={d / 'state'}
-SlurmdSpoolDir={d / 'spool'}
-SlurmctldPidFile={d / 'slurmctld.pid'}
-SlurmdPidFile={d / 'slurmd.pid'}
-SlurmctldLogFile={d / 'log' / 'slurmctld.log'}
-SlurmdLogFile={d / 'log' / 'slurmd.log'}
+StateSaveLocation={d / "state"}
+SlurmdSpoolDir={d / "spool"}
+SlurmctldPidFile={d / "slurmctld.pid"}
+SlurmdPidFile={d / "slurmd.pid"}
+SlurmctldLogFile={d / "log" / "slurmctld.log"}
+SlurmdLogFile={d / "log" / "slurmd.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -102,11 +101,12 @@ class LocalSlurm:
         """Variables a Slurm client (sbatch, srun, scontrol) needs to reach this cluster."""
         return {"SLURM_CONF": str(self.conf)}
 
-    def up(self, cpus: int = 4, timeout: float = 60.0) -> "LocalSlurm":
+    def up(self, cpus: int = 4, timeout: float = 60.0) -> LocalSlurm:
         missing = missing_tools()
         if missing:
-            raise RuntimeError(f"missing {', '.join(missing)}: install Debian's slurm-wlm and "
-                               "munge (`make slurm`, as root)")
+            raise RuntimeError(
+                f"missing {', '.join(missing)}: install Debian's slurm-wlm and munge (`make slurm`, as root)"
+            )
         d = self.dir
         for sub in ("state", "spool", "log"):
             (d / sub).mkdir(parents=True, exist_ok=True)
@@ -118,19 +118,29 @@ class LocalSlurm:
         self.conf.write_text(slurm_conf(d, _free_port(), _free_port(), cpus))
         env = {**os.environ, "SLURM_CONF": str(self.conf)}
         argv = {
-            "munged": [_exe("munged"), "--foreground", f"--socket={d / 'munge.sock'}",
-                       f"--key-file={key}", f"--pid-file={d / 'munged.pid'}",
-                       f"--seed-file={d / 'munged.seed'}", f"--log-file={d / 'log' / 'munged.log'}"],
+            "munged": [
+                _exe("munged"),
+                "--foreground",
+                f"--socket={d / 'munge.sock'}",
+                f"--key-file={key}",
+                f"--pid-file={d / 'munged.pid'}",
+                f"--seed-file={d / 'munged.seed'}",
+                f"--log-file={d / 'log' / 'munged.log'}",
+            ],
             "slurmctld": [_exe("slurmctld"), "-D", "-c", "-f", str(self.conf)],
             "slurmd": [_exe("slurmd"), "-D", "-N", NODE, "-f", str(self.conf)],
         }
         try:
             for name in DAEMONS:
                 with (d / "log" / f"{name}.out").open("ab") as fh:
-                    self.procs[name] = subprocess.Popen(argv[name], env=env, stdout=fh,
-                                                        stderr=subprocess.STDOUT,
-                                                        stdin=subprocess.DEVNULL,
-                                                        start_new_session=True)
+                    self.procs[name] = subprocess.Popen(
+                        argv[name],
+                        env=env,
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
                 if name == "munged":
                     self._wait(lambda: (d / "munge.sock").exists(), "munged's socket", 20)
             (d / "pids.json").write_text(json.dumps({n: p.pid for n, p in self.procs.items()}))
@@ -145,16 +155,19 @@ class LocalSlurm:
             if proc.poll() is not None:
                 log = (self.dir / "log" / f"{name}.out").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log}")
-        res = subprocess.run(["sinfo", "-h", "-n", NODE, "-o", "%t"], capture_output=True,
-                             text=True, env={**os.environ, **self.env()})
+        res = subprocess.run(
+            ["sinfo", "-h", "-n", NODE, "-o", "%t"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.env()},
+        )
         return res.returncode == 0 and res.stdout.strip().startswith("idle")
 
     def _wait(self, cond, what: str, timeout: float) -> None:
         deadline = time.time() + timeout
         while not cond():
             if time.time() > deadline:
-                raise RuntimeError(f"local Slurm: no {what} after {timeout:.0f}s; logs in "
-                                   f"{self.dir / 'log'}")
+                raise RuntimeError(f"local Slurm: no {what} after {timeout:.0f}s; logs in {self.dir / 'log'}")
             time.sleep(0.2)
 
     def down(self, grace: float = 15.0) -> None:
@@ -209,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, subprocess.CalledProcessError) as e:
         print(f"local Slurm: {e}", file=sys.stderr)
         return 1
-    print(f"local Slurm cluster up (node {NODE}, partitions debug and restricted); use it with:\n"
-          f"  export SLURM_CONF={cluster.conf}\nstop it with: python {sys.argv[0]} down {cluster.dir}")
+    print(
+        f"local Slurm cluster up (node {NODE}, partitions debug and restricted); use it with:\n"
+        f"  export SLURM_CONF={cluster.conf}\nstop it with: python {sys.argv[0]} down {cluster.dir}"
+    )
     return 0
 
 

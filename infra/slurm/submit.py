@@ -37,16 +37,35 @@ import time
 from pathlib import Path
 
 POLL_S = float(os.environ.get("MOONFORGE_SLURM_POLL_S", "5"))
-HOPELESS = ("InvalidAccount", "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed",
-            "PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
-            "DependencyNeverSatisfied", "account_not_known", "Invalid_account")
+HOPELESS = (
+    "InvalidAccount",
+    "InvalidQOS",
+    "AccountNotAllowed",
+    "QOSNotAllowed",
+    "PartitionConfig",
+    "PartitionNodeLimit",
+    "PartitionTimeLimit",
+    "BadConstraints",
+    "DependencyNeverSatisfied",
+    "account_not_known",
+    "Invalid_account",
+)
 """Pending reasons that never clear by waiting (substrings of scontrol's Reason)."""
-FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
-         "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+FINAL = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+)
 HINTS = {
     "CANCELLED": "it was cancelled (scancel, an administrator, or a cancel in Prefect)",
     "TIMEOUT": "it reached its time limit ({TimeLimit}) and Slurm killed it; raise time_limit in "
-               "infra/slurm/cluster.yaml (or SBATCH_TIMELIMIT) if the stage needs longer",
+    "infra/slurm/cluster.yaml (or SBATCH_TIMELIMIT) if the stage needs longer",
     "NODE_FAIL": "a node of its allocation failed",
     "PREEMPTED": "it was preempted by a higher-priority job",
     "OUT_OF_MEMORY": "a process ran out of memory",
@@ -82,8 +101,10 @@ def controller() -> str:
 def check_controller() -> None:
     for tool in ("sbatch", "scontrol"):
         if shutil.which(tool) is None:
-            raise SubmitError(f"no `{tool}` on PATH: run the moonforge-slurm worker on a login "
-                              "node of the cluster (Slurm's client commands installed)")
+            raise SubmitError(
+                f"no `{tool}` on PATH: run the moonforge-slurm worker on a login "
+                "node of the cluster (Slurm's client commands installed)"
+            )
     res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
     out = (res.stdout + res.stderr).strip()
     if res.returncode != 0 or "is UP" not in out:
@@ -92,12 +113,14 @@ def check_controller() -> None:
             f"the Slurm controller {controller()} (SlurmctldHost in {slurm_conf()}) does not answer "
             f"from {socket.gethostname()}: `scontrol ping` says {first.strip()!r}. Start slurmctld "
             "there (e.g. `systemctl start slurmctld`) and check that this host reaches its port, "
-            "or point SLURM_CONF at the cluster's slurm.conf")
+            "or point SLURM_CONF at the cluster's slurm.conf"
+        )
 
 
 def job_info(job_id: str) -> dict[str, str]:
-    res = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60
+    )
     return dict(re.findall(r"(\S+?)=(\S*)", res.stdout)) if res.returncode == 0 else {}
 
 
@@ -113,31 +136,42 @@ def explain_rejection(stderr: str, script: Path) -> str:
     """sbatch's refusal, in words that name the value and the fix."""
     text = stderr.strip()
     if "Unable to contact slurm controller" in text:
-        return (f"sbatch could not reach the Slurm controller {controller()} (SlurmctldHost in "
-                f"{slurm_conf()}): {text}. Start slurmctld or fix SLURM_CONF")
+        return (
+            f"sbatch could not reach the Slurm controller {controller()} (SlurmctldHost in "
+            f"{slurm_conf()}): {text}. Start slurmctld or fix SLURM_CONF"
+        )
     if "Invalid partition name" in text:
         have = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True).stdout.split()
-        return (f"partition {_script_value(script, 'partition')!r} does not exist on this cluster "
-                f"(it has: {', '.join(have) or 'none listed'}); set `partition:` in "
-                "infra/slurm/cluster.yaml and re-render (python infra/slurm/render.py), or set "
-                "SBATCH_PARTITION in the deployment's env")
+        return (
+            f"partition {_script_value(script, 'partition')!r} does not exist on this cluster "
+            f"(it has: {', '.join(have) or 'none listed'}); set `partition:` in "
+            "infra/slurm/cluster.yaml and re-render (python infra/slurm/render.py), or set "
+            "SBATCH_PARTITION in the deployment's env"
+        )
     if "Invalid account" in text:
-        return (f"account {_script_value(script, 'account')!r} may not submit to partition "
-                f"{_script_value(script, 'partition')!r}: {text}. Set `account:` in "
-                "infra/slurm/cluster.yaml (your accounts: `sacctmgr show assoc user=$USER`), or "
-                "SBATCH_ACCOUNT in the deployment's env")
+        return (
+            f"account {_script_value(script, 'account')!r} may not submit to partition "
+            f"{_script_value(script, 'partition')!r}: {text}. Set `account:` in "
+            "infra/slurm/cluster.yaml (your accounts: `sacctmgr show assoc user=$USER`), or "
+            "SBATCH_ACCOUNT in the deployment's env"
+        )
     return f"sbatch refused the job: {text}"
 
 
 def describe(job_id: str, info: dict[str, str]) -> str:
     state = info.get("JobState", "UNKNOWN")
     why = HINTS.get(state, "it ended in state {JobState}").format_map(_Default(info))
-    resume = (" The stage's last periodic checkpoint is kept, so rerunning the flow resumes "
-              "from it." if state != "FAILED" else "")
-    return (f"Slurm job {job_id} ended {state} (Reason={info.get('Reason', '?')}, "
-            f"ExitCode={info.get('ExitCode', '?')}, after {info.get('RunTime', '?')} on "
-            f"{info.get('NodeList', '?')}, partition {info.get('Partition', '?')}): {why}."
-            f"{resume} Job log: {info.get('StdOut', '?')}")
+    resume = (
+        " The stage's last periodic checkpoint is kept, so rerunning the flow resumes from it."
+        if state != "FAILED"
+        else ""
+    )
+    return (
+        f"Slurm job {job_id} ended {state} (Reason={info.get('Reason', '?')}, "
+        f"ExitCode={info.get('ExitCode', '?')}, after {info.get('RunTime', '?')} on "
+        f"{info.get('NodeList', '?')}, partition {info.get('Partition', '?')}): {why}."
+        f"{resume} Job log: {info.get('StdOut', '?')}"
+    )
 
 
 class _Default(dict):
@@ -192,11 +226,13 @@ def submit(script: Path) -> int:
                 proc.terminate()
             break
         if info.get("JobState") == "PENDING" and any(h in reason for h in HOPELESS):
-            hopeless = (f"Slurm job {job_id} can never start: it waits with Reason={reason} "
-                        f"(partition {info.get('Partition', '?')}, account "
-                        f"{info.get('Account', '?')}); cancelled it. Set `partition:` / `account:` "
-                        "in infra/slurm/cluster.yaml (or SBATCH_PARTITION / SBATCH_ACCOUNT) to a "
-                        "combination the cluster allows")
+            hopeless = (
+                f"Slurm job {job_id} can never start: it waits with Reason={reason} "
+                f"(partition {info.get('Partition', '?')}, account "
+                f"{info.get('Account', '?')}); cancelled it. Set `partition:` / `account:` "
+                "in infra/slurm/cluster.yaml (or SBATCH_PARTITION / SBATCH_ACCOUNT) to a "
+                "combination the cluster allows"
+            )
             subprocess.run(["scancel", job_id], check=False)
             break
         time.sleep(POLL_S)
@@ -217,8 +253,7 @@ def submit(script: Path) -> int:
         time.sleep(POLL_S)
         info = job_info(job_id) or info
     if info.get("JobState") == "COMPLETED" and rc == 0:
-        _log(f"Slurm job {job_id} COMPLETED on {info.get('NodeList', '?')} "
-             f"after {info.get('RunTime', '?')}")
+        _log(f"Slurm job {job_id} COMPLETED on {info.get('NodeList', '?')} after {info.get('RunTime', '?')}")
         return 0
     message = describe(job_id, info) if info else f"Slurm job {job_id}: sbatch exited {rc}: {err}"
     _log(message)
@@ -232,9 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     script = Path(argv[0]) if argv else Path(home) / "infra" / "slurm" / "flow-run.sbatch"
     try:
         if not script.is_file():
-            raise SubmitError(f"no sbatch script at {script}: render it with `python "
-                              "infra/slurm/render.py` (from infra/slurm/cluster.yaml) and set "
-                              "MOONFORGE_HOME to the checkout on the shared filesystem")
+            raise SubmitError(
+                f"no sbatch script at {script}: render it with `python "
+                "infra/slurm/render.py` (from infra/slurm/cluster.yaml) and set "
+                "MOONFORGE_HOME to the checkout on the shared filesystem"
+            )
         return submit(script)
     except SubmitError as e:
         _log(str(e))

@@ -28,5 +28,6 @@ def adapter_for(model_type: str | None) -> ModuleType:
     if model_type not in _MODULES:
         raise InteropError(
             f"model_type {model_type!r} is not supported; moonforge imports "
-            f"{', '.join(SUPPORTED_TYPES)} (convert the checkpoint to one of these, or open an issue)")
+            f"{', '.join(SUPPORTED_TYPES)} (convert the checkpoint to one of these, or open an issue)"
+        )
     return importlib.import_module(f"moonforge.model.adapters.{_MODULES[model_type]}")

@@ -40,8 +40,9 @@ class Adapter(Protocol):
         (e.g. an unimplemented rope_scaling kind, named)."""
         ...
 
-    def state_from_hf(self, hf_state: Mapping[str, Tensor], parts: Mapping[str, BaseModel],
-                      hf_config: Mapping) -> dict[str, Tensor]:
+    def state_from_hf(
+        self, hf_state: Mapping[str, Tensor], parts: Mapping[str, BaseModel], hf_config: Mapping
+    ) -> dict[str, Tensor]:
         """Our prefixed state dict from the checkpoint's tensors. Raises InteropError naming the
         tensor and both shapes when one disagrees with the config, and naming missing tensors."""
         ...
@@ -61,13 +62,16 @@ def expect_shape(name: str, tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
         raise InteropError(
             f"tensor {name!r} has shape {list(tensor.shape)} but the checkpoint's config.json implies "
             f"{list(shape)}; the weights and config.json disagree (re-save the checkpoint, or fix "
-            "config.json)")
+            "config.json)"
+        )
     return tensor
 
 
 def take(hf_state: Mapping[str, Tensor], name: str) -> Tensor:
     """hf_state[name], or InteropError naming the missing tensor."""
     if name not in hf_state:
-        raise InteropError(f"checkpoint has no tensor {name!r}, which its config.json requires; "
-                           "the checkpoint is incomplete or of another architecture")
+        raise InteropError(
+            f"checkpoint has no tensor {name!r}, which its config.json requires; "
+            "the checkpoint is incomplete or of another architecture"
+        )
     return hf_state[name]

@@ -48,12 +48,14 @@ def rope_theta_from_hf(hf_config: Mapping) -> float:
         raise InteropError(
             f"config.json asks for rope scaling of kind {kind!r}; moonforge implements plain RoPE "
             f"with a configurable base (rope_theta); {kind} is not implemented. Convert the "
-            "checkpoint to plain RoPE or open an issue")
+            "checkpoint to plain RoPE or open an issue"
+        )
     partial = params.get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
     if partial is not None and float(partial) != 1.0:
         raise InteropError(
             f"config.json sets partial_rotary_factor={partial}; moonforge rotates the whole head "
-            "dim (partial rotary is not implemented)")
+            "dim (partial rotary is not implemented)"
+        )
     return float(params.get("rope_theta", hf_config.get("rope_theta", DEFAULT_ROPE_THETA)))
 
 
@@ -72,7 +74,7 @@ def permute_rows(w_HXD: Tensor, num_heads: int, lo: int, order: Tensor) -> Tenso
     by `order`; returns a new tensor of w's shape (the other rows copied unchanged)."""
     heads_HX = w_HXD.reshape(num_heads, -1, *w_HXD.shape[1:])
     out_HX = heads_HX.clone()
-    out_HX[:, lo:lo + len(order)] = heads_HX[:, lo:lo + len(order)][:, order]
+    out_HX[:, lo : lo + len(order)] = heads_HX[:, lo : lo + len(order)][:, order]
     return out_HX.reshape(w_HXD.shape)
 
 
@@ -125,7 +127,8 @@ class TensorReader:
             raise InteropError(
                 f"checkpoint has {len(left)} tensor(s) its config.json does not account for: "
                 f"{shown}{more}; the checkpoint and config.json disagree (wrong num_hidden_layers "
-                "or experts?) or it is another architecture")
+                "or experts?) or it is another architecture"
+            )
 
 
 def our_lm_tensors(state: Mapping[str, Tensor], lm: LMConfig) -> Iterable[tuple[str, Tensor]]:
@@ -136,8 +139,10 @@ def our_lm_tensors(state: Mapping[str, Tensor], lm: LMConfig) -> Iterable[tuple[
     shapes = lm_state_shapes(lm)
     unknown = sorted(k for k in state if k.startswith("lm.") and k[3:] not in shapes)
     if unknown:
-        raise InteropError(f"state has LM tensors the LM config does not define: "
-                           f"{', '.join(unknown[:8])}; the state and its LMConfig disagree")
+        raise InteropError(
+            f"state has LM tensors the LM config does not define: "
+            f"{', '.join(unknown[:8])}; the state and its LMConfig disagree"
+        )
     for key, shape in shapes.items():
         if "lm." + key not in state:
             raise InteropError(f"state has no tensor 'lm.{key}', which its LMConfig requires")

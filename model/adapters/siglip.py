@@ -41,9 +41,15 @@ from moonforge.model.config import VisionConfig
 MODEL_TYPES = ("siglip", "siglip_vision_model")
 
 VISION_DEFAULTS = {
-    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 16,
-    "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 16,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
 }
 """transformers' SiglipVisionConfig defaults: a saved config.json omits keys left at default."""
 
@@ -69,8 +75,9 @@ def _side(name: str, value) -> int:
     """An int, or a square [s, s] list as transformers allows for image_size / patch_size."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise InteropError(f"SigLIP {name}={list(value)} is not square; MoonViT's patches and "
-                               "position grid are square")
+            raise InteropError(
+                f"SigLIP {name}={list(value)} is not square; MoonViT's patches and position grid are square"
+            )
         value = value[0]
     return int(value)
 
@@ -92,18 +99,28 @@ def parts_from_hf(hf_config: Mapping) -> dict[str, BaseModel]:
     """
     vc = vision_config_dict(hf_config)
     if vc["hidden_act"] != GELU_TANH:
-        raise InteropError(f"SigLIP hidden_act {vc['hidden_act']!r} is not supported: MoonViT's "
-                           f"MLP is GELU-tanh ({GELU_TANH!r}); convert the checkpoint or extend "
-                           "VisionBlock")
+        raise InteropError(
+            f"SigLIP hidden_act {vc['hidden_act']!r} is not supported: MoonViT's "
+            f"MLP is GELU-tanh ({GELU_TANH!r}); convert the checkpoint or extend "
+            "VisionBlock"
+        )
     if vc["num_channels"] != 3:
         raise InteropError(f"SigLIP num_channels={vc['num_channels']}; MoonViT takes RGB (3)")
     p, size = _side("patch_size", vc["patch_size"]), _side("image_size", vc["image_size"])
     G = size // p  # floor, as SigLIP's Conv2d: so400m-patch14-384 has a 27 x 27 grid (378 px)
-    return {"vision": make_vision_config(
-        patch_size=p, hidden_size=vc["hidden_size"], num_layers=vc["num_hidden_layers"],
-        num_heads=vc["num_attention_heads"], intermediate_size=vc["intermediate_size"],
-        pos_grid=G, merge_size=2, max_patches=max(VisionConfig().max_patches, G * G),
-        layer_norm_eps=vc["layer_norm_eps"])}
+    return {
+        "vision": make_vision_config(
+            patch_size=p,
+            hidden_size=vc["hidden_size"],
+            num_layers=vc["num_hidden_layers"],
+            num_heads=vc["num_attention_heads"],
+            intermediate_size=vc["intermediate_size"],
+            pos_grid=G,
+            merge_size=2,
+            max_patches=max(VisionConfig().max_patches, G * G),
+            layer_norm_eps=vc["layer_norm_eps"],
+        )
+    }
 
 
 def block_tensors(cfg: VisionConfig, i: int) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -111,34 +128,45 @@ def block_tensors(cfg: VisionConfig, i: int) -> list[tuple[str, str, tuple[int, 
     fused wqkv is handled apart)."""
     D, I = cfg.hidden_size, cfg.intermediate_size
     ours, hf = f"blocks.{i}.", f"encoder.layers.{i}."
-    leaves = [("norm0", "layer_norm1", (D,), (D,)), ("norm1", "layer_norm2", (D,), (D,)),
-              ("wo", "self_attn.out_proj", (D, D), (D,)), ("fc0", "mlp.fc1", (I, D), (I,)),
-              ("fc1", "mlp.fc2", (D, I), (D,))]
-    return [(f"{ours}{o}.{t}", f"{hf}{h}.{t}", shape)
-            for o, h, w_shape, b_shape in leaves
-            for t, shape in (("weight", w_shape), ("bias", b_shape))]
+    leaves = [
+        ("norm0", "layer_norm1", (D,), (D,)),
+        ("norm1", "layer_norm2", (D,), (D,)),
+        ("wo", "self_attn.out_proj", (D, D), (D,)),
+        ("fc0", "mlp.fc1", (I, D), (I,)),
+        ("fc1", "mlp.fc2", (D, I), (D,)),
+    ]
+    return [
+        (f"{ours}{o}.{t}", f"{hf}{h}.{t}", shape)
+        for o, h, w_shape, b_shape in leaves
+        for t, shape in (("weight", w_shape), ("bias", b_shape))
+    ]
 
 
 def our_tensor(state: Mapping[str, Tensor], name: str, shape: tuple[int, ...]) -> Tensor:
     """state[name] checked against `shape`; InteropError naming a missing tensor or both shapes."""
     if name not in state:
-        raise InteropError(f"the model state has no tensor {name!r}, which its shape config "
-                           "implies; export the state dict of a model built from these configs")
+        raise InteropError(
+            f"the model state has no tensor {name!r}, which its shape config "
+            "implies; export the state dict of a model built from these configs"
+        )
     if tuple(state[name].shape) != tuple(shape):
-        raise InteropError(f"tensor {name!r} has shape {list(state[name].shape)} but the model's "
-                           f"shape config implies {list(shape)}; the state and configs disagree")
+        raise InteropError(
+            f"tensor {name!r} has shape {list(state[name].shape)} but the model's "
+            f"shape config implies {list(shape)}; the state and configs disagree"
+        )
     return state[name]
 
 
 def tower_prefix(hf_state: Mapping[str, Tensor]) -> str:
-    """"vision_model." when the tensors come from a full SiglipModel (or an old-style saved
+    """ "vision_model." when the tensors come from a full SiglipModel (or an old-style saved
     tower), else "" (transformers 5.x saves the bare tower without it)."""
     full = FULL_MODEL_PREFIX + "embeddings.patch_embedding.weight"
     return FULL_MODEL_PREFIX if full in hf_state else ""
 
 
-def state_from_hf(hf_state: Mapping[str, Tensor], parts: Mapping[str, BaseModel],
-                  hf_config: Mapping) -> dict[str, Tensor]:
+def state_from_hf(
+    hf_state: Mapping[str, Tensor], parts: Mapping[str, BaseModel], hf_config: Mapping
+) -> dict[str, Tensor]:
     """Our "vision."-prefixed MoonViT state from a SigLIP tower's tensors (dtypes kept).
 
     parts["vision"].pos_grid must be SigLIP's grid side (as parts_from_hf gives); resample
@@ -154,11 +182,13 @@ def state_from_hf(hf_state: Mapping[str, Tensor], parts: Mapping[str, BaseModel]
         used.add(pre + name)
         return expect_shape(pre + name, take(hf_state, pre + name), shape)
 
-    out = {"vision.patch_embed.weight":
-           get("embeddings.patch_embedding.weight", (D, 3, p, p)).reshape(D, 3 * p * p),
-           "vision.patch_embed.bias": get("embeddings.patch_embedding.bias", (D,)),
-           "vision.pos_emb.weight":
-           get("embeddings.position_embedding.weight", (G * G, D)).reshape(G, G, D)}
+    out = {
+        "vision.patch_embed.weight": get("embeddings.patch_embedding.weight", (D, 3, p, p)).reshape(
+            D, 3 * p * p
+        ),
+        "vision.patch_embed.bias": get("embeddings.patch_embedding.bias", (D,)),
+        "vision.pos_emb.weight": get("embeddings.position_embedding.weight", (G * G, D)).reshape(G, G, D),
+    }
     for i in range(cfg.num_layers):
         for t in ("weight", "bias"):
             shape = (D, D) if t == "weight" else (D,)
@@ -168,12 +198,19 @@ def state_from_hf(hf_state: Mapping[str, Tensor], parts: Mapping[str, BaseModel]
             out["vision." + ours] = get(hf, shape)
     for t in ("weight", "bias"):
         out[f"vision.final_norm.{t}"] = get(f"post_layernorm.{t}", (D,))
-    unknown = sorted(k for k in hf_state if k.startswith(pre) and k not in used
-                     and not k[len(pre):].startswith(DROPPED_PREFIXES)
-                     and k[len(pre):] not in IGNORED_NAMES)
+    unknown = sorted(
+        k
+        for k in hf_state
+        if k.startswith(pre)
+        and k not in used
+        and not k[len(pre) :].startswith(DROPPED_PREFIXES)
+        and k[len(pre) :] not in IGNORED_NAMES
+    )
     if unknown:
-        raise InteropError(f"SigLIP checkpoint has {len(unknown)} tower tensors this importer does "
-                           f"not know (e.g. {unknown[:3]}); is it another architecture?")
+        raise InteropError(
+            f"SigLIP checkpoint has {len(unknown)} tower tensors this importer does "
+            f"not know (e.g. {unknown[:3]}); is it another architecture?"
+        )
     return out
 
 
@@ -189,8 +226,7 @@ def resample_pos_grid(state: Mapping[str, Tensor], new_grid: int) -> dict[str, T
     out = dict(state)
     if grid_GGD.shape[0] != new_grid or grid_GGD.shape[1] != new_grid:
         grid_1DGG = grid_GGD.float().permute(2, 0, 1)[None]
-        new_1Dgg = F.interpolate(grid_1DGG, size=(new_grid, new_grid), mode="bicubic",
-                                 align_corners=False)
+        new_1Dgg = F.interpolate(grid_1DGG, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
         out[key] = new_1Dgg[0].permute(1, 2, 0).contiguous().to(grid_GGD.dtype)
     return out
 
@@ -204,12 +240,19 @@ def hf_from_parts(parts: Mapping[str, BaseModel]) -> dict:
     """
     cfg: VisionConfig = parts["vision"]
     return {
-        "model_type": "siglip_vision_model", "architectures": ["SiglipVisionModel"],
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_channels": 3, "image_size": cfg.pos_grid * cfg.patch_size,
-        "patch_size": cfg.patch_size, "hidden_act": GELU_TANH,
-        "layer_norm_eps": cfg.layer_norm_eps, "attention_dropout": 0.0, "vision_use_head": False,
+        "model_type": "siglip_vision_model",
+        "architectures": ["SiglipVisionModel"],
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_channels": 3,
+        "image_size": cfg.pos_grid * cfg.patch_size,
+        "patch_size": cfg.patch_size,
+        "hidden_act": GELU_TANH,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "attention_dropout": 0.0,
+        "vision_use_head": False,
     }
 
 
@@ -223,11 +266,15 @@ def state_to_hf(state: Mapping[str, Tensor], parts: Mapping[str, BaseModel]) -> 
     def get(name: str, shape: tuple[int, ...]) -> Tensor:
         return our_tensor(state, "vision." + name, shape)
 
-    out = {"embeddings.patch_embedding.weight":
-           get("patch_embed.weight", (D, 3 * p * p)).reshape(D, 3, p, p).contiguous(),
-           "embeddings.patch_embedding.bias": get("patch_embed.bias", (D,)),
-           "embeddings.position_embedding.weight":
-           get("pos_emb.weight", (G, G, D)).reshape(G * G, D).contiguous()}
+    out = {
+        "embeddings.patch_embedding.weight": get("patch_embed.weight", (D, 3 * p * p))
+        .reshape(D, 3, p, p)
+        .contiguous(),
+        "embeddings.patch_embedding.bias": get("patch_embed.bias", (D,)),
+        "embeddings.position_embedding.weight": get("pos_emb.weight", (G, G, D))
+        .reshape(G * G, D)
+        .contiguous(),
+    }
     for i in range(cfg.num_layers):
         for t in ("weight", "bias"):
             shape = (3 * D, D) if t == "weight" else (3 * D,)

@@ -11,8 +11,9 @@ with summed response log-probs under the policy (logp) and the frozen starting m
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,14 +72,16 @@ def question_pairs(question: Hashable, samples: Sequence[Sample], long_factor: f
     return out
 
 
-def build_dpo_pairs(by_question: Mapping[Hashable, Sequence[Sample]],
-                    long_factor: float = 1.5) -> list[DPOPair]:
+def build_dpo_pairs(
+    by_question: Mapping[Hashable, Sequence[Sample]], long_factor: float = 1.5
+) -> list[DPOPair]:
     """All pairs over questions, in question order."""
     return [p for q, samples in by_question.items() for p in question_pairs(q, samples, long_factor)]
 
 
-def dpo_loss(logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor,
-             beta: float) -> tuple[Tensor, dict[str, float]]:
+def dpo_loss(
+    logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float
+) -> tuple[Tensor, dict[str, float]]:
     """DPO loss over P pairs (all inputs (P,) summed log-probs; refs are detached).
 
     Metrics: mean implicit-reward margin and the fraction of pairs the policy already prefers.
@@ -89,5 +92,7 @@ def dpo_loss(logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor,
     loss = -F.logsigmoid(beta * margin).mean()
     if not torch.isfinite(loss.detach()):
         raise ValueError(f"non-finite DPO loss {loss.item()}; check the log-probs for -inf")
-    return loss, {"dpo_margin": float(beta * margin.detach().mean()),
-                  "dpo_accuracy": float((margin.detach() > 0).float().mean())}
+    return loss, {
+        "dpo_margin": float(beta * margin.detach().mean()),
+        "dpo_accuracy": float((margin.detach() > 0).float().mean()),
+    }

@@ -7,7 +7,7 @@ long2short RL starts from "the RL checkpoint with the best performance / token-e
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 Candidate = tuple[str, float, float]
 """(name, accuracy in [0, 1], mean generated tokens per response)."""

@@ -7,13 +7,14 @@ Floating tensors are averaged in float32 and cast back to the long model's dtype
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from torch import Tensor
 
 
-def merge_state_dicts(long: Mapping[str, Tensor], short: Mapping[str, Tensor],
-                      weight: float = 0.5) -> dict[str, Tensor]:
+def merge_state_dicts(
+    long: Mapping[str, Tensor], short: Mapping[str, Tensor], weight: float = 0.5
+) -> dict[str, Tensor]:
     """Weighted average of two state dicts with identical keys and shapes.
 
     Raises ValueError naming the first key (in `long`'s order, then `short`'s) that is missing from

@@ -15,7 +15,8 @@ term is exactly zero and only the l2 term remains.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,10 @@ def sequence_logprobs(logits_BLV: Tensor, input_ids_BL: Tensor, response_mask_BL
     token to score; it must be False at t = 0 (nothing predicts the first token).
     """
     if logits_BLV.shape[:2] != input_ids_BL.shape or input_ids_BL.shape != response_mask_BL.shape:
-        raise ValueError(f"shape mismatch: logits {tuple(logits_BLV.shape)}, ids "
-                         f"{tuple(input_ids_BL.shape)}, mask {tuple(response_mask_BL.shape)}")
+        raise ValueError(
+            f"shape mismatch: logits {tuple(logits_BLV.shape)}, ids "
+            f"{tuple(input_ids_BL.shape)}, mask {tuple(response_mask_BL.shape)}"
+        )
     mask_BL = response_mask_BL.bool()
     if mask_BL[:, 0].any():
         raise ValueError("response_mask[:, 0] is True: the first token has no prediction to score")
@@ -72,8 +75,9 @@ def group_baseline(rewards_K: Tensor, tau: float, baseline: Baseline = "mean") -
     raise ValueError(f"unknown baseline {baseline!r}; use 'mean' or 'logmeanexp'")
 
 
-def opmd_group_loss(logp_K: Tensor, logp_old_K: Tensor, rewards_K: Tensor, tau: float,
-                    baseline: Baseline = "mean") -> tuple[Tensor, dict[str, float]]:
+def opmd_group_loss(
+    logp_K: Tensor, logp_old_K: Tensor, rewards_K: Tensor, tau: float, baseline: Baseline = "mean"
+) -> tuple[Tensor, dict[str, float]]:
     """OPMD loss of one prompt's K samples; returns (scalar loss, metrics).
 
     `logp_old_K` and `rewards_K` are detached here (they are constants of the iteration).
@@ -82,8 +86,10 @@ def opmd_group_loss(logp_K: Tensor, logp_old_K: Tensor, rewards_K: Tensor, tau: 
     if k == 0:
         raise ValueError("empty rollout group: OPMD needs at least one sampled response per prompt")
     if logp_old_K.shape != logp_K.shape or rewards_K.shape != logp_K.shape:
-        raise ValueError(f"shape mismatch: logp {tuple(logp_K.shape)}, logp_old "
-                         f"{tuple(logp_old_K.shape)}, rewards {tuple(rewards_K.shape)}")
+        raise ValueError(
+            f"shape mismatch: logp {tuple(logp_K.shape)}, logp_old "
+            f"{tuple(logp_old_K.shape)}, rewards {tuple(rewards_K.shape)}"
+        )
     rewards_K = rewards_K.detach().to(logp_K)
     _check_rewards(rewards_K)
     if bool((rewards_K == rewards_K[0]).all()):
@@ -93,14 +99,23 @@ def opmd_group_loss(logp_K: Tensor, logp_old_K: Tensor, rewards_K: Tensor, tau: 
     log_ratio_K = logp_K - logp_old_K.detach().to(logp_K)
     pg = -(adv_K * logp_K).sum() / k
     l2 = (tau / 2) * log_ratio_K.pow(2).sum() / k
-    metrics = {"pg_loss": float(pg.detach()), "l2_loss": float(l2.detach()),
-               "reward_mean": float(rewards_K.mean()),
-               "log_ratio_abs": float(log_ratio_K.detach().abs().mean())}
+    metrics = {
+        "pg_loss": float(pg.detach()),
+        "l2_loss": float(l2.detach()),
+        "reward_mean": float(rewards_K.mean()),
+        "log_ratio_abs": float(log_ratio_K.detach().abs().mean()),
+    }
     return pg + l2, metrics
 
 
-def opmd_loss(logp_N: Tensor, logp_old_N: Tensor, rewards_N: Tensor, group_ids: Sequence[int | str],
-              tau: float, baseline: Baseline = "mean") -> tuple[Tensor, dict[str, float]]:
+def opmd_loss(
+    logp_N: Tensor,
+    logp_old_N: Tensor,
+    rewards_N: Tensor,
+    group_ids: Sequence[int | str],
+    tau: float,
+    baseline: Baseline = "mean",
+) -> tuple[Tensor, dict[str, float]]:
     """Mean over prompt groups of `opmd_group_loss` (the E over x); metrics are group-averaged.
 
     `group_ids[n]` names the prompt of sequence n; each group's samples share a baseline.

@@ -80,9 +80,15 @@ class _Batch:
     group_ids: list[str]
 
 
-def _score_groups(groups: Mapping[tuple, list[Trajectory]], items: Sequence[ChatPromptItem],
-                  tok: Tokenizer, iteration: int, run: OPMDRun, stats: VerifyStats,
-                  sampler: PromptSampler) -> _Batch:
+def _score_groups(
+    groups: Mapping[tuple, list[Trajectory]],
+    items: Sequence[ChatPromptItem],
+    tok: Tokenizer,
+    iteration: int,
+    run: OPMDRun,
+    stats: VerifyStats,
+    sampler: PromptSampler,
+) -> _Batch:
     """Binary answer reward + repeat penalty + length reward for every finished group."""
     batch = _Batch([], [], [], [], [])
     for (idx, start), trajs in groups.items():
@@ -90,8 +96,10 @@ def _score_groups(groups: Mapping[tuple, list[Trajectory]], items: Sequence[Chat
         raw = [score(item.verifier, tok.decode(t.ids), item.answer, stats) for t in trajs]
         total = total_rewards([t.num_generated for t in trajs], raw, iteration, run.length)
         if run.rollout.repeat is not None:
-            total = [repeat_penalty(r, t.finish_reason == "repeat", run.rollout.repeat)
-                     for r, t in zip(total, trajs)]
+            total = [
+                repeat_penalty(r, t.finish_reason == "repeat", run.rollout.repeat)
+                for r, t in zip(total, trajs)
+            ]
         sampler.update(idx, raw)
         batch.items += [item] * len(trajs)
         batch.trajs += trajs
@@ -112,14 +120,20 @@ def _chunks(group_ids: Sequence[str], rows: int) -> list[list[int]]:
     return out + [cur] if cur else out
 
 
-def _update(model: nn.Module, named: list, batch: _Batch, run: OPMDRun, iteration: int,
-            media_pad_id: int) -> dict:
+def _update(
+    model: nn.Module, named: list, batch: _Batch, run: OPMDRun, iteration: int, media_pad_id: int
+) -> dict:
     """Reset the optimizer, then run the iteration's OPMD gradient steps; returns the trace."""
     chunks = _chunks(batch.group_ids, run.rows_per_forward)
     resp = [t.ids for t in batch.trajs]
     masks = [t.loss_mask() for t in batch.trajs]
     logp_of = lambda c: response_logprobs(  # noqa: E731
-        model, [batch.items[i] for i in c], [resp[i] for i in c], [masks[i] for i in c], media_pad_id=media_pad_id)
+        model,
+        [batch.items[i] for i in c],
+        [resp[i] for i in c],
+        [masks[i] for i in c],
+        media_pad_id=media_pad_id,
+    )
     rewards = torch.tensor(batch.rewards, dtype=torch.float32)
     with torch.no_grad():  # pi_i: the weights at the iteration start, before any update
         logp_old = torch.cat([logp_of(c) for c in chunks]).float().cpu()
@@ -135,8 +149,7 @@ def _update(model: nn.Module, named: list, batch: _Batch, run: OPMDRun, iteratio
         for c in chunks:
             logp = logp_of(c)
             gids = [batch.group_ids[i] for i in c]
-            loss, m = opmd_loss(logp, logp_old[c].to(logp), rewards[c].to(logp), gids, run.tau,
-                                run.baseline)
+            loss, m = opmd_loss(logp, logp_old[c].to(logp), rewards[c].to(logp), gids, run.tau, run.baseline)
             share = len(set(gids)) / num_groups
             if not torch.isfinite(loss):
                 raise ValueError(f"{run.label}: OPMD loss is {loss.item()} at iteration {iteration}")
@@ -155,26 +168,53 @@ def _update(model: nn.Module, named: list, batch: _Batch, run: OPMDRun, iteratio
     return trace
 
 
-def _iteration_metrics(i: int, batch: _Batch, trace: dict, stats: VerifyStats, buffer: ReplayBuffer,
-                       gen: RolloutSampler, seconds: float) -> dict[str, float]:
+def _iteration_metrics(
+    i: int,
+    batch: _Batch,
+    trace: dict,
+    stats: VerifyStats,
+    buffer: ReplayBuffer,
+    gen: RolloutSampler,
+    seconds: float,
+) -> dict[str, float]:
     n = len(batch.trajs)
-    m = {"iteration": float(i), "groups": float(len(set(batch.group_ids))), "trajectories": float(n),
-         "buffered": float(len(buffer)), "generated_tokens": float(gen.num_tokens),
-         "verifier_errors": float(stats.num_errors), "seconds": seconds}
+    m = {
+        "iteration": float(i),
+        "groups": float(len(set(batch.group_ids))),
+        "trajectories": float(n),
+        "buffered": float(len(buffer)),
+        "generated_tokens": float(gen.num_tokens),
+        "verifier_errors": float(stats.num_errors),
+        "seconds": seconds,
+    }
     if n:
-        m.update(reward_mean=sum(batch.rewards) / n, accuracy=sum(batch.correct) / n,
-                 mean_len=sum(t.num_generated for t in batch.trajs) / n,
-                 repeat_frac=sum(t.finish_reason == "repeat" for t in batch.trajs) / n,
-                 truncated_frac=sum(t.finish_reason == "truncated" for t in batch.trajs) / n)
+        m.update(
+            reward_mean=sum(batch.rewards) / n,
+            accuracy=sum(batch.correct) / n,
+            mean_len=sum(t.num_generated for t in batch.trajs) / n,
+            repeat_frac=sum(t.finish_reason == "repeat" for t in batch.trajs) / n,
+            truncated_frac=sum(t.finish_reason == "truncated" for t in batch.trajs) / n,
+        )
     if trace:
-        m.update(loss_first=trace["loss"][0], loss_last=trace["loss"][-1], lr=trace["lr"],
-                 pg_loss=trace["pg_loss"][-1], l2_loss=trace["l2_loss"][-1],
-                 grad_norm=trace["grad_norm"][-1])
+        m.update(
+            loss_first=trace["loss"][0],
+            loss_last=trace["loss"][-1],
+            lr=trace["lr"],
+            pg_loss=trace["pg_loss"][-1],
+            l2_loss=trace["l2_loss"][-1],
+            grad_norm=trace["grad_norm"][-1],
+        )
     return m
 
 
-def run_opmd(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem], run: OPMDRun,
-             ctx: StageContext, step_offset: int = 0) -> list[dict[str, float]]:
+def run_opmd(
+    model: nn.Module,
+    tok: Tokenizer,
+    items: Sequence[ChatPromptItem],
+    run: OPMDRun,
+    ctx: StageContext,
+    step_offset: int = 0,
+) -> list[dict[str, float]]:
     """Train `model` in place for run.num_iterations OPMD iterations; return per-iteration metrics.
 
     Logs each iteration through ctx.sink as `<label>/<metric>` and appends its trace (group ids,
@@ -188,15 +228,26 @@ def run_opmd(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem], 
     k = run.samples_per_prompt
     sampler = PromptSampler([it.difficulty or 0.0 for it in items], run.sampler, run.seed)
     buffer, pending, stats = ReplayBuffer(), defaultdict(list), VerifyStats()
-    gen = RolloutSampler(model, items, tok, temperature=run.temperature, top_p=run.top_p, seed=run.seed,
-                         repeat_ngram=run.repeat_ngram, repeat_max=run.repeat_max)
+    gen = RolloutSampler(
+        model,
+        items,
+        tok,
+        temperature=run.temperature,
+        top_p=run.top_p,
+        seed=run.seed,
+        repeat_ngram=run.repeat_ngram,
+        repeat_max=run.repeat_max,
+    )
     curves: list[dict[str, float]] = []
     ctx.out.mkdir(parents=True, exist_ok=True)
     with open(ctx.out / f"{run.label}_rollouts.jsonl", "w") as log:
         for i in range(run.num_iterations):
             t0 = time.perf_counter()
-            prompts = [((p, i, j), list(items[p].prompt_ids))
-                       for p in sampler.sample(i, run.prompts_per_iteration) for j in range(k)]
+            prompts = [
+                ((p, i, j), list(items[p].prompt_ids))
+                for p in sampler.sample(i, run.prompts_per_iteration)
+                for j in range(k)
+            ]
             gen.expect(buffer, prompts)
             for t in rollout_step(prompts, buffer, gen, i, run.rollout):
                 pending[t.prompt_id[:2]].append(t)
@@ -207,14 +258,26 @@ def run_opmd(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem], 
             trace = _update(model, named, batch, run, i, tok.media_pad_id) if ready else {}
             m = _iteration_metrics(i, batch, trace, stats, buffer, gen, time.perf_counter() - t0)
             m["rollout_seconds"] = rollout_s
-            log.write(json.dumps({"iteration": i, "group_ids": batch.group_ids,
-                                  "rewards": batch.rewards, "correct": batch.correct,
-                                  "lengths": [t.num_generated for t in batch.trajs], **trace}) + "\n")
+            log.write(
+                json.dumps(
+                    {
+                        "iteration": i,
+                        "group_ids": batch.group_ids,
+                        "rewards": batch.rewards,
+                        "correct": batch.correct,
+                        "lengths": [t.num_generated for t in batch.trajs],
+                        **trace,
+                    }
+                )
+                + "\n"
+            )
             curves.append(m)
             ctx.sink.log(step_offset + i + 1, {f"{run.label}/{key}": v for key, v in m.items()})
             ctx.progress(i + 1, run.num_iterations, run.label)
     ctx.sink.flush()
     if not any("loss_first" in c for c in curves):
-        raise ValueError(f"{run.label}: empty rollout batch in every iteration (no prompt group "
-                         f"finished all {k} samples); raise rollout_token_budget or num_iterations")
+        raise ValueError(
+            f"{run.label}: empty rollout batch in every iteration (no prompt group "
+            f"finished all {k} samples); raise rollout_token_budget or num_iterations"
+        )
     return curves

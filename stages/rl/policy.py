@@ -33,10 +33,14 @@ def _images(items: Sequence[ChatPromptItem], device) -> tuple[Tensor | None, Ten
     return torch.cat(pix).to(device), torch.cat([it.grid_hw for it in items if it.grid_hw is not None])
 
 
-def response_logprobs(model: nn.Module, items: Sequence[ChatPromptItem],
-                      responses: Sequence[Sequence[int]],
-                      masks: Sequence[Sequence[bool]] | None = None, *,
-                      media_pad_id: int = MEDIA_PAD_ID) -> Tensor:
+def response_logprobs(
+    model: nn.Module,
+    items: Sequence[ChatPromptItem],
+    responses: Sequence[Sequence[int]],
+    masks: Sequence[Sequence[bool]] | None = None,
+    *,
+    media_pad_id: int = MEDIA_PAD_ID,
+) -> Tensor:
     """(B,) summed log-prob of each response (masked tokens only) after its item's prompt + images.
 
     Rows are prompt + response, right-padded with doc id -1 (pads attend nothing); grads flow
@@ -50,15 +54,15 @@ def response_logprobs(model: nn.Module, items: Sequence[ChatPromptItem],
     resp_BL = torch.zeros((len(rows), width), dtype=torch.bool)
     real_BL = torch.zeros((len(rows), width), dtype=torch.bool)
     for b, (it, row) in enumerate(zip(items, rows)):
-        ids_BL[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-        real_BL[b, :len(row)] = True
+        ids_BL[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        real_BL[b, : len(row)] = True
         m = [True] * len(responses[b]) if masks is None else list(masks[b])
-        resp_BL[b, len(it.prompt_ids):len(row)] = torch.tensor(m, dtype=torch.bool)
+        resp_BL[b, len(it.prompt_ids) : len(row)] = torch.tensor(m, dtype=torch.bool)
     pos_BL = torch.arange(width).expand(len(rows), width)
     doc_BL = torch.where(real_BL, 0, -1)
     prompt_BL = torch.zeros_like(real_BL)
     for b, it in enumerate(items):
-        prompt_BL[b, :len(it.prompt_ids)] = True
+        prompt_BL[b, : len(it.prompt_ids)] = True
     media_BL = (ids_BL == media_pad_id) & prompt_BL  # a sampled media pad is a token, not an image
     pixels, grid = _images(items, device)
     ids_BL, pos_BL, doc_BL, media_BL = (t.to(device) for t in (ids_BL, pos_BL, doc_BL, media_BL))
@@ -75,13 +79,28 @@ class RolloutSampler:
     Stop, pad and media-pad ids are `tok`'s (`rollout_stop_ids`).
     """
 
-    def __init__(self, model: nn.Module, items: Sequence[ChatPromptItem], tok: Tokenizer, *,
-                 temperature: float, top_p: float, seed: int, repeat_ngram: int | None,
-                 repeat_max: int | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        items: Sequence[ChatPromptItem],
+        tok: Tokenizer,
+        *,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        repeat_ngram: int | None,
+        repeat_max: int | None,
+    ) -> None:
         self.model, self.items = model, items
-        self.sampling = dict(temperature=temperature, top_p=top_p, repeat_ngram=repeat_ngram,
-                             repeat_max=repeat_max, stop_ids=rollout_stop_ids(tok),
-                             pad_id=tok.pad_id, media_pad_id=tok.media_pad_id)
+        self.sampling = dict(
+            temperature=temperature,
+            top_p=top_p,
+            repeat_ngram=repeat_ngram,
+            repeat_max=repeat_max,
+            stop_ids=rollout_stop_ids(tok),
+            pad_id=tok.pad_id,
+            media_pad_id=tok.media_pad_id,
+        )
         device = model.lm.embed_tokens.weight.device
         self.generator = torch.Generator(device).manual_seed(seed)
         self.queue: dict[tuple[int, ...], deque[int]] = defaultdict(deque)
@@ -98,7 +117,14 @@ class RolloutSampler:
     def __call__(self, contexts: list[list[int]], budget: int) -> list[tuple[list[int], list[float], str]]:
         items = [self.items[self.queue[tuple(c)].popleft()] for c in contexts]
         pixels, grid = _images(items, self.model.lm.embed_tokens.weight.device)
-        out = generate(self.model, contexts, max_new_tokens=budget, pixels_NP=pixels, grid_hw=grid,
-                       generator=self.generator, **self.sampling)
+        out = generate(
+            self.model,
+            contexts,
+            max_new_tokens=budget,
+            pixels_NP=pixels,
+            grid_hw=grid,
+            generator=self.generator,
+            **self.sampling,
+        )
         self.num_tokens += sum(out.lengths)
         return list(zip(out.tokens, out.logprobs, out.finish_reasons))

@@ -8,7 +8,7 @@ mid-copy ("abcabcabcab"). The cut keeps everything before the loop plus ONE copy
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
 
 import torch
 from pydantic import NonNegativeInt, PositiveInt
@@ -112,12 +112,14 @@ class ReplayBuffer:
         return items
 
 
-def _extend(traj: Trajectory, out: tuple[list[int], list[float], str], budget: int,
-            iteration: int, cfg: RolloutConfig) -> None:
+def _extend(
+    traj: Trajectory, out: tuple[list[int], list[float], str], budget: int, iteration: int, cfg: RolloutConfig
+) -> None:
     ids, lps, reason = list(out[0]), [float(x) for x in out[1]], out[2]
     if len(ids) != len(lps) or len(ids) > budget:
-        raise ValueError(f"generate_fn returned {len(ids)} ids / {len(lps)} logprobs "
-                         f"for a budget of {budget}")
+        raise ValueError(
+            f"generate_fn returned {len(ids)} ids / {len(lps)} logprobs for a budget of {budget}"
+        )
     if reason not in ("stop", "length", "repeat"):
         raise ValueError(f"generate_fn finish_reason {reason!r}; expected 'stop', 'length' or 'repeat'")
     if reason == "length" and not ids:
@@ -133,8 +135,13 @@ def _extend(traj: Trajectory, out: tuple[list[int], list[float], str], budget: i
     traj.finish_reason = None if reason == "length" else reason
 
 
-def rollout_step(prompts: Sequence[tuple[Hashable, list[int]]], buffer: ReplayBuffer,
-                 generate_fn: GenerateFn, iteration: int, cfg: RolloutConfig) -> list[Trajectory]:
+def rollout_step(
+    prompts: Sequence[tuple[Hashable, list[int]]],
+    buffer: ReplayBuffer,
+    generate_fn: GenerateFn,
+    iteration: int,
+    cfg: RolloutConfig,
+) -> list[Trajectory]:
     """Run one iteration: resume buffered trajectories, start `prompts`, return the finished ones.
 
     Unfinished trajectories are pushed back into `buffer`. Returned trajectories have their
@@ -174,13 +181,14 @@ def training_tensors(trajs: Sequence[Trajectory], pad_id: int = 0) -> tuple[torc
     ids_BL = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask_BL = torch.zeros((len(rows), width), dtype=torch.bool)
     for b, (ids, mask) in enumerate(rows):
-        ids_BL[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask_BL[b, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
+        ids_BL[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask_BL[b, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
     return ids_BL, mask_BL
 
 
-def long_tailed_lengths(n: int, median: float, sigma: float, max_len: int, seed: int,
-                        min_len: int = 1) -> list[int]:
+def long_tailed_lengths(
+    n: int, median: float, sigma: float, max_len: int, seed: int, min_len: int = 1
+) -> list[int]:
     """`n` response lengths from a log-normal (median `median`, log-std `sigma`) clipped to
     [min_len, max_len]: most short, a few very long, as RL rollouts are. Seeded."""
     rng = random.Random(seed)

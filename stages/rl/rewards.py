@@ -11,7 +11,7 @@ The weight is 0 for the first `warmup_iterations` RL iterations, then the consta
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from pydantic import NonNegativeFloat, NonNegativeInt
 
@@ -52,8 +52,9 @@ def length_rewards(lengths: Sequence[int], rewards: Sequence[float]) -> list[flo
     return out
 
 
-def total_rewards(lengths: Sequence[int], rewards: Sequence[float], iteration: int,
-                  cfg: LengthPenaltyConfig) -> list[float]:
+def total_rewards(
+    lengths: Sequence[int], rewards: Sequence[float], iteration: int, cfg: LengthPenaltyConfig
+) -> list[float]:
     """r_total_i = r_i + w_len(iteration) * len_reward_i for one prompt group; NaN rewards raise."""
     bad = [r for r in rewards if not math.isfinite(r)]
     if bad:

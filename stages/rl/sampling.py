@@ -10,7 +10,7 @@ the eligible set, the priorities weight it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from pydantic import Field, NonNegativeInt
@@ -77,8 +77,10 @@ class PromptSampler:
             return torch.ones_like(self.difficulty, dtype=torch.bool)
         mask = self.difficulty >= self.cfg.hard_threshold
         if not mask.any():
-            raise ValueError(f"curriculum: no prompt has difficulty >= {self.cfg.hard_threshold} "
-                             "after warm-up; lower hard_threshold or add hard prompts")
+            raise ValueError(
+                f"curriculum: no prompt has difficulty >= {self.cfg.hard_threshold} "
+                "after warm-up; lower hard_threshold or add hard prompts"
+            )
         return mask
 
     def probabilities(self, iteration: int) -> torch.Tensor:

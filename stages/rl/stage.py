@@ -36,23 +36,39 @@ def opmd_run(cfg: RLConfig, label: str | None = None) -> OPMDRun:
     """The loop settings of an RLConfig."""
     repeat = RepeatConfig(penalty=cfg.repeat_penalty) if cfg.repeat_detection else None
     return OPMDRun(
-        label=label or cfg.stage_name, num_iterations=cfg.num_iterations,
-        prompts_per_iteration=cfg.prompts_per_iteration, samples_per_prompt=cfg.samples_per_prompt,
-        steps_per_iteration=cfg.steps_per_iteration, tau=cfg.tau, temperature=cfg.temperature,
-        rollout=RolloutConfig(segment_budget=cfg.rollout_token_budget or cfg.max_new_tokens,
-                              max_total_tokens=cfg.max_new_tokens,
-                              max_segment_age=cfg.max_segment_age, repeat=repeat),
-        length=LengthPenaltyConfig(weight=cfg.length_penalty_weight,
-                                   warmup_iterations=cfg.length_penalty_warmup_iters),
-        sampler=SamplerConfig(use_curriculum=cfg.use_curriculum,
-                              warmup_iterations=cfg.curriculum_switch_iter,
-                              hard_threshold=cfg.hard_threshold, use_priority=cfg.use_priority),
-        optimizer=cfg.optimizer, schedule=cfg.schedule, trainable=tuple(cfg.trainable),
-        rows_per_forward=cfg.micro_batch_size or cfg.batch_size, seed=cfg.seed,
-        baseline=cfg.baseline, top_p=cfg.top_p,
+        label=label or cfg.stage_name,
+        num_iterations=cfg.num_iterations,
+        prompts_per_iteration=cfg.prompts_per_iteration,
+        samples_per_prompt=cfg.samples_per_prompt,
+        steps_per_iteration=cfg.steps_per_iteration,
+        tau=cfg.tau,
+        temperature=cfg.temperature,
+        rollout=RolloutConfig(
+            segment_budget=cfg.rollout_token_budget or cfg.max_new_tokens,
+            max_total_tokens=cfg.max_new_tokens,
+            max_segment_age=cfg.max_segment_age,
+            repeat=repeat,
+        ),
+        length=LengthPenaltyConfig(
+            weight=cfg.length_penalty_weight, warmup_iterations=cfg.length_penalty_warmup_iters
+        ),
+        sampler=SamplerConfig(
+            use_curriculum=cfg.use_curriculum,
+            warmup_iterations=cfg.curriculum_switch_iter,
+            hard_threshold=cfg.hard_threshold,
+            use_priority=cfg.use_priority,
+        ),
+        optimizer=cfg.optimizer,
+        schedule=cfg.schedule,
+        trainable=tuple(cfg.trainable),
+        rows_per_forward=cfg.micro_batch_size or cfg.batch_size,
+        seed=cfg.seed,
+        baseline=cfg.baseline,
+        top_p=cfg.top_p,
         repeat_ngram=cfg.repeat_ngram if cfg.repeat_detection else None,
         repeat_max=cfg.repeat_max if cfg.repeat_detection else None,
-        max_verifier_error_rate=cfg.max_verifier_error_rate)
+        max_verifier_error_rate=cfg.max_verifier_error_rate,
+    )
 
 
 def plot_curves(curves: Sequence[Mapping[str, float]], path: Path, title: str) -> None:
@@ -62,8 +78,13 @@ def plot_curves(curves: Sequence[Mapping[str, float]], path: Path, title: str) -
 
     fig = Figure(figsize=(12, 3.2))
     FigureCanvasAgg(fig)
-    for n, (key, name) in enumerate((("reward_mean", "reward (with length reward)"),
-                                     ("accuracy", "train accuracy"), ("mean_len", "mean length"))):
+    for n, (key, name) in enumerate(
+        (
+            ("reward_mean", "reward (with length reward)"),
+            ("accuracy", "train accuracy"),
+            ("mean_len", "mean length"),
+        )
+    ):
         ax = fig.add_subplot(1, 3, n + 1)
         pts = [(c["iteration"], c[key]) for c in curves if key in c]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
@@ -74,8 +95,14 @@ def plot_curves(curves: Sequence[Mapping[str, float]], path: Path, title: str) -
     fig.savefig(path, dpi=80)
 
 
-def prompt_items(data: Mapping[str, DatasetRef], tok: Tokenizer, vision, split: str, stage: str,
-                 per_kind: int | None = None) -> list[ChatPromptItem]:
+def prompt_items(
+    data: Mapping[str, DatasetRef],
+    tok: Tokenizer,
+    vision,
+    split: str,
+    stage: str,
+    per_kind: int | None = None,
+) -> list[ChatPromptItem]:
     """RL prompts of `split` (images from toyworld/<split>); `per_kind` balances text / image."""
     records = read_rl_prompt_records(require(data, "rl_prompts", stage).path, split)
     world = require(data, "toyworld", stage).path
@@ -87,29 +114,61 @@ def prompt_items(data: Mapping[str, DatasetRef], tok: Tokenizer, vision, split: 
     return items
 
 
-def answer_metrics(model: nn.Module, tok: Tokenizer, items: Sequence[ChatPromptItem],
-                   max_new_tokens: int, batch_size: int, suffix: str = "",
-                   repeat: tuple[int | None, int | None] = (None, None)) -> dict[str, float]:
+def answer_metrics(
+    model: nn.Module,
+    tok: Tokenizer,
+    items: Sequence[ChatPromptItem],
+    max_new_tokens: int,
+    batch_size: int,
+    suffix: str = "",
+    repeat: tuple[int | None, int | None] = (None, None),
+) -> dict[str, float]:
     """Greedy held-out answer accuracy, mean length and acc per 1k tokens as eval/* metrics."""
-    res = answer_accuracy(model, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          repeat_ngram=repeat[0], repeat_max=repeat[1])
+    res = answer_accuracy(
+        model,
+        tok,
+        items,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        repeat_ngram=repeat[0],
+        repeat_max=repeat[1],
+    )
     return as_metrics(res, "eval/", suffix)
 
 
-def declared_metrics(model: nn.Module, tok: Tokenizer, held: Mapping[str, list], max_new_tokens: int,
-                     batch_size: int, suffix: str = "",
-                     repeat: tuple[int | None, int | None] = (None, None)) -> dict[str, float]:
+def declared_metrics(
+    model: nn.Module,
+    tok: Tokenizer,
+    held: Mapping[str, list],
+    max_new_tokens: int,
+    batch_size: int,
+    suffix: str = "",
+    repeat: tuple[int | None, int | None] = (None, None),
+) -> dict[str, float]:
     """eval/<name>_acc{suffix} on each declared prompt set's held-out prompts (its verifiers)."""
     out = {}
     for name, items in held.items():
-        res = answer_accuracy(model, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                              repeat_ngram=repeat[0], repeat_max=repeat[1])
+        res = answer_accuracy(
+            model,
+            tok,
+            items,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            repeat_ngram=repeat[0],
+            repeat_max=repeat[1],
+        )
         out[f"eval/{name}_acc{suffix}"] = res["acc"]
     return out
 
 
-def with_declared(items: list[ChatPromptItem], cfg, data: Mapping[str, DatasetRef], tok: Tokenizer,
-                  vision, ctx: StageContext) -> tuple[list[ChatPromptItem], DeclaredMix, dict]:
+def with_declared(
+    items: list[ChatPromptItem],
+    cfg,
+    data: Mapping[str, DatasetRef],
+    tok: Tokenizer,
+    vision,
+    ctx: StageContext,
+) -> tuple[list[ChatPromptItem], DeclaredMix, dict]:
     """The training prompts with the declared prompt sets of `mixture:` mixed in by share
     (checked before training), the DeclaredMix and their held-out prompts by name."""
     mix = DeclaredMix(cfg, data, tok, vision, ctx.parallel)
@@ -118,8 +177,9 @@ def with_declared(items: list[ChatPromptItem], cfg, data: Mapping[str, DatasetRe
     return weighted_pool(items, prompts, cfg.mixture, f"{cfg.stage_name}/{cfg.seed}"), mix, held
 
 
-def rl(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: RLConfig,
-       ctx: StageContext) -> StageResult:
+def rl(
+    base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: RLConfig, ctx: StageContext
+) -> StageResult:
     """Return the policy after cfg.num_iterations OPMD iterations on rl_prompts/train.
 
     Metrics: eval/* (held-out rl_prompts/val accuracy, text and image, mean length, acc per 1k
@@ -135,8 +195,7 @@ def rl(base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: RLConfig,
 
 
 def _rl(base, data, cfg: RLConfig, ctx: StageContext) -> StageResult:
-    model, mcfg = open_model(base, ctx, cfg.seed,
-                             activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     vision = vision_spec(mcfg)
     train_items = prompt_items(data, tok, vision, "train", cfg.stage_name)
@@ -146,7 +205,8 @@ def _rl(base, data, cfg: RLConfig, ctx: StageContext) -> StageResult:
     repeat = (run.repeat_ngram, run.repeat_max)
     evaluate = lambda suffix: {  # noqa: E731
         **declared_metrics(model, tok, held, cfg.max_new_tokens, cfg.eval.batch_size, suffix, repeat),
-        **answer_metrics(model, tok, val_items, cfg.max_new_tokens, cfg.eval.batch_size, suffix, repeat)}
+        **answer_metrics(model, tok, val_items, cfg.max_new_tokens, cfg.eval.batch_size, suffix, repeat),
+    }
     before = evaluate("_before")
     t0 = time.perf_counter()
     curves = run_opmd(model, tok, train_items, run, ctx)
@@ -154,11 +214,19 @@ def _rl(base, data, cfg: RLConfig, ctx: StageContext) -> StageResult:
     after = evaluate("")
     plot_curves(curves, ctx.out / "rl_curves.png", f"{cfg.stage_name}: k1.5 OPMD")
     trained = [c for c in curves if "reward_mean" in c]
-    metrics = {**before, **after, "eval/acc_gain": after["eval/acc"] - before["eval/acc_before"],
-               "rl/reward_first": trained[0]["reward_mean"], "rl/reward_last": trained[-1]["reward_mean"],
-               "rl/accuracy_first": trained[0]["accuracy"], "rl/accuracy_last": trained[-1]["accuracy"],
-               "rl/mean_len_first": trained[0]["mean_len"], "rl/mean_len_last": trained[-1]["mean_len"],
-               "rl/verifier_errors": curves[-1]["verifier_errors"], "rl/seconds": seconds,
-               "train/steps": float(cfg.steps_per_iteration * cfg.num_iterations),
-               **mix.metrics()}
+    metrics = {
+        **before,
+        **after,
+        "eval/acc_gain": after["eval/acc"] - before["eval/acc_before"],
+        "rl/reward_first": trained[0]["reward_mean"],
+        "rl/reward_last": trained[-1]["reward_mean"],
+        "rl/accuracy_first": trained[0]["accuracy"],
+        "rl/accuracy_last": trained[-1]["accuracy"],
+        "rl/mean_len_first": trained[0]["mean_len"],
+        "rl/mean_len_last": trained[-1]["mean_len"],
+        "rl/verifier_errors": curves[-1]["verifier_errors"],
+        "rl/seconds": seconds,
+        "train/steps": float(cfg.steps_per_iteration * cfg.num_iterations),
+        **mix.metrics(),
+    }
     return finish(model, mcfg, ctx, metrics, data)

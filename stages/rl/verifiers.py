@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from pydantic import NonNegativeFloat
 
@@ -52,7 +52,7 @@ def extract_answer(response: str, marker: str = "Answer:") -> str:
     if marker:
         idx = response.lower().rfind(marker.lower())
         if idx >= 0:
-            return response[idx + len(marker):].strip()
+            return response[idx + len(marker) :].strip()
     lines = [ln.strip() for ln in response.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
 
@@ -146,12 +146,15 @@ class VerifyStats:
     def check(self, max_error_rate: float) -> None:
         """Raise RewardError if more than `max_error_rate` of the calls raised (a broken verifier)."""
         if self.num_calls and self.error_rate > max_error_rate:
-            raise RewardError(f"{self.num_errors}/{self.num_calls} verifier calls raised "
-                              f"(> {max_error_rate:.0%}); first errors: {self.errors[:3]}")
+            raise RewardError(
+                f"{self.num_errors}/{self.num_calls} verifier calls raised "
+                f"(> {max_error_rate:.0%}); first errors: {self.errors[:3]}"
+            )
 
 
-def score(verifier: str, response: str, reference: str, stats: VerifyStats,
-          cfg: VerifierConfig = VerifierConfig()) -> float:
+def score(
+    verifier: str, response: str, reference: str, stats: VerifyStats, cfg: VerifierConfig = VerifierConfig()
+) -> float:
     """Reward of `response` against `reference` under the named verifier, in [0, 1].
 
     A raising verifier gives 0.0 and increments `stats.num_errors`. A non-finite result raises
@@ -172,6 +175,8 @@ def score(verifier: str, response: str, reference: str, stats: VerifyStats,
         return 0.0
     r = float(r)
     if not math.isfinite(r):
-        raise RewardError(f"verifier {verifier!r} returned {r} for response {response[:80]!r} "
-                          f"(reference {reference!r}); rewards must be finite")
+        raise RewardError(
+            f"verifier {verifier!r} returned {r} for response {response[:80]!r} "
+            f"(reference {reference!r}); rewards must be finite"
+        )
     return r

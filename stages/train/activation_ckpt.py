@@ -43,8 +43,9 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     forward = type(self).forward
     if not torch.is_grad_enabled():
         return forward(self, *args, **kwargs)
-    return checkpoint(forward, self, *args, use_reentrant=False,
-                      context_fn=partial(_contexts, self), **kwargs)
+    return checkpoint(
+        forward, self, *args, use_reentrant=False, context_fn=partial(_contexts, self), **kwargs
+    )
 
 
 def checkpoint_block(block: nn.Module) -> None:
@@ -53,8 +54,10 @@ def checkpoint_block(block: nn.Module) -> None:
 
 
 def is_checkpointed(block: nn.Module) -> bool:
-    return isinstance(block.__dict__.get("forward"), types.MethodType) and \
-        block.__dict__["forward"].__func__ is _checkpointed_forward
+    return (
+        isinstance(block.__dict__.get("forward"), types.MethodType)
+        and block.__dict__["forward"].__func__ is _checkpointed_forward
+    )
 
 
 def apply_ac(model: nn.Module, parts: Iterable[str]) -> int:
@@ -68,13 +71,17 @@ def apply_ac(model: nn.Module, parts: Iterable[str]) -> int:
     count = 0
     for part in parts:
         if part not in BLOCKS:
-            raise ValueError(f"activation checkpointing works per transformer block; {part!r} "
-                             f"has none (checkpointable parts: {', '.join(BLOCKS)})")
+            raise ValueError(
+                f"activation checkpointing works per transformer block; {part!r} "
+                f"has none (checkpointable parts: {', '.join(BLOCKS)})"
+            )
         module = getattr(model, part, None)
         lists = [getattr(module, name, None) for name in BLOCKS[part]]
         if module is None or not all(isinstance(ml, nn.ModuleList) for ml in lists):
-            raise ValueError(f"activation checkpointing of {part!r}: the model has no "
-                             f"{part}.{'/'.join(BLOCKS[part])} block list to wrap")
+            raise ValueError(
+                f"activation checkpointing of {part!r}: the model has no "
+                f"{part}.{'/'.join(BLOCKS[part])} block list to wrap"
+            )
         for blocks in lists:
             for block in blocks:
                 checkpoint_block(block)

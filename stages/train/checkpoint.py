@@ -34,11 +34,19 @@ from torch import nn
 
 from moonforge.model.config import VLMConfig
 from moonforge.stages.artifacts import MODEL_CONFIG_FILE, WEIGHTS_FILE, Checkpoint
-
 from moonforge.stages.train.train_record import (  # noqa: F401  (re-exported)
-    FORMAT, PERIODIC_DIR, TENSORS_FILE, TRAIN_STATE_FILE, TrainRecord, as_record, complete_record,
-    is_complete, latest_checkpoint, latest_train_state, read_train_record)
-
+    FORMAT,
+    PERIODIC_DIR,
+    TENSORS_FILE,
+    TRAIN_STATE_FILE,
+    TrainRecord,
+    as_record,
+    complete_record,
+    is_complete,
+    latest_checkpoint,
+    latest_train_state,
+    read_train_record,
+)
 
 CRASH_ENV = "MOONFORGE_CRASH_AFTER_CHECKPOINT"
 
@@ -105,11 +113,20 @@ def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
         )
 
 
-def save_train_state(model: nn.Module, cfg: VLMConfig, optimizer, step: int, out: Path, *,
-                     phase: int = 0, global_step: int | None = None, num_steps: int = 0,
-                     last: dict[str, float] | None = None,
-                     phases: dict[int, dict[str, Any]] | None = None,
-                     extra: dict[str, Any] | None = None) -> Path:
+def save_train_state(
+    model: nn.Module,
+    cfg: VLMConfig,
+    optimizer,
+    step: int,
+    out: Path,
+    *,
+    phase: int = 0,
+    global_step: int | None = None,
+    num_steps: int = 0,
+    last: dict[str, float] | None = None,
+    phases: dict[int, dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Periodic checkpoint `out/train_state/step-<global step>/`; older ones are removed after.
 
     `extra` (JSON) is stored and returned as-is by read_train_state / read_train_record.
@@ -124,11 +141,18 @@ def save_train_state(model: nn.Module, cfg: VLMConfig, optimizer, step: int, out
     rng = {"cpu": _tensor_ref(torch.get_rng_state(), tensors, "rng.cpu")}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = _tensor_ref(torch.cuda.get_rng_state(), tensors, "rng.cuda")
-    record = {"format": FORMAT, "step": step, "phase": phase, "global_step": gstep,
-              "num_steps": num_steps, "last": dict(last or {}),
-              "phases": {str(k): v for k, v in sorted((phases or {}).items())},
-              "extra": extra or {}, "rng": rng,
-              "optimizer": _encode(optimizer.state_dict(), tensors, "opt")}
+    record = {
+        "format": FORMAT,
+        "step": step,
+        "phase": phase,
+        "global_step": gstep,
+        "num_steps": num_steps,
+        "last": dict(last or {}),
+        "phases": {str(k): v for k, v in sorted((phases or {}).items())},
+        "extra": extra or {},
+        "rng": rng,
+        "optimizer": _encode(optimizer.state_dict(), tensors, "opt"),
+    }
     save_file(tensors, str(tmp / TENSORS_FILE))
     _fsync(tmp / TENSORS_FILE)
     record["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
@@ -157,17 +181,22 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        return {"__items__": [[_encode(k, tensors, f"{path}.k{i}"),
-                               _encode(v, tensors, f"{path}.{i}")]
-                              for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__items__": [
+                [_encode(k, tensors, f"{path}.k{i}"), _encode(v, tensors, f"{path}.{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
         return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise TypeError(f"train state: cannot store a {type(obj).__name__} at {path} as JSON or a "
-                    "tensor; keep optimizer state to tensors, numbers, strings, lists and dicts")
+    raise TypeError(
+        f"train state: cannot store a {type(obj).__name__} at {path} as JSON or a "
+        "tensor; keep optimizer state to tensors, numbers, strings, lists and dicts"
+    )
 
 
 def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -63,8 +63,9 @@ class Parallel:
             raise ValueError(
                 f"{len(micro_batches)} micro-batch(es) per step cannot be shared by "
                 f"{self.world_size} ranks; make the stage's micro-batches per step a multiple of "
-                f"{self.world_size} (a smaller micro_batch_size) or launch fewer processes")
-        return micro_batches[self.rank::self.world_size]
+                f"{self.world_size} (a smaller micro_batch_size) or launch fewer processes"
+            )
+        return micro_batches[self.rank :: self.world_size]
 
     def mean_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         keys = sorted(totals)
@@ -99,8 +100,13 @@ class Parallel:
             for c, synced in zip(counts, _unflatten_dense_tensors(flat, counts)):
                 c.copy_(synced)
 
-    def build_optimizer(self, model: nn.Module, named_params: list[tuple[str, nn.Parameter]],
-                        cfg: OptimizerConfig, grad_accum: int):
+    def build_optimizer(
+        self,
+        model: nn.Module,
+        named_params: list[tuple[str, nn.Parameter]],
+        cfg: OptimizerConfig,
+        grad_accum: int,
+    ):
         """The loop's optimizer: MuonAdamW (torchrun) or a DeepSpeed ZeRO engine around ZeroMuonAdamW."""
         from moonforge.stages.train.optim import MuonAdamW
 
@@ -123,8 +129,14 @@ class Parallel:
 class DeepSpeedOptimizer:
     """The loop's optimizer interface (set_lr / zero_grad / step / state_dict) over a ZeRO engine."""
 
-    def __init__(self, model: nn.Module, named_params: list[tuple[str, nn.Parameter]],
-                 cfg: OptimizerConfig, par: Parallel, grad_accum: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        named_params: list[tuple[str, nn.Parameter]],
+        cfg: OptimizerConfig,
+        par: Parallel,
+        grad_accum: int,
+    ) -> None:
         import deepspeed
 
         from moonforge.stages.train.zero_muon import ZeroMuonAdamW
@@ -132,11 +144,11 @@ class DeepSpeedOptimizer:
         per_rank = grad_accum // par.world_size
         ds_cfg = dict(par.ds_config or {})
         micro = ds_cfg.get("train_micro_batch_size_per_gpu", 1)
-        ds_cfg.update(gradient_accumulation_steps=per_rank,
-                      train_batch_size=micro * per_rank * par.world_size)
+        ds_cfg.update(
+            gradient_accumulation_steps=per_rank, train_batch_size=micro * per_rank * par.world_size
+        )
         self.client = ZeroMuonAdamW(named_params, cfg)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.client,
-                                                    config=ds_cfg)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.client, config=ds_cfg)
         self.optimizers = [self.client]
         self.per_rank = per_rank
 
@@ -169,11 +181,13 @@ class DeepSpeedOptimizer:
 
 # -- the launched process -------------------------------------------------------------------------
 
+
 def init_parallel(launcher: LauncherConfig, device: str, ds_config: dict | None) -> Parallel:
     """Join the process group the launcher described in the environment (RANK, WORLD_SIZE,
     MASTER_ADDR/PORT): the one place that reads it."""
-    backend = launcher.backend if launcher.backend != "auto" else (
-        "nccl" if device.startswith("cuda") else "gloo")
+    backend = (
+        launcher.backend if launcher.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+    )
     if launcher.kind == "deepspeed":
         import deepspeed
         import deepspeed.ops
@@ -188,11 +202,18 @@ def init_parallel(launcher: LauncherConfig, device: str, ds_config: dict | None)
     # MOONFORGE_NODE_RANK: set by the node launcher (registry/launch.py) on multi-node runs.
     local = os.environ.get("LOCAL_RANK")
     mine = os.environ.get("MOONFORGE_NODE_RANK", "0") == "0" and (
-        local == "0" if local is not None else rank == 0)
+        local == "0" if local is not None else rank == 0
+    )
     writer = torch.tensor([rank if mine else -1], device=device if backend == "nccl" else "cpu")
     dist.all_reduce(writer, op=dist.ReduceOp.MAX)
-    return Parallel(rank, dist.get_world_size(), launcher.kind, launcher.zero_stage, ds_config,
-                    writer_rank=max(int(writer), 0))
+    return Parallel(
+        rank,
+        dist.get_world_size(),
+        launcher.kind,
+        launcher.zero_stage,
+        ds_config,
+        writer_rank=max(int(writer), 0),
+    )
 
 
 def _import(ref: str):
@@ -239,24 +260,41 @@ def main(job_path: str) -> int:
     out = Path(job["out"]) if writer else work / f"rank{par.rank}"
     out.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(
-        out=out, model=VLMConfig.model_validate(job["model"]),
+        out=out,
+        model=VLMConfig.model_validate(job["model"]),
         sink=JsonlSink(work / "metrics.jsonl") if writer else ListSink(),
-        progress=_progress if writer else (lambda *a: None), device=device,
-        resume_from=Path(job["resume_from"]) if job["resume_from"] else None, parallel=par,
-        init={k: Path(v) for k, v in job.get("init", {}).items()})
+        progress=_progress if writer else (lambda *a: None),
+        device=device,
+        resume_from=Path(job["resume_from"]) if job["resume_from"] else None,
+        parallel=par,
+        init={k: Path(v) for k, v in job.get("init", {}).items()},
+    )
     base = Checkpoint(Path(job["base"])) if job["base"] else None
     data = {n: DatasetRef(n, Path(p), d) for n, (p, d) in job["data"].items()}
     try:
         result = _import(job["function"])(base, data, cfg, ctx)
     except BaseException as e:
-        (work / f"error-rank{par.rank}.json").write_text(json.dumps(
-            {"type": type(e).__name__, "message": str(e), "rank": par.rank,
-             "traceback": traceback.format_exc()}))
+        (work / f"error-rank{par.rank}.json").write_text(
+            json.dumps(
+                {
+                    "type": type(e).__name__,
+                    "message": str(e),
+                    "rank": par.rank,
+                    "traceback": traceback.format_exc(),
+                }
+            )
+        )
         raise
     if writer:
-        (work / "result.json").write_text(json.dumps(
-            {"checkpoint": str(result.checkpoint.path), "metrics": result.metrics,
-             "data_used": list(result.data_used)}))
+        (work / "result.json").write_text(
+            json.dumps(
+                {
+                    "checkpoint": str(result.checkpoint.path),
+                    "metrics": result.metrics,
+                    "data_used": list(result.data_used),
+                }
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
     return 0

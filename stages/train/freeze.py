@@ -6,7 +6,7 @@ Groups are the VLM's top-level children: `vision`, `projector`, `lm`, `caption`.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

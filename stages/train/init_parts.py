@@ -43,21 +43,28 @@ def artifact_part_configs(path: Path) -> dict[str, object]:
     if (path / MODEL_CONFIG_FILE).is_file():
         cfg = VLMConfig.model_validate_json((path / MODEL_CONFIG_FILE).read_text())
         return {"vision": cfg.vision, "projector": cfg.projector, "lm": cfg.lm}
-    raise FileNotFoundError(f"init artifact {path} has neither {IMPORT_FILE} nor "
-                            f"{MODEL_CONFIG_FILE}; name an imported checkpoint or a stage output")
+    raise FileNotFoundError(
+        f"init artifact {path} has neither {IMPORT_FILE} nor "
+        f"{MODEL_CONFIG_FILE}; name an imported checkpoint or a stage output"
+    )
 
 
 def check_part_config(part: str, have: object, want: object, source: Path) -> None:
     """Raise ValueError listing every shape field where the artifact and the recipe differ."""
     a, b = have.model_dump(), want.model_dump()
-    diffs = [f"model.{part}.{k}: recipe {b[k]!r}, artifact {a.get(k)!r}"
-             for k in b if k not in FREE_FIELDS[part] and a.get(k) != b[k]]
+    diffs = [
+        f"model.{part}.{k}: recipe {b[k]!r}, artifact {a.get(k)!r}"
+        for k in b
+        if k not in FREE_FIELDS[part] and a.get(k) != b[k]
+    ]
     if diffs:
         fix = "; ".join(f"{k}: {a.get(k)!r}" for k in b if k not in FREE_FIELDS[part] and a.get(k) != b[k])
         raise ValueError(
             f"init {part} from {source}: its shape differs from the recipe's model.{part} ("
-            + "; ".join(diffs) + f"). Set these in the recipe's model.{part} section ({fix}), "
-            "or import a checkpoint of the recipe's shape")
+            + "; ".join(diffs)
+            + f"). Set these in the recipe's model.{part} section ({fix}), "
+            "or import a checkpoint of the recipe's shape"
+        )
 
 
 def resample_grid(grid_GGD: torch.Tensor, side: int) -> torch.Tensor:
@@ -73,19 +80,21 @@ def part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
     """The tensors of `part` in the artifact at `path`, without the part prefix."""
     prefix = part + "."
     with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt") as f:
-        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
 def load_init(model: VLM, model_cfg: VLMConfig, init: Mapping[str, Path]) -> list[str]:
     """Load every `init` part into `model` (strict per part); return one line per part loaded."""
     done = []
     for name, path in init.items():
-        for part in (PARTS if name == "vlm" else (name,)):
+        for part in PARTS if name == "vlm" else (name,):
             configs = artifact_part_configs(path)
             if part not in configs:
-                raise ValueError(f"init {name}: {path} holds no {part} weights (it has "
-                                 f"{', '.join(sorted(configs))}); point init.{part} at an "
-                                 f"artifact that has one")
+                raise ValueError(
+                    f"init {name}: {path} holds no {part} weights (it has "
+                    f"{', '.join(sorted(configs))}); point init.{part} at an "
+                    f"artifact that has one"
+                )
             want = getattr(model_cfg, part)
             check_part_config(part, configs[part], want, path)
             state = part_state(path, part)
@@ -94,7 +103,9 @@ def load_init(model: VLM, model_cfg: VLMConfig, init: Mapping[str, Path]) -> lis
             module = getattr(model, part)
             missing, unexpected = module.load_state_dict(state, strict=False)
             if missing or unexpected:
-                raise ValueError(f"init {part} from {path}: missing {missing[:5]}, unexpected "
-                                 f"{unexpected[:5]}; the artifact is not a {part} of this model")
+                raise ValueError(
+                    f"init {part} from {path}: missing {missing[:5]}, unexpected "
+                    f"{unexpected[:5]}; the artifact is not a {part} of this model"
+                )
             done.append(f"{part} <- {path}")
     return done

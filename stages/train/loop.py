@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +25,14 @@ from torch import Tensor, nn
 from moonforge.model.config import VLMConfig
 from moonforge.stages.artifacts import StageContext
 from moonforge.stages.config import OptimizerConfig, ScheduleConfig
-from moonforge.stages.train.checkpoint import (TrainRecord, latest_train_state, read_train_record,
-                                               read_train_state, restore_rng, save_train_state)
+from moonforge.stages.train.checkpoint import (
+    TrainRecord,
+    latest_train_state,
+    read_train_record,
+    read_train_state,
+    restore_rng,
+    save_train_state,
+)
 from moonforge.stages.train.freeze import GROUPS
 from moonforge.stages.train.optim import MuonAdamW
 from moonforge.stages.train.schedule import lr_multiplier
@@ -77,8 +84,9 @@ def _autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
 
-def train_step(state: TrainState, micro_batches: list[Any], loss_fn: LossFn,
-               device: str, par=None) -> tuple[TrainState, dict[str, float]]:
+def train_step(
+    state: TrainState, micro_batches: list[Any], loss_fn: LossFn, device: str, par=None
+) -> tuple[TrainState, dict[str, float]]:
     """One optimizer step over `micro_batches` (gradient accumulation); returns step metrics.
 
     `par` (a stages.train.distributed.Parallel, None = one process): this rank runs only its
@@ -146,8 +154,15 @@ def set_train_mode(model: nn.Module, trainable: tuple[str, ...]) -> None:
             getattr(model, g).eval()
 
 
-def train(model: nn.Module, named_params: list[tuple[str, nn.Parameter]], batches: Iterator[Any],
-          loss_fn: LossFn, spec: TrainSpec, ctx: StageContext, model_cfg: VLMConfig) -> TrainState:
+def train(
+    model: nn.Module,
+    named_params: list[tuple[str, nn.Parameter]],
+    batches: Iterator[Any],
+    loss_fn: LossFn,
+    spec: TrainSpec,
+    ctx: StageContext,
+    model_cfg: VLMConfig,
+) -> TrainState:
     """Run `spec.num_steps` optimizer steps; log every `log_every`; checkpoint every
     `checkpoint_every` steps and at the end of the phase.
 
@@ -159,20 +174,25 @@ def train(model: nn.Module, named_params: list[tuple[str, nn.Parameter]], batche
     par = ctx.parallel
     # A resume point that is gone was rotated out by a newer checkpoint of this very run: we are
     # past it (a later phase), so this phase starts fresh.
-    resume = read_train_record(ctx.resume_from) if ctx.resume_from is not None and \
-        ctx.resume_from.exists() else None
+    resume = (
+        read_train_record(ctx.resume_from)
+        if ctx.resume_from is not None and ctx.resume_from.exists()
+        else None
+    )
     if resume is not None and spec.phase < resume.phase:  # finished before the crash
         done = resume.phases.get(spec.phase) or {}
         steps = int(done.get("steps", spec.num_steps))
         _fast_forward(batches, TrainRecord(steps, extra=done.get("extra") or {}), spec)
-        return TrainState(model, None, spec, steps, [dict(done.get("last") or {})],
-                          dict(resume.phases))
+        return TrainState(model, None, spec, steps, [dict(done.get("last") or {})], dict(resume.phases))
     record = None
     if resume is not None and spec.phase == resume.phase:
         # weights before the optimizer: ZeRO copies them at init
         record = read_train_state(model, ctx.resume_from, restore_rng=False)
-    optimizer = (MuonAdamW(named_params, spec.optimizer) if par is None else
-                 par.build_optimizer(model, named_params, spec.optimizer, spec.grad_accum))
+    optimizer = (
+        MuonAdamW(named_params, spec.optimizer)
+        if par is None
+        else par.build_optimizer(model, named_params, spec.optimizer, spec.grad_accum)
+    )
     state = TrainState(model, optimizer, spec, earlier=_earlier_phases(spec, ctx, record))
     if record is not None:
         state.optimizer.load_state_dict(record.optimizer)
@@ -191,8 +211,9 @@ def train(model: nn.Module, named_params: list[tuple[str, nn.Parameter]], batche
         gstep = spec.step_offset + state.step
         if state.step % spec.log_every == 0 or state.step == spec.num_steps:
             ctx.sink.log(gstep, {f"{spec.label}/{k}": v for k, v in metrics.items()})
-        if spec.checkpoint_every and (state.step % spec.checkpoint_every == 0
-                                      or state.step == spec.num_steps):
+        if spec.checkpoint_every and (
+            state.step % spec.checkpoint_every == 0 or state.step == spec.num_steps
+        ):
             _checkpoint(state, model_cfg, ctx, batches)
         ctx.progress(state.step, spec.num_steps, spec.label)
     ctx.sink.flush()
@@ -239,10 +260,19 @@ def _checkpoint(state: TrainState, model_cfg: VLMConfig, ctx: StageContext, batc
         if not par.is_writer:
             return
     extra = {"batches": data} if data is not None else {}
-    save_train_state(state.model, model_cfg, opt, state.step, ctx.out, phase=spec.phase,
-                     global_step=spec.step_offset + state.step, num_steps=spec.num_steps,
-                     last=state.history[-1] if state.history else {}, phases=state.earlier,
-                     extra=extra)
+    save_train_state(
+        state.model,
+        model_cfg,
+        opt,
+        state.step,
+        ctx.out,
+        phase=spec.phase,
+        global_step=spec.step_offset + state.step,
+        num_steps=spec.num_steps,
+        last=state.history[-1] if state.history else {},
+        phases=state.earlier,
+        extra=extra,
+    )
 
 
 @dataclass

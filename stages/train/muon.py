@@ -24,8 +24,13 @@ from torch import Tensor
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 
 
-def newton_schulz(grad_AB: Tensor, steps: int, eps: float, dtype: torch.dtype,
-                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> Tensor:
+def newton_schulz(
+    grad_AB: Tensor,
+    steps: int,
+    eps: float,
+    dtype: torch.dtype,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+) -> Tensor:
     """Approximate U V^T of grad = U S V^T with the quintic iteration (Keller Jordan's Muon).
 
     grad: one (A, B) matrix, or a batch (N, A, B) of independent matrices, each normalised and
@@ -46,8 +51,9 @@ def newton_schulz(grad_AB: Tensor, steps: int, eps: float, dtype: torch.dtype,
     return x.T if tall else x
 
 
-def _newton_schulz_batched(grad_NAB: Tensor, steps: int, eps: float, dtype: torch.dtype,
-                           coefficients: tuple[float, float, float]) -> Tensor:
+def _newton_schulz_batched(
+    grad_NAB: Tensor, steps: int, eps: float, dtype: torch.dtype, coefficients: tuple[float, float, float]
+) -> Tensor:
     a, b, c = coefficients
     x = grad_NAB.to(dtype)
     tall = grad_NAB.size(1) > grad_NAB.size(2)
@@ -77,21 +83,40 @@ def check_matrix_shape(shape: tuple[int, ...], matrices: tuple[int, int, int] | 
         return
     if len(shape) == 3 and matrices is not None and math.prod(matrices) == math.prod(shape):
         return
-    raise ValueError(f"Muon takes only 2-D parameters (or 3-D stacks of independent matrices "
-                     f"with their (N, A, B) in matrix_shapes), got shape {tuple(shape)}; route it "
-                     "to AdamW")
+    raise ValueError(
+        f"Muon takes only 2-D parameters (or 3-D stacks of independent matrices "
+        f"with their (N, A, B) in matrix_shapes), got shape {tuple(shape)}; route it "
+        "to AdamW"
+    )
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters and stacks of matrices; `ns_dtype=None` picks bf16 on CUDA and
     fp32 elsewhere. `matrix_shapes` maps a 3-D parameter to the (N, A, B) matrices it holds."""
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7,
-                 adjust_lr_fn: str = "match_rms_adamw", ns_dtype: torch.dtype | None = None,
-                 matrix_shapes: dict[Tensor, tuple[int, int, int]] | None = None):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        eps: float = 1e-7,
+        adjust_lr_fn: str = "match_rms_adamw",
+        ns_dtype: torch.dtype | None = None,
+        matrix_shapes: dict[Tensor, tuple[int, int, int]] | None = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            eps=eps,
+            adjust_lr_fn=adjust_lr_fn,
+            ns_dtype=ns_dtype,
+        )
         super().__init__(params, defaults)
         self.matrix_shapes = dict(matrix_shapes or {})
         for group in self.param_groups:
@@ -116,6 +141,5 @@ class Muon(torch.optim.Optimizer):
                 shape = self.matrix_shapes.get(p, p.shape)
                 update = newton_schulz(update.view(shape), g["ns_steps"], g["eps"], dtype)
                 p.mul_(1 - lr * g["weight_decay"])
-                p.add_(update.reshape(p.shape).to(p.dtype),
-                       alpha=-adjusted_lr(lr, shape, g["adjust_lr_fn"]))
+                p.add_(update.reshape(p.shape).to(p.dtype), alpha=-adjusted_lr(lr, shape, g["adjust_lr_fn"]))
         return loss

@@ -24,8 +24,14 @@ def token_ce(logits_BLV: Tensor, labels_BL: Tensor) -> tuple[Tensor, int]:
 
 
 def lm_forward(model: nn.Module, batch) -> Tensor:
-    return model(batch.input_ids_BL, batch.position_ids_BL, batch.doc_ids_BL,
-                 media_mask_BL=batch.media_mask_BL, pixels_NP=batch.pixels_NP, grid_hw=batch.grid_hw)
+    return model(
+        batch.input_ids_BL,
+        batch.position_ids_BL,
+        batch.doc_ids_BL,
+        media_mask_BL=batch.media_mask_BL,
+        pixels_NP=batch.pixels_NP,
+        grid_hw=batch.grid_hw,
+    )
 
 
 def lm_loss(model: nn.Module, batch) -> tuple[Tensor, dict[str, float]]:

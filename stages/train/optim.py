@@ -52,14 +52,25 @@ class MuonAdamW:
         self.optimizers: list[torch.optim.Optimizer] = []
         if muon:
             ns_dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
-            self.optimizers.append(Muon(
-                muon, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon.momentum,
-                nesterov=True, ns_steps=cfg.muon.ns_steps, adjust_lr_fn=cfg.muon.adjust_lr_fn,
-                ns_dtype=ns_dtype[cfg.muon.ns_dtype], matrix_shapes=stacked))
+            self.optimizers.append(
+                Muon(
+                    muon,
+                    lr=cfg.lr,
+                    weight_decay=cfg.weight_decay,
+                    momentum=cfg.muon.momentum,
+                    nesterov=True,
+                    ns_steps=cfg.muon.ns_steps,
+                    adjust_lr_fn=cfg.muon.adjust_lr_fn,
+                    ns_dtype=ns_dtype[cfg.muon.ns_dtype],
+                    matrix_shapes=stacked,
+                )
+            )
         if adamw:
-            self.optimizers.append(torch.optim.AdamW(
-                adamw, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adamw.betas,
-                eps=cfg.adamw.eps))
+            self.optimizers.append(
+                torch.optim.AdamW(
+                    adamw, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adamw.betas, eps=cfg.adamw.eps
+                )
+            )
         self.num_muon = sum(p.numel() for p in muon)
         self.num_adamw = sum(p.numel() for p in adamw)
 

@@ -40,9 +40,14 @@ def require(data: Mapping[str, DatasetRef], name: str, stage: str) -> DatasetRef
     return data[name]
 
 
-def open_model(base: Checkpoint | None, ctx: StageContext, seed: int,
-               model_cfg: VLMConfig | None = None, *,
-               activation_checkpointing: bool = False) -> tuple[VLM, VLMConfig]:
+def open_model(
+    base: Checkpoint | None,
+    ctx: StageContext,
+    seed: int,
+    model_cfg: VLMConfig | None = None,
+    *,
+    activation_checkpointing: bool = False,
+) -> tuple[VLM, VLMConfig]:
     """Build the VLM (seeded), load `base`'s weights, then the recipe's `init:` parts
     (ctx.init); `model_cfg` overrides the shape's runtime-settable fields (e.g. the long-context
     RoPE base). `activation_checkpointing` (the stage's Runtime field) then checkpoints every
@@ -73,8 +78,13 @@ def vision_spec(model_cfg: VLMConfig, max_patches: int | None = None) -> VisionS
     return VisionSpec(v.patch_size, v.merge_size, max_patches or v.max_patches)
 
 
-def finish(model: VLM, model_cfg: VLMConfig, ctx: StageContext, metrics: dict[str, float],
-           data: Mapping[str, DatasetRef]) -> StageResult:
+def finish(
+    model: VLM,
+    model_cfg: VLMConfig,
+    ctx: StageContext,
+    metrics: dict[str, float],
+    data: Mapping[str, DatasetRef],
+) -> StageResult:
     """Write the final checkpoint and eval.json under ctx.out; return the StageResult."""
     # Periodic checkpoints only matter for an unfinished run; the artifact is the final weights.
     shutil.rmtree(ctx.out / PERIODIC_DIR, ignore_errors=True)
@@ -87,17 +97,31 @@ def finish(model: VLM, model_cfg: VLMConfig, ctx: StageContext, metrics: dict[st
 
 def train_spec(cfg: StageConfig, **override) -> TrainSpec:
     """The loop's spec from a stage config (override num_steps / schedule / label per phase)."""
-    base = dict(num_steps=cfg.steps, optimizer=cfg.optimizer, schedule=cfg.schedule,
-                trainable=tuple(cfg.trainable), grad_accum=cfg.grad_accum,
-                router_bias_update=cfg.router_bias_update, log_every=cfg.log_every,
-                checkpoint_every=cfg.checkpoint_every, label=cfg.stage_name)
+    base = dict(
+        num_steps=cfg.steps,
+        optimizer=cfg.optimizer,
+        schedule=cfg.schedule,
+        trainable=tuple(cfg.trainable),
+        grad_accum=cfg.grad_accum,
+        router_bias_update=cfg.router_bias_update,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        label=cfg.stage_name,
+    )
     base.update(override)
     return TrainSpec(**base)
 
 
-def lm_stream(sources: Mapping[str, DocSource], weights_at, tok: Tokenizer, cfg: StageConfig,
-              model_cfg: VLMConfig, seq_len: int | None = None, rows: int | None = None,
-              par=None):
+def lm_stream(
+    sources: Mapping[str, DocSource],
+    weights_at,
+    tok: Tokenizer,
+    cfg: StageConfig,
+    model_cfg: VLMConfig,
+    seq_len: int | None = None,
+    rows: int | None = None,
+    par=None,
+):
     """Infinite packed micro-batches from a re-weighted source mixture; `par` (ctx.parallel):
     this rank builds only its own micro-batches, from its own share of every source; with
     cfg.num_workers > 0 loader processes build them (stages/data/loader_workers.py)."""
@@ -106,16 +130,41 @@ def lm_stream(sources: Mapping[str, DocSource], weights_at, tok: Tokenizer, cfg:
     rank, world = (par.rank, par.world_size) if par is not None else (0, 1)
 
     def make(worker: int = 0, num_workers: int = 1):
-        return lm_batches(sources, weights_at, tok, seq_len or cfg.seq_len, micro, cfg.seed,
-                          v.patch_size, v.merge_size, v.max_patches, rank, world, worker, num_workers)
+        return lm_batches(
+            sources,
+            weights_at,
+            tok,
+            seq_len or cfg.seq_len,
+            micro,
+            cfg.seed,
+            v.patch_size,
+            v.merge_size,
+            v.max_patches,
+            rank,
+            world,
+            worker,
+            num_workers,
+        )
 
     if cfg.num_workers:  # loader processes, each with its own share of every source
         return WorkerStream(make, rank, world, cfg.num_workers)
     return make()
 
 
-def eval_batches(source: DocSource, tok: Tokenizer, cfg: StageConfig, model_cfg: VLMConfig,
-                 seq_len: int | None = None, rows: int | None = None) -> list:
+def eval_batches(
+    source: DocSource,
+    tok: Tokenizer,
+    cfg: StageConfig,
+    model_cfg: VLMConfig,
+    seq_len: int | None = None,
+    rows: int | None = None,
+) -> list:
     """Held-out batches of `source` in index order (cfg.eval.num_examples documents)."""
-    return lm_eval_batches(source, tok, seq_len or cfg.seq_len, rows or cfg.eval.batch_size,
-                           vision_spec(model_cfg), max_docs=cfg.eval.num_examples)
+    return lm_eval_batches(
+        source,
+        tok,
+        seq_len or cfg.seq_len,
+        rows or cfg.eval.batch_size,
+        vision_spec(model_cfg),
+        max_docs=cfg.eval.num_examples,
+    )

@@ -45,8 +45,7 @@ class TrainRecord:
     """The optimizer state (read_train_state only)."""
 
     def describe(self) -> str:
-        return (f"phase {self.phase} step {self.step}/{self.num_steps} "
-                f"(global step {self.global_step})")
+        return f"phase {self.phase} step {self.step}/{self.num_steps} (global step {self.global_step})"
 
 
 def complete_record(path: Path) -> dict | None:
@@ -56,7 +55,8 @@ def complete_record(path: Path) -> dict | None:
         record = json.loads((path / TRAIN_STATE_FILE).read_text())
         files = record["files"]
         if record.get("format") != FORMAT or not all(
-                (path / name).stat().st_size == size for name, size in files.items()):
+            (path / name).stat().st_size == size for name, size in files.items()
+        ):
             return None
         return record
     except (OSError, ValueError, KeyError, TypeError):
@@ -64,11 +64,15 @@ def complete_record(path: Path) -> dict | None:
 
 
 def as_record(raw: dict) -> TrainRecord:
-    return TrainRecord(step=int(raw["step"]), phase=int(raw.get("phase", 0)),
-                       global_step=int(raw.get("global_step", raw["step"])),
-                       num_steps=int(raw.get("num_steps", 0)), last=dict(raw.get("last") or {}),
-                       phases={int(k): v for k, v in (raw.get("phases") or {}).items()},
-                       extra=dict(raw.get("extra") or {}))
+    return TrainRecord(
+        step=int(raw["step"]),
+        phase=int(raw.get("phase", 0)),
+        global_step=int(raw.get("global_step", raw["step"])),
+        num_steps=int(raw.get("num_steps", 0)),
+        last=dict(raw.get("last") or {}),
+        phases={int(k): v for k, v in (raw.get("phases") or {}).items()},
+        extra=dict(raw.get("extra") or {}),
+    )
 
 
 def is_complete(path: Path) -> bool:
@@ -87,8 +91,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     for p in steps:
         if is_complete(p):
             return p
-        log.warning("skipping incomplete or old-format checkpoint %s (no complete %s)", p,
-                    TRAIN_STATE_FILE)
+        log.warning("skipping incomplete or old-format checkpoint %s (no complete %s)", p, TRAIN_STATE_FILE)
     return None
 
 
@@ -96,7 +99,9 @@ def read_train_record(path: Path) -> TrainRecord:
     """The JSON part of a periodic checkpoint (phase, step, metrics, extra): no tensors loaded."""
     raw = complete_record(path)
     if raw is None:
-        raise FileNotFoundError(f"{path} is not a complete periodic checkpoint (no valid "
-                                f"{TRAIN_STATE_FILE}); it was torn by a crash or is from an older "
-                                "moonforge; delete it and the stage starts from its first step")
+        raise FileNotFoundError(
+            f"{path} is not a complete periodic checkpoint (no valid "
+            f"{TRAIN_STATE_FILE}); it was torn by a crash or is from an older "
+            "moonforge; delete it and the stage starts from its first step"
+        )
     return as_record(raw)

@@ -49,16 +49,34 @@ class ZeroMuonAdamW(torch.optim.Optimizer):
         # The single-process optimizer's layout: which (optimizer, index) each parameter is there.
         reference = MuonAdamW(named_params, cfg)
         self._template = reference.state_dict()
-        index = {id(p): (i, j) for i, opt in enumerate(reference.optimizers)
-                 for j, p in enumerate(opt.param_groups[0]["params"])}
-        groups = [{"params": [p], "name": n, "shape": tuple(p.shape), "numel": p.numel(),
-                   "matrices": matrix_shape(n, p) or tuple(p.shape),
-                   "kind": "muon" if cfg.use_muon and is_muon_param(n, p) else "adamw",
-                   "ref": index[id(p)]} for n, p in named_params]
-        defaults = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon.momentum,
-                        ns_steps=cfg.muon.ns_steps, ns_eps=1e-7, adjust_lr_fn=cfg.muon.adjust_lr_fn,
-                        ns_dtype=_NS_DTYPES[cfg.muon.ns_dtype], betas=cfg.adamw.betas,
-                        eps=cfg.adamw.eps)
+        index = {
+            id(p): (i, j)
+            for i, opt in enumerate(reference.optimizers)
+            for j, p in enumerate(opt.param_groups[0]["params"])
+        }
+        groups = [
+            {
+                "params": [p],
+                "name": n,
+                "shape": tuple(p.shape),
+                "numel": p.numel(),
+                "matrices": matrix_shape(n, p) or tuple(p.shape),
+                "kind": "muon" if cfg.use_muon and is_muon_param(n, p) else "adamw",
+                "ref": index[id(p)],
+            }
+            for n, p in named_params
+        ]
+        defaults = dict(
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.muon.momentum,
+            ns_steps=cfg.muon.ns_steps,
+            ns_eps=1e-7,
+            adjust_lr_fn=cfg.muon.adjust_lr_fn,
+            ns_dtype=_NS_DTYPES[cfg.muon.ns_dtype],
+            betas=cfg.adamw.betas,
+            eps=cfg.adamw.eps,
+        )
         super().__init__(groups, defaults)
 
     # DeepSpeed swaps `param_groups` to one group at a time and calls step() per group.
@@ -82,23 +100,24 @@ class ZeroMuonAdamW(torch.optim.Optimizer):
         dtype = g["ns_dtype"] or (torch.bfloat16 if p.is_cuda else torch.float32)
         ortho = newton_schulz(full, g["ns_steps"], g["ns_eps"], dtype).to(p.dtype)
         p.mul_(1 - lr * g["weight_decay"])
-        p.add_(self._local(ortho.reshape(g["shape"]), p),
-               alpha=-adjusted_lr(lr, torch.Size(g["matrices"]), g["adjust_lr_fn"]))
+        p.add_(
+            self._local(ortho.reshape(g["shape"]), p),
+            alpha=-adjusted_lr(lr, torch.Size(g["matrices"]), g["adjust_lr_fn"]),
+        )
 
     def _adamw(self, p: Tensor, g: dict) -> None:
         """torch.optim.AdamW's single-tensor update (no amsgrad), elementwise on the slice."""
         (b1, b2), lr = g["betas"], g["lr"]
         st = self.state[p]
         if not st:
-            st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                      exp_avg_sq=torch.zeros_like(p))
+            st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         st["step"] += 1
         t = st["step"].item()
         p.mul_(1 - lr * g["weight_decay"])
         st["exp_avg"].lerp_(p.grad, 1 - b1)
         st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-        denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** t)).add_(g["eps"])
-        p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+        denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2**t)).add_(g["eps"])
+        p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1**t))
 
     @staticmethod
     def _sharded(p: Tensor, g: dict) -> bool:
@@ -129,8 +148,12 @@ class ZeroMuonAdamW(torch.optim.Optimizer):
     # -- world-size-free checkpoints ------------------------------------------------------------
     def full_state_dict(self) -> dict[str, Any]:
         """The single-process MuonAdamW.state_dict() (collective: every rank must call it)."""
-        sd = {"optimizers": [{"state": {}, "param_groups": [dict(pg) for pg in o["param_groups"]]}
-                             for o in self._template["optimizers"]]}
+        sd = {
+            "optimizers": [
+                {"state": {}, "param_groups": [dict(pg) for pg in o["param_groups"]]}
+                for o in self._template["optimizers"]
+            ]
+        }
         for g in self.param_groups:
             p = g["params"][0]
             i, j = g["ref"]
@@ -151,6 +174,6 @@ class ZeroMuonAdamW(torch.optim.Optimizer):
             st = sd["optimizers"][i]["state"].get(j)
             if st is None:
                 continue
-            self.state[p] = {k: (v.clone() if k == "step" else self._local(v.to(p), p).clone())
-                             for k, v in st.items()}
-
+            self.state[p] = {
+                k: (v.clone() if k == "step" else self._local(v.to(p), p).clone()) for k, v in st.items()
+            }
