@@ -42,12 +42,16 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 Backend = Literal["auto", "sdpa", "dense", "padded", "flash", "flex"]
 BACKENDS = ("auto", "sdpa", "dense", "padded", "flash", "flex")
@@ -58,7 +62,9 @@ try:  # guarded: flash-attn is an optional CUDA extra
 except Exception:  # noqa: BLE001 - any import failure (missing, wrong CUDA) means "not available"
     _flash_varlen = None
 try:  # torch >= 2.10: flash varlen in torch itself (CUDA)
-    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
+    from torch.nn.attention.varlen import varlen_attn
+
+    _torch_varlen: Callable[..., Any] | None = varlen_attn  # its keywords differ across torch versions
 except Exception:  # noqa: BLE001
     _torch_varlen = None
 
@@ -196,7 +202,7 @@ class AttnMeta:
     segments: SegmentPlan | None = None
     cu_seqlens_S1: Tensor | None = None
     max_seqlen: int = 0
-    block_mask: object | None = None
+    block_mask: BlockMask | None = None
 
 
 def _half(dtype: torch.dtype) -> bool:
@@ -266,7 +272,7 @@ def _sdpa_meta(doc_ids_BL: Tensor, causal: bool) -> AttnMeta:
     return AttnMeta("dense", causal, doc_ids_BL, mask_B1LL=block_mask(doc_ids_BL, causal))
 
 
-def _flex_block_mask(seg_BL: Tensor, causal: bool):
+def _flex_block_mask(seg_BL: Tensor, causal: bool) -> BlockMask:
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -291,6 +297,7 @@ def attention(
     if meta.kernel == "dense":
         return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLE, attn_mask=meta.mask_B1LL, scale=scale)
     if meta.kernel == "padded":
+        assert meta.segments is not None  # attention_meta plans segments for the padded kernel
         return _sdpa_segments(q_BHLD, k_BHLD, v_BHLE, meta.segments, meta.causal, scale)
     if meta.kernel == "varlen":
         return _flash(q_BHLD, k_BHLD, v_BHLE, meta, scale)
@@ -377,7 +384,7 @@ def _sdpa_segments(
     return out_THE.view(B, L, H, -1).transpose(1, 2)
 
 
-def _varlen_kernel():
+def _varlen_kernel() -> tuple[Callable[..., Any], str]:
     if _flash_varlen is not None:
         return _flash_varlen, "flash_attn"
     if _torch_varlen is not None:
@@ -425,7 +432,7 @@ def _flash(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, meta: AttnMeta, scale
     return out_THE[..., :Dv].reshape(B, L, H, Dv).transpose(1, 2)
 
 
-_compiled_flex = None
+_compiled_flex: Callable[..., Tensor] | None = None
 
 
 def _flex(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, meta: AttnMeta, scale: float | None) -> Tensor:
@@ -434,7 +441,7 @@ def _flex(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, meta: AttnMeta, scale:
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    fn = flex_attention
+    fn: Callable[..., Tensor] = flex_attention
     if q_BHLD.is_cuda:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)

@@ -57,7 +57,8 @@ class TowerBlock(nn.Module):
     def forward(self, x_BLC: Tensor, meta: AttnMeta) -> Tensor:
         B, L, C = x_BLC.shape
         qkv_3BHLc = self.wqkv(self.norm0(x_BLC)).view(B, L, 3, self.H, -1).permute(2, 0, 3, 1, 4)
-        out_BHLc = attention(*qkv_3BHLc, meta)
+        q_BHLc, k_BHLc, v_BHLc = qkv_3BHLc.unbind(0)
+        out_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, meta)
         x_BLC = x_BLC + self.wo(out_BHLc.transpose(1, 2).reshape(B, L, C))
         return x_BLC + self.fc1(F.gelu(self.fc0(self.norm1(x_BLC)), approximate="tanh"))
 
@@ -137,8 +138,9 @@ class CaptionTowers(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
+                bias = getattr(m, "bias", None)
+                if bias is not None:
+                    nn.init.zeros_(bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

@@ -133,7 +133,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
         """Rows of x_AD sorted by expert (counts_E[e] rows for expert e, on the device) -> y_AD."""
-        gate_up, down = self.gate_up, self.down
+        gate_up: Tensor = self.gate_up
+        down: Tensor = self.down
         if x_AD.is_cuda and torch.is_autocast_enabled("cuda"):  # what autocast does to a Linear
             dtype = torch.get_autocast_dtype("cuda")
             x_AD, gate_up, down = x_AD.to(dtype), gate_up.to(dtype), down.to(dtype)
@@ -166,6 +167,7 @@ class GroupedExperts(nn.Module):
 
     @staticmethod
     def _grouped_mm(x_AD: Tensor, counts_E: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+        assert _GROUPED_MM is not None  # _use_grouped_mm checked grouped_mm_available
         offs_E = counts_E.cumsum(0).to(torch.int32)
         h_AX = _GROUPED_MM(x_AD, gate_up.transpose(-2, -1), offs=offs_E)
         gate_AF, up_AF = h_AX.chunk(2, dim=-1)

@@ -38,6 +38,8 @@ V vocab, T = B*L tokens, Q new positions of a cached step, K cached positions in
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -334,7 +336,7 @@ class MoELM(nn.Module):
         # Look positions up in a table sized for the largest one: a decode step has L = 1.
         cos_LP, sin_LP = self.rope.table(int(position_ids_BQ.max()) + 1, h_BQD.device)
         cos_BQP, sin_BQP = cos_LP[position_ids_BQ], sin_LP[position_ids_BQ]
-        for layer, layer_cache in zip(self.layers, cache.layers):
+        for layer, layer_cache in zip(cast(Iterable[DecoderBlock], self.layers), cache.layers):
             h_BQD = layer.forward_cached(h_BQD, cos_BQP, sin_BQP, doc_ids_BK, layer_cache, start)
         cache.advance(Q)
         return self.norm(h_BQD)
@@ -353,12 +355,17 @@ class MoELM(nn.Module):
         """
         if (input_ids_BL is None) == (inputs_embeds_BLD is None):
             raise ValueError("pass exactly one of input_ids_BL and inputs_embeds_BLD")
-        h_BLD = self.embed(input_ids_BL) if inputs_embeds_BLD is None else inputs_embeds_BLD
+        if inputs_embeds_BLD is None:
+            assert input_ids_BL is not None  # exactly one of the two, checked above
+            h_BLD = self.embed(input_ids_BL)
+        else:
+            h_BLD = inputs_embeds_BLD
         return self.logits(self.hidden(h_BLD, position_ids_BL, doc_ids_BL))
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         """(layer index, MoE) for every MoE block."""
-        return [(i, blk.mlp) for i, blk in enumerate(self.layers) if blk.is_moe]
+        blocks = cast(Iterable[DecoderBlock], self.layers)
+        return [(i, cast(MoE, blk.mlp)) for i, blk in enumerate(blocks) if blk.is_moe]
 
     def update_router_biases(self, u: float) -> dict[str, float]:
         """Apply the aux-loss-free bias step to every MoE layer; returns load-imbalance metrics.

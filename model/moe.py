@@ -56,6 +56,9 @@ class Router(nn.Module):
     forward(x_TD) -> (idx_TK long expert ids, weights_TK fp32 mixing weights).
     """
 
+    e_score_correction_bias: Tensor
+    load_counts: Tensor
+
     def __init__(
         self,
         dim: int,

@@ -201,6 +201,7 @@ class Tokenizer:
                 "an imported one: add them with moonforge.model.hf_tokenizer.ensure_media_tokens "
                 "and grow the embedding rows to match (moonforge.model.vocab_growth.grow_vocab)"
             )
+        assert eos is not None and pad is not None  # a missing one is in `missing`, refused above
         self._special = have
         self.special_ids = frozenset(have.values())
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)

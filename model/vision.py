@@ -82,6 +82,7 @@ class VisionBlock(nn.Module):
         qkv_3HND = self.wqkv(x_ND).view(N, 3, self.num_heads, -1).permute(1, 2, 0, 3)
         q_HND, k_HND = qkv_3HND[0], qkv_3HND[1]
         if cos_NP is not None:
+            assert sin_NP is not None  # the rope tables come as a pair
             q_HND = apply_rotary(q_HND, cos_NP, sin_NP)
             k_HND = apply_rotary(k_HND, cos_NP, sin_NP)
         out_1HND = attention(q_HND[None], k_HND[None], qkv_3HND[2][None], meta)

@@ -78,6 +78,8 @@ class VLM(nn.Module):
                 f"{img_MD.shape[0]} image tokens (grid_hw={grid_hw.tolist()}); "
                 "the placeholder count must equal sum(h*w/merge^2)"
             )
+        if media_mask_BL is None:  # only reachable when the images give 0 tokens
+            raise ValueError("pixels_NP / grid_hw were given without media_mask_BL")
         return h_BLD.masked_scatter(media_mask_BL[..., None], img_MD.to(h_BLD.dtype))
 
     def forward(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from pydantic import BaseModel
@@ -208,7 +209,7 @@ def state_from_hf(
     hf_state: Mapping[str, Tensor], parts: Mapping[str, BaseModel], hf_config: Mapping
 ) -> dict[str, Tensor]:
     """Our "lm."-prefixed state from DeepseekV3 tensors (per-expert or fused experts)."""
-    lm = parts["lm"]
+    lm = cast(LMConfig, parts["lm"])
     reader = TensorReader(hf_state)
     interleaved = _value(hf_config, "rope_interleave")
     out: dict[str, Tensor] = {}
@@ -235,7 +236,7 @@ def hf_from_parts(parts: Mapping[str, BaseModel]) -> dict:
     the keys vLLM needs (topk_method, scoring_func). Special-token ids are left null (the
     exporter sets them from the tokenizer); dtype is float32, moonforge's checkpoint dtype (an
     exporter that casts the tensors sets its own)."""
-    lm: LMConfig = parts["lm"]
+    lm = cast(LMConfig, parts["lm"])
     if lm.attention != "mla":
         raise InteropError(
             "deepseek_v3 export needs attention: mla; a dense mha LM exports as llama / qwen2 (dense_lm)"
@@ -295,7 +296,7 @@ def hf_from_parts(parts: Mapping[str, BaseModel]) -> dict:
 def state_to_hf(state: Mapping[str, Tensor], parts: Mapping[str, BaseModel]) -> dict[str, Tensor]:
     """DeepseekV3 tensors (per-expert names, interleaved rope rows) from our "lm." state; a tied
     LM writes no lm_head.weight, as save_pretrained does."""
-    lm: LMConfig = parts["lm"]
+    lm = cast(LMConfig, parts["lm"])
     out: dict[str, Tensor] = {}
     tensors = dict(our_lm_tensors(state, lm))
     for key, t in tensors.items():

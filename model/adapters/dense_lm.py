@@ -26,6 +26,7 @@ Legend: H query heads, Hkv key/value heads, Dh head dim, D hidden.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 from pydantic import BaseModel
 from torch import Tensor
@@ -46,7 +47,8 @@ from moonforge.model.config import LMConfig
 
 MODEL_TYPES = ("llama", "qwen2")
 
-_DEFAULTS = {  # transformers 5.23 LlamaConfig / Qwen2Config defaults for keys a config may omit
+# transformers 5.23 LlamaConfig / Qwen2Config defaults for keys a config may omit
+_DEFAULTS: dict[str, dict[str, object]] = {
     "llama": {
         "num_key_value_heads": None,
         "hidden_act": "silu",
@@ -142,7 +144,7 @@ def state_from_hf(
     hf_state: Mapping[str, Tensor], parts: Mapping[str, BaseModel], hf_config: Mapping
 ) -> dict[str, Tensor]:
     """Our "lm."-prefixed state from Llama / Qwen2 tensors (q/k rows to adjacent rope pairs)."""
-    lm: LMConfig = parts["lm"]
+    lm = cast(LMConfig, parts["lm"])
     reader = TensorReader(hf_state)
     out = {
         "lm." + key: _rotary_rows(key, reader.get(_hf_name(key), shape), lm, pairs_from_halves)
@@ -172,7 +174,7 @@ def hf_from_parts(parts: Mapping[str, BaseModel]) -> dict:
     """The config.json transformers 5.23 writes for LlamaForCausalLM / Qwen2ForCausalLM of this
     shape (Qwen2 when the LM has q/k/v biases but no o_proj bias). Special-token ids are left null
     (the exporter sets them from the tokenizer); dtype is float32, moonforge's checkpoint dtype."""
-    lm: LMConfig = parts["lm"]
+    lm = cast(LMConfig, parts["lm"])
     kind = _export_kind(lm)
     cfg = {
         "architectures": ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"],
@@ -212,7 +214,7 @@ def hf_from_parts(parts: Mapping[str, BaseModel]) -> dict:
 def state_to_hf(state: Mapping[str, Tensor], parts: Mapping[str, BaseModel]) -> dict[str, Tensor]:
     """Llama / Qwen2 tensors (rotate-half q/k rows) from our "lm." state; a tied LM writes no
     lm_head.weight, as save_pretrained does."""
-    lm: LMConfig = parts["lm"]
+    lm = cast(LMConfig, parts["lm"])
     _export_kind(lm)
     return {
         _hf_name(key): _rotary_rows(key, t, lm, halves_from_pairs) for key, t in our_lm_tensors(state, lm)

@@ -36,6 +36,7 @@ C_in = m*m*D projector input, F projector hidden, E LM width.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 from pydantic import BaseModel, ValidationError
 from torch import Tensor
@@ -179,7 +180,7 @@ def parts_from_hf(hf_config: Mapping) -> dict[str, BaseModel]:
 def _vision_projector_from_hf(
     hf_state: Mapping[str, Tensor], parts: Mapping[str, BaseModel]
 ) -> tuple[dict[str, Tensor], set[str]]:
-    vision: VisionConfig = parts["vision"]
+    vision = cast(VisionConfig, parts["vision"])
     D, p = vision.hidden_size, vision.patch_size
     name = VISION + "patch_embed.proj.weight"
     out = {
@@ -188,7 +189,9 @@ def _vision_projector_from_hf(
         )
     }
     used = {name}
-    rows = _vision_tensors(vision) + _projector_tensors(vision, parts["projector"], parts["lm"].hidden_size)
+    projector = cast(ProjectorConfig, parts["projector"])
+    lm = cast(LMConfig, parts["lm"])
+    rows = _vision_tensors(vision) + _projector_tensors(vision, projector, lm.hidden_size)
     for ours, hf, shape in rows:
         out[ours] = expect_shape(hf, take(hf_state, hf), shape)
         used.add(hf)
@@ -215,9 +218,9 @@ def state_from_hf(
 
 def check_exportable(parts: Mapping[str, BaseModel]) -> None:
     """InteropError when the shapes have no Kimi-VL expression (named, with the reason)."""
-    vision: VisionConfig = parts["vision"]
-    projector: ProjectorConfig = parts["projector"]
-    lm: LMConfig = parts["lm"]
+    vision = cast(VisionConfig, parts["vision"])
+    projector = cast(ProjectorConfig, parts["projector"])
+    lm = cast(LMConfig, parts["lm"])
     if lm.attention != "mla":
         ffn = (
             "a dense SwiGLU FFN in every layer"
@@ -259,8 +262,8 @@ def hf_from_parts(parts: Mapping[str, BaseModel], token_ids: Mapping[str, int] |
     media_placeholder_token_id: vLLM defaults it to 163605). Raises InteropError (check_exportable).
     """
     check_exportable(parts)
-    vision: VisionConfig = parts["vision"]
-    lm: LMConfig = parts["lm"]
+    vision = cast(VisionConfig, parts["vision"])
+    lm = cast(LMConfig, parts["lm"])
     text = {
         k: v
         for k, v in deepseek_v3.hf_from_parts({"lm": lm}).items()
@@ -294,7 +297,7 @@ def hf_from_parts(parts: Mapping[str, BaseModel], token_ids: Mapping[str, int] |
         "vocab_size": lm.vocab_size,
         "tie_word_embeddings": False,
         "ignore_index": IGNORE_INDEX,
-        "projector_layer_norm_eps": parts["projector"].layer_norm_eps,
+        "projector_layer_norm_eps": cast(ProjectorConfig, parts["projector"]).layer_norm_eps,
         **dict(token_ids),
     }
 
@@ -304,11 +307,13 @@ def state_to_hf(state: Mapping[str, Tensor], parts: Mapping[str, BaseModel]) -> 
     ("caption.") are stage-1 only and not exported. Raises InteropError (check_exportable, or a
     missing / wrong-shaped tensor named)."""
     check_exportable(parts)
-    vision: VisionConfig = parts["vision"]
+    vision = cast(VisionConfig, parts["vision"])
     D, p = vision.hidden_size, vision.patch_size
     patch_DP = our_tensor(state, "vision.patch_embed.weight", (D, 3 * p * p))
     out = {VISION + "patch_embed.proj.weight": patch_DP.reshape(D, 3, p, p).contiguous()}
-    rows = _vision_tensors(vision) + _projector_tensors(vision, parts["projector"], parts["lm"].hidden_size)
+    projector = cast(ProjectorConfig, parts["projector"])
+    lm = cast(LMConfig, parts["lm"])
+    rows = _vision_tensors(vision) + _projector_tensors(vision, projector, lm.hidden_size)
     for ours, hf, shape in rows:
         out[hf] = our_tensor(state, ours, shape)
     lm_state = {k: v for k, v in state.items() if k.startswith("lm.")}

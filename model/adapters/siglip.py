@@ -29,6 +29,7 @@ Legend: D hidden, p patch side, G pos-grid side, I MLP width, L layers.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -173,7 +174,7 @@ def state_from_hf(
     afterwards with `resample_pos_grid`. Raises InteropError naming a missing tensor, a tensor
     whose shape disagrees (both shapes), or tower tensors this mapping does not know.
     """
-    cfg: VisionConfig = parts["vision"]
+    cfg = cast(VisionConfig, parts["vision"])
     pre = tower_prefix(hf_state)
     D, p, G = cfg.hidden_size, cfg.patch_size, cfg.pos_grid
     used: set[str] = set()
@@ -191,7 +192,7 @@ def state_from_hf(
     }
     for i in range(cfg.num_layers):
         for t in ("weight", "bias"):
-            shape = (D, D) if t == "weight" else (D,)
+            shape: tuple[int, ...] = (D, D) if t == "weight" else (D,)
             qkv = [get(f"encoder.layers.{i}.self_attn.{n}_proj.{t}", shape) for n in "qkv"]
             out[f"vision.blocks.{i}.wqkv.{t}"] = torch.cat(qkv)  # [Q; K; V], each head-major
         for ours, hf, shape in block_tensors(cfg, i):
@@ -238,7 +239,7 @@ def hf_from_parts(parts: Mapping[str, BaseModel]) -> dict:
     transformers' SiglipVisionModel then computes without RoPE (as `use_rope: false` does).
     rope_theta, merge_size and max_patches have no SigLIP field either and are not written.
     """
-    cfg: VisionConfig = parts["vision"]
+    cfg = cast(VisionConfig, parts["vision"])
     return {
         "model_type": "siglip_vision_model",
         "architectures": ["SiglipVisionModel"],
@@ -260,7 +261,7 @@ def state_to_hf(state: Mapping[str, Tensor], parts: Mapping[str, BaseModel]) -> 
     """SigLIP tower tensors (bare `siglip_vision_model` names) from our "vision."-prefixed state:
     wqkv split back into q/k/v_proj, the (G, G, D) grid flattened to [G*G, D], the patch Linear
     reshaped to the Conv2d [D, 3, p, p]. state_from_hf(state_to_hf(s)) == s bit for bit."""
-    cfg: VisionConfig = parts["vision"]
+    cfg = cast(VisionConfig, parts["vision"])
     D, p, G = cfg.hidden_size, cfg.patch_size, cfg.pos_grid
 
     def get(name: str, shape: tuple[int, ...]) -> Tensor:
@@ -277,7 +278,7 @@ def state_to_hf(state: Mapping[str, Tensor], parts: Mapping[str, BaseModel]) -> 
     }
     for i in range(cfg.num_layers):
         for t in ("weight", "bias"):
-            shape = (3 * D, D) if t == "weight" else (3 * D,)
+            shape: tuple[int, ...] = (3 * D, D) if t == "weight" else (3 * D,)
             q, k, v = get(f"blocks.{i}.wqkv.{t}", shape).chunk(3)
             for n, x in zip("qkv", (q, k, v)):  # clone: safetensors refuses shared storage
                 out[f"encoder.layers.{i}.self_attn.{n}_proj.{t}"] = x.clone()
