@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,8 +52,8 @@ from moonforge.stages.rl.verifiers import RewardError, VerifyStats, score
 from moonforge.stages.stage_configs import Long2ShortConfig
 from moonforge.stages.train.checkpoint import load_weights, save_weights
 from moonforge.stages.train.freeze import apply_trainable
+from moonforge.stages.train.loop import LossFn, TrainSpec, TrainState, train_step
 from moonforge.stages.train.optim import MuonAdamW
-from moonforge.stages.train.schedule import lr_multiplier
 from moonforge.stages.train.stage_io import finish, open_model, open_tokenizer, vision_spec
 
 REPEAT = (8, 4)
@@ -102,32 +103,34 @@ def _train(
     cfg: Long2ShortConfig,
     ctx: StageContext,
     label: str,
-    loss_fn: Callable[[int], tuple[Tensor, dict[str, float]]],
+    step_batches: Callable[[int], list[tuple[Any, float]]],
+    loss_fn: LossFn,
 ) -> list[float]:
-    """cfg.steps optimizer steps of `loss_fn(step)` with a fresh MuonAdamW; returns the losses."""
+    """cfg.steps steps of the shared train_step with a fresh optimizer; returns the losses.
+    `step_batches(step)`: that step's micro-batches with their weights in the step's loss."""
     named = apply_trainable(model, cfg.trainable)
-    opt, losses = MuonAdamW(named, cfg.optimizer), []
+    par = ctx.parallel
+    opt = (
+        MuonAdamW(named, cfg.optimizer)
+        if par is None
+        else par.build_optimizer(model, named, cfg.optimizer, cfg.grad_accum // par.world_size)
+    )
+    spec = TrainSpec(cfg.steps, cfg.optimizer, cfg.schedule, tuple(cfg.trainable), label=label)
+    state, losses = TrainState(model, opt, spec), []
     model.eval()  # no dropout; MoE router bias frozen as in the RL stage
     for step in range(cfg.steps):
-        opt.set_lr(cfg.optimizer.lr * lr_multiplier(step, cfg.steps, cfg.schedule))
-        opt.zero_grad()
-        loss, metrics = loss_fn(step)
-        if not torch.isfinite(loss):
-            raise ValueError(f"{label}: loss is {loss.item()} at step {step}; lower optimizer.lr")
-        loss.backward()
-        clip = cfg.optimizer.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], clip).item()
-        opt.step()
-        losses.append(loss.item())
-        ctx.sink.log(
-            step + 1,
-            {
-                f"{label}/loss": loss.item(),
-                f"{label}/grad_norm": grad_norm,
-                **{f"{label}/{k}": v for k, v in metrics.items()},
-            },
+        parts = step_batches(step)
+        state, m = train_step(
+            state, [b for b, _ in parts], loss_fn, ctx.device, par, weights=[w for _, w in parts]
         )
+        losses.append(m["loss"])
+        ctx.sink.log(step + 1, {f"{label}/{k}": v for k, v in m.items()})
     return losses
+
+
+def _micro(rows: list[int], size: int) -> list[list[int]]:
+    """A step's rows cut into micro-batches of `size` rows."""
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
 def _batch(n: int, step: int, rows: int, seed: int) -> list[int]:
@@ -150,15 +153,19 @@ def shortest_rs(
     if not data:
         return None
 
-    def loss_fn(step: int):
-        batch = [data[i] for i in _batch(len(data), step, cfg.batch_size, cfg.seed)]
-        logp = response_logprobs(
-            model, [b[0] for b in batch], [b[1] for b in batch], media_pad_id=tok.media_pad_id
-        )
-        tokens = sum(len(b[1]) for b in batch)
-        return -logp.sum() / tokens, {"tokens": float(tokens)}
+    def step_batches(step: int) -> list[tuple[Any, float]]:
+        rows = _batch(len(data), step, cfg.batch_size, cfg.seed)
+        tokens = sum(len(data[i][1]) for i in rows)  # the step's loss is per response token
+        return [((mb, tokens), 1.0) for mb in _micro(rows, cfg.micro_batch_size or cfg.batch_size)]
 
-    losses = _train(model, cfg, ctx, "long2short_shortest_rs", loss_fn)
+    def loss_fn(model: nn.Module, mb: tuple[list[int], int]) -> tuple[Tensor, dict[str, float]]:
+        rows, tokens = mb
+        logp = response_logprobs(
+            model, [data[i][0] for i in rows], [data[i][1] for i in rows], media_pad_id=tok.media_pad_id
+        )
+        return -logp.sum() / tokens, {"tokens": float(sum(len(data[i][1]) for i in rows))}
+
+    losses = _train(model, cfg, ctx, "long2short_shortest_rs", step_batches, loss_fn)
     return {
         "examples": float(len(data)),
         "loss_first": losses[0],
@@ -190,8 +197,12 @@ def dpo(
         ref_w = response_logprobs(model, its, chosen, media_pad_id=tok.media_pad_id)
         ref_l = response_logprobs(model, its, rejected, media_pad_id=tok.media_pad_id)
 
-    def loss_fn(step: int):
+    def step_batches(step: int) -> list[tuple[Any, float]]:
         idx = _batch(len(pairs), step, max(1, cfg.batch_size // 2), cfg.seed)
+        size = max(1, (cfg.micro_batch_size or cfg.batch_size) // 2)
+        return [(mb, len(mb) / len(idx)) for mb in _micro(idx, size)]  # dpo_loss is a mean over pairs
+
+    def loss_fn(model: nn.Module, idx: list[int]) -> tuple[Tensor, dict[str, float]]:
         both = response_logprobs(
             model,
             [its[i] for i in idx] * 2,
@@ -200,7 +211,7 @@ def dpo(
         )
         return dpo_loss(both[: len(idx)], both[len(idx) :], ref_w[idx], ref_l[idx], cfg.dpo_beta)
 
-    losses = _train(model, cfg, ctx, "long2short_dpo", loss_fn)
+    losses = _train(model, cfg, ctx, "long2short_dpo", step_batches, loss_fn)
     return {"pairs": float(len(pairs)), "loss_first": losses[0], "loss_last": losses[-1]}
 
 

@@ -107,7 +107,7 @@ def test_rl_sources_are_ascii_and_import_no_orchestration():
     for path in sorted(root.glob("*.py")):
         text = path.read_text()
         assert text.isascii(), path.name
-        assert len(text.splitlines()) <= 220, path.name
+        assert len(text.splitlines()) <= 300, path.name  # style.md: stages/*.py at most ~300 lines
         for node in ast.walk(ast.parse(text)):
             names = (
                 [a.name for a in node.names]
@@ -118,3 +118,21 @@ def test_rl_sources_are_ascii_and_import_no_orchestration():
             )
             for n in names:
                 assert n.split(".")[0] not in {"prefect", "mlflow", "dvc"}, (path.name, n)
+
+
+def test_opmd_forwards_keep_groups_whole_and_share_evenly_over_ranks():
+    import pytest
+
+    from moonforge.stages.rl.opmd_update import forwards
+
+    gids = [g for g, n in (("a", 3), ("b", 3), ("c", 2), ("d", 4), ("e", 3)) for _ in range(n)]
+    for ranks in (1, 2, 3, 4, 5):
+        for rows in (1, 4, 6, 100):
+            parts = forwards(gids, rows, ranks)
+            assert [i for p in parts for i in p] == list(range(len(gids)))  # every row once, in order
+            assert all(p for p in parts) and len(parts) % ranks == 0
+            for p in parts:  # a group is never split over forwards
+                assert not any(gids[i] in {gids[j] for q in parts if q is not p for j in q} for i in p)
+    assert forwards(gids, 6, 1) == forwards(gids, 6)  # one process: the plain cut
+    with pytest.raises(ValueError, match="5 finished prompt group.*cannot be shared by 6 ranks"):
+        forwards(gids, 4, 6)

@@ -18,6 +18,7 @@ import yaml
 
 import moonforge.stages.long2short as l2s
 import moonforge.stages.rl.opmd_loop as loop
+import moonforge.stages.rl.opmd_update as update
 from moonforge.model.config import VLMConfig
 from moonforge.model.vlm import build_vlm
 from moonforge.stages.artifacts import DatasetRef, ListSink, StageContext
@@ -84,12 +85,12 @@ def base(tmp_path_factory):
 def test_rl_iteration_contract_and_partial_rollouts(tmp_path, base, monkeypatch):
     made, at_start, at_logp_old = [], {}, {}
 
-    class CountingOpt(loop.MuonAdamW):
+    class CountingOpt(update.MuonAdamW):
         def __init__(self, *a, **k):
             made.append(1)
             super().__init__(*a, **k)
 
-    real_rollout, real_logp = loop.rollout_step, loop.response_logprobs
+    real_rollout, real_logp = loop.rollout_step, update.response_logprobs
 
     def rollout(prompts, buffer, gen, it, cfg):
         at_start[it] = _digest(gen.model)
@@ -100,9 +101,9 @@ def test_rl_iteration_contract_and_partial_rollouts(tmp_path, base, monkeypatch)
             at_logp_old[len(at_start) - 1] = _digest(model)
         return real_logp(model, *a, **k)
 
-    monkeypatch.setattr(loop, "MuonAdamW", CountingOpt)
+    monkeypatch.setattr(update, "MuonAdamW", CountingOpt)
     monkeypatch.setattr(loop, "rollout_step", rollout)
-    monkeypatch.setattr(loop, "response_logprobs", logp)
+    monkeypatch.setattr(update, "response_logprobs", logp)
     monkeypatch.setattr(loop, "score", _even_reward)
     cfg = RLConfig(
         **COMMON,
@@ -217,3 +218,51 @@ def test_long2short_candidates_and_choice(tmp_path, base, monkeypatch):
     assert res.metrics["dpo/pairs"] == 2 * cfg.num_questions
     assert res.metrics["shortest_rs/target_mean_len"] == 4
     assert res.checkpoint.weights.exists()
+
+
+def test_rl_killed_in_an_iteration_resumes_there_to_the_same_weights(tmp_path, base, monkeypatch):
+    """A crash right after iteration 2's checkpoint (of 4), resumed into a fresh staging dir as
+    run_stage does: the replay buffer, sampler and RNGs come back, so the final weights, the
+    rollout log and the metrics equal an unbroken run's, bit for bit on CPU."""
+    from safetensors.torch import load_file
+
+    from moonforge.stages.train.checkpoint import CRASH_ENV, SimulatedCrash, latest_train_state
+    from moonforge.stages.train.train_record import read_train_record
+
+    monkeypatch.setattr(loop, "score", _even_reward)
+    cfg = RLConfig(
+        **COMMON,
+        num_steps=8,
+        num_iterations=4,
+        prompts_per_iteration=2,
+        samples_per_prompt=3,
+        max_new_tokens=6,
+        rollout_token_budget=3,  # partial rollouts: the buffer holds trajectories at the crash
+        length_penalty_warmup_iters=1,
+        checkpoint_every=1,
+    )
+    data = _data(tmp_path)
+
+    def run(out: Path, resume: Path | None = None):
+        ctx = StageContext(out=out, model=MODEL, sink=ListSink(), resume_from=resume)
+        return rl(base, data, cfg, ctx)
+
+    unbroken = run(tmp_path / "unbroken")
+    monkeypatch.setenv(CRASH_ENV, "2")
+    with pytest.raises(SimulatedCrash):
+        run(tmp_path / "killed")
+    monkeypatch.delenv(CRASH_ENV)
+    ckpt = latest_train_state(tmp_path / "killed")
+    record = read_train_record(ckpt)
+    assert (record.step, record.num_steps) == (2, 4)
+    state = record.extra["opmd"]
+    assert state["iterations_done"] == 2 and state["buffer"], "the crash point must hold buffered rollouts"
+    resumed = run(tmp_path / "resumed", resume=ckpt)
+    a, b = load_file(str(unbroken.checkpoint.weights)), load_file(str(resumed.checkpoint.weights))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [(tmp_path / d / "rl_rollouts.jsonl").read_text() for d in ("unbroken", "resumed")]
+    assert logs[0] == logs[1] and len(logs[0].splitlines()) == 4
+    timing = ("seconds",)
+    for k, v in unbroken.metrics.items():
+        if not k.endswith(timing):
+            assert resumed.metrics[k] == v, k

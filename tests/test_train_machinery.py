@@ -139,3 +139,37 @@ def test_resume_matches_an_unbroken_run(tmp_path):
     resumed = run(tmp_path / "c", resume=latest_train_state(tmp_path / "b"))
     for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_weighted_micro_batches_step_on_the_weighted_loss():
+    """train_step(weights=w) steps on sum_i w_i * loss_i (RL weights its forwards by prompt
+    groups): the gradient equals that sum's, and equal weights equal the default mean."""
+    from moonforge.stages.train.loop import TrainState, train_step
+
+    batches = _batches(3)
+    micro = [next(batches) for _ in range(3)]
+    weights = [0.5, 0.125, 0.375]
+
+    def grads(weights, lr=0.0):
+        torch.manual_seed(0)
+        model = FakeVLM()
+        named = apply_trainable(model, ("vision", "projector", "lm"))
+        ocfg = OptimizerConfig(lr=1e-3, grad_clip=None, use_muon=False)  # Muon edits grads in place
+        state = TrainState(model, MuonAdamW(named, ocfg), _spec(optimizer=ocfg))
+        _, m = train_step(state, micro, _mse, "cpu", weights=weights, lr=lr)
+        return {n: p.grad.clone() for n, p in named}, m
+
+    got, m = grads(weights, lr=0.0)
+    torch.manual_seed(0)
+    model = FakeVLM()
+    named = apply_trainable(model, ("vision", "projector", "lm"))
+    losses = [_mse(model, mb)[0] for mb in micro]
+    sum(w * loss for w, loss in zip(weights, losses)).backward()
+    for n, p in named:
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-6, atol=1e-7)
+    assert m["loss"] == pytest.approx(sum(w * loss.item() for w, loss in zip(weights, losses)), rel=1e-6)
+    assert m["lr"] == 0.0  # the caller's lr, not the spec's schedule
+    equal, _ = grads([1 / 3] * 3)
+    mean, _ = grads(None)
+    for n in mean:
+        torch.testing.assert_close(equal[n], mean[n], rtol=1e-6, atol=1e-7)

@@ -11,7 +11,9 @@ One iteration i (`run_opmd`), with pi_i = the weights at the start of the iterat
   4. logp_old = summed response log-probs under pi_i, no grad, computed before any update (so it
      is exactly the frozen reference's value without holding a second copy of the weights);
   5. the optimizer is RESET (a new MuonAdamW), then `steps_per_iteration` gradient steps on
-     (1/k) sum_j [-(r_j - rbar) logp_j + (tau/2)(logp_j - logp_old_j)^2]   (opmd.opmd_loss).
+     (1/k) sum_j [-(r_j - rbar) logp_j + (tau/2)(logp_j - logp_old_j)^2]   (opmd.opmd_loss),
+     each one the shared train_step (train/loop.py: autocast, non-finite guard, ranks) over
+     forwards of whole prompt groups weighted by their share of the groups.
 No value network. The MoE router bias is frozen and the model stays in eval mode, so logp at the
 first step equals logp_old and the l2 term starts at zero.
 """
@@ -19,28 +21,30 @@ first step equals logp_old and the l2 term starts at zero.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
 from torch import nn
 
+from moonforge.model.config import VLMConfig
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.artifacts import StageContext
 from moonforge.stages.config import OptimizerConfig, ScheduleConfig
 from moonforge.stages.data.chat import ChatPromptItem
-from moonforge.stages.rl.opmd import opmd_loss
-from moonforge.stages.rl.policy import RolloutSampler, response_logprobs
+from moonforge.stages.rl import loop_state
+from moonforge.stages.rl.opmd_update import Batch, update_policy
+from moonforge.stages.rl.policy import RolloutSampler
 from moonforge.stages.rl.repeat import repeat_penalty
 from moonforge.stages.rl.replay import ReplayBuffer, RolloutConfig, Trajectory, rollout_step
 from moonforge.stages.rl.rewards import LengthPenaltyConfig, total_rewards
 from moonforge.stages.rl.sampling import PromptSampler, SamplerConfig
 from moonforge.stages.rl.verifiers import VerifyStats, score
+from moonforge.stages.train.checkpoint import read_train_state, save_train_state
 from moonforge.stages.train.freeze import apply_trainable
-from moonforge.stages.train.optim import MuonAdamW
-from moonforge.stages.train.schedule import lr_multiplier
 
 
 @dataclass(frozen=True)
@@ -67,17 +71,8 @@ class OPMDRun:
     repeat_ngram: int | None = None
     repeat_max: int | None = None
     max_verifier_error_rate: float = 0.5
-
-
-@dataclass
-class _Batch:
-    """The finished groups of one iteration, flattened (group-contiguous)."""
-
-    items: list[ChatPromptItem]
-    trajs: list[Trajectory]
-    rewards: list[float]
-    correct: list[float]
-    group_ids: list[str]
+    checkpoint_every: int | None = None
+    """Iterations between periodic checkpoints (run_opmd with model_cfg; None: at the end only)."""
 
 
 def _score_groups(
@@ -88,9 +83,9 @@ def _score_groups(
     run: OPMDRun,
     stats: VerifyStats,
     sampler: PromptSampler,
-) -> _Batch:
+) -> Batch:
     """Binary answer reward + repeat penalty + length reward for every finished group."""
-    batch = _Batch([], [], [], [], [])
+    batch = Batch([], [], [], [], [])
     for (idx, start), trajs in groups.items():
         item = items[idx]
         raw = [score(item.verifier, tok.decode(t.ids), item.answer, stats) for t in trajs]
@@ -109,68 +104,9 @@ def _score_groups(
     return batch
 
 
-def _chunks(group_ids: Sequence[str], rows: int) -> list[list[int]]:
-    """Row indices cut into forwards of about `rows` rows, never splitting a group."""
-    out, cur = [], []
-    for n, g in enumerate(group_ids):
-        if cur and len(cur) >= rows and group_ids[cur[-1]] != g:
-            out.append(cur)
-            cur = []
-        cur.append(n)
-    return out + [cur] if cur else out
-
-
-def _update(
-    model: nn.Module, named: list, batch: _Batch, run: OPMDRun, iteration: int, media_pad_id: int
-) -> dict:
-    """Reset the optimizer, then run the iteration's OPMD gradient steps; returns the trace."""
-    chunks = _chunks(batch.group_ids, run.rows_per_forward)
-    resp = [t.ids for t in batch.trajs]
-    masks = [t.loss_mask() for t in batch.trajs]
-    logp_of = lambda c: response_logprobs(  # noqa: E731
-        model,
-        [batch.items[i] for i in c],
-        [resp[i] for i in c],
-        [masks[i] for i in c],
-        media_pad_id=media_pad_id,
-    )
-    rewards = torch.tensor(batch.rewards, dtype=torch.float32)
-    with torch.no_grad():  # pi_i: the weights at the iteration start, before any update
-        logp_old = torch.cat([logp_of(c) for c in chunks]).float().cpu()
-    opt = MuonAdamW(named, run.optimizer)  # k1.5: the optimizer is reset every iteration
-    lr = run.optimizer.lr * lr_multiplier(iteration, run.num_iterations, run.schedule)
-    opt.set_lr(lr)
-    params = [p for _, p in named]
-    num_groups = len(set(batch.group_ids))
-    trace: dict = {"lr": lr, "logp_old": logp_old.tolist(), "loss": [], "pg_loss": [], "l2_loss": []}
-    for step in range(run.steps_per_iteration):
-        opt.zero_grad()
-        sums, logp_step = {"loss": 0.0, "pg_loss": 0.0, "l2_loss": 0.0}, []
-        for c in chunks:
-            logp = logp_of(c)
-            gids = [batch.group_ids[i] for i in c]
-            loss, m = opmd_loss(logp, logp_old[c].to(logp), rewards[c].to(logp), gids, run.tau, run.baseline)
-            share = len(set(gids)) / num_groups
-            if not torch.isfinite(loss):
-                raise ValueError(f"{run.label}: OPMD loss is {loss.item()} at iteration {iteration}")
-            (loss * share).backward()
-            logp_step.append(logp.detach().float().cpu())
-            sums["loss"] += loss.item() * share
-            sums["pg_loss"] += m["pg_loss"] * share
-            sums["l2_loss"] += m["l2_loss"] * share
-        clip = run.optimizer.grad_clip or float("inf")
-        trace.setdefault("grad_norm", []).append(torch.nn.utils.clip_grad_norm_(params, clip).item())
-        opt.step()
-        for k, v in sums.items():
-            trace[k].append(v)
-        if step == 0:
-            trace["logp"] = torch.cat(logp_step).tolist()
-    return trace
-
-
 def _iteration_metrics(
     i: int,
-    batch: _Batch,
+    batch: Batch,
     trace: dict,
     stats: VerifyStats,
     buffer: ReplayBuffer,
@@ -214,11 +150,15 @@ def run_opmd(
     run: OPMDRun,
     ctx: StageContext,
     step_offset: int = 0,
+    model_cfg: VLMConfig | None = None,
 ) -> list[dict[str, float]]:
     """Train `model` in place for run.num_iterations OPMD iterations; return per-iteration metrics.
 
     Logs each iteration through ctx.sink as `<label>/<metric>` and appends its trace (group ids,
     rewards, lengths, logp_old, first-step logp, loss per step) to ctx.out/<label>_rollouts.jsonl.
+    With `model_cfg`, checkpoints every run.checkpoint_every iterations and at the end (weights +
+    loop_state + the log so far) and resumes from ctx.resume_from at the iteration it recorded:
+    the final weights equal an unbroken run's.
     Raises ValueError for an empty prompt set or when no group ever finished (nothing trained).
     """
     if not items:
@@ -238,41 +178,21 @@ def run_opmd(
         repeat_ngram=run.repeat_ngram,
         repeat_max=run.repeat_max,
     )
-    curves: list[dict[str, float]] = []
+    parts = (sampler, buffer, pending, stats, gen)
+    log_path = ctx.out / f"{run.label}_rollouts.jsonl"
     ctx.out.mkdir(parents=True, exist_ok=True)
-    with open(ctx.out / f"{run.label}_rollouts.jsonl", "w") as log:
-        for i in range(run.num_iterations):
-            t0 = time.perf_counter()
-            prompts = [
-                ((p, i, j), list(items[p].prompt_ids))
-                for p in sampler.sample(i, run.prompts_per_iteration)
-                for j in range(k)
-            ]
-            gen.expect(buffer, prompts)
-            for t in rollout_step(prompts, buffer, gen, i, run.rollout):
-                pending[t.prompt_id[:2]].append(t)
-            rollout_s = time.perf_counter() - t0
-            ready = {g: pending.pop(g) for g in [g for g, ts in pending.items() if len(ts) == k]}
-            batch = _score_groups(ready, items, tok, i, run, stats, sampler)
-            stats.check(run.max_verifier_error_rate)
-            trace = _update(model, named, batch, run, i, tok.media_pad_id) if ready else {}
-            m = _iteration_metrics(i, batch, trace, stats, buffer, gen, time.perf_counter() - t0)
-            m["rollout_seconds"] = rollout_s
-            log.write(
-                json.dumps(
-                    {
-                        "iteration": i,
-                        "group_ids": batch.group_ids,
-                        "rewards": batch.rewards,
-                        "correct": batch.correct,
-                        "lengths": [t.num_generated for t in batch.trajs],
-                        **trace,
-                    }
-                )
-                + "\n"
-            )
+    start, curves = _resume(model, run, ctx, parts, log_path) if model_cfg is not None else (0, [])
+    with open(log_path, "a" if start else "w") as log:
+        for i in range(start, run.num_iterations):
+            m, row = _iteration(model, named, tok, items, run, ctx, i, parts)
+            log.write(json.dumps(row) + "\n")
             curves.append(m)
             ctx.sink.log(step_offset + i + 1, {f"{run.label}/{key}": v for key, v in m.items()})
+            every = run.checkpoint_every or run.num_iterations
+            if model_cfg is not None and ((i + 1) % every == 0 or i + 1 == run.num_iterations):
+                log.flush()
+                state = loop_state.snapshot(run.label, i + 1, *parts, curves)
+                _checkpoint(model, model_cfg, ctx, run, state, curves[-1], log_path)
             ctx.progress(i + 1, run.num_iterations, run.label)
     ctx.sink.flush()
     if not any("loss_first" in c for c in curves):
@@ -281,3 +201,77 @@ def run_opmd(
             f"finished all {k} samples); raise rollout_token_budget or num_iterations"
         )
     return curves
+
+
+def _iteration(model, named, tok, items, run: OPMDRun, ctx: StageContext, i: int, parts) -> tuple[dict, dict]:
+    """Iteration i: sample prompts, roll out, score the finished groups, update; returns the
+    iteration's metrics and its rollout-log row."""
+    sampler, buffer, pending, stats, gen = parts
+    k = run.samples_per_prompt
+    t0 = time.perf_counter()
+    prompts = [
+        ((p, i, j), list(items[p].prompt_ids))
+        for p in sampler.sample(i, run.prompts_per_iteration)
+        for j in range(k)
+    ]
+    gen.expect(buffer, prompts)
+    for t in rollout_step(prompts, buffer, gen, i, run.rollout):
+        pending[t.prompt_id[:2]].append(t)
+    rollout_s = time.perf_counter() - t0
+    ready = {g: pending.pop(g) for g in [g for g, ts in pending.items() if len(ts) == k]}
+    batch = _score_groups(ready, items, tok, i, run, stats, sampler)
+    stats.check(run.max_verifier_error_rate)
+    trace = update_policy(model, named, batch, run, i, tok.media_pad_id, ctx) if ready else {}
+    m = _iteration_metrics(i, batch, trace, stats, buffer, gen, time.perf_counter() - t0)
+    m["rollout_seconds"] = rollout_s
+    row = {
+        "iteration": i,
+        "group_ids": batch.group_ids,
+        "rewards": batch.rewards,
+        "correct": batch.correct,
+        "lengths": [t.num_generated for t in batch.trajs],
+        **trace,
+    }
+    return m, row
+
+
+def _resume(
+    model: nn.Module, run: OPMDRun, ctx: StageContext, parts, log_path: Path
+) -> tuple[int, list[dict]]:
+    """(iterations done, their metrics) from ctx.resume_from, with the weights, RNG, loop state
+    and rollout log put back; (0, []) without one."""
+    if ctx.resume_from is None or not ctx.resume_from.exists():
+        return 0, []
+    record = read_train_state(model, ctx.resume_from)  # weights + torch RNG
+    done, curves = loop_state.restore(record.extra.get("opmd") or {}, run.label, *parts)
+    saved = ctx.resume_from / log_path.name
+    if saved.exists():
+        shutil.copyfile(saved, log_path)
+    return done, curves
+
+
+def _checkpoint(
+    model, model_cfg, ctx: StageContext, run: OPMDRun, state: dict, last: dict, log_path: Path
+) -> None:
+    if ctx.parallel is not None and not ctx.parallel.is_writer:
+        return
+    done = state["iterations_done"]
+    save_train_state(
+        model,
+        model_cfg,
+        _NoOptimizerState(),
+        done,
+        ctx.out,
+        global_step=done,
+        num_steps=run.num_iterations,
+        last=last,
+        extra={"opmd": state},
+        attach={log_path.name: log_path},
+    )
+
+
+class _NoOptimizerState:
+    """The optimizer is reset every iteration: a checkpoint at an iteration's end holds none."""
+
+    def state_dict(self) -> dict:
+        return {}

@@ -6,6 +6,9 @@ buffer, repeat detection, binary reward + length reward with warm-up, optimizer 
 This module maps RLConfig onto it, runs the closing eval (held-out rl_prompts/val answer accuracy,
 text and image, mean length and accuracy per 1k tokens) before and after, and writes
 `rl_curves.png` (reward / accuracy / length per iteration) and `rl_rollouts.jsonl` under ctx.out.
+A killed run resumes at the last checkpointed iteration (every `checkpoint_every` iterations and
+at the end; loop_state says what is kept); the "before" eval is greedy, so recomputing it on the
+upstream weights gives the same numbers.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def opmd_run(cfg: RLConfig, label: str | None = None) -> OPMDRun:
         repeat_ngram=cfg.repeat_ngram if cfg.repeat_detection else None,
         repeat_max=cfg.repeat_max if cfg.repeat_detection else None,
         max_verifier_error_rate=cfg.max_verifier_error_rate,
+        checkpoint_every=cfg.checkpoint_every,
     )
 
 
@@ -209,7 +213,7 @@ def _rl(base, data, cfg: RLConfig, ctx: StageContext) -> StageResult:
     }
     before = evaluate("_before")
     t0 = time.perf_counter()
-    curves = run_opmd(model, tok, train_items, run, ctx)
+    curves = run_opmd(model, tok, train_items, run, ctx, model_cfg=mcfg)  # resumable
     seconds = time.perf_counter() - t0
     after = evaluate("")
     plot_curves(curves, ctx.out / "rl_curves.png", f"{cfg.stage_name}: k1.5 OPMD")

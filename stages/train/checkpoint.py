@@ -126,10 +126,13 @@ def save_train_state(
     last: dict[str, float] | None = None,
     phases: dict[int, dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
+    attach: dict[str, Path] | None = None,
 ) -> Path:
     """Periodic checkpoint `out/train_state/step-<global step>/`; older ones are removed after.
 
     `extra` (JSON) is stored and returned as-is by read_train_state / read_train_record.
+    `attach` {name: file}: files copied into the checkpoint (size-checked like the others), for
+    state that grows with the run and is not worth keeping in JSON (RL's rollout log).
     """
     root = out / PERIODIC_DIR
     gstep = step if global_step is None else global_step
@@ -155,6 +158,11 @@ def save_train_state(
     }
     save_file(tensors, str(tmp / TENSORS_FILE))
     _fsync(tmp / TENSORS_FILE)
+    for name, src in (attach or {}).items():
+        if (tmp / name).exists():
+            raise ValueError(f"train state: cannot attach {name!r}, the checkpoint has a file of that name")
+        shutil.copyfile(src, tmp / name)
+        _fsync(tmp / name)
     record["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     _atomic_write_bytes(tmp / TRAIN_STATE_FILE, json.dumps(record, indent=1).encode())
     _fsync(tmp)

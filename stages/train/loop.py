@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,18 +85,32 @@ def _autocast(device: str):
 
 
 def train_step(
-    state: TrainState, micro_batches: list[Any], loss_fn: LossFn, device: str, par=None
+    state: TrainState,
+    micro_batches: list[Any],
+    loss_fn: LossFn,
+    device: str,
+    par=None,
+    *,
+    weights: Sequence[float] | None = None,
+    lr: float | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """One optimizer step over `micro_batches` (gradient accumulation); returns step metrics.
 
     `par` (a stages.train.distributed.Parallel, None = one process): this rank runs only its
     share of the micro-batches and gradients / metrics / router loads are averaged over ranks.
+    `weights`: the step's loss is sum_i weights[i] * loss_i (RL weights its forwards by their
+    share of the prompt groups); None = the mean over micro-batches. `lr`: this step's learning rate when the
+    caller schedules it (RL: per iteration); None = the spec's schedule at state.step.
     """
     spec, model, opt = state.spec, state.model, state.optimizer
-    lr = spec.optimizer.lr * lr_multiplier(state.step, spec.num_steps, spec.schedule)
+    if lr is None:
+        lr = spec.optimizer.lr * lr_multiplier(state.step, spec.num_steps, spec.schedule)
     opt.set_lr(lr)
     opt.zero_grad()
     mine = micro_batches if par is None else par.my_share(micro_batches)
+    # a micro-batch's weight over all ranks; ranks' gradients and metrics are then averaged
+    share = None if weights is None else [w * (1 if par is None else par.world_size) for w in weights]
+    mine_share = share if share is None or par is None else par.my_share(share)
     totals: dict[str, float] = {}
     for i, mb in enumerate(mine):
         with _autocast(device):
@@ -106,23 +120,31 @@ def train_step(
                 f"{spec.label}: loss is {loss.item()} at step {spec.step_offset + state.step}; "
                 "lower the learning rate or check the data"
             )
-        if hasattr(opt, "backward"):  # a DeepSpeed engine accumulates (and scales) itself
-            opt.backward(loss, last=i == len(mine) - 1)
+        if hasattr(opt, "backward"):  # a DeepSpeed engine accumulates (and divides by len) itself
+            ds_loss = loss if mine_share is None else loss * (mine_share[i] * len(mine))
+            opt.backward(ds_loss, last=i == len(mine) - 1)
         else:
-            (loss / len(mine)).backward()
-        totals["loss"] = totals.get("loss", 0.0) + loss.item() / len(mine)
+            _part(loss, i, len(mine), mine_share).backward()
+        totals["loss"] = totals.get("loss", 0.0) + _part(loss.item(), i, len(mine), mine_share)
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v) / len(mine)
+            totals[k] = totals.get(k, 0.0) + _part(float(v), i, len(mine), mine_share)
     if par is not None:
         totals = par.mean_metrics(totals)
     grad_norm = _clip_and_step(state, par)
-    if "lm" in spec.trainable and hasattr(model.lm, "update_router_biases"):
+    # routers count loads in train mode only (RL and long2short keep eval mode: nothing to update)
+    if "lm" in spec.trainable and model.training and hasattr(model.lm, "update_router_biases"):
         if par is not None:
             par.sum_router_loads(model.lm)
         totals.update(model.lm.update_router_biases(spec.router_bias_update))
     totals.update({"lr": lr, "grad_norm": grad_norm})
     state.step += 1
     return state, totals
+
+
+def _part(x: Any, i: int, n: int, share: Sequence[float] | None) -> Any:
+    """Micro-batch i's part of the step: x / n for equal shares (bit for bit what the loop did
+    before weights existed), x * share[i] for weighted ones."""
+    return x / n if share is None else x * share[i]
 
 
 def _clip_and_step(state: TrainState, par) -> float:
