@@ -4,7 +4,8 @@ screenshot saved as a test artifact (no Python browser driver needed).
 `chromium --dump-dom` prints the DOM after the page's scripts ran for --virtual-time-budget ms of
 virtual time, which is what an SPA (the Prefect and MLflow UIs) needs; `page` retries with a
 larger budget until the caller's condition holds, then takes the screenshot of the same URL.
-Screenshots and DOMs go to $MOONFORGE_TEST_ARTIFACTS or <repo>/.moonforge/test-artifacts/browser.
+Screenshots and DOMs go to $MOONFORGE_TEST_ARTIFACTS or <tmp>/moonforge-test-artifacts/browser
+(never into the checkout).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 
 
 def artifacts_dir() -> Path:
-    d = Path(os.environ.get("MOONFORGE_TEST_ARTIFACTS") or REPO / ".moonforge" / "test-artifacts") / "browser"
+    default = Path(tempfile.gettempdir()) / "moonforge-test-artifacts"
+    d = Path(os.environ.get("MOONFORGE_TEST_ARTIFACTS") or default) / "browser"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -21,11 +21,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import settings
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Hypothesis keeps no example database: it would write .hypothesis/ into the checkout.
+settings.register_profile("moonforge", database=None)
+settings.load_profile("moonforge")
 DVC = (
     str(Path(sys.executable).parent / "dvc")
     if (Path(sys.executable).parent / "dvc").exists()
@@ -174,20 +179,27 @@ def fake_stages(monkeypatch) -> FakeStage:
     return fake
 
 
+_BUILT: list[Path] = []
+"""The session's data project (repo_data), where copy_project takes built datasets from."""
+
+
 @pytest.fixture(scope="session")
-def repo_data() -> Path:
-    """The repo's own `data/` with the datasets tests read, built through the real DVC pipeline
-    (`dvc repro`) when a fresh clone has none yet; returns the data directory."""
+def repo_data(tmp_path_factory) -> Path:
+    """The datasets most tests read (toyworld, tokenizer, rl_prompts), built once per session
+    through the real DVC pipeline (`dvc repro`) in a copy of this project, never in the checkout
+    (its data/ and dvc.lock stay as they are); returns that copy's data directory."""
     from moonforge.registry.data_versions import ensure_datasets
 
-    ensure_datasets(REPO, ["toyworld", "tokenizer", "rl_prompts"])
-    return REPO / "data"
+    proj = copy_project(tmp_path_factory.mktemp("data") / "proj", ())
+    ensure_datasets(proj, ["toyworld", "tokenizer", "rl_prompts"])
+    _BUILT.append(proj)
+    return proj / "data"
 
 
 def copy_project(dest: Path, datasets: tuple[str, ...]) -> Path:
-    """A newcomer's copy of this project at `dest`: tracked and not-ignored files, the given
-    already-built `data/<name>` folders (so DVC finds them up to date), committed as its own git
-    repo. Returns `dest`."""
+    """A newcomer's copy of this project at `dest`: tracked and not-ignored files, plus those of
+    `datasets` the session already built (repo_data; with its dvc.lock, so DVC finds them up to
+    date; the rest the copy builds itself), committed as its own git repo. Returns `dest`."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
@@ -200,9 +212,12 @@ def copy_project(dest: Path, datasets: tuple[str, ...]) -> Path:
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
-    for name in datasets:
-        if (REPO / "data" / name).is_dir():
-            shutil.copytree(REPO / "data" / name, dest / "data" / name)
+    built = _BUILT[0] if _BUILT else None
+    if built is not None and datasets:
+        shutil.copy2(built / "dvc.lock", dest / "dvc.lock")
+        for name in datasets:
+            if (built / "data" / name).is_dir():
+                shutil.copytree(built / "data" / name, dest / "data" / name)
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run(git + ["init", "-q"], cwd=dest, check=True)
     (dest / ".gitignore").write_text("/data/\n/.moonforge/\n")

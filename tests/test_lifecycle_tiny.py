@@ -101,7 +101,7 @@ def env_vars(values: dict[str, str]):
 
 
 @pytest.fixture(scope="session")
-def tiny_project(tmp_path_factory, prefect_api, s3_endpoint):
+def tiny_project(tmp_path_factory, prefect_api, s3_endpoint, repo_data):
     """A temp project that has run the whole tiny lifecycle once, with the artifact store, the
     MLflow artifact root and the DVC remote all on the local S3 endpoint (moto_server)."""
     import boto3

@@ -29,7 +29,7 @@ from moonforge.stages.stage_configs import Long2ShortConfig, RLConfig
 from moonforge.stages.train.checkpoint import save_weights
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "data"
+DATA = REPO / "data"  # replaced by the session's built datasets (repo_data) in _built
 MODEL = VLMConfig.model_validate(yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())["model"])
 COMMON = dict(
     upstream=None,
@@ -45,7 +45,9 @@ COMMON = dict(
 
 @pytest.fixture(scope="module", autouse=True)
 def _built(repo_data):
-    """A fresh clone has no data/ yet: build the datasets these tests read (real dvc repro)."""
+    """The datasets these tests read, built once per session (real dvc repro, in a copy)."""
+    global DATA
+    DATA = repo_data
 
 
 def _lines(split: str, n: int) -> list[str]:
