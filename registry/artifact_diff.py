@@ -76,7 +76,8 @@ def _provenance(la: dict[str, Any], lb: dict[str, Any]) -> list[str]:
         ("mlflow run", ("mlflow_run_id",)),
         ("prefect flow run", ("prefect_flow_run_id",)),
     ):
-        va, vb = la, lb
+        va: Any = la
+        vb: Any = lb
         for k in key:
             va = (va or {}).get(k) if isinstance(va, dict) else None
             vb = (vb or {}).get(k) if isinstance(vb, dict) else None

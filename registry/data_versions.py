@@ -217,6 +217,11 @@ def ensure_declared(root: Path, name: str) -> DatasetRef:
     An S3 import (`dvc import-url --no-download`) is streamed from S3; its version is the md5 of
     the objects when it was added, `dvc update --no-download data/<name>.dvc` records a new one."""
     ref = _declared_ref(root, name)
+    if ref is None:
+        raise DatasetError(
+            f"dataset {name!r} has no data/{name}.dvc; add it with "
+            f"`moonforge data add {name} PATH --format F`"
+        )
     dvc_file = str(declared_file(root, name).relative_to(root))
     if _load_yaml(declared_file(root, name), "DVC file").get("deps"):
         return ref

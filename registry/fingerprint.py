@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
@@ -92,7 +92,7 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-def _is_type_checking(node: ast.AST) -> bool:
+def _is_type_checking(node: ast.AST) -> TypeGuard[ast.If]:
     t = node.test if isinstance(node, ast.If) else None
     return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
         isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
@@ -229,7 +229,7 @@ def fingerprint_inputs(
     """
     kind = getattr(cfg, "kind", type(cfg).__name__)
     name = getattr(cfg, "stage_name", None) or kind
-    extra = {"init": {k: dict(v) for k, v in sorted(init.items())}} if init else {}
+    extra: dict[str, Any] = {"init": {k: dict(v) for k, v in sorted(init.items())}} if init else {}
     if code is None:
         code = code_version(kind)
     if isinstance(code, CodeVersion):

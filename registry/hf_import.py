@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 from safetensors.torch import save_file
 
 from moonforge.model.adapters import adapter_for
@@ -39,7 +40,11 @@ from moonforge.stages.artifacts import MODEL_CONFIG_FILE, WEIGHTS_FILE
 
 IMPORT_FILE = "import.json"
 IMPORT_KIND = "import"
-PART_CONFIGS = {"vision": VisionConfig, "projector": ProjectorConfig, "lm": LMConfig}
+PART_CONFIGS: dict[str, type[BaseModel]] = {
+    "vision": VisionConfig,
+    "projector": ProjectorConfig,
+    "lm": LMConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -125,13 +130,15 @@ def import_checkpoint(
     started = time.time()
     ckpt = read_hf_dir(path)
     adapter = adapter_for(ckpt.model_type)
+    model_type = ckpt.model_type
+    assert model_type is not None  # adapter_for refused it otherwise
     parts = dict(adapter.parts_from_hf(ckpt.config))
     state = dict(adapter.state_from_hf(ckpt.tensors, parts, ckpt.config))
     inputs = _inputs(name, ckpt)
     fp = fingerprint(inputs)
     hit = store.lookup(name, fp)
     if hit is not None:
-        return ImportOutcome(hit, True, ckpt.model_type, tuple(parts), tuple(ckpt.notes))
+        return ImportOutcome(hit, True, model_type, tuple(parts), tuple(ckpt.notes))
     staging = store.begin(name)
     try:
         tok = None
@@ -161,7 +168,7 @@ def import_checkpoint(
     except BaseException:
         store.abort(staging)
         raise
-    return ImportOutcome(info, False, ckpt.model_type, tuple(parts), tuple(ckpt.notes))
+    return ImportOutcome(info, False, model_type, tuple(parts), tuple(ckpt.notes))
 
 
 def load_part_state(path: Path, part: str) -> dict[str, torch.Tensor]:

@@ -398,6 +398,7 @@ def _run(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
     tail: collections.deque[str] = collections.deque(maxlen=40)
+    assert proc.stdout is not None  # stdout=PIPE
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
@@ -526,9 +527,8 @@ def node_main(argv: list[str] | None = None) -> int:
     launcher for a job file another node wrote (srun runs it on every node under Slurm)."""
     from moonforge.stages.stage_configs import STAGE_CONFIGS
 
-    ap = argparse.ArgumentParser(
-        prog=f"python -m {NODE_MODULE} node", description=node_main.__doc__.splitlines()[0]
-    )
+    doc = node_main.__doc__ or ""  # None under python -OO
+    ap = argparse.ArgumentParser(prog=f"python -m {NODE_MODULE} node", description=doc.partition("\n")[0])
     ap.add_argument("job", type=Path, help="job.json on a filesystem every node sees")
     ap.add_argument(
         "--node-rank",

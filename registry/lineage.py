@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from moonforge.registry.errors import ArtifactNotFound
-from moonforge.registry.store import ArtifactStore
+from moonforge.registry.store import ArtifactInfo, ArtifactStore
 
 PACKAGES = ("torch", "prefect", "mlflow", "dvc", "moonforge")
 
@@ -156,7 +156,7 @@ def walk(store: ArtifactStore, ref: str | Path, project: str | Path = ".") -> li
     """
     from moonforge.registry.refs import resolve_ref
 
-    info = resolve_ref(ref, store, project)
+    info: ArtifactInfo | None = resolve_ref(ref, store, project)
     chain: list[dict] = []
     seen: set[str] = set()
     while info is not None and info.fingerprint not in seen:
@@ -231,7 +231,11 @@ def render_tree(chain: list[dict]):
                 + (f"\n{_metrics_line(rec)}" if rec.get("metrics") else "")
                 + "".join(f"\n{i}" for i in ids if i)
             )
-        child = Tree(label) if root is None else node.add(label)
+        if root is None:
+            child = Tree(label)
+        else:
+            assert node is not None  # set together with root
+            child = node.add(label)
         root = root or child
         for d in rec.get("datasets") or []:
             used = (

@@ -575,12 +575,13 @@ def stage_status(
 
     store = store or open_store(project)
     name_fp = fp_namer(store)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, (inputs, fp) in expected_chain(recipe, project).items():
         unbuilt = [n for n, d in inputs["data"].items() if d == UNBUILT]
         hit = store.lookup(name, fp)
         latest = store.latest(name)
         if hit is not None:
+            assert latest is not None  # the store holds at least `hit`
             rows.append(
                 {
                     "stage": name,

@@ -10,6 +10,7 @@ bucket, missing or rejected credentials: retrying cannot help). boto3 is importe
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 from collections.abc import Iterator
@@ -259,7 +260,7 @@ class S3Bucket:
                 keys += [o["Key"] for o in page.get("Contents", [])]
         return dirs, keys
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:  # `list` here is the method above
         with self.errors("delete", keys[0] if keys else ""):
             for i in range(0, len(keys), 1000):
                 self.client.delete_objects(

@@ -77,6 +77,8 @@ class S3ArtifactInfo(ArtifactInfo):
     """A committed artifact in an S3 store. `path` is its local copy, fetched on first access
     (so listing versions or resolving refs downloads nothing); `uri` is where it lives."""
 
+    _store: S3Store  # set in __init__, like the frozen dataclass's fields
+
     def __init__(self, store: S3Store, stage: str, version: int, manifest: dict):
         # ArtifactInfo is a frozen dataclass whose `path` we replace with a lazy property.
         for k, v in (
@@ -89,7 +91,7 @@ class S3ArtifactInfo(ArtifactInfo):
             object.__setattr__(self, k, v)
 
     @property
-    def path(self) -> Path:  # type: ignore[override]
+    def path(self) -> Path:
         return self._store.materialize(self)
 
     @property

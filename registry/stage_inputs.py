@@ -48,7 +48,7 @@ def init_record(resolved: Mapping[str, ArtifactInfo]) -> dict[str, dict]:
     return {p: {"stage": a.stage, "fingerprint": a.fingerprint} for p, a in sorted(resolved.items())}
 
 
-def expected_init(cfg: Any, store: ArtifactStore | None, project: str | Path) -> dict[str, dict]:
+def expected_init(cfg: Any, store: ArtifactStore, project: str | Path) -> dict[str, dict]:
     """`init_record` for status / dry runs: an unresolvable ref becomes a placeholder, not an error."""
     init = getattr(cfg, "init", None)
     if init is None:

@@ -487,6 +487,8 @@ def mark_flow_runs_crashed(flow_run_ids: Iterable[str | None], reason: str) -> l
     ids = [i for i in dict.fromkeys(flow_run_ids) if i]
     if not ids:
         return []
+    from uuid import UUID
+
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
@@ -495,7 +497,7 @@ def mark_flow_runs_crashed(flow_run_ids: Iterable[str | None], reason: str) -> l
         with get_client(sync_client=True) as client:
             for fid in ids:
                 try:
-                    fr = client.read_flow_run(fid)
+                    fr = client.read_flow_run(UUID(fid))
                 except Exception:
                     continue
                 if fr.state is None or fr.state.is_final():
@@ -515,7 +517,10 @@ def _dataset_entity(d: DatasetRef):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(str(d.path))
-    return MetaDataset(source=source, name=d.name, digest=d.digest[:36])._to_mlflow_entity()
+    # mlflow's MetaDataset leaves Dataset.profile abstract but is meant to be built directly
+    # (Dataset is no ABC, so nothing is enforced at runtime)
+    meta = MetaDataset(source=source, name=d.name, digest=d.digest[:36])  # type: ignore[abstract]
+    return meta._to_mlflow_entity()
 
 
 def _loss_curve(rows: list[tuple[int, dict[str, float]]], out_dir: Path) -> Path | None:

@@ -214,7 +214,9 @@ def open_declared(project: str | Path, recipe_path: str | Path, name: str):
             from moonforge.registry.stage_inputs import tokenizer_dataset
             from moonforge.registry.store import open_store
 
-            tok_dir = tokenizer_dataset(recipe, open_store(root), root).path
+            tok_ds = tokenizer_dataset(recipe, open_store(root), root)
+            assert tok_ds is not None  # None only when the recipe names no tokenizer
+            tok_dir = tok_ds.path
         else:
             tok_dir = read_lock(root, ["tokenizer"])["tokenizer"].path
         from moonforge.model.tokenizer import Tokenizer

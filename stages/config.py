@@ -6,7 +6,7 @@ the fingerprint, so changing it never creates a new artifact version. Every othe
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -30,11 +30,16 @@ class _RuntimeMarker:
 RUNTIME = _RuntimeMarker()
 
 
-class Runtime:
-    """`Runtime[int]` == `Annotated[int, RUNTIME]`: a field that never changes a fingerprint."""
+if TYPE_CHECKING:  # the same alias, spelled so type checkers see `Runtime[T]` as T
+    _T = TypeVar("_T")
+    Runtime = Annotated[_T, RUNTIME]
+else:
 
-    def __class_getitem__(cls, item: Any) -> Any:
-        return Annotated[item, RUNTIME]
+    class Runtime:
+        """`Runtime[int]` == `Annotated[int, RUNTIME]`: a field that never changes a fingerprint."""
+
+        def __class_getitem__(cls, item: Any) -> Any:
+            return Annotated[item, RUNTIME]
 
 
 class Frozen(BaseModel):
@@ -48,7 +53,7 @@ ModuleGroup = Literal["vision", "projector", "lm", "caption"]
 class MuonConfig(Frozen):
     """Muon for 2-D weight matrices (torch.optim.Muon)."""
 
-    momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    momentum: float = Field(default=0.95, ge=0.0, lt=1.0)
     """Nesterov momentum mu."""
     ns_steps: PositiveInt = 5
     """Newton-Schulz iterations."""
@@ -309,6 +314,7 @@ class StageConfig(Frozen):
         """Optimizer steps this stage runs (from num_steps or the token budget)."""
         if self.num_steps is not None:
             return self.num_steps
+        assert self.num_tokens is not None  # the validator requires exactly one of the two
         return max(1, round(self.num_tokens / (self.batch_size * self.seq_len)))
 
     @property
