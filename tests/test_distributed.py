@@ -9,12 +9,9 @@ that does not divide the batch, ZeRO-3 on a CPU.
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import dist_stage
-import psutil
 import pytest
 import torch
 
@@ -26,6 +23,7 @@ from moonforge.registry.tracking import NullTracker
 from moonforge.stages.artifacts import ListSink
 from moonforge.stages.config import OptimizerConfig
 from moonforge.stages.recipe import load_recipe
+from moonforge.stages.train.checkpoint import CRASH_ENV
 from moonforge.stages.train.optim import MuonAdamW
 from moonforge.stages.train.zero_muon import ZeroMuonAdamW
 
@@ -168,35 +166,18 @@ def test_zero3_on_cpu_is_refused_with_the_fix(tmp_path):
         launch.check_launcher(_cfg(kind="torchrun", nproc_per_node=2, backend="nccl").launcher, "cpu")
 
 
-def _kill_a_rank_after_checkpoint(store_dir: Path, killed: list) -> None:
-    """Wait for a periodic checkpoint in the staging dir, then SIGKILL one training rank."""
-    deadline = time.time() + 240
-    while time.time() < deadline and not killed:
-        if list(store_dir.rglob("train_state/step-*")):
-            for proc in psutil.Process().children(recursive=True):
-                cmd = " ".join(proc.cmdline())
-                if (
-                    "moonforge.stages.train.distributed" in cmd
-                    and "launcher" not in cmd
-                    and "torch.distributed.run" not in cmd
-                ):
-                    proc.kill()
-                    killed.append(proc.pid)
-                    return
-        time.sleep(0.05)
-
-
 def test_killed_launcher_fails_clearly_keeps_checkpoint_and_resumes_at_world_size_1(
     tmp_project, monkeypatch, single
 ):
     """DeepSpeed ZeRO-2 at world size 2 checkpoints (gathered, single-process format) at step 3,
-    a rank is SIGKILLed; the stage fails naming the signal, the checkpoint survives, and a rerun
+    and the rank that wrote it SIGKILLs itself right after (the checkpoint hook's kill-self, no
+    polling); the stage fails naming the signal, the checkpoint survives, and a rerun
     in process (world size 1; the launcher is Runtime, so the same version) resumes from it and
     continues the single-process loss curve."""
     from moonforge.stages import catalog
 
     monkeypatch.setattr(catalog, "stage_function", lambda kind: dist_stage.toy_stage)
-    monkeypatch.setenv("MOONFORGE_TOY_STEP_SLEEP", "0.4")
+    monkeypatch.setenv(CRASH_ENV, "3:kill-self")  # inherited by the launched ranks
     toy = [
         "optimizer.lr=0.01",
         "schedule.kind=cosine",
@@ -212,25 +193,18 @@ def test_killed_launcher_fails_clearly_keeps_checkpoint_and_resumes_at_world_siz
         tmp_project / "recipes" / "mini.yaml",
         sets + ["stages.lm_pretrain.launcher.kind=deepspeed", "stages.lm_pretrain.launcher.nproc_per_node=2"],
     )
-    killed: list[int] = []
-    watcher = threading.Thread(
-        target=_kill_a_rank_after_checkpoint, args=(tmp_project / ".moonforge" / "store", killed), daemon=True
-    )
-    watcher.start()
     with pytest.raises(
         StageFailed,
         match=r"(?s)LaunchFailed.*deepspeed launcher \(2 processes\) "
         r"failed.*(rank \d was|ranks [\d, ]+ were) killed.*last good checkpoint kept",
     ):
         run_stage(dist, "lm_pretrain", tmp_project, tracker=NullTracker())
-    watcher.join()
-    assert killed
     store = open_store(tmp_project)
     assert store.versions("lm_pretrain") == []
     kept = list((tmp_project / ".moonforge/store/lm_pretrain").glob(".partial-*/train_state/step-*"))
     assert [p.name for p in kept] == ["step-0000003"]
 
-    monkeypatch.setenv("MOONFORGE_TOY_STEP_SLEEP", "0")
+    monkeypatch.delenv(CRASH_ENV)
     one = load_recipe(tmp_project / "recipes" / "mini.yaml", sets)
     out = run_stage(one, "lm_pretrain", tmp_project, tracker=NullTracker())
     assert out.ref == "lm_pretrain@1"

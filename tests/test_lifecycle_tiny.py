@@ -52,15 +52,24 @@ class Tiny:
     proj: Path
     out: str
     """The first run's CLI output."""
+    exit_code: int
+    """The first run's exit code: setup never fails on it, so each stage's test names its stage."""
     bucket: str
     env: dict[str, str]
     """What every CLI call here runs under: AWS settings for moto, the S3 store and MLflow root."""
 
     def read(self, ref: str, name: str) -> bytes:
-        """File `name` of artifact `ref` (stage@N), straight from the bucket."""
+        """File `name` of artifact `ref` (stage@N), straight from the bucket; fails naming the
+        stage when the lifecycle run did not produce it."""
         import boto3
 
         stage, version = ref.split("@")
+        if not self.keys(f"store/{stage}/{version}/manifest.json"):
+            pytest.fail(
+                f"stage {stage} produced no {ref}: the lifecycle run exited {self.exit_code}; "
+                f"its output ends:\n{self.out[-3000:]}",
+                pytrace=False,
+            )
         with env_vars(self.env):
             return (
                 boto3.client("s3")
@@ -125,13 +134,12 @@ def tiny_project(tmp_path_factory, prefect_api, s3_endpoint, repo_data):
     try:
         with env_vars(env):
             boto3.client("s3").create_bucket(Bucket=bucket)
-            res = CliRunner().invoke(app, ["run", "recipes/tiny.yaml"])
-            assert res.exit_code == 0, res.output
+            res = CliRunner().invoke(app, ["run", "recipes/tiny.yaml"])  # checked stage by stage
             dvc(proj, "remote", "add", "-d", "s3store", f"s3://{bucket}/dvc")
             dvc(proj, "remote", "modify", "s3store", "endpointurl", s3_endpoint)
             dvc(proj, "commit", "-f", *datasets)  # the copied datasets into the DVC cache
             dvc(proj, "push", *datasets)
-        yield Tiny(proj, res.output, bucket, env)
+        yield Tiny(proj, res.output, res.exit_code, bucket, env)
     finally:
         os.chdir(cwd)
 
@@ -141,6 +149,7 @@ def _eval(tiny: Tiny, ref: str) -> dict:
 
 
 def test_every_stage_ran_and_the_summary_says_where_to_look(tiny_project):
+    assert tiny_project.exit_code == 0, tiny_project.out
     for stage in STAGES:
         assert f"{stage}@1" in tiny_project.out
     assert "mlflow ui" in tiny_project.out and "moonforge lineage" in tiny_project.out

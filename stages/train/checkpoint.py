@@ -14,9 +14,10 @@ Each file is fsynced and the directory renamed into place, so a kill (or power l
 moment leaves the previous complete checkpoint.
 
 Crash tests need a crash at a known point: with MOONFORGE_CRASH_AFTER_CHECKPOINT=<global step>
-the process raises SimulatedCrash right after that checkpoint is complete, and with
-`<global step>:kill` it SIGKILLs its whole process group there (what the OOM killer or a
-preempted node does). Unset, nothing happens.
+the process raises SimulatedCrash right after that checkpoint is complete; with
+`<global step>:kill` it SIGKILLs its whole process group there (what a preempted node does), and
+with `<global step>:kill-self` only itself (one rank of a launched stage, as the OOM killer
+does). Unset, nothing happens.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def _crash_hook(global_step: int, path: Path) -> None:
         return
     if how == "kill":
         os.killpg(os.getpgrp(), signal.SIGKILL)
+    if how == "kill-self":
+        os.kill(os.getpid(), signal.SIGKILL)
     raise SimulatedCrash(f"{CRASH_ENV}={spec}: crashing right after writing {path}")
 
 
