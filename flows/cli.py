@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -147,7 +148,7 @@ def _progress_bars(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from moonforge.flows.lifecycle import PROGRESS
 
@@ -160,7 +161,7 @@ def _progress_bars(enabled: bool = True) -> Iterator[None]:
         console=console,
         transient=False,
     )
-    ids: dict[str, int] = {}
+    ids: dict[str, TaskID] = {}
 
     def report(stage: str, done: int, total: int, desc: str) -> None:
         if stage not in ids:
@@ -605,7 +606,7 @@ def data_status(
         from moonforge.registry.data_versions import dvc_status, read_lock
 
         changed = dvc_status(_project(), names or [])
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "name": n,
                 "state": "changed" if n in changed else "up to date",

@@ -171,14 +171,14 @@ def build_deployments(
     project = project.resolve()
     base = {"recipe": recipe_rel, "overrides": [], "project": str(project)}
     job = {"working_dir": str(project), "env": dict(env or {})} if pool else None
-    common = dict(
+    common: dict[str, Any] = dict(  # keyword arguments of Flow.to_deployment
         entrypoint_type=EntrypointType.MODULE_PATH, job_variables=job, tags=[*TAGS, f"recipe:{recipe.name}"]
     )
     if pool:
         common["work_pool_name"] = pool
     from prefect.schedules import Cron
 
-    schedule = {"schedules": [Cron(cron, timezone=timezone)]} if cron else {}
+    schedule: dict[str, Any] = {"schedules": [Cron(cron, timezone=timezone)]} if cron else {}
     out = [
         lifecycle_deployment.to_deployment(
             name=recipe.name,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import typer
 
@@ -91,7 +92,7 @@ def export(
     """Export an artifact as a Hugging Face checkpoint (safetensors, config, tokenizer, card)."""
     with _errors():
         from moonforge.model.adapters.base import InteropError
-        from moonforge.registry.hf_export import export_checkpoint
+        from moonforge.registry.hf_export import Part, export_checkpoint
         from moonforge.registry.refs import resolve_ref
         from moonforge.registry.store import open_store
 
@@ -107,8 +108,8 @@ def export(
                 out,
                 store,
                 _project(),
-                part=part,
-                force=force,  # type: ignore[arg-type]
+                part=cast(Part, part),  # one of ("lm", "vlm"), checked above
+                force=force,
                 max_shard_bytes=int(shard_gb * 1024**3),
             )
         except InteropError as e:

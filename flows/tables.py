@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import typer
 from rich import box
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 FORMATS = ("table", "json", "markdown")
@@ -38,7 +38,7 @@ def format_option() -> Any:
 class Column:
     key: str
     header: str
-    justify: str = "left"
+    justify: JustifyMethod = "left"
     wide_only: bool = False
     """Dropped when the table would not fit the console."""
     no_wrap: bool = False
@@ -74,7 +74,7 @@ def rich_table(
 
 def natural_width(table: Table) -> int:
     """Columns the table takes when nothing limits it."""
-    probe = Console(width=10_000, file=_Null(), color_system=None)
+    probe = Console(width=10_000, file=cast(IO[str], _Null()), color_system=None)  # rich only writes
     return probe.measure(table).maximum
 
 
