@@ -310,3 +310,40 @@ def s3_env(s3_endpoint, monkeypatch, tmp_path):
     client = boto3.client("s3")
     client.create_bucket(Bucket=bucket)
     return s3_endpoint, bucket, client
+
+
+# -- fixtures several modules share ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops (decode steps, toy models): extra intra-op threads only add sync cost, badly so
+    on a loaded 2-core box. A module opts in with pytest.mark.usefixtures("one_thread"); the
+    setting is restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def wide_consoles(monkeypatch):
+    """The CLI's consoles 250 columns wide (no wrapping in asserted output) and no retry waits."""
+    from rich.console import Console
+
+    from moonforge.flows import cli, lifecycle
+
+    monkeypatch.setattr(cli, "console", Console(width=250, force_terminal=False))
+    monkeypatch.setattr(cli, "err_console", Console(width=250, stderr=True, force_terminal=False))
+    monkeypatch.setattr(lifecycle, "RETRY_DELAYS", [0.0, 0.0])
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory) -> Path:
+    """A copy of the package that every child process of a module runs (edits to the checkout
+    while the tests run do not reach it)."""
+    from frozen_code import package_copy
+
+    return package_copy(tmp_path_factory.mktemp("code"))

@@ -7,22 +7,16 @@ import subprocess
 import sys
 
 import pytest
-from rich.console import Console
 from typer.testing import CliRunner
 
-from moonforge.flows import cli, lifecycle
+from moonforge.flows import cli
 from moonforge.stages import catalog
 from moonforge.stages.catalog import StageNotAvailable
 
+pytestmark = pytest.mark.usefixtures("wide_consoles")
+
 runner = CliRunner()
 MINI = "recipes/mini.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _wide_consoles(monkeypatch):
-    monkeypatch.setattr(cli, "console", Console(width=250, force_terminal=False))
-    monkeypatch.setattr(cli, "err_console", Console(width=250, stderr=True, force_terminal=False))
-    monkeypatch.setattr(lifecycle, "RETRY_DELAYS", [0.0, 0.0])
 
 
 def invoke(*args):

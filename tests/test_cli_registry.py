@@ -8,24 +8,18 @@ import json
 import pytest
 import yaml
 from mlflow import MlflowClient
-from rich.console import Console
 from typer.testing import CliRunner
 
-from moonforge.flows import cli, lifecycle
+from moonforge.flows import cli
 from moonforge.registry.run_stage import run_stage
 from moonforge.registry.tracking import Tracker, tracking_uri
 from moonforge.stages.recipe import load_recipe
 
+pytestmark = pytest.mark.usefixtures("wide_consoles")
+
 runner = CliRunner()
 MINI = "recipes/mini.yaml"
 GATED = "recipes/gated.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _wide_consoles(monkeypatch):
-    monkeypatch.setattr(cli, "console", Console(width=250, force_terminal=False))
-    monkeypatch.setattr(cli, "err_console", Console(width=250, stderr=True, force_terminal=False))
-    monkeypatch.setattr(lifecycle, "RETRY_DELAYS", [0.0, 0.0])
 
 
 @pytest.fixture

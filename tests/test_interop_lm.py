@@ -30,17 +30,10 @@ from moonforge.model.generate import generate
 from moonforge.model.lm import MoELM
 from moonforge.model.vlm import build_vlm, param_counts
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
+
 V = 96
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: extra intra-op threads only add sync cost on a shared box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _deepseek(**kw) -> DeepseekV3ForCausalLM:

@@ -24,19 +24,11 @@ from moonforge.model.generate import (
 )
 from moonforge.model.vlm import VLM, build_vlm
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FIRST_TEXT_ID = 11  # ids 0..10 are the special tokens
 NEW = 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decode steps are tiny ops: extra intra-op threads only add sync cost (badly so on a
-    loaded 2-core box), so this module runs single-threaded and restores the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny(attention: str) -> VLM:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from frozen_code import package_copy, python_path
+from frozen_code import python_path
 from mlflow import MlflowClient
 
 from moonforge.registry.tracking import tracking_uri
@@ -64,12 +64,6 @@ def wait_for(cond, what: str, timeout: float = 180.0) -> None:
         if time.time() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def frozen(tmp_path_factory) -> Path:
-    """The code every process of this module runs (edits to the checkout do not reach it)."""
-    return package_copy(tmp_path_factory.mktemp("code"))
 
 
 @pytest.fixture(params=["local", "s3"])

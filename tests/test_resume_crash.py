@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, copy_project
-from frozen_code import package_copy, python_path
+from frozen_code import python_path
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -36,12 +36,6 @@ from moonforge.registry.tracking import OWNED_TAG, tracking_uri
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 SCRIPT = Path(__file__).with_name("lease_stage.py")
-
-
-@pytest.fixture(scope="module")
-def frozen(tmp_path_factory) -> Path:
-    """The code every process of this module runs (edits to the checkout do not reach it)."""
-    return package_copy(tmp_path_factory.mktemp("code"))
 
 
 def api_env(frozen: Path, **extra: str) -> dict[str, str]:

@@ -30,16 +30,9 @@ from moonforge.stages.long_cot_sft import long_cot_sft
 from moonforge.stages.stage_configs import LongCoTSFTConfig, SFTConfig
 from moonforge.stages.train.stage_io import lm_stream, vision_spec
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: extra intra-op threads only add sync cost on a shared CPU."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")
