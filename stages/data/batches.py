@@ -366,7 +366,9 @@ class ImageTextIterator(Iterator[ImageTextBatch | None]):
         self.step += 1
         if not mine:
             return None  # another rank's micro-batch
-        pixels, grids, texts = [], [], []
+        pixels: list[torch.Tensor] = []
+        grids: list[tuple[int, int]] = []
+        texts: list[list[int]] = []
         while len(grids) < self.batch_size:
             got = self._example()
             if got is None:

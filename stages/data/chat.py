@@ -34,10 +34,12 @@ class _ImageSizes:
     """(width, height) of images under `root`, from the file header, cached per path."""
 
     def __init__(self, root: Path | None):
-        self.root, self._sizes = Path(root) if root is not None else None, {}
+        self.root = Path(root) if root is not None else None
+        self._sizes: dict[str, tuple[int, int] | None] = {}
 
     def grid(self, rel: str, vision: VisionSpec) -> tuple[int, int]:
         if rel not in self._sizes:
+            assert self.root is not None  # _need_root: records with images come with a root
             try:
                 with Image.open(self.root / rel) as img:  # header only, no decode
                     self._sizes[rel] = img.size
@@ -72,7 +74,10 @@ def chat_docs(records: Sequence[_Dialogue], image_root: Path | None, tokenizer: 
                          "chat_prompt_items for prompts")
     _need_root(recs, image_root, name)
     num_images = sum(len(r.images) for r in recs)
-    loader = ImageLoader(name, image_root, num_images, max_corrupt_frac) if num_images else None
+    loader = None
+    if num_images:
+        assert image_root is not None  # _need_root refused images without one
+        loader = ImageLoader(name, image_root, num_images, max_corrupt_frac)
     sizes = _ImageSizes(image_root)
 
     def make(i: int, vision: VisionSpec) -> Doc:
@@ -80,6 +85,9 @@ def chat_docs(records: Sequence[_Dialogue], image_root: Path | None, tokenizer: 
         grids = [sizes.grid(p, vision) for p in rec.images]
         ids, mask = tokenizer.encode_chat(rec.message_dicts(),
                                           [num_image_tokens(g, vision.merge_size) for g in grids])
+        if not grids:
+            return Doc(ids, mask, ())
+        assert loader is not None  # this record has images, so num_images > 0
         return Doc(ids, mask, tuple(ImageRef(loader, p, g) for p, g in zip(rec.images, grids)))
 
     return DocSource(name, len(recs), make, loader)
@@ -123,16 +131,20 @@ def chat_prompt_items(records: Sequence[_Dialogue], image_root: Path | None, tok
     recs = list(records)[:limit]
     _need_root(recs, image_root, dataset_name)
     num_images = sum(len(r.images) for r in recs)
-    loader = ImageLoader(dataset_name, image_root, num_images) if num_images else None
+    loader = None
+    if num_images:
+        assert image_root is not None  # _need_root refused images without one
+        loader = ImageLoader(dataset_name, image_root, num_images)
     items = []
     for rec in recs:
         msgs, answer, verifier, difficulty = _prompt_of(rec)
         paths = rec.images[:sum(m["content"].count(IMAGE_MARKER) for m in msgs)]
-        patches = [loader.load(p) for p in paths]
-        if any(img is None for img in patches):
+        patches = [loader.load(p) for p in paths] if loader is not None else []  # no paths without images
+        loaded = [img for img in patches if img is not None]
+        if len(loaded) < len(patches):
             continue
         patched = [to_patches(img, vision.patch_size, vision.merge_size, vision.max_patches)
-                   for img in patches]
+                   for img in loaded]
         ids, _ = tokenizer.encode_chat(msgs, [num_image_tokens(g, vision.merge_size) for _, g in patched],
                                        add_generation_prompt=True)
         pixels = torch.cat([p for p, _ in patched]) if patched else None

@@ -162,7 +162,7 @@ class DeclaredDataset(Frozen):
     assistant_tag, system_tag, merged over the format's defaults."""
     num_samples: PositiveInt | None = None
     """Read only the first N records (in file order); None = all."""
-    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    max_bad_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
     """Bad records are skipped and counted; above this share the stage fails before training."""
     num_heldout: NonNegativeInt = 0
     """Records set aside (a seeded choice) for the stage's closing eval; never trained on."""

@@ -196,7 +196,8 @@ def build_sft(params: SftParams, out: Path, toyworld: Path, text: Path, tokenize
     """Write `out/{train,val}.jsonl` and stats.json; return the stats."""
     tok = Tokenizer.load(tokenizer)
     modules = stdlib_modules()
-    stats, train_questions = {}, set()
+    stats: dict[str, dict] = {}
+    train_questions: set[str] = set()
     for split, num in (("train", params.max_images_train), ("val", params.max_images_val)):
         c: Counter = Counter()
         images = _image_dialogues(params, split, read_image_records(toyworld, split)[:num], tok, c)

@@ -36,6 +36,9 @@ def lm_eval_batches(source: DocSource, tokenizer: Tokenizer, seq_len: int, batch
     rows = []
     for i in range(min(len(source), max_docs or len(source))):
         doc = source.doc(i, vision)
+        if doc is None:  # only a declared dataset's source has bad records
+            raise ValueError(f"evaluation source {source.name!r}: document {i} is a bad record; "
+                             "evaluate generated sources only")
         images = load_doc_images(doc, vision) if doc.images else None
         if doc.images and images is None:
             continue
@@ -86,7 +89,10 @@ def retrieval_eval_batch(records: Sequence[ImageRecord], image_root: Path, token
                          dataset_name: str = "toyworld/val") -> ImageTextBatch:
     """Images and captions with distinct captions, image i <-> caption i; chance = 1 / num_images."""
     loader = ImageLoader(dataset_name, image_root, len(records))
-    pixels, grids, texts, seen = [], [], [], set()
+    pixels: list[torch.Tensor] = []
+    grids: list[tuple[int, int]] = []
+    texts: list[list[int]] = []
+    seen: set[str] = set()
     for rec in records:
         if (limit is not None and len(grids) >= limit) or rec.caption in seen:
             continue

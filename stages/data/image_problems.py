@@ -119,6 +119,8 @@ def chart_problem(rng: random.Random, rec: ImageRecord) -> Problem:
     if pairs:
         kinds += ["compare", "difference"]
     kind = rng.choice(kinds)
+    ans: int | str  # a bar value or a bar's color
+    wrong: int | str
     if kind == "value":
         c = rng.choice([c for c, _ in bars])
         q, ans = f"What is the value of the {c} bar?", values[c]
@@ -131,7 +133,7 @@ def chart_problem(rng: random.Random, rec: ImageRecord) -> Problem:
         wrong = ans + rng.choice((-1, 1))
         wrong_body = [f"Adding them: {'+'.join(str(v) for _, v in bars)} = {wrong}."]
     elif kind == "tallest":
-        ans = max(values, key=values.get)
+        ans = max(values, key=values.__getitem__)
         q = "Which bar is the tallest?"
         body = [f"The largest value is {values[ans]}, which belongs to the {ans} bar."]
         wrong = rng.choice([c for c in values if c != ans])

@@ -49,7 +49,7 @@ class WorkerStream(Iterator):
         self.make, self.rank, self.world, self.num_workers = make, rank, world, num_workers
         self.step, self.own = 0, 0
         self.states: list[dict | None] = [None] * num_workers
-        self._it = None
+        self._it: Iterator | None = None
 
     def _start(self) -> None:
         ds = _Workers(self.make, self.num_workers, list(self.states), self.own % self.num_workers)
@@ -63,6 +63,7 @@ class WorkerStream(Iterator):
             return None  # another rank's micro-batch
         if self._it is None:
             self._start()
+        assert self._it is not None  # _start sets it
         batch, w, state = next(self._it)
         self.states[w], self.own = state, self.own + 1
         return batch

@@ -84,7 +84,12 @@ class RowPacker:
         return [self._close()] if self._segments else []
 
     def _close(self) -> PackedRow:
-        ids, mask, pos, docs, payloads, tags = [], [], [], [], [], []
+        ids: list[int] = []
+        mask: list[int] = []
+        pos: list[int] = []
+        docs: list[int] = []
+        payloads: list[Any] = []
+        tags: list[Any] = []
         for d, (chunk, m, payload, tag) in enumerate(self._segments):
             ids += chunk
             mask += m

@@ -29,7 +29,7 @@ class ToyworldParams(_Params):
     kind_weights: dict[str, float] = {"shapes": 0.45, "ocr": 0.15, "chart": 0.13, "arith": 0.14,
                                       "doc": 0.13}
     """Sampling weight of each image kind."""
-    web_frac: float = Field(0.3, ge=0.0, le=1.0)
+    web_frac: float = Field(default=0.3, ge=0.0, le=1.0)
     """Share of records marked quality=web (their alt text is noisier)."""
 
     @model_validator(mode="after")
@@ -51,7 +51,7 @@ class TextParams(_Params):
     """Stop harvesting stdlib docstrings after this many characters."""
     num_generated: PositiveInt
     """Generated documents (scene descriptions, arithmetic statements)."""
-    val_frac: float = Field(0.03, gt=0.0, lt=0.5)
+    val_frac: float = Field(default=0.03, gt=0.0, lt=0.5)
     """Share of documents (chosen by a hash of their text) held out for validation."""
     high_min_chars: PositiveInt = 200
     """Stdlib docstrings at least this long (and free of doctest lines) are quality=high."""

@@ -48,15 +48,15 @@ class SftParams(_Params):
     """Toy-world val images turned into val image dialogues."""
     text_image_ratio: PositiveFloat = 1.0
     """Text-only dialogue tokens per image-dialogue token (the paper's 1:1)."""
-    multi_turn_frac: float = Field(0.25, ge=0.0, le=1.0)
+    multi_turn_frac: float = Field(default=0.25, ge=0.0, le=1.0)
     """Share of image dialogues with two QA turns about the same image."""
-    caption_frac: float = Field(0.2, ge=0.0, le=1.0)
+    caption_frac: float = Field(default=0.2, ge=0.0, le=1.0)
     """Share of image dialogues that ask for a description (answer: the caption)."""
-    system_frac: float = Field(0.3, ge=0.0, le=1.0)
+    system_frac: float = Field(default=0.3, ge=0.0, le=1.0)
     """Share of dialogues that open with a system message."""
     text_weights: dict[str, float] = {"arith": 0.4, "facts": 0.35, "stdlib": 0.25}
     """Mix of text-only dialogues: arithmetic word problems, scene facts, stdlib docstrings."""
-    val_frac: float = Field(0.1, gt=0.0, lt=0.5)
+    val_frac: float = Field(default=0.1, gt=0.0, lt=0.5)
     """Share of generated text questions (by a hash of the question) held out for val."""
     vision: VisionTokens = VisionTokens()
 
@@ -83,10 +83,10 @@ class ReasoningParams(_Params):
     min_ops: PositiveInt = 2
     max_ops: PositiveInt = 4
     """Operations per arithmetic problem (multi-step)."""
-    negative_frac: float = Field(0.1, ge=0.0, le=1.0)
+    negative_frac: float = Field(default=0.1, ge=0.0, le=1.0)
     """Per problem, the chance of also generating a deliberately wrong trace; the verifier must
     reject it (counted in stats.json), which proves the admission check works."""
-    val_frac: float = Field(0.1, gt=0.0, lt=0.5)
+    val_frac: float = Field(default=0.1, gt=0.0, lt=0.5)
     """Share of arithmetic expressions (by a hash of the expression) held out for val."""
 
     @model_validator(mode="after")
@@ -109,9 +109,9 @@ class RLPromptParams(_Params):
     kind_weights: dict[str, float] = {"arith": 0.5, "count": 0.2, "color": 0.1, "chart": 0.2}
     max_ops: PositiveInt = 5
     """Arithmetic prompts have 1..max_ops operations (difficulty grows with the count)."""
-    system_frac: float = Field(0.5, ge=0.0, le=1.0)
+    system_frac: float = Field(default=0.5, ge=0.0, le=1.0)
     """Share of prompts with a system message stating the answer format."""
-    val_frac: float = Field(0.1, gt=0.0, lt=0.5)
+    val_frac: float = Field(default=0.1, gt=0.0, lt=0.5)
 
     @model_validator(mode="after")
     def _check(self) -> "RLPromptParams":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, replace
+from typing import Literal
 
 
 FINAL = "Answer: {}"
@@ -41,7 +42,7 @@ class Problem:
     """(steps, answer) of a deliberately wrong solution, when one exists."""
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> Literal["text", "image"]:
         return "image" if self.image else "text"
 
     def solution(self) -> str:
@@ -100,6 +101,7 @@ def render(e: Expr) -> str:
     """Infix text with only the parentheses precedence needs, e.g. "(3+4)*2", "9-(2+3)"."""
     if e.op is None:
         return str(e.value)
+    assert e.left is not None and e.right is not None  # an operation node has both children
     left, right = render(e.left), render(e.right)
     if e.left.op and _PREC[e.left.op] < _PREC[e.op]:
         left = f"({left})"
@@ -112,6 +114,7 @@ def _reduce(e: Expr, errors: dict[int, int], lines: list[tuple[int, str, int, in
     """Post-order evaluation; step k's result is shifted by errors.get(k, 0) (wrong traces)."""
     if e.op is None:
         return e
+    assert e.left is not None and e.right is not None  # an operation node has both children
     a = _reduce(e.left, errors, lines).value
     b = _reduce(e.right, errors, lines).value
     value = _apply(e.op, a, b) + errors.get(len(lines), 0)
@@ -146,6 +149,7 @@ def _replace_first(e: Expr, value: int) -> Expr:
     """Replace the first post-order operation node whose children are leaves by `value`."""
     if e.op is None:
         return e
+    assert e.left is not None and e.right is not None  # an operation node has both children
     if e.left.op is None and e.right.op is None:
         return Expr(value)
     if e.left.op is not None:
@@ -154,7 +158,10 @@ def _replace_first(e: Expr, value: int) -> Expr:
 
 
 def _leaves(e: Expr) -> list[int]:
-    return [e.value] if e.op is None else _leaves(e.left) + _leaves(e.right)
+    if e.op is None:
+        return [e.value]
+    assert e.left is not None and e.right is not None  # an operation node has both children
+    return _leaves(e.left) + _leaves(e.right)
 
 
 def arithmetic_problem(rng: random.Random, num_ops: int, max_ops: int) -> Problem:

@@ -13,6 +13,7 @@ Layouts:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -22,6 +23,9 @@ SPLITS = ("train", "val")
 
 Quality = Literal["high", "web"]
 """`high`: clean text (the cooldown subset); `web`: noisier text such as alt text or short docstrings."""
+
+
+ImageKind = Literal["shapes", "ocr", "chart", "arith", "doc"]
 
 
 class _Record(BaseModel):
@@ -60,7 +64,7 @@ class ImageRecord(_Record):
     """Path of the PNG relative to the split directory (e.g. "images/000123.png")."""
     width: int = Field(gt=0)
     height: int = Field(gt=0)
-    kind: Literal["shapes", "ocr", "chart", "arith", "doc"]
+    kind: ImageKind
     caption: str = Field(min_length=1)
     """Informative description (enough for image-text retrieval to beat chance)."""
     alt_text: str
@@ -178,7 +182,7 @@ def read_longdoc_records(dataset: Path, split: str, name: str = "longdoc") -> li
     return read_jsonl(path, LongDocRecord)
 
 
-def write_jsonl(path: Path, records: list[_Record]) -> None:
+def write_jsonl(path: Path, records: Iterable[_Record]) -> None:
     """Write records one per line with sorted keys and ASCII escapes (byte-deterministic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="ascii", newline="\n") as f:

@@ -19,11 +19,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.data.images import ImageLoader, num_image_tokens, patch_grid
 from moonforge.stages.data.records import ImageRecord, LongDocRecord, TextRecord
 from moonforge.stages.data.shard_order import ShardOrder
+
+
+class ImageCounter(Protocol):
+    """What a DocSource keeps of its image loader (an ImageLoader, or a declared set's reader):
+    where the images are and how many were skipped as bad."""
+
+    root: Path
+    skipped: int
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,7 @@ class DocSource:
     """
 
     def __init__(self, name: str, num_docs: int, make: Callable[[int, VisionSpec], Doc | None],
-                 loader: ImageLoader | None = None):
+                 loader: ImageCounter | None = None):
         if num_docs <= 0:
             raise ValueError(f"document source {name!r} is empty; check its dataset and filters")
         self.name, self._num_docs, self._make, self.loader = name, num_docs, make, loader

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import cast
 
 from PIL import Image, ImageDraw, ImageFont
 
 from moonforge.stages.data import scenes
 from moonforge.stages.data.params import ToyworldParams
-from moonforge.stages.data.records import QA, Box, ImageRecord, write_jsonl
+from moonforge.stages.data.records import QA, Box, ImageKind, ImageRecord, write_jsonl
 
 FONT = ImageFont.load_default_imagefont()
 """PIL's bitmap font: 6 px per character, 11 px line height, identical on every machine."""
@@ -33,7 +34,7 @@ def _canvas(rng: random.Random, w: int, h: int) -> tuple[Image.Image, ImageDraw.
     return img, ImageDraw.Draw(img)
 
 
-def _draw_text(img: Image.Image, rng: random.Random, text: str, scale: int) -> tuple[int, ...]:
+def _draw_text(img: Image.Image, rng: random.Random, text: str, scale: int) -> tuple[int, int, int, int]:
     """Draw one line of `text` at a random spot, `scale` x nearest-neighbour; return its bbox."""
     w, h = img.size
     tw, th = len(text) * CHAR_W * scale, LINE_H * scale
@@ -102,8 +103,8 @@ def _chart(rng: random.Random, w: int, h: int, noisy: bool) -> dict:
     caption = rng.choice((f"A bar chart with {scenes.NUMBER_WORDS[n]} bars: {bars}.",
                           f"Bar chart showing {bars}.", f"A small chart of {n} bars ({bars})."))
     qa = [("How many bars are in the chart?", str(n), "count")]
-    c = rng.randrange(n)
-    qa.append((f"What is the value of the {colors[c]} bar?", str(values[c]), "chart"))
+    k = rng.randrange(n)
+    qa.append((f"What is the value of the {colors[k]} bar?", str(values[k]), "chart"))
     if values.count(max(values)) == 1:
         qa.append(("Which bar is the tallest?", colors[values.index(max(values))], "chart"))
     alt = rng.choice(("chart", "bar graph", f"graph{rng.randint(1, 99)}")) if noisy else "bar chart"
@@ -159,7 +160,7 @@ def make_record(params: ToyworldParams, split: str, index: int) -> tuple[ImageRe
     facts = KINDS[kind](rng, w, h, noisy)
     rid = f"{split}-{index:06d}"
     record = ImageRecord(
-        id=rid, image=f"images/{rid}.png", width=w, height=h, kind=kind,
+        id=rid, image=f"images/{rid}.png", width=w, height=h, kind=cast(ImageKind, kind),
         caption=facts["caption"], alt_text=facts["alt_text"], ocr=facts["ocr"],
         boxes=tuple(facts["boxes"]),
         qa=tuple(QA(question=q, answer=a, type=t) for q, a, t in facts["qa"]),

@@ -56,8 +56,9 @@ def build_split(params: ReasoningParams, split: str, num: int,
             continue
         seen.add(p.key)
         candidates = [(p.solution(), False)]
-        if p.wrong is not None and rng.random() < params.negative_frac:
-            candidates.append((p.wrong_solution(), True))
+        wrong = p.wrong_solution()  # None iff p.wrong is None
+        if wrong is not None and rng.random() < params.negative_frac:
+            candidates.append((wrong, True))
         admitted = False
         for trace, negative in candidates:
             c["candidates"] += 1

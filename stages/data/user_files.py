@@ -317,7 +317,8 @@ class FileCache:
     """The few most recently parsed things (a .json file, a parquet row group), by key."""
 
     def __init__(self, size: int = 2):
-        self.size, self._items = size, OrderedDict()
+        self.size = size
+        self._items: OrderedDict[Any, Any] = OrderedDict()
 
     def get(self, key, load):
         if key in self._items:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
 from moonforge.model.tokenizer import IMAGE_MARKER, Tokenizer
 from moonforge.stages.data.chat import ChatPromptItem
-from moonforge.stages.data.images import num_image_tokens, to_patches
+from moonforge.stages.data.images import ImageLoader, num_image_tokens, to_patches
 from moonforge.stages.data.shard_order import ShardOrder
 from moonforge.stages.data.sources import Doc, DocSource, ImageRef, VisionSpec
 from moonforge.stages.data.user_check import CheckReport, check_set, require_ok
@@ -60,6 +61,8 @@ class _SourceRef(ImageRef):
 class DeclaredDocSource(DocSource):
     """Training documents of a declared dataset of kind chat, pair or text (see module doc)."""
 
+    loader: _Images
+
     def __init__(self, ds: DeclaredSet, tok: Tokenizer):
         self.ds, self.tok = ds, tok
         super().__init__(ds.name, len(ds), self._make, _Images(ds))
@@ -77,7 +80,10 @@ class DeclaredDocSource(DocSource):
             self.loader.failed(e)
             return None
         counts = [num_image_tokens(g, vision.merge_size) for g in grids]
-        refs = tuple(_SourceRef(self.loader, im.uri, g, im) for im, g in zip(rec.images, grids))
+        # _SourceRef.load decodes its ImageSource and reports to loader.failed; ImageRef's other
+        # users read only loader.root, which _Images has too
+        loader = cast(ImageLoader, self.loader)
+        refs = tuple(_SourceRef(loader, im.uri, g, im) for im, g in zip(rec.images, grids))
         tok = self.tok
         if rec.kind == "chat":
             ids, mask = tok.encode_chat(rec.message_dicts(), counts)
@@ -175,7 +181,7 @@ class DeclaredMix:
         return dict(self._sources)
 
     def weights(self, weights_at: Callable[[int], Mapping[str, float]] | Mapping[str, float]
-                ) -> Callable[[int], dict[str, float]]:
+                ) -> Callable[[int], Mapping[str, float]]:
         """The stage's own weights scaled to 1 - sum(shares), plus the declared shares."""
         rest = max(0.0, 1.0 - sum(self.shares.values()))
         self.sources()

@@ -13,6 +13,7 @@ import random
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import overload
 
 from moonforge.stages.data.declared import FORMATS, DeclaredDataset
 from moonforge.stages.data.shard_order import ShardOrder
@@ -33,6 +34,10 @@ REQUIRED = {"chat": ("messages",), "pair": ("text",), "text": ("text",),
 """Fields a record of each kind must have (a Parquet file without their columns is refused)."""
 
 
+@overload
+def resolve(root: Path | str, path: str) -> str: ...
+@overload
+def resolve(root: Path | str, path: str | None) -> str | None: ...
 def resolve(root: Path | str, path: str | None) -> str | None:
     """A declaration path as a local absolute path (relative to `root`) or the s3:// URI."""
     if path is None or path.startswith("s3://"):
@@ -55,8 +60,8 @@ class DeclaredSet:
             if left is not None and left <= 0:
                 break
             if uri.endswith(".parquet"):
-                wanted = {f: decl.column(f) for f in (*REQUIRED[self.kind], *decl.columns)
-                          if decl.column(f)}
+                wanted = {f: col for f in (*REQUIRED[self.kind], *decl.columns)
+                          if (col := decl.column(f))}
                 check_parquet_columns(uri, wanted)
             fi = index_file(uri, self.block, left)
             self.files.append(fi)

@@ -64,7 +64,8 @@ def render_ids(ids: list[int], tok: Tokenizer) -> str:
 def show_samples(ds: DeclaredSet, tok: Tokenizer, vision: VisionSpec, n: int,
                  png: Path | None) -> list[str]:
     """Text blocks for the first `n` usable records; thumbnails of their images into `png`."""
-    blocks, rows = [], []
+    blocks: list[str] = []
+    rows: list[list[Image.Image]] = []
     for rid, rec in ds.records():
         if len(blocks) >= n:
             break
