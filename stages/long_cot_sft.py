@@ -23,7 +23,7 @@ from moonforge.stages.data.chat_records import read_reasoning_records, read_rl_p
 from moonforge.stages.data.user_mix import DeclaredMix
 from moonforge.stages.evals import lm_eval_loss
 from moonforge.stages.posttrain_evals import answer_accuracy, as_metrics, split_by_kind
-from moonforge.stages.sft import sft_loss
+from moonforge.stages.sft import sft_loss, source_tokens
 from moonforge.stages.stage_configs import LongCoTSFTConfig
 from moonforge.stages.train.freeze import apply_trainable
 from moonforge.stages.train.loop import train
@@ -98,7 +98,7 @@ def long_cot_sft(
     state = train(model, apply_trainable(model, cfg.trainable), batches, sft_loss, train_spec(cfg), ctx, mcfg)
     metrics.update(reasoning_eval(model, tok, items, loss_batches, budget, cfg.eval.batch_size))
     seen = sum(batches.tokens_by_source.values())
-    epoch = sum(len(source.doc(i, vision_spec(mcfg)).ids) for i in range(len(source)))
+    epoch = source_tokens({"reasoning": source}, mcfg)
     metrics.update(
         {
             "train/final_loss": state.history[-1]["loss"],

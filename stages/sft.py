@@ -90,9 +90,11 @@ def mix_weights(sources: Mapping[str, DocSource], text_image_ratio: float) -> di
 
 
 def source_tokens(sources: Mapping[str, DocSource], mcfg: VLMConfig) -> int:
-    """Total tokens of every document of `sources` (one epoch), image placeholders included."""
+    """Total tokens of every document of `sources` (one epoch), image placeholders included; a bad
+    record of a declared dataset (doc None, counted by its loader) has none."""
     vision = vision_spec(mcfg)
-    return sum(len(src.doc(i, vision).ids) for src in sources.values() for i in range(len(src)))
+    docs = (src.doc(i, vision) for src in sources.values() for i in range(len(src)))
+    return sum(len(d.ids) for d in docs if d is not None)
 
 
 def phase_rows(cfg: SFTConfig, phase: SFTPhase) -> tuple[int, int]:
@@ -104,6 +106,9 @@ def phase_steps(cfg: SFTConfig, phase: SFTPhase, epoch_tokens: int | None) -> in
     """num_steps, or ceil(num_epochs * epoch tokens / tokens per step) (packing fill ~ 1)."""
     if phase.num_steps is not None:
         return phase.num_steps
+    assert phase.num_epochs is not None  # SFTConfig's validator: num_steps or num_epochs
+    if epoch_tokens is None:
+        raise ValueError(f"phase_steps: a phase of num_epochs={phase.num_epochs} needs the epoch's tokens")
     micro, accum = phase_rows(cfg, phase)
     return max(1, math.ceil(phase.num_epochs * epoch_tokens / (micro * accum * phase.seq_len)))
 
