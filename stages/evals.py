@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,9 @@ from torch import Tensor, nn
 from moonforge.stages.data.records import read_image_records, read_text_records
 from moonforge.stages.data.sources import caption_docs, qa_docs, text_docs
 from moonforge.stages.train.objectives import IGNORE, lm_forward, token_ce
+
+if TYPE_CHECKING:
+    from moonforge.model.vlm import VLM
 
 
 @torch.no_grad()
@@ -57,7 +61,7 @@ def exact_match(model: nn.Module, batches: Iterable) -> dict[str, float]:
 
 
 @torch.no_grad()
-def retrieval_accuracy(model: nn.Module, batch) -> dict[str, float]:
+def retrieval_accuracy(model: VLM, batch) -> dict[str, float]:
     """Image -> text top-1 accuracy over an ImageTextBatch whose image i matches text i.
 
     The eval batch holds distinct captions, so chance is 1 / num_images.

@@ -78,7 +78,8 @@ def long_context(
     }
     mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
     params = apply_trainable(model, cfg.trainable)
-    offset, drawn = 0, {}
+    offset = 0
+    drawn: dict[str, int] = {}
     for i, sub in enumerate(cfg.sub_stages):
         state, batches = _train_sub_stage(
             model, params, mcfg, cfg, sub, i, offset, tok, longdoc, replay, mix, ctx

@@ -18,6 +18,7 @@ Conventions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 from moonforge.model.config import VLMConfig
 from moonforge.stages.config import StageConfig
@@ -31,6 +32,14 @@ from moonforge.stages.plan_hw import (  # noqa: F401  (re-exported: the plan's p
     plan_config,
 )
 from moonforge.stages.plan_model import ModelCosts, TokenPath, model_costs, stage_path
+
+if TYPE_CHECKING:
+    from moonforge.stages.stage_configs import (
+        Long2ShortConfig,
+        LongContextConfig,
+        RLConfig,
+        ViTPretrainConfig,
+    )
 
 
 @dataclass
@@ -131,8 +140,9 @@ def _segments(stage: StageConfig) -> list[tuple[str, int, int, int | None]]:
     name = stage.stage_name
     subs = getattr(stage, "sub_stages", None)
     if subs:
+        lc = cast("LongContextConfig", stage)  # the stage kind with sub_stages
         return [
-            (f"{name}[{i}]", s.seq_len, stage.sub_stage_batch(s), stage.sub_stage_steps(s))
+            (f"{name}[{i}]", s.seq_len, lc.sub_stage_batch(s), lc.sub_stage_steps(s))
             for i, s in enumerate(subs)
         ]
     phases = getattr(stage, "phases", None)
@@ -150,19 +160,21 @@ def _rl_work(stage: StageConfig) -> tuple[float, float, int]:
     its sampling for rejection sampling / DPO and num_steps SFT/DPO steps of batch x seq_len.
     """
     if stage.kind == "rl":
-        traj = stage.prompts_per_iteration * stage.samples_per_prompt
-        gen = stage.num_iterations * traj * (stage.rollout_token_budget or stage.max_new_tokens)
-        return gen, gen * stage.steps_per_iteration, traj
-    traj = stage.rl_prompts_per_iteration * stage.rl_samples_per_prompt
-    rl_gen = stage.rl_iterations * traj * stage.max_new_tokens
-    sample_gen = stage.num_questions * stage.num_samples * stage.sample_max_new_tokens
-    sft = stage.steps * stage.batch_size * stage.seq_len
-    return rl_gen + sample_gen, rl_gen * stage.rl_steps_per_iteration + sft, traj
+        rl = cast("RLConfig", stage)
+        traj = rl.prompts_per_iteration * rl.samples_per_prompt
+        gen = rl.num_iterations * traj * (rl.rollout_token_budget or rl.max_new_tokens)
+        return gen, gen * rl.steps_per_iteration, traj
+    l2s = cast("Long2ShortConfig", stage)  # the other RL-like kind
+    traj = l2s.rl_prompts_per_iteration * l2s.rl_samples_per_prompt
+    rl_gen = l2s.rl_iterations * traj * l2s.max_new_tokens
+    sample_gen = l2s.num_questions * l2s.num_samples * l2s.sample_max_new_tokens
+    sft = l2s.steps * l2s.batch_size * l2s.seq_len
+    return rl_gen + sample_gen, rl_gen * l2s.rl_steps_per_iteration + sft, traj
 
 
 def vit_patches_per_image(stage: StageConfig) -> float:
     """Mean patches per image over stage 1's progressive-resolution schedule (images at the cap)."""
-    ms = stage.resolution_schedule
+    ms = cast("ViTPretrainConfig", stage).resolution_schedule  # the stage kind measured in patches
     ends = [m.at_frac for m in ms[1:]] + [1.0]
     return sum((end - m.at_frac) * m.max_patches for m, end in zip(ms, ends))
 

@@ -38,17 +38,17 @@ class PlanConfig(Frozen):
 
     gpu: str = "h100"
     """GPU type, one of GPUS."""
-    num_gpus: int = Field(512, ge=1)
+    num_gpus: int = Field(default=512, ge=1)
     """Total GPUs; each stage splits them into data x context parallel."""
-    mfu: float = Field(0.4, gt=0.0, le=1.0)
+    mfu: float = Field(default=0.4, gt=0.0, le=1.0)
     """Model FLOPs utilisation of training steps."""
-    rollout_mfu: float = Field(0.1, gt=0.0, le=1.0)
+    rollout_mfu: float = Field(default=0.1, gt=0.0, le=1.0)
     """MFU of RL / long2short sampling (decoding is memory-bandwidth-bound, so far below mfu)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters (0 = plain DDP)."""
     activation_checkpointing: bool = True
     """Full per-layer recompute: keep each layer's input, rebuild one layer's activations at a time."""
-    image_token_share: float = Field(0.3, ge=0.0, le=1.0)
+    image_token_share: float = Field(default=0.3, ge=0.0, le=1.0)
     """Share of LM tokens that are image tokens in multimodal stages (k1.5's 30% vision-text)."""
 
     @field_validator("gpu")

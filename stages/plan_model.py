@@ -42,7 +42,7 @@ def stage_path(stage: StageConfig) -> TokenPath:
     """Modules on a stage's token path: stage 1 runs MoonViT + the CoCa towers (the LM is not
     involved); the text pre-stage runs the LM alone; every later stage runs the whole VLM."""
     if stage.kind == "vit_pretrain":
-        modules = ("vision", "caption")
+        modules: tuple[str, ...] = ("vision", "caption")
         unit = "patch"
     elif stage.kind == "lm_pretrain":
         modules, unit = ("lm",), "lm"

@@ -104,11 +104,11 @@ class AlignConfig(MixtureStage):
 class MultimodalRamp(Frozen):
     """Text-only first, then a linear ramp of the multimodal share, then hold."""
 
-    text_only_frac: float = Field(0.02, ge=0.0, lt=1.0)
+    text_only_frac: float = Field(default=0.02, ge=0.0, lt=1.0)
     """Leading fraction of steps with only text."""
-    ramp_end_frac: float = Field(0.5, gt=0.0, le=1.0)
+    ramp_end_frac: float = Field(default=0.5, gt=0.0, le=1.0)
     """Fraction of steps at which the multimodal share reaches final_ratio."""
-    final_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    final_ratio: float = Field(default=0.3, ge=0.0, le=1.0)
     """Final multimodal share of sequences (k1.5: 30%)."""
 
     @model_validator(mode="after")
@@ -136,9 +136,9 @@ class CooldownConfig(MixtureStage):
     """Stage 4: high-quality subset plus a low ratio of synthetic QA, decaying LR, bias frozen."""
 
     kind: Literal["cooldown"] = "cooldown"
-    qa_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    qa_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     """Share of sequences that are synthetic QA."""
-    multimodal_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    multimodal_ratio: float = Field(default=0.3, ge=0.0, le=1.0)
     """Share of (non-QA) sequences that carry images."""
     high_quality_only: bool = True
     """Read only records marked quality: high."""
@@ -167,7 +167,7 @@ class LongContextConfig(MixtureStage):
     """New RoPE base (Kimi-VL: 50,000 -> 800,000)."""
     sub_stages: tuple[SubStage, ...]
     """Ordered sub-stages; each seq_len should be 4x the previous (8K -> 32K -> 128K)."""
-    long_ratio: float = Field(0.25, gt=0.0, le=1.0)
+    long_ratio: float = Field(default=0.25, gt=0.0, le=1.0)
     """Share of long data per sub-stage; the rest is replay of the previous stage's data."""
     needle_eval_docs: PositiveInt = 32
     """Held-out needle documents scored at the base and the final length (one forward each)."""
@@ -190,6 +190,7 @@ class LongContextConfig(MixtureStage):
     def sub_stage_steps(self, sub: SubStage) -> int:
         if sub.num_steps is not None:
             return sub.num_steps
+        assert sub.num_tokens is not None  # SubStage's validator requires one of the two
         return max(1, round(sub.num_tokens / (self.sub_stage_batch(sub) * sub.seq_len)))
 
     def sub_stage_batch(self, sub: SubStage) -> int:
@@ -223,7 +224,7 @@ class SFTPhase(Frozen):
     min_lr: PositiveFloat
     num_steps: PositiveInt | None = None
     num_epochs: PositiveFloat | None = None
-    warmup_frac: float = Field(0.02, ge=0.0, lt=1.0)
+    warmup_frac: float = Field(default=0.02, ge=0.0, lt=1.0)
 
 
 class SFTConfig(MixtureStage):
@@ -306,33 +307,33 @@ class RLConfig(MixtureStage):
     baseline: Literal["mean", "logmeanexp"] = "mean"
     """Reward baseline: group mean (k1.5 in practice) or tau * log-mean-exp(r / tau)."""
     length_penalty_weight: NonNegativeFloat = 0.2
-    length_penalty_warmup_iters: int = Field(2, ge=0)
+    length_penalty_warmup_iters: int = Field(default=2, ge=0)
     max_new_tokens: PositiveInt = 256
     """Cap on a response over all its segments (also the eval generation length)."""
     rollout_token_budget: PositiveInt | None = None
     """Per-iteration output budget per trajectory (partial rollouts); None = no truncation."""
-    max_segment_age: int | None = Field(None, ge=0)
+    max_segment_age: int | None = Field(default=None, ge=0)
     """Replayed segments older than this many iterations are excluded from the loss; None keeps all."""
-    curriculum_switch_iter: int = Field(4, ge=0)
+    curriculum_switch_iter: int = Field(default=4, ge=0)
     """Iterations sampling uniformly over all prompts before the curriculum keeps only hard ones."""
     use_curriculum: bool = True
     """Easy -> hard curriculum by difficulty label (k1.5 sec. 2.3.4)."""
-    hard_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    hard_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     """A prompt is hard when its difficulty >= this (used after curriculum_switch_iter)."""
     use_priority: bool = True
     """Prioritized sampling, P(i) proportional to 1 - running success rate."""
     temperature: PositiveFloat = 1.0
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     """Nucleus sampling for rollouts (1 = plain temperature sampling)."""
     repeat_detection: bool = True
     """Stop a rollout whose tail loops (in-segment n-gram counter + cross-segment periodic tail)."""
     repeat_ngram: PositiveInt = 8
     """n-gram size of the in-generation repeat detector."""
-    repeat_max: int = Field(4, ge=2)
+    repeat_max: int = Field(default=4, ge=2)
     """Occurrences of one n-gram that end a rollout as "repeat"."""
     repeat_penalty: NonNegativeFloat = 0.0
     """Subtracted from the reward of a rollout cut for repeating."""
-    max_verifier_error_rate: float = Field(0.5, ge=0.0, le=1.0)
+    max_verifier_error_rate: float = Field(default=0.5, ge=0.0, le=1.0)
     """Fail the stage when more than this share of verifier calls raise (a broken verifier)."""
 
     @model_validator(mode="after")
@@ -365,7 +366,7 @@ class Long2ShortConfig(MixtureStage):
 
     kind: Literal["long2short"] = "long2short"
     methods: tuple[Literal["merge", "shortest_rs", "dpo", "rl"], ...] = ("merge", "shortest_rs", "dpo", "rl")
-    merge_weight: float = Field(0.5, ge=0.0, le=1.0)
+    merge_weight: float = Field(default=0.5, ge=0.0, le=1.0)
     """theta = w * theta_long + (1 - w) * theta_short; the short model is the shortest_rs one."""
     num_samples: PositiveInt = 8
     """Responses sampled per question for shortest rejection sampling and DPO pairs."""
@@ -387,7 +388,7 @@ class Long2ShortConfig(MixtureStage):
     rl_tau: PositiveFloat = 0.5
     length_penalty_weight: NonNegativeFloat = 0.5
     """w_len of long2short RL (constant, no warm-up)."""
-    acc_tolerance: float = Field(0.02, ge=0.0, le=1.0)
+    acc_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)
     """Candidates within this accuracy of the best one compete on acc per 1k tokens."""
 
     @model_validator(mode="after")

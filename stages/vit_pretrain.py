@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, cast
 
 from torch import Tensor, nn
 
@@ -32,6 +33,9 @@ from moonforge.stages.train.stage_io import (
     vision_spec,
 )
 
+if TYPE_CHECKING:
+    from moonforge.model.vlm import VLM
+
 
 def patch_cap(cfg: ViTPretrainConfig, step: int, max_patches: int) -> int:
     """The progressive-resolution patch cap at `step` (the last milestone reached)."""
@@ -42,8 +46,9 @@ def patch_cap(cfg: ViTPretrainConfig, step: int, max_patches: int) -> int:
 
 def coca_loss(caption_weight: float):
     def loss_fn(model: nn.Module, batch) -> tuple[Tensor, dict[str, float]]:
-        feats = model.vision(batch.pixels_NP, batch.grid_hw)
-        towers = model.caption
+        vlm = cast("VLM", model)  # the loop passes the model it trains: stage 1's VLM
+        feats = vlm.vision(batch.pixels_NP, batch.grid_hw)
+        towers = vlm.caption
         img = towers.image_embed(feats, batch.grid_hw)
         txt = towers.text_embed(batch.text_ids_BL, batch.text_mask_BL)
         l_sig = siglip_loss(img, txt, towers.logit_scale, towers.logit_bias)

@@ -77,12 +77,13 @@ def apply_ac(model: nn.Module, parts: Iterable[str]) -> int:
             )
         module = getattr(model, part, None)
         lists = [getattr(module, name, None) for name in BLOCKS[part]]
-        if module is None or not all(isinstance(ml, nn.ModuleList) for ml in lists):
+        block_lists = [ml for ml in lists if isinstance(ml, nn.ModuleList)]
+        if module is None or len(block_lists) < len(lists):
             raise ValueError(
                 f"activation checkpointing of {part!r}: the model has no "
                 f"{part}.{'/'.join(BLOCKS[part])} block list to wrap"
             )
-        for blocks in lists:
+        for blocks in block_lists:
             for block in blocks:
                 checkpoint_block(block)
                 count += 1

@@ -79,12 +79,13 @@ class Parallel:
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8)
         dist.all_reduce(has, op=dist.ReduceOp.MAX)
         live = [p for p, h in zip(params, has.tolist()) if h]
+        grads: list[Tensor] = []
         for p in live:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
         if not live:
             return
-        grads = [p.grad for p in live]
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat)
         flat.div_(self.world_size)
@@ -93,7 +94,8 @@ class Parallel:
 
     def sum_router_loads(self, lm: nn.Module) -> None:
         """Sum MoE routers' load counts over ranks before the bias step (the global load)."""
-        counts = [m.load_counts for m in lm.modules() if isinstance(getattr(m, "load_counts", None), Tensor)]
+        loads = (getattr(m, "load_counts", None) for m in lm.modules())
+        counts = [c for c in loads if isinstance(c, Tensor)]
         if counts:
             flat = _flatten_dense_tensors(counts)
             dist.all_reduce(flat)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel
 from safetensors import safe_open
 
 from moonforge.model.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
@@ -24,7 +25,11 @@ from moonforge.stages.artifacts import MODEL_CONFIG_FILE, WEIGHTS_FILE
 
 IMPORT_FILE = "import.json"
 PARTS = ("vision", "projector", "lm")
-_PART_CONFIGS = {"vision": VisionConfig, "projector": ProjectorConfig, "lm": LMConfig}
+_PART_CONFIGS: dict[str, type[BaseModel]] = {
+    "vision": VisionConfig,
+    "projector": ProjectorConfig,
+    "lm": LMConfig,
+}
 FREE_FIELDS = {
     "vision": {"max_patches", "merge_size", "pos_grid", "rope_theta", "use_rope"},
     "projector": set(),
@@ -34,7 +39,7 @@ FREE_FIELDS = {
 shape (RoPE bases and lengths are what the long-context stage changes on purpose)."""
 
 
-def artifact_part_configs(path: Path) -> dict[str, object]:
+def artifact_part_configs(path: Path) -> dict[str, BaseModel]:
     """Part name -> shape config of the artifact at `path`."""
     path = Path(path)
     if (path / IMPORT_FILE).is_file():
@@ -49,7 +54,7 @@ def artifact_part_configs(path: Path) -> dict[str, object]:
     )
 
 
-def check_part_config(part: str, have: object, want: object, source: Path) -> None:
+def check_part_config(part: str, have: BaseModel, want: BaseModel, source: Path) -> None:
     """Raise ValueError listing every shape field where the artifact and the recipe differ."""
     a, b = have.model_dump(), want.model_dump()
     diffs = [

@@ -46,7 +46,9 @@ class MuonAdamW:
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], cfg: OptimizerConfig) -> None:
         muon = [p for n, p in named_params if cfg.use_muon and is_muon_param(n, p)]
-        stacked = {p: matrix_shape(n, p) for n, p in named_params if matrix_shape(n, p)}
+        stacked: dict[torch.Tensor, tuple[int, int, int]] = {
+            p: shape for n, p in named_params if (shape := matrix_shape(n, p))
+        }
         muon_ids = {id(p) for p in muon}
         adamw = [p for _, p in named_params if id(p) not in muon_ids]
         self.optimizers: list[torch.optim.Optimizer] = []

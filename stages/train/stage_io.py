@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -97,7 +98,7 @@ def finish(
 
 def train_spec(cfg: StageConfig, **override) -> TrainSpec:
     """The loop's spec from a stage config (override num_steps / schedule / label per phase)."""
-    base = dict(
+    base: dict[str, Any] = dict(
         num_steps=cfg.steps,
         optimizer=cfg.optimizer,
         schedule=cfg.schedule,

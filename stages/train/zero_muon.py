@@ -94,8 +94,10 @@ class ZeroMuonAdamW(torch.optim.Optimizer):
     def _muon(self, p: Tensor, g: dict) -> None:
         lr, mu = g["lr"], g["momentum"]
         buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-        buf.lerp_(p.grad, 1 - mu)
-        update = p.grad.lerp(buf, mu)
+        grad = p.grad
+        assert grad is not None  # step() skips parameters without a gradient
+        buf.lerp_(grad, 1 - mu)
+        update = grad.lerp(buf, mu)
         full = self._gather(update, g).view(g["matrices"])  # stacked experts: (N, A, B)
         dtype = g["ns_dtype"] or (torch.bfloat16 if p.is_cuda else torch.float32)
         ortho = newton_schulz(full, g["ns_steps"], g["ns_eps"], dtype).to(p.dtype)
