@@ -27,13 +27,14 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from moonforge.model.generate import generate
 from moonforge.model.tokenizer import Tokenizer
+from moonforge.model.vlm import VLM
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
 from moonforge.stages.data.chat import ChatPromptItem
 from moonforge.stages.data.user_mix import preference_pairs, weighted_pool
@@ -63,7 +64,7 @@ Samples = dict[int, list[Sample]]
 
 
 def sample_responses(
-    model: nn.Module,
+    model: VLM,
     tok: Tokenizer,
     items: Sequence[ChatPromptItem],
     questions: Sequence[int],
@@ -71,7 +72,7 @@ def sample_responses(
 ) -> Samples:
     """`cfg.num_samples` responses per question from the long model, scored by its verifier."""
     gen = torch.Generator(model.lm.embed_tokens.weight.device).manual_seed(cfg.seed)
-    stats, out = VerifyStats(), {}
+    stats, out = VerifyStats(), cast(Samples, {})
     per_call = max(1, cfg.eval.batch_size // cfg.num_samples)
     for start in range(0, len(questions), per_call):
         qs = questions[start : start + per_call]
@@ -99,7 +100,7 @@ def sample_responses(
 
 
 def _train(
-    model: nn.Module,
+    model: VLM,
     cfg: Long2ShortConfig,
     ctx: StageContext,
     label: str,
@@ -141,7 +142,7 @@ def _batch(n: int, step: int, rows: int, seed: int) -> list[int]:
 
 
 def shortest_rs(
-    model: nn.Module,
+    model: VLM,
     tok: Tokenizer,
     items: Sequence[ChatPromptItem],
     samples: Samples,
@@ -158,7 +159,7 @@ def shortest_rs(
         tokens = sum(len(data[i][1]) for i in rows)  # the step's loss is per response token
         return [((mb, tokens), 1.0) for mb in _micro(rows, cfg.micro_batch_size or cfg.batch_size)]
 
-    def loss_fn(model: nn.Module, mb: tuple[list[int], int]) -> tuple[Tensor, dict[str, float]]:
+    def loss_fn(_policy: nn.Module, mb: tuple[list[int], int]) -> tuple[Tensor, dict[str, float]]:
         rows, tokens = mb
         logp = response_logprobs(
             model, [data[i][0] for i in rows], [data[i][1] for i in rows], media_pad_id=tok.media_pad_id
@@ -175,7 +176,7 @@ def shortest_rs(
 
 
 def dpo(
-    model: nn.Module,
+    model: VLM,
     tok: Tokenizer,
     items: Sequence[ChatPromptItem],
     samples: Samples,
@@ -186,7 +187,7 @@ def dpo(
     """DPO on long2short pairs plus the declared preference pairs of `mixture:` (by share),
     pi_ref = the model as it is on entry; None when there is no pair."""
     own = [
-        (items[p.question], p.chosen.content, p.rejected.content)
+        (items[cast(int, p.question)], p.chosen.content, p.rejected.content)
         for p in build_dpo_pairs(samples, cfg.dpo_long_factor)
     ]
     pairs = weighted_pool(own, declared or {}, cfg.mixture, f"{cfg.stage_name}/dpo/{cfg.seed}")
@@ -202,7 +203,7 @@ def dpo(
         size = max(1, (cfg.micro_batch_size or cfg.batch_size) // 2)
         return [(mb, len(mb) / len(idx)) for mb in _micro(idx, size)]  # dpo_loss is a mean over pairs
 
-    def loss_fn(model: nn.Module, idx: list[int]) -> tuple[Tensor, dict[str, float]]:
+    def loss_fn(_policy: nn.Module, idx: list[int]) -> tuple[Tensor, dict[str, float]]:
         both = response_logprobs(
             model,
             [its[i] for i in idx] * 2,
@@ -216,7 +217,7 @@ def dpo(
 
 
 def long2short_rl(
-    model: nn.Module,
+    model: VLM,
     tok: Tokenizer,
     items: Sequence[ChatPromptItem],
     cfg: Long2ShortConfig,

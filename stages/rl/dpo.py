@@ -72,9 +72,7 @@ def question_pairs(question: Hashable, samples: Sequence[Sample], long_factor: f
     return out
 
 
-def build_dpo_pairs(
-    by_question: Mapping[Hashable, Sequence[Sample]], long_factor: float = 1.5
-) -> list[DPOPair]:
+def build_dpo_pairs(by_question: Mapping[Any, Sequence[Sample]], long_factor: float = 1.5) -> list[DPOPair]:
     """All pairs over questions, in question order."""
     return [p for q, samples in by_question.items() for p in question_pairs(q, samples, long_factor)]
 

@@ -12,7 +12,7 @@ bit for bit, RNG states travel as byte lists. No pickle.
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -26,7 +26,7 @@ FORMAT = "moonforge-opmd-state/1"
 
 def _traj(t: Trajectory) -> dict[str, Any]:
     return {
-        "prompt_id": list(t.prompt_id),  # (prompt index, start iteration, sample index)
+        "prompt_id": list(cast(tuple, t.prompt_id)),  # (prompt index, start iteration, sample index)
         "prompt": t.prompt,
         "start_iteration": t.start_iteration,
         "segments": [[s.ids, s.logprobs, s.iteration, s.in_loss] for s in t.segments],

@@ -127,7 +127,7 @@ def opmd_loss(
     groups: dict[int | str, list[int]] = {}
     for n, g in enumerate(group_ids):
         groups.setdefault(g, []).append(n)
-    losses, totals = [], {}
+    losses, totals = [], {}  # type: list[Tensor], dict[str, float]
     for idx in groups.values():
         sel = torch.tensor(idx, device=logp_N.device)
         loss, m = opmd_group_loss(logp_N[sel], logp_old_N[sel], rewards_N[sel], tau, baseline)

@@ -27,11 +27,11 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from torch import nn
+from typing import Literal, cast
 
 from moonforge.model.config import VLMConfig
 from moonforge.model.tokenizer import Tokenizer
+from moonforge.model.vlm import VLM
 from moonforge.stages.artifacts import StageContext
 from moonforge.stages.config import OptimizerConfig, ScheduleConfig
 from moonforge.stages.data.chat import ChatPromptItem
@@ -66,7 +66,7 @@ class OPMDRun:
     trainable: tuple[str, ...]
     rows_per_forward: int
     seed: int
-    baseline: str = "mean"
+    baseline: Literal["mean", "logmeanexp"] = "mean"
     top_p: float = 1.0
     repeat_ngram: int | None = None
     repeat_max: int | None = None
@@ -144,7 +144,7 @@ def _iteration_metrics(
 
 
 def run_opmd(
-    model: nn.Module,
+    model: VLM,
     tok: Tokenizer,
     items: Sequence[ChatPromptItem],
     run: OPMDRun,
@@ -167,7 +167,8 @@ def run_opmd(
     model.eval()  # no dropout; routing identical for logp_old and logp
     k = run.samples_per_prompt
     sampler = PromptSampler([it.difficulty or 0.0 for it in items], run.sampler, run.seed)
-    buffer, pending, stats = ReplayBuffer(), defaultdict(list), VerifyStats()
+    buffer, stats = ReplayBuffer(), VerifyStats()
+    pending: defaultdict[tuple, list[Trajectory]] = defaultdict(list)  # finished, waiting for their group
     gen = RolloutSampler(
         model,
         items,
@@ -216,7 +217,7 @@ def _iteration(model, named, tok, items, run: OPMDRun, ctx: StageContext, i: int
     ]
     gen.expect(buffer, prompts)
     for t in rollout_step(prompts, buffer, gen, i, run.rollout):
-        pending[t.prompt_id[:2]].append(t)
+        pending[cast(tuple, t.prompt_id)[:2]].append(t)  # (prompt, start iteration)
     rollout_s = time.perf_counter() - t0
     ready = {g: pending.pop(g) for g in [g for g, ts in pending.items() if len(ts) == k]}
     batch = _score_groups(ready, items, tok, i, run, stats, sampler)
@@ -235,9 +236,7 @@ def _iteration(model, named, tok, items, run: OPMDRun, ctx: StageContext, i: int
     return m, row
 
 
-def _resume(
-    model: nn.Module, run: OPMDRun, ctx: StageContext, parts, log_path: Path
-) -> tuple[int, list[dict]]:
+def _resume(model: VLM, run: OPMDRun, ctx: StageContext, parts, log_path: Path) -> tuple[int, list[dict]]:
     """(iterations done, their metrics) from ctx.resume_from, with the weights, RNG, loop state
     and rollout log put back; (0, []) without one."""
     if ctx.resume_from is None or not ctx.resume_from.exists():

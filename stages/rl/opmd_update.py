@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from moonforge.model.vlm import VLM
 from moonforge.stages.artifacts import StageContext
 from moonforge.stages.data.chat import ChatPromptItem
 from moonforge.stages.rl.opmd import opmd_loss
@@ -43,7 +44,8 @@ def forwards(group_ids: Sequence[str], rows: int, ranks: int = 1) -> list[list[i
     """Row indices cut into forwards of about `rows` rows, never splitting a group. With `ranks`
     > 1 the forwards are a multiple of `ranks` (every rank gets as many), as even in rows as whole
     groups allow."""
-    out, cur = [], []
+    out: list[list[int]] = []
+    cur: list[int] = []
     for n, g in enumerate(group_ids):
         if cur and len(cur) >= rows and group_ids[cur[-1]] != g:
             out.append(cur)
@@ -62,8 +64,8 @@ def forwards(group_ids: Sequence[str], rows: int, ranks: int = 1) -> list[list[i
     want = want if want <= len(groups) else len(groups) // ranks * ranks
     parts: list[list[int]] = []
     cur = []
-    for gi, g in enumerate(groups):
-        cur += g
+    for gi, grp in enumerate(groups):
+        cur += grp
         parts_left, groups_left = want - len(parts) - 1, len(groups) - gi - 1
         if parts_left and (
             cur[-1] + 1 >= len(group_ids) * (len(parts) + 1) / want or groups_left == parts_left
@@ -74,7 +76,7 @@ def forwards(group_ids: Sequence[str], rows: int, ranks: int = 1) -> list[list[i
 
 
 def update_policy(
-    model: nn.Module,
+    model: VLM,
     named: list,
     batch: Batch,
     run: OPMDRun,
@@ -116,7 +118,7 @@ def update_policy(
     weights = [len({batch.group_ids[i] for i in c}) / num_groups for c in chunks]
     first: dict[int, list[float]] = {}  # first step's logp per row (the l2 term starts at zero)
 
-    def loss_fn(model: nn.Module, c: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(_policy: nn.Module, c: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         logp = logp_of(c)
         gids = [batch.group_ids[i] for i in c]
         loss, m = opmd_loss(logp, logp_old[c].to(logp), rewards[c].to(logp), gids, run.tau, run.baseline)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moonforge.model.generate import MEDIA_PAD_ID, generate
 from moonforge.model.tokenizer import Tokenizer
+from moonforge.model.vlm import VLM
 from moonforge.stages.data.chat import ChatPromptItem
 from moonforge.stages.rl.opmd import sequence_logprobs
 from moonforge.stages.rl.replay import ReplayBuffer
@@ -34,7 +36,7 @@ def _images(items: Sequence[ChatPromptItem], device) -> tuple[Tensor | None, Ten
 
 
 def response_logprobs(
-    model: nn.Module,
+    model: VLM,
     items: Sequence[ChatPromptItem],
     responses: Sequence[Sequence[int]],
     masks: Sequence[Sequence[bool]] | None = None,
@@ -81,7 +83,7 @@ class RolloutSampler:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: VLM,
         items: Sequence[ChatPromptItem],
         tok: Tokenizer,
         *,
@@ -92,7 +94,7 @@ class RolloutSampler:
         repeat_max: int | None,
     ) -> None:
         self.model, self.items = model, items
-        self.sampling = dict(
+        self.sampling: dict[str, Any] = dict(
             temperature=temperature,
             top_p=top_p,
             repeat_ngram=repeat_ngram,
@@ -110,7 +112,7 @@ class RolloutSampler:
         self.queue.clear()
         for t in buffer.drain():
             buffer.push(t)
-            self.queue[tuple(t.context)].append(t.prompt_id[0])
+            self.queue[tuple(t.context)].append(cast(tuple, t.prompt_id)[0])  # (prompt, it, j)
         for pid, prompt in prompts:
             self.queue[tuple(prompt)].append(pid[0])
 

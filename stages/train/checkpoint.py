@@ -241,6 +241,7 @@ def read_train_state(model: nn.Module, path: Path, restore_rng: bool = True) -> 
     raw = complete_record(path)
     if raw is None:
         read_train_record(path)  # raises, naming the problem
+        raise ValueError(f"{path}: not a complete periodic checkpoint")  # (read_train_record raised)
     load_weights(model, Checkpoint(path))
     tensors = load_file(str(path / TENSORS_FILE))
     record = as_record(raw)

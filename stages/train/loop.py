@@ -68,8 +68,9 @@ class TrainSpec:
 @dataclass
 class TrainState:
     model: nn.Module
-    optimizer: MuonAdamW | None
-    """None for a phase skipped on resume (it had finished before the crash)."""
+    optimizer: Any
+    """MuonAdamW, or what par.build_optimizer returns (a DeepSpeed engine's wrapper, which
+    has its own backward); None for a phase skipped on resume (it had finished before the crash)."""
     spec: TrainSpec
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -99,10 +100,13 @@ def train_step(
     `par` (a stages.train.distributed.Parallel, None = one process): this rank runs only its
     share of the micro-batches and gradients / metrics / router loads are averaged over ranks.
     `weights`: the step's loss is sum_i weights[i] * loss_i (RL weights its forwards by their
-    share of the prompt groups); None = the mean over micro-batches. `lr`: this step's learning rate when the
-    caller schedules it (RL: per iteration); None = the spec's schedule at state.step.
+    share of the prompt groups); None = the mean over micro-batches. `lr`: this step's learning
+    rate when the caller schedules it (RL: per iteration); None = the spec's schedule at
+    state.step.
     """
     spec, model, opt = state.spec, state.model, state.optimizer
+    if opt is None:
+        raise RuntimeError(f"{spec.label}: no optimizer (this phase was skipped on resume)")
     if lr is None:
         lr = spec.optimizer.lr * lr_multiplier(state.step, spec.num_steps, spec.schedule)
     opt.set_lr(lr)
@@ -132,10 +136,11 @@ def train_step(
         totals = par.mean_metrics(totals)
     grad_norm = _clip_and_step(state, par)
     # routers count loads in train mode only (RL and long2short keep eval mode: nothing to update)
-    if "lm" in spec.trainable and model.training and hasattr(model.lm, "update_router_biases"):
+    lm: Any = getattr(model, "lm", None)
+    if "lm" in spec.trainable and model.training and hasattr(lm, "update_router_biases"):
         if par is not None:
-            par.sum_router_loads(model.lm)
-        totals.update(model.lm.update_router_biases(spec.router_bias_update))
+            par.sum_router_loads(lm)
+        totals.update(lm.update_router_biases(spec.router_bias_update))
     totals.update({"lr": lr, "grad_norm": grad_norm})
     state.step += 1
     return state, totals
@@ -196,33 +201,30 @@ def train(
     par = ctx.parallel
     # A resume point that is gone was rotated out by a newer checkpoint of this very run: we are
     # past it (a later phase), so this phase starts fresh.
-    resume = (
-        read_train_record(ctx.resume_from)
-        if ctx.resume_from is not None and ctx.resume_from.exists()
-        else None
-    )
+    path = ctx.resume_from if ctx.resume_from is not None and ctx.resume_from.exists() else None
+    resume = read_train_record(path) if path is not None else None
     if resume is not None and spec.phase < resume.phase:  # finished before the crash
         done = resume.phases.get(spec.phase) or {}
         steps = int(done.get("steps", spec.num_steps))
         _fast_forward(batches, TrainRecord(steps, extra=done.get("extra") or {}), spec)
         return TrainState(model, None, spec, steps, [dict(done.get("last") or {})], dict(resume.phases))
     record = None
-    if resume is not None and spec.phase == resume.phase:
+    if path is not None and resume is not None and spec.phase == resume.phase:
         # weights before the optimizer: ZeRO copies them at init
-        record = read_train_state(model, ctx.resume_from, restore_rng=False)
+        record = read_train_state(model, path, restore_rng=False)
     optimizer = (
         MuonAdamW(named_params, spec.optimizer)
         if par is None
         else par.build_optimizer(model, named_params, spec.optimizer, spec.grad_accum)
     )
     state = TrainState(model, optimizer, spec, earlier=_earlier_phases(spec, ctx, record))
-    if record is not None:
+    if path is not None and record is not None:
         state.optimizer.load_state_dict(record.optimizer)
         state.step = record.step
         if record.step >= spec.num_steps:  # finished before the crash: nothing left to run
             state.history.append(dict(record.last))
         _fast_forward(batches, record, spec)
-        restore_rng(ctx.resume_from)  # after the fast-forward: as if the steps had just run
+        restore_rng(path)  # after the fast-forward: as if the steps had just run
     set_train_mode(model, spec.trainable)
     t0 = time.perf_counter()
     while state.step < spec.num_steps:
