@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.moonforge/prefect
 
-.PHONY: demo test lint install clean chromium slurm postgres
+.PHONY: demo test lint install clean chromium slurm postgres sysdeps
 
 $(STAMP): pyproject.toml requirements.lock.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,7 +61,14 @@ lint: $(STAMP)
 	@mkdir -p $(VENV)/typeroot && ln -sfn ../.. $(VENV)/typeroot/moonforge
 	$(VENV)/bin/mypy
 
-test: lint chromium slurm postgres
+# The Debian packages some tests drive, one after another (apt holds one dpkg lock).
+sysdeps:
+	@MAKEFLAGS= $(MAKE) --no-print-directory chromium slurm postgres
+
+# pip (the venv) and apt (sysdeps) download at the same time; then the static checks, then pytest.
+test:
+	@$(MAKE) --no-print-directory -j2 install sysdeps
+	@$(MAKE) --no-print-directory lint
 	@mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest -q
 

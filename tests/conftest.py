@@ -197,9 +197,10 @@ def repo_data(tmp_path_factory) -> Path:
 
 
 def copy_project(dest: Path, datasets: tuple[str, ...]) -> Path:
-    """A newcomer's copy of this project at `dest`: tracked and not-ignored files, plus those of
-    `datasets` the session already built (repo_data; with its dvc.lock, so DVC finds them up to
-    date; the rest the copy builds itself), committed as its own git repo. Returns `dest`."""
+    """A newcomer's copy of this project at `dest`: tracked and not-ignored files, plus the
+    built `datasets` (each built once per session in repo_data's project, on first demand, and
+    copied with that project's dvc.lock so DVC finds them up to date; without repo_data the
+    copy builds them itself), committed as its own git repo. Returns `dest`."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
@@ -214,6 +215,9 @@ def copy_project(dest: Path, datasets: tuple[str, ...]) -> Path:
             shutil.copy2(REPO / name, dest / name)
     built = _BUILT[0] if _BUILT else None
     if built is not None and datasets:
+        from moonforge.registry.data_versions import ensure_datasets
+
+        ensure_datasets(built, list(datasets))
         shutil.copy2(built / "dvc.lock", dest / "dvc.lock")
         for name in datasets:
             if (built / "data" / name).is_dir():

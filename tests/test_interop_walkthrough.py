@@ -53,9 +53,8 @@ def cli(*args: str, code: int = 0) -> str:
 @pytest.fixture(scope="module")
 def proj(tmp_path_factory, repo_data):
     """A project copy after: make_tiny_hf, both imports and the (short) run up to sft."""
-    proj = copy_project(
-        tmp_path_factory.mktemp("walk") / "proj", ("toyworld", "text", "tokenizer", "rl_prompts")
-    )
+    datasets = ("toyworld", "text", "tokenizer", "rl_prompts", "longdoc", "sft")  # built once a session
+    proj = copy_project(tmp_path_factory.mktemp("walk") / "proj", datasets)
     old = Path.cwd()
     os.chdir(proj)
     env_store = os.environ.pop("MOONFORGE_STORE", None)

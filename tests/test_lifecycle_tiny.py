@@ -9,14 +9,16 @@ a bit-identical LM after alignment, the long-context lengths and RoPE base, MLfl
 runs with params, metrics and dataset inputs, a rerun that makes its downstream stale, lineage
 back to the DVC hashes and git commit, and an all-cache-hit second run.
 
-Thresholds (measured on the 2-core CPU, with margin; the README's "What the tiny run shows"):
-stage-1 image->text retrieval >= 3x chance over 128 distinct captions; held-out text loss lower
-after joint pretraining than before it, and lower again after the cooldown; SFT VQA accuracy at
-least 5 points above the pre-SFT model (measured 0 -> 9.4%); RL held-out reasoning accuracy at
-least 3 points above its long-CoT start (measured 8.1 -> 17.1%; before the grouped experts
-changed the float rounding upstream, +6.5..+9.8 over RL seeds 0-3 at lr 3e-4..5e-4); long2short
-mean response length at least 10% shorter (measured 40.6 -> 32.5 tokens, -20%; earlier -12% and
--21%) with accuracy within 2 points (the stage's acc_tolerance; measured 17.1 -> 17.1%).
+Thresholds, each with its measured spread over seeds 0-2 (the stage rerun with seed 1 and 2
+from the same upstream@1; the README's "What the demo shows" has seed 0): stage-1 image->text
+retrieval >= 3x chance over 128 distinct captions (8x-15x); held-out text loss lower after joint
+pretraining than before it (-0.21..-0.24) and lower again after the cooldown (-0.015..-0.031);
+SFT VQA accuracy at least 3 points above the pre-SFT model (+6.3..+9.4 points on 64 questions:
+one question is 1.6 points); long-CoT trace loss below half its start (x0.067..x0.068) and mean
+answers over 4x longer (x8.6..x8.9); RL held-out reasoning accuracy at least 3 points above its
+long-CoT start (+6.5..+8.9 on 123 prompts); long2short mean response length at least 10% shorter
+(x0.62..x0.76, DPO picked each time) with accuracy within 2 points (the stage's own
+acc_tolerance, so by construction: -1.6..0 points).
 """
 
 from __future__ import annotations
@@ -258,7 +260,7 @@ def test_chat_answers_about_a_generated_image(tiny_project):
 
 def test_sft_lifts_vqa_accuracy_clearly_above_the_pre_sft_model(tiny_project):
     m = _eval(tiny_project, "sft@1")
-    assert m["eval/vqa_acc"] >= m["eval/vqa_acc_before"] + 0.05, m
+    assert m["eval/vqa_acc"] >= m["eval/vqa_acc_before"] + 0.03, m
     assert m["eval/sft_loss"] < m["eval/sft_loss_before"], m
 
 
