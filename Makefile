@@ -70,7 +70,7 @@ test:
 	@$(MAKE) --no-print-directory -j2 install sysdeps
 	@$(MAKE) --no-print-directory lint
 	@mkdir -p $(PREFECT_HOME)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf .moonforge data/*/ .pytest_cache
