@@ -20,7 +20,7 @@ from moonforge.stages.train.checkpoint import save_weights
 def project(tmp_path, repo_data, monkeypatch):
     """A project dir reading the repo's pinned datasets, with one real (random-init) tiny
     checkpoint committed to its store as sft@1."""
-    shutil.copy(REPO / "dvc.lock", tmp_path / "dvc.lock")
+    shutil.copy(repo_data.parent / "dvc.lock", tmp_path / "dvc.lock")  # the lock that built them
     (tmp_path / "data").symlink_to(repo_data)
     monkeypatch.delenv("MOONFORGE_STORE", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -40,6 +40,12 @@ SHORT = [
     "stages.long_context.sub_stages=[{seq_len: 512, num_steps: 2}]",
     "--set",
     "stages.sft.phases=[{seq_len: 256, lr: 1.0e-3, min_lr: 1.0e-4, num_steps: 6, warmup_frac: 0.25}]",
+    # the closing evals read 8 held-out items (128 by default): this test checks wiring, not skill
+    *[
+        a
+        for s in ("vit_pretrain", "align", "joint_pretrain", "cooldown", "long_context", "sft")
+        for a in ("--set", f'stages.{s}.eval={{"num_examples": 8, "batch_size": 8}}')
+    ],
 ]
 QUESTION = "How many circles are there?"
 
