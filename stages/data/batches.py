@@ -42,17 +42,40 @@ from moonforge.stages.data.packing import PackedRow, RowPacker
 from moonforge.stages.data.records import ImageRecord
 from moonforge.stages.data.shard_order import ShardOrder
 from moonforge.stages.data.sources import (  # re-exported: batch builders and their sources
-    Doc, DocSource, VisionSpec, caption_docs, long_docs, qa_docs, text_docs,
+    Doc,
+    DocSource,
+    VisionSpec,
+    caption_docs,
+    long_docs,
+    qa_docs,
+    text_docs,
 )
 from moonforge.stages.data.targets import grounding_text, pad_texts, text_ids
 
-__all__ = ["LMBatch", "ImageTextBatch", "lm_batches", "image_text_batches", "DocSource",
-           "VisionSpec", "text_docs", "caption_docs", "qa_docs", "long_docs", "grounding_text"]
+__all__ = [
+    "LMBatch",
+    "ImageTextBatch",
+    "lm_batches",
+    "image_text_batches",
+    "DocSource",
+    "VisionSpec",
+    "text_docs",
+    "caption_docs",
+    "qa_docs",
+    "long_docs",
+    "grounding_text",
+]
 
 
 def _to(batch, device):
-    return replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in fields(batch)
-                             if isinstance(getattr(batch, f.name), torch.Tensor)})
+    return replace(
+        batch,
+        **{
+            f.name: getattr(batch, f.name).to(device)
+            for f in fields(batch)
+            if isinstance(getattr(batch, f.name), torch.Tensor)
+        },
+    )
 
 
 @dataclass
@@ -71,7 +94,7 @@ class LMBatch:
     grid_hw: torch.Tensor | None
     """(I, 2) int64 patch grid per image, in row order."""
 
-    def to(self, device: torch.device | str) -> "LMBatch":
+    def to(self, device: torch.device | str) -> LMBatch:
         return _to(self, device)
 
     @property
@@ -94,7 +117,7 @@ class ImageTextBatch:
     text_ids_BL: torch.Tensor
     text_mask_BL: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "ImageTextBatch":
+    def to(self, device: torch.device | str) -> ImageTextBatch:
         return _to(self, device)
 
     @property
@@ -126,8 +149,10 @@ def load_doc_images(doc: Doc, vision: VisionSpec) -> list[tuple[torch.Tensor, tu
             return None
         pixels, grid = to_patches(img, vision.patch_size, vision.merge_size, vision.max_patches)
         if grid != ref.grid_hw:
-            raise ValueError(f"{ref.loader.root / ref.path}: the file's size gives patch grid {grid} "
-                             f"but its record says {ref.grid_hw}; the manifest and images disagree")
+            raise ValueError(
+                f"{ref.loader.root / ref.path}: the file's size gives patch grid {grid} "
+                f"but its record says {ref.grid_hw}; the manifest and images disagree"
+            )
         out.append((pixels, grid))
     return out
 
@@ -153,9 +178,20 @@ class LMBatchIterator(Iterator[LMBatch | None]):
     (source, document, chunk). `load_state_dict` rebuilds exactly the same stream from it.
     """
 
-    def __init__(self, sources: Mapping[str, DocSource], weights_at: Callable[[int], Mapping[str, float]],
-                 tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int, vision: VisionSpec,
-                 rank: int = 0, world: int = 1, worker: int = 0, num_workers: int = 1):
+    def __init__(
+        self,
+        sources: Mapping[str, DocSource],
+        weights_at: Callable[[int], Mapping[str, float]],
+        tokenizer: Tokenizer,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        vision: VisionSpec,
+        rank: int = 0,
+        world: int = 1,
+        worker: int = 0,
+        num_workers: int = 1,
+    ):
         if not sources:
             raise ValueError("lm_batches needs at least one document source")
         self.sources, self.weights_at, self.tok = dict(sources), weights_at, tokenizer
@@ -184,13 +220,17 @@ class LMBatchIterator(Iterator[LMBatch | None]):
         weights = self.weights_at(self.step)
         unknown = sorted(set(weights) - set(self.sources))
         if unknown or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ValueError(f"mixture weights {dict(weights)} at step {self.step} must be "
-                             f">= 0, not all 0, over the sources {sorted(self.sources)}")
+            raise ValueError(
+                f"mixture weights {dict(weights)} at step {self.step} must be "
+                f">= 0, not all 0, over the sources {sorted(self.sources)}"
+            )
         total_w = sum(weights.values())
         recent = sum(self._recent.values()) or 1.0
         # The source furthest below its share of recent tokens goes next (ties: by name).
-        return max(sorted(n for n, w in weights.items() if w > 0),
-                   key=lambda n: weights[n] / total_w - self._recent[n] / recent)
+        return max(
+            sorted(n for n, w in weights.items() if w > 0),
+            key=lambda n: weights[n] / total_w - self._recent[n] / recent,
+        )
 
     def _pieces(self, name: str, index: int, first_chunk: int = 0) -> list | None:
         """[(tag, ids, mask, images)] of document `index` of `name` from chunk `first_chunk` on;
@@ -201,16 +241,21 @@ class LMBatchIterator(Iterator[LMBatch | None]):
         seq_len = self.packer.seq_len
         if not doc.images:
             mask = doc.loss_mask
-            return [([name, index, k], doc.ids[i:i + seq_len], mask[i:i + seq_len] if mask else None, None)
-                    for k, i in enumerate(range(0, len(doc.ids), seq_len))][first_chunk:]
+            return [
+                ([name, index, k], doc.ids[i : i + seq_len], mask[i : i + seq_len] if mask else None, None)
+                for k, i in enumerate(range(0, len(doc.ids), seq_len))
+            ][first_chunk:]
         images = load_doc_images(doc, self.vision)
         if images is None:
             return None  # corrupt image: counted by the loader; draw another document
         ids, mask = doc.ids[:seq_len], (doc.loss_mask[:seq_len] if doc.loss_mask else None)
-        if ids.count(self.tok.media_pad_id) != sum(num_image_tokens(g, self.vision.merge_size)
-                                                   for _, g in images):
-            raise ValueError(f"an image document from {name!r} is longer than seq_len={seq_len} "
-                             "and truncation would cut its image; raise seq_len")
+        if ids.count(self.tok.media_pad_id) != sum(
+            num_image_tokens(g, self.vision.merge_size) for _, g in images
+        ):
+            raise ValueError(
+                f"an image document from {name!r} is longer than seq_len={seq_len} "
+                "and truncation would cut its image; raise seq_len"
+            )
         return [([name, index, 0], ids, mask, images)]
 
     def _next_piece(self, name: str):
@@ -238,20 +283,28 @@ class LMBatchIterator(Iterator[LMBatch | None]):
             return None  # another rank's micro-batch: it builds it from its own share
         while len(self._rows) < self.batch_size:
             self._add_one()
-        rows, self._rows = self._rows[:self.batch_size], self._rows[self.batch_size:]
+        rows, self._rows = self._rows[: self.batch_size], self._rows[self.batch_size :]
         self.step += 1
         return collate_rows(rows, self.tok.media_pad_id)
 
     # -- resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Where the stream is, as JSON (see the class docstring)."""
-        return {"step": self.step, "rank": self.rank, "world": self.world, "worker": self.worker,
-                "num_workers": self.num_workers, "skipped": self.skipped,
-                "orders": {n: o.state_dict() for n, o in self.orders.items()},
-                "recent": dict(self._recent), "tokens": dict(self.tokens_by_source),
-                "docs": dict(self.docs_by_source),
-                "pending": {n: p[0][0] for n, p in self._pending.items() if p},
-                "open": self.packer.open_tags, "rows": [r.tags for r in self._rows]}
+        return {
+            "step": self.step,
+            "rank": self.rank,
+            "world": self.world,
+            "worker": self.worker,
+            "num_workers": self.num_workers,
+            "skipped": self.skipped,
+            "orders": {n: o.state_dict() for n, o in self.orders.items()},
+            "recent": dict(self._recent),
+            "tokens": dict(self.tokens_by_source),
+            "docs": dict(self.docs_by_source),
+            "pending": {n: p[0][0] for n, p in self._pending.items() if p},
+            "open": self.packer.open_tags,
+            "rows": [r.tags for r in self._rows],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken. A data-parallel job saves every rank's state
@@ -263,8 +316,12 @@ class LMBatchIterator(Iterator[LMBatch | None]):
                 return self._replay(int(per_rank[0]["step"]))
             state = per_rank[self.rank]
         mine = (self.world, self.rank, self.worker, self.num_workers)
-        if (state.get("world", 1), state.get("rank", 0), state.get("worker", 0),
-                state.get("num_workers", 1)) != mine:
+        if (
+            state.get("world", 1),
+            state.get("rank", 0),
+            state.get("worker", 0),
+            state.get("num_workers", 1),
+        ) != mine:
             return self._replay(int(state["step"]))
         self.step = int(state["step"])
         for n, o in self.orders.items():
@@ -289,8 +346,10 @@ class LMBatchIterator(Iterator[LMBatch | None]):
         name, index, chunk = tag
         pieces = self._pieces(name, index, chunk)
         if not pieces:
-            raise ValueError(f"resuming the data stream: document {index} of {name!r} no longer "
-                             "reads as it did (the dataset changed since the checkpoint)")
+            raise ValueError(
+                f"resuming the data stream: document {index} of {name!r} no longer "
+                "reads as it did (the dataset changed since the checkpoint)"
+            )
         _, ids, mask, images = pieces[0]
         packer.add(ids, mask, images, tag)
 
@@ -299,10 +358,21 @@ class LMBatchIterator(Iterator[LMBatch | None]):
             next(self)
 
 
-def lm_batches(sources: Mapping[str, DocSource], weights_at: Callable[[int], Mapping[str, float]],
-               tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int,
-               patch_size: int, merge_size: int, max_patches: int, rank: int = 0,
-               world: int = 1, worker: int = 0, num_workers: int = 1) -> LMBatchIterator:
+def lm_batches(
+    sources: Mapping[str, DocSource],
+    weights_at: Callable[[int], Mapping[str, float]],
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    patch_size: int,
+    merge_size: int,
+    max_patches: int,
+    rank: int = 0,
+    world: int = 1,
+    worker: int = 0,
+    num_workers: int = 1,
+) -> LMBatchIterator:
     """Infinite packed LM batches from a mixture whose token shares follow `weights_at(step)`.
 
     `step` counts batches already produced by this iterator. Example (joint pretraining ramp):
@@ -312,9 +382,19 @@ def lm_batches(sources: Mapping[str, DocSource], weights_at: Callable[[int], Map
     TooManyCorruptImagesError from the source's loader. `rank` / `world`: this process's share
     under data parallelism (see LMBatchIterator).
     """
-    return LMBatchIterator(sources, weights_at, tokenizer, seq_len, batch_size, seed,
-                           VisionSpec(patch_size, merge_size, max_patches), rank, world, worker,
-                           num_workers)
+    return LMBatchIterator(
+        sources,
+        weights_at,
+        tokenizer,
+        seq_len,
+        batch_size,
+        seed,
+        VisionSpec(patch_size, merge_size, max_patches),
+        rank,
+        world,
+        worker,
+        num_workers,
+    )
 
 
 class ImageTextIterator(Iterator[ImageTextBatch | None]):
@@ -325,10 +405,22 @@ class ImageTextIterator(Iterator[ImageTextBatch | None]):
     a source having `order(seed, slot, slots)` and `pair(index) -> (image, text) or None`
     (user_mix.DeclaredPairs); the toy-world records get the rest."""
 
-    def __init__(self, records: Sequence[ImageRecord], loader: ImageLoader, tokenizer: Tokenizer,
-                 batch_size: int, max_patches_at: Callable[[int], int], text_targets: Sequence[str],
-                 patch_size: int, merge_size: int, seed: int, max_text_len: int,
-                 rank: int = 0, world: int = 1, extra: Mapping[str, tuple] | None = None):
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        loader: ImageLoader,
+        tokenizer: Tokenizer,
+        batch_size: int,
+        max_patches_at: Callable[[int], int],
+        text_targets: Sequence[str],
+        patch_size: int,
+        merge_size: int,
+        seed: int,
+        max_text_len: int,
+        rank: int = 0,
+        world: int = 1,
+        extra: Mapping[str, tuple] | None = None,
+    ):
         bad = sorted(set(text_targets) - {"caption", "alt_text", "ocr", "grounding"})
         if bad or not text_targets:
             raise ValueError(f"text_targets {list(text_targets)}: use caption, alt_text, ocr, grounding")
@@ -341,10 +433,13 @@ class ImageTextIterator(Iterator[ImageTextBatch | None]):
         self.order = ShardOrder([len(self.records)], 1, f"image_text/{seed}/order", rank, world)
         self.step, self.rank, self.world = 0, rank, world
         self.extra = dict(extra or {})
-        self.extra_orders = {n: src.order(f"image_text/{seed}/{n}", rank, world)
-                             for n, (src, _) in self.extra.items()}
-        self.shares = {"": max(0.0, 1.0 - sum(s for _, s in self.extra.values())),
-                       **{n: s for n, (_, s) in self.extra.items()}}
+        self.extra_orders = {
+            n: src.order(f"image_text/{seed}/{n}", rank, world) for n, (src, _) in self.extra.items()
+        }
+        self.shares = {
+            "": max(0.0, 1.0 - sum(s for _, s in self.extra.values())),
+            **{n: s for n, (_, s) in self.extra.items()},
+        }
         self.drawn = {n: 0 for n in self.shares}
         """Examples drawn per source ("" = the toy-world records)."""
 
@@ -385,8 +480,10 @@ class ImageTextIterator(Iterator[ImageTextBatch | None]):
         """(image, target text) of the next example, or None if it was bad (counted)."""
         total = sum(self.drawn.values()) or 1
         # the source furthest below its share of the examples so far goes next (ties: by name)
-        name = max(sorted(n for n, s in self.shares.items() if s > 0),
-                   key=lambda n: self.shares[n] - self.drawn[n] / total)
+        name = max(
+            sorted(n for n, s in self.shares.items() if s > 0),
+            key=lambda n: self.shares[n] - self.drawn[n] / total,
+        )
         self.drawn[name] += 1
         if name:
             src, _ = self.extra[name]
@@ -397,10 +494,15 @@ class ImageTextIterator(Iterator[ImageTextBatch | None]):
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()
-        return {"step": self.step, "rank": self.rank, "world": self.world,
-                "order": self.order.state_dict(), "rng": [version, list(internal), gauss],
-                "extra": {n: o.state_dict() for n, o in self.extra_orders.items()},
-                "drawn": dict(self.drawn)}
+        return {
+            "step": self.step,
+            "rank": self.rank,
+            "world": self.world,
+            "order": self.order.state_dict(),
+            "rng": [version, list(internal), gauss],
+            "extra": {n: o.state_dict() for n, o in self.extra_orders.items()},
+            "drawn": dict(self.drawn),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """See LMBatchIterator.load_state_dict."""
@@ -423,17 +525,41 @@ class ImageTextIterator(Iterator[ImageTextBatch | None]):
             next(self)
 
 
-def image_text_batches(records: Sequence[ImageRecord], image_root: Path, tokenizer: Tokenizer,
-                       batch_size: int, max_patches_at: Callable[[int], int],
-                       text_targets: Sequence[str], patch_size: int, merge_size: int, seed: int,
-                       max_text_len: int, dataset_name: str = "toyworld",
-                       max_corrupt_frac: float = 0.01, rank: int = 0,
-                       world: int = 1, extra: Mapping[str, tuple] | None = None) -> ImageTextIterator:
+def image_text_batches(
+    records: Sequence[ImageRecord],
+    image_root: Path,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    max_patches_at: Callable[[int], int],
+    text_targets: Sequence[str],
+    patch_size: int,
+    merge_size: int,
+    seed: int,
+    max_text_len: int,
+    dataset_name: str = "toyworld",
+    max_corrupt_frac: float = 0.01,
+    rank: int = 0,
+    world: int = 1,
+    extra: Mapping[str, tuple] | None = None,
+) -> ImageTextIterator:
     """Infinite stage-1 batches; the patch cap of batch k is max_patches_at(k) (progressive resolution).
 
     Each image gets one target text, drawn per example from `text_targets` (a target the record
     lacks falls back to its caption). Corrupt images are skipped and counted (`.skipped`).
     """
     loader = ImageLoader(dataset_name, image_root, len(records), max_corrupt_frac)
-    return ImageTextIterator(records, loader, tokenizer, batch_size, max_patches_at, text_targets,
-                             patch_size, merge_size, seed, max_text_len, rank, world, extra)
+    return ImageTextIterator(
+        records,
+        loader,
+        tokenizer,
+        batch_size,
+        max_patches_at,
+        text_targets,
+        patch_size,
+        merge_size,
+        seed,
+        max_text_len,
+        rank,
+        world,
+        extra,
+    )

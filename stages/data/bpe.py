@@ -37,14 +37,18 @@ def train_bpe(texts: list[str], params: TokenizerParams) -> HFTokenizer:
     """Return a trained `tokenizers.Tokenizer` whose total vocabulary is `params.vocab_size`."""
     floor = len(SPECIAL_TOKENS) + 256
     if params.vocab_size <= floor:
-        raise ValueError(f"tokenizer.vocab_size={params.vocab_size} must exceed {floor} "
-                         f"({len(SPECIAL_TOKENS)} specials + 256 bytes)")
+        raise ValueError(
+            f"tokenizer.vocab_size={params.vocab_size} must exceed {floor} "
+            f"({len(SPECIAL_TOKENS)} specials + 256 bytes)"
+        )
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=params.vocab_size, min_frequency=params.min_frequency,
-        special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=params.vocab_size,
+        min_frequency=params.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     # tokenizers reads this variable on every parallel call; serial training is reproducible.
@@ -78,7 +82,10 @@ def build_tokenizer(params: TokenizerParams, out: Path, text_dir: Path, toyworld
     sample = texts[: min(len(texts), 2000)]
     chars = sum(len(t) for t in sample)
     tokens = sum(len(ids) for ids in tok.encode_batch(sample))
-    stats = {"vocab_size": tok.vocab_size, "num_specials": len(SPECIAL_TOKENS),
-             "chars_per_token": round(chars / max(1, tokens), 3)}
+    stats = {
+        "vocab_size": tok.vocab_size,
+        "num_specials": len(SPECIAL_TOKENS),
+        "chars_per_token": round(chars / max(1, tokens), 3),
+    }
     (out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
     return stats

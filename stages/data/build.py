@@ -47,29 +47,37 @@ def _build_into(name: str, params, tmp: Path, siblings: Path) -> dict:
     # Builders import lazily: the tokenizer build alone needs `tokenizers`, none needs torch.
     if name == "toyworld":
         from moonforge.stages.data.toyworld import build_toyworld
+
         return build_toyworld(params, tmp)
     if name == "text":
         from moonforge.stages.data.corpus import build_text
+
         return build_text(params, tmp)
     if name == "longdoc":
         from moonforge.stages.data.longdoc import build_longdoc
+
         return build_longdoc(params, tmp)
     if name == "sft":
         from moonforge.stages.data.dialogues import build_sft
+
         return build_sft(params, tmp, siblings / "toyworld", siblings / "text", siblings / "tokenizer")
     if name == "reasoning":
         from moonforge.stages.data.traces import build_reasoning
+
         return build_reasoning(params, tmp, siblings / "toyworld")
     if name == "rl_prompts":
         from moonforge.stages.data.prompts import build_rl_prompts
+
         return build_rl_prompts(params, tmp, siblings / "toyworld")
     from moonforge.stages.data.bpe import build_tokenizer
+
     return build_tokenizer(params, tmp, siblings / "text", siblings / "toyworld")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moonforge.stages.data.build",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m moonforge.stages.data.build", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("name", choices=DATASETS)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, required=True)
@@ -81,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: building {args.name!r}: {e}", file=sys.stderr)
         return 1
     took = time.perf_counter() - start
-    print(f"built {args.name} -> {args.out} in {took:.1f}s: {json.dumps(stats, sort_keys=True)}",
-          file=sys.stderr)
+    print(
+        f"built {args.name} -> {args.out} in {took:.1f}s: {json.dumps(stats, sort_keys=True)}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -53,12 +53,19 @@ class _ImageSizes:
 
 def _need_root(records: Sequence[_Dialogue], image_root: Path | None, name: str) -> None:
     if image_root is None and any(r.images for r in records):
-        raise ValueError(f"{name}: records show images but no image_root was given; pass the "
-                         "toy-world split directory (e.g. data/toyworld/train)")
+        raise ValueError(
+            f"{name}: records show images but no image_root was given; pass the "
+            "toy-world split directory (e.g. data/toyworld/train)"
+        )
 
 
-def chat_docs(records: Sequence[_Dialogue], image_root: Path | None, tokenizer: Tokenizer,
-              name: str = "chat", max_corrupt_frac: float = 0.01) -> DocSource:
+def chat_docs(
+    records: Sequence[_Dialogue],
+    image_root: Path | None,
+    tokenizer: Tokenizer,
+    name: str = "chat",
+    max_corrupt_frac: float = 0.01,
+) -> DocSource:
     """One document per dialogue: encode_chat ids, its answer-only loss mask, its images.
 
     Example: a record [user "<image>\\nWhat color?", assistant "red"] with a 32x32 image under
@@ -69,9 +76,11 @@ def chat_docs(records: Sequence[_Dialogue], image_root: Path | None, tokenizer: 
     recs = list(records)
     bad = [r.id for r in recs if r.messages[-1].role != "assistant"]
     if bad:
-        raise ValueError(f"{name}: {len(bad)} record(s) end without an assistant turn (e.g. "
-                         f"{bad[0]!r}); chat_docs trains on assistant answers, use "
-                         "chat_prompt_items for prompts")
+        raise ValueError(
+            f"{name}: {len(bad)} record(s) end without an assistant turn (e.g. "
+            f"{bad[0]!r}); chat_docs trains on assistant answers, use "
+            "chat_prompt_items for prompts"
+        )
     _need_root(recs, image_root, name)
     num_images = sum(len(r.images) for r in recs)
     loader = None
@@ -83,8 +92,9 @@ def chat_docs(records: Sequence[_Dialogue], image_root: Path | None, tokenizer: 
     def make(i: int, vision: VisionSpec) -> Doc:
         rec = recs[i]
         grids = [sizes.grid(p, vision) for p in rec.images]
-        ids, mask = tokenizer.encode_chat(rec.message_dicts(),
-                                          [num_image_tokens(g, vision.merge_size) for g in grids])
+        ids, mask = tokenizer.encode_chat(
+            rec.message_dicts(), [num_image_tokens(g, vision.merge_size) for g in grids]
+        )
         if not grids:
             return Doc(ids, mask, ())
         assert loader is not None  # this record has images, so num_images > 0
@@ -120,9 +130,14 @@ def _prompt_of(rec: _Dialogue) -> tuple[list[dict[str, str]], str, str, float | 
     return msgs[:-1], answer, getattr(rec, "verifier", "exact"), None
 
 
-def chat_prompt_items(records: Sequence[_Dialogue], image_root: Path | None, tokenizer: Tokenizer,
-                      vision: VisionSpec, limit: int | None = None,
-                      dataset_name: str = "toyworld") -> list[ChatPromptItem]:
+def chat_prompt_items(
+    records: Sequence[_Dialogue],
+    image_root: Path | None,
+    tokenizer: Tokenizer,
+    vision: VisionSpec,
+    limit: int | None = None,
+    dataset_name: str = "toyworld",
+) -> list[ChatPromptItem]:
     """Prompts of `records` in order (at most `limit`); a prompt with a corrupt image is skipped.
 
     For SFT records the reference is the last assistant turn (verifier "exact"); reasoning and
@@ -138,15 +153,17 @@ def chat_prompt_items(records: Sequence[_Dialogue], image_root: Path | None, tok
     items = []
     for rec in recs:
         msgs, answer, verifier, difficulty = _prompt_of(rec)
-        paths = rec.images[:sum(m["content"].count(IMAGE_MARKER) for m in msgs)]
+        paths = rec.images[: sum(m["content"].count(IMAGE_MARKER) for m in msgs)]
         patches = [loader.load(p) for p in paths] if loader is not None else []  # no paths without images
         loaded = [img for img in patches if img is not None]
         if len(loaded) < len(patches):
             continue
-        patched = [to_patches(img, vision.patch_size, vision.merge_size, vision.max_patches)
-                   for img in loaded]
-        ids, _ = tokenizer.encode_chat(msgs, [num_image_tokens(g, vision.merge_size) for _, g in patched],
-                                       add_generation_prompt=True)
+        patched = [
+            to_patches(img, vision.patch_size, vision.merge_size, vision.max_patches) for img in loaded
+        ]
+        ids, _ = tokenizer.encode_chat(
+            msgs, [num_image_tokens(g, vision.merge_size) for _, g in patched], add_generation_prompt=True
+        )
         pixels = torch.cat([p for p, _ in patched]) if patched else None
         grid = torch.tensor([g for _, g in patched], dtype=torch.long) if patched else None
         items.append(ChatPromptItem(rec.id, rec.kind, ids, pixels, grid, answer, verifier, difficulty))

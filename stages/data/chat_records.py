@@ -22,7 +22,12 @@ from pydantic import Field, field_validator, model_validator
 
 from moonforge.model.tokenizer import IMAGE_MARKER
 from moonforge.stages.data.records import (
-    DatasetMissingError, ManifestError, _Record, _split, read_jsonl, require_dataset,
+    DatasetMissingError,
+    ManifestError,
+    _Record,
+    _split,
+    read_jsonl,
+    require_dataset,
 )
 
 NO_TRUE_FALSE = frozenset({"yes", "no", "true", "false"})
@@ -62,16 +67,20 @@ class _Dialogue(_Record):
         for j, m in enumerate(turns):
             i, want = j + offset, ("user", "assistant")[j % 2]
             if m.role != want:
-                raise ValueError(f"message {i} has role {m.role!r} where {want!r} is expected "
-                                 "(ChatML order: [system], user, assistant, user, ...)")
+                raise ValueError(
+                    f"message {i} has role {m.role!r} where {want!r} is expected "
+                    "(ChatML order: [system], user, assistant, user, ...)"
+                )
             if m.role == "assistant" and not m.content.replace(IMAGE_MARKER, "").strip():
                 raise ValueError(f"message {i}: assistant turn has no content to supervise")
         if not turns:
             raise ValueError("dialogue has no user turn")
         markers = sum(m.content.count(IMAGE_MARKER) for m in msgs)
         if markers != len(self.images):
-            raise ValueError(f"dialogue has {markers} {IMAGE_MARKER} marker(s) but "
-                             f"{len(self.images)} image path(s); give one path per marker")
+            raise ValueError(
+                f"dialogue has {markers} {IMAGE_MARKER} marker(s) but "
+                f"{len(self.images)} image path(s); give one path per marker"
+            )
         if (self.kind == "image") != bool(self.images):
             raise ValueError(f"kind {self.kind!r} does not match {len(self.images)} image(s)")
         return self
@@ -85,7 +94,7 @@ class SftRecord(_Dialogue):
     """A ChatML dialogue for SFT; loss goes on the assistant turns only."""
 
     @model_validator(mode="after")
-    def _ends_with_assistant(self) -> "SftRecord":
+    def _ends_with_assistant(self) -> SftRecord:
         if self.messages[-1].role != "assistant":
             raise ValueError("SFT dialogue must end with an assistant turn (nothing to supervise)")
         return self
@@ -97,11 +106,15 @@ def _check_reference(answer: str, verifier: str) -> None:
     if verifier not in VERIFIERS:
         raise ValueError(f"unknown verifier {verifier!r}; registered: {sorted(VERIFIERS)}")
     if verifier == "multiple_choice":
-        raise ValueError("multiple-choice prompts are dropped from the RL/reasoning sets "
-                         "(k1.5 prompt curation); rephrase with an exact or numeric answer")
+        raise ValueError(
+            "multiple-choice prompts are dropped from the RL/reasoning sets "
+            "(k1.5 prompt curation); rephrase with an exact or numeric answer"
+        )
     if answer.strip().lower() in NO_TRUE_FALSE:
-        raise ValueError(f"answer {answer!r} makes this a true/false prompt, which the RL "
-                         "prompt set drops; ask for a checkable value instead")
+        raise ValueError(
+            f"answer {answer!r} makes this a true/false prompt, which the RL "
+            "prompt set drops; ask for a checkable value instead"
+        )
     if verifier == "numeric" and parse_last_number(answer) is None:
         raise ValueError(f"numeric verifier but the answer {answer!r} holds no number")
 
@@ -113,15 +126,17 @@ class ReasoningRecord(_Dialogue):
     verifier: str
 
     @model_validator(mode="after")
-    def _verified(self) -> "ReasoningRecord":
+    def _verified(self) -> ReasoningRecord:
         from moonforge.stages.rl.verifiers import VerifyStats, score
 
         if self.messages[-1].role != "assistant":
             raise ValueError("reasoning record must end with the assistant trace")
         _check_reference(self.answer, self.verifier)
         if score(self.verifier, self.messages[-1].content, self.answer, VerifyStats()) != 1.0:
-            raise ValueError(f"trace does not verify: its final answer is not {self.answer!r} "
-                             f"under the {self.verifier!r} verifier")
+            raise ValueError(
+                f"trace does not verify: its final answer is not {self.answer!r} "
+                f"under the {self.verifier!r} verifier"
+            )
         return self
 
 
@@ -138,12 +153,14 @@ class RLPromptRecord(_Dialogue):
     @classmethod
     def _has_answer(cls, data):
         if isinstance(data, dict) and not str(data.get("answer") or "").strip():
-            raise ValueError("RL prompt has no reference answer; every prompt needs a checkable "
-                             "answer for its verifier (drop the prompt or fill in `answer`)")
+            raise ValueError(
+                "RL prompt has no reference answer; every prompt needs a checkable "
+                "answer for its verifier (drop the prompt or fill in `answer`)"
+            )
         return data
 
     @model_validator(mode="after")
-    def _prompt_only(self) -> "RLPromptRecord":
+    def _prompt_only(self) -> RLPromptRecord:
         if any(m.role == "assistant" for m in self.messages):
             raise ValueError("an RL prompt holds no assistant turn (the policy writes it)")
         _check_reference(self.answer, self.verifier)

@@ -45,8 +45,11 @@ def is_val(text: str, val_frac: float) -> bool:
 def build_text(params: TextParams, out: Path) -> dict:
     """Write `out/train.jsonl` and `out/val.jsonl` ({"text", "source", "quality"})."""
     records = [
-        TextRecord(text=f"{name}\n{text}", source="stdlib",
-                   quality="high" if _is_high(name, text, params.high_min_chars) else "web")
+        TextRecord(
+            text=f"{name}\n{text}",
+            source="stdlib",
+            quality="high" if _is_high(name, text, params.high_min_chars) else "web",
+        )
         for name, text in harvest(params.max_stdlib_chars)
     ]
     rng = random.Random(f"text/{params.seed}")
@@ -57,13 +60,16 @@ def build_text(params: TextParams, out: Path) -> dict:
             seen.add(text)
             records.append(TextRecord(text=text, source="generated", quality="high"))
     rng.shuffle(records)
-    splits = {"train": [r for r in records if not is_val(r.text, params.val_frac)],
-              "val": [r for r in records if is_val(r.text, params.val_frac)]}
+    splits = {
+        "train": [r for r in records if not is_val(r.text, params.val_frac)],
+        "val": [r for r in records if is_val(r.text, params.val_frac)],
+    }
     stats = {}
     for split, recs in splits.items():
         write_jsonl(out / f"{split}.jsonl", recs)
         stats[split] = {
-            "docs": len(recs), "chars": sum(len(r.text) for r in recs),
+            "docs": len(recs),
+            "chars": sum(len(r.text) for r in recs),
             "high": sum(r.quality == "high" for r in recs),
             "generated": sum(r.source == "generated" for r in recs),
         }

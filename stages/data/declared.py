@@ -36,8 +36,18 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 
 from moonforge.stages.config import Frozen
 
-FormatName = Literal["llava", "sharegpt", "messages", "openai", "webdataset", "parquet", "text",
-                     "verl", "rl_messages", "preference"]
+FormatName = Literal[
+    "llava",
+    "sharegpt",
+    "messages",
+    "openai",
+    "webdataset",
+    "parquet",
+    "text",
+    "verl",
+    "rl_messages",
+    "preference",
+]
 Kind = Literal["chat", "pair", "text", "prompt", "preference"]
 """What a record becomes: a dialogue to train on, an image-text pair, a text document, an RL
 prompt with a reference answer, or a preference pair."""
@@ -63,44 +73,98 @@ class FormatSpec:
     doc: str = ""
 
 
-_SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human",
-                  "assistant_tag": "gpt", "system_tag": "system"}
-_ROLE_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-              "assistant_tag": "assistant", "system_tag": "system"}
+_SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "system_tag": "system",
+}
+_ROLE_TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+}
 
 FORMATS: dict[str, FormatSpec] = {
-    "llava": FormatSpec("chat", ("json", "jsonl"),
-                        {"messages": "conversations", "images": "image", "system": None}, _SHAREGPT_TAGS,
-                        "LLaVA: a JSON array of {id, image, conversations: [{from, value}]}; "
-                        "`<image>` is moved to the start of its turn"),
-    "sharegpt": FormatSpec("chat", ("json", "jsonl", "parquet"),
-                           {"messages": "conversations", "images": "images", "system": "system"},
-                           _SHAREGPT_TAGS, "ShareGPT as LLaMA-Factory declares it"),
-    "messages": FormatSpec("chat", ("jsonl", "json", "parquet"),
-                           {"messages": "messages", "images": "images", "system": None}, _ROLE_TAGS,
-                           "ms-swift / LLaMA-Factory: {messages: [{role, content}], images: [...]}"),
-    "openai": FormatSpec("chat", ("jsonl", "json", "parquet"),
-                         {"messages": "messages", "images": "images", "system": None}, _ROLE_TAGS,
-                         "OpenAI content parts: {type: text, text} / {type: image_url, image_url: "
-                         "{url}} (or TRL {type: image} + an images column)"),
-    "webdataset": FormatSpec("pair", ("tar",), {"image": "jpg", "text": "txt"},
-                             doc="img2dataset shards: KEY.jpg + KEY.txt (+ KEY.json)"),
-    "parquet": FormatSpec("pair", ("parquet",), {"image": "image", "text": "text"},
-                          doc="image-text pairs: an HF Image struct {bytes, path} + a caption column"),
+    "llava": FormatSpec(
+        "chat",
+        ("json", "jsonl"),
+        {"messages": "conversations", "images": "image", "system": None},
+        _SHAREGPT_TAGS,
+        "LLaVA: a JSON array of {id, image, conversations: [{from, value}]}; "
+        "`<image>` is moved to the start of its turn",
+    ),
+    "sharegpt": FormatSpec(
+        "chat",
+        ("json", "jsonl", "parquet"),
+        {"messages": "conversations", "images": "images", "system": "system"},
+        _SHAREGPT_TAGS,
+        "ShareGPT as LLaMA-Factory declares it",
+    ),
+    "messages": FormatSpec(
+        "chat",
+        ("jsonl", "json", "parquet"),
+        {"messages": "messages", "images": "images", "system": None},
+        _ROLE_TAGS,
+        "ms-swift / LLaMA-Factory: {messages: [{role, content}], images: [...]}",
+    ),
+    "openai": FormatSpec(
+        "chat",
+        ("jsonl", "json", "parquet"),
+        {"messages": "messages", "images": "images", "system": None},
+        _ROLE_TAGS,
+        "OpenAI content parts: {type: text, text} / {type: image_url, image_url: "
+        "{url}} (or TRL {type: image} + an images column)",
+    ),
+    "webdataset": FormatSpec(
+        "pair",
+        ("tar",),
+        {"image": "jpg", "text": "txt"},
+        doc="img2dataset shards: KEY.jpg + KEY.txt (+ KEY.json)",
+    ),
+    "parquet": FormatSpec(
+        "pair",
+        ("parquet",),
+        {"image": "image", "text": "text"},
+        doc="image-text pairs: an HF Image struct {bytes, path} + a caption column",
+    ),
     "text": FormatSpec("text", ("jsonl", "json", "parquet"), {"text": "text"}, doc="{text: ...}"),
-    "verl": FormatSpec("prompt", ("parquet", "jsonl", "json"),
-                       {"prompt": "prompt", "images": "images",
-                        "ground_truth": "reward_model.ground_truth", "data_source": "data_source",
-                        "difficulty": None}, _ROLE_TAGS,
-                       "verl RL rows: prompt (messages), images, reward_model.ground_truth, data_source"),
-    "rl_messages": FormatSpec("prompt", ("jsonl", "json", "parquet"),
-                              {"prompt": "messages", "images": "images", "ground_truth": "solution",
-                               "data_source": None, "difficulty": None}, _ROLE_TAGS,
-                              "TRL / ms-swift GRPO rows: messages without the answer + solution"),
-    "preference": FormatSpec("preference", ("jsonl", "json", "parquet"),
-                             {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected",
-                              "images": "images"}, _ROLE_TAGS,
-                             "TRL preference pairs: prompt / chosen / rejected (+ images)"),
+    "verl": FormatSpec(
+        "prompt",
+        ("parquet", "jsonl", "json"),
+        {
+            "prompt": "prompt",
+            "images": "images",
+            "ground_truth": "reward_model.ground_truth",
+            "data_source": "data_source",
+            "difficulty": None,
+        },
+        _ROLE_TAGS,
+        "verl RL rows: prompt (messages), images, reward_model.ground_truth, data_source",
+    ),
+    "rl_messages": FormatSpec(
+        "prompt",
+        ("jsonl", "json", "parquet"),
+        {
+            "prompt": "messages",
+            "images": "images",
+            "ground_truth": "solution",
+            "data_source": None,
+            "difficulty": None,
+        },
+        _ROLE_TAGS,
+        "TRL / ms-swift GRPO rows: messages without the answer + solution",
+    ),
+    "preference": FormatSpec(
+        "preference",
+        ("jsonl", "json", "parquet"),
+        {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "images": "images"},
+        _ROLE_TAGS,
+        "TRL preference pairs: prompt / chosen / rejected (+ images)",
+    ),
 }
 
 CONVERSATIONS = ("llava", "sharegpt", "messages", "openai")
@@ -121,8 +185,14 @@ ACCEPTS: dict[str, tuple[str, ...]] = {
 }
 """Stage kind -> the declared formats its `mixture:` may name."""
 
-DATA_SOURCE_VERIFIERS = {"openai/gsm8k": "numeric", "gsm8k": "numeric", "lighteval/math": "numeric",
-                         "math": "numeric", "hiyouga/geometry3k": "exact", "geometry3k": "exact"}
+DATA_SOURCE_VERIFIERS = {
+    "openai/gsm8k": "numeric",
+    "gsm8k": "numeric",
+    "lighteval/math": "numeric",
+    "math": "numeric",
+    "hiyouga/geometry3k": "exact",
+    "geometry3k": "exact",
+}
 """verl `data_source` values and the verifier each gets unless the declaration says otherwise."""
 
 
@@ -130,13 +200,17 @@ def _relative_or_s3(value: str, what: str) -> str:
     if value.startswith("s3://"):
         return value
     if "://" in value:
-        raise ValueError(f"{what} {value!r}: only local paths and s3:// URIs are read (no network "
-                         "fetches); download it and `moonforge data add` the local copy")
+        raise ValueError(
+            f"{what} {value!r}: only local paths and s3:// URIs are read (no network "
+            "fetches); download it and `moonforge data add` the local copy"
+        )
     p = PurePosixPath(value)
     if p.is_absolute() or ".." in p.parts:
-        raise ValueError(f"{what} {value!r} must be relative to data/<name>/ (the directory DVC "
-                         "tracks) or an s3:// URI; `moonforge data add NAME PATH` copies local "
-                         "data there and writes the declaration")
+        raise ValueError(
+            f"{what} {value!r} must be relative to data/<name>/ (the directory DVC "
+            "tracks) or an s3:// URI; `moonforge data add NAME PATH` copies local "
+            "data there and writes the declaration"
+        )
     return value
 
 
@@ -179,8 +253,10 @@ class DeclaredDataset(Frozen):
     @classmethod
     def _name(cls, v: str) -> str:
         if not NAME_RE.match(v):
-            raise ValueError(f"dataset name {v!r}: use lower-case letters, digits and '_', "
-                             "starting with a letter (e.g. my_llava)")
+            raise ValueError(
+                f"dataset name {v!r}: use lower-case letters, digits and '_', "
+                "starting with a letter (e.g. my_llava)"
+            )
         if v in GENERATED:
             raise ValueError(f"dataset name {v!r} is a generated dataset (dvc.yaml); pick another")
         return v
@@ -196,22 +272,27 @@ class DeclaredDataset(Frozen):
         return None if v is None else _relative_or_s3(v, "images_root")
 
     @model_validator(mode="after")
-    def _mapping(self) -> "DeclaredDataset":
+    def _mapping(self) -> DeclaredDataset:
         spec = FORMATS[self.format]
         bad = sorted(set(self.columns) - set(spec.columns))
         if bad:
-            raise ValueError(f"dataset {self.name!r}: columns {bad} do not apply to format "
-                             f"{self.format!r}; its fields are {sorted(spec.columns)}")
+            raise ValueError(
+                f"dataset {self.name!r}: columns {bad} do not apply to format "
+                f"{self.format!r}; its fields are {sorted(spec.columns)}"
+            )
         if self.tags and spec.tags is None:
-            raise ValueError(f"dataset {self.name!r}: format {self.format!r} has no messages, so "
-                             "no tags; remove `tags`")
+            raise ValueError(
+                f"dataset {self.name!r}: format {self.format!r} has no messages, so no tags; remove `tags`"
+            )
         bad = sorted(set(self.tags) - set(TAG_KEYS))
         if bad:
             raise ValueError(f"dataset {self.name!r}: unknown tags {bad}; use {list(TAG_KEYS)}")
         for src, name in {**self.data_source_verifiers}.items():
             if name not in VERIFIER_NAMES:
-                raise ValueError(f"dataset {self.name!r}: data_source_verifiers[{src!r}] = "
-                                 f"{name!r}; use one of {list(VERIFIER_NAMES)}")
+                raise ValueError(
+                    f"dataset {self.name!r}: data_source_verifiers[{src!r}] = "
+                    f"{name!r}; use one of {list(VERIFIER_NAMES)}"
+                )
         return self
 
     @property
@@ -230,32 +311,38 @@ class DeclaredDataset(Frozen):
         if self.verifier:
             return self.verifier
         src = (data_source or "").strip()
-        return (self.data_source_verifiers.get(src) or DATA_SOURCE_VERIFIERS.get(src.lower())
-                or "exact")
+        return self.data_source_verifiers.get(src) or DATA_SOURCE_VERIFIERS.get(src.lower()) or "exact"
 
 
 def accepted_formats(kind: str) -> tuple[str, ...]:
     return ACCEPTS.get(kind, ())
 
 
-def check_mixture(stage_kind: str, stage_name: str, mixture: Mapping[str, float],
-                  declared: Mapping[str, DeclaredDataset]) -> None:
+def check_mixture(
+    stage_kind: str, stage_name: str, mixture: Mapping[str, float], declared: Mapping[str, DeclaredDataset]
+) -> None:
     """Raise ValueError (naming the fix) unless every mixture entry is declared and accepted."""
     ok = accepted_formats(stage_kind)
     for name in mixture:
         if name not in declared:
-            raise ValueError(f"mixture names {name!r}, which the recipe's `datasets:` section does "
-                             f"not declare (declared: {sorted(declared) or 'none'}); add it with "
-                             f"`moonforge data add {name} PATH --format F`")
+            raise ValueError(
+                f"mixture names {name!r}, which the recipe's `datasets:` section does "
+                f"not declare (declared: {sorted(declared) or 'none'}); add it with "
+                f"`moonforge data add {name} PATH --format F`"
+            )
         fmt = declared[name].format
         if fmt not in ok:
-            raise ValueError(f"dataset {name!r} has format {fmt!r}, which stage kind "
-                             f"{stage_kind!r} does not accept; it accepts: "
-                             f"{', '.join(ok) or 'no declared datasets'}")
+            raise ValueError(
+                f"dataset {name!r} has format {fmt!r}, which stage kind "
+                f"{stage_kind!r} does not accept; it accepts: "
+                f"{', '.join(ok) or 'no declared datasets'}"
+            )
     total = sum(mixture.values())
     if total > 1.0 + 1e-9:
-        raise ValueError(f"stage {stage_name!r}: mixture shares add up to {total:g} > 1; they are "
-                         "shares of the stage's training data (the generated sources get the rest)")
+        raise ValueError(
+            f"stage {stage_name!r}: mixture shares add up to {total:g} > 1; they are "
+            "shares of the stage's training data (the generated sources get the rest)"
+        )
 
 
 def inject_declared(data: Any) -> Any:

@@ -31,12 +31,19 @@ from moonforge.stages.data.images import num_image_tokens, patch_grid
 from moonforge.stages.data.posttrain_params import SftParams
 from moonforge.stages.data.problems import held_out
 from moonforge.stages.data.records import (
-    ImageRecord, TextRecord, read_image_records, read_text_records, write_jsonl,
+    ImageRecord,
+    TextRecord,
+    read_image_records,
+    read_text_records,
+    write_jsonl,
 )
 from moonforge.stages.data.stdlib_text import stdlib_files, stdlib_root
 
-SYSTEMS = ("You are a helpful assistant.", "Answer briefly.",
-           "You are a careful assistant. Give short, exact answers.")
+SYSTEMS = (
+    "You are a helpful assistant.",
+    "Answer briefly.",
+    "You are a careful assistant. Give short, exact answers.",
+)
 NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lena")
 ITEMS = ("apples", "marbles", "stickers", "books", "coins", "pencils", "shells", "cards")
 
@@ -72,13 +79,21 @@ def word_problem(rng: random.Random) -> tuple[str, str]:
         return f"There are {x} boxes with {y} {item} in each box. How many {item} are there?", str(x * y)
     z = rng.randint(1, x * y - 1)
     if t == 3:
-        return (f"{n} has {x} {item}, buys {y} more and then gives {min(z, x + y)} away. "
-                f"How many {item} does {n} have now?", str(x + y - min(z, x + y)))
+        return (
+            f"{n} has {x} {item}, buys {y} more and then gives {min(z, x + y)} away. "
+            f"How many {item} does {n} have now?",
+            str(x + y - min(z, x + y)),
+        )
     if t == 4:
-        return (f"{x} children each have {y} {item}, and {z} more {item} lie on the table. "
-                f"How many {item} are there altogether?", str(x * y + z))
-    return (f"{n} puts {item} in {x} rows of {y} and then takes {z} away. "
-            f"How many {item} are left?", str(x * y - z))
+        return (
+            f"{x} children each have {y} {item}, and {z} more {item} lie on the table. "
+            f"How many {item} are there altogether?",
+            str(x * y + z),
+        )
+    return (
+        f"{n} puts {item} in {x} rows of {y} and then takes {z} away. How many {item} are left?",
+        str(x * y - z),
+    )
 
 
 def scene_fact(rng: random.Random) -> tuple[str, str]:
@@ -120,16 +135,16 @@ def _record(turns: Turns, system: str | None, images: tuple[str, ...]) -> SftRec
     msgs = [Message(role="system", content=system)] if system else []
     for user, assistant in turns:
         msgs += [Message(role="user", content=user), Message(role="assistant", content=assistant)]
-    return SftRecord(id="pending", messages=tuple(msgs), images=images,
-                     kind="image" if images else "text")
+    return SftRecord(id="pending", messages=tuple(msgs), images=images, kind="image" if images else "text")
 
 
 def _num_tokens(tok: Tokenizer, rec: SftRecord, media: list[int]) -> int:
     return len(tok.encode_chat(rec.message_dicts(), media)[0])
 
 
-def _image_dialogues(params: SftParams, split: str, records: list[ImageRecord], tok: Tokenizer,
-                     c: Counter) -> list[SftRecord]:
+def _image_dialogues(
+    params: SftParams, split: str, records: list[ImageRecord], tok: Tokenizer, c: Counter
+) -> list[SftRecord]:
     v = params.vision
     out = []
     for rec in records:
@@ -137,8 +152,9 @@ def _image_dialogues(params: SftParams, split: str, records: list[ImageRecord], 
         style, turns = image_dialogue(rec, rng, params)
         system = rng.choice(SYSTEMS) if rng.random() < params.system_frac else None
         d = _record(turns, system, (rec.image,))
-        n = num_image_tokens(patch_grid(rec.width, rec.height, v.patch_size, v.merge_size,
-                                        v.max_patches), v.merge_size)
+        n = num_image_tokens(
+            patch_grid(rec.width, rec.height, v.patch_size, v.merge_size, v.max_patches), v.merge_size
+        )
         c["tokens_image"] += _num_tokens(tok, d, [n])
         c["tokens_media"] += n
         c[f"image_{style}"] += 1
@@ -146,12 +162,20 @@ def _image_dialogues(params: SftParams, split: str, records: list[ImageRecord], 
     return out
 
 
-def _text_dialogues(params: SftParams, split: str, stdlib: list[TextRecord], tok: Tokenizer,
-                    modules: frozenset[str], exclude: set[str], c: Counter) -> list[SftRecord]:
+def _text_dialogues(
+    params: SftParams,
+    split: str,
+    stdlib: list[TextRecord],
+    tok: Tokenizer,
+    modules: frozenset[str],
+    exclude: set[str],
+    c: Counter,
+) -> list[SftRecord]:
     """Text-only dialogues until their tokens reach text_image_ratio * the image tokens."""
     rng = random.Random(f"sft/{params.seed}/{split}/text")
     docs = list(stdlib)
     rng.shuffle(docs)
+
     def on_split(make: Callable[[random.Random], tuple[str, str]]) -> tuple[str, str] | None:
         for _ in range(1000):  # redraw until the question falls on this split's side
             qa = make(rng)
@@ -160,7 +184,8 @@ def _text_dialogues(params: SftParams, split: str, stdlib: list[TextRecord], tok
         return None
 
     makers: dict[str, Callable[[], tuple[str, str] | None]] = {
-        "arith": lambda: on_split(word_problem), "facts": lambda: on_split(scene_fact),
+        "arith": lambda: on_split(word_problem),
+        "facts": lambda: on_split(scene_fact),
         "stdlib": lambda: docstring_task(docs.pop(), rng, modules) if docs else None,
     }
     weights = {k: w for k, w in sorted(params.text_weights.items()) if w > 0}
@@ -187,8 +212,10 @@ def _text_dialogues(params: SftParams, split: str, stdlib: list[TextRecord], tok
         c[f"text_{kind}"] += 1
         out.append(d)
     if c["tokens_text"] < 0.9 * target:
-        raise ValueError(f"sft/{split}: ran out of text dialogues at {c['tokens_text']} of "
-                         f"{target:.0f} tokens; lower sft.text_image_ratio or raise text weights")
+        raise ValueError(
+            f"sft/{split}: ran out of text dialogues at {c['tokens_text']} of "
+            f"{target:.0f} tokens; lower sft.text_image_ratio or raise text weights"
+        )
     return out
 
 
@@ -209,8 +236,12 @@ def build_sft(params: SftParams, out: Path, toyworld: Path, text: Path, tokenize
         random.Random(f"sft/{params.seed}/{split}/order").shuffle(records)
         records = [r.model_copy(update={"id": f"sft-{split}-{i:06d}"}) for i, r in enumerate(records)]
         write_jsonl(out / f"{split}.jsonl", records)
-        stats[split] = {"dialogues": len(records), "image": len(images), "text": len(texts),
-                        **dict(sorted(c.items())),
-                        "text_image_token_ratio": round(c["tokens_text"] / max(1, c["tokens_image"]), 4)}
+        stats[split] = {
+            "dialogues": len(records),
+            "image": len(images),
+            "text": len(texts),
+            **dict(sorted(c.items())),
+            "text_image_token_ratio": round(c["tokens_text"] / max(1, c["tokens_image"]), 4),
+        }
     (out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
     return stats

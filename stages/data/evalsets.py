@@ -21,7 +21,12 @@ import torch
 
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.data.batches import (
-    ImageTextBatch, LMBatch, collate_rows, load_doc_images, pad_texts, text_ids,
+    ImageTextBatch,
+    LMBatch,
+    collate_rows,
+    load_doc_images,
+    pad_texts,
+    text_ids,
 )
 from moonforge.stages.data.images import ImageLoader, num_image_tokens, to_patches
 from moonforge.stages.data.packing import RowPacker
@@ -29,23 +34,33 @@ from moonforge.stages.data.records import ImageRecord, LongDocRecord
 from moonforge.stages.data.sources import DocSource, VisionSpec, needle_parts, qa_prompt
 
 
-def lm_eval_batches(source: DocSource, tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                    vision: VisionSpec, max_docs: int | None = None) -> list[LMBatch]:
+def lm_eval_batches(
+    source: DocSource,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    vision: VisionSpec,
+    max_docs: int | None = None,
+) -> list[LMBatch]:
     """Documents 0..max_docs-1 of `source`, packed in order into batches (the last may be short)."""
     packer = RowPacker(seq_len, tokenizer.pad_id, ignore_ids=(tokenizer.media_pad_id,))
     rows = []
     for i in range(min(len(source), max_docs or len(source))):
         doc = source.doc(i, vision)
         if doc is None:  # only a declared dataset's source has bad records
-            raise ValueError(f"evaluation source {source.name!r}: document {i} is a bad record; "
-                             "evaluate generated sources only")
+            raise ValueError(
+                f"evaluation source {source.name!r}: document {i} is a bad record; "
+                "evaluate generated sources only"
+            )
         images = load_doc_images(doc, vision) if doc.images else None
         if doc.images and images is None:
             continue
         rows += packer.add(doc.ids, doc.loss_mask, images)
     rows += packer.flush()
-    return [collate_rows(rows[i:i + batch_size], tokenizer.media_pad_id)
-            for i in range(0, len(rows), batch_size)]
+    return [
+        collate_rows(rows[i : i + batch_size], tokenizer.media_pad_id)
+        for i in range(0, len(rows), batch_size)
+    ]
 
 
 @dataclass(frozen=True)
@@ -60,9 +75,15 @@ class VQAItem:
     answer: str
 
 
-def vqa_eval_items(records: Sequence[ImageRecord], image_root: Path, tokenizer: Tokenizer,
-                   vision: VisionSpec, limit: int | None = None, chat: bool = False,
-                   dataset_name: str = "toyworld/val") -> list[VQAItem]:
+def vqa_eval_items(
+    records: Sequence[ImageRecord],
+    image_root: Path,
+    tokenizer: Tokenizer,
+    vision: VisionSpec,
+    limit: int | None = None,
+    chat: bool = False,
+    dataset_name: str = "toyworld/val",
+) -> list[VQAItem]:
     """Every QA pair of `records` in order (at most `limit`), with its image patched."""
     loader = ImageLoader(dataset_name, image_root, len(records))
     items: list[VQAItem] = []
@@ -76,17 +97,24 @@ def vqa_eval_items(records: Sequence[ImageRecord], image_root: Path, tokenizer: 
         n = num_image_tokens(grid, vision.merge_size)
         for qa in rec.qa[: None if limit is None else limit - len(items)]:
             if chat:
-                ids, _ = tokenizer.encode_chat([{"role": "user", "content": f"<image>\n{qa.question}"}],
-                                               [n], add_generation_prompt=True)
+                ids, _ = tokenizer.encode_chat(
+                    [{"role": "user", "content": f"<image>\n{qa.question}"}], [n], add_generation_prompt=True
+                )
             else:
                 ids = tokenizer.media_placeholder(n) + qa_prompt(tokenizer, qa.question)
             items.append(VQAItem(rec.id, qa.type, ids, pixels, grid, qa.answer))
     return items
 
 
-def retrieval_eval_batch(records: Sequence[ImageRecord], image_root: Path, tokenizer: Tokenizer,
-                         vision: VisionSpec, max_text_len: int, limit: int | None = None,
-                         dataset_name: str = "toyworld/val") -> ImageTextBatch:
+def retrieval_eval_batch(
+    records: Sequence[ImageRecord],
+    image_root: Path,
+    tokenizer: Tokenizer,
+    vision: VisionSpec,
+    max_text_len: int,
+    limit: int | None = None,
+    dataset_name: str = "toyworld/val",
+) -> ImageTextBatch:
     """Images and captions with distinct captions, image i <-> caption i; chance = 1 / num_images."""
     loader = ImageLoader(dataset_name, image_root, len(records))
     pixels: list[torch.Tensor] = []
@@ -119,8 +147,12 @@ class NeedleItem:
     num_tokens: int
 
 
-def needle_eval_items(records: Sequence[LongDocRecord], tokenizer: Tokenizer,
-                      max_tokens: int | None = None, limit: int | None = None) -> list[NeedleItem]:
+def needle_eval_items(
+    records: Sequence[LongDocRecord],
+    tokenizer: Tokenizer,
+    max_tokens: int | None = None,
+    limit: int | None = None,
+) -> list[NeedleItem]:
     """Needle-recall prompts in record order; `max_tokens` bounds prompt + answer like long_docs."""
     items = []
     for rec in records[:limit]:

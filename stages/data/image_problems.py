@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from moonforge.stages.data import scenes
-from moonforge.stages.data.problems import Problem, clip_unit, arithmetic_problem, held_out
+from moonforge.stages.data.problems import Problem, arithmetic_problem, clip_unit, held_out
 from moonforge.stages.data.records import ImageRecord
 
 
@@ -61,7 +61,7 @@ def _listing(shapes: list[SeenShape]) -> list[str]:
 
 
 def count_problem(rng: random.Random, rec: ImageRecord) -> Problem:
-    """"How many {colour} shapes / {colour} {shape}s ...?" solved by listing, filtering, counting."""
+    """ "How many {colour} shapes / {colour} {shape}s ...?" solved by listing, filtering, counting."""
     shapes = shapes_in(rec)
     present = sorted({s.color for s in shapes})
     color = rng.choice(present) if rng.random() < 0.85 else rng.choice(sorted(scenes.COLORS))
@@ -69,27 +69,35 @@ def count_problem(rng: random.Random, rec: ImageRecord) -> Problem:
     shape = rng.choice([s.shape for s in shapes if s.color == color] or list(scenes.SHAPES))
     what = f"{color} {shape}s" if by_kind else f"{color} shapes"
     match = [i for i, s in enumerate(shapes) if s.color == color and (not by_kind or s.shape == shape)]
-    q = rng.choice(("How many {w} are in the image?", "Count the {w} in the image.",
-                    "How many {w} can you see?")).format(w=what)
+    q = rng.choice(
+        ("How many {w} are in the image?", "Count the {w} in the image.", "How many {w} can you see?")
+    ).format(w=what)
 
     def steps(n: int) -> tuple[str, ...]:
         if not match:
             tail = [f"None of them is {_a(what[:-1])}, so the count is {n}."]
         else:
             idx = ", ".join(str(i + 1) for i in match)
-            tail = [f"The {what} are number {idx}.",
-                    f"Counting them one by one gives {n}."]
+            tail = [f"The {what} are number {idx}.", f"Counting them one by one gives {n}."]
         return tuple(_listing(shapes) + tail)
 
     n = len(match)
     wrong_n = n + 1 if n == 0 or rng.random() < 0.5 else n - 1
     difficulty = 0.1 + 0.6 * (len(shapes) - 1) / 3 + 0.2 * by_kind
-    return Problem(f"{rec.image}|count|{what}", f"<image>\n{q}", str(n), "numeric", clip_unit(difficulty),
-                   rec.image, steps(n), (steps(wrong_n), str(wrong_n)))
+    return Problem(
+        f"{rec.image}|count|{what}",
+        f"<image>\n{q}",
+        str(n),
+        "numeric",
+        clip_unit(difficulty),
+        rec.image,
+        steps(n),
+        (steps(wrong_n), str(wrong_n)),
+    )
 
 
 def color_problem(rng: random.Random, rec: ImageRecord) -> Problem | None:
-    """"What color is the {shape}?" when exactly one shape of that kind is drawn, else None."""
+    """ "What color is the {shape}?" when exactly one shape of that kind is drawn, else None."""
     shapes = shapes_in(rec)
     unique = [s for s in shapes if sum(t.shape == s.shape for t in shapes) == 1]
     if not unique:
@@ -99,8 +107,16 @@ def color_problem(rng: random.Random, rec: ImageRecord) -> Problem | None:
     other = rng.choice([c for c in sorted(scenes.COLORS) if c != s.color])
     steps = tuple(_listing(shapes) + [f"Only one of them is a {s.shape}: the {s.color} one."])
     wrong = tuple(_listing(shapes) + [f"Only one of them is a {s.shape}: the {other} one."])
-    return Problem(f"{rec.image}|color|{s.shape}", f"<image>\n{q}", s.color, "exact",
-                   clip_unit(0.05 + 0.5 * (len(shapes) - 1) / 3), rec.image, steps, (wrong, other))
+    return Problem(
+        f"{rec.image}|color|{s.shape}",
+        f"<image>\n{q}",
+        s.color,
+        "exact",
+        clip_unit(0.05 + 0.5 * (len(shapes) - 1) / 3),
+        rec.image,
+        steps,
+        (wrong, other),
+    )
 
 
 _CHART_BASE = {"value": 0.1, "tallest": 0.25, "compare": 0.3, "difference": 0.5, "sum": 0.6}
@@ -110,8 +126,9 @@ def chart_problem(rng: random.Random, rec: ImageRecord) -> Problem:
     """Read, compare, subtract or add bar values of a `chart` record."""
     bars = bars_in(rec)
     values = dict(bars)
-    read = "Reading the bars from left to right: " + scenes.join_phrases(
-        [f"{c} is {v}" for c, v in bars]) + "."
+    read = (
+        "Reading the bars from left to right: " + scenes.join_phrases([f"{c} is {v}" for c, v in bars]) + "."
+    )
     kinds = ["value", "sum"]
     if values and list(values.values()).count(max(values.values())) == 1:
         kinds.append("tallest")
@@ -155,12 +172,26 @@ def chart_problem(rng: random.Random, rec: ImageRecord) -> Problem:
             wrong_body = [f"The difference is {values[hi]}-{values[lo]} = {wrong}."]
     verifier = "numeric" if isinstance(ans, int) else "exact"
     difficulty = _CHART_BASE[kind] + 0.1 * (len(bars) - 2)
-    return Problem(f"{rec.image}|{q}", f"<image>\n{q}", str(ans), verifier, clip_unit(difficulty),
-                   rec.image, (read, *body), ((read, *wrong_body), str(wrong)))
+    return Problem(
+        f"{rec.image}|{q}",
+        f"<image>\n{q}",
+        str(ans),
+        verifier,
+        clip_unit(difficulty),
+        rec.image,
+        (read, *body),
+        ((read, *wrong_body), str(wrong)),
+    )
 
 
-def sample_problem(rng: random.Random, kind: str, pools: dict[str, list[ImageRecord]], split: str,
-                   val_frac: float, ops: tuple[int, int]) -> Problem | None:
+def sample_problem(
+    rng: random.Random,
+    kind: str,
+    pools: dict[str, list[ImageRecord]],
+    split: str,
+    val_frac: float,
+    ops: tuple[int, int],
+) -> Problem | None:
     """One problem of `kind` for `split`, or None (the drawn record fits no question of `kind`).
 
     Arithmetic problems belong to val iff `held_out(expression)`; image problems use the records
@@ -191,6 +222,8 @@ def usable_kinds(weights: dict[str, float], pools: dict[str, list[ImageRecord]])
     need = {"count": "shapes", "color": "shapes", "chart": "chart"}
     kept = {k: w for k, w in sorted(weights.items()) if w > 0 and (k not in need or pools[need[k]])}
     if not kept:
-        raise ValueError(f"no problem kind of {sorted(weights)} can be generated: the toy world "
-                         "split has no shapes/chart records; raise toyworld.num_train/num_val")
+        raise ValueError(
+            f"no problem kind of {sorted(weights)} can be generated: the toy world "
+            "split has no shapes/chart records; raise toyworld.num_train/num_val"
+        )
     return kept

@@ -54,15 +54,18 @@ def load_image(path: Path | str) -> Image.Image:
         raise CorruptImageError(path, f"{type(e).__name__}: {e}") from None
 
 
-def patch_grid(width: int, height: int, patch_size: int, merge_size: int,
-               max_patches: int) -> tuple[int, int]:
+def patch_grid(
+    width: int, height: int, patch_size: int, merge_size: int, max_patches: int
+) -> tuple[int, int]:
     """(h, w) in patches for a width x height image: multiples of merge_size, h * w <= max_patches.
 
     Example: patch_grid(64, 48, 8, 2, 64) == (6, 8); with max_patches=16 it is (2, 4).
     """
     if max_patches < merge_size**2:
-        raise ValueError(f"max_patches={max_patches} cannot hold one {merge_size}x{merge_size} "
-                         "merge window; raise max_patches")
+        raise ValueError(
+            f"max_patches={max_patches} cannot hold one {merge_size}x{merge_size} "
+            "merge window; raise max_patches"
+        )
     m = merge_size
     h = max(m, round(height / patch_size / m) * m)
     w = max(m, round(width / patch_size / m) * m)
@@ -82,8 +85,9 @@ def num_image_tokens(grid_hw: tuple[int, int], merge_size: int) -> int:
     return (grid_hw[0] // merge_size) * (grid_hw[1] // merge_size)
 
 
-def to_patches(img: Image.Image, patch_size: int, merge_size: int,
-               max_patches: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def to_patches(
+    img: Image.Image, patch_size: int, merge_size: int, max_patches: int
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """Resize `img` to its patch grid and return (pixels_NP float32 (h*w, 3*p*p), (h, w))."""
     h, w = patch_grid(img.width, img.height, patch_size, merge_size, max_patches)
     p = patch_size
@@ -117,7 +121,8 @@ class ImageLoader:
             except CorruptImageError:
                 self.corrupt.add(rel_path)
                 if len(self.corrupt) > self.max_corrupt_frac * self.num_images:
-                    raise TooManyCorruptImagesError(self.dataset, len(self.corrupt),
-                                                    self.num_images, self.max_corrupt_frac) from None
+                    raise TooManyCorruptImagesError(
+                        self.dataset, len(self.corrupt), self.num_images, self.max_corrupt_frac
+                    ) from None
         self.skipped += 1
         return None

@@ -23,8 +23,9 @@ def _as_is(item: Any) -> Any:
 
 
 class _Workers(IterableDataset):
-    def __init__(self, make: Callable[[int, int], Iterator], num_workers: int,
-                 states: list[dict | None], rotation: int):
+    def __init__(
+        self, make: Callable[[int, int], Iterator], num_workers: int, states: list[dict | None], rotation: int
+    ):
         self.make, self.num_workers, self.states, self.rotation = make, num_workers, states, rotation
 
     def __iter__(self):
@@ -53,8 +54,11 @@ class WorkerStream(Iterator):
 
     def _start(self) -> None:
         ds = _Workers(self.make, self.num_workers, list(self.states), self.own % self.num_workers)
-        self._it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                   collate_fn=_as_is, prefetch_factor=2))
+        self._it = iter(
+            DataLoader(
+                ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is, prefetch_factor=2
+            )
+        )
 
     def __next__(self):
         mine = self.step % self.world == self.rank
@@ -88,8 +92,14 @@ class WorkerStream(Iterator):
         return sum(int((s or {}).get("skipped", 0)) for s in self.states)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "own": self.own, "rank": self.rank, "world": self.world,
-                "num_workers": self.num_workers, "workers": list(self.states)}
+        return {
+            "step": self.step,
+            "own": self.own,
+            "rank": self.rank,
+            "world": self.world,
+            "num_workers": self.num_workers,
+            "workers": list(self.states),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the position (also from the per-rank list a data-parallel job saves); saved
@@ -99,7 +109,10 @@ class WorkerStream(Iterator):
                 return self._replay(int(state["ranks"][0]["step"]))
             state = state["ranks"][self.rank]
         if (state.get("world"), state.get("rank"), state.get("num_workers")) != (
-                self.world, self.rank, self.num_workers) or "workers" not in state:
+            self.world,
+            self.rank,
+            self.num_workers,
+        ) or "workers" not in state:
             return self._replay(int(state["step"]))
         self.step, self.own = int(state["step"]), int(state["own"])
         self.states = list(state["workers"])

@@ -19,8 +19,20 @@ from moonforge.stages.data.records import LongDocRecord, write_jsonl
 from moonforge.stages.data.stdlib_text import harvest
 
 NEEDLE_COLORS = ("red", "blue", "green", "golden", "silver", "black", "white", "purple", "orange")
-NEEDLE_ANIMALS = ("falcon", "tiger", "otter", "heron", "badger", "lynx", "raven", "salmon",
-                  "beetle", "walrus", "gecko", "moose")
+NEEDLE_ANIMALS = (
+    "falcon",
+    "tiger",
+    "otter",
+    "heron",
+    "badger",
+    "lynx",
+    "raven",
+    "salmon",
+    "beetle",
+    "walrus",
+    "gecko",
+    "moose",
+)
 
 
 def _filler(rng: random.Random, pool: list[str], num_chars: int) -> str:
@@ -45,9 +57,14 @@ def make_longdoc(rng: random.Random, pool: list[str], rid: str, params: LongdocP
     line_start = filler.rfind("\n", 0, at) + 1  # 0 when there is no earlier line break
     text = filler[:line_start] + needle + "\n" + filler[line_start:]
     return LongDocRecord(
-        id=rid, text=text, needle=needle, needle_key=key, needle_value=value,
+        id=rid,
+        text=text,
+        needle=needle,
+        needle_key=key,
+        needle_value=value,
         depth=round(line_start / max(1, len(text)), 4),
-        question=f"What is the secret code of the {key}?", answer=value,
+        question=f"What is the secret code of the {key}?",
+        answer=value,
     )
 
 
@@ -56,11 +73,19 @@ def build_longdoc(params: LongdocParams, out: Path) -> dict:
     pool = [text for _, text in harvest(params.pool_chars) if "secret code" not in text]
     stats = {}
     for split, num in (("train", params.num_train), ("val", params.num_val)):
-        recs = [make_longdoc(random.Random(f"longdoc/{params.seed}/{split}/{i}"), pool,
-                             f"{split}-{i:05d}", params) for i in range(num)]
+        recs = [
+            make_longdoc(
+                random.Random(f"longdoc/{params.seed}/{split}/{i}"), pool, f"{split}-{i:05d}", params
+            )
+            for i in range(num)
+        ]
         write_jsonl(out / f"{split}.jsonl", recs)
         lengths = sorted(len(r.text) for r in recs)
-        stats[split] = {"docs": num, "chars_min": lengths[0], "chars_max": lengths[-1],
-                        "chars_median": lengths[len(lengths) // 2]}
+        stats[split] = {
+            "docs": num,
+            "chars_min": lengths[0],
+            "chars_max": lengths[-1],
+            "chars_median": lengths[len(lengths) // 2],
+        }
     (out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
     return stats

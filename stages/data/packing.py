@@ -52,8 +52,9 @@ class RowPacker:
         self._segments: list[tuple[list[int], list[int], Any, Any]] = []
         self._used = 0
 
-    def add(self, ids: Sequence[int], loss_mask: Sequence[int] | None = None,
-            payload: Any = None, tag: Any = None) -> list[PackedRow]:
+    def add(
+        self, ids: Sequence[int], loss_mask: Sequence[int] | None = None, payload: Any = None, tag: Any = None
+    ) -> list[PackedRow]:
         """Queue one document; return the rows this closed (usually zero or one).
 
         A document with a payload (images) must fit one row, since its media positions cannot
@@ -62,15 +63,17 @@ class RowPacker:
         if loss_mask is not None and len(loss_mask) != len(ids):
             raise ValueError(f"loss mask has {len(loss_mask)} entries for {len(ids)} tokens")
         if payload is not None and len(ids) > self.seq_len:
-            raise ValueError(f"a document with images has {len(ids)} tokens > seq_len={self.seq_len}; "
-                             "truncate its text or raise seq_len")
+            raise ValueError(
+                f"a document with images has {len(ids)} tokens > seq_len={self.seq_len}; "
+                "truncate its text or raise seq_len"
+            )
         mask = list(loss_mask) if loss_mask is not None else [1] * len(ids)
         rows = []
         for start in range(0, len(ids), self.seq_len):
-            chunk = list(ids[start:start + self.seq_len])
+            chunk = list(ids[start : start + self.seq_len])
             if self._used + len(chunk) > self.seq_len:
                 rows.append(self._close())
-            self._segments.append((chunk, mask[start:start + self.seq_len], payload, tag))
+            self._segments.append((chunk, mask[start : start + self.seq_len], payload, tag))
             self._used += len(chunk)
         return rows
 
@@ -104,12 +107,12 @@ class RowPacker:
         pos += [0] * pad
         docs += [-1] * pad
         self._segments, self._used = [], 0
-        return PackedRow(ids, shifted_labels(ids, mask, docs, self.ignore_ids), pos, docs, payloads,
-                         tags)
+        return PackedRow(ids, shifted_labels(ids, mask, docs, self.ignore_ids), pos, docs, payloads, tags)
 
 
-def shifted_labels(ids: Sequence[int], mask: Sequence[int], doc_ids: Sequence[int],
-                   ignore_ids: Collection[int]) -> list[int]:
+def shifted_labels(
+    ids: Sequence[int], mask: Sequence[int], doc_ids: Sequence[int], ignore_ids: Collection[int]
+) -> list[int]:
     """labels[t] = ids[t + 1] if t, t + 1 share a segment, mask[t + 1] and no ignored id; else -100."""
     labels = [IGNORE_INDEX] * len(ids)
     for t in range(len(ids) - 1):

@@ -26,18 +26,18 @@ class ToyworldParams(_Params):
     num_val: PositiveInt
     sizes: tuple[PositiveInt, ...] = (32, 48, 64)
     """Allowed image sides in pixels; multiples of 16 keep the patch-8 / merge-2 grid even."""
-    kind_weights: dict[str, float] = {"shapes": 0.45, "ocr": 0.15, "chart": 0.13, "arith": 0.14,
-                                      "doc": 0.13}
+    kind_weights: dict[str, float] = {"shapes": 0.45, "ocr": 0.15, "chart": 0.13, "arith": 0.14, "doc": 0.13}
     """Sampling weight of each image kind."""
     web_frac: float = Field(default=0.3, ge=0.0, le=1.0)
     """Share of records marked quality=web (their alt text is noisier)."""
 
     @model_validator(mode="after")
-    def _check(self) -> "ToyworldParams":
+    def _check(self) -> ToyworldParams:
         bad = sorted(set(self.kind_weights) - {"shapes", "ocr", "chart", "arith", "doc"})
         if bad:
-            raise ValueError(f"toyworld.kind_weights has unknown kinds {bad}; "
-                             "use shapes, ocr, chart, arith, doc")
+            raise ValueError(
+                f"toyworld.kind_weights has unknown kinds {bad}; use shapes, ocr, chart, arith, doc"
+            )
         if any(s % 16 or s < 32 for s in self.sizes):
             raise ValueError(f"toyworld.sizes={list(self.sizes)} must be multiples of 16, >= 32")
         return self
@@ -71,7 +71,7 @@ class LongdocParams(_Params):
     """Stdlib text the filler is drawn from (the default takes all of it)."""
 
     @model_validator(mode="after")
-    def _check(self) -> "LongdocParams":
+    def _check(self) -> LongdocParams:
         if self.min_chars > self.max_chars:
             raise ValueError("longdoc.min_chars must not exceed longdoc.max_chars")
         return self

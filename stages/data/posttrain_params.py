@@ -10,8 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
-from pydantic import model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 
 class _Params(BaseModel):
@@ -61,7 +68,7 @@ class SftParams(_Params):
     vision: VisionTokens = VisionTokens()
 
     @model_validator(mode="after")
-    def _check(self) -> "SftParams":
+    def _check(self) -> SftParams:
         _check_weights("sft.text_weights", self.text_weights, SFT_TEXT_KINDS)
         if self.multi_turn_frac + self.caption_frac > 1.0:
             raise ValueError("sft.multi_turn_frac + sft.caption_frac must not exceed 1")
@@ -90,7 +97,7 @@ class ReasoningParams(_Params):
     """Share of arithmetic expressions (by a hash of the expression) held out for val."""
 
     @model_validator(mode="after")
-    def _check(self) -> "ReasoningParams":
+    def _check(self) -> ReasoningParams:
         _check_weights("reasoning.kind_weights", self.kind_weights, REASONING_KINDS)
         if self.min_ops > self.max_ops:
             raise ValueError("reasoning.min_ops must not exceed reasoning.max_ops")
@@ -114,7 +121,7 @@ class RLPromptParams(_Params):
     val_frac: float = Field(default=0.1, gt=0.0, lt=0.5)
 
     @model_validator(mode="after")
-    def _check(self) -> "RLPromptParams":
+    def _check(self) -> RLPromptParams:
         _check_weights("rl_prompts.kind_weights", self.kind_weights, RL_KINDS)
         if self.max_ops < 2:
             raise ValueError("rl_prompts.max_ops must be at least 2 (difficulty needs a range)")

@@ -21,7 +21,6 @@ import random
 from dataclasses import dataclass, replace
 from typing import Literal
 
-
 FINAL = "Answer: {}"
 
 
@@ -76,8 +75,8 @@ class Expr:
 
     value: int
     op: str | None = None
-    left: "Expr | None" = None
-    right: "Expr | None" = None
+    left: Expr | None = None
+    right: Expr | None = None
 
 
 def _apply(op: str, a: int, b: int) -> int:
@@ -126,8 +125,10 @@ def _arith_steps(e: Expr, errors: dict[int, int]) -> tuple[tuple[str, ...], int]
     """Solution lines (plan, one line per operation with the reduced expression, check), value."""
     lines: list[tuple[int, str, int, int]] = []
     value = _reduce(e, errors, lines).value
-    steps = ["Plan: work out one operation at a time, innermost parentheses first, "
-             "multiplication before addition and subtraction."]
+    steps = [
+        "Plan: work out one operation at a time, innermost parentheses first, "
+        "multiplication before addition and subtraction."
+    ]
     partial = e
     for i, (a, op, b, v) in enumerate(lines):
         partial = _replace_first(partial, v)
@@ -177,9 +178,9 @@ def arithmetic_problem(rng: random.Random, num_ops: int, max_ops: int) -> Proble
         if w_value != value:
             wrong = (w_steps, str(w_value))
             break
-    q = rng.choice(("Compute {e}.", "What is {e}?", "Calculate {e}. Show your steps.",
-                    "Evaluate the expression {e}."))
+    q = rng.choice(
+        ("Compute {e}.", "What is {e}?", "Calculate {e}. Show your steps.", "Evaluate the expression {e}.")
+    )
     # 0.8 for the operation count, 0.2 when a two-digit operand (10-12) appears.
     difficulty = 0.8 * (num_ops - 1) / max(1, max_ops - 1) + 0.2 * (max(_leaves(e)) > 9)
-    return Problem(expr, q.format(e=expr), str(value), "numeric", clip_unit(difficulty), None,
-                   steps, wrong)
+    return Problem(expr, q.format(e=expr), str(value), "numeric", clip_unit(difficulty), None, steps, wrong)

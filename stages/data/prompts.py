@@ -5,8 +5,8 @@ colour, and bar-chart reading / comparison / difference / sum (image, on toy-wor
 the same split). Every answer is checked by a rule verifier ("numeric" or "exact"); there are no
 true/false, multiple-choice or proof prompts (k1.5 prompt-set curation drops them, and
 chat_records.RLPromptRecord rejects them). `difficulty` in [0, 1] grows with the number of
-operations, shapes or chart steps (problems.py and image_problems.py give each formula); the curriculum and the
-"hard only" phase of RL sample by it. The val split is held out for reasoning accuracy: its
+operations, shapes or chart steps (problems.py and image_problems.py give each formula); the
+curriculum and the "hard only" phase of RL sample by it. The val split is held out for reasoning accuracy: its
 arithmetic expressions are val by a hash of the expression (the same rule the `reasoning` set
 uses, so no val expression is trained on there either) and its images are toy-world val images.
 
@@ -32,8 +32,9 @@ SYSTEM_PROMPTS = (
 )
 
 
-def build_split(params: RLPromptParams, split: str, num: int,
-                toyworld: Path) -> tuple[list[RLPromptRecord], dict]:
+def build_split(
+    params: RLPromptParams, split: str, num: int, toyworld: Path
+) -> tuple[list[RLPromptRecord], dict]:
     """`num` distinct prompts of `split` and their counts."""
     pools = image_pools(read_image_records(toyworld, split))
     weights = usable_kinds(params.kind_weights, pools)
@@ -53,19 +54,35 @@ def build_split(params: RLPromptParams, split: str, num: int,
         messages = [Message(role="user", content=p.question)]
         if rng.random() < params.system_frac:
             messages.insert(0, Message(role="system", content=rng.choice(SYSTEM_PROMPTS)))
-        records.append(RLPromptRecord(
-            id=f"rl-{split}-{len(records):06d}", messages=tuple(messages),
-            images=(p.image,) if p.image else (), answer=p.answer, verifier=p.verifier,
-            difficulty=p.difficulty, kind=p.kind))
+        records.append(
+            RLPromptRecord(
+                id=f"rl-{split}-{len(records):06d}",
+                messages=tuple(messages),
+                images=(p.image,) if p.image else (),
+                answer=p.answer,
+                verifier=p.verifier,
+                difficulty=p.difficulty,
+                kind=p.kind,
+            )
+        )
         by_kind[kind] += 1
     if len(records) < num:
-        raise ValueError(f"rl_prompts/{split}: only {len(records)} distinct prompts of {num}; "
-                         f"lower rl_prompts.num_{split} or grow the toy world")
+        raise ValueError(
+            f"rl_prompts/{split}: only {len(records)} distinct prompts of {num}; "
+            f"lower rl_prompts.num_{split} or grow the toy world"
+        )
     d = sorted(r.difficulty for r in records)
-    stats = {"prompts": len(records), "by_kind": dict(sorted(by_kind.items())),
-             "image": sum(r.kind == "image" for r in records),
-             "difficulty": {"min": d[0], "median": d[len(d) // 2], "max": d[-1],
-                            "mean": round(sum(d) / len(d), 3)}}
+    stats = {
+        "prompts": len(records),
+        "by_kind": dict(sorted(by_kind.items())),
+        "image": sum(r.kind == "image" for r in records),
+        "difficulty": {
+            "min": d[0],
+            "median": d[len(d) // 2],
+            "max": d[-1],
+            "mean": round(sum(d) / len(d), 3),
+        },
+    }
     return records, stats
 
 

@@ -34,10 +34,56 @@ POSITIONS = (
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 WORDS = (
-    "cat", "dog", "sun", "map", "box", "red", "sky", "tree", "fish", "bird", "moon", "star",
-    "book", "door", "lamp", "milk", "rain", "road", "ship", "town", "wolf", "frog", "cake", "bell",
-    "key", "cup", "pen", "hat", "car", "bus", "egg", "ice", "owl", "fox", "bee", "ant", "cow",
-    "pig", "hen", "jam", "tea", "art", "day", "sea", "bag", "leaf", "wind", "fire", "gold", "iron",
+    "cat",
+    "dog",
+    "sun",
+    "map",
+    "box",
+    "red",
+    "sky",
+    "tree",
+    "fish",
+    "bird",
+    "moon",
+    "star",
+    "book",
+    "door",
+    "lamp",
+    "milk",
+    "rain",
+    "road",
+    "ship",
+    "town",
+    "wolf",
+    "frog",
+    "cake",
+    "bell",
+    "key",
+    "cup",
+    "pen",
+    "hat",
+    "car",
+    "bus",
+    "egg",
+    "ice",
+    "owl",
+    "fox",
+    "bee",
+    "ant",
+    "cow",
+    "pig",
+    "hen",
+    "jam",
+    "tea",
+    "art",
+    "day",
+    "sea",
+    "bag",
+    "leaf",
+    "wind",
+    "fire",
+    "gold",
+    "iron",
 )
 """Short words for rendered text (OCR, documents); all fit the 6-px bitmap font."""
 
@@ -93,10 +139,16 @@ def inventory(shapes: list[Shape]) -> str:
 def describe_shapes(shapes: list[Shape], rng: random.Random) -> str:
     """An informative caption with varied phrasing; positions are added half of the time."""
     inv = inventory(shapes)
-    template = rng.choice((
-        "{inv}", "an image of {inv}", "{there} {inv}", "{inv} on a plain background",
-        "a picture showing {inv}", "a simple drawing with {inv}",
-    ))
+    template = rng.choice(
+        (
+            "{inv}",
+            "an image of {inv}",
+            "{there} {inv}",
+            "{inv} on a plain background",
+            "a picture showing {inv}",
+            "a simple drawing with {inv}",
+        )
+    )
     text = template.format(inv=inv, there="there is" if len(shapes) == 1 else "there are")
     if rng.random() < 0.5:
         where = join_phrases([f"the {s.label} is at the {s.position}" for s in shapes])
@@ -109,13 +161,15 @@ def alt_shapes(shapes: list[Shape], rng: random.Random, noisy: bool) -> str:
     if not noisy:
         return inventory(shapes)
     kinds = sorted({s.shape for s in shapes})
-    return rng.choice((
-        f"{rng.choice(shapes).color} shapes",
-        " ".join(kinds),
-        f"img{rng.randint(100, 9999)} {shapes[0].shape}",
-        f"{shapes[0].label} clipart",
-        "shapes",
-    ))
+    return rng.choice(
+        (
+            f"{rng.choice(shapes).color} shapes",
+            " ".join(kinds),
+            f"img{rng.randint(100, 9999)} {shapes[0].shape}",
+            f"{shapes[0].label} clipart",
+            "shapes",
+        )
+    )
 
 
 def qa_shapes(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
@@ -125,8 +179,7 @@ def qa_shapes(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, s
     n = sum(s.shape == kind for s in shapes)
     qa.append((f"How many {kind}s are there?", str(n), "count"))
     color = rng.choice([s.color for s in shapes])
-    qa.append((f"How many {color} shapes are there?", str(sum(s.color == color for s in shapes)),
-               "count"))
+    qa.append((f"How many {color} shapes are there?", str(sum(s.color == color for s in shapes)), "count"))
     by_shape = Counter(s.shape for s in shapes)
     unique = [s for s in shapes if by_shape[s.shape] == 1]
     if unique:
@@ -157,12 +210,14 @@ def arithmetic_sentence(rng: random.Random) -> str:
     expr, value = arithmetic(rng)
     a, op, b = expr[0], expr[1], expr[2]
     word = {"+": "plus", "-": "minus", "*": "times"}[op]
-    return rng.choice((
-        f"{a} {op} {b} = {value}.",
-        f"{NUMBER_WORDS[int(a)]} {word} {NUMBER_WORDS[int(b)]} is {value}.",
-        f"If you compute {a} {op} {b}, the result is {value}.",
-        f"The answer to {a}{op}{b} is {value}.",
-    ))
+    return rng.choice(
+        (
+            f"{a} {op} {b} = {value}.",
+            f"{NUMBER_WORDS[int(a)]} {word} {NUMBER_WORDS[int(b)]} is {value}.",
+            f"If you compute {a} {op} {b}, the result is {value}.",
+            f"The answer to {a}{op}{b} is {value}.",
+        )
+    )
 
 
 def text_snippet(rng: random.Random, max_chars: int) -> str:

@@ -29,8 +29,15 @@ from collections.abc import Collection, Sequence
 class ShardOrder:
     """Endless record ids of one slot's share (see the module docstring)."""
 
-    def __init__(self, file_sizes: Sequence[int], block: int, seed: str, slot: int = 0,
-                 num_slots: int = 1, exclude: Collection[int] = ()):
+    def __init__(
+        self,
+        file_sizes: Sequence[int],
+        block: int,
+        seed: str,
+        slot: int = 0,
+        num_slots: int = 1,
+        exclude: Collection[int] = (),
+    ):
         if block < 1 or not 0 <= slot < num_slots:
             raise ValueError(f"block={block}, slot {slot} of {num_slots}: block >= 1, 0 <= slot < slots")
         self.seed, self.block, self.slot, self.num_slots = seed, block, slot, num_slots
@@ -43,9 +50,11 @@ class ShardOrder:
         self.num_records = first
         num_blocks = sum(len(b) for b in self.files)
         if num_blocks < num_slots:
-            raise ValueError(f"{first} records in {num_blocks} block(s) of {block} cannot give each "
-                             f"of {num_slots} data-parallel ranks x workers a block; lower the "
-                             "shuffle_block, add data, or use fewer ranks / workers")
+            raise ValueError(
+                f"{first} records in {num_blocks} block(s) of {block} cannot give each "
+                f"of {num_slots} data-parallel ranks x workers a block; lower the "
+                "shuffle_block, add data, or use fewer ranks / workers"
+            )
         if first - sum(1 for i in self.exclude if 0 <= i < first) <= 0:
             raise ValueError("every record is excluded (held out); nothing is left to train on")
         self.epoch, self.pos, self.offset = 0, 0, 0
@@ -59,10 +68,11 @@ class ShardOrder:
         seq: list[tuple[int, int]] = []
         for f in order:
             blocks = list(self.files[f])
-            random.Random(f"{self.seed}/{epoch}" if len(self.files) == 1
-                          else f"{self.seed}/{epoch}/{f}").shuffle(blocks)
+            random.Random(
+                f"{self.seed}/{epoch}" if len(self.files) == 1 else f"{self.seed}/{epoch}/{f}"
+            ).shuffle(blocks)
             seq += blocks
-        return seq[self.slot::self.num_slots]
+        return seq[self.slot :: self.num_slots]
 
     def _block_items(self, start: int, end: int) -> list[int]:
         items = list(range(start, end))
@@ -93,14 +103,20 @@ class ShardOrder:
                 raise ValueError("every record of this rank's share is excluded (held out)")
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "offset": self.offset,
-                "shape": [self.num_records, self.block, self.num_slots, self.slot]}
+        return {
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "offset": self.offset,
+            "shape": [self.num_records, self.block, self.num_slots, self.slot],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         shape = [self.num_records, self.block, self.num_slots, self.slot]
         if list(state.get("shape", [])) != shape:
-            raise ValueError(f"saved data position is for [records, block, slots, slot] = "
-                             f"{state.get('shape')}, this run has {shape}")
+            raise ValueError(
+                f"saved data position is for [records, block, slots, slot] = "
+                f"{state.get('shape')}, this run has {shape}"
+            )
         self.epoch, self.pos, self.offset = int(state["epoch"]), int(state["pos"]), int(state["offset"])
         self._mine, self._items = None, None
 

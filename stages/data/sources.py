@@ -77,8 +77,13 @@ class DocSource:
     by blocks of its files instead and may return None for a bad record (counted, skipped).
     """
 
-    def __init__(self, name: str, num_docs: int, make: Callable[[int, VisionSpec], Doc | None],
-                 loader: ImageCounter | None = None):
+    def __init__(
+        self,
+        name: str,
+        num_docs: int,
+        make: Callable[[int, VisionSpec], Doc | None],
+        loader: ImageCounter | None = None,
+    ):
         if num_docs <= 0:
             raise ValueError(f"document source {name!r} is empty; check its dataset and filters")
         self.name, self._num_docs, self._make, self.loader = name, num_docs, make, loader
@@ -94,23 +99,31 @@ class DocSource:
         return ShardOrder([len(self)], 1, seed, slot, num_slots)
 
 
-def _image(tok: Tokenizer, loader: ImageLoader, rec: ImageRecord,
-           vision: VisionSpec) -> tuple[list[int], ImageRef]:
+def _image(
+    tok: Tokenizer, loader: ImageLoader, rec: ImageRecord, vision: VisionSpec
+) -> tuple[list[int], ImageRef]:
     grid = vision.grid(rec.width, rec.height)
     return tok.media_placeholder(num_image_tokens(grid, vision.merge_size)), ImageRef(loader, rec.image, grid)
 
 
-def text_docs(text_records: Sequence[TextRecord], tokenizer: Tokenizer, quality: str | None = None,
-              name: str = "text") -> DocSource:
+def text_docs(
+    text_records: Sequence[TextRecord], tokenizer: Tokenizer, quality: str | None = None, name: str = "text"
+) -> DocSource:
     """Plain LM documents; `quality="high"` keeps only the cooldown's clean subset."""
     recs = [r for r in text_records if quality is None or r.quality == quality]
-    return DocSource(name, len(recs),
-                     lambda i, vision: Doc(tokenizer.encode(recs[i].text) + [tokenizer.eos_id]))
+    return DocSource(
+        name, len(recs), lambda i, vision: Doc(tokenizer.encode(recs[i].text) + [tokenizer.eos_id])
+    )
 
 
-def caption_docs(image_records: Sequence[ImageRecord], image_root: Path, tokenizer: Tokenizer,
-                 fields: Sequence[str] = ("caption", "ocr", "alt_text"), name: str = "caption",
-                 max_corrupt_frac: float = 0.01) -> DocSource:
+def caption_docs(
+    image_records: Sequence[ImageRecord],
+    image_root: Path,
+    tokenizer: Tokenizer,
+    fields: Sequence[str] = ("caption", "ocr", "alt_text"),
+    name: str = "caption",
+    max_corrupt_frac: float = 0.01,
+) -> DocSource:
     """Image-conditioned text: document i shows record i // len(fields) with field i % len(fields).
 
     A field a record lacks (ocr of a shapes image) falls back to the caption.
@@ -133,9 +146,14 @@ def qa_prompt(tokenizer: Tokenizer, question: str) -> list[int]:
     return tokenizer.encode(f"\nQuestion: {question}\nAnswer:")
 
 
-def qa_docs(image_records: Sequence[ImageRecord], image_root: Path, tokenizer: Tokenizer,
-            types: Sequence[str] | None = None, name: str = "qa",
-            max_corrupt_frac: float = 0.01) -> DocSource:
+def qa_docs(
+    image_records: Sequence[ImageRecord],
+    image_root: Path,
+    tokenizer: Tokenizer,
+    types: Sequence[str] | None = None,
+    name: str = "qa",
+    max_corrupt_frac: float = 0.01,
+) -> DocSource:
     """One document per (image, QA pair), loss on the answer and eos only."""
     recs = list(image_records)
     pairs = [(r, q) for r in recs for q in r.qa if types is None or q.type in types]
@@ -151,8 +169,9 @@ def qa_docs(image_records: Sequence[ImageRecord], image_root: Path, tokenizer: T
     return DocSource(name, len(pairs), make, loader)
 
 
-def needle_parts(rec: LongDocRecord, tokenizer: Tokenizer,
-                 max_tokens: int | None) -> tuple[list[int], list[int]]:
+def needle_parts(
+    rec: LongDocRecord, tokenizer: Tokenizer, max_tokens: int | None
+) -> tuple[list[int], list[int]]:
     """(context ids ending in "Answer:", answer ids " {a}" + eos), trimmed to `max_tokens` in all.
 
     Trimming drops filler on both sides of the needle in proportion to its depth, so the needle
@@ -168,13 +187,17 @@ def needle_parts(rec: LongDocRecord, tokenizer: Tokenizer,
             raise ValueError(f"max_tokens={max_tokens} cannot hold the needle and question of {rec.id}")
         if len(ids_b) + len(ids_a) > budget:
             keep_b = round(budget * len(ids_b) / (len(ids_b) + len(ids_a)))
-            ids_b, ids_a = ids_b[len(ids_b) - keep_b:], ids_a[:budget - keep_b]
+            ids_b, ids_a = ids_b[len(ids_b) - keep_b :], ids_a[: budget - keep_b]
     return ids_b + ids_n + ids_a + question, answer
 
 
-def long_docs(longdoc_records: Sequence[LongDocRecord], tokenizer: Tokenizer,
-              max_tokens: int | None = None, answer_only: bool = False,
-              name: str = "longdoc") -> DocSource:
+def long_docs(
+    longdoc_records: Sequence[LongDocRecord],
+    tokenizer: Tokenizer,
+    max_tokens: int | None = None,
+    answer_only: bool = False,
+    name: str = "longdoc",
+) -> DocSource:
     """Needle documents (text, question, answer); `max_tokens` trims them to fit a context."""
     recs = list(longdoc_records)
 

@@ -21,10 +21,22 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
-EXCLUDED_DIRS = frozenset({
-    "site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings",
-    "turtledemo", "ensurepip", "pydoc_data", "lib2to3", "config-3.11-x86_64-linux-gnu",
-})
+EXCLUDED_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "tests",
+        "idle_test",
+        "__pycache__",
+        "encodings",
+        "turtledemo",
+        "ensurepip",
+        "pydoc_data",
+        "lib2to3",
+        "config-3.11-x86_64-linux-gnu",
+    }
+)
 """Directories whose files are not prose-bearing library code (or not stdlib at all)."""
 
 MIN_DOC_CHARS = 40

@@ -70,21 +70,37 @@ def _shapes(rng: random.Random, w: int, h: int, noisy: bool) -> dict:
         else:
             draw.polygon(((x0 + x1) // 2, y0, x0, y1, x1, y1), fill=fill)
         boxes.append(Box(label=s.label, bbox=(x0, y0, x1 + 1, y1 + 1)))
-    return dict(img=img, caption=scenes.describe_shapes(shapes, rng),
-                alt_text=scenes.alt_shapes(shapes, rng, noisy), ocr=None, boxes=boxes,
-                qa=scenes.qa_shapes(shapes, rng))
+    return dict(
+        img=img,
+        caption=scenes.describe_shapes(shapes, rng),
+        alt_text=scenes.alt_shapes(shapes, rng, noisy),
+        ocr=None,
+        boxes=boxes,
+        qa=scenes.qa_shapes(shapes, rng),
+    )
 
 
 def _ocr(rng: random.Random, w: int, h: int, noisy: bool) -> dict:
     text = scenes.text_snippet(rng, (w - 2) // CHAR_W)
     img, _ = _canvas(rng, w, h)
     bbox = _draw_text(img, rng, text, _scale_for(rng, text, w, h))
-    caption = rng.choice(("The text reads '{t}'.", "A sign that says '{t}'.",
-                          "The words '{t}' written in dark ink.", "Printed text: '{t}'."))
+    caption = rng.choice(
+        (
+            "The text reads '{t}'.",
+            "A sign that says '{t}'.",
+            "The words '{t}' written in dark ink.",
+            "Printed text: '{t}'.",
+        )
+    )
     alt = rng.choice(("text", f"img{rng.randint(100, 9999)}", text.split()[0])) if noisy else text
-    return dict(img=img, caption=caption.format(t=text), alt_text=alt, ocr=text,
-                boxes=[Box(label=f"text '{text}'", bbox=bbox)],
-                qa=[("What does the text say?", text, "ocr")])
+    return dict(
+        img=img,
+        caption=caption.format(t=text),
+        alt_text=alt,
+        ocr=text,
+        boxes=[Box(label=f"text '{text}'", bbox=bbox)],
+        qa=[("What does the text say?", text, "ocr")],
+    )
 
 
 def _chart(rng: random.Random, w: int, h: int, noisy: bool) -> dict:
@@ -100,8 +116,13 @@ def _chart(rng: random.Random, w: int, h: int, noisy: bool) -> dict:
         draw.rectangle((x0, top, x0 + slot - 3, base - 1), fill=scenes.COLORS[c])
         boxes.append(Box(label=f"{c} bar", bbox=(x0, top, x0 + slot - 2, base)))
     bars = scenes.join_phrases([f"{c} {v}" for c, v in zip(colors, values)])
-    caption = rng.choice((f"A bar chart with {scenes.NUMBER_WORDS[n]} bars: {bars}.",
-                          f"Bar chart showing {bars}.", f"A small chart of {n} bars ({bars})."))
+    caption = rng.choice(
+        (
+            f"A bar chart with {scenes.NUMBER_WORDS[n]} bars: {bars}.",
+            f"Bar chart showing {bars}.",
+            f"A small chart of {n} bars ({bars}).",
+        )
+    )
     qa = [("How many bars are in the chart?", str(n), "count")]
     k = rng.randrange(n)
     qa.append((f"What is the value of the {colors[k]} bar?", str(values[k]), "chart"))
@@ -116,13 +137,26 @@ def _arith(rng: random.Random, w: int, h: int, noisy: bool) -> dict:
     text = f"{expr}=?"
     img, _ = _canvas(rng, w, h)
     bbox = _draw_text(img, rng, text, _scale_for(rng, text, w, h))
-    caption = rng.choice(("The arithmetic problem {t}.", "A math exercise: {t}",
-                          "A handwritten-style sum {t} to solve.", "An equation reading {t}"))
+    caption = rng.choice(
+        (
+            "The arithmetic problem {t}.",
+            "A math exercise: {t}",
+            "A handwritten-style sum {t} to solve.",
+            "An equation reading {t}",
+        )
+    )
     alt = rng.choice(("math", "homework", expr)) if noisy else f"math problem {expr}"
-    return dict(img=img, caption=caption.format(t=text), alt_text=alt, ocr=text,
-                boxes=[Box(label=f"text '{text}'", bbox=bbox)],
-                qa=[("What is the result of the arithmetic in the image?", str(value), "arith"),
-                    ("What is written in the image?", text, "ocr")])
+    return dict(
+        img=img,
+        caption=caption.format(t=text),
+        alt_text=alt,
+        ocr=text,
+        boxes=[Box(label=f"text '{text}'", bbox=bbox)],
+        qa=[
+            ("What is the result of the arithmetic in the image?", str(value), "arith"),
+            ("What is written in the image?", text, "ocr"),
+        ],
+    )
 
 
 def _doc(rng: random.Random, w: int, h: int, noisy: bool) -> dict:
@@ -134,15 +168,27 @@ def _doc(rng: random.Random, w: int, h: int, noisy: bool) -> dict:
         y = 2 + i * (LINE_H + 1)
         draw.text((2, y), line, font=FONT, fill=ink)
         boxes.append(Box(label=f"line {i + 1}", bbox=(2, y, 2 + len(line) * CHAR_W, y + LINE_H)))
-    caption = rng.choice(("A document with {n} lines of text; the first line reads '{f}'.",
-                          "A page of {n} lines beginning with '{f}'.",
-                          "Scanned text, {n} lines, starting '{f}'."))
-    qa = [("How many lines of text are there?", str(n), "count"),
-          ("What is the first word of the document?", lines[0].split()[0], "ocr"),
-          ("What does the last line say?", lines[-1], "ocr")]
+    caption = rng.choice(
+        (
+            "A document with {n} lines of text; the first line reads '{f}'.",
+            "A page of {n} lines beginning with '{f}'.",
+            "Scanned text, {n} lines, starting '{f}'.",
+        )
+    )
+    qa = [
+        ("How many lines of text are there?", str(n), "count"),
+        ("What is the first word of the document?", lines[0].split()[0], "ocr"),
+        ("What does the last line say?", lines[-1], "ocr"),
+    ]
     alt = rng.choice(("document", "scan", lines[0].split()[0])) if noisy else "text document"
-    return dict(img=img, caption=caption.format(n=scenes.NUMBER_WORDS[n], f=lines[0]),
-                alt_text=alt, ocr="\n".join(lines), boxes=boxes, qa=qa)
+    return dict(
+        img=img,
+        caption=caption.format(n=scenes.NUMBER_WORDS[n], f=lines[0]),
+        alt_text=alt,
+        ocr="\n".join(lines),
+        boxes=boxes,
+        qa=qa,
+    )
 
 
 KINDS = {"shapes": _shapes, "ocr": _ocr, "chart": _chart, "arith": _arith, "doc": _doc}
@@ -160,8 +206,14 @@ def make_record(params: ToyworldParams, split: str, index: int) -> tuple[ImageRe
     facts = KINDS[kind](rng, w, h, noisy)
     rid = f"{split}-{index:06d}"
     record = ImageRecord(
-        id=rid, image=f"images/{rid}.png", width=w, height=h, kind=cast(ImageKind, kind),
-        caption=facts["caption"], alt_text=facts["alt_text"], ocr=facts["ocr"],
+        id=rid,
+        image=f"images/{rid}.png",
+        width=w,
+        height=h,
+        kind=cast(ImageKind, kind),
+        caption=facts["caption"],
+        alt_text=facts["alt_text"],
+        ocr=facts["ocr"],
         boxes=tuple(facts["boxes"]),
         qa=tuple(QA(question=q, answer=a, type=t) for q, a, t in facts["qa"]),
         quality="web" if noisy else "high",
@@ -183,7 +235,10 @@ def build_toyworld(params: ToyworldParams, out: Path) -> dict:
         kinds: dict[str, int] = {}
         for r in records:
             kinds[r.kind] = kinds.get(r.kind, 0) + 1
-        stats[split] = {"records": num, "qa": sum(len(r.qa) for r in records),
-                        "kinds": dict(sorted(kinds.items()))}
+        stats[split] = {
+            "records": num,
+            "qa": sum(len(r.qa) for r in records),
+            "kinds": dict(sorted(kinds.items())),
+        }
     (out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
     return stats

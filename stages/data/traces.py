@@ -1,8 +1,8 @@
 """Build verified step-by-step reasoning traces (dataset `reasoning`, the long-CoT SFT warm-up).
 
-Problems come from the same generators as the RL prompts (problems.py, image_problems.py): multi-step arithmetic
-(text), counting shapes by colour and reading or comparing bars (image, on toy-world records of
-the same split). Each candidate trace is scored with the answer verifier it names
+Problems come from the same generators as the RL prompts (problems.py, image_problems.py):
+multi-step arithmetic (text), counting shapes by colour and reading or comparing bars (image,
+on toy-world records of the same split). Each candidate trace is scored with the answer verifier it names
 (stages/rl/verifiers.py: `score`, which takes the text after the last "Answer:") BEFORE it is
 admitted, as the spec's "wrong CoTs are filtered out" requires. With probability
 `negative_frac` a problem also gets a deliberately wrong trace (one step off, carried to the
@@ -31,13 +31,18 @@ from moonforge.stages.rl.verifiers import VerifyStats, score
 
 def _record(rid: str, p: Problem, trace: str) -> ReasoningRecord:
     return ReasoningRecord(
-        id=rid, messages=(Message(role="user", content=p.question),
-                          Message(role="assistant", content=trace)),
-        images=(p.image,) if p.image else (), answer=p.answer, verifier=p.verifier, kind=p.kind)
+        id=rid,
+        messages=(Message(role="user", content=p.question), Message(role="assistant", content=trace)),
+        images=(p.image,) if p.image else (),
+        answer=p.answer,
+        verifier=p.verifier,
+        kind=p.kind,
+    )
 
 
-def build_split(params: ReasoningParams, split: str, num: int,
-                toyworld: Path) -> tuple[list[ReasoningRecord], dict]:
+def build_split(
+    params: ReasoningParams, split: str, num: int, toyworld: Path
+) -> tuple[list[ReasoningRecord], dict]:
     """`num` admitted traces of `split` and the admission counts."""
     pools = image_pools(read_image_records(toyworld, split))
     weights = usable_kinds(params.kind_weights, pools)
@@ -73,11 +78,16 @@ def build_split(params: ReasoningParams, split: str, num: int,
                 c[f"admitted_{kind}"] += 1
                 admitted = True
     if len(records) < num:
-        raise ValueError(f"reasoning/{split}: only {len(records)} distinct problems of {num}; "
-                         "lower reasoning.num_" + split + " or grow the toy world")
-    stats = {"admitted": len(records), **dict(sorted(c.items())),
-             "verifier_errors": vstats.num_errors,
-             "image": sum(r.kind == "image" for r in records)}
+        raise ValueError(
+            f"reasoning/{split}: only {len(records)} distinct problems of {num}; "
+            "lower reasoning.num_" + split + " or grow the toy world"
+        )
+    stats = {
+        "admitted": len(records),
+        **dict(sorted(c.items())),
+        "verifier_errors": vstats.num_errors,
+        "image": sum(r.kind == "image" for r in records),
+    }
     for key in ("rejected", "rejected_negatives", "rejected_correct", "admitted_negatives"):
         stats.setdefault(key, 0)
     return records, dict(sorted(stats.items()))

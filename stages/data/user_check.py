@@ -46,7 +46,7 @@ class Distribution:
         elif (j := rng.randrange(self.count)) < RESERVOIR:
             self.sample[j] = v
 
-    def merge(self, other: "Distribution") -> None:
+    def merge(self, other: Distribution) -> None:
         self.count += other.count
         self.total += other.total
         self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
@@ -57,8 +57,14 @@ class Distribution:
             return {"count": 0}
         s = sorted(self.sample)
         pct = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
-        return {"count": self.count, "min": self.lo, "p50": pct(0.5), "p95": pct(0.95),
-                "max": self.hi, "mean": round(self.total / self.count, 2)}
+        return {
+            "count": self.count,
+            "min": self.lo,
+            "p50": pct(0.5),
+            "p95": pct(0.95),
+            "max": self.hi,
+            "mean": round(self.total / self.count, 2),
+        }
 
 
 @dataclass
@@ -90,7 +96,7 @@ class CheckReport:
     def ok(self) -> bool:
         return self.bad_fraction <= self.max_bad_fraction
 
-    def merge(self, other: "CheckReport") -> None:
+    def merge(self, other: CheckReport) -> None:
         self.num_records += other.num_records
         self.kinds += other.kinds
         self.bad += other.bad
@@ -100,34 +106,52 @@ class CheckReport:
             getattr(self, a).merge(getattr(other, a))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "format": self.format, "records": self.num_records,
-                "valid": self.num_records - self.num_bad, "bad": self.num_bad,
-                "bad_fraction": self.bad_fraction, "max_bad_fraction": self.max_bad_fraction,
-                "ok": self.ok, "kinds": dict(sorted(self.kinds.items())),
-                "bad_by_reason": dict(sorted(self.bad.items())), "images": self.images,
-                "image_width": self.widths.summary(), "image_height": self.heights.summary(),
-                "tokens": self.tokens.summary(),
-                "first_bad": [{"key": k, "reason": r, "detail": d} for _, k, r, d in self.examples]}
+        return {
+            "name": self.name,
+            "format": self.format,
+            "records": self.num_records,
+            "valid": self.num_records - self.num_bad,
+            "bad": self.num_bad,
+            "bad_fraction": self.bad_fraction,
+            "max_bad_fraction": self.max_bad_fraction,
+            "ok": self.ok,
+            "kinds": dict(sorted(self.kinds.items())),
+            "bad_by_reason": dict(sorted(self.bad.items())),
+            "images": self.images,
+            "image_width": self.widths.summary(),
+            "image_height": self.heights.summary(),
+            "tokens": self.tokens.summary(),
+            "first_bad": [{"key": k, "reason": r, "detail": d} for _, k, r, d in self.examples],
+        }
 
     def render(self) -> str:
         """The report as text (80 columns)."""
         d = self.to_dict()
-        lines = [f"dataset {self.name} ({self.format}): {d['records']} records, {d['valid']} valid, "
-                 f"{d['bad']} bad ({d['bad_fraction']:.2%}; allowed {self.max_bad_fraction:.2%})",
-                 "  kinds: " + (", ".join(f"{k} {n}" for k, n in d["kinds"].items()) or "-")]
-        for label, key in (("image width", "image_width"), ("image height", "image_height"),
-                           ("tokens", "tokens")):
+        lines = [
+            f"dataset {self.name} ({self.format}): {d['records']} records, {d['valid']} valid, "
+            f"{d['bad']} bad ({d['bad_fraction']:.2%}; allowed {self.max_bad_fraction:.2%})",
+            "  kinds: " + (", ".join(f"{k} {n}" for k, n in d["kinds"].items()) or "-"),
+        ]
+        for label, key in (
+            ("image width", "image_width"),
+            ("image height", "image_height"),
+            ("tokens", "tokens"),
+        ):
             s = d[key]
             if s.get("count"):
-                lines.append(f"  {label:<12} min {s['min']:g}  p50 {s['p50']:g}  p95 {s['p95']:g}  "
-                             f"max {s['max']:g}  (n={s['count']})")
+                lines.append(
+                    f"  {label:<12} min {s['min']:g}  p50 {s['p50']:g}  p95 {s['p95']:g}  "
+                    f"max {s['max']:g}  (n={s['count']})"
+                )
         for reason, n in d["bad_by_reason"].items():
             lines.append(f"  bad: {reason} x{n} ({REASONS.get(reason, '')})")
         for ex in d["first_bad"]:
             lines.append(f"  - {ex['key']}: {ex['detail']}")
         if not self.ok:
-            lines.append(f"  more than max_bad_fraction={self.max_bad_fraction:g} of the records are "
-                         "bad: fix them (or raise max_bad_fraction in the declaration)")
+            lines.append(
+                f"  more than max_bad_fraction={self.max_bad_fraction:g} of the records are "
+                "bad: fix them (or raise max_bad_fraction in the declaration)"
+            )
         return "\n".join(lines)
 
 
@@ -142,14 +166,16 @@ def token_length(s: Sample, tok, vision) -> int:
 
     counts = [num_image_tokens(vision.grid(*image_size(im)), vision.merge_size) for im in s.images]
     if s.kind in ("chat", "prompt", "preference"):
-        msgs = s.message_dicts() + ([{"role": "assistant", "content": s.chosen}]
-                                    if s.kind == "preference" else [])
+        msgs = s.message_dicts() + (
+            [{"role": "assistant", "content": s.chosen}] if s.kind == "preference" else []
+        )
         return len(tok.encode_chat(msgs, counts)[0])
     return sum(counts) + len(tok.encode(s.text)) + 1
 
 
-def check_set(ds: DeclaredSet, tok=None, vision=None, slot: int = 0, num_slots: int = 1,
-              decode: bool = True) -> CheckReport:
+def check_set(
+    ds: DeclaredSet, tok=None, vision=None, slot: int = 0, num_slots: int = 1, decode: bool = True
+) -> CheckReport:
     """Read (and decode) every record of this slot's blocks; see the module docstring."""
     rep = CheckReport(ds.name, ds.decl.format, max_bad_fraction=ds.decl.max_bad_fraction)
     rng = random.Random(f"check/{ds.name}/{slot}")
@@ -178,5 +204,7 @@ def check_set(ds: DeclaredSet, tok=None, vision=None, slot: int = 0, num_slots: 
 def require_ok(rep: CheckReport, stage: str) -> None:
     """Raise DeclaredDataError with the report when too many records are bad."""
     if not rep.ok:
-        raise DeclaredDataError(f"stage {stage!r}: declared dataset {rep.name!r} failed its check "
-                                f"before training:\n{rep.render()}")
+        raise DeclaredDataError(
+            f"stage {stage!r}: declared dataset {rep.name!r} failed its check "
+            f"before training:\n{rep.render()}"
+        )

@@ -79,25 +79,34 @@ def list_files(pattern: str, extensions: tuple[str, ...]) -> list[str]:
         elif fs.exists(path):
             found = [pattern]
         else:
-            raise DatasetFormatError(f"no S3 object or prefix at {pattern} (missing S3 object); "
-                                     "check the declaration's path and the bucket")
+            raise DatasetFormatError(
+                f"no S3 object or prefix at {pattern} (missing S3 object); "
+                "check the declaration's path and the bucket"
+            )
     elif os.path.isdir(pattern):
-        found = [str(p) for p in sorted(Path(pattern).rglob("*"))
-                 if p.is_file() and p.suffix.lstrip(".") in extensions
-                 and not any(part.startswith(".") for part in p.relative_to(pattern).parts)]
+        found = [
+            str(p)
+            for p in sorted(Path(pattern).rglob("*"))
+            if p.is_file()
+            and p.suffix.lstrip(".") in extensions
+            and not any(part.startswith(".") for part in p.relative_to(pattern).parts)
+        ]
     elif os.path.isfile(pattern):
         found = [pattern]
     else:
-        raise DatasetFormatError(f"no file at {pattern}; check the declaration's path (relative "
-                                 "paths are inside data/<name>/)")
+        raise DatasetFormatError(
+            f"no file at {pattern}; check the declaration's path (relative paths are inside data/<name>/)"
+        )
     found = sorted(found)
     if not found:
         raise DatasetFormatError(f"{pattern}: no .{'/.'.join(extensions)} files there")
     for f in found:
         ext = f.rsplit(".", 1)[-1].lower() if "." in f.rsplit("/", 1)[-1] else ""
         if ext not in extensions:
-            raise DatasetFormatError(f"{f}: this format reads .{'/.'.join(extensions)} files, "
-                                     f"not {'.' + ext if ext else 'files without an extension'}")
+            raise DatasetFormatError(
+                f"{f}: this format reads .{'/.'.join(extensions)} files, "
+                f"not {'.' + ext if ext else 'files without an extension'}"
+            )
     return found
 
 
@@ -152,8 +161,10 @@ def _index_jsonl(uri: str, block: int, limit: int | None) -> FileIndex:
 def _refuse_array(uri: str, first_line: bytes) -> None:
     head = first_line.lstrip()[:1]
     if head == b"[":
-        raise DatasetFormatError(f"{uri}: a JSON array given as JSON Lines (.jsonl): the file "
-                                 "starts with '['; name it .json, or write one object per line")
+        raise DatasetFormatError(
+            f"{uri}: a JSON array given as JSON Lines (.jsonl): the file "
+            "starts with '['; name it .json, or write one object per line"
+        )
 
 
 def _load_json(uri: str) -> list:
@@ -162,8 +173,10 @@ def _load_json(uri: str) -> list:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DatasetFormatError(f"{uri}: not UTF-8 at byte {e.start}; a .json file is one "
-                                 "JSON document and must be UTF-8 throughout") from None
+        raise DatasetFormatError(
+            f"{uri}: not UTF-8 at byte {e.start}; a .json file is one "
+            "JSON document and must be UTF-8 throughout"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -173,12 +186,15 @@ def _load_json(uri: str) -> list:
         except json.JSONDecodeError:
             lines_like = False
         if lines_like and e.msg == "Extra data":
-            raise DatasetFormatError(f"{uri}: JSON Lines given as a JSON array (.json): one object "
-                                     "per line; name it .jsonl") from None
+            raise DatasetFormatError(
+                f"{uri}: JSON Lines given as a JSON array (.json): one object per line; name it .jsonl"
+            ) from None
         raise DatasetFormatError(f"{uri}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(data, list):
-        raise DatasetFormatError(f"{uri}: holds a JSON {type(data).__name__}, not an array of "
-                                 "records (LLaVA / ShareGPT .json files are one array)")
+        raise DatasetFormatError(
+            f"{uri}: holds a JSON {type(data).__name__}, not an array of "
+            "records (LLaVA / ShareGPT .json files are one array)"
+        )
     return data
 
 
@@ -231,6 +247,7 @@ def _tolerant_pipeline():
                 return _Failed("not_utf8", "a text member is not UTF-8")
             except (ValueError, TypeError) as e:
                 return _Failed("not_json", f"a member does not decode ({e})")
+
         return decode
 
     class Tolerant(WebDataset):
@@ -239,8 +256,9 @@ def _tolerant_pipeline():
     return Tolerant
 
 
-def read_block(fi: FileIndex, first: int, count: int, block: int,
-               cache: "FileCache") -> Iterator[tuple[str, Any]]:
+def read_block(
+    fi: FileIndex, first: int, count: int, block: int, cache: FileCache
+) -> Iterator[tuple[str, Any]]:
     """(key, row dict or BadRecord) for records first .. first + count - 1 of one file;
     `first` is a multiple of `block`. Keys: file:line (jsonl), file[i] (json), file#row
     (parquet), file:KEY (tar)."""
@@ -272,14 +290,14 @@ def _json_line(line: bytes) -> Any:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
-        return BadRecord("not_utf8", f"line is not UTF-8 (byte {e.start}: {line[e.start:e.start + 1]!r})")
+        return BadRecord("not_utf8", f"line is not UTF-8 (byte {e.start}: {line[e.start : e.start + 1]!r})")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         return BadRecord("not_json", f"not valid JSON ({e.msg} at column {e.colno})")
 
 
-def _parquet_rows(fi: FileIndex, first: int, count: int, cache: "FileCache"):
+def _parquet_rows(fi: FileIndex, first: int, count: int, cache: FileCache):
     import pyarrow.parquet as pq
 
     end = first + count
@@ -341,5 +359,7 @@ def check_parquet_columns(uri: str, wanted: dict[str, str]) -> None:
         names = set(pq.ParquetFile(f).schema_arrow.names)
     for field, col in wanted.items():
         if col.split(".")[0] not in names:
-            raise DatasetFormatError(f"{uri}: column {col!r} (mapped from {field!r}) is absent; "
-                                     f"the file has columns {sorted(names)}")
+            raise DatasetFormatError(
+                f"{uri}: column {col!r} (mapped from {field!r}) is absent; "
+                f"the file has columns {sorted(names)}"
+            )

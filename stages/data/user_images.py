@@ -28,7 +28,7 @@ class BadRecord(Exception):
         self.reason, self.detail, self.key = reason, detail, key
         super().__init__(f"{key + ': ' if key else ''}{detail}")
 
-    def at(self, key: str) -> "BadRecord":
+    def at(self, key: str) -> BadRecord:
         return BadRecord(self.reason, self.detail, key)
 
 
@@ -80,7 +80,7 @@ class ImageSource:
         except OSError as e:
             raise BadRecord("missing_image", f"image {self.uri}: {e}") from None
 
-    def same_pixels(self, other: "ImageSource") -> bool:
+    def same_pixels(self, other: ImageSource) -> bool:
         a, b = decode_image(self), decode_image(other)
         return a.size == b.size and a.tobytes() == b.tobytes()
 
@@ -104,8 +104,10 @@ def resolve_image(ref, images_root: str | None) -> ImageSource:
             return ImageSource(str(ref.get("path") or "(inline bytes)"), bytes(ref["bytes"]))
         ref = ref.get("path")
     if not isinstance(ref, str) or not ref.strip():
-        raise BadRecord("bad_value", f"image reference {ref!r} is not a path, a data: URI or "
-                                     "an HF Image struct {bytes, path}")
+        raise BadRecord(
+            "bad_value",
+            f"image reference {ref!r} is not a path, a data: URI or an HF Image struct {{bytes, path}}",
+        )
     if ref.startswith("data:"):
         head, _, payload = ref.partition(",")
         if ";base64" not in head:
@@ -115,15 +117,22 @@ def resolve_image(ref, images_root: str | None) -> ImageSource:
         except (binascii.Error, ValueError):
             raise BadRecord("corrupt_image", f"data URI {head!r}: invalid base64") from None
     if ref.startswith(("http://", "https://")):
-        raise BadRecord("remote_image", f"image {ref!r} is a web URL; moonforge never fetches "
-                                        "them: download the images into images_root")
-    if ref.startswith("file://") or posixpath.isabs(ref) or (ref.startswith("s3://") and not (
-            images_root or "").startswith("s3://")):
-        raise BadRecord("path_escape", f"image path {ref!r} is absolute; records must name "
-                                       "images relative to images_root")
+        raise BadRecord(
+            "remote_image",
+            f"image {ref!r} is a web URL; moonforge never fetches them: download the images into images_root",
+        )
+    if (
+        ref.startswith("file://")
+        or posixpath.isabs(ref)
+        or (ref.startswith("s3://") and not (images_root or "").startswith("s3://"))
+    ):
+        raise BadRecord(
+            "path_escape", f"image path {ref!r} is absolute; records must name images relative to images_root"
+        )
     if images_root is None:
-        raise BadRecord("no_images_root", f"image {ref!r} is a relative path but the declaration "
-                                          "has no images_root")
+        raise BadRecord(
+            "no_images_root", f"image {ref!r} is a relative path but the declaration has no images_root"
+        )
     if ref.startswith("s3://"):
         if not ref.startswith(images_root.rstrip("/") + "/"):
             raise BadRecord("path_escape", f"image {ref!r} is outside images_root {images_root}")

@@ -115,8 +115,10 @@ class DeclaredPairs:
 
 
 def _patched(images, vision: VisionSpec):
-    out = [to_patches(decode_image(im), vision.patch_size, vision.merge_size, vision.max_patches)
-           for im in images]
+    out = [
+        to_patches(decode_image(im), vision.patch_size, vision.merge_size, vision.max_patches)
+        for im in images
+    ]
     pixels = torch.cat([p for p, _ in out]) if out else None
     grid = torch.tensor([g for _, g in out], dtype=torch.long) if out else None
     return pixels, grid, [num_image_tokens(g, vision.merge_size) for _, g in out]
@@ -134,8 +136,11 @@ def prompt_item(rec: Sample, tok: Tokenizer, vision: VisionSpec) -> ChatPromptIt
     pixels, grid, counts = _patched(rec.images[:shown], vision)
     ids, _ = tok.encode_chat(msgs, counts, add_generation_prompt=True)
     kind = "image" if shown else "text"
-    difficulty = rec.difficulty if rec.kind == "prompt" and rec.difficulty is not None else (
-        0.5 if rec.kind == "prompt" else None)
+    difficulty = (
+        rec.difficulty
+        if rec.kind == "prompt" and rec.difficulty is not None
+        else (0.5 if rec.kind == "prompt" else None)
+    )
     return ChatPromptItem(rec.key, kind, ids, pixels, grid, answer, verifier, difficulty)
 
 
@@ -161,8 +166,10 @@ class DeclaredMix:
         rank, world = (par.rank, par.world_size) if par is not None else (0, 1)
         for name in self.shares:
             if name not in data:
-                raise KeyError(f"stage {cfg.stage_name!r}: mixture names {name!r} but the stage "
-                               f"was given datasets {sorted(data)}; list it in the stage's data:")
+                raise KeyError(
+                    f"stage {cfg.stage_name!r}: mixture names {name!r} but the stage "
+                    f"was given datasets {sorted(data)}; list it in the stage's data:"
+                )
             ds = DeclaredSet(cfg.declaration(name), data[name].path)
             rep = reduce_reports(check_set(ds, tok, vision, rank, world), par)
             require_ok(rep, cfg.stage_name)
@@ -180,8 +187,9 @@ class DeclaredMix:
                 self._sources[name] = DeclaredDocSource(ds, self.tok)
         return dict(self._sources)
 
-    def weights(self, weights_at: Callable[[int], Mapping[str, float]] | Mapping[str, float]
-                ) -> Callable[[int], Mapping[str, float]]:
+    def weights(
+        self, weights_at: Callable[[int], Mapping[str, float]] | Mapping[str, float]
+    ) -> Callable[[int], Mapping[str, float]]:
         """The stage's own weights scaled to 1 - sum(shares), plus the declared shares."""
         rest = max(0.0, 1.0 - sum(self.shares.values()))
         self.sources()
@@ -224,7 +232,7 @@ class DeclaredMix:
         self._prompt_counts[name] = len(items)
         return items
 
-    def pairs(self) -> dict[str, tuple["DeclaredPairs", float]]:
+    def pairs(self) -> dict[str, tuple[DeclaredPairs, float]]:
         """The image-text pair sets with their shares (vit_pretrain's `extra` sources)."""
         return {n: (DeclaredPairs(ds), self.shares[n]) for n, ds in self.sets.items() if ds.kind == "pair"}
 
@@ -242,17 +250,26 @@ class DeclaredMix:
             trained_bad = {k: summed[k] * self.par.world_size for k in trained_bad}
         for name, rep in self.reports.items():
             p = f"data/{name}/"
-            out.update({p + "records": float(rep.num_records), p + "valid": float(rep.num_records - rep.num_bad),
-                        p + "heldout": float(len(self.sets[name].heldout)),
-                        p + "records_used": float(round(used[name])), p + "skipped": float(rep.num_bad)})
+            out.update(
+                {
+                    p + "records": float(rep.num_records),
+                    p + "valid": float(rep.num_records - rep.num_bad),
+                    p + "heldout": float(len(self.sets[name].heldout)),
+                    p + "records_used": float(round(used[name])),
+                    p + "skipped": float(rep.num_bad),
+                }
+            )
             out.update({p + f"skipped/{r}": float(c) for r, c in rep.bad.items()})
-        out.update({f"data/{k.split('/')[0]}/skipped_in_training/{k.split('/')[1]}": v
-                    for k, v in trained_bad.items()})
+        out.update(
+            {
+                f"data/{k.split('/')[0]}/skipped_in_training/{k.split('/')[1]}": v
+                for k, v in trained_bad.items()
+            }
+        )
         return out
 
 
-def weighted_pool(own: list, declared: Mapping[str, list], shares: Mapping[str, float],
-                  seed: str) -> list:
+def weighted_pool(own: list, declared: Mapping[str, list], shares: Mapping[str, float], seed: str) -> list:
     """A list of prompts (or pairs) in which each declared set makes up its share of the items
     (repeated or subsampled in a seeded order) and `own` the rest: uniform sampling from the pool
     then follows the mixture. With no own items the declared sets split the pool by share."""
@@ -262,7 +279,9 @@ def weighted_pool(own: list, declared: Mapping[str, list], shares: Mapping[str, 
     if not declared:
         return list(own)
     rest = max(0.0, 1.0 - sum(shares[n] for n in declared))
-    unit = len(own) / rest if own and rest > 0 else float(max(len(v) / shares[n] for n, v in declared.items()))
+    unit = (
+        len(own) / rest if own and rest > 0 else float(max(len(v) / shares[n] for n, v in declared.items()))
+    )
     pool = list(own) if rest > 0 else []
     for name, items in declared.items():
         want = max(1, round(unit * shares[name]))

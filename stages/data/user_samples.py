@@ -49,12 +49,15 @@ class Sample:
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in self.messages]
 
-    def same_content(self, other: "Sample") -> bool:
+    def same_content(self, other: Sample) -> bool:
         """Equal apart from the key and how the images are stored (pixels compared)."""
         mine = {k: v for k, v in vars(self).items() if k not in ("key", "images")}
         theirs = {k: v for k, v in vars(other).items() if k not in ("key", "images")}
-        return mine == theirs and len(self.images) == len(other.images) and all(
-            a.same_pixels(b) for a, b in zip(self.images, other.images))
+        return (
+            mine == theirs
+            and len(self.images) == len(other.images)
+            and all(a.same_pixels(b) for a, b in zip(self.images, other.images))
+        )
 
 
 def _get(row: Mapping, column: str) -> Any:
@@ -81,8 +84,9 @@ class RowReader:
         if value is _MISSING or (value is None and required):
             if required or name in self.user_mapped:
                 have = sorted(row) if isinstance(row, Mapping) else []
-                raise BadRecord("column_absent", f"column {col!r} (mapped from {name!r}) is "
-                                                 f"absent; the record has {have}")
+                raise BadRecord(
+                    "column_absent", f"column {col!r} (mapped from {name!r}) is absent; the record has {have}"
+                )
             return None
         return value
 
@@ -134,21 +138,27 @@ class RowReader:
             raise BadRecord("no_answer", "RL prompt has no reference answer (ground truth)")
         source = self.field(row, "data_source", required=False)
         diff = self.field(row, "difficulty", required=False)
-        return Sample(key, "prompt", tuple(messages), tuple(images), answer=answer,
-                      verifier=self.decl.verifier_for(None if source is None else str(source)),
-                      difficulty=None if diff is None else float(diff))
+        return Sample(
+            key,
+            "prompt",
+            tuple(messages),
+            tuple(images),
+            answer=answer,
+            verifier=self.decl.verifier_for(None if source is None else str(source)),
+            difficulty=None if diff is None else float(diff),
+        )
 
     def _preference(self, row: Mapping, key: str) -> Sample:
         column = self._image_list(self.field(row, "images", required=False))
         prompt = self.field(row, "prompt")
         if isinstance(prompt, str):
-            prompt = [{self.decl.tag("role_tag"): self.decl.tag("user_tag"),
-                       self.decl.tag("content_tag"): prompt}]
+            prompt = [
+                {self.decl.tag("role_tag"): self.decl.tag("user_tag"), self.decl.tag("content_tag"): prompt}
+            ]
         messages, images = self._messages(prompt, column, implicit=True)
         _check_turns(messages, want_last="user")
         chosen, rejected = (self._response(self.field(row, f), f) for f in ("chosen", "rejected"))
-        return Sample(key, "preference", tuple(messages), tuple(images), chosen=chosen,
-                      rejected=rejected)
+        return Sample(key, "preference", tuple(messages), tuple(images), chosen=chosen, rejected=rejected)
 
     # -- pieces --------------------------------------------------------------------------------
     def _image_list(self, value: Any) -> list[ImageSource]:
@@ -162,11 +172,16 @@ class RowReader:
 
     def _role(self, value: Any, i: int) -> str:
         d = self.decl
-        roles = {d.tag("user_tag"): "user", d.tag("assistant_tag"): "assistant",
-                 d.tag("system_tag"): "system"}
+        roles = {
+            d.tag("user_tag"): "user",
+            d.tag("assistant_tag"): "assistant",
+            d.tag("system_tag"): "system",
+        }
         if not isinstance(value, str) or value not in roles:
-            raise BadRecord("unknown_role", f"message {i}: role {value!r} is not one of "
-                                            f"{sorted(roles)} (the declaration's tags)")
+            raise BadRecord(
+                "unknown_role",
+                f"message {i}: role {value!r} is not one of {sorted(roles)} (the declaration's tags)",
+            )
         return roles[value]
 
     def _messages(self, value: Any, column: list[ImageSource], implicit: bool = False):
@@ -182,8 +197,10 @@ class RowReader:
 
         def take() -> ImageSource:
             if taken[0] >= len(column):
-                raise BadRecord("image_count", f"more {IMAGE_MARKER} markers than the "
-                                               f"{len(column)} image(s) of the record")
+                raise BadRecord(
+                    "image_count",
+                    f"more {IMAGE_MARKER} markers than the {len(column)} image(s) of the record",
+                )
             taken[0] += 1
             return column[taken[0] - 1]
 
@@ -204,9 +221,12 @@ class RowReader:
             out[j] = (out[j][0], (IMAGE_MARKER + "\n") * len(column) + out[j][1])
             images, taken[0] = list(column), len(column)
         if taken[0] != len(column):
-            raise BadRecord("image_count", f"{len(images)} {IMAGE_MARKER} marker(s) but "
-                                           f"{len(column) - taken[0] + len(images)} image(s); "
-                                           "give one image per marker")
+            raise BadRecord(
+                "image_count",
+                f"{len(images)} {IMAGE_MARKER} marker(s) but "
+                f"{len(column) - taken[0] + len(images)} image(s); "
+                "give one image per marker",
+            )
         return out, images
 
     def _parts(self, parts, i: int, images: list[ImageSource], take) -> str:
@@ -224,8 +244,9 @@ class RowReader:
                 images.append(take())
                 texts.append(IMAGE_MARKER)
             else:
-                raise BadRecord("bad_value", f"message {i}: content part {p!r} is not a text, "
-                                             "image_url or image part")
+                raise BadRecord(
+                    "bad_value", f"message {i}: content part {p!r} is not a text, image_url or image part"
+                )
         return "\n".join(texts)
 
     def _response(self, value: Any, name: str) -> str:
@@ -261,11 +282,17 @@ def _check_turns(messages: list[tuple[str, str]], want_last: str) -> None:
     for j, (role, content) in enumerate(turns):
         want = ("user", "assistant")[j % 2]
         if role != want:
-            raise BadRecord("turn_order", f"message {j + offset} is {role!r} where {want!r} is "
-                                          "expected ([system], user, assistant, user, ...)")
+            raise BadRecord(
+                "turn_order",
+                f"message {j + offset} is {role!r} where {want!r} is "
+                "expected ([system], user, assistant, user, ...)",
+            )
         if role == "assistant" and not content.replace(IMAGE_MARKER, "").strip():
             raise BadRecord("empty_assistant", f"message {j + offset}: the assistant turn is empty")
     if turns[-1][0] != want_last:
-        raise BadRecord("no_answer", "the dialogue must end with an assistant turn (nothing to "
-                                     "supervise)" if want_last == "assistant" else
-                        "a prompt must end with a user turn (the model writes the answer)")
+        raise BadRecord(
+            "no_answer",
+            "the dialogue must end with an assistant turn (nothing to supervise)"
+            if want_last == "assistant"
+            else "a prompt must end with a user turn (the model writes the answer)",
+        )

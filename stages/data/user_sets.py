@@ -29,8 +29,13 @@ from moonforge.stages.data.user_files import (
 from moonforge.stages.data.user_images import BadRecord
 from moonforge.stages.data.user_samples import RowReader, Sample
 
-REQUIRED = {"chat": ("messages",), "pair": ("text",), "text": ("text",),
-            "prompt": ("prompt", "ground_truth"), "preference": ("prompt", "chosen", "rejected")}
+REQUIRED = {
+    "chat": ("messages",),
+    "pair": ("text",),
+    "text": ("text",),
+    "prompt": ("prompt", "ground_truth"),
+    "preference": ("prompt", "chosen", "rejected"),
+}
 """Fields a record of each kind must have (a Parquet file without their columns is refused)."""
 
 
@@ -60,8 +65,7 @@ class DeclaredSet:
             if left is not None and left <= 0:
                 break
             if uri.endswith(".parquet"):
-                wanted = {f: col for f in (*REQUIRED[self.kind], *decl.columns)
-                          if (col := decl.column(f))}
+                wanted = {f: col for f in (*REQUIRED[self.kind], *decl.columns) if (col := decl.column(f))}
                 check_parquet_columns(uri, wanted)
             fi = index_file(uri, self.block, left)
             self.files.append(fi)
@@ -108,8 +112,10 @@ class DeclaredSet:
             except BadRecord as e:
                 out.append(e)
         if len(out) != count:
-            raise DatasetFormatError(f"{fi.uri}: expected {count} records from record {first} on, "
-                                     f"read {len(out)}; the file changed since it was indexed")
+            raise DatasetFormatError(
+                f"{fi.uri}: expected {count} records from record {first} on, "
+                f"read {len(out)}; the file changed since it was indexed"
+            )
         self._blocks[key] = out
         while len(self._blocks) > 4:
             self._blocks.popitem(last=False)
@@ -117,7 +123,7 @@ class DeclaredSet:
 
     def _short(self, key: str) -> str:
         prefix = str(self.root) + "/"
-        return key[len(prefix):] if key.startswith(prefix) else key
+        return key[len(prefix) :] if key.startswith(prefix) else key
 
     def record(self, rid: int) -> Sample | BadRecord:
         """The Sample of record `rid`, or the BadRecord saying why it cannot be used."""
@@ -137,5 +143,6 @@ class DeclaredSet:
 
     def order(self, seed: str, slot: int = 0, num_slots: int = 1) -> ShardOrder:
         """The training order of one data-parallel slot, held-out records excluded."""
-        return ShardOrder([fi.num_records for fi in self.files], self.block, seed, slot,
-                          num_slots, exclude=self.heldout)
+        return ShardOrder(
+            [fi.num_records for fi in self.files], self.block, seed, slot, num_slots, exclude=self.heldout
+        )

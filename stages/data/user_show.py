@@ -61,12 +61,11 @@ def render_ids(ids: list[int], tok: Tokenizer) -> str:
     return "".join(out)
 
 
-def show_samples(ds: DeclaredSet, tok: Tokenizer, vision: VisionSpec, n: int,
-                 png: Path | None) -> list[str]:
+def show_samples(ds: DeclaredSet, tok: Tokenizer, vision: VisionSpec, n: int, png: Path | None) -> list[str]:
     """Text blocks for the first `n` usable records; thumbnails of their images into `png`."""
     blocks: list[str] = []
     rows: list[list[Image.Image]] = []
-    for rid, rec in ds.records():
+    for _, rec in ds.records():
         if len(blocks) >= n:
             break
         if isinstance(rec, BadRecord):
@@ -77,12 +76,16 @@ def show_samples(ds: DeclaredSet, tok: Tokenizer, vision: VisionSpec, n: int,
         except BadRecord:
             continue
         supervised = tok.decode([t for t, m in zip(ids, mask) if m])
-        extra = f"\n  reference answer: {rec.answer!r} (verifier {rec.verifier})" if rec.kind == "prompt" else ""
+        extra = (
+            f"\n  reference answer: {rec.answer!r} (verifier {rec.verifier})" if rec.kind == "prompt" else ""
+        )
         if rec.kind == "preference":
             extra = f"\n  rejected: {rec.rejected!r}"
-        blocks.append(f"[{len(blocks)}] {rec.key} ({rec.kind}, {len(ids)} tokens, "
-                      f"{len(images)} image(s))\n{render_ids(ids, tok)}\n  supervised: "
-                      f"{supervised!r}{extra}")
+        blocks.append(
+            f"[{len(blocks)}] {rec.key} ({rec.kind}, {len(ids)} tokens, "
+            f"{len(images)} image(s))\n{render_ids(ids, tok)}\n  supervised: "
+            f"{supervised!r}{extra}"
+        )
         rows.append(images)
     if png is not None and any(rows):
         _thumbnails(rows, png)
