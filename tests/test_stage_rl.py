@@ -268,3 +268,21 @@ def test_rl_killed_in_an_iteration_resumes_there_to_the_same_weights(tmp_path, b
     for k, v in unbroken.metrics.items():
         if not k.endswith(timing):
             assert resumed.metrics[k] == v, k
+
+
+def test_rl_refuses_a_checkpoint_of_another_run_or_prompt_set():
+    """A resume point that is not this OPMD run's state (another stage's checkpoint, or taken
+    over another prompt set) fails naming the fix instead of resuming wrongly."""
+    from moonforge.stages.rl import loop_state
+    from moonforge.stages.rl.replay import ReplayBuffer
+    from moonforge.stages.rl.sampling import PromptSampler, SamplerConfig
+    from moonforge.stages.rl.verifiers import VerifyStats
+
+    sampler = PromptSampler([0.0, 1.0], SamplerConfig(), seed=0)
+    parts = (sampler, ReplayBuffer(), {}, VerifyStats(), None)
+    with pytest.raises(ValueError, match="holds no state of this OPMD run.*remove it to start over"):
+        loop_state.restore({}, "rl", *parts)
+    state = {"format": loop_state.FORMAT, "label": "rl", "sampler": {"rate": [0.0] * 3}}
+    with pytest.raises(ValueError, match="taken over 3 prompts, this run has 2"):
+        loop_state.restore(state, "rl", *parts)
+    assert sampler.tracker.rate == [0.0, 0.0]  # nothing was changed before refusing
