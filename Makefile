@@ -11,7 +11,8 @@ export PREFECT_HOME := $(CURDIR)/.moonforge/prefect
 $(STAMP): pyproject.toml requirements.lock.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	grep -v '^deepspeed==' requirements.lock.txt > $(VENV)/requirements.nods.txt
-	$(PY) -m pip install -q --disable-pip-version-check -r $(VENV)/requirements.nods.txt
+	@# --no-compile: byte-compiling every installed module costs ~45 s; Python compiles what it imports
+	$(PY) -m pip install -q --disable-pip-version-check --no-compile -r $(VENV)/requirements.nods.txt
 	@# DeepSpeed's setup imports torch: build it against the installed torch, without its CUDA ops
 	$(PY) -m pip install -q --disable-pip-version-check setuptools==84.2.1
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation \
@@ -65,12 +66,14 @@ lint: $(STAMP)
 sysdeps:
 	@MAKEFLAGS= $(MAKE) --no-print-directory chromium slurm postgres
 
-# pip (the venv) and apt (sysdeps) download at the same time; then the static checks, then pytest.
+# pip and then the static checks run while apt installs the system packages (sysdeps); then pytest
+# on TEST_WORKERS xdist workers (one compute thread each, see tests/conftest.py), whole modules
+# per worker, the longest first.
+TEST_WORKERS ?= 2
 test:
-	@$(MAKE) --no-print-directory -j2 install sysdeps
-	@$(MAKE) --no-print-directory lint
+	@$(MAKE) --no-print-directory -j2 lint sysdeps
 	@mkdir -p $(PREFECT_HOME)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 clean:
 	rm -rf .moonforge data/*/ .pytest_cache

@@ -25,6 +25,11 @@ from hypothesis import settings
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two xdist workers on a 2-core box: each worker, and every process it
+    # starts, computes on one thread. Two 2-thread trainers at once cost ~3x each; one thread
+    # costs a trainer ~1.5x, and the workers' waits (servers, Slurm, subprocess start-up) overlap.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -183,15 +188,30 @@ _BUILT: list[Path] = []
 """The session's data project (repo_data), where copy_project takes built datasets from."""
 
 
+def _shared_dir(tmp_path_factory) -> Path:
+    """A temp dir every xdist worker of this session sees (the workers' common parent); the
+    session's own temp dir without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def repo_data(tmp_path_factory) -> Path:
     """The datasets most tests read (toyworld, tokenizer, rl_prompts), built once per session
-    through the real DVC pipeline (`dvc repro`) in a copy of this project, never in the checkout
-    (its data/ and dvc.lock stay as they are); returns that copy's data directory."""
+    (shared by the xdist workers) through the real DVC pipeline (`dvc repro`) in a copy of this
+    project, never in the checkout (its data/ and dvc.lock stay as they are); returns that
+    copy's data directory."""
+    from filelock import FileLock
+
     from moonforge.registry.data_versions import ensure_datasets
 
-    proj = copy_project(tmp_path_factory.mktemp("data") / "proj", ())
-    ensure_datasets(proj, ["toyworld", "tokenizer", "rl_prompts"])
+    shared = _shared_dir(tmp_path_factory)
+    proj = shared / "data-proj"
+    with FileLock(str(shared / "data-proj.lock")):
+        if not (proj / ".git").exists():
+            shutil.rmtree(proj, ignore_errors=True)  # a half-made copy of a worker that died
+            copy_project(proj, ())
+        ensure_datasets(proj, ["toyworld", "tokenizer", "rl_prompts"])
     _BUILT.append(proj)
     return proj / "data"
 
@@ -215,13 +235,16 @@ def copy_project(dest: Path, datasets: tuple[str, ...]) -> Path:
             shutil.copy2(REPO / name, dest / name)
     built = _BUILT[0] if _BUILT else None
     if built is not None and datasets:
+        from filelock import FileLock
+
         from moonforge.registry.data_versions import ensure_datasets
 
-        ensure_datasets(built, list(datasets))
-        shutil.copy2(built / "dvc.lock", dest / "dvc.lock")
-        for name in datasets:
-            if (built / "data" / name).is_dir():
-                shutil.copytree(built / "data" / name, dest / "data" / name)
+        with FileLock(str(built.parent / "data-proj.lock")):  # one `dvc repro` there at a time
+            ensure_datasets(built, list(datasets))
+            shutil.copy2(built / "dvc.lock", dest / "dvc.lock")
+            for name in datasets:
+                if (built / "data" / name).is_dir():
+                    shutil.copytree(built / "data" / name, dest / "data" / name)
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run(git + ["init", "-q"], cwd=dest, check=True)
     (dest / ".gitignore").write_text("/data/\n/.moonforge/\n")
@@ -351,3 +374,20 @@ def frozen(tmp_path_factory) -> Path:
     from frozen_code import package_copy
 
     return package_copy(tmp_path_factory.mktemp("code"))
+
+
+# -- order: the longest modules first, so two xdist workers end together -------------------------
+
+_LONGEST_FIRST = (
+    "test_lifecycle_tiny.py",  # one module-long chain: a worker's whole share
+    "test_interop_walkthrough.py",
+    "test_cluster_slurm.py",
+    "test_resume_crash.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` hands out whole modules (--dist loadfile) in collection order: the long ones go
+    first so the short ones fill in around them (each module keeps its own order)."""
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
