@@ -20,6 +20,8 @@ accuracy per 1k tokens, all at the long model's budget `sample_max_new_tokens`);
 checkpoint is efficiency.pick_best over them with `acc_tolerance` (the long model competes too, so
 a method that loses accuracy is never returned). `long2short.json` records the table and choice.
 A method with nothing to train on (no correct sample, no DPO pair) is skipped and reported.
+A checkpoint is written after the samples are drawn and after each method (long2short_state.py):
+a killed run resumes at the method it was in, with the finished candidates as they were.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 from moonforge.model.generate import generate
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.model.vlm import VLM
+from moonforge.stages import long2short_state as resume
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
 from moonforge.stages.data.chat import ChatPromptItem
 from moonforge.stages.data.user_mix import preference_pairs, weighted_pool
@@ -59,7 +62,7 @@ from moonforge.stages.train.stage_io import finish, open_model, open_tokenizer, 
 
 REPEAT = (8, 4)
 """(repeat_ngram, repeat_max) for sampling and evals: a looping answer ends early everywhere."""
-Samples = dict[int, list[Sample]]
+Samples = resume.Samples
 """train item index -> its sampled responses (content = generated ids)."""
 
 
@@ -305,37 +308,52 @@ def _long2short(base, data, cfg: Long2ShortConfig, ctx: StageContext) -> StageRe
         }
 
     long_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    table, extra = {"long": evaluate()}, {}
-    num_q = min(cfg.num_questions, len(train))
-    questions = sorted(random.Random(cfg.seed).sample(range(len(train)), num_q))
-    needs_samples = {"shortest_rs", "dpo", "merge"} & set(cfg.methods)
-    samples = sample_responses(model, tok, train, questions, cfg) if needs_samples else {}
-    short_state = None
+    p = resume.restore(ctx, cfg.methods)
+    if p is None:
+        table = {"long": evaluate()}
+        num_q = min(cfg.num_questions, len(train))
+        questions = sorted(random.Random(cfg.seed).sample(range(len(train)), num_q))
+        needs_samples = {"shortest_rs", "dpo", "merge"} & set(cfg.methods)
+        samples = sample_responses(model, tok, train, questions, cfg) if needs_samples else {}
+        p = resume.Progress([], table, {}, samples)
+        resume.save_point(model, mcfg, ctx, cfg.methods, p)
     for method in cfg.methods:
+        if method in p.done:
+            continue
         model.load_state_dict(long_state)
-        if method in ("shortest_rs", "merge") and short_state is None:
-            info = shortest_rs(model, tok, train, samples, cfg, ctx)
-            extra["shortest_rs"] = info or {"skipped": 1.0}
-            short_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if info else {}
-        if method == "merge":
-            if not short_state:
-                extra["merge"] = {"skipped": 1.0}
-                continue
-            model.load_state_dict(merge_state_dicts(long_state, short_state, cfg.merge_weight))
-        elif method == "shortest_rs":
-            if not short_state:
-                continue
-            model.load_state_dict(short_state)
-        elif method == "dpo":
-            extra["dpo"] = dpo(model, tok, train, samples, cfg, ctx, prefs) or {"skipped": 1.0}
-            if "skipped" in extra["dpo"]:
-                continue
-        else:
-            extra["rl"] = long2short_rl(model, tok, train, cfg, ctx)
-        save_weights(model, mcfg, ctx.out / method)
-        table[method] = evaluate()
+        if _candidate(method, model, tok, train, cfg, ctx, p, long_state, prefs):
+            save_weights(model, mcfg, ctx.out / method)
+            p.table[method] = evaluate()
+        p.done.append(method)
+        resume.save_point(model, mcfg, ctx, cfg.methods, p)
+    table, extra = p.table, p.extra
     extra["data"] = {k.removeprefix("data/"): v for k, v in mix.metrics().items()}
     return _close(model, mcfg, ctx, cfg, data, table, extra, long_state)
+
+
+def _candidate(method, model, tok, train, cfg, ctx, p: resume.Progress, long_state, prefs) -> bool:
+    """Turn `model` (the long model on entry) into `method`'s candidate, its training numbers in
+    p.extra; False when the method has nothing to train on (skipped, reported)."""
+    extra = p.extra
+    if method in ("shortest_rs", "merge") and p.short_state is None:
+        info = shortest_rs(model, tok, train, p.samples, cfg, ctx)
+        extra["shortest_rs"] = info or {"skipped": 1.0}
+        p.short_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if info else {}
+    if method == "merge":
+        if not p.short_state:
+            extra["merge"] = {"skipped": 1.0}
+            return False
+        model.load_state_dict(merge_state_dicts(long_state, p.short_state, cfg.merge_weight))
+    elif method == "shortest_rs":
+        if not p.short_state:
+            return False
+        model.load_state_dict(p.short_state)
+    elif method == "dpo":
+        extra["dpo"] = dpo(model, tok, train, p.samples, cfg, ctx, prefs) or {"skipped": 1.0}
+        return "skipped" not in extra["dpo"]
+    else:
+        extra["rl"] = long2short_rl(model, tok, train, cfg, ctx)
+    return True
 
 
 def _close(model, mcfg, ctx, cfg, data, table, extra, long_state) -> StageResult:

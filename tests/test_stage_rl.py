@@ -222,6 +222,80 @@ def test_long2short_candidates_and_choice(tmp_path, base, monkeypatch):
     assert res.checkpoint.weights.exists()
 
 
+def _l2s_cfg(**kw) -> Long2ShortConfig:
+    return Long2ShortConfig(
+        **{**COMMON, "upstream": "rl"},
+        num_steps=1,
+        num_questions=3,
+        num_samples=4,
+        sample_max_new_tokens=8,
+        max_new_tokens=4,
+        rl_iterations=1,
+        rl_prompts_per_iteration=2,
+        rl_samples_per_prompt=2,
+        rl_steps_per_iteration=1,
+        **kw,
+    )
+
+
+def test_long2short_killed_after_a_method_resumes_at_the_next_to_the_same_result(tmp_path, base, monkeypatch):
+    """Killed right after merge (checkpoint 2 of 5: samples, merge, shortest_rs, dpo, rl) and
+    resumed into a fresh staging dir as run_stage does: no method runs twice, nothing is sampled
+    again, and every candidate, the choice and the metrics equal an unbroken run's, bit for bit."""
+    from safetensors.torch import load_file
+
+    from moonforge.stages.train.checkpoint import CRASH_ENV, SimulatedCrash, latest_train_state
+    from moonforge.stages.train.train_record import read_train_record
+
+    monkeypatch.setattr(l2s, "sample_responses", _fake_samples)
+    monkeypatch.setattr(loop, "score", _even_reward)
+    cfg, data = _l2s_cfg(), _data(tmp_path)
+
+    def run(out: Path, resume: Path | None = None):
+        return l2s.long2short(base, data, cfg, StageContext(out=out, model=MODEL, resume_from=resume))
+
+    unbroken = run(tmp_path / "unbroken")
+    monkeypatch.setenv(CRASH_ENV, "2")
+    with pytest.raises(SimulatedCrash):
+        run(tmp_path / "killed")
+    monkeypatch.delenv(CRASH_ENV)
+    ckpt = latest_train_state(tmp_path / "killed")
+    record = read_train_record(ckpt)
+    assert (record.global_step, record.num_steps) == (2, 5)
+    assert record.extra["long2short"]["done"] == ["merge"]
+
+    trained = []
+    monkeypatch.setattr(l2s, "sample_responses", lambda *a: pytest.fail("resumed run sampled again"))
+    real_train = l2s._train
+    monkeypatch.setattr(
+        l2s, "_train", lambda m, c, x, label, *a: trained.append(label) or real_train(m, c, x, label, *a)
+    )
+    resumed = run(tmp_path / "resumed", resume=ckpt)
+    assert trained == ["long2short_dpo"]  # shortest_rs reuses the short model merge trained
+    assert resumed.metrics == unbroken.metrics
+    tables = [json.loads((tmp_path / d / "long2short.json").read_text()) for d in ("unbroken", "resumed")]
+    assert tables[0] == tables[1]
+    for name in ("", *cfg.methods):
+        a = load_file(str(tmp_path / "unbroken" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "resumed" / name / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name or "returned"
+
+
+def test_long2short_refuses_a_resume_point_of_another_method_list(tmp_path, base, monkeypatch):
+    from moonforge.stages.train.checkpoint import CRASH_ENV, SimulatedCrash, latest_train_state
+
+    monkeypatch.setattr(l2s, "sample_responses", _fake_samples)
+    data = _data(tmp_path)
+    monkeypatch.setenv(CRASH_ENV, "1")
+    with pytest.raises(SimulatedCrash):
+        l2s.long2short(base, data, _l2s_cfg(methods=("dpo",)), StageContext(out=tmp_path / "a", model=MODEL))
+    monkeypatch.delenv(CRASH_ENV)
+    ctx = StageContext(out=tmp_path / "b", model=MODEL, resume_from=latest_train_state(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"methods \['dpo'\].*delete it"):
+        l2s.long2short(base, data, _l2s_cfg(methods=("merge", "dpo")), ctx)
+    assert not (tmp_path / "b" / "merge").exists()
+
+
 def test_rl_killed_in_an_iteration_resumes_there_to_the_same_weights(tmp_path, base, monkeypatch):
     """A crash right after iteration 2's checkpoint (of 4), resumed into a fresh staging dir as
     run_stage does: the replay buffer, sampler and RNGs come back, so the final weights, the
