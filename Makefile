@@ -73,7 +73,7 @@ TEST_WORKERS ?= 2
 test:
 	@$(MAKE) --no-print-directory -j2 lint sysdeps
 	@mkdir -p $(PREFECT_HOME)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 clean:
 	rm -rf .moonforge data/*/ .pytest_cache

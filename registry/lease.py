@@ -206,16 +206,21 @@ def local_lease_held(path: Path) -> bool:
 
 
 class Heartbeat:
-    """Renews a lease every `every_s` seconds from a daemon thread, running `also()` on each beat
-    (the S3 store uploads new periodic checkpoints there); stop() ends it."""
+    """Renews a lease every `every_s` seconds from a daemon thread; `also()` (the S3 store uploads
+    new periodic checkpoints there) runs on the same beat from a second thread, so an upload that
+    takes longer than the lease's ttl never delays a renewal and loses the lease to a waiter.
+    stop() ends both, after an `also()` in progress."""
 
     def __init__(self, lease: Lease, every_s: float, also: Callable[[], None] | None = None):
         self.lease, self.every_s, self.also = lease, every_s, also
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{lease.stage}", daemon=True)
+        self._threads = [threading.Thread(target=self._renew, name=f"lease-{lease.stage}", daemon=True)]
+        if also is not None:
+            self._threads.append(threading.Thread(target=self._also, name=f"sync-{lease.stage}", daemon=True))
 
     def __enter__(self) -> Heartbeat:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -223,10 +228,11 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=60)
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout=60)
 
-    def _run(self) -> None:
+    def _renew(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
                 if not self.lease.renew():
@@ -236,10 +242,19 @@ class Heartbeat:
                         self.lease.stage,
                         self.lease.fingerprint[:12],
                     )
+                    self._stop.set()  # and stop syncing: the new holder owns the partial work
                     return
-                if self.also is not None:
-                    self.also()
             except Exception as e:  # a missed beat is retried on the next one
                 log.warning(
                     "%s: lease heartbeat failed (%s: %s); retrying", self.lease.stage, type(e).__name__, e
+                )
+
+    def _also(self) -> None:
+        assert self.also is not None  # only started with one
+        while not self._stop.wait(self.every_s):
+            try:
+                self.also()
+            except Exception as e:  # retried on the next beat
+                log.warning(
+                    "%s: sync on heartbeat failed (%s: %s); retrying", self.lease.stage, type(e).__name__, e
                 )

@@ -18,11 +18,12 @@ from test_data_post_helpers import POST_DATASETS, POST_TINY_PARAMS
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc") if (BIN / "dvc").exists() else (shutil.which("dvc") or "dvc")
-DATASETS = ("toyworld", "text", "longdoc", "tokenizer", *POST_DATASETS)
+DATASETS = ("toyworld", "videoworld", "text", "longdoc", "tokenizer", *POST_DATASETS)
 DVC_PARAMS = {
     **TINY_PARAMS,
     **POST_TINY_PARAMS,
     "toyworld": {"seed": 0, "num_train": 60, "num_val": 8},
+    "videoworld": {"seed": 0, "num_train": 24, "num_val": 8},
     "tokenizer": {"vocab_size": 400, "min_frequency": 2},
 }
 """Even smaller than TINY_PARAMS: this test builds everything twice through dvc."""

@@ -77,7 +77,7 @@ def store_env(request, tmp_project, frozen):
         **os.environ,
         "PYTHONPATH": env["PYTHONPATH"],
         "MOONFORGE_STORE": f"s3://{bucket}/st",
-        "MOONFORGE_LEASE_TTL_S": "3",
+        "MOONFORGE_LEASE_TTL_S": "5",  # margin for a loaded machine (make test runs two workers)
     }
     return env, None
 
@@ -125,10 +125,10 @@ def test_one_builder_per_fingerprint_and_a_dead_one_is_taken_over(store_env, tmp
     assert sorted(int(p.name) for p in calls.iterdir()) == sorted([a.p.pid, trainer])  # no 3rd
     host = os.uname().nodename
     assert reused["waited_for"] in (f"pid {a.p.pid} on {host}", f"pid {trainer} on {host}")
-    if stage_dir is None:  # S3: A's lease had to expire (ttl 3 s) first
+    if stage_dir is None:  # S3: A's lease had to expire (ttl 5 s) first
         taker = b if trainer == b.p.pid else c
         assert any("expired" in line and "taking over" in line for line in taker.err)
-        assert time.time() - killed_at > 2.5
+        assert time.time() - killed_at > 4.5
     client = MlflowClient(tracking_uri(tmp_project))
     dead = client.get_run(a_run.info.run_id)
     assert dead.info.status == "KILLED" and "died" in dead.data.tags["moonforge.end_reason"]
@@ -143,3 +143,30 @@ def test_one_builder_per_fingerprint_and_a_dead_one_is_taken_over(store_env, tmp
         == a_run.info.run_id
     )
     no_leftovers(stage_dir)
+
+
+def test_a_slow_checkpoint_upload_never_holds_up_the_lease_renewals():
+    """The S3 store uploads new checkpoints on the heartbeat; an upload longer than the lease's
+    ttl must not delay a renewal, or a waiter takes over a live run's work."""
+    from moonforge.registry.lease import Heartbeat, Lease
+
+    renewals, upload_started, release = [], threading.Event(), threading.Event()
+
+    class Counting(Lease):
+        def renew(self) -> bool:
+            renewals.append(time.monotonic())
+            return True
+
+    def slow_upload() -> None:
+        upload_started.set()
+        release.wait(30)
+
+    lease = Counting(STAGE, "f" * 64, {}, None)
+    with Heartbeat(lease, 0.02, also=slow_upload):
+        assert upload_started.wait(10)
+        seen = len(renewals)
+        deadline = time.monotonic() + 10
+        while len(renewals) < seen + 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(renewals) >= seen + 5, "renewals stopped while an upload was running"
+        release.set()

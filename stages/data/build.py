@@ -49,6 +49,10 @@ def _build_into(name: str, params, tmp: Path, siblings: Path) -> dict:
         from moonforge.stages.data.toyworld import build_toyworld
 
         return build_toyworld(params, tmp)
+    if name == "videoworld":
+        from moonforge.stages.data.videoworld import build_videoworld
+
+        return build_videoworld(params, tmp)
     if name == "text":
         from moonforge.stages.data.corpus import build_text
 

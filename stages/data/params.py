@@ -43,6 +43,38 @@ class ToyworldParams(_Params):
         return self
 
 
+class VideoworldParams(_Params):
+    """The generated video world: short clips of moving shapes (stages/data/videoworld.py)."""
+
+    seed: int = 0
+    """Seed of the clip sampler (the only source of randomness)."""
+    num_train: PositiveInt
+    num_val: PositiveInt
+    sizes: tuple[PositiveInt, ...] = (32, 48)
+    """Allowed frame sides in pixels; multiples of 16 keep the patch-8 / merge-2 grid even."""
+    frames: tuple[PositiveInt, PositiveInt] = (4, 8)
+    """Fewest and most frames per clip (3 at least: an order needs two events after the start)."""
+    fps: tuple[PositiveInt, ...] = (2, 4, 8)
+    """Allowed frame rates; each must divide 1000 (a frame lasts whole milliseconds)."""
+    kind_weights: dict[str, float] = {"motion": 0.3, "order": 0.25, "crossings": 0.25, "count": 0.2}
+    """Sampling weight of each clip kind."""
+
+    @model_validator(mode="after")
+    def _check(self) -> VideoworldParams:
+        known = {"motion", "order", "crossings", "count"}
+        if not self.kind_weights or set(self.kind_weights) - known:
+            raise ValueError(f"kind_weights: use the kinds {sorted(known)}, got {sorted(self.kind_weights)}")
+        if any(v <= 0 for v in self.kind_weights.values()):
+            raise ValueError("kind_weights: every weight must be > 0 (leave a kind out instead)")
+        if not 3 <= self.frames[0] <= self.frames[1] <= 32:
+            raise ValueError(f"frames: need 3 <= min <= max <= 32, got {list(self.frames)}")
+        if bad := [f for f in self.fps if 1000 % f]:
+            raise ValueError(f"fps: {bad} do not divide 1000; use e.g. 1, 2, 4, 5, 8 or 10")
+        if bad := [s for s in self.sizes if s % 16 or s < 32]:
+            raise ValueError(f"sizes: {bad} must be multiples of 16 and at least 32")
+        return self
+
+
 class TextParams(_Params):
     """Real text (Python stdlib docstrings) mixed with generated toy-world and arithmetic text."""
 
@@ -88,6 +120,7 @@ class TokenizerParams(_Params):
 
 SECTIONS: dict[str, type[_Params]] = {
     "toyworld": ToyworldParams,
+    "videoworld": VideoworldParams,
     "text": TextParams,
     "longdoc": LongdocParams,
     "tokenizer": TokenizerParams,
