@@ -23,7 +23,6 @@ DVC_PARAMS = {
     **TINY_PARAMS,
     **POST_TINY_PARAMS,
     "toyworld": {"seed": 0, "num_train": 60, "num_val": 8},
-    "videoworld": {"seed": 0, "num_train": 24, "num_val": 8},
     "tokenizer": {"vocab_size": 400, "min_frequency": 2},
 }
 """Even smaller than TINY_PARAMS: this test builds everything twice through dvc."""

@@ -30,6 +30,7 @@ TINY_PARAMS = {
         "pool_chars": 600_000,
     },
     "tokenizer": {"vocab_size": 512, "min_frequency": 2},
+    "videoworld": {"seed": 0, "num_train": 24, "num_val": 8},
 }
 """Small enough to build in seconds, big enough for a 512-token BPE."""
 
