@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -378,18 +377,14 @@ def frozen(tmp_path_factory) -> Path:
     return package_copy(tmp_path_factory.mktemp("code"))
 
 
-# -- order and priority: the lifecycle is the critical path ------------------------------------
+# -- order: the longest modules first, so two xdist workers end together -------------------------
 
 _LONGEST_FIRST = (
     "test_lifecycle_tiny.py",  # one module-long chain (~12 min on one thread): a worker's whole share
-    "test_cluster_slurm.py",  # needs no built dataset: runs while the lifecycle's are built
+    "test_cluster_slurm.py",  # needs no built dataset: runs while the lifecycle's are being built
     "test_interop_walkthrough.py",
     "test_resume_crash.py",
 )
-NICE_BESIDE_CRITICAL = 5
-"""How much the other workers yield to the one running the lifecycle (nice 5: ~1/4 of its share
-on a contended core), so the chain that decides the suite's length keeps a core to itself while
-the others share the rest, and fill it whenever the lifecycle waits."""
 
 
 def pytest_collection_modifyitems(config, items):
@@ -397,21 +392,3 @@ def pytest_collection_modifyitems(config, items):
     first so the short ones fill in around them (each module keeps its own order)."""
     rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
-_niced: list[bool] = []
-
-
-def pytest_runtest_setup(item):
-    """Under xdist: the worker that starts the lifecycle says so in a file all workers see; every
-    other worker, at its next test, lowers its priority (and its children's) once."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if not run or _niced:
-        return
-    marker = Path(tempfile.gettempdir()) / f"moonforge-critical-{run}"
-    if item.path.name == _LONGEST_FIRST[0]:
-        marker.touch()
-        _niced.append(False)  # this worker keeps its priority
-    elif marker.exists():
-        os.nice(NICE_BESIDE_CRITICAL)
-        _niced.append(True)
