@@ -194,34 +194,6 @@ def _fake_samples(model, tok, items, questions, cfg):
     }
 
 
-def test_long2short_candidates_and_choice(tmp_path, base, monkeypatch):
-    monkeypatch.setattr(l2s, "sample_responses", _fake_samples)
-    monkeypatch.setattr(loop, "score", _even_reward)
-    cfg = Long2ShortConfig(
-        **{**COMMON, "upstream": "rl"},
-        num_steps=1,
-        num_questions=3,
-        num_samples=4,
-        sample_max_new_tokens=8,
-        max_new_tokens=4,
-        rl_iterations=1,
-        rl_prompts_per_iteration=2,
-        rl_samples_per_prompt=2,
-        rl_steps_per_iteration=1,
-    )
-    res = l2s.long2short(base, _data(tmp_path), cfg, StageContext(out=tmp_path / "out", model=MODEL))
-    table = json.loads((tmp_path / "out" / "long2short.json").read_text())
-    assert set(table["candidates"]) == {"long", "merge", "shortest_rs", "dpo", "rl"}
-    for m in cfg.methods:
-        assert (tmp_path / "out" / m / "model.safetensors").exists()
-    assert table["chosen"] == l2s.choose(table["candidates"], cfg.acc_tolerance)
-    assert res.metrics[f"chosen/{table['chosen']}"] == 1.0
-    assert {"eval/mean_len_before", "eval/acc_before", "cand/rl/acc_per_1k_tokens"} <= set(res.metrics)
-    assert res.metrics["dpo/pairs"] == 2 * cfg.num_questions
-    assert res.metrics["shortest_rs/target_mean_len"] == 4
-    assert res.checkpoint.weights.exists()
-
-
 def _l2s_cfg(**kw) -> Long2ShortConfig:
     return Long2ShortConfig(
         **{**COMMON, "upstream": "rl"},
@@ -236,6 +208,23 @@ def _l2s_cfg(**kw) -> Long2ShortConfig:
         rl_steps_per_iteration=1,
         **kw,
     )
+
+
+def test_long2short_candidates_and_choice(tmp_path, base, monkeypatch):
+    monkeypatch.setattr(l2s, "sample_responses", _fake_samples)
+    monkeypatch.setattr(loop, "score", _even_reward)
+    cfg = _l2s_cfg()
+    res = l2s.long2short(base, _data(tmp_path), cfg, StageContext(out=tmp_path / "out", model=MODEL))
+    table = json.loads((tmp_path / "out" / "long2short.json").read_text())
+    assert set(table["candidates"]) == {"long", "merge", "shortest_rs", "dpo", "rl"}
+    for m in cfg.methods:
+        assert (tmp_path / "out" / m / "model.safetensors").exists()
+    assert table["chosen"] == l2s.choose(table["candidates"], cfg.acc_tolerance)
+    assert res.metrics[f"chosen/{table['chosen']}"] == 1.0
+    assert {"eval/mean_len_before", "eval/acc_before", "cand/rl/acc_per_1k_tokens"} <= set(res.metrics)
+    assert res.metrics["dpo/pairs"] == 2 * cfg.num_questions
+    assert res.metrics["shortest_rs/target_mean_len"] == 4
+    assert res.checkpoint.weights.exists()
 
 
 def test_long2short_killed_after_a_method_resumes_at_the_next_to_the_same_result(tmp_path, base, monkeypatch):
