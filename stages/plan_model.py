@@ -8,7 +8,13 @@ so the plan and the model cannot disagree. FLOPs and activations are closed-form
 - Causal attention, forward, per token per layer: H * (d_qk + d_v) * s  (QK^T and AV, 2 FLOPs per
   multiply-add, on average s/2 keys). An upper bound under packing, where a token only attends
   within its own document. ViT attention is bidirectional within one image of P patches: 4 h P.
-- Activations (bf16, per token per layer) count the tensors autograd keeps; see `_lm_layer_elems`.
+- Activations: the tensors autograd keeps for the backward, per token per layer, counted from
+  what moonforge's own layers save (`_lm_layer_elems`), plus the logits and the cross-entropy's
+  backward buffers: the peak of one micro-batch's forward + backward beyond the parameters,
+  gradients and optimizer states. Attention is assumed to keep only q, k, v, its output and a
+  per-row logsumexp (flash-attn, and torch's CPU flash kernel); bf16 unless `act_bytes` says
+  otherwise. tests/test_plan_memory.py checks the LM's estimate against the torch memory
+  profiler's measurement of a training step on CPU (fp32), with and without recompute.
 """
 
 from __future__ import annotations
@@ -115,23 +121,30 @@ class ModelCosts:
     # --- activations ---------------------------------------------------------------------------
 
     def _lm_layer_elems(self) -> tuple[int, int]:
-        """Saved elements per token of (a dense layer, a MoE layer): norm in/out (2h) per sublayer;
-        q, k, v and the attention output (flash-attn keeps only these + a per-row logsumexp); the
-        MLA latent; per SwiGLU expert its dispatched input h and gate, up, gate*up (3f)."""
+        """Saved elements per token of (a dense layer, a MoE layer), as autograd keeps them in
+        model/lm.py (measured one by one with saved-tensor hooks):
+        - each RMSNorm + the matmul after it: its input, the normalised x and the weighted output
+          the next matmul keeps, plus 1/rms: 3h + 1 (two per layer);
+        - attention: q, k (H x d_qk each), v, the output and o_proj's input (H x d_v each) and a
+          logsumexp per head; MLA adds its latent (kv_a output, normalised, kv_b's input: 2r +
+          rope + 1) and, with q_lora_rank, the query latent (2 r_q + 1);
+        - a SwiGLU of width f: gate and up outputs, silu(gate) and the product: 4f;
+        - a MoE: the router's fp32 scores and top-k (E + 3k + 1), per routed copy of a token its
+          gathered input, the experts' input and the weighted output (3h) plus its expert's 4f
+          and its indices (5 in all), and the shared experts' 4f."""
         lm = self.shape.lm
-        h, H = lm.hidden_size, lm.num_heads
-        d_qk = lm.head_dim + (lm.qk_rope_head_dim if lm.attention == "mla" else 0)
-        latent = lm.kv_lora_rank + lm.qk_rope_head_dim if lm.attention == "mla" else 0
-        attn = 2 * h + 2 * H * d_qk + 2 * H * lm.head_dim + latent
-        dense = attn + 2 * h + 3 * lm.dense_intermediate_size
+        h, H, k = lm.hidden_size, lm.num_heads, lm.num_experts_per_tok
+        mla = lm.attention == "mla"
+        d_qk = lm.head_dim + (lm.qk_rope_head_dim if mla else 0)
+        norm = 3 * h + 1
+        attn = 2 * H * d_qk + 3 * H * lm.head_dim + H
+        if mla:
+            attn += 2 * lm.kv_lora_rank + lm.qk_rope_head_dim + 1
+            attn += 2 * lm.q_lora_rank + 1 if lm.q_lora_rank else 0
         f = lm.moe_intermediate_size
-        moe = (
-            attn
-            + 2 * h
-            + lm.num_experts_per_tok * (h + 3 * f)
-            + 3 * lm.num_shared_experts * f
-            + lm.num_experts
-        )
+        dense = 2 * norm + attn + 4 * lm.dense_intermediate_size
+        router = lm.num_experts + 3 * k + 1
+        moe = 2 * norm + attn + router + k * (3 * h + 4 * f + 5) + 4 * lm.num_shared_experts * f
         return dense, moe
 
     def _vit_layer_elems(self) -> int:
@@ -139,25 +152,46 @@ class ModelCosts:
         v = self.shape.vision
         return 8 * v.hidden_size + 2 * v.intermediate_size
 
-    def _stack_bytes(self, tokens: float, width: int, layers: list[int], ckpt: bool) -> float:
+    def _stack_bytes(self, tokens: float, width: int, layers: list[int], ckpt: bool, act: int) -> float:
         # With full recompute only each layer's input (width) stays, plus one layer rebuilt at a time.
         per_token = width * len(layers) + max(layers) if ckpt else sum(layers)
-        return BF16 * tokens * per_token
+        return act * tokens * per_token
 
-    def activation_bytes(self, path: TokenPath, tokens: int, image_share: float, ckpt: bool) -> float:
-        """Activation bytes for one micro-batch of `tokens` tokens on one GPU. Modules that no
-        backward reaches run under no_grad and keep nothing. LM stages add the logits: bf16 plus
-        the fp32 copy cross-entropy upcasts to (objectives.token_ce), tokens x vocab x 6 bytes."""
+    def lm_head_bytes(self, tokens: float, act: int) -> tuple[float, float]:
+        """(saved, backward) bytes of the final norm, the logits and the cross-entropy over V:
+        saved are the norm (3h + 1), the logits, their fp32 copy (objectives.token_ce upcasts;
+        none when they are fp32 already) and log_softmax's fp32 output; the backward starts by
+        allocating the fp32 gradient of the log-probabilities and the logits' gradient."""
+        lm = self.shape.lm
+        V = lm.vocab_size
+        upcast = FP32 if act != FP32 else 0
+        saved = tokens * (act * (3 * lm.hidden_size + 1) + V * (act + upcast + FP32))
+        return saved, tokens * V * (FP32 + act)
+
+    def activation_bytes(
+        self, path: TokenPath, tokens: int, image_share: float, ckpt: bool, act_bytes: int = BF16
+    ) -> float:
+        """Peak activation bytes of one micro-batch of `tokens` tokens on one GPU (activations in
+        `act_bytes`-wide floats). Modules that no backward reaches run under no_grad and keep
+        nothing. The LM's peak is at the start of the backward (every saved tensor, the logits
+        and the cross-entropy's gradient buffers), or, under recompute, whichever is larger of
+        that and the layer inputs plus one layer rebuilt."""
         total = 0.0
         lm, v = self.shape.lm, self.shape.vision
         if "lm" in path.modules and path.backward_through("lm"):
             dense, moe = self._lm_layer_elems()
             layers = [dense] * lm.first_k_dense + [moe] * (lm.num_layers - lm.first_k_dense)
-            total += self._stack_bytes(tokens, lm.hidden_size, layers, ckpt)
-            total += tokens * lm.vocab_size * (BF16 + FP32)
+            saved, backward = self.lm_head_bytes(tokens, act_bytes)
+            if ckpt:
+                inputs = act_bytes * tokens * lm.hidden_size * len(layers)
+                total += inputs + max(saved + backward, act_bytes * tokens * max(layers))
+            else:
+                stack = self._stack_bytes(tokens, lm.hidden_size, layers, False, act_bytes)
+                total += stack + saved + backward
         if "vision" in path.modules and path.backward_through("vision"):
             patches = tokens if path.unit == "patch" else tokens * image_share * v.merge_size**2
-            total += self._stack_bytes(patches, v.hidden_size, [self._vit_layer_elems()] * v.num_layers, ckpt)
+            vit_layers = [self._vit_layer_elems()] * v.num_layers
+            total += self._stack_bytes(patches, v.hidden_size, vit_layers, ckpt, act_bytes)
         return total
 
 
