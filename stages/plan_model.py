@@ -148,9 +148,12 @@ class ModelCosts:
         return dense, moe
 
     def _vit_layer_elems(self) -> int:
-        """Per patch: 2 pre-LN in/out pairs (4h), qkv (3h), attention output (h), GELU in/out (2f)."""
+        """Saved elements per patch of a MoonViT block (model/vision.py): per pre-LayerNorm its
+        input, output, mean and 1/std (2h + 2, twice); the fused qkv output that v is a view of
+        (3h), the rotated q and k (2h), the attention output, a logsumexp per head and wo's input
+        (2h + H); the MLP's fc0 output and GELU output (2f)."""
         v = self.shape.vision
-        return 8 * v.hidden_size + 2 * v.intermediate_size
+        return 11 * v.hidden_size + 2 * v.intermediate_size + v.num_heads + 4
 
     def _stack_bytes(self, tokens: float, width: int, layers: list[int], ckpt: bool, act: int) -> float:
         # With full recompute only each layer's input (width) stays, plus one layer rebuilt at a time.

@@ -132,9 +132,9 @@ def test_joint_pretrain_memory_per_gpu_by_hand(plan):
     head = t * (2 * norm + V * (2 + 4 + 4)) + t * V * (4 + 2)  # logits, fp32 copy, log-probs; CE grads
     lm_acts = 2 * t * H * L + max(head, 2 * t * moe_layer)  # recompute: layer inputs + the larger peak
     patches = t * 0.3 * 4
-    vit_acts = 2 * patches * (1152 * 27 + 8 * 1152 + 2 * 4304)
+    vit_acts = 2 * patches * (1152 * 27 + 11 * 1152 + 2 * 4304 + 16 + 4)  # inputs + one block rebuilt
     assert r.memory.activations == pytest.approx(lm_acts + vit_acts, rel=1e-12)
-    assert r.memory.total / 1e9 == pytest.approx(56.6, abs=0.05) and r.fits  # 21.5 GB: logits + CE
+    assert r.memory.total / 1e9 == pytest.approx(56.65, abs=0.05) and r.fits  # 21.5 GB: logits + CE
 
 
 def test_every_full_scale_row_fits_an_h100_and_long_context_uses_context_parallelism(plan):
