@@ -568,6 +568,9 @@ def plan(
     gpus: int = typer.Option(512, "--gpus", help="Total GPUs (data x context parallel)."),
     mfu: float = typer.Option(0.4, "--mfu", help="Model FLOPs utilisation of training."),
     zero: int = typer.Option(2, "--zero", help="ZeRO stage 0-3 for the memory estimate."),
+    assume_cp: bool = typer.Option(
+        False, "--assume-cp", help="Plan with context parallelism (what-if: the trainer has none yet)."
+    ),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     format_: str = format_option(),
 ) -> None:
@@ -578,7 +581,8 @@ def plan(
 
         rec = _load(_recipe_path(recipe), set_)
         try:
-            result = make_plan(rec, plan_config(gpu=gpu, num_gpus=gpus, mfu=mfu, zero_stage=zero))
+            cfg = plan_config(gpu=gpu, num_gpus=gpus, mfu=mfu, zero_stage=zero, context_parallel=assume_cp)
+            result = make_plan(rec, cfg)
         except PlanError as e:
             err_console.print(f"[bold red]plan error:[/bold red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None

@@ -36,7 +36,8 @@ def plan_table(plan: Plan) -> Table:
     t = Table(
         title=f"plan: {plan.recipe} on {cfg.num_gpus} x {cfg.gpu.upper()} "
         f"(MFU {cfg.mfu:g}, ZeRO-{cfg.zero_stage}"
-        f"{', recompute' if cfg.activation_checkpointing else ''})"
+        f"{', recompute' if cfg.activation_checkpointing else ''}"
+        f"{', context parallelism assumed' if cfg.context_parallel else ''})"
     )
     for col in (
         "stage",
@@ -57,7 +58,7 @@ def plan_table(plan: Plan) -> Table:
         t.add_column(col, justify="left" if col == "stage" else "right")
     for r in plan.rows:
         m = r.memory
-        mem = _gb(m.total) if r.fits else f"[red]{_gb(m.total)} (OOM)[/red]"
+        mem = _gb(m.total) if r.fits else f"[red]{_gb(m.total)} ({'needs CP' if r.needs_cp else 'OOM'})[/red]"
         days = None if r.gpu_hours is None else r.gpu_hours / cfg.num_gpus / 24
         t.add_row(
             r.stage,
@@ -124,8 +125,14 @@ def _title(plan: Plan) -> str:
     cfg = plan.config
     return (
         f"plan: {plan.recipe} on {cfg.num_gpus} x {cfg.gpu.upper()} (MFU {cfg.mfu:g}, "
-        f"ZeRO-{cfg.zero_stage}{', recompute' if cfg.activation_checkpointing else ''})"
+        f"ZeRO-{cfg.zero_stage}{', recompute' if cfg.activation_checkpointing else ''}"
+        f"{', CP assumed' if cfg.context_parallel else ''})"
     )
+
+
+def _unfit(r) -> str:
+    """Why a row does not run as planned: it needs context parallelism, or it is out of memory."""
+    return "CP" if r.needs_cp else "OOM"
 
 
 def _display_rows(plan: Plan) -> list[dict[str, str]]:
@@ -145,7 +152,7 @@ def _display_rows(plan: Plan) -> list[dict[str, str]]:
                 "grads": _gb(m.grads),
                 "optim": _gb(m.optimizer),
                 "act": _gb(m.activations),
-                "mem": _gb(m.total) + ("" if r.fits else " OOM"),
+                "mem": _gb(m.total) + ("" if r.fits else f" {_unfit(r)}"),
                 "dpcp": f"{r.dp} x {r.cp}",
                 "micro": f"{r.micro_batch} x {r.grad_accum}",
                 "hours": "-" if r.gpu_hours is None else f"{r.gpu_hours:,.0f}",

@@ -13,6 +13,8 @@ Conventions:
   ZeRO stage over all GPUs, plus activations for one micro-batch per GPU.
 - layout: data parallel x context parallel (cp splits a sequence, as Ulysses / ring attention
   do for long context); cp is the smallest degree that divides the batch and fits in memory.
+  The trainer has no context parallelism yet, so unless the plan assumes it (`--assume-cp`), a
+  row that needs cp > 1 is flagged (`needs_cp`), with its memory on one GPU and what would fit.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class SegmentPlan:
     micro_batch: int
     grad_accum: int
     note: str = ""
+    needs_cp: bool = False
+    """The row's layout splits sequences over GPUs, which the trainer cannot do yet."""
 
 
 @dataclass
@@ -219,6 +223,9 @@ def _row(
         lambda mb, cp: mem(mb, cp).total <= cap,
     )
     m = mem(mb, cp)
+    needs_cp = cp > 1 and not cfg.context_parallel
+    if needs_cp:
+        m = mem(1, 1)  # what one sequence takes on one GPU: the only layout the trainer has
     peak = cfg.spec.peak_tflops * 1e12
     note, tokens, flops, hours = "", None, None, None
     if rl_like:
@@ -237,7 +244,21 @@ def _row(
         tokens = float(steps * rows * seq_len)
         flops = flops_per_token(stage, costs, cfg, seq_len) * tokens
         hours = flops / (peak * cfg.mfu) / 3600
-    if not m.total <= cap:
+    if needs_cp:
+        if m.total > cap:  # memory is linear in the micro-batch's tokens
+            fixed = memory_per_gpu(path, costs, cfg, 0, use_muon).total
+            longest = int((cap - fixed) / (m.total - fixed) * seq_len)
+            why = (
+                f"one {seq_len:,}-token sequence needs {m.total / 1e9:.0f} GB > {cap / 1e9:.0f} GB "
+                f"usable; sequences up to {longest:,} tokens fit one GPU"
+            )
+        else:
+            why = f"{layout_rows} sequences cannot occupy {cfg.num_gpus} GPUs; --gpus {layout_rows} would"
+        note = (
+            f"needs context parallelism x{cp}, which the trainer does not have yet ({why}); "
+            f"--assume-cp plans with it"
+        ) + (f"; {note}" if note else "")
+    elif not m.total <= cap:
         note = (
             f"needs {m.total / 1e9:.0f} GB > {cap / 1e9:.0f} GB usable: more GPUs (more context "
             f"parallelism), a higher --zero, or a smaller micro_batch_size"
@@ -251,12 +272,13 @@ def _row(
         flops,
         hours,
         m,
-        m.total <= cap,
+        m.total <= cap and not needs_cp,
         dp,
         cp,
         mb,
         rows // dp // mb if not rl_like else layout_rows // dp // mb,
         note,
+        needs_cp,
     )
 
 

@@ -48,6 +48,10 @@ class PlanConfig(Frozen):
     """ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters (0 = plain DDP)."""
     activation_checkpointing: bool = True
     """Full per-layer recompute: keep each layer's input, rebuild one layer's activations at a time."""
+    context_parallel: bool = False
+    """Plan as if the trainer split a sequence over GPUs (context parallelism). It does not yet:
+    by default a row that would need it is flagged with what would make it fit instead
+    (`moonforge plan --assume-cp` shows the what-if)."""
     image_token_share: float = Field(default=0.3, ge=0.0, le=1.0)
     """Share of LM tokens that are image tokens in multimodal stages (k1.5's 30% vision-text)."""
 
@@ -76,7 +80,13 @@ def plan_config(**kw) -> PlanConfig:
         raise PlanError("; ".join(msgs)) from None
 
 
-CLI_OPTIONS = {"gpu": "--gpu", "num_gpus": "--gpus", "mfu": "--mfu", "zero_stage": "--zero"}
+CLI_OPTIONS = {
+    "gpu": "--gpu",
+    "num_gpus": "--gpus",
+    "mfu": "--mfu",
+    "zero_stage": "--zero",
+    "context_parallel": "--assume-cp",
+}
 """PlanConfig field -> the `moonforge plan` option that sets it (for error messages)."""
 
 
