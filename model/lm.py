@@ -57,6 +57,7 @@ from moonforge.model.attention import (
 from moonforge.model.config import LMConfig
 from moonforge.model.experts import ExpertsImpl, GroupedExperts
 from moonforge.model.kv_cache import KVCache, LayerCache
+from moonforge.model.lm_loss import cross_entropy_from_hidden
 from moonforge.model.moe import MoE, Router, SwiGLU
 from moonforge.model.rope import Rope1D, apply_rotary
 
@@ -347,8 +348,11 @@ class MoELM(nn.Module):
         position_ids_BL: Tensor,
         doc_ids_BL: Tensor,
         inputs_embeds_BLD: Tensor | None = None,
+        labels_BL: Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, L, V) from token ids OR precomputed embeddings (exactly one of the two).
+        """Logits (B, L, V) from token ids OR precomputed embeddings (exactly one of the two);
+        with `labels_BL`, the mean next-token cross-entropy over its labelled (!= -100) positions
+        instead, computed without keeping big logits (model/lm_loss.py).
 
         Causal within each packed document of `doc_ids_BL` (-1 = padding; padded logits are
         meaningless and must be masked by the loss).
@@ -360,7 +364,11 @@ class MoELM(nn.Module):
             h_BLD = self.embed(input_ids_BL)
         else:
             h_BLD = inputs_embeds_BLD
-        return self.logits(self.hidden(h_BLD, position_ids_BL, doc_ids_BL))
+        h_BLD = self.hidden(h_BLD, position_ids_BL, doc_ids_BL)
+        if labels_BL is None:
+            return self.logits(h_BLD)
+        h_TD, labels_T = h_BLD.flatten(0, 1), labels_BL.flatten()
+        return cross_entropy_from_hidden(h_TD, self.logits, labels_T, self.cfg.vocab_size)
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         """(layer index, MoE) for every MoE block."""

@@ -90,11 +90,13 @@ class VLM(nn.Module):
         media_mask_BL: Tensor | None = None,
         pixels_NP: Tensor | None = None,
         grid_hw: Tensor | None = None,
+        labels_BL: Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, L, V); text-only when pixels_NP is None. Raises ValueError when the count
+        """Logits (B, L, V); text-only when pixels_NP is None. With `labels_BL`, the mean
+        next-token cross-entropy instead (see `MoELM.forward`). Raises ValueError when the count
         of True positions in media_mask_BL differs from the number of image tokens."""
         h_BLD = self.embed(input_ids_BL, media_mask_BL, pixels_NP, grid_hw)
-        return self.lm(None, position_ids_BL, doc_ids_BL, inputs_embeds_BLD=h_BLD)
+        return self.lm(None, position_ids_BL, doc_ids_BL, inputs_embeds_BLD=h_BLD, labels_BL=labels_BL)
 
 
 def build_vlm(

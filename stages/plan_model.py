@@ -161,15 +161,22 @@ class ModelCosts:
         return act * tokens * per_token
 
     def lm_head_bytes(self, tokens: float, act: int) -> tuple[float, float]:
-        """(saved, backward) bytes of the final norm, the logits and the cross-entropy over V:
-        saved are the norm (3h + 1), the logits, their fp32 copy (objectives.token_ce upcasts;
-        none when they are fp32 already) and log_softmax's fp32 output; the backward starts by
-        allocating the fp32 gradient of the log-probabilities and the logits' gradient."""
+        """(saved, backward) bytes of the final norm, the logits and the cross-entropy over V
+        (model/lm_loss.py): the norm keeps 3h + 1 per token. Unchunked, only log_softmax's fp32
+        output stays until the backward (the logits and their fp32 copy are freed once it is
+        computed), which starts by allocating the fp32 gradient of the log-probabilities and
+        the logits' gradient. Chunked (above CE_CHUNK_ELEMS logit entries), nothing of the
+        logits stays: the backward rebuilds one chunk's (logits, fp32 copy, log-probabilities)
+        and their gradients at a time."""
+        from moonforge.model.lm_loss import CE_CHUNK_ELEMS, chunk_tokens  # torch: only when planning
+
         lm = self.shape.lm
         V = lm.vocab_size
         upcast = FP32 if act != FP32 else 0
-        saved = tokens * (act * (3 * lm.hidden_size + 1) + V * (act + upcast + FP32))
-        return saved, tokens * V * (FP32 + act)
+        norm = tokens * act * (3 * lm.hidden_size + 1)
+        if tokens * V > CE_CHUNK_ELEMS:
+            return norm, min(tokens, chunk_tokens(V)) * V * (act + upcast + FP32 + FP32 + act)
+        return norm + tokens * V * FP32, tokens * V * (FP32 + act)
 
     def activation_bytes(
         self, path: TokenPath, tokens: int, image_share: float, ckpt: bool, act_bytes: int = BF16

@@ -129,38 +129,34 @@ def test_joint_pretrain_memory_per_gpu_by_hand(plan):
     norm = 3 * H + 1  # input, normalised, weighted output (the next matmul's input) + 1/rms
     attn = 2 * HEADS * 192 + 3 * HEADS * 128 + HEADS + (2 * 512 + 64 + 1)  # q, k; v, out, o_in; lse; latent
     moe_layer = 2 * norm + attn + (64 + 3 * 6 + 1) + 6 * (3 * H + 4 * 1408 + 5) + 4 * 2 * 1408
-    head = t * (2 * norm + V * (2 + 4 + 4)) + t * V * (4 + 2)  # logits, fp32 copy, log-probs; CE grads
+    chunk = 2**28 // V  # the loss runs over chunks of 1638 tokens (model/lm_loss.py): no logits kept
+    head = 2 * t * norm + chunk * V * (2 + 4 + 4 + 4 + 2)  # one chunk rebuilt: logits, fp32, log-probs, grads
     lm_acts = 2 * t * H * L + max(head, 2 * t * moe_layer)  # recompute: layer inputs + the larger peak
     patches = t * 0.3 * 4
     vit_acts = 2 * patches * (1152 * 27 + 11 * 1152 + 2 * 4304 + 16 + 4)  # inputs + one block rebuilt
     assert r.memory.activations == pytest.approx(lm_acts + vit_acts, rel=1e-12)
-    assert r.memory.total / 1e9 == pytest.approx(56.65, abs=0.05) and r.fits  # 21.5 GB: logits + CE
+    assert r.memory.total / 1e9 == pytest.approx(39.47, abs=0.05) and r.fits
 
 
 def test_rows_that_need_context_parallelism_say_so_and_fit_when_it_is_assumed(plan, full):
-    """The trainer has no context parallelism: the plan does not assume it. The 8K rows fit one GPU
-    per sequence; the 32K / 128K rows are flagged with what one sequence needs and what would fit."""
-    short = [r for r in plan.rows if r.seq_len <= 8192]
-    assert short and all(r.fits and r.cp == 1 and not r.needs_cp for r in short)
-    long = [r for r in plan.rows if r.seq_len > 8192]
-    assert long and all(r.needs_cp and not r.fits for r in long)
+    """The trainer has no context parallelism, so the plan does not assume it: a 128K sequence does
+    not fit one GPU and a batch of fewer sequences than GPUs cannot occupy them; each row says
+    which, with what would fit. Everything else fits one sequence per GPU."""
+    needs = {r.stage for r in plan.rows if r.needs_cp}
+    assert needs == {"long_context[1]", "sft[0]", "sft[1]", "long_cot_sft", "rl"}
+    assert all(r.fits and r.cp == 1 for r in plan.rows if r.stage not in needs)
+    assert not any(r.fits for r in plan.rows if r.stage in needs)
     lc = row(plan, "long_context[1]")
-    assert lc.memory.total / 1e9 == pytest.approx(409.3, abs=0.05)  # one 128K sequence, one GPU
-    assert "needs context parallelism x16, which the trainer does not have yet" in lc.note
-    assert "sequences up to 13,539 tokens fit one GPU" in lc.note and "--assume-cp" in lc.note
+    assert lc.memory.total / 1e9 == pytest.approx(92.4, abs=0.05)  # one 128K sequence, one GPU
+    assert "needs context parallelism x2, which the trainer does not have yet" in lc.note
+    assert "sequences up to 86,010 tokens fit one GPU" in lc.note and "--assume-cp" in lc.note
+    assert "128 sequences cannot occupy 512 GPUs; --gpus 128 would" in row(plan, "long_cot_sft").note
+    assert row(make_plan(full, plan_config(num_gpus=128)), "long_cot_sft").fits
     what_if = make_plan(full, plan_config(context_parallel=True))
     assert all(r.fits and not r.needs_cp for r in what_if.rows), [r.stage for r in what_if.rows if not r.fits]
     lc = row(what_if, "long_context[1]")  # 256 sequences of 128K over 512 GPUs: cp >= 2 just to divide
     assert lc.cp >= 2 and lc.dp * lc.cp == 512 and 256 % lc.dp == 0
     assert what_if.unplanned == ["sft[0]", "sft[1]"]  # epoch budgets resolve against the data
-
-
-def test_a_batch_smaller_than_the_gpus_needs_context_parallelism_or_fewer_gpus(full):
-    r = load_recipe(FULL, ["stages.long_cot_sft.seq_len=8192"])
-    c = row(make_plan(r, plan_config()), "long_cot_sft")  # 128 sequences, 512 GPUs
-    assert c.needs_cp and c.cp == 4 and "128 sequences cannot occupy 512 GPUs; --gpus 128 would" in c.note
-    ok = row(make_plan(r, plan_config(num_gpus=128)), "long_cot_sft")
-    assert ok.fits and (ok.dp, ok.cp) == (128, 1)
 
 
 def test_zero_stages_shard_what_they_say(full):
@@ -209,11 +205,10 @@ def test_micro_batch_that_does_not_divide_the_per_gpu_batch(full):
     r = load_recipe(
         FULL, ["stages.joint_pretrain.micro_batch_size=4", "stages.joint_pretrain.batch_size=6144"]
     )
-    # 12 seqs per GPU at cp=1, but 4 x 8K tokens per forward keep 86 GB of logits and cross-entropy
-    # buffers alone (16 B per token and vocab entry), 43 GB at cp 2; so a planner that may assume
-    # context parallelism splits each sequence over 4 GPUs: dp 128 x cp 4, 48 seqs per rank = 4 x 12
-    j = row(make_plan(r, plan_config(context_parallel=True)), "joint_pretrain")
-    assert (j.dp, j.cp, j.micro_batch, j.grad_accum, j.fits) == (128, 4, 4, 12, True)
+    # 12 seqs per GPU at cp=1, run as 4 x 8K tokens per forward (the loss in chunks keeps no
+    # logits, so 4 sequences fit) and 3 accumulated
+    j = row(make_plan(r, plan_config()), "joint_pretrain")
+    assert (j.dp, j.cp, j.micro_batch, j.grad_accum, j.fits) == (512, 1, 4, 3, True)
     r = load_recipe(
         FULL, ["stages.joint_pretrain.micro_batch_size=4", "stages.joint_pretrain.batch_size=3072"]
     )  # recipe-valid, 6 per GPU

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, Category, MemoryProfileTimeline
 
+from moonforge.model import lm_loss
 from moonforge.model.config import LMConfig, VisionConfig, VLMConfig
 from moonforge.model.lm import MoELM
 from moonforge.model.vision import MoonViT
@@ -79,9 +79,8 @@ def lm_peak(ckpt: bool) -> int:
     pos = torch.arange(LEN).expand(ROWS, LEN)
     doc = torch.zeros(ROWS, LEN, dtype=torch.long)
 
-    def step() -> None:
-        logits = lm(ids, pos, doc)
-        F.cross_entropy(logits.float().flatten(0, 1), ids.flatten()).backward()
+    def step() -> None:  # the training objective's path: the model computes its own loss
+        lm(ids, pos, doc, labels_BL=ids).backward()
 
     return activation_peak(lm, lm.layers, step, ckpt)
 
@@ -96,15 +95,20 @@ def vit_peak(ckpt: bool) -> int:
 
 
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "recompute"])
-@pytest.mark.parametrize("part", ["lm", "vision"])
-def test_plan_activation_memory_is_within_25_percent_of_the_measured_peak(part, ckpt, one_thread):
+@pytest.mark.parametrize("part", ["lm", "lm-chunked-loss", "vision"])
+def test_plan_activation_memory_is_within_25_percent_of_the_measured_peak(
+    part, ckpt, one_thread, monkeypatch
+):
     costs = model_costs(VLMConfig(lm=LM, vision=VIT))
-    if part == "lm":
+    if part == "lm-chunked-loss":  # the loss over chunks of 128 tokens (model/lm_loss.py)
+        monkeypatch.setattr(lm_loss, "CE_CHUNK_ELEMS", 128 * LM.vocab_size)
+    if part.startswith("lm"):
         path, tokens, measured = TokenPath(("lm",), ("lm",), "lm"), ROWS * LEN, lm_peak(ckpt)
     else:
         path, tokens, measured = TokenPath(("vision",), ("vision",), "patch"), IMAGES * 64, vit_peak(ckpt)
     planned = costs.activation_bytes(path, tokens, 0.3, ckpt, act_bytes=FP32)
-    # measured here: plan / measured = LM 1.000 plain, 0.999 recompute; ViT 0.999, 0.915
+    # measured here: plan / measured = LM 1.000 plain, 0.999 recompute; with the loss in chunks
+    # 0.988, 0.935; ViT 0.999, 0.915
     assert abs(planned / measured - 1) <= 0.25, (
         f"plan {planned / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB"
     )

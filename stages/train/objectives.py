@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE = -100
+from moonforge.model.lm_loss import IGNORE
 
 
 def token_ce(logits_BLV: Tensor, labels_BL: Tensor) -> tuple[Tensor, int]:
@@ -35,8 +35,21 @@ def lm_forward(model: nn.Module, batch) -> Tensor:
 
 
 def lm_loss(model: nn.Module, batch) -> tuple[Tensor, dict[str, float]]:
-    """Next-token CE of the VLM on an LMBatch (text, image-text, QA or long documents)."""
-    loss, n = token_ce(lm_forward(model, batch), batch.labels_BL)
+    """Next-token CE of the VLM on an LMBatch (text, image-text, QA or long documents); the
+    model computes it from its hidden states (never keeping big logits: model/lm_loss.py),
+    through its own forward so that DDP / DeepSpeed wrappers see the call."""
+    n = int((batch.labels_BL != IGNORE).sum())
+    if n == 0:
+        raise ValueError("batch has no labelled tokens: every label is -100 (check the loss mask)")
+    loss = model(
+        batch.input_ids_BL,
+        batch.position_ids_BL,
+        batch.doc_ids_BL,
+        media_mask_BL=batch.media_mask_BL,
+        pixels_NP=batch.pixels_NP,
+        grid_hw=batch.grid_hw,
+        labels_BL=batch.labels_BL,
+    )
     return loss, {"tokens": float(n)}
 
 
