@@ -9,8 +9,9 @@ Conventions:
   recipe's num_tokens to whole steps); RL counts generated rollout tokens at their cap.
 - FLOPs = model FLOPs (MFU convention: activation recompute is not counted): 6 N per trained
   token (2 forward + 4 backward) for the parameters on the token's path, plus causal attention.
-- memory = mixed precision bf16 params/grads + fp32 master and optimizer states, sharded per
-  ZeRO stage over all GPUs, plus activations for one micro-batch per GPU.
+- memory = what the trainer keeps: fp32 weights, grads and optimizer states (bf16 autocast for the
+  compute, so bf16 activations), sharded per ZeRO stage over all GPUs, plus the activations of
+  one micro-batch per GPU.
 - layout: data parallel x context parallel (cp splits a sequence, as Ulysses / ring attention
   do for long context); cp is the smallest degree that divides the batch and fits in memory.
   The trainer has no context parallelism yet, so unless the plan assumes it (`--assume-cp`), a
@@ -117,19 +118,21 @@ def memory_per_gpu(
 ) -> Memory:
     """Per-GPU bytes for a stage's module path and `seq_tokens` tokens per micro-batch per GPU.
 
-    bf16 params (2 B) for every resident module; for trained ones bf16 grads (2 B) and optimizer
-    states: fp32 master + momentum (8 B) under Muon, + fp32 variance (12 B) under AdamW (which
-    always takes the embeddings and lm_head). ZeRO-1/2/3 divide states / +grads / +params by
-    num_gpus (no tensor or expert parallelism is assumed).
+    What the trainer keeps (registry/launch.py: DeepSpeed with bf16 off; the loop autocasts the
+    compute to bf16 on CUDA): fp32 weights (4 B) for every resident module; for trained ones fp32
+    grads (4 B) and optimizer states: the momentum (4 B) under Muon, both moments (8 B) under
+    AdamW (which always takes the embeddings and lm_head). No separate master copy: the fp32
+    weights are the master. ZeRO-1/2/3 divide states / +grads / +params by num_gpus (no tensor or
+    expert parallelism is assumed).
     """
     n = cfg.num_gpus
     resident = sum(costs.params[m] for m in path.modules)
     trained = sum(costs.params[m] for m in path.trained)
     adamw = trained if not use_muon else (costs.lm_embed if "lm" in path.trained else 0)
-    states = 8 * trained + 4 * adamw
+    states = 4 * trained + 4 * adamw
     z = cfg.zero_stage
-    params = 2 * resident / (n if z >= 3 else 1)
-    grads = 2 * trained / (n if z >= 2 else 1)
+    params = 4 * resident / (n if z >= 3 else 1)
+    grads = 4 * trained / (n if z >= 2 else 1)
     optimizer = states / (n if z >= 1 else 1)
     acts = costs.activation_bytes(path, seq_tokens, cfg.image_token_share, cfg.activation_checkpointing)
     return Memory(params, grads, optimizer, acts)
@@ -248,9 +251,10 @@ def _row(
         if m.total > cap:  # memory is linear in the micro-batch's tokens
             fixed = memory_per_gpu(path, costs, cfg, 0, use_muon).total
             longest = int((cap - fixed) / (m.total - fixed) * seq_len)
+            fit = f"sequences up to {longest:,} tokens fit one GPU" if longest > 0 else "no sequence fits"
             why = (
-                f"one {seq_len:,}-token sequence needs {m.total / 1e9:.0f} GB > {cap / 1e9:.0f} GB "
-                f"usable; sequences up to {longest:,} tokens fit one GPU"
+                f"one {seq_len:,}-token sequence needs {m.total / 1e9:.1f} GB > {cap / 1e9:.0f} GB "
+                f"usable; {fit}" + "".join(f", or {f}" for f in _zero_fix(cfg, use_muon))
             )
         else:
             why = f"{layout_rows} sequences cannot occupy {cfg.num_gpus} GPUs; --gpus {layout_rows} would"
@@ -259,10 +263,16 @@ def _row(
             f"--assume-cp plans with it"
         ) + (f"; {note}" if note else "")
     elif not m.total <= cap:
-        note = (
-            f"needs {m.total / 1e9:.0f} GB > {cap / 1e9:.0f} GB usable: more GPUs (more context "
-            f"parallelism), a higher --zero, or a smaller micro_batch_size"
-        ) + (f"; {note}" if note else "")
+        fixes = ", ".join(
+            [*_zero_fix(cfg, use_muon), f"a smaller stages.{stage.stage_name}.micro_batch_size"]
+        )
+        note = f"needs {m.total / 1e9:.0f} GB > {cap / 1e9:.0f} GB usable: {fixes}" + (
+            f"; {note}" if note else ""
+        )
+    if cfg.zero_stage == 3 and use_muon:  # registry/launch.py refuses this combination
+        note = "ZeRO-3 does not run with the Muon optimizer yet (it needs whole matrices): use --zero 2" + (
+            f"; {note}" if note else ""
+        )
     return SegmentPlan(
         label,
         stage.kind,
@@ -272,7 +282,7 @@ def _row(
         flops,
         hours,
         m,
-        m.total <= cap and not needs_cp,
+        m.total <= cap and not needs_cp and not (cfg.zero_stage == 3 and use_muon),
         dp,
         cp,
         mb,
@@ -280,6 +290,13 @@ def _row(
         note,
         needs_cp,
     )
+
+
+def _zero_fix(cfg: PlanConfig, use_muon: bool) -> list[str]:
+    """The higher ZeRO stage that would shard more, when the trainer can run it (not ZeRO-3
+    with Muon)."""
+    z = cfg.zero_stage + 1
+    return [f"--zero {z}"] if z <= 2 or (z == 3 and not use_muon) else []
 
 
 def make_plan(recipe, cfg: PlanConfig, model: VLMConfig | None = None) -> Plan:
