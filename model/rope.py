@@ -11,6 +11,10 @@ What is unusual:
 - `Rope2D` follows MoonViT exactly: freqs = 1 / theta ** (arange(0, dim, 4) / dim) gives dim/4
   frequencies; rotary pair 2i uses the column (x = w) and pair 2i+1 the row (y = h), so x and y
   each take half of the pairs.
+- Video (3-D) positions add a temporal turn to every pair instead of taking pairs away from x and
+  y: pair j turns by (its x or y angle) + t * g_j, g_j = theta ** (-j / P), for temporal patch t.
+  At t = 0 nothing changes, so an image (and a video's first temporal patch) is rotated exactly
+  as before, and q.k still depends only on the offsets in x, y and t.
 
 Legend: B batch, L sequence length, H heads, D rotated channels (even), N packed patches,
 P = D/2 rotary pairs.
@@ -111,10 +115,20 @@ class Rope2D(nn.Module):
         ang_y = y_N.float()[:, None] * f_F[None]
         return torch.stack((ang_x, ang_y), dim=-1).flatten(1)
 
-    def forward(self, grid_hw: Tensor, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-        """(cos_NP, sin_NP) fp32 for the packed patches of `grid_hw`; use with `apply_rotary`."""
+    def temporal_freqs(self, device: torch.device | None = None) -> Tensor:
+        """(dim/2,) fp32: g_j = 1 / theta ** (j / (dim/2)), the temporal turn of pair j."""
+        P = self.dim // 2
+        return self.theta ** -(torch.arange(P, dtype=torch.float32, device=device) / P)
+
+    def forward(
+        self, grid_hw: Tensor, device: torch.device | None = None, t_N: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(cos_NP, sin_NP) fp32 for the packed patches of `grid_hw`; use with `apply_rotary`.
+        `t_N`: each patch's temporal index (video); None = all 0 (images)."""
         y_N, x_N = grid_positions(grid_hw, device)
         ang_NP = self.angles(y_N, x_N)
+        if t_N is not None:
+            ang_NP = ang_NP + t_N.float()[:, None] * self.temporal_freqs(ang_NP.device)[None]
         return ang_NP.cos(), ang_NP.sin()
 
     def extra_repr(self) -> str:

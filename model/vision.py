@@ -12,6 +12,13 @@ What is unusual:
 - All images of a batch form ONE row (B = 1) with block-diagonal non-causal attention: the
   document id of a patch is its image index. Packed output equals encoding each image alone.
   The attention metadata of that layout is built once per forward and shared by every block.
+- Video goes through the same weights (Kimi K2.5 / Qwen2-VL): a clip is cut into temporal
+  patches of TEMPORAL_PATCH frames (`video_patches`), each patchified like an image, so one
+  grid entry per temporal patch. `media_group` puts a clip's entries in one attention document
+  (every patch of the clip sees every other) and `media_t` gives their temporal index, which
+  turns the 2-D RoPE further (rope.py); an image is group-of-one at t = 0, exactly as before.
+  The temporal patch averages its frames' pixels: a Conv3d(k = (2, p, p)) whose kernel is the
+  image kernel halved on both frames, so an image as two identical frames embeds as itself.
 
 Legend: N total patches of all images, P = 3*p*p patch pixels, D hidden, H heads, Dh head dim,
 I MLP width, G pos-grid side, n_img images.
@@ -34,11 +41,56 @@ from moonforge.model.attention import (
 from moonforge.model.config import VisionConfig
 from moonforge.model.rope import Rope2D, apply_rotary
 
+TEMPORAL_PATCH = 2
+"""Frames per temporal patch of a video (Qwen2-VL, Kimi K2.5)."""
+
 
 def image_ids(grid_hw: Tensor, device: torch.device | None = None) -> Tensor:
     """(N,) image index of every packed patch: image i repeated h_i * w_i times."""
     sizes = (grid_hw[:, 0] * grid_hw[:, 1]).to(device)
     return torch.arange(len(sizes), device=device).repeat_interleave(sizes)
+
+
+def per_patch(values_n: Tensor, grid_hw: Tensor, device: torch.device | None = None) -> Tensor:
+    """(N,) a per-grid-entry value repeated for each of its h * w patches."""
+    sizes = (grid_hw[:, 0] * grid_hw[:, 1]).to(device)
+    return values_n.to(device).repeat_interleave(sizes)
+
+
+def video_patches(frames_TNP: Tensor) -> Tensor:
+    """A clip's frames, each already patchified on one grid (T, N, P), -> temporal patches
+    (ceil(T / TEMPORAL_PATCH), N, P): the mean of each run of TEMPORAL_PATCH frames (a last
+    short run repeats its final frame, as Qwen2-VL pads). One frame -> itself."""
+    T = frames_TNP.shape[0]
+    pad = -T % TEMPORAL_PATCH
+    if pad:
+        frames_TNP = torch.cat([frames_TNP, frames_TNP[-1:].expand(pad, -1, -1)])
+    return frames_TNP.unflatten(0, (-1, TEMPORAL_PATCH)).mean(dim=1)
+
+
+def temporal_merge(
+    feats_ND: Tensor, grid_hw: Tensor, media_group: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Average every k consecutive temporal patches of a clip (same group, hence same grid) into
+    one: (feats (N', D), grid (n', 2), group (n',)). A clip's last run may be shorter; k = 1 and
+    images (groups of one) pass through unchanged. Fewer LM tokens per clip, no new weights."""
+    sizes = (grid_hw[:, 0] * grid_hw[:, 1]).tolist()
+    groups = media_group.tolist()
+    starts = [0]
+    for s in sizes[:-1]:
+        starts.append(starts[-1] + s)
+    out, keep = [], []
+    i = 0
+    while i < len(sizes):
+        j = i + 1
+        while j < len(sizes) and j - i < k and groups[j] == groups[i]:
+            j += 1
+        run = [feats_ND[starts[e] : starts[e] + sizes[e]] for e in range(i, j)]
+        out.append(run[0] if len(run) == 1 else torch.stack(run).mean(dim=0))
+        keep.append(i)
+        i = j
+    idx = torch.tensor(keep, dtype=torch.long)
+    return (torch.cat(out) if out else feats_ND), grid_hw[idx], media_group[idx]
 
 
 class PosEmbGrid(nn.Module):
@@ -121,8 +173,26 @@ class MoonViT(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.pos_emb.weight, std=std)
 
-    def check_input(self, pixels_NP: Tensor, grid_hw: Tensor) -> None:
-        """Raise ValueError when pixels and grid disagree or an image exceeds max_patches."""
+    def check_input(
+        self,
+        pixels_NP: Tensor,
+        grid_hw: Tensor,
+        media_t: Tensor | None = None,
+        media_group: Tensor | None = None,
+    ) -> None:
+        """Raise ValueError when pixels and grid disagree, an image exceeds max_patches, or the
+        video layout (one value per grid entry; a group's entries adjacent) is malformed."""
+        n = len(grid_hw)
+        for name, v in (("media_t", media_t), ("media_group", media_group)):
+            if v is not None and v.shape != (n,):
+                raise ValueError(f"{name} must have one value per grid entry ({n}), got {tuple(v.shape)}")
+        if media_group is not None and n:
+            runs = int((media_group[1:] != media_group[:-1]).sum()) + 1
+            if runs != len(torch.unique(media_group)):
+                raise ValueError(
+                    f"media_group {media_group.tolist()} splits a clip: a clip's temporal patches "
+                    "must be adjacent in the packed batch"
+                )
         P = 3 * self.cfg.patch_size**2
         sizes = (grid_hw[:, 0] * grid_hw[:, 1]).tolist()
         if pixels_NP.dim() != 2 or pixels_NP.shape[1] != P:
@@ -137,14 +207,26 @@ class MoonViT(nn.Module):
                 f"{self.cfg.max_patches}; resize it before encoding"
             )
 
-    def forward(self, pixels_NP: Tensor, grid_hw: Tensor) -> Tensor:
-        """Encode packed images. pixels_NP: (N, 3*p*p); grid_hw: (n_img, 2) ints -> (N, D)."""
-        self.check_input(pixels_NP, grid_hw)
+    def forward(
+        self,
+        pixels_NP: Tensor,
+        grid_hw: Tensor,
+        media_t: Tensor | None = None,
+        media_group: Tensor | None = None,
+    ) -> Tensor:
+        """Encode packed images and video temporal patches. pixels_NP: (N, 3*p*p); grid_hw:
+        (n, 2) ints, one entry per image or temporal patch; media_t / media_group: (n,) temporal
+        index and clip of each entry (None: images, each its own group at t = 0) -> (N, D)."""
+        self.check_input(pixels_NP, grid_hw, media_t, media_group)
         x_ND = self.patch_embed(pixels_NP) + self.pos_emb(grid_hw).to(pixels_NP.dtype)
         cos_NP = sin_NP = None
         if self.rope is not None:
-            cos_NP, sin_NP = self.rope(grid_hw, device=pixels_NP.device)
-        img_1N = image_ids(grid_hw, pixels_NP.device)[None]
+            t_N = None if media_t is None else per_patch(media_t, grid_hw, pixels_NP.device)
+            cos_NP, sin_NP = self.rope(grid_hw, device=pixels_NP.device, t_N=t_N)
+        if media_group is None:
+            img_1N = image_ids(grid_hw, pixels_NP.device)[None]
+        else:
+            img_1N = per_patch(media_group, grid_hw, pixels_NP.device)[None]
         meta = attention_meta(
             img_1N, False, resolve_backend(self.attn_backend, x_ND.device), activation_dtype(x_ND)
         )

@@ -25,7 +25,7 @@ from moonforge.model.config import VLMConfig
 from moonforge.model.experts import ExpertsImpl
 from moonforge.model.lm import MoELM
 from moonforge.model.projector import PixelShuffleProjector, num_merged_tokens
-from moonforge.model.vision import MoonViT
+from moonforge.model.vision import MoonViT, temporal_merge
 
 FREEZE_GROUPS = ("vision", "projector", "lm", "caption")
 """Names of the child modules that stages freeze or train as units."""
@@ -53,6 +53,22 @@ class VLM(nn.Module):
     def encode_images(self, pixels_NP: Tensor, grid_hw: Tensor) -> Tensor:
         """Packed patches (N, P) of images with grids (n_img, 2) -> image tokens (M, D)."""
         return self.projector(self.vision(pixels_NP, grid_hw), grid_hw)
+
+    def encode_media(
+        self,
+        pixels_NP: Tensor,
+        grid_hw: Tensor,
+        media_t: Tensor,
+        media_group: Tensor,
+        temporal_merge_size: int = 1,
+    ) -> Tensor:
+        """Packed images and video temporal patches (see MoonViT.forward) -> LM tokens (M, D):
+        the same ViT and projector weights for both; every `temporal_merge_size` consecutive
+        temporal patches of a clip are averaged into one set of tokens."""
+        feats_ND = self.vision(pixels_NP, grid_hw, media_t, media_group)
+        if temporal_merge_size > 1:
+            feats_ND, grid_hw, _ = temporal_merge(feats_ND, grid_hw, media_group, temporal_merge_size)
+        return self.projector(feats_ND, grid_hw)
 
     def embed(
         self,

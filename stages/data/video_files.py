@@ -8,7 +8,7 @@ every video encoder (GIF and WebP in Pillow alike), it stores a run of identical
 longer frame, so the number of stored frames is not the clip's frame count. A reader therefore
 never counts stored frames: it samples the clip at timestamps (`read_frames` with `fps` or
 `num_frames`), as video decoders and VLM frame samplers do; at the record's own fps it gets back
-every rendered frame.
+every rendered frame. `clip_patches` turns sampled frames into MoonViT's temporal patches.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
 from PIL import Image
 from pydantic import Field
 
+from moonforge.model.vision import video_patches
+from moonforge.stages.data.images import to_patches
 from moonforge.stages.data.records import Box, _Record, _split, read_jsonl, require_dataset
 
 VideoKind = Literal["motion", "order", "crossings", "count"]
@@ -103,3 +106,25 @@ def read_frames(path: Path, *, fps: float | None = None, num_frames: int | None 
             j += 1
         out.append(frames[j])
     return out
+
+
+def clip_patches(
+    frames: list[Image.Image], patch_size: int, merge_size: int, max_patches: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A clip's sampled frames -> MoonViT input: (pixels_NP, grid_hw (n, 2), media_t (n,)), one
+    grid entry per temporal patch of TEMPORAL_PATCH frames (model/vision.py `video_patches`).
+    Every frame is resized to the first frame's patch grid, so a clip has one grid; one frame
+    gives exactly the image's patches."""
+    if not frames:
+        raise ValueError("clip_patches: a clip needs at least one frame")
+    first, (h, w) = to_patches(frames[0], patch_size, merge_size, max_patches)
+    size = (w * patch_size, h * patch_size)
+    rest = [
+        to_patches(
+            f.convert("RGB").resize(size, Image.Resampling.BICUBIC), patch_size, merge_size, max_patches
+        )[0]
+        for f in frames[1:]
+    ]
+    temporal_TNP = video_patches(torch.stack([first, *rest]))
+    n = temporal_TNP.shape[0]
+    return temporal_TNP.flatten(0, 1), torch.tensor([[h, w]] * n), torch.arange(n)
