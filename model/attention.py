@@ -31,10 +31,7 @@ What is unusual:
 - `v` may have a smaller head dim than `q`/`k` (MLA: 192 vs 128); varlen kernels pad it and slice.
 - Causal SDPA on CPU runs in query chunks of `CAUSAL_CHUNK` rows, each over only the keys up to
   its end (`causal_sdpa`): torch's CPU kernels compute the masked upper triangle anyway, so this
-  skips ~40% of the work at L = 512 (1.8x faster forward + backward with MLA's head dims). The
-  `sdpa` backend's causal `dense` form does the same with its mask, and each chunk also starts at
-  the earliest document start among its queries (`AttnMeta.key_starts`): forward + backward
-  1.2x at 16 x 256, 2.9x at 8 x 1024, 3.6x at 2 x 4096 (fp32, 1 thread, packed documents).
+  skips ~40% of the work at L = 512 (1.8x faster forward + backward with MLA's head dims).
 
 Legend: B batch rows, H heads, L sequence length, Dh q/k head dim, Dv v head dim,
 Q new queries and K cached keys (KV-cache decoding), T = B*L flattened tokens, S number of
@@ -96,30 +93,17 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return "flash" if flash_available(torch.device(device)) else "sdpa"
 
 
-def _segment_starts(doc_ids_BL: Tensor) -> Tensor:
-    """(B, L) bool: a new segment starts at every row start, every change of doc id, and every
-    padding token."""
-    starts_BL = torch.ones_like(doc_ids_BL, dtype=torch.bool)
-    starts_BL[:, 1:] = doc_ids_BL[:, 1:] != doc_ids_BL[:, :-1]
-    return starts_BL | (doc_ids_BL < 0)
-
-
 def segment_ids(doc_ids_BL: Tensor) -> Tensor:
     """Per-token segment index, unique across the whole batch: (B, L) long.
 
+    A new segment starts at every row start, every change of doc id, and every padding token.
     Example: doc_ids [[0, 0, 1, -1, -1]] -> [[0, 0, 1, 2, 3]].
     """
     B, L = doc_ids_BL.shape
-    return _segment_starts(doc_ids_BL).flatten().long().cumsum(0).view(B, L) - 1
-
-
-def segment_start_positions(doc_ids_BL: Tensor) -> Tensor:
-    """Per token, the row position where its segment starts: (B, L) long.
-
-    Example: doc_ids [[0, 0, 1, -1, -1]] -> [[0, 0, 2, 3, 4]].
-    """
-    pos_L = torch.arange(doc_ids_BL.shape[1], device=doc_ids_BL.device)
-    return torch.where(_segment_starts(doc_ids_BL), pos_L, 0).cummax(dim=1).values
+    starts_BL = torch.ones_like(doc_ids_BL, dtype=torch.bool)
+    starts_BL[:, 1:] = doc_ids_BL[:, 1:] != doc_ids_BL[:, :-1]
+    starts_BL |= doc_ids_BL < 0
+    return starts_BL.flatten().long().cumsum(0).view(B, L) - 1
 
 
 def cu_seqlens_from_doc_ids(doc_ids_BL: Tensor) -> tuple[Tensor, int]:
@@ -209,9 +193,6 @@ class AttnMeta:
     """One batch's document layout in the form its attention kernel needs (see module docstring).
 
     kernel: `full` (plain SDPA, every row one document), `dense`, `padded`, `varlen` or `flex`.
-    key_starts: set by the `sdpa` backend for a causal `dense` form on CPU longer than one chunk:
-    per query chunk of CAUSAL_CHUNK rows, the first key any of its queries may see (the earliest
-    document start among them). Empty: one SDPA call over the whole mask (the reference form).
     """
 
     kernel: Kernel
@@ -222,7 +203,6 @@ class AttnMeta:
     cu_seqlens_S1: Tensor | None = None
     max_seqlen: int = 0
     block_mask: BlockMask | None = None
-    key_starts: tuple[int, ...] = ()
 
 
 def _half(dtype: torch.dtype) -> bool:
@@ -282,17 +262,14 @@ def _sdpa_meta(doc_ids_BL: Tensor, causal: bool) -> AttnMeta:
     real_T = (doc_ids_BL >= 0).flatten()
     lengths_S = torch.bincount(seg_BL.flatten()[real_T], minlength=1)  # 0 for padding segments
     one_doc_rows = (seg_BL[:, -1] == seg_BL[:, 0]).all() if L else real_T.all()
-    stats = [(real_T.all() & one_doc_rows)[None], (lengths_S > 0).sum()[None], lengths_S.max()[None]]
-    chunked = causal and doc_ids_BL.device.type == "cpu" and L > CAUSAL_CHUNK
-    if chunked:  # read in the same host transfer: each query chunk's earliest document start
-        stats.append(segment_start_positions(doc_ids_BL)[:, ::CAUSAL_CHUNK].amin(dim=0))
-    full, S, Lmax, *key_starts = torch.cat(stats).tolist()
+    full, S, Lmax = torch.stack(
+        [real_T.all() & one_doc_rows, (lengths_S > 0).sum(), lengths_S.max()]
+    ).tolist()
     if full:
         return AttnMeta("full", causal, doc_ids_BL)
     if S and S * Lmax * Lmax < PADDED_OVER_DENSE * B * L * L:
         return AttnMeta("padded", causal, doc_ids_BL, segments=segment_plan(doc_ids_BL, causal, seg_BL))
-    mask_B1LL = block_mask(doc_ids_BL, causal)
-    return AttnMeta("dense", causal, doc_ids_BL, mask_B1LL=mask_B1LL, key_starts=tuple(key_starts))
+    return AttnMeta("dense", causal, doc_ids_BL, mask_B1LL=block_mask(doc_ids_BL, causal))
 
 
 def _flex_block_mask(seg_BL: Tensor, causal: bool) -> BlockMask:
@@ -318,9 +295,6 @@ def attention(
             return causal_sdpa(q_BHLD, k_BHLD, v_BHLE, scale)
         return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLE, scale=scale)
     if meta.kernel == "dense":
-        assert meta.mask_B1LL is not None  # attention_meta builds the mask for the dense kernel
-        if meta.key_starts:
-            return _dense_chunks(q_BHLD, k_BHLD, v_BHLE, meta.mask_B1LL, meta.key_starts, scale)
         return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLE, attn_mask=meta.mask_B1LL, scale=scale)
     if meta.kernel == "padded":
         assert meta.segments is not None  # attention_meta plans segments for the padded kernel
@@ -343,33 +317,6 @@ def causal_sdpa(q_BHLD: Tensor, k_BHLD: Tensor, v_BHLE: Tensor, scale: float | N
         outs.append(
             F.scaled_dot_product_attention(
                 q_BHLD[:, :, lo:hi], k_BHLD[:, :, :hi], v_BHLE[:, :, :hi], attn_mask=mask_QK, scale=scale
-            )
-        )
-    return torch.cat(outs, dim=2)
-
-
-def _dense_chunks(
-    q_BHLD: Tensor,
-    k_BHLD: Tensor,
-    v_BHLE: Tensor,
-    mask_B1LL: Tensor,
-    key_starts: tuple[int, ...],
-    scale: float | None,
-) -> Tensor:
-    """Causal dense-mask SDPA in query chunks of CAUSAL_CHUNK rows: chunk i attends only keys
-    [key_starts[i], chunk end), the only ones its queries may see (causal, and none sees before
-    its document's start). Same result as one call over the whole mask up to rounding."""
-    L = q_BHLD.shape[2]
-    outs = []
-    for lo, ks in zip(range(0, L, CAUSAL_CHUNK), key_starts, strict=True):
-        hi = min(lo + CAUSAL_CHUNK, L)
-        outs.append(
-            F.scaled_dot_product_attention(
-                q_BHLD[:, :, lo:hi],
-                k_BHLD[:, :, ks:hi],
-                v_BHLE[:, :, ks:hi],
-                attn_mask=mask_B1LL[:, :, lo:hi, ks:hi],
-                scale=scale,
             )
         )
     return torch.cat(outs, dim=2)

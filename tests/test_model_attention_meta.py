@@ -218,26 +218,3 @@ def test_chunked_causal_attention_matches_reference_with_gradients(backend):
         torch.autograd.grad(out.square().sum(), (q, k, v)), torch.autograd.grad(ref.square().sum(), (q, k, v))
     ):
         torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
-
-
-def test_chunked_dense_attention_skips_unseen_keys_and_matches_reference_with_gradients():
-    """Long rows whose layout the sdpa backend runs as a dense mask: on CPU each query chunk
-    starts at the earliest document start among its queries, and the result (outputs and
-    gradients) equals the per-document reference and the one-call dense form."""
-    g = torch.Generator().manual_seed(1)
-    L = 2 * attn.CAUSAL_CHUNK + 37  # chunks start at 0, 128, 256
-    doc = torch.tensor([[0] * (L - 40) + [1] * 30 + [-1] * 10, [3] * 7 + [4] * (L - 7)])
-    meta = attention_meta(doc, True, "sdpa")
-    assert meta.kernel == "dense" and meta.key_starts == (0, 0, 7)
-    assert attention_meta(doc, True, "dense").key_starts == ()  # the reference stays one call
-    assert attention_meta(doc, False, "sdpa").key_starts == ()  # non-causal: nothing to skip
-    q, k = (torch.randn(2, 3, L, 12, generator=g, requires_grad=True) for _ in range(2))
-    v = torch.randn(2, 3, L, 8, generator=g, requires_grad=True)
-    out = attn.attention(q, k, v, meta)
-    for ref in (attn.attend_reference(q, k, v, doc, causal=True), attn.attend(q, k, v, doc, True, "dense")):
-        torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
-        for a, b in zip(
-            torch.autograd.grad(out.square().sum(), (q, k, v), retain_graph=True),
-            torch.autograd.grad(ref.square().sum(), (q, k, v)),
-        ):
-            torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
