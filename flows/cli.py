@@ -505,8 +505,10 @@ def chat(
     question: str = typer.Argument(..., help="What to ask."),
     image: Path | None = typer.Option(None, "--image", help="An image file to ask about."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    video: Path | None = typer.Option(None, "--video", help="A video clip to ask about (GIF, WebP)."),
+    frames: int = typer.Option(8, "--frames", help="Frames sampled evenly from the --video clip."),
 ) -> None:
-    """Ask a checkpoint a question about an image (greedy, KV cache)."""
+    """Ask a checkpoint a question about an image or a video clip (greedy, KV cache)."""
     with _errors():
         from moonforge.registry.hf_tokenizer import load_checkpoint_tokenizer
         from moonforge.registry.refs import resolve_ref
@@ -514,12 +516,18 @@ def chat(
         from moonforge.stages.artifacts import Checkpoint
         from moonforge.stages.inference import chat as answer
 
-        store = open_store(_project())
-        info = resolve_ref(ref, store, _project())
+        if image is not None and video is not None:
+            raise ValueError("--image and --video: ask about one of them")
         if image is not None and not image.is_file():
             raise FileNotFoundError(f"--image {image}: no such file; pass a PNG/JPEG path")
+        if video is not None and not video.is_file():
+            raise FileNotFoundError(f"--video {video}: no such file; pass an animated GIF/WebP path")
+        if frames < 1:
+            raise ValueError(f"--frames {frames}: sample at least one frame")
+        store = open_store(_project())
+        info = resolve_ref(ref, store, _project())
         tok = load_checkpoint_tokenizer(info, store, _project())
-        out = answer(Checkpoint(info.path), tok, question, image, max_new_tokens)
+        out = answer(Checkpoint(info.path), tok, question, image, max_new_tokens, video, frames)
         console.print(f"[bold]{info.ref}[/]: {out.text}", highlight=False)
         console.print(f"({out.num_tokens} tokens, {out.finish_reason})", style="dim")
 

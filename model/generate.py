@@ -92,12 +92,19 @@ class _Decoder:
         pixels_NP: Tensor | None,
         grid_hw: Tensor | None,
         pad_id: int = PAD_ID,
+        media_t: Tensor | None = None,
+        media_group: Tensor | None = None,
     ) -> None:
         self.model, self.pad_id = model, pad_id
         device = model.lm.embed_tokens.weight.device
         self.ids_BL, self.pos_BL, self.doc_BL = left_pad(prompts, pad_id, device=device)
         self.media_mask_BL = media_mask_BL.to(device)
-        self.pixels_NP, self.grid_hw = pixels_NP, grid_hw
+        self.media = {
+            "pixels_NP": pixels_NP,
+            "grid_hw": grid_hw,
+            "media_t": media_t,
+            "media_group": media_group,
+        }
 
 
 class CachedDecoder(_Decoder):
@@ -112,8 +119,12 @@ class CachedDecoder(_Decoder):
         pixels_NP: Tensor | None,
         grid_hw: Tensor | None,
         pad_id: int = PAD_ID,
+        media_t: Tensor | None = None,
+        media_group: Tensor | None = None,
     ) -> None:
-        super().__init__(model, prompts, max_new_tokens, media_mask_BL, pixels_NP, grid_hw, pad_id)
+        super().__init__(
+            model, prompts, max_new_tokens, media_mask_BL, pixels_NP, grid_hw, pad_id, media_t, media_group
+        )
         device = self.ids_BL.device
         B, L = self.ids_BL.shape
         self.cache = KVCache(len(model.lm.layers), B, L + max_new_tokens, device)
@@ -122,7 +133,7 @@ class CachedDecoder(_Decoder):
 
     def prefill(self) -> Tensor:
         """Logits (B, V) for the first new token of every prompt."""
-        h_BLD = self.model.embed(self.ids_BL, self.media_mask_BL, self.pixels_NP, self.grid_hw)
+        h_BLD = self.model.embed(self.ids_BL, self.media_mask_BL, **self.media)
         h_BLD = self.model.lm.hidden_cached(h_BLD, self.pos_BL, self.doc_BL, self.cache)
         return self.model.lm.logits(h_BLD[:, -1])
 
@@ -152,9 +163,7 @@ class FullDecoder(_Decoder):
 
     def prefill(self) -> Tensor:
         """Logits (B, V) for the first new token of every prompt."""
-        return self.model(
-            self.ids_BL, self.pos_BL, self.doc_BL, self.media_mask_BL, self.pixels_NP, self.grid_hw
-        )[:, -1]
+        return self.model(self.ids_BL, self.pos_BL, self.doc_BL, self.media_mask_BL, **self.media)[:, -1]
 
     def step(self, rows: Sequence[int], next_ids_R: Tensor) -> Tensor:
         """As `CachedDecoder.step`, recomputing everything."""
@@ -167,9 +176,7 @@ class FullDecoder(_Decoder):
         self.doc_BL = torch.cat([self.doc_BL, doc_B[:, None]], dim=1)
         no_media_B1 = torch.zeros_like(ids_B[:, None], dtype=torch.bool)
         self.media_mask_BL = torch.cat([self.media_mask_BL, no_media_B1], dim=1)
-        logits_BLV = self.model(
-            self.ids_BL, self.pos_BL, self.doc_BL, self.media_mask_BL, self.pixels_NP, self.grid_hw
-        )
+        logits_BLV = self.model(self.ids_BL, self.pos_BL, self.doc_BL, self.media_mask_BL, **self.media)
         return logits_BLV[rows_R, -1]
 
 
@@ -248,6 +255,8 @@ def generate(
     stop_ids: Sequence[int] = DEFAULT_STOP_IDS,
     pixels_NP: Tensor | None = None,
     grid_hw: Tensor | None = None,
+    media_t: Tensor | None = None,
+    media_group: Tensor | None = None,
     media_pad_id: int = MEDIA_PAD_ID,
     pad_id: int = PAD_ID,
     seed: int | None = None,
@@ -260,7 +269,8 @@ def generate(
 
     prompts: token id lists of any lengths (batched with left padding). Images: the prompts'
     `media_pad_id` positions receive the tokens of `pixels_NP` / `grid_hw` (all images of all
-    prompts, in prompt order), as in `VLM.forward`. temperature 0 is greedy; otherwise tokens
+    prompts, in prompt order), as in `VLM.forward`; with `media_t` / `media_group` some grid
+    entries are temporal patches of video clips (`VLM.embed`). temperature 0 is greedy; otherwise tokens
     are drawn from top_p_filter(softmax(logits / temperature)) with `generator` (or a fresh one
     seeded with `seed`; neither -> torch's global RNG). A row ends at its first `stop_ids` token
     ("stop", token kept), at `max_new_tokens` ("length"), or when `RepeatDetector(repeat_ngram,
@@ -279,7 +289,9 @@ def generate(
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        decoder = decoder_cls(model, prompts, max_new_tokens, media_mask_BL, pixels_NP, grid_hw, pad_id)
+        decoder = decoder_cls(
+            model, prompts, max_new_tokens, media_mask_BL, pixels_NP, grid_hw, pad_id, media_t, media_group
+        )
         return _decode_loop(
             decoder,
             len(prompts),

@@ -76,8 +76,12 @@ class VLM(nn.Module):
         media_mask_BL: Tensor | None = None,
         pixels_NP: Tensor | None = None,
         grid_hw: Tensor | None = None,
+        media_t: Tensor | None = None,
+        media_group: Tensor | None = None,
     ) -> Tensor:
-        """Token embeddings (B, L, D) with image tokens scattered into media_mask_BL positions."""
+        """Token embeddings (B, L, D) with image tokens scattered into media_mask_BL positions.
+        With `media_t` / `media_group` (video: see `encode_media`) the grid entries are temporal
+        patches of clips as well as images."""
         h_BLD = self.lm.embed(input_ids_BL)
         num_slots = 0 if media_mask_BL is None else int(media_mask_BL.sum())
         if pixels_NP is None or grid_hw is None:
@@ -87,7 +91,13 @@ class VLM(nn.Module):
                     "pixels_NP / grid_hw were given (0 image tokens)"
                 )
             return h_BLD
-        img_MD = self.encode_images(pixels_NP, grid_hw)
+        if media_t is None and media_group is None:
+            img_MD = self.encode_images(pixels_NP, grid_hw)
+        else:
+            n = len(grid_hw)
+            t = torch.zeros(n, dtype=torch.long) if media_t is None else media_t
+            group = torch.arange(n) if media_group is None else media_group
+            img_MD = self.encode_media(pixels_NP, grid_hw, t, group)
         if num_slots != img_MD.shape[0]:
             raise ValueError(
                 f"media_mask_BL has {num_slots} image positions but the images give "
@@ -107,11 +117,13 @@ class VLM(nn.Module):
         pixels_NP: Tensor | None = None,
         grid_hw: Tensor | None = None,
         labels_BL: Tensor | None = None,
+        media_t: Tensor | None = None,
+        media_group: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, L, V); text-only when pixels_NP is None. With `labels_BL`, the mean
         next-token cross-entropy instead (see `MoELM.forward`). Raises ValueError when the count
         of True positions in media_mask_BL differs from the number of image tokens."""
-        h_BLD = self.embed(input_ids_BL, media_mask_BL, pixels_NP, grid_hw)
+        h_BLD = self.embed(input_ids_BL, media_mask_BL, pixels_NP, grid_hw, media_t, media_group)
         return self.lm(None, position_ids_BL, doc_ids_BL, inputs_embeds_BLD=h_BLD, labels_BL=labels_BL)
 
 

@@ -1,8 +1,11 @@
-"""Answer one question about an image (or none) with a checkpoint: what `moonforge chat` runs;
+"""Answer one question about an image, a video clip (or neither) with a checkpoint: what
+`moonforge chat` runs;
 and `evaluate`, the held-out answer accuracy `moonforge eval` reports.
 
 The prompt is the ChatML user turn the SFT and RL stages train on ("<image>\\n{question}"), decoded
 greedily with the KV cache until a stop id of the tokenizer (its turn end, <|im_end|> for ours).
+A clip takes the image's place: its frames, sampled evenly, become temporal patches through the
+same encoder and fill one media placeholder (Kimi-VL uses one placeholder kind for both).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from moonforge.model.tokenizer import Tokenizer
 from moonforge.model.vlm import build_vlm
 from moonforge.stages.artifacts import Checkpoint
 from moonforge.stages.data.images import load_image, num_image_tokens, to_patches
+from moonforge.stages.data.video_files import clip_patches, read_frames
 from moonforge.stages.train.checkpoint import load_weights
 
 
@@ -28,15 +32,32 @@ class ChatAnswer:
 
 
 def chat(
-    ckpt: Checkpoint, tokenizer: Tokenizer, question: str, image: Path | None = None, max_new_tokens: int = 64
+    ckpt: Checkpoint,
+    tokenizer: Tokenizer,
+    question: str,
+    image: Path | None = None,
+    max_new_tokens: int = 64,
+    video: Path | None = None,
+    num_frames: int = 8,
 ) -> ChatAnswer:
-    """Greedy answer of the checkpoint's model to `question` about `image`."""
+    """Greedy answer of the checkpoint's model to `question` about `image` or `video` (at most
+    one; `num_frames` frames sampled evenly from the clip)."""
+    if image is not None and video is not None:
+        raise ValueError("ask about an image or a video, not both")
     cfg = ckpt.model_config()
     tokenizer.require_vocab_size(cfg.lm.vocab_size, allow_spare_rows=True)  # imports may pad rows
     model = build_vlm(cfg)
     load_weights(model, ckpt)
     model.eval()
     pixels, grid, counts, content = None, None, [], question
+    media_t = media_group = None
+    if video is not None:
+        v = cfg.vision
+        frames = read_frames(video, num_frames=num_frames)
+        pixels, grid, media_t = clip_patches(frames, v.patch_size, v.merge_size, v.max_patches)
+        media_group = torch.zeros_like(media_t)
+        per_patch = num_image_tokens((int(grid[0, 0]), int(grid[0, 1])), v.merge_size)
+        counts, content = [per_patch * len(grid)], f"<image>\n{question}"
     if image is not None:
         v = cfg.vision
         pixels, hw = to_patches(load_image(image), v.patch_size, v.merge_size, v.max_patches)
@@ -51,6 +72,8 @@ def chat(
         stop_ids=tokenizer.stop_ids,
         pixels_NP=pixels,
         grid_hw=grid,
+        media_t=media_t,
+        media_group=media_group,
         pad_id=tokenizer.pad_id,
         media_pad_id=tokenizer.media_pad_id,
     )

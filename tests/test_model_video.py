@@ -144,3 +144,45 @@ def test_a_malformed_video_layout_is_refused_naming_it(vlm):
         vlm.vision(p, grid, torch.zeros(3, dtype=torch.long), None)
     with pytest.raises(ValueError, match="at least one frame"):
         clip_patches([], V.patch_size, V.merge_size, V.max_patches)
+
+
+def test_chat_about_a_one_frame_video_answers_as_about_the_image(tmp_path, repo_data):
+    """`moonforge chat --video` path: a clip of one frame is the image, so the greedy answers
+    (text, length, stop) are identical; a real clip answers too (the tiny random model's words
+    mean nothing, the plumbing is what is checked)."""
+    from moonforge.model.tokenizer import Tokenizer
+    from moonforge.stages.inference import chat
+    from moonforge.stages.train.checkpoint import save_weights
+
+    tok = Tokenizer.load(repo_data / "tokenizer")
+    cfg = CFG.model_copy(update={"lm": CFG.lm.model_copy(update={"vocab_size": tok.vocab_size})})
+    ckpt = save_weights(build_vlm(cfg, seed=1), cfg, tmp_path / "ckpt")
+    still = tmp_path / "still.gif"
+    frame(9).save(still, save_all=True, append_images=[frame(9)], duration=250, loop=0)
+    moving = tmp_path / "moving.gif"
+    clip()[0].save(moving, save_all=True, append_images=clip()[1:], duration=250, loop=0)
+    png = tmp_path / "frame.png"
+    frame(9).save(png)
+    as_image = chat(ckpt, tok, "Where does it go?", image=png, max_new_tokens=6)
+    as_video = chat(ckpt, tok, "Where does it go?", video=still, num_frames=1, max_new_tokens=6)
+    assert as_video == as_image and as_image.num_tokens > 0
+    assert chat(ckpt, tok, "Where does it go?", video=moving, num_frames=4, max_new_tokens=6).num_tokens > 0
+    with pytest.raises(ValueError, match="an image or a video, not both"):
+        chat(ckpt, tok, "?", image=png, video=moving)
+
+
+def test_moonforge_chat_video_flags_are_checked_before_anything_loads(tmp_path):
+    from typer.testing import CliRunner
+
+    from moonforge.flows.cli import app
+
+    png = tmp_path / "a.png"
+    frame(3).save(png)
+    cases = [
+        (["--image", str(png), "--video", str(png)], "--image and --video: ask about one of them"),
+        (["--video", str(tmp_path / "missing.webp")], "no such file; pass an animated GIF/WebP path"),
+        (["--video", str(png), "--frames", "0"], "--frames 0: sample at least one frame"),
+    ]
+    for flags, message in cases:
+        res = CliRunner().invoke(app, ["chat", "sft@1", "what moves?", *flags])
+        assert res.exit_code == 1 and message in " ".join(res.output.split()), res.output
