@@ -527,7 +527,9 @@ def chat(
         store = open_store(_project())
         info = resolve_ref(ref, store, _project())
         tok = load_checkpoint_tokenizer(info, store, _project())
-        out = answer(Checkpoint(info.path), tok, question, image, max_new_tokens, video, frames)
+        out = answer(
+            Checkpoint(info.path), tok, question, image, max_new_tokens, video=video, num_frames=frames
+        )
         console.print(f"[bold]{info.ref}[/]: {out.text}", highlight=False)
         console.print(f"({out.num_tokens} tokens, {out.finish_reason})", style="dim")
 

@@ -179,7 +179,9 @@ def test_promote_refuses_then_passes_models_and_chat(tmp_project, fake_stages, g
     monkeypatch.setattr(
         inference,
         "chat",
-        lambda ckpt, tok, q, img, n: seen.append(ckpt.path) or inference.ChatAnswer("a red circle", 3, "eos"),
+        lambda ckpt, tok, q, img, n, video=None, num_frames=8: (
+            seen.append(ckpt.path) or inference.ChatAnswer("a red circle", 3, "eos")
+        ),
     )
     res = invoke("chat", "models:/mini-vlm@champion", "what is this?")
     assert res.exit_code == 0, res.output
