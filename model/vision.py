@@ -47,8 +47,7 @@ TEMPORAL_PATCH = 2
 
 def image_ids(grid_hw: Tensor, device: torch.device | None = None) -> Tensor:
     """(N,) image index of every packed patch: image i repeated h_i * w_i times."""
-    sizes = (grid_hw[:, 0] * grid_hw[:, 1]).to(device)
-    return torch.arange(len(sizes), device=device).repeat_interleave(sizes)
+    return per_patch(torch.arange(len(grid_hw)), grid_hw, device)
 
 
 def per_patch(values_n: Tensor, grid_hw: Tensor, device: torch.device | None = None) -> Tensor:

@@ -23,7 +23,8 @@ def token_ce(logits_BLV: Tensor, labels_BL: Tensor) -> tuple[Tensor, int]:
     return loss, n
 
 
-def lm_forward(model: nn.Module, batch) -> Tensor:
+def lm_forward(model: nn.Module, batch, labels_BL: Tensor | None = None) -> Tensor:
+    """The model on an LMBatch: logits, or with `labels_BL` the model's own mean CE."""
     return model(
         batch.input_ids_BL,
         batch.position_ids_BL,
@@ -31,6 +32,7 @@ def lm_forward(model: nn.Module, batch) -> Tensor:
         media_mask_BL=batch.media_mask_BL,
         pixels_NP=batch.pixels_NP,
         grid_hw=batch.grid_hw,
+        labels_BL=labels_BL,
     )
 
 
@@ -41,15 +43,7 @@ def lm_loss(model: nn.Module, batch) -> tuple[Tensor, dict[str, float]]:
     n = int((batch.labels_BL != IGNORE).sum())
     if n == 0:
         raise ValueError("batch has no labelled tokens: every label is -100 (check the loss mask)")
-    loss = model(
-        batch.input_ids_BL,
-        batch.position_ids_BL,
-        batch.doc_ids_BL,
-        media_mask_BL=batch.media_mask_BL,
-        pixels_NP=batch.pixels_NP,
-        grid_hw=batch.grid_hw,
-        labels_BL=batch.labels_BL,
-    )
+    loss = lm_forward(model, batch, labels_BL=batch.labels_BL)
     return loss, {"tokens": float(n)}
 
 
