@@ -74,3 +74,22 @@ def test_chunked_loss_and_gradients_equal_the_plain_ones(tie, monkeypatch):
     assert g_chunked.keys() == g_plain.keys()
     for k in g_plain:
         torch.testing.assert_close(g_chunked[k], g_plain[k], atol=TOL, rtol=1e-5, msg=k)
+
+
+def test_a_batch_without_labelled_tokens_is_refused_naming_the_loss_mask():
+    from types import SimpleNamespace
+
+    from moonforge.stages.train.objectives import lm_loss
+
+    ids, pos, doc, labels = _batch()
+    batch = SimpleNamespace(
+        input_ids_BL=ids,
+        position_ids_BL=pos,
+        doc_ids_BL=doc,
+        media_mask_BL=None,
+        pixels_NP=None,
+        grid_hw=None,
+        labels_BL=torch.full_like(labels, -100),
+    )
+    with pytest.raises(ValueError, match="no labelled tokens.*check the loss mask"):
+        lm_loss(None, batch)  # refused before any model runs
