@@ -20,6 +20,9 @@ Backends, chosen when the model is built (`resolve_backend`, by device):
   cast down; such a batch runs `sdpa` instead (one warning).
 - `flex`: FlexAttention with a document block mask (compiled on CUDA; eager elsewhere, slow).
 - `auto`: `flash` on CUDA when a varlen kernel exists, else `sdpa`.
+Under context parallelism (model/context_parallel.py) every backend runs the `cp` kernel: this
+rank's Lc queries over the gathered keys [k0, hi) (hi = its slice's end, k0 = the earliest start
+of a document its slice continues), SDPA with a dense (B, 1, Lc, hi - k0) mask.
 KV-cache decoding (`attend_cached`) always runs SDPA on the last Q rows of the same mask.
 
 What is unusual:
@@ -53,9 +56,11 @@ from torch import Tensor
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
+    from moonforge.model.context_parallel import ContextParallel
+
 Backend = Literal["auto", "sdpa", "dense", "padded", "flash", "flex"]
 BACKENDS = ("auto", "sdpa", "dense", "padded", "flash", "flex")
-Kernel = Literal["full", "dense", "padded", "varlen", "flex"]
+Kernel = Literal["full", "dense", "padded", "varlen", "flex", "cp"]
 
 try:  # guarded: flash-attn is an optional CUDA extra
     from flash_attn import flash_attn_varlen_func as _flash_varlen
@@ -203,6 +208,10 @@ class AttnMeta:
     cu_seqlens_S1: Tensor | None = None
     max_seqlen: int = 0
     block_mask: BlockMask | None = None
+    cp: ContextParallel | None = None
+    """Context parallelism (kernel `cp`): the group whose slices the keys are gathered from."""
+    keys: tuple[int, int] = (0, 0)
+    """Kernel `cp`: the gathered key positions [k0, hi) this rank's queries may see."""
 
 
 def _half(dtype: torch.dtype) -> bool:
@@ -249,6 +258,32 @@ def attention_meta(
     return _sdpa_meta(doc_ids_BL, causal)
 
 
+def cp_attention_meta(doc_ids_BL: Tensor, cp: ContextParallel, causal: bool = True) -> AttnMeta:
+    """The `cp` kernel's metadata for this rank's slice of a batch whose whole layout is
+    `doc_ids_BL` (B, L): queries [lo, hi), keys [k0, hi) (causal) or [k0, L); one host read."""
+    B, L = doc_ids_BL.shape
+    lo, hi = cp.bounds(L)
+    k_hi = hi if causal else L
+    seg_BL = segment_ids(doc_ids_BL)
+    # earliest key any query of the slice may see: the start of the segment at `lo` in each row
+    # (segments are contiguous runs), so the keys before it are never gathered into the matmul
+    k0 = int((seg_BL < seg_BL[:, lo : lo + 1]).sum(1).min()) if causal else 0
+    mask_BQK = seg_BL[:, lo:hi, None] == seg_BL[:, None, k0:k_hi]
+    if causal:
+        q_pos_Q = torch.arange(lo, hi, device=doc_ids_BL.device)
+        mask_BQK &= torch.arange(k0, k_hi, device=doc_ids_BL.device)[None, :] <= q_pos_Q[:, None]
+    return AttnMeta("cp", causal, doc_ids_BL[:, lo:hi], mask_B1LL=mask_BQK[:, None], cp=cp, keys=(k0, k_hi))
+
+
+def cp_keys(meta: AttnMeta, x: Tensor, dim: int) -> Tensor:
+    """Under the `cp` kernel, the key positions [k0, hi) of `x` gathered from every rank's slice
+    along `dim` (what keys and values are made from); otherwise `x` itself."""
+    if meta.cp is None:
+        return x
+    k0, hi = meta.keys
+    return meta.cp.gather(x, dim).narrow(dim, k0, hi - k0)
+
+
 def _padded_meta(doc_ids_BL: Tensor, causal: bool) -> AttnMeta:
     if not bool((doc_ids_BL >= 0).any()):  # nothing but padding: every token sees itself
         return AttnMeta("dense", causal, doc_ids_BL, mask_B1LL=block_mask(doc_ids_BL, causal))
@@ -288,7 +323,8 @@ def attention(
 ) -> Tensor:
     """Block-diagonal (per document) attention with prebuilt metadata; returns (B, H, L, Dv).
 
-    q, k: (B, H, L, Dh); v: (B, H, L, Dv). `scale` defaults to Dh ** -0.5.
+    q, k: (B, H, L, Dh); v: (B, H, L, Dv). `scale` defaults to Dh ** -0.5. Kernel `cp`: q is
+    this rank's (B, H, Lc, Dh) slice and k, v the gathered keys [k0, hi) (`cp_keys`).
     """
     if meta.kernel == "full":
         if meta.causal:
@@ -301,6 +337,8 @@ def attention(
         return _sdpa_segments(q_BHLD, k_BHLD, v_BHLE, meta.segments, meta.causal, scale)
     if meta.kernel == "varlen":
         return _flash(q_BHLD, k_BHLD, v_BHLE, meta, scale)
+    if meta.kernel == "cp":  # k, v: the gathered keys [k0, hi) (`cp_keys`)
+        return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLE, attn_mask=meta.mask_B1LL, scale=scale)
     return _flex(q_BHLD, k_BHLD, v_BHLE, meta, scale)
 
 

@@ -52,12 +52,15 @@ from moonforge.model.attention import (
     attend_cached,
     attention,
     attention_meta,
+    cp_attention_meta,
+    cp_keys,
     resolve_backend,
 )
 from moonforge.model.config import LMConfig
+from moonforge.model.context_parallel import ContextParallel
 from moonforge.model.experts import ExpertsImpl, GroupedExperts
 from moonforge.model.kv_cache import KVCache, LayerCache
-from moonforge.model.lm_loss import cross_entropy_from_hidden
+from moonforge.model.lm_loss import IGNORE, cross_entropy_from_hidden
 from moonforge.model.moe import MoE, Router, SwiGLU
 from moonforge.model.rope import Rope1D, apply_rotary
 
@@ -112,7 +115,11 @@ class MLA(nn.Module):
     def forward(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor, meta: AttnMeta) -> Tensor:
         B, L, _ = x_BLD.shape
         q_BHLX = self.queries(x_BLD, cos_BLP, sin_BLP)
-        k_BHLX, v_BHLDn = self.expand(*self.compress(x_BLD, cos_BLP, sin_BLP))
+        c_kv_BLR, k_rope_B1LDr = self.compress(x_BLD, cos_BLP, sin_BLP)
+        if meta.cp is not None:  # context parallel: gather the latent, not the expanded heads
+            latent_B1KX = cp_keys(meta, torch.cat([c_kv_BLR[:, None], k_rope_B1LDr], dim=-1), 2)
+            c_kv_BLR, k_rope_B1LDr = latent_B1KX[:, 0, :, : self.R], latent_B1KX[..., self.R :]
+        k_BHLX, v_BHLDn = self.expand(c_kv_BLR, k_rope_B1LDr)
         out_BHLDn = attention(q_BHLX, k_BHLX, v_BHLDn, meta, scale=self.scale)
         return self.o_proj(out_BHLDn.transpose(1, 2).reshape(B, L, self.H * self.Dn))
 
@@ -194,6 +201,9 @@ class MHA(nn.Module):
     def forward(self, x_BLD: Tensor, cos_BLP: Tensor, sin_BLP: Tensor, meta: AttnMeta) -> Tensor:
         B, L, _ = x_BLD.shape
         q_BHLD, k_BHLD, v_BHLD = self.qkv(x_BLD, cos_BLP, sin_BLP)
+        if meta.cp is not None:  # context parallel: one gather of the Hkv-head keys and values
+            kv_BHKX = cp_keys(meta, torch.cat([k_BHLD, v_BHLD], dim=-1), 2)
+            k_BHLD, v_BHLD = kv_BHKX.split([self.Dh, self.Dh], dim=-1)
         out_BHLD = attention(q_BHLD, self.share_kv(k_BHLD), self.share_kv(v_BHLD), meta)
         return self.o_proj(out_BHLD.transpose(1, 2).reshape(B, L, self.H * self.Dh))
 
@@ -258,8 +268,12 @@ class MoELM(nn.Module):
     """Token embedding -> decoder blocks -> RMSNorm -> lm_head (or the tied embedding).
 
     `backend` (attention, see attention.py) and `experts_impl` (experts.py) are runtime choices,
-    not part of the shape config: the same weights run on any device.
+    not part of the shape config: the same weights run on any device. So is
+    `context_parallel` (context_parallel.py): set by the training loop while a context-parallel
+    stage trains, None otherwise.
     """
+
+    context_parallel: ContextParallel | None = None
 
     def __init__(self, cfg: LMConfig, backend: Backend = "auto", experts_impl: ExpertsImpl = "auto") -> None:
         super().__init__()
@@ -316,9 +330,15 @@ class MoELM(nn.Module):
         return attention_meta(doc_ids_BL, True, backend, activation_dtype(h_BLD))
 
     def hidden(self, h_BLD: Tensor, position_ids_BL: Tensor, doc_ids_BL: Tensor) -> Tensor:
-        """Run the blocks and the final norm on input embeddings: (B, L, D) -> (B, L, D)."""
+        """Run the blocks and the final norm on input embeddings: (B, L, D) -> (B, L, D); under
+        context parallelism (B, Lc, D), this rank's slice."""
+        cp = self.context_parallel
+        if cp is not None:  # this rank keeps its slice of the sequence from here on
+            meta = cp_attention_meta(doc_ids_BL, cp, causal=True)
+            h_BLD, position_ids_BL = cp.shard(h_BLD), cp.shard(position_ids_BL)
+        else:
+            meta = self.attention_meta(doc_ids_BL, h_BLD)
         cos_BLP, sin_BLP = self.rope(position_ids_BL)
-        meta = self.attention_meta(doc_ids_BL, h_BLD)
         for layer in self.layers:
             h_BLD = layer(h_BLD, cos_BLP, sin_BLP, meta)
         return self.norm(h_BLD)
@@ -359,6 +379,12 @@ class MoELM(nn.Module):
         """
         if (input_ids_BL is None) == (inputs_embeds_BLD is None):
             raise ValueError("pass exactly one of input_ids_BL and inputs_embeds_BLD")
+        cp = self.context_parallel
+        if cp is not None and labels_BL is None:
+            raise ValueError(
+                "a context-parallel LM computes the training loss only (pass labels_BL); "
+                "logits need the whole sequence: run without context parallelism"
+            )
         if inputs_embeds_BLD is None:
             assert input_ids_BL is not None  # exactly one of the two, checked above
             h_BLD = self.embed(input_ids_BL)
@@ -367,8 +393,14 @@ class MoELM(nn.Module):
         h_BLD = self.hidden(h_BLD, position_ids_BL, doc_ids_BL)
         if labels_BL is None:
             return self.logits(h_BLD)
-        h_TD, labels_T = h_BLD.flatten(0, 1), labels_BL.flatten()
-        return cross_entropy_from_hidden(h_TD, self.logits, labels_T, self.cfg.vocab_size)
+        if cp is None:
+            h_TD, labels_T = h_BLD.flatten(0, 1), labels_BL.flatten()
+            return cross_entropy_from_hidden(h_TD, self.logits, labels_T, self.cfg.vocab_size)
+        # this rank's token losses over the whole micro-batch's count, summed over the group
+        n = (labels_BL != IGNORE).sum()
+        h_TD, labels_T = h_BLD.flatten(0, 1), cp.shard(labels_BL).flatten()
+        part = cross_entropy_from_hidden(h_TD, self.logits, labels_T, self.cfg.vocab_size, denominator=n)
+        return cp.sum(part)
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         """(layer index, MoE) for every MoE block."""

@@ -30,20 +30,25 @@ def cross_entropy_from_hidden(
     labels_T: Tensor,
     vocab_size: int,
     chunk_elems: int | None = None,
+    denominator: Tensor | None = None,
 ) -> Tensor:
     """Mean cross-entropy over the labelled tokens (labels != -100) of `logits_fn(h_TD)`, in
     fp32; NaN when no token is labelled (callers check first). `chunk_elems` defaults to
-    CE_CHUNK_ELEMS (read at call time)."""
+    CE_CHUNK_ELEMS (read at call time). With `denominator`, the sum of the token losses divided
+    by it instead (a context-parallel rank's part of a longer sequence's mean; 0 when none of
+    its tokens is labelled)."""
     T = h_TD.shape[0]
     chunk_elems = chunk_elems or CE_CHUNK_ELEMS
     if T * vocab_size <= chunk_elems:
+        if denominator is not None:
+            return _chunk_ce_sum(logits_fn, h_TD, labels_T) / denominator
         return F.cross_entropy(logits_fn(h_TD).float(), labels_T, ignore_index=IGNORE)
     C = chunk_tokens(vocab_size, chunk_elems)
     sums = [
         checkpoint(_chunk_ce_sum, logits_fn, h_TD[lo : lo + C], labels_T[lo : lo + C], use_reentrant=False)
         for lo in range(0, T, C)
     ]
-    return sum(sums[1:], sums[0]) / (labels_T != IGNORE).sum()
+    return sum(sums[1:], sums[0]) / (denominator if denominator is not None else (labels_T != IGNORE).sum())
 
 
 def chunk_tokens(vocab_size: int, chunk_elems: int | None = None) -> int:

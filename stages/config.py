@@ -158,10 +158,20 @@ class LauncherConfig(Frozen):
     3 also parameters (CUDA only)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Collective backend; auto = nccl on CUDA, gloo on CPU."""
+    context_parallel: PositiveInt = 1
+    """Ranks that share one sequence (model/context_parallel.py): each keeps 1/n of every
+    sequence's activations and the attention layers gather keys and values; data parallelism
+    runs over world_size / n replicas. For the long-sequence stages (long_context, long SFT);
+    only stages trained by next-token loss can use it."""
 
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
+
+    @property
+    def data_parallel(self) -> int:
+        """Replicas that read different micro-batches: world_size / context_parallel."""
+        return self.world_size // self.context_parallel
 
     @model_validator(mode="after")
     def _check(self) -> LauncherConfig:
@@ -169,6 +179,12 @@ class LauncherConfig(Frozen):
             raise ValueError(
                 f"launcher: nproc_per_node={self.nproc_per_node} x nnodes={self.nnodes} needs a "
                 "launcher; set launcher.kind to torchrun or deepspeed"
+            )
+        if self.world_size % self.context_parallel:
+            raise ValueError(
+                f"launcher.context_parallel={self.context_parallel} does not divide the "
+                f"{self.world_size} ranks (nproc_per_node x nnodes); use a divisor of "
+                f"{self.world_size} (within one node's processes is best)"
             )
         if self.node_rank is not None and self.node_rank >= self.nnodes:
             raise ValueError(
@@ -290,7 +306,19 @@ class StageConfig(Frozen):
                 f"stage {self.stage_name!r}: batch_size={self.batch_size} is not a multiple of "
                 f"micro_batch_size={mb}; pick a micro-batch that divides it"
             )
-        world = self.launcher.world_size
+        cp = self.launcher.context_parallel
+        if cp > 1 and not self.context_parallel_ok:
+            raise ValueError(
+                f"stage {self.stage_name!r}: launcher.context_parallel={cp}, but a {self.kind} "
+                "stage has no sharded-sequence loss (only stages trained by next-token loss do); "
+                "set launcher.context_parallel: 1"
+            )
+        if self.seq_len % cp:
+            raise ValueError(
+                f"stage {self.stage_name!r}: seq_len={self.seq_len} does not divide over "
+                f"launcher.context_parallel={cp} ranks; set seq_len to a multiple of {cp}"
+            )
+        world = self.launcher.data_parallel  # replicas: a context-parallel group reads together
         if world > 1 and self.batch_size % world:
             raise ValueError(
                 f"stage {self.stage_name!r}: batch_size={self.batch_size} does not divide over "
@@ -308,6 +336,12 @@ class StageConfig(Frozen):
     @property
     def stage_name(self) -> str:
         return self.name or self.kind
+
+    @property
+    def context_parallel_ok(self) -> bool:
+        """Whether this kind of stage can shard its sequences (overridden by the stages that
+        cannot: contrastive pretraining, RL, long2short)."""
+        return True
 
     @property
     def steps(self) -> int:

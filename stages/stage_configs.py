@@ -56,6 +56,7 @@ class ViTPretrainConfig(MixtureStage):
     """Stage 1: CoCa-like ViT pretraining, L = L_siglip + caption_weight * L_caption."""
 
     kind: Literal["vit_pretrain"] = "vit_pretrain"
+
     caption_weight: NonNegativeFloat = 2.0
     """lambda in L_siglip + lambda * L_caption (Kimi-VL: 2)."""
     siglip_init_logit_scale: float = 2.302585092994046
@@ -75,6 +76,10 @@ class ViTPretrainConfig(MixtureStage):
         ResolutionMilestone(at_frac=0.8, max_patches=4096),
     )
     """Progressive resolution: patch caps rising over the stage."""
+
+    @property
+    def context_parallel_ok(self) -> bool:
+        return False  # image-text pairs, no long sequence to shard
 
     @model_validator(mode="after")
     def _milestones(self) -> ViTPretrainConfig:
@@ -179,12 +184,20 @@ class LongContextConfig(MixtureStage):
             raise ValueError(
                 "long_context: put num_steps / num_tokens in each sub_stages entry, not on the stage"
             )
-        if self.launcher.world_size > 1:  # one micro-batch per step: nothing to share
+        la = self.launcher
+        if la.data_parallel > 1:  # one micro-batch per step: only its sequence can be shared
             raise ValueError(
                 f"long_context: each sub-stage step is one micro-batch, which cannot be shared by "
-                f"{self.launcher.world_size} ranks (no context parallelism yet); run this stage "
-                "with launcher.kind: inprocess (or nproc_per_node: 1, nnodes: 1)"
+                f"{la.data_parallel} data-parallel ranks; shard its sequence instead with "
+                f"launcher.context_parallel: {la.world_size} (or run it in process)"
             )
+        for i, sub in enumerate(self.sub_stages):
+            if sub.seq_len % la.context_parallel:
+                raise ValueError(
+                    f"long_context.sub_stages[{i}]: seq_len={sub.seq_len} does not divide over "
+                    f"launcher.context_parallel={la.context_parallel} ranks; use a multiple of "
+                    f"{la.context_parallel}"
+                )
         return self
 
     def sub_stage_steps(self, sub: SubStage) -> int:
@@ -245,8 +258,13 @@ class SFTConfig(MixtureStage):
         for i, p in enumerate(self.phases):
             if (p.num_steps is None) == (p.num_epochs is None):
                 raise ValueError(f"sft.phases[{i}]: set exactly one of num_steps or num_epochs")
-        world = self.launcher.world_size
+        world, cp = self.launcher.data_parallel, self.launcher.context_parallel
         for i, p in enumerate(self.phases):  # each phase has its own micro-batches per step
+            if p.seq_len % cp:
+                raise ValueError(
+                    f"sft.phases[{i}]: seq_len={p.seq_len} does not divide over "
+                    f"launcher.context_parallel={cp} ranks; use a multiple of {cp}"
+                )
             micro, accum = self.phase_rows(p)
             if world > 1 and accum % world:
                 fits = [
@@ -258,8 +276,8 @@ class SFTConfig(MixtureStage):
                 fix = (
                     f"set micro_batch_size: {fits[0]}"
                     if fits
-                    else f"use a world size that divides {micro * accum} (its rows per step) or a "
-                    "larger batch_size (no context parallelism yet)"
+                    else f"use a world size that divides {micro * accum} (its rows per step), a "
+                    "larger batch_size, or launcher.context_parallel to share each sequence"
                 )
                 raise ValueError(
                     f"sft.phases[{i}] (seq_len {p.seq_len}): {accum} micro-batch(es) of {micro} "
@@ -298,6 +316,7 @@ class RLConfig(MixtureStage):
     """
 
     kind: Literal["rl"] = "rl"
+
     num_iterations: PositiveInt = 8
     samples_per_prompt: PositiveInt = 8
     """k samples per prompt from the iteration's reference policy."""
@@ -336,6 +355,10 @@ class RLConfig(MixtureStage):
     max_verifier_error_rate: float = Field(default=0.5, ge=0.0, le=1.0)
     """Fail the stage when more than this share of verifier calls raise (a broken verifier)."""
 
+    @property
+    def context_parallel_ok(self) -> bool:
+        return False  # log-probs of sampled rollouts, not a sharded next-token loss
+
     @model_validator(mode="after")
     def _rl_budget(self) -> RLConfig:
         if self.steps < self.num_iterations:
@@ -365,6 +388,7 @@ class Long2ShortConfig(MixtureStage):
     """
 
     kind: Literal["long2short"] = "long2short"
+
     methods: tuple[Literal["merge", "shortest_rs", "dpo", "rl"], ...] = ("merge", "shortest_rs", "dpo", "rl")
     merge_weight: float = Field(default=0.5, ge=0.0, le=1.0)
     """theta = w * theta_long + (1 - w) * theta_short; the short model is the shortest_rs one."""
@@ -390,6 +414,10 @@ class Long2ShortConfig(MixtureStage):
     """w_len of long2short RL (constant, no warm-up)."""
     acc_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)
     """Candidates within this accuracy of the best one compete on acc per 1k tokens."""
+
+    @property
+    def context_parallel_ok(self) -> bool:
+        return False  # rollouts and DPO log-probs, not a sharded next-token loss
 
     @model_validator(mode="after")
     def _methods(self) -> Long2ShortConfig:

@@ -138,7 +138,7 @@ def test_sft_phases_and_long_context_that_cannot_share_a_step_are_refused_at_loa
     with pytest.raises(
         ValueError,
         match=r"long_context: each sub-stage step is one micro-batch, "
-        r"which cannot be shared by 2 ranks",
+        r"which cannot be shared by 2 data-parallel ranks",
     ):
         load_recipe(
             REPO / "recipes" / "tiny.yaml",

@@ -246,8 +246,9 @@ class DeclaredMix:
         if self.par is not None and self.par.world_size > 1:
             keys = sorted(used) + sorted(trained_bad)
             summed = self.par.mean_metrics({k: {**used, **trained_bad}[k] for k in keys})
-            used = {n: summed[n] * self.par.world_size for n in used}
-            trained_bad = {k: summed[k] * self.par.world_size for k in trained_bad}
+            # a context-parallel group's ranks drew the same documents: count each replica once
+            used = {n: summed[n] * self.par.dp_size for n in used}
+            trained_bad = {k: summed[k] * self.par.dp_size for k in trained_bad}
         for name, rep in self.reports.items():
             p = f"data/{name}/"
             out.update(

@@ -12,6 +12,10 @@ then asks `Parallel` for:
   sharded optimizer state, `ZeroMuonAdamW` as its client optimizer);
 - metric means, MoE router-load sums (so the aux-loss-free bias step sees the global load),
   and checkpoints written by rank 0 in the single-process format.
+With `launcher.context_parallel` = n > 1, each run of n consecutive ranks is one context-parallel
+group (model/context_parallel.py): its ranks build and take the same micro-batches (data
+parallelism runs over the world_size / n groups) and each keeps a slice of every sequence. Their
+gradients are partial sums, so the all-reduce adds them and divides by the data-parallel size.
 Only rank 0 writes into the artifact directory; other ranks get a scratch `ctx.out`.
 """
 
@@ -31,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from moonforge.model.context_parallel import ContextParallel
 from moonforge.stages.config import LauncherConfig, OptimizerConfig
 
 PROGRESS_PREFIX = "@@moonforge-progress "
@@ -51,21 +56,43 @@ class Parallel:
     writer_rank: int = 0
     """The rank that writes checkpoints and the artifact: local rank 0 of node 0 (the flow's node;
     a multi-node c10d rendezvous may give global rank 0 to another node)."""
+    cp_size: int = 1
+    """Ranks per context-parallel group (consecutive ranks); 1 = no context parallelism."""
+    cp_group: Any = None
+    """This rank's context-parallel process group (cp_size > 1)."""
 
     @property
     def is_writer(self) -> bool:
         return self.rank == self.writer_rank
 
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: groups of ranks that read different micro-batches."""
+        return self.world_size // self.cp_size
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's replica; the ranks of one context-parallel group share it (and its data)."""
+        return self.rank // self.cp_size
+
+    @property
+    def context(self) -> ContextParallel | None:
+        """What the model needs to shard its sequences; None without context parallelism."""
+        if self.cp_size == 1:
+            return None
+        return ContextParallel(self.rank % self.cp_size, self.cp_size, self.cp_group)
+
     def my_share(self, micro_batches: list[Any]) -> list[Any]:
-        """This rank's micro-batches of the step. Refused unless every rank gets as many: a rank
-        with fewer (or none) would reach the step's collectives out of order and hang the job."""
-        if len(micro_batches) % self.world_size:
+        """This rank's micro-batches of the step (its replica's, under context parallelism).
+        Refused unless every replica gets as many: a rank with fewer (or none) would reach the
+        step's collectives out of order and hang the job."""
+        if len(micro_batches) % self.dp_size:
             raise ValueError(
                 f"{len(micro_batches)} micro-batch(es) per step cannot be shared by "
-                f"{self.world_size} ranks; make the stage's micro-batches per step a multiple of "
-                f"{self.world_size} (a smaller micro_batch_size) or launch fewer processes"
+                f"{self.dp_size} ranks; make the stage's micro-batches per step a multiple of "
+                f"{self.dp_size} (a smaller micro_batch_size) or launch fewer processes"
             )
-        return micro_batches[self.rank :: self.world_size]
+        return micro_batches[self.dp_rank :: self.dp_size]
 
     def mean_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         keys = sorted(totals)
@@ -74,8 +101,10 @@ class Parallel:
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
 
     def average_gradients(self, params: list[Tensor]) -> None:
-        """All-reduce-mean every gradient. A parameter keeps grad None only if it has none on
-        every rank (e.g. an expert no token of the global step reached), as in one process."""
+        """All-reduce-mean every gradient over the replicas (a context-parallel group's ranks
+        hold partial sums: the all-reduce adds them). A parameter keeps grad None only if it has
+        none on every rank (e.g. an expert no token of the global step reached), as in one
+        process."""
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8)
         dist.all_reduce(has, op=dist.ReduceOp.MAX)
         live = [p for p, h in zip(params, has.tolist()) if h]
@@ -88,7 +117,7 @@ class Parallel:
             return
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat)
-        flat.div_(self.world_size)
+        flat.div_(self.dp_size)
         for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(synced)
 
@@ -143,7 +172,7 @@ class DeepSpeedOptimizer:
 
         from moonforge.stages.train.zero_muon import ZeroMuonAdamW
 
-        per_rank = grad_accum // par.world_size
+        per_rank = grad_accum // par.dp_size
         ds_cfg = dict(par.ds_config or {})
         micro = ds_cfg.get("train_micro_batch_size_per_gpu", 1)
         ds_cfg.update(
@@ -208,13 +237,22 @@ def init_parallel(launcher: LauncherConfig, device: str, ds_config: dict | None)
     )
     writer = torch.tensor([rank if mine else -1], device=device if backend == "nccl" else "cpu")
     dist.all_reduce(writer, op=dist.ReduceOp.MAX)
+    world, cp = dist.get_world_size(), launcher.context_parallel
+    cp_group = None
+    if cp > 1:  # consecutive ranks (one node's GPUs first): the gathers stay on the fast links
+        for first in range(0, world, cp):  # every rank creates every group, in the same order
+            g = dist.new_group(list(range(first, first + cp)))
+            if first <= rank < first + cp:
+                cp_group = g
     return Parallel(
         rank,
-        dist.get_world_size(),
+        world,
         launcher.kind,
         launcher.zero_stage,
         ds_config,
         writer_rank=max(int(writer), 0),
+        cp_size=cp,
+        cp_group=cp_group,
     )
 
 

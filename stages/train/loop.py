@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,7 +114,7 @@ def train_step(
     opt.zero_grad()
     mine = micro_batches if par is None else par.my_share(micro_batches)
     # a micro-batch's weight over all ranks; ranks' gradients and metrics are then averaged
-    share = None if weights is None else [w * (1 if par is None else par.world_size) for w in weights]
+    share = None if weights is None else [w * (1 if par is None else par.dp_size) for w in weights]
     mine_share = share if share is None or par is None else par.my_share(share)
     totals: dict[str, float] = {}
     for i, mb in enumerate(mine):
@@ -126,6 +127,8 @@ def train_step(
             )
         if hasattr(opt, "backward"):  # a DeepSpeed engine accumulates (and divides by len) itself
             ds_loss = loss if mine_share is None else loss * (mine_share[i] * len(mine))
+            if par is not None and par.cp_size > 1:  # the engine averages over every rank, but a
+                ds_loss = ds_loss * par.cp_size  # context-parallel group's gradients must add up
             opt.backward(ds_loss, last=i == len(mine) - 1)
         else:
             _part(loss, i, len(mine), mine_share).backward()
@@ -226,6 +229,40 @@ def train(
         _fast_forward(batches, record, spec)
         restore_rng(path)  # after the fast-forward: as if the steps had just run
     set_train_mode(model, spec.trainable)
+    with sequence_sharding(model, par):
+        _run(state, batches, loss_fn, ctx, model_cfg, par)
+    ctx.sink.flush()
+    model.eval()
+    return state
+
+
+@contextmanager
+def sequence_sharding(model: nn.Module, par) -> Iterator[None]:
+    """Under context parallelism (par.cp_size > 1), the model's LM keeps its slice of every
+    sequence while the block runs (model/context_parallel.py); evaluation after it sees the
+    whole sequence again."""
+    cp = par.context if par is not None else None
+    lm: Any = getattr(model, "lm", None)
+    if cp is None:
+        yield
+        return
+    if not hasattr(lm, "context_parallel"):
+        raise ValueError(
+            f"launcher.context_parallel={cp.size} needs a model whose LM shards sequences "
+            f"(moonforge's MoELM); {type(model).__name__} has none"
+        )
+    lm.context_parallel = cp
+    try:
+        yield
+    finally:
+        lm.context_parallel = None
+
+
+def _run(
+    state: TrainState, batches: Iterator[Any], loss_fn: LossFn, ctx: StageContext, model_cfg, par
+) -> None:
+    """The step loop of `train`: step, log, checkpoint, report progress until the phase ends."""
+    spec = state.spec
     t0 = time.perf_counter()
     while state.step < spec.num_steps:
         micro = [_to(next(batches), ctx.device) for _ in range(spec.grad_accum)]
@@ -240,9 +277,6 @@ def train(
         ):
             _checkpoint(state, model_cfg, ctx, batches)
         ctx.progress(state.step, spec.num_steps, spec.label)
-    ctx.sink.flush()
-    model.eval()
-    return state
 
 
 def _earlier_phases(spec: TrainSpec, ctx: StageContext, record: TrainRecord | None) -> dict:
@@ -278,8 +312,9 @@ def _checkpoint(state: TrainState, model_cfg: VLMConfig, ctx: StageContext, batc
     if par is None:
         opt: Any = state.optimizer
     else:
-        if data is not None:  # each rank reads its own share of the data: keep every position
-            data = {"ranks": par.gather_objects(data)}  # collective: every rank calls
+        if data is not None:  # each replica reads its own share of the data: keep every position
+            # (collective: every rank calls); a context-parallel group's ranks hold the same one
+            data = {"ranks": par.gather_objects(data)[:: par.cp_size]}
         opt = _Saved(par.gather_state(state.optimizer))  # collective under ZeRO: every rank calls
         if not par.is_writer:
             return

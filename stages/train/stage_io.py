@@ -124,11 +124,12 @@ def lm_stream(
     par=None,
 ):
     """Infinite packed micro-batches from a re-weighted source mixture; `par` (ctx.parallel):
-    this rank builds only its own micro-batches, from its own share of every source; with
+    this rank builds only its own (its replica's) micro-batches, from its share of every source; with
     cfg.num_workers > 0 loader processes build them (stages/data/loader_workers.py)."""
     v = model_cfg.vision
     micro = rows or (cfg.micro_batch_size or cfg.batch_size)
-    rank, world = (par.rank, par.world_size) if par is not None else (0, 1)
+    # the ranks of a context-parallel group read the same micro-batches: share by replica
+    rank, world = (par.dp_rank, par.dp_size) if par is not None else (0, 1)
 
     def make(worker: int = 0, num_workers: int = 1):
         return lm_batches(

@@ -1,0 +1,133 @@
+"""Context parallelism (model/context_parallel.py) on CPU with gloo, against one process.
+
+- Model level: two ranks each keep half of a packed micro-batch (documents and an image across
+  the middle, padding) through the tiny VLM; their losses equal the one-process loss and their
+  gradients, summed, equal its gradients: MLA (latent gathered), MLA under activation
+  checkpointing (the gathers run again in the recompute), MHA with grouped KV heads and biases.
+- Stage level: the real loop under torchrun with 2 processes and launcher.context_parallel=2
+  trains the same per-step loss curve as the in-process run (and the router biases move alike).
+- Bad input: a degree that does not divide the ranks or a sequence, a stage whose loss cannot
+  shard (RL), a context-parallel forward asked for logits, and long_context data parallelism
+  pointed at context parallelism.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import cp_check
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from moonforge.model.context_parallel import ContextParallel
+from moonforge.registry import launch
+from moonforge.stages.config import LauncherConfig
+from moonforge.stages.recipe import load_recipe
+from moonforge.stages.stage_configs import LMPretrainConfig
+
+LOSS_TOL = 1e-6
+GRAD_TOL = 1e-5
+"""fp32: the sharded run sums attention and the loss in another order (measured |diff| ~1e-7
+for the loss, ~1e-7 relative to the largest gradient entry)."""
+CURVE_TOL = 1e-4
+"""Max |loss difference| per step over 6 steps of training (as tests/test_distributed.py)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cp")
+    mp.start_processes(
+        cp_check.parity_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn"
+    )
+    return {name: torch.load(out / f"{name}.pt", weights_only=True) for name in cp_check.CASES}
+
+
+@pytest.mark.parametrize("case", list(cp_check.CASES))
+def test_two_ranks_give_the_one_process_loss_and_gradients(two_rank_results, case):
+    update, recompute = cp_check.CASES[case]
+    loss, grads = cp_check.loss_and_grads(cp_check.vlm(update, recompute), cp_check.packed_batch())
+    got = two_rank_results[case]
+    assert abs(float(got["loss"]) - float(loss)) < LOSS_TOL, (float(got["loss"]), float(loss))
+    assert sorted(got["grads"]) == sorted(grads)  # the vision tower and every expert that ran
+    scale = max(float(g.abs().max()) for g in grads.values())
+    worst = max(float((got["grads"][n] - g).abs().max()) for n, g in grads.items())
+    assert worst < GRAD_TOL * scale, (worst, scale)
+    assert any(n.startswith("vision.") for n in grads)  # gradients reach the replicated tower
+
+
+def test_torchrun_context_parallel_two_ranks_trains_the_one_process_curve(tmp_path):
+    import dist_stage
+
+    def cfg(**launcher):
+        return LMPretrainConfig(
+            upstream=None,
+            trainable=("vision", "projector", "lm"),
+            optimizer={"lr": 3e-3},
+            schedule={"kind": "cosine", "warmup_steps": 2},
+            seq_len=cp_check.SEQ,
+            batch_size=2,
+            num_steps=6,
+            router_bias_update=0.01,
+            launcher=launcher,
+        )
+
+    single = cp_check.cp_stage(None, {}, cfg(), dist_stage.toy_ctx(tmp_path, "single"))
+    ctx = dist_stage.toy_ctx(tmp_path, "cp")
+    res = launch.launch_stage(
+        "cp_check:cp_stage", None, {}, cfg(kind="torchrun", nproc_per_node=2, context_parallel=2), ctx
+    )
+    want, got = dist_stage.loss_curve(single.metrics), dist_stage.loss_curve(res.metrics)
+    assert len(got) == len(want) == 6
+    assert max(abs(a - b) for a, b in zip(got, want)) < CURVE_TOL, (got, want)
+    assert want[-1] < want[0] - 0.5  # it learns
+    # the router-bias step saw the same global expert load
+    assert res.metrics["train/max_over_mean"] == pytest.approx(
+        single.metrics["train/max_over_mean"], abs=1e-6
+    )
+
+
+def test_a_degree_that_does_not_divide_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"context_parallel=3 does not divide the 4 ranks"):
+        LauncherConfig(kind="torchrun", nproc_per_node=4, context_parallel=3)
+    with pytest.raises(ValueError, match=r"seq_len=64 does not divide over launcher.context_parallel=3"):
+        LMPretrainConfig(
+            upstream=None,
+            trainable=("lm",),
+            optimizer={"lr": 1e-3},
+            seq_len=64,
+            batch_size=2,
+            num_steps=1,
+            launcher={"kind": "torchrun", "nproc_per_node": 3, "context_parallel": 3},
+        )
+    with pytest.raises(ValueError, match=r"sequence length divisible by 2, got 63; set the stage's seq_len"):
+        ContextParallel(0, 2).bounds(63)
+
+
+def test_stages_that_cannot_shard_a_sequence_and_long_context_layouts():
+    tiny = cp_check.REPO / "recipes" / "tiny.yaml"
+    two = ["launcher.kind=torchrun", "launcher.nproc_per_node=2"]
+    with pytest.raises(ValueError, match=r"stage 'rl': launcher.context_parallel=2, but a rl stage"):
+        load_recipe(tiny, [f"stages.rl.{o}" for o in [*two, "launcher.context_parallel=2"]])
+    with pytest.raises(ValueError, match=r"long_context: .*2 data-parallel ranks; .*context_parallel: 2"):
+        load_recipe(tiny, [f"stages.long_context.{o}" for o in two])
+    ok = load_recipe(tiny, [f"stages.long_context.{o}" for o in [*two, "launcher.context_parallel=2"]])
+    lc = next(s for s in ok.stages if s.kind == "long_context")
+    assert lc.launcher.data_parallel == 1 and lc.launcher.context_parallel == 2
+    odd = "stages.long_context.sub_stages=[{seq_len: 1023, num_steps: 1}]"
+    with pytest.raises(ValueError, match=r"sub_stages\[0\]: seq_len=1023 does not divide over .*=2 ranks"):
+        load_recipe(tiny, [f"stages.long_context.{o}" for o in [*two, "launcher.context_parallel=2"]] + [odd])
+
+
+def test_a_context_parallel_forward_refuses_to_return_logits():
+    model = cp_check.vlm()
+    model.lm.context_parallel = ContextParallel(0, 2)
+    b = cp_check.packed_batch()
+    with pytest.raises(ValueError, match="computes the training loss only .*run without context parallelism"):
+        model(b.input_ids_BL, b.position_ids_BL, b.doc_ids_BL, b.media_mask_BL, b.pixels_NP, b.grid_hw)
