@@ -62,34 +62,45 @@ def test_two_ranks_give_the_one_process_loss_and_gradients(two_rank_results, cas
     assert any(n.startswith("vision.") for n in grads)  # gradients reach the replicated tower
 
 
-def test_torchrun_context_parallel_two_ranks_trains_the_one_process_curve(tmp_path):
+def _stage_cfg(**launcher):
+    return LMPretrainConfig(
+        upstream=None,
+        trainable=("vision", "projector", "lm"),
+        optimizer={"lr": 3e-3},
+        schedule={"kind": "cosine", "warmup_steps": 2},
+        seq_len=cp_check.SEQ,
+        batch_size=2,
+        num_steps=6,
+        router_bias_update=0.01,
+        launcher=launcher,
+    )
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
     import dist_stage
 
-    def cfg(**launcher):
-        return LMPretrainConfig(
-            upstream=None,
-            trainable=("vision", "projector", "lm"),
-            optimizer={"lr": 3e-3},
-            schedule={"kind": "cosine", "warmup_steps": 2},
-            seq_len=cp_check.SEQ,
-            batch_size=2,
-            num_steps=6,
-            router_bias_update=0.01,
-            launcher=launcher,
-        )
-
-    single = cp_check.cp_stage(None, {}, cfg(), dist_stage.toy_ctx(tmp_path, "single"))
-    ctx = dist_stage.toy_ctx(tmp_path, "cp")
-    res = launch.launch_stage(
-        "cp_check:cp_stage", None, {}, cfg(kind="torchrun", nproc_per_node=2, context_parallel=2), ctx
+    return cp_check.cp_stage(
+        None, {}, _stage_cfg(), dist_stage.toy_ctx(tmp_path_factory.mktemp("one"), "out")
     )
-    want, got = dist_stage.loss_curve(single.metrics), dist_stage.loss_curve(res.metrics)
+
+
+@pytest.mark.parametrize("engine", ["torchrun", "deepspeed"])
+def test_context_parallel_two_ranks_trains_the_one_process_curve(single_run, tmp_path, engine):
+    """torchrun all-reduces the group's partial gradients itself; DeepSpeed ZeRO-2 averages
+    over every rank, so the loop scales the loss by the group size: both must give the curve."""
+    import dist_stage
+
+    ctx = dist_stage.toy_ctx(tmp_path, "cp")
+    la = {"kind": engine, "nproc_per_node": 2, "context_parallel": 2, "zero_stage": 2}
+    res = launch.launch_stage("cp_check:cp_stage", None, {}, _stage_cfg(**la), ctx)
+    want, got = dist_stage.loss_curve(single_run.metrics), dist_stage.loss_curve(res.metrics)
     assert len(got) == len(want) == 6
     assert max(abs(a - b) for a, b in zip(got, want)) < CURVE_TOL, (got, want)
     assert want[-1] < want[0] - 0.5  # it learns
     # the router-bias step saw the same global expert load
     assert res.metrics["train/max_over_mean"] == pytest.approx(
-        single.metrics["train/max_over_mean"], abs=1e-6
+        single_run.metrics["train/max_over_mean"], abs=1e-6
     )
 
 

@@ -179,7 +179,16 @@ class DeepSpeedOptimizer:
             gradient_accumulation_steps=per_rank, train_batch_size=micro * per_rank * par.world_size
         )
         self.client = ZeroMuonAdamW(named_params, cfg)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.client, config=ds_cfg)
+        # DeepSpeed's start-up broadcast views every parameter as bytes, which a 0-dim tensor
+        # cannot do (CoCa's logit scale and bias): they pass through it as 1-element vectors.
+        scalars = [q for q in model.parameters() if q.dim() == 0]
+        for q in scalars:
+            q.data = q.data.reshape(1)
+        try:
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.client, config=ds_cfg)
+        finally:
+            for q in scalars:
+                q.data = q.data.reshape(())
         self.optimizers = [self.client]
         self.per_rank = per_rank
 
