@@ -19,8 +19,9 @@ What is unusual:
   rank's queries. gloo has no reduce-scatter, so it all-reduces and keeps the rank's slice.
 - Slices are contiguous, so the last rank does the most causal attention work (a zig-zag split
   would balance it; not done).
-- Anything before the LM (embedding, the vision tower) runs on the whole micro-batch on every
-  rank; only the LM's blocks, norm and loss are split.
+- Embedding is per slice too: a rank embeds its own tokens and encodes only the images (whole
+  clips) with a token in its slice (vlm.py `embed_slice`); an image cut by a slice edge is
+  encoded by both ranks, each back-propagating the gradient of its own tokens.
 
 Legend: B batch rows, L whole sequence length, Lc = L / n local slice, n ranks in the group.
 """

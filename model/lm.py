@@ -330,12 +330,18 @@ class MoELM(nn.Module):
         return attention_meta(doc_ids_BL, True, backend, activation_dtype(h_BLD))
 
     def hidden(self, h_BLD: Tensor, position_ids_BL: Tensor, doc_ids_BL: Tensor) -> Tensor:
-        """Run the blocks and the final norm on input embeddings: (B, L, D) -> (B, L, D); under
-        context parallelism (B, Lc, D), this rank's slice."""
+        """Run the blocks and the final norm on input embeddings: (B, L, D) -> (B, L, D). Under
+        context parallelism h is this rank's slice (B, Lc, D) and so is the output; positions and
+        doc ids are the whole sequence's."""
         cp = self.context_parallel
-        if cp is not None:  # this rank keeps its slice of the sequence from here on
+        if cp is not None:  # h is this rank's slice; positions and the layout come whole
+            if h_BLD.shape[1] * cp.size != doc_ids_BL.shape[1]:
+                raise ValueError(
+                    f"a context-parallel LM over {cp.size} ranks takes this rank's slice of the "
+                    f"embeddings ({doc_ids_BL.shape[1] // cp.size} positions), got {h_BLD.shape[1]}"
+                )
             meta = cp_attention_meta(doc_ids_BL, cp, causal=True)
-            h_BLD, position_ids_BL = cp.shard(h_BLD), cp.shard(position_ids_BL)
+            position_ids_BL = cp.shard(position_ids_BL)
         else:
             meta = self.attention_meta(doc_ids_BL, h_BLD)
         cos_BLP, sin_BLP = self.rope(position_ids_BL)
@@ -375,7 +381,8 @@ class MoELM(nn.Module):
         instead, computed without keeping big logits (model/lm_loss.py).
 
         Causal within each packed document of `doc_ids_BL` (-1 = padding; padded logits are
-        meaningless and must be masked by the loss).
+        meaningless and must be masked by the loss). Under context parallelism: labels only, and
+        `inputs_embeds_BLD` is this rank's slice (token ids, positions and labels come whole).
         """
         if (input_ids_BL is None) == (inputs_embeds_BLD is None):
             raise ValueError("pass exactly one of input_ids_BL and inputs_embeds_BLD")
@@ -387,7 +394,7 @@ class MoELM(nn.Module):
             )
         if inputs_embeds_BLD is None:
             assert input_ids_BL is not None  # exactly one of the two, checked above
-            h_BLD = self.embed(input_ids_BL)
+            h_BLD = self.embed(input_ids_BL if cp is None else cp.shard(input_ids_BL))
         else:
             h_BLD = inputs_embeds_BLD
         h_BLD = self.hidden(h_BLD, position_ids_BL, doc_ids_BL)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from moonforge.model.attention import Backend
 from moonforge.model.coca import CaptionTowers
 from moonforge.model.config import VLMConfig
+from moonforge.model.context_parallel import ContextParallel
 from moonforge.model.experts import ExpertsImpl
 from moonforge.model.lm import MoELM
 from moonforge.model.projector import PixelShuffleProjector, num_merged_tokens
@@ -123,8 +124,60 @@ class VLM(nn.Module):
         """Logits (B, L, V); text-only when pixels_NP is None. With `labels_BL`, the mean
         next-token cross-entropy instead (see `MoELM.forward`). Raises ValueError when the count
         of True positions in media_mask_BL differs from the number of image tokens."""
-        h_BLD = self.embed(input_ids_BL, media_mask_BL, pixels_NP, grid_hw, media_t, media_group)
+        cp = self.lm.context_parallel
+        if cp is None:
+            h_BLD = self.embed(input_ids_BL, media_mask_BL, pixels_NP, grid_hw, media_t, media_group)
+        else:  # context parallel: embed this rank's slice only, encoding only the media it shows
+            h_BLD = self.embed_slice(
+                cp, input_ids_BL, media_mask_BL, pixels_NP, grid_hw, media_t, media_group
+            )
         return self.lm(None, position_ids_BL, doc_ids_BL, inputs_embeds_BLD=h_BLD, labels_BL=labels_BL)
+
+    def embed_slice(
+        self,
+        cp: ContextParallel,
+        input_ids_BL: Tensor,
+        media_mask_BL: Tensor | None,
+        pixels_NP: Tensor | None,
+        grid_hw: Tensor | None,
+        media_t: Tensor | None = None,
+        media_group: Tensor | None = None,
+    ) -> Tensor:
+        """This context-parallel rank's slice (B, Lc, D) of `embed`: only the images (whole
+        clips) with a token in the slice are encoded. Equal to cp.shard(embed(...)); the image
+        an edge cuts is encoded by both ranks, each back-propagating its own tokens' gradient."""
+        lo, hi = cp.bounds(input_ids_BL.shape[1])
+        ids_BC = input_ids_BL[:, lo:hi]
+        if pixels_NP is None or grid_hw is None or media_mask_BL is None:
+            return self.embed(ids_BC, None if media_mask_BL is None else media_mask_BL[:, lo:hi])
+        m = self.cfg.vision.merge_size
+        tokens_I = grid_hw[:, 0] * grid_hw[:, 1] // m**2  # LM tokens per grid entry
+        # image token k's index in the batch's row-major media order, for the slice's tokens
+        order_BL = media_mask_BL.flatten().long().cumsum(0).view_as(media_mask_BL) - 1
+        local_K = order_BL[:, lo:hi][media_mask_BL[:, lo:hi]]
+        ends_I = tokens_I.cumsum(0)
+        owner_K = torch.searchsorted(ends_I, local_K, right=True)
+        group_I = torch.arange(len(grid_hw)) if media_group is None else media_group
+        # whole clips (a clip is one document). A slice that shows no media still encodes the
+        # first entry and scatters none of it: every rank's backward then reaches the same
+        # parameters (zero gradients), which ZeRO's bucketed reduction needs on every rank.
+        needed = group_I[owner_K] if len(owner_K) else group_I[:1]
+        keep_I = torch.isin(group_I, needed)
+        patches_I = grid_hw[:, 0] * grid_hw[:, 1]
+        keep_N = torch.repeat_interleave(keep_I, patches_I)
+        sub = (pixels_NP[keep_N], grid_hw[keep_I])
+        if media_t is None and media_group is None:
+            img_MD = self.encode_images(*sub)
+        else:
+            t = torch.zeros(len(grid_hw), dtype=torch.long) if media_t is None else media_t
+            img_MD = self.encode_media(*sub, t[keep_I], group_I[keep_I])
+        # row of token k in the kept images' features: its offset within its image, plus the
+        # kept tokens before its image
+        starts_I = ends_I - tokens_I
+        kept_before_I = (tokens_I * keep_I).cumsum(0) - tokens_I * keep_I
+        rows_K = kept_before_I[owner_K] + local_K - starts_I[owner_K]
+        h_BCD = self.lm.embed(ids_BC)
+        return h_BCD.masked_scatter(media_mask_BL[:, lo:hi, None], img_MD[rows_K].to(h_BCD.dtype))
 
 
 def build_vlm(

@@ -12,10 +12,12 @@ Conventions:
 - memory = what the trainer keeps: fp32 weights, grads and optimizer states (bf16 autocast for the
   compute, so bf16 activations), sharded per ZeRO stage over all GPUs, plus the activations of
   one micro-batch per GPU.
-- layout: data parallel x context parallel (cp splits a sequence, as Ulysses / ring attention
-  do for long context); cp is the smallest degree that divides the batch and fits in memory.
-  The trainer has no context parallelism yet, so unless the plan assumes it (`--assume-cp`), a
-  row that needs cp > 1 is flagged (`needs_cp`), with its memory on one GPU and what would fit.
+- layout: data parallel x context parallel (cp splits each sequence over a group of GPUs:
+  model/context_parallel.py, `launcher.context_parallel`); cp is the smallest degree that
+  divides the batch and fits in memory, and the note names the launcher setting when the recipe
+  has another. Stages whose loss cannot shard a sequence (ViT pretraining, RL, long2short) have
+  no context parallelism: unless the plan assumes it (`--assume-cp`), such a row needing cp > 1
+  is flagged (`needs_cp`), with its memory on one GPU and what would fit.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class SegmentPlan:
     grad_accum: int
     note: str = ""
     needs_cp: bool = False
-    """The row's layout splits sequences over GPUs, which the trainer cannot do yet."""
+    """The row's layout splits sequences over GPUs, which this stage's trainer cannot do."""
 
 
 @dataclass
@@ -114,9 +116,16 @@ def budgeted_tokens(stage: StageConfig) -> float | None:
 
 
 def memory_per_gpu(
-    path: TokenPath, costs: ModelCosts, cfg: PlanConfig, seq_tokens: int, use_muon: bool
+    path: TokenPath,
+    costs: ModelCosts,
+    cfg: PlanConfig,
+    seq_tokens: int,
+    use_muon: bool,
+    cp: int = 1,
+    seq_len: int = 0,
 ) -> Memory:
-    """Per-GPU bytes for a stage's module path and `seq_tokens` tokens per micro-batch per GPU.
+    """Per-GPU bytes for a stage's module path and `seq_tokens` tokens per micro-batch per GPU
+    (under context parallelism over `cp` GPUs: its slice of sequences of `seq_len`).
 
     What the trainer keeps (registry/launch.py: DeepSpeed with bf16 off; the loop autocasts the
     compute to bf16 on CUDA): fp32 weights (4 B) for every resident module; for trained ones fp32
@@ -134,7 +143,9 @@ def memory_per_gpu(
     params = 4 * resident / (n if z >= 3 else 1)
     grads = 4 * trained / (n if z >= 2 else 1)
     optimizer = states / (n if z >= 1 else 1)
-    acts = costs.activation_bytes(path, seq_tokens, cfg.image_token_share, cfg.activation_checkpointing)
+    acts = costs.activation_bytes(
+        path, seq_tokens, cfg.image_token_share, cfg.activation_checkpointing, cp=cp, seq_len=seq_len
+    )
     return Memory(params, grads, optimizer, acts)
 
 
@@ -213,7 +224,7 @@ def _row(
     cap = cfg.spec.memory_gb * 1e9 * MEMORY_HEADROOM
 
     def mem(mb: int, cp: int) -> Memory:
-        return memory_per_gpu(path, costs, cfg, mb * seq_len // cp, use_muon)
+        return memory_per_gpu(path, costs, cfg, mb * seq_len // cp, use_muon, cp, seq_len)
 
     rl_like = stage.kind in ("rl", "long2short")
     layout_rows = _rl_work(stage)[2] if rl_like else rows
@@ -226,7 +237,7 @@ def _row(
         lambda mb, cp: mem(mb, cp).total <= cap,
     )
     m = mem(mb, cp)
-    needs_cp = cp > 1 and not cfg.context_parallel
+    needs_cp = cp > 1 and not (stage.context_parallel_ok or cfg.context_parallel)
     if needs_cp:
         m = mem(1, 1)  # what one sequence takes on one GPU: the only layout the trainer has
     peak = cfg.spec.peak_tflops * 1e12
@@ -259,9 +270,13 @@ def _row(
         else:
             why = f"{layout_rows} sequences cannot occupy {cfg.num_gpus} GPUs; --gpus {layout_rows} would"
         note = (
-            f"needs context parallelism x{cp}, which the trainer does not have yet ({why}); "
+            f"needs context parallelism x{cp}, which a {stage.kind} stage does not have ({why}); "
             f"--assume-cp plans with it"
         ) + (f"; {note}" if note else "")
+    elif cp > 1 and stage.launcher.context_parallel != cp:
+        note = f"set stages.{stage.stage_name}.launcher.context_parallel: {cp}" + (
+            f"; {note}" if note else ""
+        )
     elif not m.total <= cap:
         fixes = ", ".join(
             [*_zero_fix(cfg, use_muon), f"a smaller stages.{stage.stage_name}.micro_batch_size"]

@@ -49,9 +49,9 @@ class PlanConfig(Frozen):
     activation_checkpointing: bool = True
     """Full per-layer recompute: keep each layer's input, rebuild one layer's activations at a time."""
     context_parallel: bool = False
-    """Plan as if the trainer split a sequence over GPUs (context parallelism). It does not yet:
-    by default a row that would need it is flagged with what would make it fit instead
-    (`moonforge plan --assume-cp` shows the what-if)."""
+    """Plan the stages whose loss cannot shard a sequence (ViT pretraining, RL, long2short) as
+    if they could (`moonforge plan --assume-cp`, a what-if); by default such a row that would
+    need it is flagged with what would make it fit instead. LM-loss stages always may."""
     image_token_share: float = Field(default=0.3, ge=0.0, le=1.0)
     """Share of LM tokens that are image tokens in multimodal stages (k1.5's 30% vision-text)."""
 

@@ -178,28 +178,54 @@ class ModelCosts:
             return norm, min(tokens, chunk_tokens(V)) * V * (act + upcast + FP32 + FP32 + act)
         return norm + tokens * V * FP32, tokens * V * (FP32 + act)
 
+    def _cp_key_elems(self) -> int:
+        """Saved elements per gathered key position of one layer under context parallelism
+        (model/lm.py): MLA keeps kv_b_proj's input (the gathered latent, r) and the expanded
+        keys and values attention saves (H x (d_qk + d_v)); MHA the keys and values shared out
+        to H heads (2 H d)."""
+        lm = self.shape.lm
+        if lm.attention == "mla":
+            d_qk = lm.head_dim + lm.qk_rope_head_dim
+            return lm.kv_lora_rank + lm.num_heads * (d_qk + lm.head_dim)
+        return 2 * lm.num_heads * lm.head_dim
+
     def activation_bytes(
-        self, path: TokenPath, tokens: int, image_share: float, ckpt: bool, act_bytes: int = BF16
+        self,
+        path: TokenPath,
+        tokens: int,
+        image_share: float,
+        ckpt: bool,
+        act_bytes: int = BF16,
+        cp: int = 1,
+        seq_len: int = 0,
     ) -> float:
         """Peak activation bytes of one micro-batch of `tokens` tokens on one GPU (activations in
         `act_bytes`-wide floats). Modules that no backward reaches run under no_grad and keep
         nothing. The LM's peak is at the start of the backward (every saved tensor, the logits
         and the cross-entropy's gradient buffers), or, under recompute, whichever is larger of
-        that and the layer inputs plus one layer rebuilt."""
+        that and the layer inputs plus one layer rebuilt.
+
+        Context parallelism over `cp` ranks (`tokens` is then this rank's slice of sequences of
+        `seq_len`; model/context_parallel.py): the last rank's layers also keep the keys gathered
+        from the cp - 1 slices before its own, and the batch's attention mask (one byte per query
+        and key, shared by every layer); the vision tower runs on the whole micro-batch."""
         total = 0.0
         lm, v = self.shape.lm, self.shape.vision
         if "lm" in path.modules and path.backward_through("lm"):
             dense, moe = self._lm_layer_elems()
             layers = [dense] * lm.first_k_dense + [moe] * (lm.num_layers - lm.first_k_dense)
             saved, backward = self.lm_head_bytes(tokens, act_bytes)
+            gathered = act_bytes * tokens * (cp - 1) * self._cp_key_elems()  # per layer
+            mask = tokens * seq_len if cp > 1 else 0.0
             if ckpt:
                 inputs = act_bytes * tokens * lm.hidden_size * len(layers)
-                total += inputs + max(saved + backward, act_bytes * tokens * max(layers))
+                total += inputs + mask + max(saved + backward, act_bytes * tokens * max(layers) + gathered)
             else:
                 stack = self._stack_bytes(tokens, lm.hidden_size, layers, False, act_bytes)
-                total += stack + saved + backward
+                total += stack + gathered * len(layers) + mask + saved + backward
         if "vision" in path.modules and path.backward_through("vision"):
-            patches = tokens if path.unit == "patch" else tokens * image_share * v.merge_size**2
+            whole = tokens * cp  # under context parallelism every rank encodes every image
+            patches = tokens if path.unit == "patch" else whole * image_share * v.merge_size**2
             vit_layers = [self._vit_layer_elems()] * v.num_layers
             total += self._stack_bytes(patches, v.hidden_size, vit_layers, ckpt, act_bytes)
         return total

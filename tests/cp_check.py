@@ -28,11 +28,13 @@ from moonforge.stages.train.objectives import lm_loss
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 64
 CASES = {
-    "mla": ({}, False),
-    "mla_recompute": ({}, True),
-    "mha_gqa": ({"attention": "mha", "num_kv_heads": 2, "attention_bias": True}, False),
+    "mla": ({}, False, False),
+    "mla_recompute": ({}, True, False),
+    "mha_gqa": ({"attention": "mha", "num_kv_heads": 2, "attention_bias": True}, False, False),
+    "images_on_one_rank": ({}, False, True),
 }
-"""name -> (LM config changes over the tiny recipe's, activation checkpointing)."""
+"""name -> (LM config changes over the tiny recipe's, activation checkpointing, the batch's
+images all in the second half)."""
 
 
 def model_cfg(lm_update: dict | None = None) -> VLMConfig:
@@ -51,10 +53,11 @@ def vlm(lm_update: dict | None = None, recompute: bool = False) -> VLM:
     return model
 
 
-def packed_batch(seed: int = 0, media_pad: int = 7) -> LMBatch:
+def packed_batch(seed: int = 0, late_images: bool = False, media_pad: int = 7) -> LMBatch:
     """Two rows of SEQ tokens. Row 0: documents of 20, 30 and 10 tokens, then 4 of padding (the
     30-token one crosses the middle). Row 1: one document holding two 4-token images, one across
-    the middle (positions 30..33) and one in the second half (44..47)."""
+    the middle (positions 30..33) and one in the second half (44..47); with `late_images` at
+    36..39 and 44..47, so the first half of two ranks encodes no image at all."""
     g = torch.Generator().manual_seed(seed)
     # t_{i+1} = (5 t_i + 3) mod 64 (+ 8, past the special ids) from a random start: learnable
     start = torch.randint(0, 64, (2, 1), generator=g)
@@ -67,7 +70,11 @@ def packed_batch(seed: int = 0, media_pad: int = 7) -> LMBatch:
     doc[0, 60:] = -1
     pos[1] = torch.arange(SEQ)
     media = torch.zeros(2, SEQ, dtype=torch.bool)
-    media[1, 30:34] = media[1, 44:48] = True
+    media[1, 44:48] = True
+    if late_images:
+        media[1, 36:40] = True
+    else:
+        media[1, 30:34] = True
     ids[media] = media_pad
     labels = torch.full((2, SEQ), -100, dtype=torch.long)
     labels[:, :-1] = ids[:, 1:]
@@ -96,11 +103,17 @@ def parity_worker(rank: int, world: int, port: int, out: str) -> None:
     from moonforge.model.context_parallel import ContextParallel
 
     try:
-        for name, (update, recompute) in CASES.items():
+        for name, (update, recompute, late) in CASES.items():
             model = vlm(update, recompute)
             model.lm.context_parallel = ContextParallel(rank, world)
-            loss, grads = loss_and_grads(model, packed_batch())
-            names = sorted(grads)
+            loss, grads = loss_and_grads(model, packed_batch(late_images=late))
+            # a rank whose slice shows no image has no vision gradient: count what any rank has
+            params = dict(model.named_parameters())
+            names = sorted(params)
+            has = torch.tensor([n in grads for n in names], dtype=torch.uint8)
+            dist.all_reduce(has, op=dist.ReduceOp.MAX)
+            names = [n for n, h in zip(names, has.tolist()) if h]
+            grads = {n: grads.get(n, torch.zeros_like(params[n])) for n in names}
             flat = torch.cat([grads[n].flatten() for n in names])
             dist.all_reduce(flat)  # the partial sums of the group's ranks add up
             if rank == 0:
@@ -112,10 +125,11 @@ def parity_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def batches(seed: int):
-    """Packed batches, a new token draw each step (images and layout as packed_batch)."""
+    """Packed batches, a new token draw each step; every other one has its images in the
+    second half only (as packed_batch)."""
     step = 0
     while True:
-        yield packed_batch(seed * 1000 + step)
+        yield packed_batch(seed * 1000 + step, late_images=step % 2 == 1)
         step += 1
 
 

@@ -51,8 +51,9 @@ def two_rank_results(tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(cp_check.CASES))
 def test_two_ranks_give_the_one_process_loss_and_gradients(two_rank_results, case):
-    update, recompute = cp_check.CASES[case]
-    loss, grads = cp_check.loss_and_grads(cp_check.vlm(update, recompute), cp_check.packed_batch())
+    update, recompute, late = cp_check.CASES[case]
+    model = cp_check.vlm(update, recompute)
+    loss, grads = cp_check.loss_and_grads(model, cp_check.packed_batch(late_images=late))
     got = two_rank_results[case]
     assert abs(float(got["loss"]) - float(loss)) < LOSS_TOL, (float(got["loss"]), float(loss))
     assert sorted(got["grads"]) == sorted(grads)  # the vision tower and every expert that ran
