@@ -579,7 +579,9 @@ def plan(
     mfu: float = typer.Option(0.4, "--mfu", help="Model FLOPs utilisation of training."),
     zero: int = typer.Option(2, "--zero", help="ZeRO stage 0-3 for the memory estimate."),
     assume_cp: bool = typer.Option(
-        False, "--assume-cp", help="Plan with context parallelism (what-if: the trainer has none yet)."
+        False,
+        "--assume-cp",
+        help="Plan RL / long2short as if they could split sequences over GPUs (a what-if).",
     ),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     format_: str = format_option(),

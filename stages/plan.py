@@ -273,15 +273,15 @@ def _row(
             f"needs context parallelism x{cp}, which a {stage.kind} stage does not have ({why}); "
             f"--assume-cp plans with it"
         ) + (f"; {note}" if note else "")
-    elif cp > 1 and stage.launcher.context_parallel != cp:
-        note = f"set stages.{stage.stage_name}.launcher.context_parallel: {cp}" + (
-            f"; {note}" if note else ""
-        )
     elif not m.total <= cap:
         fixes = ", ".join(
             [*_zero_fix(cfg, use_muon), f"a smaller stages.{stage.stage_name}.micro_batch_size"]
         )
         note = f"needs {m.total / 1e9:.0f} GB > {cap / 1e9:.0f} GB usable: {fixes}" + (
+            f"; {note}" if note else ""
+        )
+    if not needs_cp and cp > 1 and stage.launcher.context_parallel != cp:
+        note = f"set stages.{stage.stage_name}.launcher.context_parallel: {cp}" + (
             f"; {note}" if note else ""
         )
     if cfg.zero_stage == 3 and use_muon:  # registry/launch.py refuses this combination

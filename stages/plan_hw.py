@@ -99,7 +99,8 @@ def choose_layout(
 ) -> tuple[int, int, int]:
     """(dp, cp, micro-batch per GPU): the smallest context-parallel degree cp (dividing num_gpus
     and seq_len) such that dp = num_gpus / cp divides `rows` and the memory check `fits(mb, cp)`
-    passes; if none fits, the smallest valid one (the row is then flagged as not fitting)."""
+    passes; if none fits, the valid one with the largest cp, which keeps the least (the row is
+    then flagged as not fitting)."""
     valid = []
     for cp in (c for c in range(1, cfg.num_gpus + 1) if cfg.num_gpus % c == 0 and seq_len % c == 0):
         dp = cfg.num_gpus // cp
@@ -117,7 +118,7 @@ def choose_layout(
             return dp, cp, mb
         valid.append((dp, cp, mb))
     if valid:
-        return valid[0]
+        return valid[-1]
     raise PlanError(
         f"stage {name!r}: a batch of {rows} sequences cannot be split over {cfg.num_gpus} GPUs "
         f"(the data-parallel size must divide the batch, and context parallelism can only split "

@@ -208,7 +208,7 @@ class ModelCosts:
         Context parallelism over `cp` ranks (`tokens` is then this rank's slice of sequences of
         `seq_len`; model/context_parallel.py): the last rank's layers also keep the keys gathered
         from the cp - 1 slices before its own, and the batch's attention mask (one byte per query
-        and key, shared by every layer); the vision tower runs on the whole micro-batch."""
+        and key, shared by every layer); the vision tower encodes the slice's images."""
         total = 0.0
         lm, v = self.shape.lm, self.shape.vision
         if "lm" in path.modules and path.backward_through("lm"):
@@ -224,8 +224,8 @@ class ModelCosts:
                 stack = self._stack_bytes(tokens, lm.hidden_size, layers, False, act_bytes)
                 total += stack + gathered * len(layers) + mask + saved + backward
         if "vision" in path.modules and path.backward_through("vision"):
-            whole = tokens * cp  # under context parallelism every rank encodes every image
-            patches = tokens if path.unit == "patch" else whole * image_share * v.merge_size**2
+            # under context parallelism a rank encodes the images of its own slice
+            patches = tokens if path.unit == "patch" else tokens * image_share * v.merge_size**2
             vit_layers = [self._vit_layer_elems()] * v.num_layers
             total += self._stack_bytes(patches, v.hidden_size, vit_layers, ckpt, act_bytes)
         return total

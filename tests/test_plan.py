@@ -10,7 +10,15 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from moonforge.flows import cli
-from moonforge.stages.plan import PRETRAIN_KINDS, PlanError, budgeted_tokens, make_plan, plan_config
+from moonforge.stages.plan import (
+    PRETRAIN_KINDS,
+    PlanError,
+    budgeted_tokens,
+    make_plan,
+    memory_per_gpu,
+    plan_config,
+)
+from moonforge.stages.plan_model import model_costs, stage_path
 from moonforge.stages.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,48 +126,55 @@ def test_align_pays_backward_through_the_frozen_lm_but_no_weight_grads(plan):
 
 
 def test_joint_pretrain_memory_per_gpu_by_hand(plan, full):
-    """What the trainer keeps: fp32 weights replicated under ZeRO-2 (65.6 GB), so an 8K sequence
-    misses an H100's usable 72 GB by 0.2 GB; an H200 fits it one sequence per GPU."""
+    """What the trainer keeps: fp32 weights replicated under ZeRO-2 (65.6 GB), so a whole 8K
+    sequence misses an H100's usable 72 GB by 0.2 GB and the plan splits each one over 2 GPUs
+    (context parallelism); an H200 fits it one sequence per GPU."""
     r = row(plan, "joint_pretrain")
     total = VIT + PROJ + LM_TOTAL
     assert r.memory.params == 4 * total
     assert r.memory.grads == pytest.approx(4 * total / 512)
     # Muon keeps a 4 B fp32 momentum per param; AdamW takes embed + lm_head: both moments, +4 B
     assert r.memory.optimizer == pytest.approx((4 * total + 4 * 2 * EMBED) / 512)
-    t = 8192  # one sequence per GPU
+    assert (r.dp, r.cp, r.micro_batch, r.grad_accum) == (256, 2, 1, 16) and r.fits and not r.needs_cp
+    assert "set stages.joint_pretrain.launcher.context_parallel: 2" in r.note
+    t = 4096  # this GPU's half of one 8K sequence
     norm = 3 * H + 1  # input, normalised, weighted output (the next matmul's input) + 1/rms
     attn = 2 * HEADS * 192 + 3 * HEADS * 128 + HEADS + (2 * 512 + 64 + 1)  # q, k; v, out, o_in; lse; latent
     moe_layer = 2 * norm + attn + (64 + 3 * 6 + 1) + 6 * (3 * H + 4 * 1408 + 5) + 4 * 2 * 1408
     chunk = 2**28 // V  # the loss runs over chunks of 1638 tokens (model/lm_loss.py): no logits kept
     head = 2 * t * norm + chunk * V * (2 + 4 + 4 + 4 + 2)  # one chunk rebuilt: logits, fp32, log-probs, grads
-    lm_acts = 2 * t * H * L + max(head, 2 * t * moe_layer)  # recompute: layer inputs + the larger peak
-    patches = t * 0.3 * 4
+    gathered = 2 * t * (512 + HEADS * (192 + 128))  # the other half's keys: latent, expanded k and v
+    mask = t * 8192  # one byte per (query, key) of the slice, shared by the layers
+    lm_acts = 2 * t * H * L + mask + max(head, 2 * t * moe_layer + gathered)  # recompute: one layer at a time
+    patches = t * 0.3 * 4  # the images of this GPU's slice
     vit_acts = 2 * patches * (1152 * 27 + 11 * 1152 + 2 * 4304 + 16 + 4)  # inputs + one block rebuilt
     assert r.memory.activations == pytest.approx(lm_acts + vit_acts, rel=1e-12)
-    assert r.memory.total / 1e9 == pytest.approx(72.2, abs=0.05) and not r.fits and r.needs_cp
-    assert "one 8,192-token sequence needs 72.2 GB > 72 GB usable; sequences up to 7,903 tokens" in r.note
+    stage = next(s for s in full.stages if s.kind == "joint_pretrain")
+    one = memory_per_gpu(stage_path(stage), model_costs(full.model), plan_config(), 8192, True)
+    assert one.total / 1e9 == pytest.approx(72.2, abs=0.05)  # a whole sequence on one GPU
     h200 = row(make_plan(full, plan_config(gpu="h200")), "joint_pretrain")
     assert h200.fits and (h200.dp, h200.cp, h200.micro_batch, h200.grad_accum) == (512, 1, 1, 8)
 
 
-def test_rows_that_need_context_parallelism_say_so_and_fit_when_it_is_assumed(plan, full):
-    """The trainer has no context parallelism, so the plan does not assume it: a sequence that does
-    not fit one GPU, or a batch of fewer sequences than GPUs, is flagged with what would fit."""
-    lc = row(plan, "long_context[1]")  # H100: one 128K sequence does not fit one GPU
-    assert lc.needs_cp and not lc.fits and lc.memory.total / 1e9 == pytest.approx(125.1, abs=0.05)
-    assert "needs context parallelism x32, which the trainer does not have yet" in lc.note
-    assert "sequences up to 13,518 tokens fit one GPU)" in lc.note and "--assume-cp" in lc.note
+def test_long_rows_split_sequences_and_stages_without_context_parallelism_say_so(plan, full):
+    """Stages trained by next-token loss shard long sequences (launcher.context_parallel): the
+    plan picks the smallest degree that fits and names the setting. RL and long2short cannot, so
+    a row of theirs that would need it is flagged with what would fit; --assume-cp is the
+    what-if for them."""
+    lc = row(plan, "long_context[1]")  # H100: 128K over 32 GPUs per sequence
+    assert lc.fits and not lc.needs_cp and (lc.dp, lc.cp) == (16, 32) and lc.memory.total / 1e9 < 72
+    assert "set stages.long_context.launcher.context_parallel: 32" in lc.note
+    rl = row(plan, "rl")
+    assert rl.needs_cp and not rl.fits and rl.memory.total / 1e9 == pytest.approx(125.1, abs=0.05)
+    assert "needs context parallelism x32, which a rl stage does not have" in rl.note
+    assert "sequences up to 13,518 tokens fit one GPU)" in rl.note and "--assume-cp" in rl.note
+    assert {r.stage for r in plan.rows if not r.fits} == {"rl", "long2short"}
     h200 = make_plan(full, plan_config(gpu="h200"))
-    needs = {r.stage for r in h200.rows if r.needs_cp}
-    assert needs == {"long_context[1]", "sft[0]", "sft[1]", "long_cot_sft"}
-    assert all(r.fits and r.cp == 1 for r in h200.rows if r.stage not in needs)
-    assert "256 sequences cannot occupy 512 GPUs; --gpus 256 would" in row(h200, "long_context[1]").note
-    assert "128 sequences cannot occupy 512 GPUs; --gpus 128 would" in row(h200, "long_cot_sft").note
-    assert row(make_plan(full, plan_config(gpu="h200", num_gpus=128)), "long_cot_sft").fits
-    what_if = make_plan(full, plan_config(gpu="h200", context_parallel=True))
+    assert all(r.fits and not r.needs_cp for r in h200.rows)
+    assert row(h200, "long_context[1]").cp == 2  # 256 sequences of 128K over 512 GPUs
+    what_if = make_plan(full, plan_config(context_parallel=True))
     assert all(r.fits and not r.needs_cp for r in what_if.rows), [r.stage for r in what_if.rows if not r.fits]
-    lc = row(what_if, "long_context[1]")  # 256 sequences of 128K over 512 GPUs: cp >= 2 just to divide
-    assert lc.cp >= 2 and lc.dp * lc.cp == 512 and 256 % lc.dp == 0
+    assert row(what_if, "rl").cp > 1
     assert what_if.unplanned == ["sft[0]", "sft[1]"]  # epoch budgets resolve against the data
 
 
