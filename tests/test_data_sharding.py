@@ -222,16 +222,15 @@ def _simulated(cfg, data, tok):
     """What each rank of an uninterrupted 2-process run draws (the same stream objects, built per
     rank in this process: the data order does not depend on training), and each rank's share of
     the first epoch."""
-    from types import SimpleNamespace
-
     from dist_data_stage import doc_numbers
 
     from moonforge.stages.data.user_mix import DeclaredMix
+    from moonforge.stages.train.distributed import Parallel
 
     model = load_recipe(REPO / "recipes" / "tiny.yaml").model
     draws, shares = [], []
     for rank in range(2):
-        par = SimpleNamespace(rank=rank, world_size=2)
+        par = Parallel(rank=rank, world_size=2, engine="torchrun")
         mix = DeclaredMix(cfg, data, tok, vision_spec(model), None)
         it = lm_stream(mix.sources(), mix.weights({}), tok, cfg, model, par=par)
         shares.append(it.orders["user_text"].epoch_ids(0))
