@@ -14,8 +14,10 @@ MFU = model FLOPs per second / a fp32 matmul peak measured in this same run:
   (causal attention: a token sees (L + 1) / 2 keys on average).
 
 Run: python benchmarks/bench_lm_vs_hf.py [--rounds 6] [--steps 2] [--threads N] [--clock cpu]
-                                          [--profile]
+                                          [--compile] [--profile]
 Prints the per-round ratios, the median ratio (goal >= 1.3x) and both MFUs (goal >= 55%).
+`--compile` adds moonforge with every LM block compiled (the `compile` Runtime field,
+stages/train/compile_blocks.py) as a third contender, after timing its compile.
 On a box shared with other jobs, `--threads 1 --clock cpu` times process CPU seconds, which
 other processes do not inflate (wall time with 2 threads also pays for every OpenMP barrier
 that waits on a preempted thread).
@@ -181,6 +183,7 @@ def main() -> None:
         help="wall seconds, or process CPU seconds (use with --threads 1)",
     )
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables")
+    p.add_argument("--compile", action="store_true", help="also time moonforge with compiled blocks")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,16 +203,34 @@ def main() -> None:
         f"{B} x {L} tokens, "
         f"{flops / 1e9:.1f} GFLOP per step; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
     )
-    ratios, t_hf, t_mf = [], [], []
+    steps = [("hf", hf_step), ("mf", mf_step)]
+    if args.compile:
+        from moonforge.stages.train.compile_blocks import apply_compile
+
+        _, lm_c = build_pair()
+        apply_compile(lm_c)
+        _, mfc_step = make_steps(hf, lm_c, ids_BL)
+        t0 = clock()
+        loss_c = mfc_step()
+        print(f"compile + first step: {clock() - t0:.1f} s; step-1 loss {loss_c:.6f}")
+        steps.append(("mfc", mfc_step))
+    ratios, t_hf, t_mf, t_mfc = [], [], [], []
     for r in range(args.rounds):
-        order = [("hf", hf_step), ("mf", mf_step)][:: 1 if r % 2 == 0 else -1]
+        order = steps[:: 1 if r % 2 == 0 else -1]
         got = {name: timed(step, args.steps, clock) for name, step in order}
         t_hf.append(got["hf"])
         t_mf.append(got["mf"])
         ratios.append(got["hf"] / got["mf"])
+        compiled = ""
+        if "mfc" in got:
+            t_mfc.append(got["mfc"])
+            compiled = (
+                f", compiled {B * L / got['mfc']:7.0f} tok/s ({got['hf'] / got['mfc']:.2f}x transformers, "
+                f"{got['mf'] / got['mfc']:.2f}x eager)"
+            )
         print(
             f"round {r}: transformers {B * L / got['hf']:7.0f} tok/s, moonforge "
-            f"{B * L / got['mf']:7.0f} tok/s, ratio {ratios[-1]:.2f}x"
+            f"{B * L / got['mf']:7.0f} tok/s, ratio {ratios[-1]:.2f}x{compiled}"
         )
     med_hf, med_mf = statistics.median(t_hf), statistics.median(t_mf)
     print(
@@ -220,6 +241,12 @@ def main() -> None:
         f"MFU: moonforge {flops / med_mf / peak:.1%}, transformers {flops / med_hf / peak:.1%} "
         f"(of {peak / 1e9:.1f} GFLOP/s); goal >= 55%"
     )
+    if t_mfc:
+        med_c = statistics.median(t_mfc)
+        print(
+            f"compiled: {med_hf / med_c:.2f}x transformers, {med_mf / med_c:.2f}x eager moonforge, "
+            f"MFU {flops / med_c / peak:.1%}"
+        )
     if args.profile:
         profile(mf_step, "moonforge")
         profile(hf_step, "transformers")

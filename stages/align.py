@@ -38,7 +38,9 @@ def align(
     base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: AlignConfig, ctx: StageContext
 ) -> StageResult:
     """Return a checkpoint with the ViT + projector aligned to the (unchanged) LM."""
-    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(
+        base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile
+    )
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     world = require(data, "toyworld", cfg.stage_name).path
     sets = heldout_sets(tok, None, world, lambda src: eval_batches(src, tok, cfg, mcfg))

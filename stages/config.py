@@ -287,6 +287,10 @@ class StageConfig(Frozen):
     """Recompute each LM / ViT / stage-1 tower block's activations in the backward instead of
     keeping them (stages/train/activation_ckpt.py): much less activation memory for ~1/3 more
     compute; the same gradients, so not part of the fingerprint."""
+    compile: Runtime[bool] = False
+    """torch.compile every LM decoder block (stages/train/compile_blocks.py): the first step
+    pays the compile, later ones run fused (1.1x on the CPU benchmark's LM); off by default,
+    since the tiny stages are too short to earn the compile back. Same math, not fingerprinted."""
     launcher: Runtime[LauncherConfig] = LauncherConfig()
     """How training is launched (in process, torchrun, deepspeed); never changes the math."""
     init: Runtime[InitConfig | None] = None

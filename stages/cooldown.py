@@ -34,7 +34,9 @@ def cooldown(
     base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: CooldownConfig, ctx: StageContext
 ) -> StageResult:
     """Return a checkpoint annealed on the high-quality mixture with synthetic QA."""
-    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(
+        base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile
+    )
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     text = require(data, "text", cfg.stage_name).path
     world = require(data, "toyworld", cfg.stage_name).path

@@ -37,7 +37,9 @@ def joint_pretrain(
     base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: JointPretrainConfig, ctx: StageContext
 ) -> StageResult:
     """Return a checkpoint trained on text + a ramped multimodal mixture."""
-    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(
+        base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile
+    )
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     text = require(data, "text", cfg.stage_name).path
     world = require(data, "toyworld", cfg.stage_name).path

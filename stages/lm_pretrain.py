@@ -33,7 +33,9 @@ def lm_pretrain(
     base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: LMPretrainConfig, ctx: StageContext
 ) -> StageResult:
     """Return a checkpoint whose LM is trained on the `text` dataset; other groups are untouched."""
-    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(
+        base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile
+    )
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     text = require(data, "text", cfg.stage_name).path
     val = eval_batches(text_docs(read_text_records(text, "val"), tok), tok, cfg, mcfg)

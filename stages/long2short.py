@@ -282,7 +282,9 @@ def long2short(
 def _long2short(base, data, cfg: Long2ShortConfig, ctx: StageContext) -> StageResult:
     if base is None:
         raise ValueError("long2short starts from a long-CoT model; set `upstream: rl` (or long_cot_sft)")
-    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(
+        base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile
+    )
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     train = prompt_items(data, tok, vision_spec(mcfg), "train", cfg.stage_name)
     val = prompt_items(data, tok, vision_spec(mcfg), "val", cfg.stage_name, cfg.eval.num_examples // 2)

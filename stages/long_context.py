@@ -60,6 +60,7 @@ def long_context(
         cfg.seed,
         extended(start_cfg, cfg.rope_theta, final_len),
         activation_checkpointing=cfg.activation_checkpointing,
+        compile=cfg.compile,
     )
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     longdoc = require(data, "longdoc", cfg.stage_name).path

@@ -63,7 +63,9 @@ def long_cot_sft(
     base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: LongCoTSFTConfig, ctx: StageContext
 ) -> StageResult:
     """Return a checkpoint fine-tuned on the verified reasoning traces (text and image)."""
-    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(
+        base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile
+    )
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     reasoning = require(data, "reasoning", cfg.stage_name).path
     prompts = require(data, "rl_prompts", cfg.stage_name).path

@@ -230,7 +230,9 @@ def sft(
 ) -> StageResult:
     """Return the instruct checkpoint: phases of masked ChatML SFT on the text/image mixture
     (plus the declared datasets of `mixture:`, checked before training)."""
-    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(
+        base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile
+    )
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
     held = {n: mix.heldout_items(n) for n, ds in mix.sets.items() if ds.heldout}

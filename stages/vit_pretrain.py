@@ -67,7 +67,9 @@ def vit_pretrain(
     base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: ViTPretrainConfig, ctx: StageContext
 ) -> StageResult:
     """Return a checkpoint whose ViT and stage-1 towers are trained; retrieval accuracy in metrics."""
-    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(
+        base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile
+    )
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     world = require(data, "toyworld", cfg.stage_name).path
     model.caption.init_logit_params(cfg.siglip_init_logit_scale, cfg.siglip_init_logit_bias)

@@ -159,10 +159,21 @@ def _set(data: Any, path: Path_, value: Any) -> Any:
     return {**data, head: _set(data[head], rest, value)}
 
 
+COUPLED: dict[Path_, Any] = {
+    ("launcher", "context_parallel"): lambda v: {"kind": "torchrun", "nproc_per_node": v},
+}
+"""Fields valid only with others set alike: a context-parallel degree needs as many ranks."""
+
+
 def mutate(cfg: BaseModel, path: Path_, value: Any) -> BaseModel | None:
     """`cfg` with the field at `path` set to `value`, or None when the schema rejects it."""
+    data = cfg.model_dump()
+    for field, value_of in COUPLED.items():
+        if path == field and isinstance(value, int):
+            for k, v in value_of(value).items():
+                data = _set(data, (*path[:-1], k), v)
     try:
-        return type(cfg).model_validate(_set(cfg.model_dump(), path, value))
+        return type(cfg).model_validate(_set(data, path, value))
     except (ValidationError, ValueError, TypeError):
         return None
 
@@ -262,6 +273,7 @@ def test_the_walk_sees_the_runtime_fields_and_nested_identity_fields():
         ("checkpoint_every",),
         ("num_workers",),
         ("activation_checkpointing",),
+        ("compile",),
         ("init",),
     } | {
         ("launcher", f)
@@ -275,6 +287,7 @@ def test_the_walk_sees_the_runtime_fields_and_nested_identity_fields():
             "node_selector",
             "zero_stage",
             "backend",
+            "context_parallel",
         )
     }
     ident = {p for _, _, p, rt in cases() if not rt}

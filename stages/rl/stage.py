@@ -199,7 +199,9 @@ def rl(
 
 
 def _rl(base, data, cfg: RLConfig, ctx: StageContext) -> StageResult:
-    model, mcfg = open_model(base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing)
+    model, mcfg = open_model(
+        base, ctx, cfg.seed, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile
+    )
     tok = open_tokenizer(data, mcfg, cfg.stage_name)
     vision = vision_spec(mcfg)
     train_items = prompt_items(data, tok, vision, "train", cfg.stage_name)

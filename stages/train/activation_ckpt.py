@@ -31,6 +31,9 @@ from torch.utils.checkpoint import checkpoint
 
 from moonforge.model.moe import paused_counting
 
+INNER_FORWARD = "_inner_forward"
+"""Instance attribute a checkpointed block runs inside the checkpoint instead of its class's
+forward, when set (the compiled forward: stages/train/compile_blocks.py)."""
 BLOCKS = {"lm": ("layers",), "vision": ("blocks",), "caption": ("text_blocks", "dec_blocks")}
 """Per checkpointable part, the ModuleLists holding its blocks (the stage-1 towers have two)."""
 
@@ -40,7 +43,9 @@ def _contexts(block: nn.Module):
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
-    forward = type(self).forward
+    # the block's own forward, or the compiled one (compile_blocks.py compiles inside the
+    # checkpoint: a compiled region cannot hold a checkpoint whose context_fn pauses counting)
+    forward = self.__dict__.get(INNER_FORWARD) or type(self).forward
     if not torch.is_grad_enabled():
         return forward(self, *args, **kwargs)
     return checkpoint(

@@ -26,6 +26,7 @@ from moonforge.stages.data.records import require_dataset
 from moonforge.stages.data.sources import DocSource, VisionSpec
 from moonforge.stages.train.activation_ckpt import apply_ac
 from moonforge.stages.train.checkpoint import PERIODIC_DIR, load_weights, save_weights
+from moonforge.stages.train.compile_blocks import apply_compile
 from moonforge.stages.train.init_parts import load_init
 from moonforge.stages.train.loop import TrainSpec
 
@@ -48,11 +49,12 @@ def open_model(
     model_cfg: VLMConfig | None = None,
     *,
     activation_checkpointing: bool = False,
+    compile: bool = False,
 ) -> tuple[VLM, VLMConfig]:
     """Build the VLM (seeded), load `base`'s weights, then the recipe's `init:` parts
     (ctx.init); `model_cfg` overrides the shape's runtime-settable fields (e.g. the long-context
     RoPE base). `activation_checkpointing` (the stage's Runtime field) then checkpoints every
-    LM, ViT and stage-1 tower block."""
+    LM, ViT and stage-1 tower block, and `compile` (another) compiles every LM block."""
     cfg = model_cfg or (base.model_config() if base is not None else ctx.model)
     torch.manual_seed(seed)
     model = build_vlm(cfg, device=ctx.device, seed=seed)
@@ -62,6 +64,8 @@ def open_model(
         load_init(model, cfg, ctx.init)
     if activation_checkpointing:
         apply_ac(model, ("lm", "vision", "caption"))
+    if compile:  # after checkpointing: a checkpointed block compiles inside its checkpoint
+        apply_compile(model)
     return model, cfg
 
 
