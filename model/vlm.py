@@ -36,6 +36,12 @@ class VLM(nn.Module):
     """forward(input_ids_BL, position_ids_BL, doc_ids_BL, media_mask_BL, pixels_NP, grid_hw)
     -> logits_BLV."""
 
+    reach_media_params: bool = False
+    """Set while training under DeepSpeed ZeRO: a micro-batch without media still runs the
+    vision tower and projector on one blank image and adds 0 x its output, so every rank's
+    backward reaches the same parameters (ZeRO's bucketed gradient reduction fails when one
+    rank's micro-batch has images and another's has none). Changes no value."""
+
     def __init__(
         self, cfg: VLMConfig, attn_backend: Backend = "auto", experts_impl: ExpertsImpl = "auto"
     ) -> None:
@@ -91,7 +97,29 @@ class VLM(nn.Module):
                     f"media_mask_BL has {num_slots} image positions but no "
                     "pixels_NP / grid_hw were given (0 image tokens)"
                 )
+            return self._reach_media_params(h_BLD)
+        return self._scatter_media(h_BLD, media_mask_BL, num_slots, pixels_NP, grid_hw, media_t, media_group)
+
+    def _reach_media_params(self, h_BLD: Tensor) -> Tensor:
+        """h, plus 0 x a blank image's tokens when `reach_media_params` asks for it."""
+        if not (self.reach_media_params and torch.is_grad_enabled()):
             return h_BLD
+        v = self.cfg.vision
+        grid = torch.tensor([[v.merge_size, v.merge_size]], device=h_BLD.device)
+        blank = torch.zeros(v.merge_size**2, 3 * v.patch_size**2, device=h_BLD.device)
+        return h_BLD + 0.0 * self.encode_images(blank, grid).sum().to(h_BLD.dtype)
+
+    def _scatter_media(
+        self,
+        h_BLD: Tensor,
+        media_mask_BL: Tensor | None,
+        num_slots: int,
+        pixels_NP: Tensor,
+        grid_hw: Tensor,
+        media_t: Tensor | None,
+        media_group: Tensor | None,
+    ) -> Tensor:
+        """`embed`'s second half: encode the media and scatter their tokens into h."""
         if media_t is None and media_group is None:
             img_MD = self.encode_images(pixels_NP, grid_hw)
         else:

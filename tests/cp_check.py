@@ -124,12 +124,21 @@ def parity_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def batches(seed: int):
+def text_only(b: LMBatch) -> LMBatch:
+    """`b` without its images (their positions keep their token ids, without a loss)."""
+    labels = b.labels_BL.masked_fill(b.media_mask_BL, -100)
+    return LMBatch(
+        b.input_ids_BL, labels, b.position_ids_BL, b.doc_ids_BL, b.media_mask_BL & False, None, None
+    )
+
+
+def batches(seed: int, text_only_every: int = 0):
     """Packed batches, a new token draw each step; every other one has its images in the
-    second half only (as packed_batch)."""
+    second half only (as packed_batch); every `text_only_every`-th has none."""
     step = 0
     while True:
-        yield packed_batch(seed * 1000 + step, late_images=step % 2 == 1)
+        b = packed_batch(seed * 1000 + step, late_images=step % 2 == 1)
+        yield text_only(b) if text_only_every and step % text_only_every == 0 else b
         step += 1
 
 
@@ -148,7 +157,9 @@ def cp_stage(base, data, cfg, ctx) -> StageResult:
         log_every=1,
         label="cp",
     )
-    state = train(model, params, batches(cfg.seed), lm_loss, spec, ctx, ctx.model)
+    # with 2 micro-batches per step, rank 0's is text only and rank 1's has images
+    text_every = 2 if cfg.grad_accum == 2 else 0
+    state = train(model, params, batches(cfg.seed, text_every), lm_loss, spec, ctx, ctx.model)
     metrics = {f"train/loss/{i + 1:03d}": h["loss"] for i, h in enumerate(state.history)}
     metrics["train/max_over_mean"] = state.history[-1].get("router/max_over_mean", 0.0)
     return StageResult(save_weights(model, ctx.model, ctx.out), metrics)

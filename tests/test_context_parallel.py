@@ -63,8 +63,9 @@ def test_two_ranks_give_the_one_process_loss_and_gradients(two_rank_results, cas
     assert any(n.startswith("vision.") for n in grads)  # gradients reach the replicated tower
 
 
-def _stage_cfg(**launcher):
+def _stage_cfg(micro_batch_size=None, **launcher):
     return LMPretrainConfig(
+        micro_batch_size=micro_batch_size,
         upstream=None,
         trainable=("vision", "projector", "lm"),
         optimizer={"lr": 3e-3},
@@ -103,6 +104,24 @@ def test_context_parallel_two_ranks_trains_the_one_process_curve(single_run, tmp
     assert res.metrics["train/max_over_mean"] == pytest.approx(
         single_run.metrics["train/max_over_mean"], abs=1e-6
     )
+
+
+def test_deepspeed_data_parallel_with_a_text_only_micro_batch_trains_the_one_process_curve(tmp_path):
+    """Not context parallelism: plain ZeRO-2 over 2 replicas, where one rank's micro-batch has no
+    image while the other's has. ZeRO reduces gradients in buckets filled as the backward
+    reaches each parameter, so a rank that never reaches the vision tower crashed the job; the
+    VLM's `reach_media_params` makes every rank reach it (0 x a blank image)."""
+    import dist_stage
+
+    def cfg(**launcher):
+        return _stage_cfg(micro_batch_size=1, **launcher)
+
+    single = cp_check.cp_stage(None, {}, cfg(), dist_stage.toy_ctx(tmp_path, "one"))
+    la = {"kind": "deepspeed", "nproc_per_node": 2, "zero_stage": 2}
+    res = launch.launch_stage("cp_check:cp_stage", None, {}, cfg(**la), dist_stage.toy_ctx(tmp_path, "ds"))
+    want, got = dist_stage.loss_curve(single.metrics), dist_stage.loss_curve(res.metrics)
+    assert max(abs(a - b) for a, b in zip(got, want)) < CURVE_TOL, (got, want)
+    assert want[-1] < want[0] - 0.5
 
 
 def test_a_degree_that_does_not_divide_is_refused_with_the_fix():

@@ -179,6 +179,8 @@ class DeepSpeedOptimizer:
             gradient_accumulation_steps=per_rank, train_batch_size=micro * per_rank * par.world_size
         )
         self.client = ZeroMuonAdamW(named_params, cfg)
+        if hasattr(model, "reach_media_params"):  # every rank's backward reaches the same params
+            setattr(model, "reach_media_params", True)  # noqa: B010 - a VLM's, not every model's
         # DeepSpeed's start-up broadcast views every parameter as bytes, which a 0-dim tensor
         # cannot do (CoCa's logit scale and bias): they pass through it as 1-element vectors.
         scalars = [q for q in model.parameters() if q.dim() == 0]
