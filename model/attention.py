@@ -22,7 +22,8 @@ Backends, chosen when the model is built (`resolve_backend`, by device):
 - `auto`: `flash` on CUDA when a varlen kernel exists, else `sdpa`.
 Under context parallelism (model/context_parallel.py) every backend runs the `cp` kernel: this
 rank's Lc queries over the gathered keys [k0, hi) (hi = its slice's end, k0 = the earliest start
-of a document its slice continues), SDPA with a dense (B, 1, Lc, hi - k0) mask.
+of a document its slice continues), per document: each document's slice tokens attend its
+positions from its start to the slice's end, in a padded (S, H, Qmax, Kmax) SDPA (`CPPlan`).
 KV-cache decoding (`attend_cached`) always runs SDPA on the last Q rows of the same mask.
 
 What is unusual:
@@ -212,6 +213,8 @@ class AttnMeta:
     """Context parallelism (kernel `cp`): the group whose slices the keys are gathered from."""
     keys: tuple[int, int] = (0, 0)
     """Kernel `cp`: the gathered key positions [k0, hi) this rank's queries may see."""
+    cp_plan: CPPlan | None = None
+    """Kernel `cp`: the per-document padded layout of this rank's queries and keys."""
 
 
 def _half(dtype: torch.dtype) -> bool:
@@ -258,21 +261,63 @@ def attention_meta(
     return _sdpa_meta(doc_ids_BL, causal)
 
 
-def cp_attention_meta(doc_ids_BL: Tensor, cp: ContextParallel, causal: bool = True) -> AttnMeta:
+@dataclass(frozen=True, eq=False)
+class CPPlan:
+    """A context-parallel rank's documents gathered into a padded batch (the `cp` kernel).
+
+    Segment s (a document, or a padding token, that has tokens in this rank's slice) has its
+    q_len slice tokens as queries and its k_len positions from the document's start to the
+    slice's end as keys; its queries are the last q_len of its keys (causal, bottom-right).
+    q_gather_P: local token (B * Lc flattened) for query slot s * Qmax + i; k_gather_P: gathered
+    key token (B * (hi - k0) flattened) for key slot s * Kmax + j; fillers read the segment's
+    first one. mask_S1QK: key j visible to query i; a filler query row sees key 0 only (no row
+    is fully masked, so no NaN reaches the backward). unpad_T: each local token's query slot.
+    """
+
+    q_gather_P: Tensor
+    k_gather_P: Tensor
+    mask_S1QK: Tensor
+    unpad_T: Tensor
+    num_segments: int
+    max_q: int
+    max_k: int
+
+
+def cp_attention_meta(doc_ids_BL: Tensor, cp: ContextParallel) -> AttnMeta:
     """The `cp` kernel's metadata for this rank's slice of a batch whose whole layout is
-    `doc_ids_BL` (B, L): queries [lo, hi), keys [k0, hi) (causal) or [k0, L); one host read."""
+    `doc_ids_BL` (B, L), causal: queries [lo, hi), keys gathered over [k0, hi) and attended per
+    document (cost sum over documents of q_len x k_len, not Lc x hi). One host read."""
     B, L = doc_ids_BL.shape
+    dev = doc_ids_BL.device
     lo, hi = cp.bounds(L)
-    k_hi = hi if causal else L
+    Lc = hi - lo
     seg_BL = segment_ids(doc_ids_BL)
     # earliest key any query of the slice may see: the start of the segment at `lo` in each row
     # (segments are contiguous runs), so the keys before it are never gathered into the matmul
-    k0 = int((seg_BL < seg_BL[:, lo : lo + 1]).sum(1).min()) if causal else 0
-    mask_BQK = seg_BL[:, lo:hi, None] == seg_BL[:, None, k0:k_hi]
-    if causal:
-        q_pos_Q = torch.arange(lo, hi, device=doc_ids_BL.device)
-        mask_BQK &= torch.arange(k0, k_hi, device=doc_ids_BL.device)[None, :] <= q_pos_Q[:, None]
-    return AttnMeta("cp", causal, doc_ids_BL[:, lo:hi], mask_B1LL=mask_BQK[:, None], cp=cp, keys=(k0, k_hi))
+    k0 = int((seg_BL < seg_BL[:, lo : lo + 1]).sum(1).min())
+    Kg = hi - k0
+    local_T = seg_BL[:, lo:hi].flatten()
+    ids_S, inv_T, q_len_S = torch.unique_consecutive(local_T, return_inverse=True, return_counts=True)
+    first_S = torch.searchsorted(seg_BL.flatten(), ids_S)  # segment ids ascend in row-major order
+    row_S, start_S = first_S // L, first_S % L
+    q_start_S = start_S.clamp(min=lo)
+    k_len_S = q_start_S + q_len_S - start_S
+    S, Q, K = len(ids_S), *torch.stack([q_len_S.max(), k_len_S.max()]).tolist()
+    i_Q, j_K = torch.arange(Q, device=dev), torch.arange(K, device=dev)
+    q_base_S = row_S * Lc + (q_start_S - lo)
+    k_base_S = row_S * Kg + (start_S - k0)
+    q_real_SQ = i_Q[None, :] < q_len_S[:, None]
+    k_real_SK = j_K[None, :] < k_len_S[:, None]
+    q_gather = torch.where(q_real_SQ, q_base_S[:, None] + i_Q[None, :], q_base_S[:, None])
+    k_gather = torch.where(k_real_SK, k_base_S[:, None] + j_K[None, :], k_base_S[:, None])
+    # query i sits at key position (q_start - start) + i of its segment
+    q_at_SQ = (q_start_S - start_S)[:, None] + i_Q[None, :]
+    mask_SQK = k_real_SK[:, None, :] & (j_K[None, None, :] <= q_at_SQ[:, :, None])
+    mask_SQK |= ~q_real_SQ[:, :, None] & (j_K == 0)[None, None, :]
+    pos_T = torch.arange(B * Lc, device=dev) - (q_base_S[inv_T])  # position within the segment
+    unpad_T = inv_T * Q + pos_T
+    plan = CPPlan(q_gather.flatten(), k_gather.flatten(), mask_SQK[:, None], unpad_T, S, Q, K)
+    return AttnMeta("cp", True, doc_ids_BL[:, lo:hi], cp=cp, keys=(k0, hi), cp_plan=plan)
 
 
 def cp_keys(meta: AttnMeta, x: Tensor, dim: int) -> Tensor:
@@ -338,7 +383,8 @@ def attention(
     if meta.kernel == "varlen":
         return _flash(q_BHLD, k_BHLD, v_BHLE, meta, scale)
     if meta.kernel == "cp":  # k, v: the gathered keys [k0, hi) (`cp_keys`)
-        return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLE, attn_mask=meta.mask_B1LL, scale=scale)
+        assert meta.cp_plan is not None  # cp_attention_meta plans it
+        return _sdpa_cp(q_BHLD, k_BHLD, v_BHLE, meta.cp_plan, scale)
     return _flex(q_BHLD, k_BHLD, v_BHLE, meta, scale)
 
 
@@ -420,6 +466,22 @@ def _sdpa_segments(
     out_PHE = out_SHLE.transpose(1, 2).reshape(S * Lmax, H, -1)
     out_THE = torch.cat([out_PHE, v_THE]).index_select(0, plan.unpad_T)
     return out_THE.view(B, L, H, -1).transpose(1, 2)
+
+
+def _sdpa_cp(q_BHLD: Tensor, k_BHKD: Tensor, v_BHKE: Tensor, plan: CPPlan, scale: float | None) -> Tensor:
+    """SDPA of a context-parallel rank's queries over its gathered keys, per document: both
+    gathered into padded (S, H, Qmax / Kmax, D) batches, the bottom-right causal mask, back."""
+    B, H, Lc, _ = q_BHLD.shape
+    S, Q, K = plan.num_segments, plan.max_q, plan.max_k
+
+    def pad(x_THX: Tensor, idx_P: Tensor, n: int) -> Tensor:  # (T, H, X) -> (S, H, n, X)
+        return x_THX.index_select(0, idx_P).view(S, n, H, -1).transpose(1, 2)
+
+    q_SHQD = pad(_tokens(q_BHLD), plan.q_gather_P, Q)
+    k_SHKD, v_SHKE = pad(_tokens(k_BHKD), plan.k_gather_P, K), pad(_tokens(v_BHKE), plan.k_gather_P, K)
+    out_SHQE = F.scaled_dot_product_attention(q_SHQD, k_SHKD, v_SHKE, attn_mask=plan.mask_S1QK, scale=scale)
+    out_THE = out_SHQE.transpose(1, 2).reshape(S * Q, H, -1).index_select(0, plan.unpad_T)
+    return out_THE.view(B, Lc, H, -1).transpose(1, 2)
 
 
 def _varlen_kernel() -> tuple[Callable[..., Any], str]:

@@ -340,7 +340,7 @@ class MoELM(nn.Module):
                     f"a context-parallel LM over {cp.size} ranks takes this rank's slice of the "
                     f"embeddings ({doc_ids_BL.shape[1] // cp.size} positions), got {h_BLD.shape[1]}"
                 )
-            meta = cp_attention_meta(doc_ids_BL, cp, causal=True)
+            meta = cp_attention_meta(doc_ids_BL, cp)
             position_ids_BL = cp.shard(position_ids_BL)
         else:
             meta = self.attention_meta(doc_ids_BL, h_BLD)

@@ -207,8 +207,9 @@ class ModelCosts:
 
         Context parallelism over `cp` ranks (`tokens` is then this rank's slice of sequences of
         `seq_len`; model/context_parallel.py): the last rank's layers also keep the keys gathered
-        from the cp - 1 slices before its own, and the batch's attention mask (one byte per query
-        and key, shared by every layer); the vision tower encodes the slice's images."""
+        from the cp - 1 slices before its own, and the batch's attention mask (at most one byte
+        per query and key: the kernel pads per document; shared by every layer); the vision
+        tower encodes the slice's images."""
         total = 0.0
         lm, v = self.shape.lm, self.shape.vision
         if "lm" in path.modules and path.backward_through("lm"):

@@ -124,6 +124,37 @@ def test_deepspeed_data_parallel_with_a_text_only_micro_batch_trains_the_one_pro
     assert want[-1] < want[0] - 0.5
 
 
+LAYOUTS = {
+    "packed_with_padding": [[0] * 5 + [1] * 9 + [2] * 6 + [-1] * 4, [0] * 24],
+    "one_doc_per_row": [[0] * 24, [0] * 24],
+    "doc_starts_at_a_slice_edge": [[0] * 6 + [1] * 12 + [2] * 6, [0] * 3 + [1] * 21],
+    "short_docs_and_a_padded_tail": [[0, 0, 1, 1, 1, 2] * 3 + [-1] * 6, [3] * 12 + [4] * 12],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("size", [2, 4])
+def test_the_cp_kernel_gives_the_slice_rows_of_whole_sequence_attention(layout, size):
+    """Each rank's per-document attention over the keys up to its slice's end equals its rows
+    of the whole sequence's causal block-diagonal attention (the reference: one SDPA per
+    document). The gather is done here by slicing the whole keys, as the ranks' gathers give."""
+    from moonforge.model.attention import attend_reference, attention, cp_attention_meta
+
+    doc = torch.tensor(LAYOUTS[layout])
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 24, 8, generator=g), torch.randn(2, 3, 24, 8, generator=g)
+    v = torch.randn(2, 3, 24, 6, generator=g)
+    whole = attend_reference(q, k, v, doc, causal=True)
+    for rank in range(size):
+        cp = ContextParallel(rank, size)
+        lo, hi = cp.bounds(24)
+        meta = cp_attention_meta(doc, cp)
+        k0, end = meta.keys
+        assert end == hi and k0 <= lo
+        out = attention(q[:, :, lo:hi], k[:, :, k0:hi], v[:, :, k0:hi], meta)
+        torch.testing.assert_close(out, whole[:, :, lo:hi], rtol=1e-5, atol=1e-6)
+
+
 def test_a_degree_that_does_not_divide_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"context_parallel=3 does not divide the 4 ranks"):
         LauncherConfig(kind="torchrun", nproc_per_node=4, context_parallel=3)
