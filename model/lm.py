@@ -338,7 +338,7 @@ class MoELM(nn.Module):
             if h_BLD.shape[1] * cp.size != doc_ids_BL.shape[1]:
                 raise ValueError(
                     f"a context-parallel LM over {cp.size} ranks takes this rank's slice of the "
-                    f"embeddings ({doc_ids_BL.shape[1] // cp.size} positions), got {h_BLD.shape[1]}"
+                    f"embeddings ({doc_ids_BL.shape[1] // cp.size} positions) but got {h_BLD.shape[1]}"
                 )
             meta = cp_attention_meta(doc_ids_BL, cp)
             position_ids_BL = cp.shard(position_ids_BL)

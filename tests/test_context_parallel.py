@@ -187,9 +187,14 @@ def test_stages_that_cannot_shard_a_sequence_and_long_context_layouts():
         load_recipe(tiny, [f"stages.long_context.{o}" for o in [*two, "launcher.context_parallel=2"]] + [odd])
 
 
-def test_a_context_parallel_forward_refuses_to_return_logits():
+def test_a_context_parallel_forward_refuses_logits_and_whole_embeddings():
     model = cp_check.vlm()
     model.lm.context_parallel = ContextParallel(0, 2)
     b = cp_check.packed_batch()
     with pytest.raises(ValueError, match="computes the training loss only .*run without context parallelism"):
         model(b.input_ids_BL, b.position_ids_BL, b.doc_ids_BL, b.media_mask_BL, b.pixels_NP, b.grid_hw)
+    whole = model.embed(b.input_ids_BL)  # the whole sequence's embeddings, not this rank's slice
+    with pytest.raises(
+        ValueError, match=r"takes this rank's slice of the embeddings \(32 positions\) but got 64"
+    ):
+        model.lm(None, b.position_ids_BL, b.doc_ids_BL, inputs_embeds_BLD=whole, labels_BL=b.labels_BL)
