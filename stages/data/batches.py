@@ -44,6 +44,7 @@ from moonforge.stages.data.shard_order import ShardOrder
 from moonforge.stages.data.sources import (  # re-exported: batch builders and their sources
     Doc,
     DocSource,
+    Media,
     VisionSpec,
     caption_docs,
     long_docs,
@@ -92,7 +93,11 @@ class LMBatch:
     """True at <|media_pad|> positions; media_mask_BL.sum() == sum(h * w) / merge**2."""
     pixels_NP: torch.Tensor | None
     grid_hw: torch.Tensor | None
-    """(I, 2) int64 patch grid per image, in row order."""
+    """(I, 2) int64 patch grid per image (or temporal patch of a clip), in row order."""
+    media_t: torch.Tensor | None = None
+    """(I,) temporal index of each grid entry in its clip; None when the batch holds no clip."""
+    media_group: torch.Tensor | None = None
+    """(I,) which grid entries are one clip (an image is a group of its own); None likewise."""
 
     def to(self, device: torch.device | str) -> LMBatch:
         return _to(self, device)
@@ -126,34 +131,46 @@ class ImageTextBatch:
 
 
 def collate_rows(rows: Sequence[PackedRow], media_pad_id: int) -> LMBatch:
-    """Stack packed rows; each row payload is a list of (pixels_NP, (h, w)) per document."""
-    images = [img for row in rows for payload in row.payloads for img in payload]
+    """Stack packed rows; each row payload is the list of Media of one document. A batch with a
+    clip also gets media_t / media_group (each clip one group, each image its own)."""
+    media = [m for row in rows for payload in row.payloads for m in payload]
     ids = torch.tensor([r.input_ids for r in rows], dtype=torch.long)
+    media_t = media_group = None
+    if any(m.clip is not None for m in media):
+        groups: list[int] = []
+        for payload in (p for row in rows for p in row.payloads):
+            first: dict[int, int] = {}  # a document's clip -> its batch-wide group
+            for m in payload:
+                if m.clip is None or m.clip not in first:
+                    groups.append(len(set(groups)))
+                    if m.clip is not None:
+                        first[m.clip] = groups[-1]
+                else:
+                    groups.append(first[m.clip])
+        media_t = torch.tensor([m.t for m in media], dtype=torch.long)
+        media_group = torch.tensor(groups, dtype=torch.long)
     return LMBatch(
         input_ids_BL=ids,
         labels_BL=torch.tensor([r.labels for r in rows], dtype=torch.long),
         position_ids_BL=torch.tensor([r.position_ids for r in rows], dtype=torch.long),
         doc_ids_BL=torch.tensor([r.doc_ids for r in rows], dtype=torch.long),
         media_mask_BL=ids == media_pad_id,
-        pixels_NP=torch.cat([p for p, _ in images]) if images else None,
-        grid_hw=torch.tensor([g for _, g in images], dtype=torch.long) if images else None,
+        pixels_NP=torch.cat([m.pixels_NP for m in media]) if media else None,
+        grid_hw=torch.tensor([m.grid_hw for m in media], dtype=torch.long) if media else None,
+        media_t=media_t,
+        media_group=media_group,
     )
 
 
-def load_doc_images(doc: Doc, vision: VisionSpec) -> list[tuple[torch.Tensor, tuple[int, int]]] | None:
-    """Patches of every image of `doc`, or None if one is corrupt (counted by its loader)."""
-    out = []
-    for ref in doc.images:
-        img = ref.load()
-        if img is None:
+def load_doc_images(doc: Doc, vision: VisionSpec) -> list[Media] | None:
+    """The grid entries of every image and clip of `doc`, or None if one is corrupt (counted by
+    its loader)."""
+    out: list[Media] = []
+    for k, ref in enumerate(doc.images):
+        got = ref.media(vision, k)
+        if got is None:
             return None
-        pixels, grid = to_patches(img, vision.patch_size, vision.merge_size, vision.max_patches)
-        if grid != ref.grid_hw:
-            raise ValueError(
-                f"{ref.loader.root / ref.path}: the file's size gives patch grid {grid} "
-                f"but its record says {ref.grid_hw}; the manifest and images disagree"
-            )
-        out.append((pixels, grid))
+        out += got
     return out
 
 
@@ -250,7 +267,7 @@ class LMBatchIterator(Iterator[LMBatch | None]):
             return None  # corrupt image: counted by the loader; draw another document
         ids, mask = doc.ids[:seq_len], (doc.loss_mask[:seq_len] if doc.loss_mask else None)
         if ids.count(self.tok.media_pad_id) != sum(
-            num_image_tokens(g, self.vision.merge_size) for _, g in images
+            num_image_tokens(m.grid_hw, self.vision.merge_size) for m in images
         ):
             raise ValueError(
                 f"an image document from {name!r} is longer than seq_len={seq_len} "

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from moonforge.model.tokenizer import Tokenizer
-from moonforge.stages.data.images import ImageLoader, num_image_tokens, patch_grid
+from moonforge.stages.data.images import ImageLoader, num_image_tokens, patch_grid, to_patches
 from moonforge.stages.data.records import ImageRecord, LongDocRecord, TextRecord
 from moonforge.stages.data.shard_order import ShardOrder
 
@@ -48,6 +50,27 @@ class VisionSpec:
 
 
 @dataclass(frozen=True)
+class Media:
+    """One grid entry of a batch's media: an image, or one temporal patch of a clip."""
+
+    pixels_NP: torch.Tensor
+    grid_hw: tuple[int, int]
+    t: int = 0
+    """The temporal patch's index in its clip (0 for an image)."""
+    clip: int | None = None
+    """Which clip of its document the entry belongs to; None for an image."""
+
+
+class MediaRef(Protocol):
+    """What a document shows, not yet decoded (an ImageRef, or video_sources.VideoRef)."""
+
+    def media(self, vision: VisionSpec, clip: int) -> list[Media] | None:
+        """Its grid entries (`clip`: its index among the document's media), or None when the
+        file is corrupt (counted by its loader)."""
+        ...
+
+
+@dataclass(frozen=True)
 class ImageRef:
     """An image a document shows, not yet loaded: its loader, path and patch grid."""
 
@@ -59,14 +82,28 @@ class ImageRef:
         """The decoded image, or None when it is corrupt (counted by the loader)."""
         return self.loader.load(self.path)
 
+    def media(self, vision: VisionSpec, clip: int = 0) -> list[Media] | None:
+        """The image's patches as one grid entry, or None when it is corrupt."""
+        img = self.load()
+        if img is None:
+            return None
+        pixels, grid = to_patches(img, vision.patch_size, vision.merge_size, vision.max_patches)
+        if grid != self.grid_hw:
+            raise ValueError(
+                f"{self.loader.root / self.path}: the file's size gives patch grid {grid} "
+                f"but its record says {self.grid_hw}; the manifest and images disagree"
+            )
+        return [Media(pixels, grid)]
+
 
 @dataclass(frozen=True)
 class Doc:
-    """One document: ids, loss mask aligned with ids (None = all ones), images in order."""
+    """One document: ids, loss mask aligned with ids (None = all ones), media (images, clips)
+    in placeholder order."""
 
     ids: list[int]
     loss_mask: list[int] | None = None
-    images: tuple[ImageRef, ...] = ()
+    images: tuple[MediaRef, ...] = ()
 
 
 class DocSource:

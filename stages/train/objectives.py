@@ -33,6 +33,8 @@ def lm_forward(model: nn.Module, batch, labels_BL: Tensor | None = None) -> Tens
         pixels_NP=batch.pixels_NP,
         grid_hw=batch.grid_hw,
         labels_BL=labels_BL,
+        media_t=batch.media_t,
+        media_group=batch.media_group,
     )
 
 

@@ -1,0 +1,144 @@
+"""Video documents: `videoworld` clips as LM documents beside the image ones (sources.py).
+
+A clip is shown as `num_frames` frames sampled at the centres of equal spans of it
+(`read_frames`), which become ceil(num_frames / 2) temporal patches of its patch grid
+(`clip_patches`, model/vision.py `video_patches`) behind ONE media placeholder, as
+`moonforge chat --video` builds it:
+
+  video_caption_docs  [video] {caption} <|endoftext|>                          loss on the text
+  video_qa_docs       [video] \\nQuestion: {q}\\nAnswer: {a} <|endoftext|>     loss on " {a}" + eos
+
+where [video] is `Tokenizer.media_placeholder(ceil(num_frames / 2) * h * w / merge**2)`. A batch
+that holds a clip carries `media_t` (each grid entry's temporal index) and `media_group` (which
+entries are one clip) for the encoder (batches.py `collate_rows`).
+
+Legend: F frames sampled, T temporal patches, (h, w) the clip's patch grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from moonforge.model.tokenizer import Tokenizer
+from moonforge.model.vision import TEMPORAL_PATCH
+from moonforge.stages.data.images import CorruptImageError, TooManyCorruptImagesError, num_image_tokens
+from moonforge.stages.data.sources import Doc, DocSource, Media, VisionSpec, qa_prompt
+from moonforge.stages.data.video_files import VideoRecord, clip_patches, read_frames
+
+
+class VideoLoader:
+    """Decodes one dataset's clips, skipping and counting corrupt files up to a share of them
+    (ImageLoader's contract: `skipped` counts skip events, `corrupt` the distinct bad paths)."""
+
+    def __init__(self, dataset: str, root: Path, num_clips: int, max_corrupt_frac: float = 0.01):
+        self.dataset, self.root = dataset, Path(root)
+        self.num_clips, self.max_corrupt_frac = num_clips, max_corrupt_frac
+        self.skipped = 0
+        self.corrupt: set[str] = set()
+
+    def load(self, rel_path: str, num_frames: int) -> list[Image.Image] | None:
+        """The sampled frames, or None (counted) when the clip is corrupt."""
+        if rel_path not in self.corrupt:
+            try:
+                return read_frames(self.root / rel_path, num_frames=num_frames)
+            except FileNotFoundError:
+                self._bad(rel_path)
+            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+                self._bad(rel_path)
+        self.skipped += 1
+        return None
+
+    def _bad(self, rel_path: str) -> None:
+        self.corrupt.add(rel_path)
+        if len(self.corrupt) > self.max_corrupt_frac * self.num_clips:
+            raise TooManyCorruptImagesError(
+                self.dataset, len(self.corrupt), self.num_clips, self.max_corrupt_frac
+            )
+
+
+@dataclass(frozen=True)
+class VideoRef:
+    """A clip a document shows, not yet decoded: its loader, path, patch grid and frame count."""
+
+    loader: VideoLoader
+    path: str
+    grid_hw: tuple[int, int]
+    num_frames: int
+
+    @property
+    def num_temporal(self) -> int:
+        return math.ceil(self.num_frames / TEMPORAL_PATCH)
+
+    def num_tokens(self, merge_size: int) -> int:
+        return self.num_temporal * num_image_tokens(self.grid_hw, merge_size)
+
+    def media(self, vision: VisionSpec, clip: int) -> list[Media] | None:
+        """The clip's temporal patches (document-local clip index `clip`), or None if corrupt."""
+        frames = self.loader.load(self.path, self.num_frames)
+        if frames is None:
+            return None
+        pixels_NP, grid, t = clip_patches(frames, vision.patch_size, vision.merge_size, vision.max_patches)
+        hw = (int(grid[0, 0]), int(grid[0, 1]))
+        if hw != self.grid_hw:
+            raise CorruptImageError(
+                self.loader.root / self.path,
+                f"its frames give patch grid {hw} but its record says {self.grid_hw}; "
+                "the manifest and clips disagree",
+            )
+        n = hw[0] * hw[1]
+        return [Media(pixels_NP[i * n : (i + 1) * n], hw, int(t[i]), clip) for i in range(len(t))]
+
+
+def _video(
+    tok: Tokenizer, loader: VideoLoader, rec: VideoRecord, vision: VisionSpec, num_frames: int
+) -> tuple[list[int], VideoRef]:
+    ref = VideoRef(loader, rec.video, vision.grid(rec.width, rec.height), num_frames)
+    return tok.media_placeholder(ref.num_tokens(vision.merge_size)), ref
+
+
+def video_caption_docs(
+    records: Sequence[VideoRecord],
+    clip_root: Path,
+    tokenizer: Tokenizer,
+    num_frames: int,
+    name: str = "video_caption",
+    max_corrupt_frac: float = 0.01,
+) -> DocSource:
+    """One document per clip: the clip, then its caption (the events in order)."""
+    recs = list(records)
+    loader = VideoLoader(name, clip_root, len(recs), max_corrupt_frac)
+
+    def make(i: int, vision: VisionSpec) -> Doc:
+        media, ref = _video(tokenizer, loader, recs[i], vision, num_frames)
+        body = tokenizer.encode(recs[i].caption) + [tokenizer.eos_id]
+        return Doc(media + body, [0] * len(media) + [1] * len(body), (ref,))
+
+    return DocSource(name, len(recs), make, loader)
+
+
+def video_qa_docs(
+    records: Sequence[VideoRecord],
+    clip_root: Path,
+    tokenizer: Tokenizer,
+    num_frames: int,
+    name: str = "video_qa",
+    max_corrupt_frac: float = 0.01,
+) -> DocSource:
+    """One document per (clip, question), loss on the answer and eos only."""
+    recs = list(records)
+    pairs = [(r, q) for r in recs for q in r.qa]
+    loader = VideoLoader(name, clip_root, len(recs), max_corrupt_frac)
+
+    def make(i: int, vision: VisionSpec) -> Doc:
+        rec, qa = pairs[i]
+        media, ref = _video(tokenizer, loader, rec, vision, num_frames)
+        prompt = media + qa_prompt(tokenizer, qa.question)
+        answer = tokenizer.encode(f" {qa.answer}") + [tokenizer.eos_id]
+        return Doc(prompt + answer, [0] * len(prompt) + [1] * len(answer), (ref,))
+
+    return DocSource(name, len(pairs), make, loader)

@@ -1,0 +1,133 @@
+"""Video documents (stages/data/video_sources.py): videoworld clips as LM documents beside images.
+
+A clip document holds one placeholder run for all its temporal patches, its pixels are exactly
+`chat --video`'s (read_frames + clip_patches), and a packed batch carries media_t / media_group
+so the encoder sees each clip as one document; a batch of images only carries neither (the
+image path is untouched). A corrupt clip is skipped and counted. The tiny VLM learns video QA
+answers from such batches.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_data_helpers import tiny_data
+
+from moonforge.model.tokenizer import Tokenizer
+from moonforge.model.vlm import build_vlm
+from moonforge.stages.data.batches import lm_batches, load_doc_images
+from moonforge.stages.data.build import build
+from moonforge.stages.data.images import num_image_tokens
+from moonforge.stages.data.records import read_image_records
+from moonforge.stages.data.sources import VisionSpec, caption_docs
+from moonforge.stages.data.video_files import clip_patches, read_frames, read_video_records
+from moonforge.stages.data.video_sources import video_caption_docs, video_qa_docs
+from moonforge.stages.recipe import load_recipe
+from moonforge.stages.train.objectives import lm_loss
+
+REPO = Path(__file__).resolve().parent.parent
+VISION = VisionSpec(patch_size=8, merge_size=2, max_patches=64)  # the tiny recipe's
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("videoworld")
+    params = {"seed": 1, "num_train": 24, "num_val": 4, "frames": [3, 8], "fps": [2, 4]}
+    (root / "params.yaml").write_text(yaml.safe_dump({"videoworld": params}))
+    build("videoworld", root / "params.yaml", root / "data" / "videoworld")
+    return root / "data" / "videoworld"
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.load(tiny_data() / "tokenizer")
+
+
+def _mixed(world: Path, tok: Tokenizer, rows: int = 4):
+    videos = video_qa_docs(read_video_records(world, "train"), world / "train", tok, FRAMES)
+    toy = tiny_data() / "toyworld"
+    images = caption_docs(read_image_records(toy, "train"), toy / "train", tok)
+    return lm_batches(
+        {"video_qa": videos, "caption": images},
+        lambda step: {"video_qa": 0.5, "caption": 0.5},
+        tok,
+        256,
+        rows,
+        0,
+        VISION.patch_size,
+        VISION.merge_size,
+        VISION.max_patches,
+    )
+
+
+@pytest.mark.parametrize("frames", [FRAMES, 3])
+def test_a_clip_document_is_one_placeholder_run_of_chat_video_pixels(world, tok, frames):
+    recs = read_video_records(world, "train")
+    src = video_caption_docs(recs, world / "train", tok, frames)
+    doc = src.doc(0, VISION)
+    media = load_doc_images(doc, VISION)
+    assert media is not None and [m.t for m in media] == list(range(math.ceil(frames / 2)))
+    assert {m.clip for m in media} == {0}
+    pixels, grid, t = clip_patches(read_frames(world / "train" / recs[0].video, num_frames=frames), 8, 2, 64)
+    assert torch.equal(torch.cat([m.pixels_NP for m in media]), pixels)
+    assert [m.grid_hw for m in media] == [tuple(g) for g in grid.tolist()]
+    per_patch = num_image_tokens(media[0].grid_hw, 2)
+    assert doc.ids.count(tok.media_pad_id) == per_patch * len(t)  # one run for the whole clip
+    assert tok.decode(doc.ids[per_patch * len(t) :]).strip().startswith(recs[0].caption[:10])
+
+
+def test_packed_batches_carry_each_clip_as_one_group(world, tok):
+    b = next(_mixed(world, tok))
+    assert b.media_t is not None and b.media_group is not None and b.grid_hw is not None
+    assert int(b.media_mask_BL.sum()) == sum(num_image_tokens(tuple(g), 2) for g in b.grid_hw.tolist())
+    groups = b.media_group.tolist()
+    assert groups == sorted(groups) and sorted(set(groups)) == list(range(len(set(groups))))
+    sizes = [groups.count(g) for g in sorted(set(groups))]
+    assert 1 in sizes and max(sizes) == FRAMES // 2  # images and 2-patch clips side by side
+    for g in set(groups):  # a clip's temporal patches count up from 0; an image is t = 0
+        assert [t for t, gg in zip(b.media_t.tolist(), groups) if gg == g] == list(range(groups.count(g)))
+    model = build_vlm(load_recipe(REPO / "recipes" / "tiny.yaml").model, seed=0)
+    with torch.no_grad():  # the VLM takes the layout as the encoder needs it
+        feats = model.encode_media(b.pixels_NP, b.grid_hw, b.media_t, b.media_group)
+        h = model.embed(b.input_ids_BL, b.media_mask_BL, b.pixels_NP, b.grid_hw, b.media_t, b.media_group)
+    assert torch.equal(h[b.media_mask_BL], feats)
+
+
+def test_a_batch_of_images_only_has_no_clip_layout(tok):
+    toy = tiny_data() / "toyworld"
+    images = caption_docs(read_image_records(toy, "train"), toy / "train", tok)
+    b = next(lm_batches({"caption": images}, lambda s: {"caption": 1.0}, tok, 256, 2, 0, 8, 2, 64))
+    assert b.grid_hw is not None and b.media_t is None and b.media_group is None
+
+
+def test_a_corrupt_clip_is_skipped_and_counted(world, tok, tmp_path):
+    copy = tmp_path / "videoworld"
+    shutil.copytree(world, copy)
+    recs = read_video_records(copy, "train")
+    (copy / "train" / recs[0].video).write_bytes(b"not a webp")
+    src = video_caption_docs(recs, copy / "train", tok, FRAMES, max_corrupt_frac=0.1)
+    assert load_doc_images(src.doc(0, VISION), VISION) is None
+    assert src.loader is not None and src.loader.skipped == 1
+    assert load_doc_images(src.doc(1, VISION), VISION) is not None
+
+
+def test_the_tiny_vlm_learns_video_answers(world, tok, one_thread):
+    model = build_vlm(load_recipe(REPO / "recipes" / "tiny.yaml").model, seed=0)
+    videos = video_qa_docs(read_video_records(world, "train"), world / "train", tok, FRAMES)
+    it = lm_batches({"video_qa": videos}, lambda s: {"video_qa": 1.0}, tok, 256, 4, 0, 8, 2, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(15):
+        loss, _ = lm_loss(model, next(it))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 1.0, losses
