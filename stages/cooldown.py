@@ -13,6 +13,7 @@ from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, Sta
 from moonforge.stages.data.records import read_image_records, read_text_records
 from moonforge.stages.data.sources import caption_docs, qa_docs, text_docs
 from moonforge.stages.data.user_mix import DeclaredMix
+from moonforge.stages.data.video_mix import VIDEO_SOURCES, video_sources, with_video
 from moonforge.stages.evals import heldout_metrics, heldout_sets
 from moonforge.stages.stage_configs import CooldownConfig
 from moonforge.stages.train.freeze import apply_trainable
@@ -49,12 +50,14 @@ def cooldown(
         "caption": caption_docs(images, world / "train", tok),
         "qa": qa_docs(images, world / "train", tok),
     }
+    sources.update(video_sources(cfg.video, data, tok))
     rest = 1.0 - cfg.qa_ratio
     weights = {
         "text": rest * (1 - cfg.multimodal_ratio),
         "caption": rest * cfg.multimodal_ratio,
         "qa": cfg.qa_ratio,
     }
+    weights = with_video(weights, ("caption", "qa"), cfg.video)
     mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
     batches = lm_stream({**sources, **mix.sources()}, mix.weights(weights), tok, cfg, mcfg, par=ctx.parallel)
     state = train(model, apply_trainable(model, cfg.trainable), batches, lm_loss, train_spec(cfg), ctx, mcfg)
@@ -65,6 +68,7 @@ def cooldown(
         "train/final_loss": state.history[-1]["loss"],
         "train/steps": float(state.step),
         "data/qa_token_share": drawn["qa"] / max(sum(drawn.values()), 1),
+        "data/video_token_share": sum(drawn.get(n, 0) for n in VIDEO_SOURCES) / max(sum(drawn.values()), 1),
         "data/skipped_images": float(batches.skipped),
         **mix.metrics(batches),
     }

@@ -2,7 +2,8 @@
 
 Pure text keeps the LM's language ability ("all stages that update the language model are joint
 training stages"); the multimodal share (image-conditioned captions/OCR and QA) ramps from 0 to
-the recipe's final ratio (k1.5: 30%) and then holds.
+the recipe's final ratio (k1.5: 30%) and then holds. With `video:`, clip captions and QA take
+their share of the multimodal weight (stages/data/video_mix.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, Sta
 from moonforge.stages.data.records import read_image_records, read_text_records
 from moonforge.stages.data.sources import caption_docs, qa_docs, text_docs
 from moonforge.stages.data.user_mix import DeclaredMix
+from moonforge.stages.data.video_mix import VIDEO_SOURCES, video_sources, with_video
 from moonforge.stages.evals import heldout_metrics, heldout_sets
 from moonforge.stages.stage_configs import JointPretrainConfig
 from moonforge.stages.train.freeze import apply_trainable
@@ -52,13 +54,16 @@ def joint_pretrain(
         "qa": qa_docs(images, world / "train", tok),
     }
 
+    sources.update(video_sources(cfg.video, data, tok))
+
     def weights_at(batch_index: int) -> dict[str, float]:
         mm = cfg.multimodal_ramp.ratio_at(batch_index / (cfg.steps * cfg.grad_accum))
-        return {
+        images = {
             "text": 1.0 - mm,
             "caption": mm * (1 - QA_SHARE_OF_MULTIMODAL),
             "qa": mm * QA_SHARE_OF_MULTIMODAL,
         }
+        return with_video(images, ("caption", "qa"), cfg.video)
 
     mix = DeclaredMix(cfg, data, tok, vision_spec(mcfg), ctx.parallel)
     batches = lm_stream(
@@ -70,7 +75,8 @@ def joint_pretrain(
         **heldout_metrics(model, sets),
         "train/final_loss": state.history[-1]["loss"],
         "train/steps": float(state.step),
-        "data/multimodal_token_share": _share(batches, ("caption", "qa")),
+        "data/multimodal_token_share": _share(batches, ("caption", "qa", *VIDEO_SOURCES)),
+        "data/video_token_share": _share(batches, VIDEO_SOURCES),
         "data/skipped_images": float(batches.skipped),
         **mix.metrics(batches),
     }

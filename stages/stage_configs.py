@@ -130,14 +130,42 @@ class MultimodalRamp(Frozen):
         return self.final_ratio * min(1.0, (frac - self.text_only_frac) / span)
 
 
-class JointPretrainConfig(MixtureStage):
+class VideoMix(Frozen):
+    """Video in a stage's multimodal share: `videoworld` clips as caption and QA documents
+    (stages/data/video_sources.py), taking `share` of the image documents' weight."""
+
+    share: float = Field(gt=0.0, le=1.0)
+    """Share of the multimodal weight given to video (the rest stays images)."""
+    num_frames: PositiveInt = 8
+    """Frames sampled evenly per clip: ceil(num_frames / 2) temporal patches of its grid."""
+    qa_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Within video, QA documents vs captions."""
+
+
+class _WithVideo(MixtureStage):
+    """A mixture stage that may mix video in (`video:`)."""
+
+    video: VideoMix | None = None
+    """Video documents in the multimodal share; None = images only. Needs `videoworld` in data."""
+
+    @model_validator(mode="after")
+    def _video_data(self) -> _WithVideo:
+        if self.video is not None and "videoworld" not in self.data:
+            raise ValueError(
+                f"stage {self.stage_name!r}: video: mixes clips in, but its data does not list "
+                "videoworld; add videoworld to the stage's data (or drop video:)"
+            )
+        return self
+
+
+class JointPretrainConfig(_WithVideo):
     """Stage 3: everything trains; text-only first, then a rising multimodal ratio."""
 
     kind: Literal["joint_pretrain"] = "joint_pretrain"
     multimodal_ramp: MultimodalRamp = MultimodalRamp()
 
 
-class CooldownConfig(MixtureStage):
+class CooldownConfig(_WithVideo):
     """Stage 4: high-quality subset plus a low ratio of synthetic QA, decaying LR, bias frozen."""
 
     kind: Literal["cooldown"] = "cooldown"

@@ -131,3 +131,37 @@ def test_the_tiny_vlm_learns_video_answers(world, tok, one_thread):
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_joint_pretrain_mixes_clips_in_by_their_share(world, tmp_path, one_thread):
+    """The stage with `video: {share: 0.5}` draws clip documents for about half of the
+    multimodal tokens and still trains; without videoworld in its data the recipe is refused."""
+    from moonforge.stages.artifacts import DatasetRef, StageContext
+    from moonforge.stages.joint_pretrain import joint_pretrain
+    from moonforge.stages.stage_configs import JointPretrainConfig
+
+    names = ("text", "toyworld", "tokenizer")
+    data = {n: DatasetRef(n, tiny_data() / n, "test") for n in names}
+    data["videoworld"] = DatasetRef("videoworld", world, "test")
+    fields = dict(
+        upstream=None,
+        trainable=("vision", "projector", "lm"),
+        optimizer={"lr": 2e-3},
+        seq_len=256,
+        batch_size=4,
+        num_steps=6,
+        multimodal_ramp={"text_only_frac": 0.0, "ramp_end_frac": 0.01, "final_ratio": 0.6},
+        video={"share": 0.5, "num_frames": FRAMES},
+        eval={"num_examples": 8, "batch_size": 8},
+    )
+    with pytest.raises(ValueError, match="does not list videoworld; add videoworld"):
+        JointPretrainConfig(data=names, **fields)
+    cfg = JointPretrainConfig(data=(*names, "videoworld"), **fields)
+    tiny = load_recipe(REPO / "recipes" / "tiny.yaml").model
+    model = tiny.model_copy(update={"lm": tiny.lm.model_copy(update={"vocab_size": 512})})
+    (tmp_path / "out").mkdir()
+    res = joint_pretrain(None, data, cfg, StageContext(out=tmp_path / "out", model=model))
+    m = res.metrics
+    assert 0.15 < m["data/video_token_share"] < 0.45, m  # 0.6 x 0.5 of the tokens by weight
+    assert m["data/multimodal_token_share"] > m["data/video_token_share"] > 0
+    assert m["train/steps"] == 6 and res.checkpoint.weights.exists()

@@ -117,6 +117,7 @@ def _scalar_candidates(value: Any, ann: Any) -> list[Any]:
                 out += ["x", "127.0.0.1:29400"]  # host:port: launcher.rdzv_endpoint
             elif isinstance(a, type) and issubclass(a, BaseModel):  # e.g. init: {lm: x}
                 out += [{name: "x"} for name in a.model_fields]
+                out += [{name: 0.5} for name in a.model_fields]  # e.g. video: {share: 0.5}
         return out
     return []
 
@@ -160,18 +161,22 @@ def _set(data: Any, path: Path_, value: Any) -> Any:
 
 
 COUPLED: dict[Path_, Any] = {
-    ("launcher", "context_parallel"): lambda v: {"kind": "torchrun", "nproc_per_node": v},
+    ("launcher", "context_parallel"): lambda v, data: {
+        ("launcher", "kind"): "torchrun",
+        ("launcher", "nproc_per_node"): v,
+    },
+    ("video",): lambda v, data: {("data",): [*data["data"], "videoworld"]},
 }
-"""Fields valid only with others set alike: a context-parallel degree needs as many ranks."""
+"""Fields valid only with others set alike: a context-parallel degree needs as many ranks, and
+video needs the videoworld dataset."""
 
 
 def mutate(cfg: BaseModel, path: Path_, value: Any) -> BaseModel | None:
     """`cfg` with the field at `path` set to `value`, or None when the schema rejects it."""
     data = cfg.model_dump()
-    for field, value_of in COUPLED.items():
-        if path == field and isinstance(value, int):
-            for k, v in value_of(value).items():
-                data = _set(data, (*path[:-1], k), v)
+    if path in COUPLED and value is not None:
+        for other, v in COUPLED[path](value, data).items():
+            data = _set(data, other, v)
     try:
         return type(cfg).model_validate(_set(data, path, value))
     except (ValidationError, ValueError, TypeError):
