@@ -165,3 +165,103 @@ def test_joint_pretrain_mixes_clips_in_by_their_share(world, tmp_path, one_threa
     assert 0.15 < m["data/video_token_share"] < 0.45, m  # 0.6 x 0.5 of the tokens by weight
     assert m["data/multimodal_token_share"] > m["data/video_token_share"] > 0
     assert m["train/steps"] == 6 and res.checkpoint.weights.exists()
+
+
+# -- users' video formats -------------------------------------------------------------------------
+
+
+def _user_sets(world: Path, root: Path):
+    """The same two video dialogues as an ms-swift `messages` file (videos column, `<video>`
+    tags) and as LLaVA-NeXT video rows (`video` key, the video marked by `<image>`), plus a
+    text-only dialogue, over two videoworld clips copied into `root/media`."""
+    import json
+
+    from moonforge.stages.data.declared import DeclaredDataset
+    from moonforge.stages.data.user_sets import DeclaredSet
+
+    recs = read_video_records(world, "train")[:2]
+    (root / "media").mkdir(parents=True)
+    for r in recs:
+        shutil.copy(world / "train" / r.video, root / "media" / Path(r.video).name)
+    talks = [(Path(r.video).name, r.qa[0].question, r.qa[0].answer) for r in recs]
+    swift = [
+        {
+            "messages": [
+                {"role": "user", "content": f"<video>\n{q}"},
+                {"role": "assistant", "content": a},
+            ],
+            "videos": [name],
+        }
+        for name, q, a in talks
+    ] + [{"messages": [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"}]}]
+    llava = [
+        {
+            "id": str(i),
+            "video": name,
+            "conversations": [{"from": "human", "value": f"{q}\n<image>"}, {"from": "gpt", "value": a}],
+        }
+        for i, (name, q, a) in enumerate(talks)
+    ] + [{"id": "2", "conversations": [{"from": "human", "value": "2 + 3?"}, {"from": "gpt", "value": "5"}]}]
+    (root / "swift.jsonl").write_text("".join(json.dumps(r) + "\n" for r in swift))
+    (root / "llava.json").write_text(json.dumps(llava))
+    decl = {"images_root": "media", "video_frames": FRAMES}
+    sets = [
+        DeclaredSet(
+            DeclaredDataset.model_validate(
+                {"name": "swift", "format": "messages", "path": "swift.jsonl", **decl}
+            ),
+            root,
+        ),
+        DeclaredSet(
+            DeclaredDataset.model_validate(
+                {"name": "nextvid", "format": "llava", "path": "llava.json", **decl}
+            ),
+            root,
+        ),
+    ]
+    return sets, recs
+
+
+def test_users_video_dialogues_load_alike_from_swift_and_llava_next_rows(world, tok, tmp_path):
+    from moonforge.stages.data.user_check import check_set
+    from moonforge.stages.data.user_mix import DeclaredDocSource
+
+    (swift, llava), recs = _user_sets(world, tmp_path)
+    a, b = ([rec for _, rec in ds.records()] for ds in (swift, llava))
+    assert len(a) == len(b) == 3 and all(x.same_content(y) for x, y in zip(a, b))
+    assert a[0].messages[0] == ("user", f"<video>\n{recs[0].qa[0].question}") and len(a[0].videos) == 1
+    for ds in (swift, llava):
+        rep = check_set(ds, tok, VISION)
+        assert rep.ok and rep.videos == 2 and dict(rep.kinds) == {"chat+video": 2, "chat": 1}
+    src = DeclaredDocSource(swift, tok)
+    doc = src.doc(0, VISION)
+    media = load_doc_images(doc, VISION)
+    assert media is not None and [m.t for m in media] == [0, 1] and {m.clip for m in media} == {0}
+    pixels, _, _ = clip_patches(
+        read_frames(tmp_path / "media" / Path(recs[0].video).name, num_frames=FRAMES), 8, 2, 64
+    )
+    assert torch.equal(torch.cat([m.pixels_NP for m in media]), pixels)  # chat --video's pixels
+    assert doc.ids.count(tok.media_pad_id) == 2 * num_image_tokens(media[0].grid_hw, 2)
+    b = next(lm_batches({"swift": src}, lambda s: {"swift": 1.0}, tok, 256, 3, 0, 8, 2, 64))
+    groups = b.media_group.tolist()  # every clip two temporal patches, one group each
+    assert b.media_t is not None and groups == sorted(groups) and {groups.count(g) for g in groups} == {2}
+
+
+def test_bad_user_videos_are_counted_by_reason(world, tok, tmp_path):
+    import json
+
+    from moonforge.stages.data.user_check import check_set
+    from moonforge.stages.data.user_sets import DeclaredSet
+
+    (swift, _), recs = _user_sets(world, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "swift.jsonl").read_text().splitlines()]
+    (tmp_path / "media" / "broken.webp").write_bytes(b"RIFF0000WEBPnot really")
+    rows += [
+        {**rows[0], "videos": []},  # a <video> marker without its video
+        {**rows[0], "videos": ["missing.webp"]},
+        {**rows[0], "videos": ["broken.webp"]},
+    ]
+    (tmp_path / "swift.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = check_set(DeclaredSet(swift.decl, tmp_path), tok, VISION)
+    assert dict(rep.bad) == {"video_count": 1, "missing_video": 1, "corrupt_video": 1}
+    assert rep.videos == 2 and not rep.ok  # 3 of 6 bad

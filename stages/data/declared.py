@@ -92,24 +92,25 @@ FORMATS: dict[str, FormatSpec] = {
     "llava": FormatSpec(
         "chat",
         ("json", "jsonl"),
-        {"messages": "conversations", "images": "image", "system": None},
+        {"messages": "conversations", "images": "image", "videos": "video", "system": None},
         _SHAREGPT_TAGS,
         "LLaVA: a JSON array of {id, image, conversations: [{from, value}]}; "
-        "`<image>` is moved to the start of its turn",
+        "`<image>` is moved to the start of its turn; LLaVA-NeXT video rows: {video, "
+        "conversations} whose `<image>` marks the video",
     ),
     "sharegpt": FormatSpec(
         "chat",
         ("json", "jsonl", "parquet"),
-        {"messages": "conversations", "images": "images", "system": "system"},
+        {"messages": "conversations", "images": "images", "videos": "videos", "system": "system"},
         _SHAREGPT_TAGS,
-        "ShareGPT as LLaMA-Factory declares it",
+        "ShareGPT as LLaMA-Factory declares it (`<video>` tags take the videos column)",
     ),
     "messages": FormatSpec(
         "chat",
         ("jsonl", "json", "parquet"),
-        {"messages": "messages", "images": "images", "system": None},
+        {"messages": "messages", "images": "images", "videos": "videos", "system": None},
         _ROLE_TAGS,
-        "ms-swift / LLaMA-Factory: {messages: [{role, content}], images: [...]}",
+        "ms-swift / LLaMA-Factory: {messages: [{role, content}], images: [...], videos: [...]}",
     ),
     "openai": FormatSpec(
         "chat",
@@ -245,6 +246,9 @@ class DeclaredDataset(Frozen):
     then the built-in table for known verl sources), else exact match."""
     data_source_verifiers: dict[str, str] = {}
     """RL prompts: data_source value -> verifier name."""
+    video_frames: PositiveInt = 8
+    """Frames sampled evenly from each video of a record (ceil(video_frames / 2) temporal
+    patches); videos are animated WebP or GIF, read by time (stages/data/video_files.py)."""
     shuffle_block: PositiveInt = 64
     """Records per shuffle block: an epoch visits files in a seeded order, blocks of each file in
     a seeded order and records of a block in a seeded order; ranks take whole blocks."""

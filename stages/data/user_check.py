@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from moonforge.stages.data.user_images import REASONS, BadRecord, decode_image
 from moonforge.stages.data.user_samples import Sample
 from moonforge.stages.data.user_sets import DeclaredSet
+from moonforge.stages.data.user_videos import video_frames
 
 MAX_EXAMPLES = 10
 """Bad records listed by key in a report."""
@@ -82,6 +83,7 @@ class CheckReport:
     heights: Distribution = field(default_factory=Distribution)
     tokens: Distribution = field(default_factory=Distribution)
     images: int = 0
+    videos: int = 0
     max_bad_fraction: float = 0.01
 
     @property
@@ -101,6 +103,7 @@ class CheckReport:
         self.kinds += other.kinds
         self.bad += other.bad
         self.images += other.images
+        self.videos += other.videos
         self.examples = sorted(self.examples + other.examples)[:MAX_EXAMPLES]
         for a in ("widths", "heights", "tokens"):
             getattr(self, a).merge(getattr(other, a))
@@ -118,6 +121,7 @@ class CheckReport:
             "kinds": dict(sorted(self.kinds.items())),
             "bad_by_reason": dict(sorted(self.bad.items())),
             "images": self.images,
+            "videos": self.videos,
             "image_width": self.widths.summary(),
             "image_height": self.heights.summary(),
             "tokens": self.tokens.summary(),
@@ -156,19 +160,31 @@ class CheckReport:
 
 
 def _kind(s: Sample) -> str:
-    return f"{s.kind}+image" if s.images else s.kind
+    return s.kind + ("+image" if s.images else "") + ("+video" if s.videos else "")
 
 
-def token_length(s: Sample, tok, vision) -> int:
-    """Tokens the model sees for a sample (image placeholders expanded)."""
+def token_length(s: Sample, tok, vision, video_frames: int = 8) -> int:
+    """Tokens the model sees for a sample (image and video placeholders expanded)."""
+    from moonforge.model.tokenizer import IMAGE_MARKER
     from moonforge.stages.data.images import num_image_tokens
     from moonforge.stages.data.user_images import image_size
+    from moonforge.stages.data.user_videos import VIDEO_MARKER, media_in_order, video_size
 
     counts = [num_image_tokens(vision.grid(*image_size(im)), vision.merge_size) for im in s.images]
+    if s.videos:  # one count per marker, in marker order, a video's over its temporal patches
+        per_video = -(-video_frames // 2)
+        counts = [
+            num_image_tokens(
+                vision.grid(*(image_size(src) if kind == "image" else video_size(src))), vision.merge_size
+            )
+            * (1 if kind == "image" else per_video)
+            for kind, src in media_in_order(s.messages, s.images, s.videos)
+        ]
     if s.kind in ("chat", "prompt", "preference"):
         msgs = s.message_dicts() + (
             [{"role": "assistant", "content": s.chosen}] if s.kind == "preference" else []
         )
+        msgs = [{**m, "content": m["content"].replace(VIDEO_MARKER, IMAGE_MARKER)} for m in msgs]
         return len(tok.encode_chat(msgs, counts)[0])
     return sum(counts) + len(tok.encode(s.text)) + 1
 
@@ -188,8 +204,11 @@ def check_set(
                     rep.widths.add(img.width, rng)
                     rep.heights.add(img.height, rng)
                     rep.images += 1
+                for v in rec.videos:  # every frame the stage will sample decodes
+                    video_frames(v, ds.decl.video_frames)
+                    rep.videos += 1
                 if tok is not None:
-                    rep.tokens.add(token_length(rec, tok, vision), rng)
+                    rep.tokens.add(token_length(rec, tok, vision, ds.decl.video_frames), rng)
             except BadRecord as e:
                 rec = e.at(rec.key)
         if isinstance(rec, BadRecord):

@@ -51,6 +51,10 @@ REASONS = {
     "corrupt_image": "an image does not decode (corrupt, truncated, not an image)",
     "image_bomb": "an image is larger than Pillow's decompression-bomb limit",
     "empty_text": "the text is empty",
+    "video_count": "<video> markers do not match the videos",
+    "missing_video": "a video file or S3 object does not exist",
+    "corrupt_video": "a video does not decode (corrupt, not animated WebP / GIF)",
+    "video_prompt": "a prompt shows a video; generation prompts take images only (not scored)",
 }
 """Every reason a record is skipped, with what it means (the check report's legend)."""
 

@@ -26,11 +26,13 @@ from moonforge.model.tokenizer import IMAGE_MARKER, Tokenizer
 from moonforge.stages.data.chat import ChatPromptItem
 from moonforge.stages.data.images import ImageLoader, num_image_tokens, to_patches
 from moonforge.stages.data.shard_order import ShardOrder
-from moonforge.stages.data.sources import Doc, DocSource, ImageRef, VisionSpec
+from moonforge.stages.data.sources import Doc, DocSource, ImageRef, Media, MediaRef, VisionSpec
 from moonforge.stages.data.user_check import CheckReport, check_set, require_ok
 from moonforge.stages.data.user_images import BadRecord, ImageSource, decode_image, image_size
 from moonforge.stages.data.user_samples import Sample
 from moonforge.stages.data.user_sets import DeclaredSet
+from moonforge.stages.data.user_videos import VIDEO_MARKER, media_in_order, video_frames, video_size
+from moonforge.stages.data.video_files import clip_patches
 
 
 class _Images:
@@ -75,6 +77,8 @@ class DeclaredDocSource(DocSource):
         try:
             if isinstance(rec, BadRecord):
                 raise rec
+            if rec.videos:
+                return self._with_videos(rec, vision)
             grids = [vision.grid(*image_size(im)) for im in rec.images]
         except BadRecord as e:
             self.loader.failed(e)
@@ -91,6 +95,54 @@ class DeclaredDocSource(DocSource):
         body = tok.encode(rec.text) + [tok.eos_id]
         media = [i for n in counts for i in tok.media_placeholder(n)]
         return Doc(media + body, [0] * len(media) + [1] * len(body) if media else None, refs)
+
+    def _with_videos(self, rec: Sample, vision: VisionSpec) -> Doc:
+        """A dialogue with videos: images and videos in marker order, each video its sampled
+        frames' temporal patches behind one placeholder run (video_sources.py)."""
+        frames = self.ds.decl.video_frames
+        loader = cast(ImageLoader, self.loader)
+        refs: list[MediaRef] = []
+        counts = []
+        for kind, src in media_in_order(rec.messages, rec.images, rec.videos):
+            if kind == "image":
+                g = vision.grid(*image_size(src))
+                refs.append(_SourceRef(loader, src.uri, g, src))
+                counts.append(num_image_tokens(g, vision.merge_size))
+            else:
+                ref = _SourceVideo(self.loader, src, vision.grid(*video_size(src)), frames)
+                refs.append(ref)
+                counts.append(ref.num_tokens(vision.merge_size))
+        msgs = [
+            {**m, "content": m["content"].replace(VIDEO_MARKER, IMAGE_MARKER)} for m in rec.message_dicts()
+        ]
+        ids, mask = self.tok.encode_chat(msgs, counts)
+        return Doc(ids, mask, tuple(refs))
+
+
+@dataclass(frozen=True)
+class _SourceVideo:
+    """A video a declared dialogue shows: decoded (num_frames sampled) when its batch is built."""
+
+    loader: _Images
+    source: ImageSource
+    grid_hw: tuple[int, int]
+    num_frames: int
+
+    def num_tokens(self, merge_size: int) -> int:
+        return -(-self.num_frames // 2) * num_image_tokens(self.grid_hw, merge_size)
+
+    def media(self, vision: VisionSpec, clip: int) -> list[Media] | None:
+        try:
+            frames = video_frames(self.source, self.num_frames)
+        except BadRecord as e:
+            self.loader.failed(e)
+            return None
+        pixels_NP, grid, t = clip_patches(frames, vision.patch_size, vision.merge_size, vision.max_patches)
+        n = self.grid_hw[0] * self.grid_hw[1]
+        if tuple(grid[0].tolist()) != self.grid_hw:  # the header's size is the first frame's
+            self.loader.failed(BadRecord("corrupt_video", f"video {self.source.uri}: frames change size"))
+            return None
+        return [Media(pixels_NP[i * n : (i + 1) * n], self.grid_hw, int(t[i]), clip) for i in range(len(t))]
 
 
 class DeclaredPairs:
@@ -128,6 +180,8 @@ def prompt_item(rec: Sample, tok: Tokenizer, vision: VisionSpec) -> ChatPromptIt
     """A generation prompt of a sample: a chat's turns before its last answer (reference = that
     answer, exact match), or an RL prompt with its answer and verifier. BadRecord if an image
     does not decode."""
+    if rec.videos:
+        raise BadRecord("video_prompt", f"record {rec.key} shows a video; prompts take images only")
     msgs, answer, verifier = rec.message_dicts(), rec.answer or rec.chosen, rec.verifier or "exact"
     if rec.kind == "chat":
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")

@@ -3,7 +3,7 @@
 Every format ends up in the same shape, so readers of different formats holding the same content
 give equal samples (tests/test_data_declared_formats.py checks it):
 
-    chat        messages ((role, content) with `<image>` markers), images     a dialogue to train on
+    chat        messages ((role, content) with `<image>` / `<video>`), images, videos   a dialogue
     pair        images (one), text                                           an image and its caption
     text        text                                                         a document
     prompt      messages (ending on a user turn), images, answer, verifier   an RL prompt
@@ -15,11 +15,13 @@ a content may be a string or OpenAI content parts, joined with "\\n" (an image p
 the next entry of the images column). LLaVA moves `<image>` to the start of its turn, as
 LLaVA's own preprocessing does. Checks: roles in ChatML order, no empty assistant turn, exactly
 one image per `<image>` (a preference / RL prompt without markers gets them prepended, as TRL
-does), image paths inside images_root.
+does), image paths inside images_root, one video per `<video>` (the videos column in marker
+order; a LLaVA-NeXT row's `video` is marked by `<image>`, as LLaVA writes it).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 from moonforge.model.tokenizer import IMAGE_MARKER
 from moonforge.stages.data.declared import DeclaredDataset
 from moonforge.stages.data.user_images import BadRecord, ImageSource, resolve_image
+from moonforge.stages.data.user_videos import VIDEO_MARKER
 
 _MISSING = object()
 
@@ -40,6 +43,8 @@ class Sample:
     messages: tuple[tuple[str, str], ...] = ()
     images: tuple[ImageSource, ...] = ()
     text: str = ""
+    videos: tuple[ImageSource, ...] = ()
+    """Chat only: one per `<video>` marker, in marker order (bytes or a path, like images)."""
     answer: str = ""
     verifier: str = ""
     difficulty: float | None = None
@@ -51,12 +56,14 @@ class Sample:
 
     def same_content(self, other: Sample) -> bool:
         """Equal apart from the key and how the images are stored (pixels compared)."""
-        mine = {k: v for k, v in vars(self).items() if k not in ("key", "images")}
-        theirs = {k: v for k, v in vars(other).items() if k not in ("key", "images")}
+        skip = ("key", "images", "videos")
+        mine = {k: v for k, v in vars(self).items() if k not in skip}
+        theirs = {k: v for k, v in vars(other).items() if k not in skip}
         return (
             mine == theirs
             and len(self.images) == len(other.images)
             and all(a.same_pixels(b) for a, b in zip(self.images, other.images))
+            and [v.read_bytes() for v in self.videos] == [v.read_bytes() for v in other.videos]
         )
 
 
@@ -102,14 +109,36 @@ class RowReader:
     # -- per kind ------------------------------------------------------------------------------
     def _chat(self, row: Mapping, key: str) -> Sample:
         column = self._image_list(self.field(row, "images", required=False))
-        messages, images = self._messages(self.field(row, "messages"), column)
+        videos = self._image_list(self.field(row, "videos", required=False), "videos")
+        raw = self.field(row, "messages")
+        if self.decl.format == "llava" and videos and not column:
+            raw = self._llava_video(raw)
+        messages, images = self._messages(raw, column)
+        marked = sum(c.count(VIDEO_MARKER) for _, c in messages)
+        if marked != len(videos):
+            raise BadRecord(
+                "video_count",
+                f"{marked} {VIDEO_MARKER} marker(s) but {len(videos)} video(s); give one video per marker",
+            )
         system = self.field(row, "system", required=False)
         if system:
             messages = [("system", _text(system, "system"))] + messages
         if self.decl.format == "llava":
             messages = [(r, _marker_first(c)) for r, c in messages]
         _check_turns(messages, want_last="assistant")
-        return Sample(key, "chat", tuple(messages), tuple(images))
+        return Sample(key, "chat", tuple(messages), tuple(images), videos=tuple(videos))
+
+    def _llava_video(self, value: Any) -> Any:
+        """LLaVA-NeXT video rows mark their `video` with `<image>`: make those `<video>`."""
+        if not isinstance(value, (list, tuple)):
+            return value
+        ck = self.decl.tag("content_tag")
+        return [
+            {**m, ck: m[ck].replace(IMAGE_MARKER, VIDEO_MARKER)}
+            if isinstance(m, Mapping) and isinstance(m.get(ck), str)
+            else m
+            for m in value
+        ]
 
     def _pair(self, row: Mapping, key: str) -> Sample:
         ref = self.field(row, "image", required=False)
@@ -161,13 +190,13 @@ class RowReader:
         return Sample(key, "preference", tuple(messages), tuple(images), chosen=chosen, rejected=rejected)
 
     # -- pieces --------------------------------------------------------------------------------
-    def _image_list(self, value: Any) -> list[ImageSource]:
+    def _image_list(self, value: Any, what: str = "images") -> list[ImageSource]:
         if value is None:
             return []
         if isinstance(value, (str, bytes, dict)):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise BadRecord("bad_value", f"images is a {type(value).__name__}, not a list")
+            raise BadRecord("bad_value", f"{what} is a {type(value).__name__}, not a list")
         return [resolve_image(v, self.images_root) for v in value]
 
     def _role(self, value: Any, i: int) -> str:
@@ -268,10 +297,11 @@ def _text(value: Any, what: str) -> str:
 
 
 def _marker_first(content: str) -> str:
-    n = content.count(IMAGE_MARKER)
-    if not n:
+    markers = [m for m in re.findall(f"{IMAGE_MARKER}|{VIDEO_MARKER}", content)]
+    if not markers:
         return content
-    return (IMAGE_MARKER + "\n") * n + content.replace(IMAGE_MARKER, "").strip()
+    rest = content.replace(IMAGE_MARKER, "").replace(VIDEO_MARKER, "").strip()
+    return "".join(m + "\n" for m in markers) + rest
 
 
 def _check_turns(messages: list[tuple[str, str]], want_last: str) -> None:

@@ -14,7 +14,7 @@ every rendered frame. `clip_patches` turns sampled frames into MoonViT's tempora
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import torch
 from PIL import Image
@@ -67,7 +67,7 @@ def read_video_records(dataset: Path, split: str, name: str = "videoworld") -> l
     return read_jsonl(root / _split(split) / "records.jsonl", VideoRecord)
 
 
-def _stored(path: Path) -> tuple[list[Image.Image], list[int], int]:
+def _stored(path: Path | BinaryIO) -> tuple[list[Image.Image], list[int], int]:
     """The stored frames (RGB), their start times and the clip's length, in milliseconds."""
     frames, starts, t = [], [], 0
     with Image.open(path) as im:
@@ -82,10 +82,12 @@ def _stored(path: Path) -> tuple[list[Image.Image], list[int], int]:
     return frames, starts, t
 
 
-def read_frames(path: Path, *, fps: float | None = None, num_frames: int | None = None) -> list[Image.Image]:
+def read_frames(
+    path: Path | BinaryIO, *, fps: float | None = None, num_frames: int | None = None
+) -> list[Image.Image]:
     """The frames shown at `fps` samples per second from t=0, or at the centres of `num_frames`
-    equal spans of the clip (give exactly one). A frame shown at time t is the last stored frame
-    starting at or before t."""
+    equal spans of the clip (give exactly one); `path` may be an open binary file. A frame shown
+    at time t is the last stored frame starting at or before t."""
     if (fps is None) == (num_frames is None):
         raise ValueError("read_frames: give exactly one of fps= or num_frames=")
     frames, starts, total = _stored(path)
