@@ -539,8 +539,14 @@ def eval_(
     ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
     examples: int = typer.Option(128, "--examples", help="Held-out prompts (half text, half image)."),
     max_new_tokens: int = typer.Option(112, "--max-new-tokens"),
+    video: bool = typer.Option(
+        False, "--video", help="Also video QA on videoworld/val: accuracy, shuffled frames, majority."
+    ),
+    clips: int = typer.Option(16, "--clips", help="videoworld/val clips for --video (all their questions)."),
+    frames: int = typer.Option(8, "--frames", help="Frames sampled per clip for --video."),
 ) -> None:
-    """Held-out answer accuracy of a checkpoint on rl_prompts/val (text and image), greedy."""
+    """Held-out answer accuracy of a checkpoint on rl_prompts/val (text and image), greedy; with
+    --video, video QA accuracy against the same clips with shuffled frames."""
     with _errors():
         from rich.table import Table
 
@@ -563,7 +569,12 @@ def eval_(
             examples,
             max_new_tokens,
         )
-        table = Table(title=f"{info.ref}: rl_prompts/val")
+        if video:
+            from moonforge.stages.video_evals import video_qa
+
+            clips_dir = read_lock(_project(), ["videoworld"])["videoworld"].path
+            metrics.update(video_qa(Checkpoint(info.path), tok, clips_dir, clips, frames))
+        table = Table(title=f"{info.ref}: rl_prompts/val" + (", videoworld/val" if video else ""))
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key, value in metrics.items():

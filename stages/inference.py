@@ -49,15 +49,11 @@ def chat(
     model = build_vlm(cfg)
     load_weights(model, ckpt)
     model.eval()
-    pixels, grid, counts, content = None, None, [], question
-    media_t = media_group = None
     if video is not None:
-        v = cfg.vision
-        frames = read_frames(video, num_frames=num_frames)
-        pixels, grid, media_t = clip_patches(frames, v.patch_size, v.merge_size, v.max_patches)
-        media_group = torch.zeros_like(media_t)
-        per_patch = num_image_tokens((int(grid[0, 0]), int(grid[0, 1])), v.merge_size)
-        counts, content = [per_patch * len(grid)], f"<image>\n{question}"
+        return answer_clip(
+            model, tokenizer, read_frames(video, num_frames=num_frames), question, max_new_tokens
+        )
+    pixels, grid, counts, content = None, None, [], question
     if image is not None:
         v = cfg.vision
         pixels, hw = to_patches(load_image(image), v.patch_size, v.merge_size, v.max_patches)
@@ -72,8 +68,34 @@ def chat(
         stop_ids=tokenizer.stop_ids,
         pixels_NP=pixels,
         grid_hw=grid,
+        pad_id=tokenizer.pad_id,
+        media_pad_id=tokenizer.media_pad_id,
+    )
+    return ChatAnswer(tokenizer.decode(out.tokens[0]).strip(), out.lengths[0], out.finish_reasons[0])
+
+
+def answer_clip(
+    model, tokenizer: Tokenizer, frames: list, question: str, max_new_tokens: int = 64
+) -> ChatAnswer:
+    """Greedy answer of a loaded VLM to `question` about a clip given as its sampled frames: the
+    frames' temporal patches fill one media placeholder of the "<image>\n{question}" turn."""
+    v = model.cfg.vision
+    pixels, grid, media_t = clip_patches(frames, v.patch_size, v.merge_size, v.max_patches)
+    per_patch = num_image_tokens((int(grid[0, 0]), int(grid[0, 1])), v.merge_size)
+    content = f"<image>\n{question}"
+    ids, _ = tokenizer.encode_chat(
+        [{"role": "user", "content": content}], [per_patch * len(grid)], add_generation_prompt=True
+    )
+    out = generate(
+        model,
+        [ids],
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        stop_ids=tokenizer.stop_ids,
+        pixels_NP=pixels,
+        grid_hw=grid,
         media_t=media_t,
-        media_group=media_group,
+        media_group=torch.zeros_like(media_t),
         pad_id=tokenizer.pad_id,
         media_pad_id=tokenizer.media_pad_id,
     )

@@ -198,7 +198,7 @@ def _shared_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def repo_data(tmp_path_factory) -> Path:
-    """The datasets most tests read (toyworld, tokenizer, rl_prompts), built once per session
+    """The datasets most tests read (toyworld, tokenizer, rl_prompts, videoworld), built once per session
     (shared by the xdist workers) through the real DVC pipeline (`dvc repro`) in a copy of this
     project, never in the checkout (its data/ and dvc.lock stay as they are); returns that
     copy's data directory."""
@@ -212,7 +212,7 @@ def repo_data(tmp_path_factory) -> Path:
         if not (proj / ".git").exists():
             shutil.rmtree(proj, ignore_errors=True)  # a half-made copy of a worker that died
             copy_project(proj, ())
-        ensure_datasets(proj, ["toyworld", "tokenizer", "rl_prompts"])
+        ensure_datasets(proj, ["toyworld", "tokenizer", "rl_prompts", "videoworld"])
     _BUILT.append(proj)
     return proj / "data"
 

@@ -47,3 +47,30 @@ def test_eval_reports_heldout_accuracy_of_a_checkpoint(project):
 def test_eval_of_a_missing_ref_names_it(project):
     res = CliRunner().invoke(app, ["eval", "sft@7"])
     assert res.exit_code == 1 and "sft@7" in res.output
+
+
+def test_eval_video_reports_video_qa_against_shuffled_frames_and_the_majority(project):
+    args = [
+        "eval",
+        "sft@1",
+        "--examples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--video",
+        "--clips",
+        "2",
+        "--frames",
+        "4",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "sft@1: rl_prompts/val, videoworld/val" in res.output
+    got = {k: float(v) for k, v in re.findall(r"(eval/video_qa_\w+)\s*\S\s*([\d.]+)", res.output)}
+    assert set(got) == {
+        "eval/video_qa_acc",
+        "eval/video_qa_acc_shuffled",
+        "eval/video_qa_majority",
+        "eval/video_qa_n",
+    }
+    assert got["eval/video_qa_n"] >= 2 and 0 < got["eval/video_qa_majority"] <= 1

@@ -265,3 +265,28 @@ def test_bad_user_videos_are_counted_by_reason(world, tok, tmp_path):
     rep = check_set(DeclaredSet(swift.decl, tmp_path), tok, VISION)
     assert dict(rep.bad) == {"video_count": 1, "missing_video": 1, "corrupt_video": 1}
     assert rep.videos == 2 and not rep.ok  # 3 of 6 bad
+
+
+def test_video_qa_counts_the_majority_per_type_and_shuffles_every_clip(world, tok, tmp_path):
+    """The eval asks every question of its clips; the majority baseline is each type's most
+    common answer; the shuffled control puts every clip's frames in another order."""
+    from collections import Counter
+
+    from moonforge.stages.train.checkpoint import save_weights
+    from moonforge.stages.video_evals import shuffled, video_qa
+
+    tiny = load_recipe(REPO / "recipes" / "tiny.yaml").model
+    cfg = tiny.model_copy(update={"lm": tiny.lm.model_copy(update={"vocab_size": 512})})
+    ckpt = save_weights(build_vlm(cfg, seed=0), cfg, tmp_path / "ckpt")
+    m = video_qa(ckpt, tok, world, num_clips=2, num_frames=FRAMES, max_new_tokens=3)
+    recs = read_video_records(world, "val")[:2]
+    asked = [(q.type, q.answer) for r in recs for q in r.qa]
+    assert m["eval/video_qa_n"] == len(asked)
+    top = sum(Counter(a for tt, a in asked if tt == t).most_common(1)[0][1] for t in {t for t, _ in asked})
+    assert m["eval/video_qa_majority"] == top / len(asked)
+    assert 0 <= m["eval/video_qa_acc"] <= 1 and 0 <= m["eval/video_qa_acc_shuffled"] <= 1
+    for r in read_video_records(world, "val"):
+        frames = read_frames(world / "val" / r.video, num_frames=FRAMES)
+        mixed = shuffled(frames, f"video-qa/{r.id}")
+        assert [id(f) for f in mixed] != [id(f) for f in frames]
+        assert sorted(map(id, mixed)) == sorted(map(id, frames))
