@@ -85,4 +85,4 @@ def joint_pretrain(
 
 def _share(batches, names: tuple[str, ...]) -> float:
     drawn = batches.tokens_by_source
-    return sum(drawn[n] for n in names) / max(sum(drawn.values()), 1)
+    return sum(drawn.get(n, 0) for n in names) / max(sum(drawn.values()), 1)

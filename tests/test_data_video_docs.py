@@ -135,7 +135,8 @@ def test_the_tiny_vlm_learns_video_answers(world, tok, one_thread):
 
 def test_joint_pretrain_mixes_clips_in_by_their_share(world, tmp_path, one_thread):
     """The stage with `video: {share: 0.5}` draws clip documents for about half of the
-    multimodal tokens and still trains; without videoworld in its data the recipe is refused."""
+    multimodal tokens and still trains; without videoworld in its data the recipe is refused;
+    without `video:` it draws none."""
     from moonforge.stages.artifacts import DatasetRef, StageContext
     from moonforge.stages.joint_pretrain import joint_pretrain
     from moonforge.stages.stage_configs import JointPretrainConfig
@@ -165,6 +166,10 @@ def test_joint_pretrain_mixes_clips_in_by_their_share(world, tmp_path, one_threa
     assert 0.15 < m["data/video_token_share"] < 0.45, m  # 0.6 x 0.5 of the tokens by weight
     assert m["data/multimodal_token_share"] > m["data/video_token_share"] > 0
     assert m["train/steps"] == 6 and res.checkpoint.weights.exists()
+    plain = JointPretrainConfig(data=names, **{**fields, "video": None})  # the tiny recipe's way
+    (tmp_path / "plain").mkdir()
+    m = joint_pretrain(None, data, plain, StageContext(out=tmp_path / "plain", model=model)).metrics
+    assert m["data/video_token_share"] == 0.0 and m["data/multimodal_token_share"] > 0
 
 
 # -- users' video formats -------------------------------------------------------------------------
