@@ -4,12 +4,13 @@ Every rank of a group holds the same packed micro-batch. The LM (lm.py `hidden`)
 contiguous slice of the sequence, [rank * L/n, (rank + 1) * L/n), for every activation; the
 attention layers all-gather what keys and values are made from (MLA: the compressed latent
 [c_kv | k_rope], R + Dr numbers per token instead of H * (2 Dn + Dr); MHA: the Hkv-head k, v),
-so each rank's queries attend over the whole sequence up to its slice's end. This is the
-all-gather form (Llama 3's choice for document-masked long context): one gather per layer,
-exact, with no ring bookkeeping; its memory is the gathered keys, which is the latent under MLA.
+so each rank's queries attend, document by document, over the positions up to its slice's end
+(attention.py `cp_attention_meta`: a padded per-document SDPA). This is the all-gather form
+(Llama 3's choice for document-masked long context): one gather per layer, exact, with no ring
+bookkeeping; its memory is the gathered keys, which is the latent under MLA.
 
 The loss: each rank sums its slice's token losses and divides by the micro-batch's labelled-token
-count; `sum_over_group` adds the ranks' parts in the forward (every rank sees the whole loss, so
+count; `ContextParallel.sum` adds the ranks' parts in the forward (every rank sees the whole loss, so
 metrics need no special case) and passes the gradient through unchanged in the backward (each
 rank back-propagates its own part). Every parameter's gradient is then a partial sum over the
 group's ranks, which the trainer adds up (stages/train/distributed.py `average_gradients`).
@@ -21,7 +22,8 @@ What is unusual:
   would balance it; not done).
 - Embedding is per slice too: a rank embeds its own tokens and encodes only the images (whole
   clips) with a token in its slice (vlm.py `embed_slice`); an image cut by a slice edge is
-  encoded by both ranks, each back-propagating the gradient of its own tokens.
+  encoded by both ranks, each back-propagating the gradient of its own tokens; a slice with no
+  media encodes one entry and scatters none, so every rank reaches the same parameters.
 
 Legend: B batch rows, L whole sequence length, Lc = L / n local slice, n ranks in the group.
 """
@@ -66,7 +68,7 @@ class ContextParallel:
         return _Gather.apply(x, dim, self)
 
     def sum(self, x: Tensor) -> Tensor:
-        """`sum_over_group`: the group's sum in the forward, the identity in the backward."""
+        """The group's sum of `x` in the forward; the identity in the backward."""
         return _SumForward.apply(x, self)
 
 
