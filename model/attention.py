@@ -286,7 +286,7 @@ class CPPlan:
 def cp_attention_meta(doc_ids_BL: Tensor, cp: ContextParallel) -> AttnMeta:
     """The `cp` kernel's metadata for this rank's slice of a batch whose whole layout is
     `doc_ids_BL` (B, L), causal: queries [lo, hi), keys gathered over [k0, hi) and attended per
-    document (cost sum over documents of q_len x k_len, not Lc x hi). One host read."""
+    document (cost sum over documents of q_len x k_len, not Lc x hi). Two host reads."""
     B, L = doc_ids_BL.shape
     dev = doc_ids_BL.device
     lo, hi = cp.bounds(L)
