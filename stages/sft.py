@@ -37,6 +37,7 @@ from moonforge.stages.data.chat import chat_docs, chat_prompt_items
 from moonforge.stages.data.chat_records import read_sft_records
 from moonforge.stages.data.sources import DocSource
 from moonforge.stages.data.user_mix import DeclaredMix
+from moonforge.stages.data.video_mix import VIDEO_CHAT, video_sources, with_video
 from moonforge.stages.evals import lm_eval_loss
 from moonforge.stages.posttrain_evals import answer_accuracy, as_metrics, split_by_kind
 from moonforge.stages.stage_configs import SFTConfig, SFTPhase
@@ -167,6 +168,7 @@ def run_phases(
                 f"train/phase{i}_seq_len": float(phase.seq_len),
                 f"train/phase{i}_steps": float(state.step),
                 f"data/phase{i}_text_token_share": drawn.get("text", 0) / max(sum(drawn.values()), 1),
+                f"data/phase{i}_video_token_share": drawn.get(VIDEO_CHAT, 0) / max(sum(drawn.values()), 1),
             }
         )
     metrics["train/steps"] = float(offset)
@@ -246,7 +248,9 @@ def sft(
     metrics = declared_eval(model, tok, held, cfg.eval.batch_size, "_before")
     if items:
         metrics.update(chat_eval(model, tok, items, loss_batches, budget, cfg.eval.batch_size, "_before"))
-    weights = mix.weights(mix_weights(sources, cfg.text_image_token_ratio))
+    sources.update(video_sources(cfg.video, data, tok, chat=True))
+    own = with_video(mix_weights(sources, cfg.text_image_token_ratio), ("image",), cfg.video, chat=True)
+    weights = mix.weights(own)
     sources = {**sources, **mix.sources()}
     params = apply_trainable(model, cfg.trainable)
     _, train_metrics, drawn = run_phases(model, params, mcfg, cfg, cfg.phases, sources, weights, tok, ctx)

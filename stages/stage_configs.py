@@ -268,7 +268,7 @@ class SFTPhase(Frozen):
     warmup_frac: float = Field(default=0.02, ge=0.0, lt=1.0)
 
 
-class SFTConfig(MixtureStage):
+class SFTConfig(_WithVideo):
     """Stage 6: ChatML SFT, loss on assistant answers + closing specials, packed, two phases."""
 
     kind: Literal["sft"] = "sft"

@@ -295,3 +295,44 @@ def test_video_qa_counts_the_majority_per_type_and_shuffles_every_clip(world, to
         mixed = shuffled(frames, f"video-qa/{r.id}")
         assert [id(f) for f in mixed] != [id(f) for f in frames]
         assert sorted(map(id, mixed)) == sorted(map(id, frames))
+
+
+def test_sft_trains_on_clip_dialogues_asked_as_eval_video_asks(world, tok, tmp_path, one_thread):
+    """SFT's clip dialogues start with exactly the prompt `eval --video` / `chat --video`
+    generate from, and the sft stage with `video:` trains on them."""
+    from test_data_post_helpers import post_data
+
+    from moonforge.stages.artifacts import DatasetRef, StageContext
+    from moonforge.stages.data.video_sources import video_chat_docs
+    from moonforge.stages.sft import sft
+    from moonforge.stages.stage_configs import SFTConfig
+
+    recs = read_video_records(world, "train")
+    doc = video_chat_docs(recs, world / "train", tok, FRAMES).doc(0, VISION)
+    per_clip = doc.ids.count(tok.media_pad_id)
+    turn = [{"role": "user", "content": f"<image>\n{recs[0].qa[0].question}"}]
+    prompt, _ = tok.encode_chat(turn, [per_clip], add_generation_prompt=True)
+    assert doc.ids[: len(prompt)] == prompt and sum(doc.loss_mask[: len(prompt)]) == 0
+    assert (
+        tok.decode([i for i, m in zip(doc.ids, doc.loss_mask) if m]).strip().startswith(recs[0].qa[0].answer)
+    )
+
+    post = post_data()
+    data = {n: DatasetRef(n, post / n, "test") for n in ("sft", "toyworld", "tokenizer")}
+    data["videoworld"] = DatasetRef("videoworld", world, "test")
+    tiny = load_recipe(REPO / "recipes" / "tiny.yaml")
+    fields = {
+        **tiny.stage("sft").model_dump(exclude={"kind", "name", "upstream", "data"}),
+        "phases": [{"seq_len": 256, "lr": 1e-3, "min_lr": 1e-4, "num_steps": 4}],
+        "eval": {"num_examples": 4, "batch_size": 4},
+        "video": {"share": 0.5, "num_frames": FRAMES},
+    }
+    cfg = SFTConfig.model_validate({**fields, "upstream": None, "data": [*data]})
+    model = tiny.model.model_copy(
+        update={"lm": tiny.model.lm.model_copy(update={"vocab_size": tok.vocab_size})}
+    )
+    (tmp_path / "out").mkdir()
+    res = sft(None, data, cfg, StageContext(out=tmp_path / "out", model=model))
+    # text : image dialogues 1 : 1, half of the image weight to clips: about a quarter of tokens
+    assert 0.1 < res.metrics["data/phase0_video_token_share"] < 0.45, res.metrics
+    assert res.metrics["train/steps"] == 4 and res.checkpoint.weights.exists()

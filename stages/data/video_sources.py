@@ -7,6 +7,7 @@ A clip is shown as `num_frames` frames sampled at the centres of equal spans of 
 
   video_caption_docs  [video] {caption} <|endoftext|>                          loss on the text
   video_qa_docs       [video] \\nQuestion: {q}\\nAnswer: {a} <|endoftext|>     loss on " {a}" + eos
+  video_chat_docs     user "<image>\\n{q}" ([video] at the marker), assistant "{a}"   loss on the answer
 
 where [video] is `Tokenizer.media_placeholder(ceil(num_frames / 2) * h * w / merge**2)`. A batch
 that holds a clip carries `media_t` (each grid entry's temporal index) and `media_group` (which
@@ -140,5 +141,32 @@ def video_qa_docs(
         prompt = media + qa_prompt(tokenizer, qa.question)
         answer = tokenizer.encode(f" {qa.answer}") + [tokenizer.eos_id]
         return Doc(prompt + answer, [0] * len(prompt) + [1] * len(answer), (ref,))
+
+    return DocSource(name, len(pairs), make, loader)
+
+
+def video_chat_docs(
+    records: Sequence[VideoRecord],
+    clip_root: Path,
+    tokenizer: Tokenizer,
+    num_frames: int,
+    name: str = "video_chat",
+    max_corrupt_frac: float = 0.01,
+) -> DocSource:
+    """One SFT dialogue per (clip, question), asked as `moonforge chat --video` asks it: the
+    user turn "<image>\\n{question}" with the clip at the marker, the answer supervised."""
+    recs = list(records)
+    pairs = [(r, q) for r in recs for q in r.qa]
+    loader = VideoLoader(name, clip_root, len(recs), max_corrupt_frac)
+
+    def make(i: int, vision: VisionSpec) -> Doc:
+        rec, qa = pairs[i]
+        ref = VideoRef(loader, rec.video, vision.grid(rec.width, rec.height), num_frames)
+        turns = [
+            {"role": "user", "content": f"<image>\n{qa.question}"},
+            {"role": "assistant", "content": qa.answer},
+        ]
+        ids, mask = tokenizer.encode_chat(turns, [ref.num_tokens(vision.merge_size)])
+        return Doc(ids, mask, (ref,))
 
     return DocSource(name, len(pairs), make, loader)
