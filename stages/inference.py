@@ -59,19 +59,7 @@ def chat(
         pixels, hw = to_patches(load_image(image), v.patch_size, v.merge_size, v.max_patches)
         grid = torch.tensor([hw], dtype=torch.long)
         counts, content = [num_image_tokens(hw, v.merge_size)], f"<image>\n{question}"
-    ids, _ = tokenizer.encode_chat([{"role": "user", "content": content}], counts, add_generation_prompt=True)
-    out = generate(
-        model,
-        [ids],
-        max_new_tokens=max_new_tokens,
-        temperature=0.0,
-        stop_ids=tokenizer.stop_ids,
-        pixels_NP=pixels,
-        grid_hw=grid,
-        pad_id=tokenizer.pad_id,
-        media_pad_id=tokenizer.media_pad_id,
-    )
-    return ChatAnswer(tokenizer.decode(out.tokens[0]).strip(), out.lengths[0], out.finish_reasons[0])
+    return _answer(model, tokenizer, content, counts, max_new_tokens, pixels_NP=pixels, grid_hw=grid)
 
 
 def answer_clip(
@@ -82,22 +70,24 @@ def answer_clip(
     v = model.cfg.vision
     pixels, grid, media_t = clip_patches(frames, v.patch_size, v.merge_size, v.max_patches)
     per_patch = num_image_tokens((int(grid[0, 0]), int(grid[0, 1])), v.merge_size)
-    content = f"<image>\n{question}"
-    ids, _ = tokenizer.encode_chat(
-        [{"role": "user", "content": content}], [per_patch * len(grid)], add_generation_prompt=True
-    )
+    media = dict(pixels_NP=pixels, grid_hw=grid, media_t=media_t, media_group=torch.zeros_like(media_t))
+    return _answer(model, tokenizer, f"<image>\n{question}", [per_patch * len(grid)], max_new_tokens, **media)
+
+
+def _answer(
+    model, tokenizer: Tokenizer, content: str, counts: list[int], max_new_tokens: int, **media
+) -> ChatAnswer:
+    """Greedy answer to one user turn `content` whose media markers take `counts` tokens."""
+    ids, _ = tokenizer.encode_chat([{"role": "user", "content": content}], counts, add_generation_prompt=True)
     out = generate(
         model,
         [ids],
         max_new_tokens=max_new_tokens,
         temperature=0.0,
         stop_ids=tokenizer.stop_ids,
-        pixels_NP=pixels,
-        grid_hw=grid,
-        media_t=media_t,
-        media_group=torch.zeros_like(media_t),
         pad_id=tokenizer.pad_id,
         media_pad_id=tokenizer.media_pad_id,
+        **media,
     )
     return ChatAnswer(tokenizer.decode(out.tokens[0]).strip(), out.lengths[0], out.finish_reasons[0])
 

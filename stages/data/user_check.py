@@ -168,16 +168,14 @@ def token_length(s: Sample, tok, vision, video_frames: int = 8) -> int:
     from moonforge.model.tokenizer import IMAGE_MARKER
     from moonforge.stages.data.images import num_image_tokens
     from moonforge.stages.data.user_images import image_size
-    from moonforge.stages.data.user_videos import VIDEO_MARKER, media_in_order, video_size
+    from moonforge.stages.data.user_videos import VIDEO_MARKER, clip_tokens, media_in_order, video_size
 
     counts = [num_image_tokens(vision.grid(*image_size(im)), vision.merge_size) for im in s.images]
     if s.videos:  # one count per marker, in marker order, a video's over its temporal patches
-        per_video = -(-video_frames // 2)
         counts = [
-            num_image_tokens(
-                vision.grid(*(image_size(src) if kind == "image" else video_size(src))), vision.merge_size
-            )
-            * (1 if kind == "image" else per_video)
+            num_image_tokens(vision.grid(*image_size(src)), vision.merge_size)
+            if kind == "image"
+            else clip_tokens(vision.grid(*video_size(src)), vision.merge_size, video_frames)
             for kind, src in media_in_order(s.messages, s.images, s.videos)
         ]
     if s.kind in ("chat", "prompt", "preference"):

@@ -31,7 +31,13 @@ from moonforge.stages.data.user_check import CheckReport, check_set, require_ok
 from moonforge.stages.data.user_images import BadRecord, ImageSource, decode_image, image_size
 from moonforge.stages.data.user_samples import Sample
 from moonforge.stages.data.user_sets import DeclaredSet
-from moonforge.stages.data.user_videos import VIDEO_MARKER, media_in_order, video_frames, video_size
+from moonforge.stages.data.user_videos import (
+    VIDEO_MARKER,
+    clip_tokens,
+    media_in_order,
+    video_frames,
+    video_size,
+)
 from moonforge.stages.data.video_files import clip_patches
 
 
@@ -129,7 +135,7 @@ class _SourceVideo:
     num_frames: int
 
     def num_tokens(self, merge_size: int) -> int:
-        return -(-self.num_frames // 2) * num_image_tokens(self.grid_hw, merge_size)
+        return clip_tokens(self.grid_hw, merge_size, self.num_frames)
 
     def media(self, vision: VisionSpec, clip: int) -> list[Media] | None:
         try:

@@ -40,11 +40,10 @@ def video_frames(src: ImageSource, num_frames: int) -> list[Image.Image]:
             raise BadRecord("corrupt_video", f"video {src.uri}: {type(e).__name__}: {e}") from None
 
 
-def video_tokens(frames: list[Image.Image], vision) -> tuple[tuple[int, int], int]:
-    """(patch grid, LM tokens) of a video sampled as `frames`: its first frame's grid, repeated
-    over ceil(len(frames) / 2) temporal patches."""
-    grid = vision.grid(*frames[0].size)
-    return grid, math.ceil(len(frames) / TEMPORAL_PATCH) * num_image_tokens(grid, vision.merge_size)
+def clip_tokens(grid_hw: tuple[int, int], merge_size: int, num_frames: int) -> int:
+    """LM tokens of a clip sampled as `num_frames` frames of patch grid `grid_hw`: its grid's
+    tokens over ceil(num_frames / 2) temporal patches."""
+    return math.ceil(num_frames / TEMPORAL_PATCH) * num_image_tokens(grid_hw, merge_size)
 
 
 def video_size(src: ImageSource) -> tuple[int, int]:

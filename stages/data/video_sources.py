@@ -18,7 +18,6 @@ Legend: F frames sampled, T temporal patches, (h, w) the clip's patch grid.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,9 @@ from pathlib import Path
 from PIL import Image
 
 from moonforge.model.tokenizer import Tokenizer
-from moonforge.model.vision import TEMPORAL_PATCH
-from moonforge.stages.data.images import CorruptImageError, TooManyCorruptImagesError, num_image_tokens
+from moonforge.stages.data.images import CorruptImageError, TooManyCorruptImagesError
 from moonforge.stages.data.sources import Doc, DocSource, Media, VisionSpec, qa_prompt
+from moonforge.stages.data.user_videos import clip_tokens
 from moonforge.stages.data.video_files import VideoRecord, clip_patches, read_frames
 
 
@@ -71,12 +70,8 @@ class VideoRef:
     grid_hw: tuple[int, int]
     num_frames: int
 
-    @property
-    def num_temporal(self) -> int:
-        return math.ceil(self.num_frames / TEMPORAL_PATCH)
-
     def num_tokens(self, merge_size: int) -> int:
-        return self.num_temporal * num_image_tokens(self.grid_hw, merge_size)
+        return clip_tokens(self.grid_hw, merge_size, self.num_frames)
 
     def media(self, vision: VisionSpec, clip: int) -> list[Media] | None:
         """The clip's temporal patches (document-local clip index `clip`), or None if corrupt."""
