@@ -544,12 +544,11 @@ def eval_(
     ),
     clips: int = typer.Option(16, "--clips", help="videoworld/val clips for --video (all their questions)."),
     frames: int = typer.Option(8, "--frames", help="Frames sampled per clip for --video."),
+    format_: str = format_option(),
 ) -> None:
     """Held-out answer accuracy of a checkpoint on rl_prompts/val (text and image), greedy; with
     --video, video QA accuracy against the same clips with shuffled frames."""
     with _errors():
-        from rich.table import Table
-
         from moonforge.registry.data_versions import read_lock
         from moonforge.registry.hf_tokenizer import load_checkpoint_tokenizer
         from moonforge.registry.refs import resolve_ref
@@ -574,12 +573,10 @@ def eval_(
 
             clips_dir = read_lock(_project(), ["videoworld"])["videoworld"].path
             metrics.update(video_qa(Checkpoint(info.path), tok, clips_dir, clips, frames))
-        table = Table(title=f"{info.ref}: rl_prompts/val" + (", videoworld/val" if video else ""))
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key, value in metrics.items():
-            table.add_row(key, f"{value:.4g}")
-        console.print(table)
+        title = f"{info.ref}: rl_prompts/val" + (", videoworld/val" if video else "")
+        rows = [{"metric": k, "value": f"{v:.4g}"} for k, v in metrics.items()]
+        cols = [Column("metric", "metric", no_wrap=True), Column("value", "value", "right")]
+        emit(console, format_, rows, cols, {"ref": info.ref, "metrics": metrics}, title)
 
 
 @app.command()

@@ -328,6 +328,8 @@ class Tracker:
                 png = _loss_curve(getattr(run.sink, "rows", []), Path(tmp))
                 if png is not None:
                     self.client.log_artifact(run.run_id, str(png), "plots")
+            for plot in sorted(artifact_dir.glob("*.png")):  # the stage's own (rl_curves.png, ...)
+                self.client.log_artifact(run.run_id, str(plot), "plots")
             if (artifact_dir / "lineage.json").exists():
                 self.client.log_artifact(run.run_id, str(artifact_dir / "lineage.json"))
         except BaseException:

@@ -19,7 +19,10 @@ before training and mixed in by token share; the generated `sft` set is optional
 
 Closing eval, before and after training: greedy answer accuracy on held-out sft dialogues
 (image = VQA, and text), mean response length, and the held-out masked SFT loss; and
-eval/<name>_acc on each declared set's held-out dialogues (first in the summary).
+eval/<name>_acc on each declared set's held-out dialogues (first in the summary). With `video:`,
+also video QA on the first eval.num_examples clips of videoworld/val against the same clips with
+shuffled frames and the per-type majority (video_evals.video_qa_of, what `eval --video` reports),
+plotted by question type in video_qa.png.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from moonforge.stages.train.stage_io import (
     train_spec,
     vision_spec,
 )
+from moonforge.stages.video_evals import plot_video_qa, video_qa_of
 
 
 class NoSupervisedTokensError(ValueError):
@@ -209,6 +213,17 @@ def declared_eval(
     return out
 
 
+def video_eval(
+    model, tok: Tokenizer, data: Mapping[str, DatasetRef], cfg: SFTConfig, suffix: str = ""
+) -> dict[str, float]:
+    """eval/video_qa_*{suffix} when the stage mixes video in, else nothing. Every videoworld
+    answer is one word, so 8 new tokens always reach it and its <|im_end|>."""
+    if cfg.video is None:
+        return {}
+    root = data["videoworld"].path
+    return video_qa_of(model, tok, root, cfg.eval.num_examples, cfg.video.num_frames, 8, suffix)
+
+
 def _generated(data: Mapping[str, DatasetRef], cfg: SFTConfig, tok: Tokenizer, mcfg: VLMConfig):
     """(train sources, eval items, eval loss batches) of the generated `sft` set; empty when the
     stage's data: names only declared datasets."""
@@ -248,6 +263,7 @@ def sft(
     metrics = declared_eval(model, tok, held, cfg.eval.batch_size, "_before")
     if items:
         metrics.update(chat_eval(model, tok, items, loss_batches, budget, cfg.eval.batch_size, "_before"))
+    metrics.update(video_eval(model, tok, data, cfg, "_before"))
     sources.update(video_sources(cfg.video, data, tok, chat=True))
     own = with_video(mix_weights(sources, cfg.text_image_token_ratio), ("image",), cfg.video, chat=True)
     weights = mix.weights(own)
@@ -259,6 +275,9 @@ def sft(
     if items:
         metrics.update(chat_eval(model, tok, items, loss_batches, budget, cfg.eval.batch_size))
         metrics["eval/max_new_tokens"] = float(budget)
+    metrics.update(video_eval(model, tok, data, cfg))
+    if cfg.video is not None:
+        plot_video_qa(metrics, ctx.out / "video_qa.png", f"{cfg.stage_name}: videoworld/val QA by type")
     metrics.update({k: v for k, v in after.items() if "_acc" not in k})
     metrics.update(mix.metrics(drawn))
     return finish(model, mcfg, ctx, metrics, data)

@@ -1,4 +1,5 @@
-"""Video QA accuracy of a checkpoint on `videoworld/val`: what `moonforge eval --video` reports.
+"""Video QA accuracy on `videoworld/val`: what `moonforge eval --video` reports, and what the
+sft stage records before and after training when it mixes video in.
 
 Every question of the first `num_clips` clips is asked as `moonforge chat --video` asks it
 (inference.answer_clip: `num_frames` frames sampled evenly, greedy), and scored by exact match
@@ -8,12 +9,15 @@ Every question of the first `num_clips` clips is asked as `moonforge chat --vide
   reads order answers worse on them; one that only reads appearance does not.
 - `majority`: the accuracy of always giving each question type's most common answer, the
   chance level of these questions.
+Each comes per question type too: a model that gives every question of a type one answer
+scores that type's majority share overall, so only the per-type rows show whether it looks.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 from moonforge.model.tokenizer import Tokenizer
@@ -47,31 +51,92 @@ def video_qa(
     num_frames: int = 8,
     max_new_tokens: int = 16,
 ) -> dict[str, float]:
-    """{eval/video_qa_acc, eval/video_qa_acc_shuffled, eval/video_qa_majority, eval/video_qa_n}."""
-    if num_clips < 1:
-        raise ValueError(f"num_clips={num_clips}: need >= 1")
+    """video_qa_of the checkpoint's model (see there)."""
     cfg = ckpt.model_config()
     tokenizer.require_vocab_size(cfg.lm.vocab_size, allow_spare_rows=True)
     model = build_vlm(cfg)
     load_weights(model, ckpt)
     model.eval()
-    recs = read_video_records(videoworld, "val")[:num_clips]
-    right = right_shuffled = 0
-    asked: list[tuple[str, str]] = []  # (type, answer)
+    return video_qa_of(model, tokenizer, videoworld, num_clips, num_frames, max_new_tokens)
+
+
+def video_qa_of(
+    model,
+    tokenizer: Tokenizer,
+    videoworld: Path,
+    num_clips: int = 16,
+    num_frames: int = 8,
+    max_new_tokens: int = 16,
+    suffix: str = "",
+    kind: str | None = None,
+) -> dict[str, float]:
+    """{eval/video_qa_acc, _acc_shuffled, _majority, _n} of a loaded VLM over the first
+    `num_clips` clips of videoworld/val (of one `kind` of clip when given), then
+    eval/video_qa_<type>_acc, _acc_shuffled and _majority per question type (direction, order,
+    crossings, count): an overall score can hide a model that answers each type's most common
+    answer whatever it is shown. Each key ends in `suffix`."""
+    if num_clips < 1:
+        raise ValueError(f"num_clips={num_clips}: need >= 1")
+    recs = [r for r in read_video_records(videoworld, "val") if kind in (None, r.kind)][:num_clips]
+    if not recs:
+        raise ValueError(f"{videoworld}/val has no clips of kind {kind!r}")
+    asked: list[tuple[str, str, bool, bool]] = []  # (type, answer, right, right with shuffled frames)
+    was_training = model.training
+    model.eval()
     for rec in recs:
         frames = read_frames(videoworld / "val" / rec.video, num_frames=num_frames)
         mixed = shuffled(frames, f"video-qa/{rec.id}")
         for qa in rec.qa:
             got = answer_clip(model, tokenizer, frames, qa.question, max_new_tokens).text
             got_mixed = answer_clip(model, tokenizer, mixed, qa.question, max_new_tokens).text
-            right += _same(got, qa.answer)
-            right_shuffled += _same(got_mixed, qa.answer)
-            asked.append((qa.type, qa.answer))
+            asked.append((qa.type, qa.answer, _same(got, qa.answer), _same(got_mixed, qa.answer)))
+    model.train(was_training)
     n = len(asked)
-    top = {t: Counter(a for tt, a in asked if tt == t).most_common(1)[0][1] for t, _ in asked}
-    return {
-        "eval/video_qa_acc": right / n,
-        "eval/video_qa_acc_shuffled": right_shuffled / n,
+    top = {t: Counter(a for tt, a, _, _ in asked if tt == t).most_common(1)[0][1] for t, *_ in asked}
+    out = {
+        "eval/video_qa_acc": sum(r for *_, r, _ in asked) / n,
+        "eval/video_qa_acc_shuffled": sum(r for *_, r in asked) / n,
         "eval/video_qa_majority": sum(top.values()) / n,
         "eval/video_qa_n": float(n),
     }
+    for t in sorted(top):
+        mine = [(r, rs) for tt, _, r, rs in asked if tt == t]
+        out[f"eval/video_qa_{t}_acc"] = sum(r for r, _ in mine) / len(mine)
+        out[f"eval/video_qa_{t}_acc_shuffled"] = sum(rs for _, rs in mine) / len(mine)
+        out[f"eval/video_qa_{t}_majority"] = top[t] / len(mine)
+    return {k + suffix: v for k, v in out.items()}
+
+
+def plot_video_qa(metrics: Mapping[str, float], path: Path, title: str) -> None:
+    """Per question type: accuracy before and after, with shuffled frames, and the majority
+    answer's share, as grouped bars (a PNG; Agg, no pyplot). Reads video_qa_of's keys, the
+    "before" ones with suffix "_before" (left out when absent)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    types = sorted(
+        k.removeprefix("eval/video_qa_").removesuffix("_majority")
+        for k in metrics
+        if k.startswith("eval/video_qa_") and k.endswith("_majority") and k != "eval/video_qa_majority"
+    )
+    bars = [
+        ("before", "_acc_before"),
+        ("after", "_acc"),
+        ("after, frames shuffled", "_acc_shuffled"),
+        ("majority answer", "_majority"),
+    ]
+    bars = [(label, key) for label, key in bars if all(f"eval/video_qa_{t}{key}" in metrics for t in types)]
+    fig = Figure(figsize=(8, 3.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(len(bars), 1)
+    for i, (label, key) in enumerate(bars):
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(types))]
+        ax.bar(xs, [metrics[f"eval/video_qa_{t}{key}"] for t in types], width, label=label)
+    ax.set_xticks(range(len(types)), types)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -36,12 +37,15 @@ def test_eval_reports_heldout_accuracy_of_a_checkpoint(project):
     res = CliRunner().invoke(app, ["eval", "sft@1", "--examples", "8", "--max-new-tokens", "4"])
     assert res.exit_code == 0, res.output
     assert "sft@1: rl_prompts/val" in res.output
-    n = re.search(r"eval/n\s*\S\s*(\d+)", res.output)
+    n = re.search(r"eval/n\s+(\d+)\s", res.output)  # the table, one metric a row
     assert n and int(n.group(1)) == 8, res.output  # 4 text + 4 image prompts
     for key in ("eval/acc", "eval/text_acc", "eval/image_acc", "eval/mean_len"):
         assert key in res.output
-    mean_len = float(re.search(r"eval/mean_len\s*\S\s*([\d.]+)", res.output).group(1))
-    assert 1 <= mean_len <= 4  # capped by --max-new-tokens
+    args = ["eval", "sft@1", "--examples", "8", "--max-new-tokens", "4", "--format", "json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.output)["metrics"]
+    assert metrics["eval/n"] == 8 and 1 <= metrics["eval/mean_len"] <= 4  # capped by --max-new-tokens
 
 
 def test_eval_of_a_missing_ref_names_it(project):
@@ -66,11 +70,15 @@ def test_eval_video_reports_video_qa_against_shuffled_frames_and_the_majority(pr
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "sft@1: rl_prompts/val, videoworld/val" in res.output
-    got = {k: float(v) for k, v in re.findall(r"(eval/video_qa_\w+)\s*\S\s*([\d.]+)", res.output)}
-    assert set(got) == {
-        "eval/video_qa_acc",
-        "eval/video_qa_acc_shuffled",
-        "eval/video_qa_majority",
-        "eval/video_qa_n",
-    }
-    assert got["eval/video_qa_n"] >= 2 and 0 < got["eval/video_qa_majority"] <= 1
+    for key in ("eval/video_qa_acc", "eval/video_qa_acc_shuffled", "eval/video_qa_majority"):
+        assert key in res.output
+    res = CliRunner().invoke(app, [*args, "--format", "json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    got = {k: v for k, v in out["metrics"].items() if k.startswith("eval/video_qa_")}
+    assert out["ref"] == "sft@1" and got["eval/video_qa_n"] >= 2
+    assert 0 < got["eval/video_qa_majority"] <= 1
+    types = {k.split("_")[2] for k in got if k.endswith("_acc") and k != "eval/video_qa_acc"}
+    assert types and types <= {"direction", "order", "crossings", "count"}
+    for t in types:  # each asked type reports both the clip's and the shuffled frames' accuracy
+        assert 0 <= got[f"eval/video_qa_{t}_acc"] <= 1 and f"eval/video_qa_{t}_acc_shuffled" in got

@@ -22,7 +22,7 @@ from moonforge.model.tokenizer import Tokenizer
 from moonforge.model.vlm import build_vlm
 from moonforge.stages.data.batches import lm_batches, load_doc_images
 from moonforge.stages.data.build import build
-from moonforge.stages.data.images import num_image_tokens
+from moonforge.stages.data.images import CorruptImageError, num_image_tokens
 from moonforge.stages.data.records import read_image_records
 from moonforge.stages.data.sources import VisionSpec, caption_docs
 from moonforge.stages.data.video_files import clip_patches, read_frames, read_video_records
@@ -114,6 +114,25 @@ def test_a_corrupt_clip_is_skipped_and_counted(world, tok, tmp_path):
     src = video_caption_docs(recs, copy / "train", tok, FRAMES, max_corrupt_frac=0.1)
     assert load_doc_images(src.doc(0, VISION), VISION) is None
     assert src.loader is not None and src.loader.skipped == 1
+    assert load_doc_images(src.doc(1, VISION), VISION) is not None
+
+
+def test_a_clip_whose_frames_disagree_with_its_record_stops_the_stage_naming_it(world, tok, tmp_path):
+    """A record whose size does not match its clip would give the document the wrong number of
+    placeholder tokens: the stage stops with the clip's path and why, rather than skip it (the
+    manifest is wrong, not the clip, so every clip would go)."""
+    import json
+
+    copy = tmp_path / "videoworld"
+    shutil.copytree(world, copy)
+    lines = (copy / "train" / "records.jsonl").read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec["width"], rec["height"] = rec["width"] + 16, rec["height"] + 16
+    (copy / "train" / "records.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+    src = video_caption_docs(read_video_records(copy, "train"), copy / "train", tok, FRAMES)
+    with pytest.raises(CorruptImageError, match="manifest and clips disagree") as err:
+        load_doc_images(src.doc(0, VISION), VISION)
+    assert rec["video"] in str(err.value)
     assert load_doc_images(src.doc(1, VISION), VISION) is not None
 
 
@@ -290,6 +309,10 @@ def test_video_qa_counts_the_majority_per_type_and_shuffles_every_clip(world, to
     top = sum(Counter(a for tt, a in asked if tt == t).most_common(1)[0][1] for t in {t for t, _ in asked})
     assert m["eval/video_qa_majority"] == top / len(asked)
     assert 0 <= m["eval/video_qa_acc"] <= 1 and 0 <= m["eval/video_qa_acc_shuffled"] <= 1
+    per_type = Counter(t for t, _ in asked)  # the per-type rows add up to the overall ones
+    for key in ("acc", "acc_shuffled"):
+        total = sum(m[f"eval/video_qa_{t}_{key}"] * k for t, k in per_type.items())
+        assert total == pytest.approx(m[f"eval/video_qa_{key}"] * len(asked))
     for r in read_video_records(world, "val"):
         frames = read_frames(world / "val" / r.video, num_frames=FRAMES)
         mixed = shuffled(frames, f"video-qa/{r.id}")
@@ -299,7 +322,8 @@ def test_video_qa_counts_the_majority_per_type_and_shuffles_every_clip(world, to
 
 def test_sft_trains_on_clip_dialogues_asked_as_eval_video_asks(world, tok, tmp_path, one_thread):
     """SFT's clip dialogues start with exactly the prompt `eval --video` / `chat --video`
-    generate from, and the sft stage with `video:` trains on them."""
+    generate from, and the sft stage with `video:` trains on them and reports eval --video's
+    numbers before and after."""
     from test_data_post_helpers import post_data
 
     from moonforge.stages.artifacts import DatasetRef, StageContext
@@ -336,3 +360,9 @@ def test_sft_trains_on_clip_dialogues_asked_as_eval_video_asks(world, tok, tmp_p
     # text : image dialogues 1 : 1, half of the image weight to clips: about a quarter of tokens
     assert 0.1 < res.metrics["data/phase0_video_token_share"] < 0.45, res.metrics
     assert res.metrics["train/steps"] == 4 and res.checkpoint.weights.exists()
+    asked = sum(len(r.qa) for r in read_video_records(world, "val")[:4])  # eval.num_examples clips
+    for suffix in ("_before", ""):  # eval --video's numbers, before and after training
+        assert res.metrics[f"eval/video_qa_n{suffix}"] == asked, res.metrics
+        for key in ("acc", "acc_shuffled", "majority"):
+            assert 0 <= res.metrics[f"eval/video_qa_{key}{suffix}"] <= 1
+    assert (tmp_path / "out" / "video_qa.png").stat().st_size > 5_000

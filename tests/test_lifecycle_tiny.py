@@ -10,15 +10,21 @@ runs with params, metrics and dataset inputs, a rerun that makes its downstream 
 back to the DVC hashes and git commit, and an all-cache-hit second run.
 
 Thresholds, each with its measured spread over seeds 0-2 (the stage rerun with seed 1 and 2
-from the same upstream@1; the README's "What the demo shows" has seed 0): stage-1 image->text
-retrieval >= 3x chance over 128 distinct captions (8x-15x); held-out text loss lower after joint
-pretraining than before it (-0.21..-0.24) and lower again after the cooldown (-0.015..-0.031);
-SFT VQA accuracy at least 3 points above the pre-SFT model (+6.3..+9.4 points on 64 questions:
-one question is 1.6 points); long-CoT trace loss below half its start (x0.067..x0.068) and mean
-answers over 4x longer (x8.6..x8.9); RL held-out reasoning accuracy at least 3 points above its
-long-CoT start (+6.5..+8.9 on 123 prompts); long2short mean response length at least 10% shorter
-(x0.62..x0.76, DPO picked each time) with accuracy within 2 points (the stage's own
-acc_tolerance, so by construction: -1.6..0 points).
+from the same upstream@1; the README's "What the demo shows" has seed 0), with the recipe's video
+in joint pretraining, the cooldown and SFT: stage-1 image->text retrieval >= 3x chance over 128
+distinct captions (8x-15x); held-out text loss lower after joint pretraining than before it
+(-0.21..-0.24) and lower again after the cooldown (-0.014..-0.031); SFT VQA accuracy at least 3
+points above the pre-SFT model (+6.3..+9.4 points on 32 image questions: one question is 3.1
+points); long-CoT trace loss below half its start (x0.067..x0.068) and mean answers over 4x longer
+(x11.0..x12.2); RL held-out reasoning accuracy at least 2 prompts (1.6 points) above its long-CoT
+start (+2.4..+4.1 on 123 prompts). That margin was +6.5..+8.9 before video joined the recipe,
+but RL ends where it did (17-19%: image problems ~30%, text arithmetic ~3%, which the 3-layer LM
+cannot do): the video pretraining raised the long-CoT start (image problems 15.6% -> 25%, seed 0),
+leaving RL less to add. Long2short mean response length at least 10% shorter (x0.71..x0.84, DPO
+picked each time) with accuracy within 2 points (the stage's own acc_tolerance, so by
+construction: -0.8..0 points).
+Video QA is reported, not asserted to beat its baselines: the tiny VLM answers each question
+type's one most common answer whatever clip (or image) it is shown (see the README).
 """
 
 from __future__ import annotations
@@ -117,7 +123,7 @@ def tiny_project(tmp_path_factory, prefect_api, s3_endpoint, repo_data):
     MLflow artifact root and the DVC remote all on the local S3 endpoint (moto_server)."""
     import boto3
 
-    datasets = ("text", "toyworld", "longdoc", "tokenizer", "sft", "reasoning", "rl_prompts")
+    datasets = ("text", "toyworld", "videoworld", "longdoc", "tokenizer", "sft", "reasoning", "rl_prompts")
     proj = copy_project(tmp_path_factory.mktemp("tiny") / "proj", datasets)
     bucket = f"tiny-{uuid.uuid4().hex[:12]}"
     env = {
@@ -264,6 +270,27 @@ def test_sft_lifts_vqa_accuracy_clearly_above_the_pre_sft_model(tiny_project):
     assert m["eval/sft_loss"] < m["eval/sft_loss_before"], m
 
 
+def test_clips_train_beside_images_and_sft_reports_video_qa(tiny_project):
+    """Video takes 0.3 of the multimodal weight in joint pretraining and the cooldown and half
+    of the image dialogues' in SFT; SFT asks every question of videoworld/val as `eval --video`
+    does. Measured token shares (seeds 0-2): 0.071, 0.132, 0.25."""
+    shares = [
+        _eval(tiny_project, "joint_pretrain@1")["data/video_token_share"],
+        _eval(tiny_project, "cooldown@1")["data/video_token_share"],
+        _eval(tiny_project, "sft@1")["data/phase0_video_token_share"],
+    ]
+    assert 0.04 < shares[0] < 0.1 and 0.1 < shares[1] < 0.17 and 0.2 < shares[2] < 0.3, shares
+    m = _eval(tiny_project, "sft@1")
+    asked = json.loads((tiny_project.proj / "data/videoworld/stats.json").read_text())["val"]["qa"]
+    assert m["eval/video_qa_n"] == m["eval/video_qa_n_before"] == asked  # all 64 clips
+    for key in ("acc", "acc_shuffled", "majority", "direction_acc", "direction_acc_shuffled"):
+        assert 0 <= m[f"eval/video_qa_{key}"] <= 1, m
+    assert len(tiny_project.read("sft@1", "video_qa.png")) > 10_000  # by type, and in MLflow:
+    logged = tiny_project.keys("mlflow/")
+    assert any(k.endswith("plots/video_qa.png") for k in logged), logged
+    assert any(k.endswith("plots/rl_curves.png") for k in logged), logged
+
+
 def test_long_cot_sft_learns_the_traces(tiny_project):
     m = _eval(tiny_project, "long_cot_sft@1")
     assert m["eval/cot_loss"] < 0.5 * m["eval/cot_loss_before"], m
@@ -273,7 +300,7 @@ def test_long_cot_sft_learns_the_traces(tiny_project):
 def test_rl_raises_heldout_reasoning_accuracy_over_its_long_cot_start(tiny_project):
     m, start = _eval(tiny_project, "rl@1"), _eval(tiny_project, "long_cot_sft@1")
     assert m["eval/acc_before"] == pytest.approx(start["eval/reasoning_acc"], abs=1e-9)
-    assert m["eval/acc"] >= m["eval/acc_before"] + 0.03, m
+    assert m["eval/acc"] >= m["eval/acc_before"] + 2 / m["eval/n"] - 1e-9, m  # 2 more prompts right
     assert len(tiny_project.read("rl@1", "rl_curves.png")) > 10_000
 
 
