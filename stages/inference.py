@@ -31,6 +31,17 @@ class ChatAnswer:
     finish_reason: str
 
 
+def open_model(ckpt: Checkpoint, tokenizer: Tokenizer):
+    """The checkpoint's VLM with its weights, in eval mode, after checking the tokenizer fits its
+    vocabulary (imports may pad embedding rows past the tokenizer's ids)."""
+    cfg = ckpt.model_config()
+    tokenizer.require_vocab_size(cfg.lm.vocab_size, allow_spare_rows=True)
+    model = build_vlm(cfg)
+    load_weights(model, ckpt)
+    model.eval()
+    return model
+
+
 def chat(
     ckpt: Checkpoint,
     tokenizer: Tokenizer,
@@ -44,11 +55,8 @@ def chat(
     one; `num_frames` frames sampled evenly from the clip)."""
     if image is not None and video is not None:
         raise ValueError("ask about an image or a video, not both")
-    cfg = ckpt.model_config()
-    tokenizer.require_vocab_size(cfg.lm.vocab_size, allow_spare_rows=True)  # imports may pad rows
-    model = build_vlm(cfg)
-    load_weights(model, ckpt)
-    model.eval()
+    model = open_model(ckpt, tokenizer)
+    cfg = model.cfg
     if video is not None:
         return answer_clip(
             model, tokenizer, read_frames(video, num_frames=num_frames), question, max_new_tokens
@@ -115,11 +123,8 @@ def evaluate(
 
     if num_examples < 2:
         raise ValueError(f"num_examples={num_examples}: need >= 2 (half text, half image)")
-    cfg = ckpt.model_config()
-    tokenizer.require_vocab_size(cfg.lm.vocab_size, allow_spare_rows=True)  # imports may pad rows
-    model = build_vlm(cfg)
-    load_weights(model, ckpt)
-    model.eval()
+    model = open_model(ckpt, tokenizer)
+    cfg = model.cfg
     items = split_by_kind(
         chat_prompt_items(
             read_rl_prompt_records(rl_prompts, "val"),

@@ -21,11 +21,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from moonforge.model.tokenizer import Tokenizer
-from moonforge.model.vlm import build_vlm
 from moonforge.stages.artifacts import Checkpoint
 from moonforge.stages.data.video_files import read_frames, read_video_records
-from moonforge.stages.inference import answer_clip
-from moonforge.stages.train.checkpoint import load_weights
+from moonforge.stages.inference import answer_clip, open_model
 
 
 def shuffled(frames: list, seed: str) -> list:
@@ -52,11 +50,7 @@ def video_qa(
     max_new_tokens: int = 16,
 ) -> dict[str, float]:
     """video_qa_of the checkpoint's model (see there)."""
-    cfg = ckpt.model_config()
-    tokenizer.require_vocab_size(cfg.lm.vocab_size, allow_spare_rows=True)
-    model = build_vlm(cfg)
-    load_weights(model, ckpt)
-    model.eval()
+    model = open_model(ckpt, tokenizer)
     return video_qa_of(model, tokenizer, videoworld, num_clips, num_frames, max_new_tokens)
 
 
