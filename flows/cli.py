@@ -505,7 +505,7 @@ def chat(
     question: str = typer.Argument(..., help="What to ask."),
     image: Path | None = typer.Option(None, "--image", help="An image file to ask about."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
-    video: Path | None = typer.Option(None, "--video", help="A video clip to ask about (GIF, WebP)."),
+    video: Path | None = typer.Option(None, "--video", help="A video (MP4, WebM, MKV, GIF, WebP, ...)."),
     frames: int = typer.Option(8, "--frames", help="Frames sampled evenly from the --video clip."),
 ) -> None:
     """Ask a checkpoint a question about an image or a video clip (greedy, KV cache)."""
@@ -521,7 +521,7 @@ def chat(
         if image is not None and not image.is_file():
             raise FileNotFoundError(f"--image {image}: no such file; pass a PNG/JPEG path")
         if video is not None and not video.is_file():
-            raise FileNotFoundError(f"--video {video}: no such file; pass an animated GIF/WebP path")
+            raise FileNotFoundError(f"--video {video}: no such file; pass a video (MP4, GIF, ...)")
         if frames < 1:
             raise ValueError(f"--frames {frames}: sample at least one frame")
         store = open_store(_project())

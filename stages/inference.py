@@ -20,7 +20,8 @@ from moonforge.model.tokenizer import Tokenizer
 from moonforge.model.vlm import build_vlm
 from moonforge.stages.artifacts import Checkpoint
 from moonforge.stages.data.images import load_image, num_image_tokens, to_patches
-from moonforge.stages.data.video_files import clip_patches, read_frames
+from moonforge.stages.data.video_decode import read_frames
+from moonforge.stages.data.video_files import clip_patches
 from moonforge.stages.train.checkpoint import load_weights
 
 

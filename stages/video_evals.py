@@ -22,7 +22,8 @@ from pathlib import Path
 
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.artifacts import Checkpoint
-from moonforge.stages.data.video_files import read_frames, read_video_records
+from moonforge.stages.data.video_decode import read_frames
+from moonforge.stages.data.video_files import read_video_records
 from moonforge.stages.inference import answer_clip, open_model
 
 

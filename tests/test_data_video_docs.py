@@ -25,7 +25,8 @@ from moonforge.stages.data.build import build
 from moonforge.stages.data.images import CorruptImageError, num_image_tokens
 from moonforge.stages.data.records import read_image_records
 from moonforge.stages.data.sources import VisionSpec, caption_docs
-from moonforge.stages.data.video_files import clip_patches, read_frames, read_video_records
+from moonforge.stages.data.video_decode import read_frames
+from moonforge.stages.data.video_files import clip_patches, read_video_records
 from moonforge.stages.data.video_sources import video_caption_docs, video_qa_docs
 from moonforge.stages.recipe import load_recipe
 from moonforge.stages.train.objectives import lm_loss
@@ -271,6 +272,38 @@ def test_users_video_dialogues_load_alike_from_swift_and_llava_next_rows(world, 
     assert b.media_t is not None and groups == sorted(groups) and {groups.count(g) for g in groups} == {2}
 
 
+def test_a_users_mp4_trains_on_exactly_the_pixels_of_the_same_clip_as_webp(world, tok, tmp_path):
+    """Users' video sets are MP4 (LLaVA-Video, ShareGPT4Video): a record pointing at the clip
+    re-encoded as lossless H.264 gives the same document and pixels as the WebP original."""
+    import json
+
+    import av
+    import numpy as np
+
+    from moonforge.stages.data.user_mix import DeclaredDocSource
+    from moonforge.stages.data.user_sets import DeclaredSet
+
+    (swift, _), recs = _user_sets(world, tmp_path)
+    rec = recs[0]
+    webp = tmp_path / "media" / Path(rec.video).name
+    with av.open(str(tmp_path / "media" / "clip.mp4"), "w") as c:
+        s = c.add_stream("libx264rgb", rate=rec.fps)
+        s.width, s.height, s.pix_fmt, s.options = rec.width, rec.height, "rgb24", {"qp": "0"}
+        for f in read_frames(webp, fps=rec.fps):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.asarray(f), format="rgb24")))
+        c.mux(s.encode())
+    as_webp = DeclaredDocSource(swift, tok).doc(0, VISION)
+    rows = [json.loads(line) for line in (tmp_path / "swift.jsonl").read_text().splitlines()]
+    rows[0]["videos"] = ["clip.mp4"]
+    (tmp_path / "swift.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    as_mp4 = DeclaredDocSource(DeclaredSet(swift.decl, tmp_path), tok).doc(0, VISION)
+    media = load_doc_images(as_mp4, VISION)
+    pixels, grid, _ = clip_patches(read_frames(webp, num_frames=FRAMES), 8, 2, 64)
+    assert media is not None and [m.t for m in media] == [0, 1]
+    assert torch.equal(torch.cat([m.pixels_NP for m in media]), pixels)
+    assert as_mp4.ids == as_webp.ids
+
+
 def test_bad_user_videos_are_counted_by_reason(world, tok, tmp_path):
     import json
 
@@ -280,15 +313,19 @@ def test_bad_user_videos_are_counted_by_reason(world, tok, tmp_path):
     (swift, _), recs = _user_sets(world, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "swift.jsonl").read_text().splitlines()]
     (tmp_path / "media" / "broken.webp").write_bytes(b"RIFF0000WEBPnot really")
+    (tmp_path / "media" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42, cut short")
     rows += [
         {**rows[0], "videos": []},  # a <video> marker without its video
         {**rows[0], "videos": ["missing.webp"]},
         {**rows[0], "videos": ["broken.webp"]},
+        {**rows[0], "videos": ["broken.mp4"]},  # FFmpeg's side
     ]
     (tmp_path / "swift.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     rep = check_set(DeclaredSet(swift.decl, tmp_path), tok, VISION)
-    assert dict(rep.bad) == {"video_count": 1, "missing_video": 1, "corrupt_video": 1}
-    assert rep.videos == 2 and not rep.ok  # 3 of 6 bad
+    assert dict(rep.bad) == {"video_count": 1, "missing_video": 1, "corrupt_video": 2}
+    assert rep.videos == 2 and not rep.ok  # 4 of 7 bad
+    details = {reason: detail for _, _, reason, detail in rep.examples if "mp4" in detail}
+    assert "broken.mp4: not a video FFmpeg can read" in details["corrupt_video"]
 
 
 def test_video_qa_counts_the_majority_per_type_and_shuffles_every_clip(world, tok, tmp_path):

@@ -14,7 +14,8 @@ from moonforge.stages.data import scenes
 from moonforge.stages.data.build import build
 from moonforge.stages.data.params import VideoworldParams, load_params
 from moonforge.stages.data.records import DatasetMissingError, ManifestError
-from moonforge.stages.data.video_files import VideoRecord, read_frames, read_video_records
+from moonforge.stages.data.video_decode import read_frames
+from moonforge.stages.data.video_files import VideoRecord, read_video_records
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"seed": 3, "num_train": 40, "num_val": 8, "frames": [3, 8], "fps": [2, 4, 8]}

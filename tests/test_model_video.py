@@ -148,8 +148,9 @@ def test_a_malformed_video_layout_is_refused_naming_it(vlm):
 
 def test_chat_about_a_one_frame_video_answers_as_about_the_image(tmp_path, repo_data):
     """`moonforge chat --video` path: a clip of one frame is the image, so the greedy answers
-    (text, length, stop) are identical; a real clip answers too (the tiny random model's words
-    mean nothing, the plumbing is what is checked)."""
+    (text, length, stop) are identical; a real clip answers too, and the same clip as an MP4
+    answers the same (the tiny random model's words mean nothing, the plumbing is what is
+    checked)."""
     from moonforge.model.tokenizer import Tokenizer
     from moonforge.stages.inference import chat
     from moonforge.stages.train.checkpoint import save_weights
@@ -166,7 +167,23 @@ def test_chat_about_a_one_frame_video_answers_as_about_the_image(tmp_path, repo_
     as_image = chat(ckpt, tok, "Where does it go?", image=png, max_new_tokens=6)
     as_video = chat(ckpt, tok, "Where does it go?", video=still, num_frames=1, max_new_tokens=6)
     assert as_video == as_image and as_image.num_tokens > 0
-    assert chat(ckpt, tok, "Where does it go?", video=moving, num_frames=4, max_new_tokens=6).num_tokens > 0
+    about_gif = chat(ckpt, tok, "Where does it go?", video=moving, num_frames=4, max_new_tokens=6)
+    assert about_gif.num_tokens > 0
+    # the same clip as a (lossless) MP4: same frames by time, same answer
+    import av
+    import numpy as np
+
+    from moonforge.stages.data.video_decode import read_frames
+
+    frames = read_frames(moving, fps=4)
+    with av.open(str(tmp_path / "moving.mp4"), "w") as c:
+        s = c.add_stream("libx264rgb", rate=4)
+        s.width, s.height, s.pix_fmt, s.options = *frames[0].size, "rgb24", {"qp": "0"}
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.asarray(f), format="rgb24")))
+        c.mux(s.encode())
+    mp4 = tmp_path / "moving.mp4"
+    assert chat(ckpt, tok, "Where does it go?", video=mp4, num_frames=4, max_new_tokens=6) == about_gif
     with pytest.raises(ValueError, match="an image or a video, not both"):
         chat(ckpt, tok, "?", image=png, video=moving)
 
@@ -180,7 +197,7 @@ def test_moonforge_chat_video_flags_are_checked_before_anything_loads(tmp_path):
     frame(3).save(png)
     cases = [
         (["--image", str(png), "--video", str(png)], "--image and --video: ask about one of them"),
-        (["--video", str(tmp_path / "missing.webp")], "no such file; pass an animated GIF/WebP path"),
+        (["--video", str(tmp_path / "missing.webp")], "no such file; pass a video (MP4, GIF, ...)"),
         (["--video", str(png), "--frames", "0"], "--frames 0: sample at least one frame"),
     ]
     for flags, message in cases:

@@ -248,7 +248,8 @@ class DeclaredDataset(Frozen):
     """RL prompts: data_source value -> verifier name."""
     video_frames: PositiveInt = 8
     """Frames sampled evenly from each video of a record (ceil(video_frames / 2) temporal
-    patches); videos are animated WebP or GIF, read by time (stages/data/video_files.py)."""
+    patches); videos are MP4 / WebM / MKV / AVI (PyAV) or animated WebP / GIF (Pillow), read
+    by time (stages/data/video_decode.py)."""
     shuffle_block: PositiveInt = 64
     """Records per shuffle block: an epoch visits files in a seeded order, blocks of each file in
     a seeded order and records of a block in a seeded order; ranks take whole blocks."""

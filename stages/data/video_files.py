@@ -1,20 +1,19 @@
-"""Video clips on disk: the `videoworld` manifest schema and a frame reader.
+"""Video clips on disk: the `videoworld` manifest schema, and sampled frames -> MoonViT input.
 
 Layout: data/videoworld/{train,val}/records.jsonl + clips/*.webp -> VideoRecord
 
 Clips are lossless animated WebP written by Pillow (pinned): the decoded pixels are exactly the
 rendered ones, and the same params give the same bytes on the same Pillow/libwebp build. Like
-every video encoder (GIF and WebP in Pillow alike), it stores a run of identical frames as one
-longer frame, so the number of stored frames is not the clip's frame count. A reader therefore
-never counts stored frames: it samples the clip at timestamps (`read_frames` with `fps` or
-`num_frames`), as video decoders and VLM frame samplers do; at the record's own fps it gets back
-every rendered frame. `clip_patches` turns sampled frames into MoonViT's temporal patches.
+every video encoder, it stores a run of identical frames as one longer frame, so the number of
+stored frames is not the clip's frame count: clips are read by time (video_decode.read_frames),
+which at the record's own fps gives back every rendered frame. `clip_patches` turns sampled
+frames into MoonViT's temporal patches.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -65,49 +64,6 @@ def read_video_records(dataset: Path, split: str, name: str = "videoworld") -> l
     """Validated records of `split` ('train' or 'val') of a built videoworld dataset."""
     root = require_dataset(dataset, name)
     return read_jsonl(root / _split(split) / "records.jsonl", VideoRecord)
-
-
-def _stored(path: Path | BinaryIO) -> tuple[list[Image.Image], list[int], int]:
-    """The stored frames (RGB), their start times and the clip's length, in milliseconds."""
-    frames, starts, t = [], [], 0
-    with Image.open(path) as im:
-        for i in range(getattr(im, "n_frames", 1)):
-            im.seek(i)
-            im.load()  # Pillow sets a WebP frame's duration when it decodes it
-            frames.append(im.convert("RGB"))
-            starts.append(t)
-            t += int(im.info.get("duration") or 0)
-    if t <= 0:
-        raise ValueError(f"{path}: a video needs frame durations; this file has none (a still image?)")
-    return frames, starts, t
-
-
-def read_frames(
-    path: Path | BinaryIO, *, fps: float | None = None, num_frames: int | None = None
-) -> list[Image.Image]:
-    """The frames shown at `fps` samples per second from t=0, or at the centres of `num_frames`
-    equal spans of the clip (give exactly one); `path` may be an open binary file. A frame shown
-    at time t is the last stored frame starting at or before t."""
-    if (fps is None) == (num_frames is None):
-        raise ValueError("read_frames: give exactly one of fps= or num_frames=")
-    frames, starts, total = _stored(path)
-    if fps is not None:
-        if fps <= 0:
-            raise ValueError(f"read_frames: fps must be > 0, got {fps}")
-        times, k = [], 0
-        while round(k * 1000.0 / fps) < total:
-            times.append(round(k * 1000.0 / fps))
-            k += 1
-    else:
-        if num_frames is None or num_frames < 1:
-            raise ValueError(f"read_frames: num_frames must be >= 1, got {num_frames}")
-        times = [int((k + 0.5) * total / num_frames) for k in range(num_frames)]
-    out, j = [], 0
-    for t in times:
-        while j + 1 < len(starts) and starts[j + 1] <= t:
-            j += 1
-        out.append(frames[j])
-    return out
 
 
 def clip_patches(

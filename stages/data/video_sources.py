@@ -28,7 +28,8 @@ from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.data.images import CorruptImageError, TooManyCorruptImagesError
 from moonforge.stages.data.sources import Doc, DocSource, Media, VisionSpec, qa_prompt
 from moonforge.stages.data.user_videos import clip_tokens
-from moonforge.stages.data.video_files import VideoRecord, clip_patches, read_frames
+from moonforge.stages.data.video_decode import read_frames
+from moonforge.stages.data.video_files import VideoRecord, clip_patches
 
 
 class VideoLoader:
