@@ -499,6 +499,14 @@ def models(
         emit(console, format_, shown, cols, [asdict(r) for r in rows], f"registered model {name}")
 
 
+def _check_video_flags(frames: int, video_tokens: int | None) -> None:
+    """chat's and eval's --frames / --video-tokens, refused before anything loads."""
+    if frames < 1:
+        raise ValueError(f"--frames {frames}: sample at least one frame")
+    if video_tokens is not None and video_tokens < 1:
+        raise ValueError(f"--video-tokens {video_tokens}: give a positive budget, or leave it out")
+
+
 @app.command()
 def chat(
     ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
@@ -507,6 +515,9 @@ def chat(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     video: Path | None = typer.Option(None, "--video", help="A video (MP4, WebM, MKV, GIF, WebP, ...)."),
     frames: int = typer.Option(8, "--frames", help="Frames sampled evenly from the --video clip."),
+    video_tokens: int | None = typer.Option(
+        None, "--video-tokens", help="LM tokens the clip may take (frames shrink to fit; default: no cap)."
+    ),
 ) -> None:
     """Ask a checkpoint a question about an image or a video clip (greedy, KV cache)."""
     with _errors():
@@ -522,13 +533,19 @@ def chat(
             raise FileNotFoundError(f"--image {image}: no such file; pass a PNG/JPEG path")
         if video is not None and not video.is_file():
             raise FileNotFoundError(f"--video {video}: no such file; pass a video (MP4, GIF, ...)")
-        if frames < 1:
-            raise ValueError(f"--frames {frames}: sample at least one frame")
+        _check_video_flags(frames, video_tokens)
         store = open_store(_project())
         info = resolve_ref(ref, store, _project())
         tok = load_checkpoint_tokenizer(info, store, _project())
         out = answer(
-            Checkpoint(info.path), tok, question, image, max_new_tokens, video=video, num_frames=frames
+            Checkpoint(info.path),
+            tok,
+            question,
+            image,
+            max_new_tokens,
+            video=video,
+            num_frames=frames,
+            video_tokens=video_tokens,
         )
         console.print(f"[bold]{info.ref}[/]: {out.text}", highlight=False)
         console.print(f"({out.num_tokens} tokens, {out.finish_reason})", style="dim")
@@ -544,6 +561,9 @@ def eval_(
     ),
     clips: int = typer.Option(16, "--clips", help="videoworld/val clips for --video (all their questions)."),
     frames: int = typer.Option(8, "--frames", help="Frames sampled per clip for --video."),
+    video_tokens: int | None = typer.Option(
+        None, "--video-tokens", help="LM tokens a clip may take for --video (frames shrink to fit)."
+    ),
     format_: str = format_option(),
 ) -> None:
     """Held-out answer accuracy of a checkpoint on rl_prompts/val (text and image), greedy; with
@@ -556,6 +576,7 @@ def eval_(
         from moonforge.stages.artifacts import Checkpoint
         from moonforge.stages.inference import evaluate
 
+        _check_video_flags(frames, video_tokens)
         store = open_store(_project())
         info = resolve_ref(ref, store, _project())
         data = read_lock(_project(), ["rl_prompts", "toyworld"])
@@ -572,7 +593,9 @@ def eval_(
             from moonforge.stages.video_evals import video_qa
 
             clips_dir = read_lock(_project(), ["videoworld"])["videoworld"].path
-            metrics.update(video_qa(Checkpoint(info.path), tok, clips_dir, clips, frames))
+            metrics.update(
+                video_qa(Checkpoint(info.path), tok, clips_dir, clips, frames, video_tokens=video_tokens)
+            )
         title = f"{info.ref}: rl_prompts/val" + (", videoworld/val" if video else "")
         rows = [{"metric": k, "value": f"{v:.4g}"} for k, v in metrics.items()]
         cols = [Column("metric", "metric", no_wrap=True), Column("value", "value", "right")]

@@ -40,6 +40,11 @@ class VisionConfig(_Shape):
     """Pixel-shuffle kernel: merge_size x merge_size patches become one LM token."""
     max_patches: PositiveInt = 4096
     """Largest patch count per image the encoder accepts (images are resized to fit)."""
+    temporal_merge_size: PositiveInt = 1
+    """Video: every k consecutive temporal patches of a clip (2 frames each) are averaged into
+    one set of LM tokens after the ViT, so a clip costs ceil(ceil(F / 2) / k) times its grid's
+    tokens. Adds no weights; images are untouched. Kimi-VL's checkpoints have no such field
+    (export writes none; the HF model reads video as frames)."""
     layer_norm_eps: PositiveFloat = 1e-6
     """LayerNorm epsilon."""
 

@@ -92,6 +92,21 @@ def temporal_merge(
     return (torch.cat(out) if out else feats_ND), grid_hw[idx], media_group[idx]
 
 
+def merged_tokens_per_entry(grid_hw: Tensor, media_group: Tensor, merge_size: int, k: int) -> Tensor:
+    """LM tokens each grid entry ends up as after `temporal_merge` by k: a run's first entry
+    carries the run's h*w / merge**2 tokens, the entries averaged into it none (int64 (n,))."""
+    tokens = grid_hw[:, 0] * grid_hw[:, 1] // merge_size**2
+    if k == 1:
+        return tokens
+    groups = media_group.tolist()
+    first = [i == 0 or groups[i] != groups[i - 1] for i in range(len(groups))]
+    pos, at = [], 0
+    for f in first:
+        at = 0 if f else at + 1
+        pos.append(at)
+    return tokens * (torch.tensor(pos, dtype=torch.long, device=tokens.device) % k == 0)
+
+
 class PosEmbGrid(nn.Module):
     """Learnable (G, G, D) absolute positions, bicubically resized to each image's (h, w)."""
 

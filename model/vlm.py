@@ -26,7 +26,7 @@ from moonforge.model.context_parallel import ContextParallel
 from moonforge.model.experts import ExpertsImpl
 from moonforge.model.lm import MoELM
 from moonforge.model.projector import PixelShuffleProjector, num_merged_tokens
-from moonforge.model.vision import MoonViT, temporal_merge
+from moonforge.model.vision import MoonViT, merged_tokens_per_entry, temporal_merge
 
 FREEZE_GROUPS = ("vision", "projector", "lm", "caption")
 """Names of the child modules that stages freeze or train as units."""
@@ -67,14 +67,16 @@ class VLM(nn.Module):
         grid_hw: Tensor,
         media_t: Tensor,
         media_group: Tensor,
-        temporal_merge_size: int = 1,
+        temporal_merge_size: int | None = None,
     ) -> Tensor:
         """Packed images and video temporal patches (see MoonViT.forward) -> LM tokens (M, D):
         the same ViT and projector weights for both; every `temporal_merge_size` consecutive
-        temporal patches of a clip are averaged into one set of tokens."""
+        temporal patches of a clip (default: the config's vision.temporal_merge_size) are
+        averaged into one set of tokens."""
+        k = self.cfg.vision.temporal_merge_size if temporal_merge_size is None else temporal_merge_size
         feats_ND = self.vision(pixels_NP, grid_hw, media_t, media_group)
-        if temporal_merge_size > 1:
-            feats_ND, grid_hw, _ = temporal_merge(feats_ND, grid_hw, media_group, temporal_merge_size)
+        if k > 1:
+            feats_ND, grid_hw, _ = temporal_merge(feats_ND, grid_hw, media_group, k)
         return self.projector(feats_ND, grid_hw)
 
     def embed(
@@ -131,7 +133,8 @@ class VLM(nn.Module):
             raise ValueError(
                 f"media_mask_BL has {num_slots} image positions but the images give "
                 f"{img_MD.shape[0]} image tokens (grid_hw={grid_hw.tolist()}); "
-                "the placeholder count must equal sum(h*w/merge^2)"
+                "the placeholder count must equal sum(h*w/merge^2), a clip's after its "
+                "temporal merge (vision.temporal_merge_size)"
             )
         if media_mask_BL is None:  # only reachable when the images give 0 tokens
             raise ValueError("pixels_NP / grid_hw were given without media_mask_BL")
@@ -178,14 +181,15 @@ class VLM(nn.Module):
         ids_BC = input_ids_BL[:, lo:hi]
         if pixels_NP is None or grid_hw is None or media_mask_BL is None:
             return self.embed(ids_BC, None if media_mask_BL is None else media_mask_BL[:, lo:hi])
-        m = self.cfg.vision.merge_size
-        tokens_I = grid_hw[:, 0] * grid_hw[:, 1] // m**2  # LM tokens per grid entry
+        group_I = torch.arange(len(grid_hw)) if media_group is None else media_group
+        v = self.cfg.vision  # LM tokens per grid entry (0 for one averaged into its run's first)
+        k = v.temporal_merge_size if media_t is not None or media_group is not None else 1
+        tokens_I = merged_tokens_per_entry(grid_hw, group_I, v.merge_size, k)
         # image token k's index in the batch's row-major media order, for the slice's tokens
         order_BL = media_mask_BL.flatten().long().cumsum(0).view_as(media_mask_BL) - 1
         local_K = order_BL[:, lo:hi][media_mask_BL[:, lo:hi]]
         ends_I = tokens_I.cumsum(0)
-        owner_K = torch.searchsorted(ends_I, local_K, right=True)
-        group_I = torch.arange(len(grid_hw)) if media_group is None else media_group
+        owner_K = torch.searchsorted(ends_I, local_K, right=True)  # skips 0-token entries
         # whole clips (a clip is one document). A slice that shows no media still encodes the
         # first entry and scatters none of it: every rank's backward then reaches the same
         # parameters (zero gradients), which ZeRO's bucketed reduction needs on every rank.

@@ -20,6 +20,8 @@ from moonforge.model.tokenizer import Tokenizer
 from moonforge.model.vlm import build_vlm
 from moonforge.stages.artifacts import Checkpoint
 from moonforge.stages.data.images import load_image, num_image_tokens, to_patches
+from moonforge.stages.data.sources import VisionSpec
+from moonforge.stages.data.user_videos import clip_grid, clip_tokens
 from moonforge.stages.data.video_decode import read_frames
 from moonforge.stages.data.video_files import clip_patches
 from moonforge.stages.train.checkpoint import load_weights
@@ -51,17 +53,17 @@ def chat(
     max_new_tokens: int = 64,
     video: Path | None = None,
     num_frames: int = 8,
+    video_tokens: int | None = None,
 ) -> ChatAnswer:
     """Greedy answer of the checkpoint's model to `question` about `image` or `video` (at most
-    one; `num_frames` frames sampled evenly from the clip)."""
+    one; `num_frames` frames sampled evenly from the clip, in at most `video_tokens` tokens)."""
     if image is not None and video is not None:
         raise ValueError("ask about an image or a video, not both")
     model = open_model(ckpt, tokenizer)
     cfg = model.cfg
     if video is not None:
-        return answer_clip(
-            model, tokenizer, read_frames(video, num_frames=num_frames), question, max_new_tokens
-        )
+        frames = read_frames(video, num_frames=num_frames)
+        return answer_clip(model, tokenizer, frames, question, max_new_tokens, video_tokens)
     pixels, grid, counts, content = None, None, [], question
     if image is not None:
         v = cfg.vision
@@ -72,15 +74,23 @@ def chat(
 
 
 def answer_clip(
-    model, tokenizer: Tokenizer, frames: list, question: str, max_new_tokens: int = 64
+    model,
+    tokenizer: Tokenizer,
+    frames: list,
+    question: str,
+    max_new_tokens: int = 64,
+    max_tokens: int | None = None,
 ) -> ChatAnswer:
     """Greedy answer of a loaded VLM to `question` about a clip given as its sampled frames: the
-    frames' temporal patches fill one media placeholder of the "<image>\n{question}" turn."""
+    frames' temporal patches (at most `max_tokens` LM tokens, the frames shrunk to fit, as the
+    clip documents are) fill one media placeholder of the "<image>\n{question}" turn."""
     v = model.cfg.vision
-    pixels, grid, media_t = clip_patches(frames, v.patch_size, v.merge_size, v.max_patches)
-    per_patch = num_image_tokens((int(grid[0, 0]), int(grid[0, 1])), v.merge_size)
+    vision = VisionSpec(v.patch_size, v.merge_size, v.max_patches, v.temporal_merge_size)
+    (h, w), cap = clip_grid(frames[0].size, vision, len(frames), max_tokens)
+    pixels, grid, media_t = clip_patches(frames, vision.patch_size, vision.merge_size, cap)
+    count = clip_tokens((h, w), vision.merge_size, len(frames), vision.temporal_merge)
     media = dict(pixels_NP=pixels, grid_hw=grid, media_t=media_t, media_group=torch.zeros_like(media_t))
-    return _answer(model, tokenizer, f"<image>\n{question}", [per_patch * len(grid)], max_new_tokens, **media)
+    return _answer(model, tokenizer, f"<image>\n{question}", [count], max_new_tokens, **media)
 
 
 def _answer(

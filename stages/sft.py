@@ -221,7 +221,10 @@ def video_eval(
     if cfg.video is None:
         return {}
     root = data["videoworld"].path
-    return video_qa_of(model, tok, root, cfg.eval.num_examples, cfg.video.num_frames, 8, suffix)
+    v = cfg.video
+    return video_qa_of(
+        model, tok, root, cfg.eval.num_examples, v.num_frames, 8, suffix, video_tokens=v.max_tokens
+    )
 
 
 def _generated(data: Mapping[str, DatasetRef], cfg: SFTConfig, tok: Tokenizer, mcfg: VLMConfig):

@@ -140,6 +140,10 @@ class VideoMix(Frozen):
     """Frames sampled evenly per clip: ceil(num_frames / 2) temporal patches of its grid."""
     qa_share: float = Field(default=0.5, ge=0.0, le=1.0)
     """Within video, QA documents vs captions."""
+    max_tokens: PositiveInt | None = None
+    """LM tokens per clip at most: the frames keep their count and each frame's resolution
+    shrinks to fit (Qwen2.5-VL's video pixel budget); None = the model's max_patches per frame.
+    Evals of the stage (SFT's video QA) ask with the same budget."""
 
 
 class _WithVideo(MixtureStage):

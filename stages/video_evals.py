@@ -49,10 +49,13 @@ def video_qa(
     num_clips: int = 16,
     num_frames: int = 8,
     max_new_tokens: int = 16,
+    video_tokens: int | None = None,
 ) -> dict[str, float]:
     """video_qa_of the checkpoint's model (see there)."""
     model = open_model(ckpt, tokenizer)
-    return video_qa_of(model, tokenizer, videoworld, num_clips, num_frames, max_new_tokens)
+    return video_qa_of(
+        model, tokenizer, videoworld, num_clips, num_frames, max_new_tokens, video_tokens=video_tokens
+    )
 
 
 def video_qa_of(
@@ -64,12 +67,14 @@ def video_qa_of(
     max_new_tokens: int = 16,
     suffix: str = "",
     kind: str | None = None,
+    video_tokens: int | None = None,
 ) -> dict[str, float]:
     """{eval/video_qa_acc, _acc_shuffled, _majority, _n} of a loaded VLM over the first
     `num_clips` clips of videoworld/val (of one `kind` of clip when given), then
     eval/video_qa_<type>_acc, _acc_shuffled and _majority per question type (direction, order,
     crossings, count): an overall score can hide a model that answers each type's most common
-    answer whatever it is shown. Each key ends in `suffix`."""
+    answer whatever it is shown. Each key ends in `suffix`. A clip takes at most `video_tokens`
+    LM tokens (its frames shrunk to fit; None: the model's max_patches per frame)."""
     if num_clips < 1:
         raise ValueError(f"num_clips={num_clips}: need >= 1")
     recs = [r for r in read_video_records(videoworld, "val") if kind in (None, r.kind)][:num_clips]
@@ -82,8 +87,8 @@ def video_qa_of(
         frames = read_frames(videoworld / "val" / rec.video, num_frames=num_frames)
         mixed = shuffled(frames, f"video-qa/{rec.id}")
         for qa in rec.qa:
-            got = answer_clip(model, tokenizer, frames, qa.question, max_new_tokens).text
-            got_mixed = answer_clip(model, tokenizer, mixed, qa.question, max_new_tokens).text
+            got = answer_clip(model, tokenizer, frames, qa.question, max_new_tokens, video_tokens).text
+            got_mixed = answer_clip(model, tokenizer, mixed, qa.question, max_new_tokens, video_tokens).text
             asked.append((qa.type, qa.answer, _same(got, qa.answer), _same(got_mixed, qa.answer)))
     model.train(was_training)
     n = len(asked)

@@ -83,6 +83,55 @@ def test_a_clip_document_is_one_placeholder_run_of_chat_video_pixels(world, tok,
     assert tok.decode(doc.ids[per_patch * len(t) :]).strip().startswith(recs[0].caption[:10])
 
 
+@pytest.mark.parametrize("merge, budget", [(1, 6), (2, None), (2, 6)])
+def test_temporal_merge_and_a_token_budget_shape_clips_alike_in_training_and_in_chat(
+    world, tok, monkeypatch, merge, budget
+):
+    """The model's vision.temporal_merge_size and a stage's video.max_tokens decide a clip's
+    placeholder run: a budget shrinks each frame (never the frame count) and the documents,
+    a packed batch the model trains on, and `chat --video` / `eval --video` (answer_clip) all
+    agree on the tokens and pixels."""
+    from moonforge.stages import inference
+
+    vision = VisionSpec(8, 2, 64, temporal_merge=merge)
+    recs = read_video_records(world, "train")
+    full = video_qa_docs(recs, world / "train", tok, FRAMES).doc(0, VISION).ids.count(tok.media_pad_id)
+    doc = video_qa_docs(recs, world / "train", tok, FRAMES, max_tokens=budget).doc(0, vision)
+    count = doc.ids.count(tok.media_pad_id)
+    assert count == full // merge if budget is None else count <= budget < full
+    media = load_doc_images(doc, vision)
+    assert media is not None and len(media) == math.ceil(FRAMES / 2)  # frames kept, not dropped
+
+    cfg = load_recipe(REPO / "recipes" / "tiny.yaml").model
+    cfg = cfg.model_copy(
+        update={
+            "vision": cfg.vision.model_copy(update={"temporal_merge_size": merge}),
+            "lm": cfg.lm.model_copy(update={"vocab_size": tok.vocab_size}),
+        }
+    )
+    model = build_vlm(cfg, seed=0).eval()
+    seen = {}
+    monkeypatch.setattr(
+        inference, "_answer", lambda m, t, content, counts, n, **media: seen.update(counts=counts, **media)
+    )
+    frames = read_frames(world / "train" / recs[0].video, num_frames=FRAMES)
+    inference.answer_clip(model, tok, frames, recs[0].qa[0].question, max_tokens=budget)
+    assert seen["counts"] == [count]
+    assert torch.equal(seen["pixels_NP"], torch.cat([m.pixels_NP for m in media]))
+
+    docs = video_qa_docs(recs, world / "train", tok, FRAMES, max_tokens=budget)
+    b = next(lm_batches({"v": docs}, lambda s: {"v": 1.0}, tok, 256, 2, 0, 8, 2, 64, temporal_merge=merge))
+    loss, _ = lm_loss(model, b)  # placeholders and the encoder's tokens agree
+    assert torch.isfinite(loss)
+
+
+def test_a_token_budget_too_small_for_the_frames_names_the_fix(world, tok):
+    recs = read_video_records(world, "train")
+    src = video_qa_docs(recs, world / "train", tok, 8, max_tokens=3)  # 8 frames: 4 temporal groups
+    with pytest.raises(ValueError, match="budget of 3 cannot show 8 frames.*raise the budget to >= 4"):
+        src.doc(0, VISION)
+
+
 def test_packed_batches_carry_each_clip_as_one_group(world, tok):
     b = next(_mixed(world, tok))
     assert b.media_t is not None and b.media_group is not None and b.grid_hw is not None
@@ -302,6 +351,24 @@ def test_a_users_mp4_trains_on_exactly_the_pixels_of_the_same_clip_as_webp(world
     assert media is not None and [m.t for m in media] == [0, 1]
     assert torch.equal(torch.cat([m.pixels_NP for m in media]), pixels)
     assert as_mp4.ids == as_webp.ids
+
+
+def test_a_declared_video_token_budget_shrinks_users_clips_and_their_checked_length(world, tok, tmp_path):
+    from moonforge.stages.data.declared import DeclaredDataset
+    from moonforge.stages.data.user_check import token_length
+    from moonforge.stages.data.user_mix import DeclaredDocSource
+    from moonforge.stages.data.user_sets import DeclaredSet
+
+    (swift, _), _ = _user_sets(world, tmp_path)
+    free = DeclaredDocSource(swift, tok).doc(0, VISION)
+    decl = DeclaredDataset.model_validate({**swift.decl.model_dump(), "video_max_tokens": 3})
+    capped = DeclaredSet(decl, tmp_path)
+    doc = DeclaredDocSource(capped, tok).doc(0, VISION)
+    assert doc.ids.count(tok.media_pad_id) <= 3 < free.ids.count(tok.media_pad_id)
+    media = load_doc_images(doc, VISION)
+    assert media is not None and len(media) == FRAMES // 2  # both temporal patches, smaller
+    (_, rec), *_ = capped.records()
+    assert token_length(rec, tok, VISION, FRAMES, 3) == len(doc.ids)  # `data check`'s length
 
 
 def test_bad_user_videos_are_counted_by_reason(world, tok, tmp_path):

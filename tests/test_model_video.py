@@ -129,6 +129,40 @@ def test_temporal_merge_averages_consecutive_temporal_patches(vlm):
     torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
 
 
+def test_the_configured_temporal_merge_sets_the_clip_tokens_in_embed_and_in_a_cp_slice():
+    """vision.temporal_merge_size drives `embed` (a clip of 3 temporal patches takes 2 token
+    sets at k = 2) and each context-parallel rank's slice equals the whole embedding's slice,
+    with the clip's tokens across the middle and an image after it."""
+    from moonforge.model.context_parallel import ContextParallel
+
+    cfg = CFG.model_copy(update={"vision": V.model_copy(update={"temporal_merge_size": 2})})
+    vlm = build_vlm(cfg, seed=0, attn_backend="sdpa").eval()
+    p, grid, t = clip_patches(clip((0, 5, 10, 15, 20, 25)), V.patch_size, V.merge_size, V.max_patches)
+    img, (h, w) = to_patches(frame(7), V.patch_size, V.merge_size, V.max_patches)
+    pixels, grid_hw = torch.cat([p, img]), torch.cat([grid, torch.tensor([[h, w]])])
+    media_t, group = torch.cat([t, torch.zeros(1, dtype=torch.long)]), torch.tensor([0, 0, 0, 1])
+    n_clip, n_img = 2 * int(grid[0].prod()) // V.merge_size**2, h * w // V.merge_size**2
+    L = 2 * (n_clip + n_img)
+    mask = torch.zeros(1, L, dtype=torch.bool)
+    mask[0, L // 2 - n_clip // 2 : L // 2 - n_clip // 2 + n_clip + n_img] = True
+    ids = torch.randint(8, 64, (1, L))
+    media = (pixels, grid_hw, media_t, group)
+    with torch.no_grad():
+        whole = vlm.embed(ids, mask, *media)
+        direct = vlm.encode_media(*media, temporal_merge_size=2)
+        assert direct.shape[0] == n_clip + n_img
+        torch.testing.assert_close(whole[mask], direct, atol=TOL, rtol=TOL)
+        for rank in (0, 1):
+            cp = ContextParallel(rank, 2)
+            lo, hi = cp.bounds(L)
+            part = vlm.embed_slice(cp, ids, mask, *media)
+            torch.testing.assert_close(part, whole[:, lo:hi], atol=TOL, rtol=TOL)
+        unmerged = torch.zeros(1, L, dtype=torch.bool)
+        unmerged[0, : 3 * n_clip // 2 + n_img] = True  # placeholders counted without the merge
+        with pytest.raises(ValueError, match="placeholder count .* temporal merge"):
+            vlm.embed(ids, unmerged, *media)
+
+
 def test_video_patches_average_pairs_and_repeat_a_last_odd_frame():
     f = torch.arange(3 * 2 * 1, dtype=torch.float32).view(3, 2, 1)
     assert video_patches(f).tolist() == [[[1.0], [2.0]], [[4.0], [5.0]]]
@@ -199,7 +233,10 @@ def test_moonforge_chat_video_flags_are_checked_before_anything_loads(tmp_path):
         (["--image", str(png), "--video", str(png)], "--image and --video: ask about one of them"),
         (["--video", str(tmp_path / "missing.webp")], "no such file; pass a video (MP4, GIF, ...)"),
         (["--video", str(png), "--frames", "0"], "--frames 0: sample at least one frame"),
+        (["--video", str(png), "--video-tokens", "0"], "--video-tokens 0: give a positive budget"),
     ]
     for flags, message in cases:
         res = CliRunner().invoke(app, ["chat", "sft@1", "what moves?", *flags])
         assert res.exit_code == 1 and message in " ".join(res.output.split()), res.output
+    res = CliRunner().invoke(app, ["eval", "sft@1", "--video", "--video-tokens", "-2"])  # eval's too
+    assert res.exit_code == 1 and "--video-tokens -2: give a positive budget" in res.output, res.output

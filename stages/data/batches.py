@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from moonforge.model.tokenizer import Tokenizer
-from moonforge.stages.data.images import ImageLoader, num_image_tokens, to_patches
+from moonforge.stages.data.images import ImageLoader, to_patches
 from moonforge.stages.data.packing import PackedRow, RowPacker
 from moonforge.stages.data.records import ImageRecord
 from moonforge.stages.data.shard_order import ShardOrder
@@ -48,6 +48,7 @@ from moonforge.stages.data.sources import (  # re-exported: batch builders and t
     VisionSpec,
     caption_docs,
     long_docs,
+    media_tokens,
     qa_docs,
     text_docs,
 )
@@ -266,9 +267,7 @@ class LMBatchIterator(Iterator[LMBatch | None]):
         if images is None:
             return None  # corrupt image: counted by the loader; draw another document
         ids, mask = doc.ids[:seq_len], (doc.loss_mask[:seq_len] if doc.loss_mask else None)
-        if ids.count(self.tok.media_pad_id) != sum(
-            num_image_tokens(m.grid_hw, self.vision.merge_size) for m in images
-        ):
+        if ids.count(self.tok.media_pad_id) != media_tokens(images, self.vision):
             raise ValueError(
                 f"an image document from {name!r} is longer than seq_len={seq_len} "
                 "and truncation would cut its image; raise seq_len"
@@ -389,6 +388,7 @@ def lm_batches(
     world: int = 1,
     worker: int = 0,
     num_workers: int = 1,
+    temporal_merge: int = 1,
 ) -> LMBatchIterator:
     """Infinite packed LM batches from a mixture whose token shares follow `weights_at(step)`.
 
@@ -406,7 +406,7 @@ def lm_batches(
         seq_len,
         batch_size,
         seed,
-        VisionSpec(patch_size, merge_size, max_patches),
+        VisionSpec(patch_size, merge_size, max_patches, temporal_merge),
         rank,
         world,
         worker,

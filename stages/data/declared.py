@@ -250,6 +250,9 @@ class DeclaredDataset(Frozen):
     """Frames sampled evenly from each video of a record (ceil(video_frames / 2) temporal
     patches); videos are MP4 / WebM / MKV / AVI (PyAV) or animated WebP / GIF (Pillow), read
     by time (stages/data/video_decode.py)."""
+    video_max_tokens: PositiveInt | None = None
+    """LM tokens per video at most: its frames keep their count and shrink in resolution to
+    fit (None = the model's max_patches per frame)."""
     shuffle_block: PositiveInt = 64
     """Records per shuffle block: an epoch visits files in a seeded order, blocks of each file in
     a seeded order and records of a block in a seeded order; ranks take whole blocks."""

@@ -44,6 +44,8 @@ class VisionSpec:
     patch_size: int
     merge_size: int
     max_patches: int
+    temporal_merge: int = 1
+    """Video: temporal patches averaged into one set of LM tokens (vision.temporal_merge_size)."""
 
     def grid(self, width: int, height: int) -> tuple[int, int]:
         return patch_grid(width, height, self.patch_size, self.merge_size, self.max_patches)
@@ -59,6 +61,15 @@ class Media:
     """The temporal patch's index in its clip (0 for an image)."""
     clip: int | None = None
     """Which clip of its document the entry belongs to; None for an image."""
+
+
+def media_tokens(media: Sequence[Media], vision: VisionSpec) -> int:
+    """LM tokens of a document's media: each image's grid tokens, each clip's per group of
+    `vision.temporal_merge` temporal patches (the model averages a group into one)."""
+    k = vision.temporal_merge
+    return sum(
+        num_image_tokens(m.grid_hw, vision.merge_size) for m in media if m.clip is None or m.t % k == 0
+    )
 
 
 class MediaRef(Protocol):

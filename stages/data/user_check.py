@@ -163,19 +163,29 @@ def _kind(s: Sample) -> str:
     return s.kind + ("+image" if s.images else "") + ("+video" if s.videos else "")
 
 
-def token_length(s: Sample, tok, vision, video_frames: int = 8) -> int:
+def token_length(s: Sample, tok, vision, video_frames: int = 8, video_max_tokens: int | None = None) -> int:
     """Tokens the model sees for a sample (image and video placeholders expanded)."""
     from moonforge.model.tokenizer import IMAGE_MARKER
     from moonforge.stages.data.images import num_image_tokens
     from moonforge.stages.data.user_images import image_size
-    from moonforge.stages.data.user_videos import VIDEO_MARKER, clip_tokens, media_in_order, video_size
+    from moonforge.stages.data.user_videos import (
+        VIDEO_MARKER,
+        clip_grid,
+        clip_tokens,
+        media_in_order,
+        video_size,
+    )
+
+    def clip(src) -> int:
+        grid, _ = clip_grid(video_size(src), vision, video_frames, video_max_tokens)
+        return clip_tokens(grid, vision.merge_size, video_frames, vision.temporal_merge)
 
     counts = [num_image_tokens(vision.grid(*image_size(im)), vision.merge_size) for im in s.images]
     if s.videos:  # one count per marker, in marker order, a video's over its temporal patches
         counts = [
             num_image_tokens(vision.grid(*image_size(src)), vision.merge_size)
             if kind == "image"
-            else clip_tokens(vision.grid(*video_size(src)), vision.merge_size, video_frames)
+            else clip(src)
             for kind, src in media_in_order(s.messages, s.images, s.videos)
         ]
     if s.kind in ("chat", "prompt", "preference"):
@@ -206,7 +216,9 @@ def check_set(
                     video_frames(v, ds.decl.video_frames)
                     rep.videos += 1
                 if tok is not None:
-                    rep.tokens.add(token_length(rec, tok, vision, ds.decl.video_frames), rng)
+                    rep.tokens.add(
+                        token_length(rec, tok, vision, ds.decl.video_frames, ds.decl.video_max_tokens), rng
+                    )
             except BadRecord as e:
                 rec = e.at(rec.key)
         if isinstance(rec, BadRecord):

@@ -33,6 +33,7 @@ from moonforge.stages.data.user_samples import Sample
 from moonforge.stages.data.user_sets import DeclaredSet
 from moonforge.stages.data.user_videos import (
     VIDEO_MARKER,
+    clip_grid,
     clip_tokens,
     media_in_order,
     video_frames,
@@ -115,9 +116,10 @@ class DeclaredDocSource(DocSource):
                 refs.append(_SourceRef(loader, src.uri, g, src))
                 counts.append(num_image_tokens(g, vision.merge_size))
             else:
-                ref = _SourceVideo(self.loader, src, vision.grid(*video_size(src)), frames)
+                grid, cap = clip_grid(video_size(src), vision, frames, self.ds.decl.video_max_tokens)
+                ref = _SourceVideo(self.loader, src, grid, frames, cap)
                 refs.append(ref)
-                counts.append(ref.num_tokens(vision.merge_size))
+                counts.append(ref.num_tokens(vision))
         msgs = [
             {**m, "content": m["content"].replace(VIDEO_MARKER, IMAGE_MARKER)} for m in rec.message_dicts()
         ]
@@ -133,9 +135,11 @@ class _SourceVideo:
     source: ImageSource
     grid_hw: tuple[int, int]
     num_frames: int
+    max_patches: int
+    """Patches per frame at most (below the model's under a declared video_max_tokens)."""
 
-    def num_tokens(self, merge_size: int) -> int:
-        return clip_tokens(self.grid_hw, merge_size, self.num_frames)
+    def num_tokens(self, vision: VisionSpec) -> int:
+        return clip_tokens(self.grid_hw, vision.merge_size, self.num_frames, vision.temporal_merge)
 
     def media(self, vision: VisionSpec, clip: int) -> list[Media] | None:
         try:
@@ -143,7 +147,7 @@ class _SourceVideo:
         except BadRecord as e:
             self.loader.failed(e)
             return None
-        pixels_NP, grid, t = clip_patches(frames, vision.patch_size, vision.merge_size, vision.max_patches)
+        pixels_NP, grid, t = clip_patches(frames, vision.patch_size, vision.merge_size, self.max_patches)
         n = self.grid_hw[0] * self.grid_hw[1]
         if tuple(grid[0].tolist()) != self.grid_hw:  # the header's size is the first frame's
             self.loader.failed(BadRecord("corrupt_video", f"video {self.source.uri}: frames change size"))

@@ -18,7 +18,8 @@ import warnings
 from PIL import Image
 
 from moonforge.model.vision import TEMPORAL_PATCH
-from moonforge.stages.data.images import num_image_tokens
+from moonforge.stages.data.images import num_image_tokens, patch_grid
+from moonforge.stages.data.sources import VisionSpec
 from moonforge.stages.data.user_images import BadRecord, ImageSource
 from moonforge.stages.data.video_decode import read_frames
 from moonforge.stages.data.video_decode import video_size as read_size
@@ -41,10 +42,37 @@ def video_frames(src: ImageSource, num_frames: int) -> list[Image.Image]:
             raise _corrupt(src, e) from None
 
 
-def clip_tokens(grid_hw: tuple[int, int], merge_size: int, num_frames: int) -> int:
+def clip_tokens(grid_hw: tuple[int, int], merge_size: int, num_frames: int, temporal_merge: int = 1) -> int:
     """LM tokens of a clip sampled as `num_frames` frames of patch grid `grid_hw`: its grid's
-    tokens over ceil(num_frames / 2) temporal patches."""
-    return math.ceil(num_frames / TEMPORAL_PATCH) * num_image_tokens(grid_hw, merge_size)
+    tokens over ceil(num_frames / 2) temporal patches, every `temporal_merge` of them averaged
+    into one (model vision.temporal_merge_size)."""
+    groups = math.ceil(math.ceil(num_frames / TEMPORAL_PATCH) / temporal_merge)
+    return groups * num_image_tokens(grid_hw, merge_size)
+
+
+def clip_grid(
+    size_wh: tuple[int, int], vision: VisionSpec, num_frames: int, max_tokens: int | None
+) -> tuple[tuple[int, int], int]:
+    """(patch grid, patches per frame at most) of a width x height clip sampled as `num_frames`
+    frames, so that it takes at most `max_tokens` LM tokens (None: no budget, the model's
+    max_patches): the frames keep their count and each frame's resolution shrinks, as
+    Qwen2.5-VL's video pixel budget does. A budget below one token per temporal group is
+    refused, naming the fix."""
+    cap = _budget_patches(vision, num_frames, max_tokens)
+    return patch_grid(*size_wh, vision.patch_size, vision.merge_size, cap), cap
+
+
+def _budget_patches(vision: VisionSpec, num_frames: int, max_tokens: int | None) -> int:
+    if max_tokens is None:
+        return vision.max_patches
+    groups = math.ceil(math.ceil(num_frames / TEMPORAL_PATCH) / vision.temporal_merge)
+    if max_tokens < groups:
+        raise ValueError(
+            f"a video token budget of {max_tokens} cannot show {num_frames} frames: they make "
+            f"{groups} temporal token groups of at least one token each; raise the budget to "
+            f">= {groups} or sample fewer frames"
+        )
+    return min(vision.max_patches, max_tokens // groups * vision.merge_size**2)
 
 
 def video_size(src: ImageSource) -> tuple[int, int]:

@@ -31,11 +31,12 @@ def video_sources(
         return {}
     root = data["videoworld"].path
     recs = read_video_records(root, "train")
+    clips, frames, budget = root / "train", video.num_frames, video.max_tokens
     if chat:
-        return {VIDEO_CHAT: video_chat_docs(recs, root / "train", tok, video.num_frames)}
+        return {VIDEO_CHAT: video_chat_docs(recs, clips, tok, frames, max_tokens=budget)}
     return {
-        "video_caption": video_caption_docs(recs, root / "train", tok, video.num_frames),
-        "video_qa": video_qa_docs(recs, root / "train", tok, video.num_frames),
+        "video_caption": video_caption_docs(recs, clips, tok, frames, max_tokens=budget),
+        "video_qa": video_qa_docs(recs, clips, tok, frames, max_tokens=budget),
     }
 
 

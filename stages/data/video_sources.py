@@ -9,7 +9,8 @@ A clip is shown as `num_frames` frames sampled at the centres of equal spans of 
   video_qa_docs       [video] \\nQuestion: {q}\\nAnswer: {a} <|endoftext|>     loss on " {a}" + eos
   video_chat_docs     user "<image>\\n{q}" ([video] at the marker), assistant "{a}"   loss on the answer
 
-where [video] is `Tokenizer.media_placeholder(ceil(num_frames / 2) * h * w / merge**2)`. A batch
+where [video] is `Tokenizer.media_placeholder(ceil(ceil(num_frames / 2) / k) * h * w / merge**2)`
+(k: the model's temporal merge; a `max_tokens` budget per clip shrinks (h, w), never F). A batch
 that holds a clip carries `media_t` (each grid entry's temporal index) and `media_group` (which
 entries are one clip) for the encoder (batches.py `collate_rows`).
 
@@ -27,7 +28,7 @@ from PIL import Image
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.data.images import CorruptImageError, TooManyCorruptImagesError
 from moonforge.stages.data.sources import Doc, DocSource, Media, VisionSpec, qa_prompt
-from moonforge.stages.data.user_videos import clip_tokens
+from moonforge.stages.data.user_videos import clip_grid, clip_tokens
 from moonforge.stages.data.video_decode import read_frames
 from moonforge.stages.data.video_files import VideoRecord, clip_patches
 
@@ -64,22 +65,36 @@ class VideoLoader:
 
 @dataclass(frozen=True)
 class VideoRef:
-    """A clip a document shows, not yet decoded: its loader, path, patch grid and frame count."""
+    """A clip a document shows, not yet decoded: its loader, path, patch grid, frame count and
+    patches per frame (below the model's max_patches when a token budget shrinks the frames)."""
 
     loader: VideoLoader
     path: str
     grid_hw: tuple[int, int]
     num_frames: int
+    max_patches: int
 
-    def num_tokens(self, merge_size: int) -> int:
-        return clip_tokens(self.grid_hw, merge_size, self.num_frames)
+    @classmethod
+    def of(
+        cls,
+        loader: VideoLoader,
+        rec: VideoRecord,
+        vision: VisionSpec,
+        num_frames: int,
+        max_tokens: int | None,
+    ) -> VideoRef:
+        grid, cap = clip_grid((rec.width, rec.height), vision, num_frames, max_tokens)
+        return cls(loader, rec.video, grid, num_frames, cap)
+
+    def num_tokens(self, vision: VisionSpec) -> int:
+        return clip_tokens(self.grid_hw, vision.merge_size, self.num_frames, vision.temporal_merge)
 
     def media(self, vision: VisionSpec, clip: int) -> list[Media] | None:
         """The clip's temporal patches (document-local clip index `clip`), or None if corrupt."""
         frames = self.loader.load(self.path, self.num_frames)
         if frames is None:
             return None
-        pixels_NP, grid, t = clip_patches(frames, vision.patch_size, vision.merge_size, vision.max_patches)
+        pixels_NP, grid, t = clip_patches(frames, vision.patch_size, vision.merge_size, self.max_patches)
         hw = (int(grid[0, 0]), int(grid[0, 1]))
         if hw != self.grid_hw:
             raise CorruptImageError(
@@ -92,10 +107,10 @@ class VideoRef:
 
 
 def _video(
-    tok: Tokenizer, loader: VideoLoader, rec: VideoRecord, vision: VisionSpec, num_frames: int
+    tok: Tokenizer, loader: VideoLoader, rec: VideoRecord, vision: VisionSpec, num_frames: int, max_tokens
 ) -> tuple[list[int], VideoRef]:
-    ref = VideoRef(loader, rec.video, vision.grid(rec.width, rec.height), num_frames)
-    return tok.media_placeholder(ref.num_tokens(vision.merge_size)), ref
+    ref = VideoRef.of(loader, rec, vision, num_frames, max_tokens)
+    return tok.media_placeholder(ref.num_tokens(vision)), ref
 
 
 def video_caption_docs(
@@ -105,13 +120,14 @@ def video_caption_docs(
     num_frames: int,
     name: str = "video_caption",
     max_corrupt_frac: float = 0.01,
+    max_tokens: int | None = None,
 ) -> DocSource:
     """One document per clip: the clip, then its caption (the events in order)."""
     recs = list(records)
     loader = VideoLoader(name, clip_root, len(recs), max_corrupt_frac)
 
     def make(i: int, vision: VisionSpec) -> Doc:
-        media, ref = _video(tokenizer, loader, recs[i], vision, num_frames)
+        media, ref = _video(tokenizer, loader, recs[i], vision, num_frames, max_tokens)
         body = tokenizer.encode(recs[i].caption) + [tokenizer.eos_id]
         return Doc(media + body, [0] * len(media) + [1] * len(body), (ref,))
 
@@ -125,6 +141,7 @@ def video_qa_docs(
     num_frames: int,
     name: str = "video_qa",
     max_corrupt_frac: float = 0.01,
+    max_tokens: int | None = None,
 ) -> DocSource:
     """One document per (clip, question), loss on the answer and eos only."""
     recs = list(records)
@@ -133,7 +150,7 @@ def video_qa_docs(
 
     def make(i: int, vision: VisionSpec) -> Doc:
         rec, qa = pairs[i]
-        media, ref = _video(tokenizer, loader, rec, vision, num_frames)
+        media, ref = _video(tokenizer, loader, rec, vision, num_frames, max_tokens)
         prompt = media + qa_prompt(tokenizer, qa.question)
         answer = tokenizer.encode(f" {qa.answer}") + [tokenizer.eos_id]
         return Doc(prompt + answer, [0] * len(prompt) + [1] * len(answer), (ref,))
@@ -148,6 +165,7 @@ def video_chat_docs(
     num_frames: int,
     name: str = "video_chat",
     max_corrupt_frac: float = 0.01,
+    max_tokens: int | None = None,
 ) -> DocSource:
     """One SFT dialogue per (clip, question), asked as `moonforge chat --video` asks it: the
     user turn "<image>\\n{question}" with the clip at the marker, the answer supervised."""
@@ -157,12 +175,12 @@ def video_chat_docs(
 
     def make(i: int, vision: VisionSpec) -> Doc:
         rec, qa = pairs[i]
-        ref = VideoRef(loader, rec.video, vision.grid(rec.width, rec.height), num_frames)
+        ref = VideoRef.of(loader, rec, vision, num_frames, max_tokens)
         turns = [
             {"role": "user", "content": f"<image>\n{qa.question}"},
             {"role": "assistant", "content": qa.answer},
         ]
-        ids, mask = tokenizer.encode_chat(turns, [ref.num_tokens(vision.merge_size)])
+        ids, mask = tokenizer.encode_chat(turns, [ref.num_tokens(vision)])
         return Doc(ids, mask, (ref,))
 
     return DocSource(name, len(pairs), make, loader)

@@ -80,7 +80,7 @@ def open_tokenizer(data: Mapping[str, DatasetRef], model_cfg: VLMConfig, stage: 
 
 def vision_spec(model_cfg: VLMConfig, max_patches: int | None = None) -> VisionSpec:
     v = model_cfg.vision
-    return VisionSpec(v.patch_size, v.merge_size, max_patches or v.max_patches)
+    return VisionSpec(v.patch_size, v.merge_size, max_patches or v.max_patches, v.temporal_merge_size)
 
 
 def finish(
@@ -150,6 +150,7 @@ def lm_stream(
             world,
             worker,
             num_workers,
+            temporal_merge=v.temporal_merge_size,
         )
 
     if cfg.num_workers:  # loader processes, each with its own share of every source
