@@ -468,6 +468,9 @@ def test_kimi_vl_import_ignores_inv_freq_and_reads_the_config_back():
     )
     back = kimi_vl.state_from_hf(hf_state, got, hf_config)
     assert not any("inv_freq" in k for k in back)
+    assert "temporal_merge_size" not in hf_config["vision_config"]  # the published layout
+    merged = {**parts, "vision": parts["vision"].model_copy(update={"temporal_merge_size": 2})}
+    assert kimi_vl.parts_from_hf(kimi_vl.hf_from_parts(merged))["vision"].temporal_merge_size == 2
 
 
 def test_kimi_vl_config_has_what_vllm_needs():

@@ -20,7 +20,8 @@ What the layout cannot say, and how we deal with it:
   key), as is the projector's. Import records 1e-5 in VisionConfig / ProjectorConfig; export writes
   our values as extra keys (`vision_config.layer_norm_eps`, `projector_layer_norm_eps`, ignored by
   vLLM, read back by us), so a SigLIP-initialised tower (1e-6) round-trips exactly here and runs
-  with vLLM's 1e-5 there.
+  with vLLM's 1e-5 there. Likewise `vision_config.temporal_merge_size` when it is above 1 (video
+  only: vLLM reads a video as frames, so its clips never match ours whatever k is).
 - 2-D RoPE (theta 10000) is always on in MoonViT: a tower with use_rope false or another
   rope_theta, a projector hidden width other than m*m*C, an LM that is not DeepSeek-V3 shaped
   (MLA attention) or whose lm_head is tied cannot be expressed and is refused with InteropError.
@@ -166,6 +167,7 @@ def parts_from_hf(hf_config: Mapping) -> dict[str, BaseModel]:
         merge_size=_square("merge_kernel_size", vc.get("merge_kernel_size", [2, 2])),
         max_patches=max(VisionConfig().max_patches, height * width),
         layer_norm_eps=vc.get("layer_norm_eps", MOONVIT_EPS),
+        temporal_merge_size=vc.get("temporal_merge_size", 1),
     )
     try:
         projector = ProjectorConfig(
@@ -292,6 +294,8 @@ def hf_from_parts(parts: Mapping[str, BaseModel], token_ids: Mapping[str, int] |
             "intermediate_size": vision.intermediate_size,
             "merge_kernel_size": [vision.merge_size, vision.merge_size],
             "layer_norm_eps": vision.layer_norm_eps,
+            # ours, for video; written only when set, so a plain tower's config is the published one
+            **({"temporal_merge_size": vision.temporal_merge_size} if vision.temporal_merge_size > 1 else {}),
         },
         "text_config": text,
         "vocab_size": lm.vocab_size,

@@ -237,7 +237,8 @@ def hf_from_parts(parts: Mapping[str, BaseModel]) -> dict:
 
     SigLIP has no field for RoPE: a MoonViT with use_rope True exports its weights faithfully, but
     transformers' SiglipVisionModel then computes without RoPE (as `use_rope: false` does).
-    rope_theta, merge_size and max_patches have no SigLIP field either and are not written.
+    rope_theta, merge_size, max_patches and temporal_merge_size have no SigLIP field either and are
+    not written.
     """
     cfg = cast(VisionConfig, parts["vision"])
     return {
