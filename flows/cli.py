@@ -499,10 +499,12 @@ def models(
         emit(console, format_, shown, cols, [asdict(r) for r in rows], f"registered model {name}")
 
 
-def _check_video_flags(frames: int, video_tokens: int | None) -> None:
-    """chat's and eval's --frames / --video-tokens, refused before anything loads."""
+def _check_video_flags(frames: int, video_tokens: int | None, fps: float | None) -> None:
+    """chat's and eval's --frames / --video-tokens / --fps, refused before anything loads."""
     if frames < 1:
         raise ValueError(f"--frames {frames}: sample at least one frame")
+    if fps is not None and fps <= 0:
+        raise ValueError(f"--fps {fps:g}: give a positive rate, or leave it out to sample --frames evenly")
     if video_tokens is not None and video_tokens < 1:
         raise ValueError(f"--video-tokens {video_tokens}: give a positive budget, or leave it out")
 
@@ -515,6 +517,9 @@ def chat(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     video: Path | None = typer.Option(None, "--video", help="A video (MP4, WebM, MKV, GIF, WebP, ...)."),
     frames: int = typer.Option(8, "--frames", help="Frames sampled evenly from the --video clip."),
+    fps: float | None = typer.Option(
+        None, "--fps", help="Sample the --video at this rate from t=0 instead (at most --frames)."
+    ),
     video_tokens: int | None = typer.Option(
         None, "--video-tokens", help="LM tokens the clip may take (frames shrink to fit; default: no cap)."
     ),
@@ -533,7 +538,7 @@ def chat(
             raise FileNotFoundError(f"--image {image}: no such file; pass a PNG/JPEG path")
         if video is not None and not video.is_file():
             raise FileNotFoundError(f"--video {video}: no such file; pass a video (MP4, GIF, ...)")
-        _check_video_flags(frames, video_tokens)
+        _check_video_flags(frames, video_tokens, fps)
         store = open_store(_project())
         info = resolve_ref(ref, store, _project())
         tok = load_checkpoint_tokenizer(info, store, _project())
@@ -546,6 +551,7 @@ def chat(
             video=video,
             num_frames=frames,
             video_tokens=video_tokens,
+            fps=fps,
         )
         console.print(f"[bold]{info.ref}[/]: {out.text}", highlight=False)
         console.print(f"({out.num_tokens} tokens, {out.finish_reason})", style="dim")
@@ -561,6 +567,9 @@ def eval_(
     ),
     clips: int = typer.Option(16, "--clips", help="videoworld/val clips for --video (all their questions)."),
     frames: int = typer.Option(8, "--frames", help="Frames sampled per clip for --video."),
+    fps: float | None = typer.Option(
+        None, "--fps", help="Sample each clip at this rate from t=0 instead (at most --frames)."
+    ),
     video_tokens: int | None = typer.Option(
         None, "--video-tokens", help="LM tokens a clip may take for --video (frames shrink to fit)."
     ),
@@ -576,7 +585,7 @@ def eval_(
         from moonforge.stages.artifacts import Checkpoint
         from moonforge.stages.inference import evaluate
 
-        _check_video_flags(frames, video_tokens)
+        _check_video_flags(frames, video_tokens, fps)
         store = open_store(_project())
         info = resolve_ref(ref, store, _project())
         data = read_lock(_project(), ["rl_prompts", "toyworld"])
@@ -594,7 +603,9 @@ def eval_(
 
             clips_dir = read_lock(_project(), ["videoworld"])["videoworld"].path
             metrics.update(
-                video_qa(Checkpoint(info.path), tok, clips_dir, clips, frames, video_tokens=video_tokens)
+                video_qa(
+                    Checkpoint(info.path), tok, clips_dir, clips, frames, video_tokens=video_tokens, fps=fps
+                )
             )
         title = f"{info.ref}: rl_prompts/val" + (", videoworld/val" if video else "")
         rows = [{"metric": k, "value": f"{v:.4g}"} for k, v in metrics.items()]

@@ -22,7 +22,7 @@ from moonforge.stages.artifacts import Checkpoint
 from moonforge.stages.data.images import load_image, num_image_tokens, to_patches
 from moonforge.stages.data.sources import VisionSpec
 from moonforge.stages.data.user_videos import clip_grid, clip_tokens
-from moonforge.stages.data.video_decode import read_frames
+from moonforge.stages.data.video_decode import sample_clip
 from moonforge.stages.data.video_files import clip_patches
 from moonforge.stages.train.checkpoint import load_weights
 
@@ -54,15 +54,17 @@ def chat(
     video: Path | None = None,
     num_frames: int = 8,
     video_tokens: int | None = None,
+    fps: float | None = None,
 ) -> ChatAnswer:
     """Greedy answer of the checkpoint's model to `question` about `image` or `video` (at most
-    one; `num_frames` frames sampled evenly from the clip, in at most `video_tokens` tokens)."""
+    one; `num_frames` frames sampled evenly from the clip, or at `fps` and at most num_frames, in
+    at most `video_tokens` tokens)."""
     if image is not None and video is not None:
         raise ValueError("ask about an image or a video, not both")
     model = open_model(ckpt, tokenizer)
     cfg = model.cfg
     if video is not None:
-        frames = read_frames(video, num_frames=num_frames)
+        frames = sample_clip(video, num_frames, fps)
         return answer_clip(model, tokenizer, frames, question, max_new_tokens, video_tokens)
     pixels, grid, counts, content = None, None, [], question
     if image is not None:

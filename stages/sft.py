@@ -223,7 +223,7 @@ def video_eval(
     root = data["videoworld"].path
     v = cfg.video
     return video_qa_of(
-        model, tok, root, cfg.eval.num_examples, v.num_frames, 8, suffix, video_tokens=v.max_tokens
+        model, tok, root, cfg.eval.num_examples, v.num_frames, 8, suffix, video_tokens=v.max_tokens, fps=v.fps
     )
 
 

@@ -138,6 +138,10 @@ class VideoMix(Frozen):
     """Share of the multimodal weight given to video (the rest stays images)."""
     num_frames: PositiveInt = 8
     """Frames sampled evenly per clip: ceil(num_frames / 2) temporal patches of its grid."""
+    fps: PositiveFloat | None = None
+    """Sample each clip at fps from t=0 instead, at most num_frames frames (a longer clip is
+    sampled evenly as num_frames: Qwen2-VL's fps with max_frames); clips of different lengths
+    then take different token counts."""
     qa_share: float = Field(default=0.5, ge=0.0, le=1.0)
     """Within video, QA documents vs captions."""
     max_tokens: PositiveInt | None = None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.artifacts import Checkpoint
-from moonforge.stages.data.video_decode import read_frames
+from moonforge.stages.data.video_decode import sample_clip
 from moonforge.stages.data.video_files import read_video_records
 from moonforge.stages.inference import answer_clip, open_model
 
@@ -50,11 +50,19 @@ def video_qa(
     num_frames: int = 8,
     max_new_tokens: int = 16,
     video_tokens: int | None = None,
+    fps: float | None = None,
 ) -> dict[str, float]:
     """video_qa_of the checkpoint's model (see there)."""
     model = open_model(ckpt, tokenizer)
     return video_qa_of(
-        model, tokenizer, videoworld, num_clips, num_frames, max_new_tokens, video_tokens=video_tokens
+        model,
+        tokenizer,
+        videoworld,
+        num_clips,
+        num_frames,
+        max_new_tokens,
+        video_tokens=video_tokens,
+        fps=fps,
     )
 
 
@@ -68,13 +76,15 @@ def video_qa_of(
     suffix: str = "",
     kind: str | None = None,
     video_tokens: int | None = None,
+    fps: float | None = None,
 ) -> dict[str, float]:
     """{eval/video_qa_acc, _acc_shuffled, _majority, _n} of a loaded VLM over the first
     `num_clips` clips of videoworld/val (of one `kind` of clip when given), then
     eval/video_qa_<type>_acc, _acc_shuffled and _majority per question type (direction, order,
     crossings, count): an overall score can hide a model that answers each type's most common
-    answer whatever it is shown. Each key ends in `suffix`. A clip takes at most `video_tokens`
-    LM tokens (its frames shrunk to fit; None: the model's max_patches per frame)."""
+    answer whatever it is shown. Each key ends in `suffix`. Clips are sampled as the stages
+    sample them (`num_frames` evenly, or at `fps`, at most num_frames) in at most `video_tokens`
+    LM tokens (frames shrunk to fit; None: the model's max_patches per frame)."""
     if num_clips < 1:
         raise ValueError(f"num_clips={num_clips}: need >= 1")
     recs = [r for r in read_video_records(videoworld, "val") if kind in (None, r.kind)][:num_clips]
@@ -84,7 +94,7 @@ def video_qa_of(
     was_training = model.training
     model.eval()
     for rec in recs:
-        frames = read_frames(videoworld / "val" / rec.video, num_frames=num_frames)
+        frames = sample_clip(videoworld / "val" / rec.video, num_frames, fps)
         mixed = shuffled(frames, f"video-qa/{rec.id}")
         for qa in rec.qa:
             got = answer_clip(model, tokenizer, frames, qa.question, max_new_tokens, video_tokens).text

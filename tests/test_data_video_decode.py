@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moonforge.stages.data.video_decode import read_frames, video_size
+from moonforge.stages.data.video_decode import (
+    duration_ms,
+    read_frames,
+    sample_clip,
+    sampled_count,
+    video_size,
+)
 from moonforge.stages.data.videoworld import write_clip
 
 W, H = 48, 32
@@ -107,6 +113,26 @@ def test_a_variable_frame_rate_mp4_shows_each_frame_for_its_own_time(tmp_path):
     """Frames start at 0, 1, 4, 5 (of 1/4 s): frame 1 is held for 750 ms, as a WebP run is."""
     write_video(str(tmp_path / "vfr.mp4"), [_bar(i) for i in range(4)], 4, pts=[0, 1, 4, 5])
     assert [_bar_at(f) for f in read_frames(tmp_path / "vfr.mp4", fps=4)] == [0, 1, 1, 1, 2, 3]
+
+
+def test_fps_sampling_is_capped_by_max_frames_and_its_count_is_known_before_decoding(tmp_path):
+    """sample_clip(num_frames, fps): at fps from t=0 while that gives at most num_frames frames,
+    else num_frames evenly; sampled_count says how many from the duration alone, for MP4 and
+    WebP alike."""
+    frames = [_bar(i) for i in range(10)]  # 2 s at 5 fps
+    write_video(str(tmp_path / "c.mp4"), frames, fps=5)
+    write_clip([Image.fromarray(a) for a in frames], 5, tmp_path / "c.webp")
+    for name in ("c.mp4", "c.webp"):
+        path = tmp_path / name
+        assert duration_ms(path) == pytest.approx(2000, abs=0.5)
+        for num_frames, fps, want in [
+            (8, 2.0, [0, 2, 5, 7]),
+            (3, 2.0, [1, 5, 8]),
+            (12, 5.0, list(range(10))),
+        ]:
+            got = [_bar_at(f) for f in sample_clip(path, num_frames, fps)]
+            assert got == want and len(got) == sampled_count(duration_ms(path), num_frames, fps), (name, fps)
+        assert [_bar_at(f) for f in sample_clip(path, 4)] == [1, 3, 6, 8]  # no fps: evenly
 
 
 def _audio_only(path: Path) -> None:

@@ -125,6 +125,27 @@ def test_temporal_merge_and_a_token_budget_shape_clips_alike_in_training_and_in_
     assert torch.isfinite(loss)
 
 
+def test_fps_sampling_gives_each_clip_the_frames_of_its_own_length(world, tok):
+    """video: {fps: 2, num_frames: 8}: a clip shows its frames at 2 per second from t=0, at most
+    8, so clips of different lengths take different token counts, counted before decoding from
+    the record's length and equal to what `chat --video --fps 2` decodes."""
+    from moonforge.stages.data.video_decode import sample_clip, sampled_count
+
+    recs = read_video_records(world, "train")[:8]
+    src = video_qa_docs(recs, world / "train", tok, 8, fps=2.0)
+    counts = set()
+    for i, rec in enumerate(r for r in recs for _ in r.qa):
+        doc = src.doc(i, VISION)
+        (ref,) = doc.images
+        assert ref.num_frames == sampled_count(rec.num_frames * 1000 / rec.fps, 8, 2.0)
+        media = load_doc_images(doc, VISION)
+        pixels, grid, _ = clip_patches(sample_clip(world / "train" / rec.video, 8, 2.0), 8, 2, 64)
+        assert media is not None and torch.equal(torch.cat([m.pixels_NP for m in media]), pixels)
+        assert doc.ids.count(tok.media_pad_id) == len(grid) * num_image_tokens(tuple(grid[0].tolist()), 2)
+        counts.add(ref.num_frames)
+    assert len(counts) > 1, counts  # the clips' lengths differ, and so do their frame counts
+
+
 def test_a_token_budget_too_small_for_the_frames_names_the_fix(world, tok):
     recs = read_video_records(world, "train")
     src = video_qa_docs(recs, world / "train", tok, 8, max_tokens=3)  # 8 frames: 4 temporal groups
@@ -358,6 +379,7 @@ def test_a_declared_video_token_budget_shrinks_users_clips_and_their_checked_len
     from moonforge.stages.data.user_check import token_length
     from moonforge.stages.data.user_mix import DeclaredDocSource
     from moonforge.stages.data.user_sets import DeclaredSet
+    from moonforge.stages.data.user_videos import ClipSampling
 
     (swift, _), _ = _user_sets(world, tmp_path)
     free = DeclaredDocSource(swift, tok).doc(0, VISION)
@@ -368,7 +390,31 @@ def test_a_declared_video_token_budget_shrinks_users_clips_and_their_checked_len
     media = load_doc_images(doc, VISION)
     assert media is not None and len(media) == FRAMES // 2  # both temporal patches, smaller
     (_, rec), *_ = capped.records()
-    assert token_length(rec, tok, VISION, FRAMES, 3) == len(doc.ids)  # `data check`'s length
+    sampling = ClipSampling(FRAMES, None, 3)
+    assert token_length(rec, tok, VISION, sampling) == len(doc.ids)  # `data check`'s length
+
+
+def test_declared_video_fps_samples_users_videos_by_their_duration(world, tok, tmp_path):
+    from moonforge.stages.data.declared import DeclaredDataset
+    from moonforge.stages.data.user_check import token_length
+    from moonforge.stages.data.user_mix import DeclaredDocSource
+    from moonforge.stages.data.user_sets import DeclaredSet
+    from moonforge.stages.data.user_videos import ClipSampling
+    from moonforge.stages.data.video_decode import sample_clip, sampled_count
+
+    (swift, _), recs = _user_sets(world, tmp_path)
+    decl = DeclaredDataset.model_validate({**swift.decl.model_dump(), "video_frames": 8, "video_fps": 2.0})
+    sampled = DeclaredSet(decl, tmp_path)
+    for i, rec in enumerate(recs):
+        doc = DeclaredDocSource(sampled, tok).doc(i, VISION)
+        (ref,) = doc.images
+        assert ref.num_frames == sampled_count(rec.num_frames * 1000 / rec.fps, 8, 2.0)
+        media = load_doc_images(doc, VISION)
+        clip = tmp_path / "media" / Path(rec.video).name
+        pixels, _, _ = clip_patches(sample_clip(clip, 8, 2.0), 8, 2, 64)
+        assert media is not None and torch.equal(torch.cat([m.pixels_NP for m in media]), pixels)
+        (_, sample), *_ = list(sampled.records())[i:]
+        assert token_length(sample, tok, VISION, ClipSampling.of(decl)) == len(doc.ids)
 
 
 def test_bad_user_videos_are_counted_by_reason(world, tok, tmp_path):

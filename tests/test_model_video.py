@@ -234,6 +234,7 @@ def test_moonforge_chat_video_flags_are_checked_before_anything_loads(tmp_path):
         (["--video", str(tmp_path / "missing.webp")], "no such file; pass a video (MP4, GIF, ...)"),
         (["--video", str(png), "--frames", "0"], "--frames 0: sample at least one frame"),
         (["--video", str(png), "--video-tokens", "0"], "--video-tokens 0: give a positive budget"),
+        (["--video", str(png), "--fps", "0"], "--fps 0: give a positive rate"),
     ]
     for flags, message in cases:
         res = CliRunner().invoke(app, ["chat", "sft@1", "what moves?", *flags])

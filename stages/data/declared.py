@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from moonforge.stages.config import Frozen
 
@@ -250,6 +250,9 @@ class DeclaredDataset(Frozen):
     """Frames sampled evenly from each video of a record (ceil(video_frames / 2) temporal
     patches); videos are MP4 / WebM / MKV / AVI (PyAV) or animated WebP / GIF (Pillow), read
     by time (stages/data/video_decode.py)."""
+    video_fps: PositiveFloat | None = None
+    """Sample each video at this many frames per second from t=0 instead, at most video_frames of
+    them (a longer video is sampled evenly as video_frames; Qwen2-VL's fps with max_frames)."""
     video_max_tokens: PositiveInt | None = None
     """LM tokens per video at most: its frames keep their count and shrink in resolution to
     fit (None = the model's max_patches per frame)."""

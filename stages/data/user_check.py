@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from moonforge.stages.data.user_images import REASONS, BadRecord, decode_image
 from moonforge.stages.data.user_samples import Sample
 from moonforge.stages.data.user_sets import DeclaredSet
-from moonforge.stages.data.user_videos import video_frames
+from moonforge.stages.data.user_videos import ClipSampling
 
 MAX_EXAMPLES = 10
 """Bad records listed by key in a report."""
@@ -163,29 +163,19 @@ def _kind(s: Sample) -> str:
     return s.kind + ("+image" if s.images else "") + ("+video" if s.videos else "")
 
 
-def token_length(s: Sample, tok, vision, video_frames: int = 8, video_max_tokens: int | None = None) -> int:
+def token_length(s: Sample, tok, vision, videos: ClipSampling = ClipSampling()) -> int:
     """Tokens the model sees for a sample (image and video placeholders expanded)."""
     from moonforge.model.tokenizer import IMAGE_MARKER
     from moonforge.stages.data.images import num_image_tokens
     from moonforge.stages.data.user_images import image_size
-    from moonforge.stages.data.user_videos import (
-        VIDEO_MARKER,
-        clip_grid,
-        clip_tokens,
-        media_in_order,
-        video_size,
-    )
-
-    def clip(src) -> int:
-        grid, _ = clip_grid(video_size(src), vision, video_frames, video_max_tokens)
-        return clip_tokens(grid, vision.merge_size, video_frames, vision.temporal_merge)
+    from moonforge.stages.data.user_videos import VIDEO_MARKER, media_in_order
 
     counts = [num_image_tokens(vision.grid(*image_size(im)), vision.merge_size) for im in s.images]
     if s.videos:  # one count per marker, in marker order, a video's over its temporal patches
         counts = [
             num_image_tokens(vision.grid(*image_size(src)), vision.merge_size)
             if kind == "image"
-            else clip(src)
+            else videos.tokens(src, vision)
             for kind, src in media_in_order(s.messages, s.images, s.videos)
         ]
     if s.kind in ("chat", "prompt", "preference"):
@@ -203,6 +193,7 @@ def check_set(
     """Read (and decode) every record of this slot's blocks; see the module docstring."""
     rep = CheckReport(ds.name, ds.decl.format, max_bad_fraction=ds.decl.max_bad_fraction)
     rng = random.Random(f"check/{ds.name}/{slot}")
+    sampling = ClipSampling.of(ds.decl)
     for rid, rec in ds.records(slot, num_slots):
         rep.num_records += 1
         if isinstance(rec, Sample) and decode:
@@ -213,12 +204,10 @@ def check_set(
                     rep.heights.add(img.height, rng)
                     rep.images += 1
                 for v in rec.videos:  # every frame the stage will sample decodes
-                    video_frames(v, ds.decl.video_frames)
+                    sampling.frames(v)
                     rep.videos += 1
                 if tok is not None:
-                    rep.tokens.add(
-                        token_length(rec, tok, vision, ds.decl.video_frames, ds.decl.video_max_tokens), rng
-                    )
+                    rep.tokens.add(token_length(rec, tok, vision, sampling), rng)
             except BadRecord as e:
                 rec = e.at(rec.key)
         if isinstance(rec, BadRecord):

@@ -33,11 +33,10 @@ from moonforge.stages.data.user_samples import Sample
 from moonforge.stages.data.user_sets import DeclaredSet
 from moonforge.stages.data.user_videos import (
     VIDEO_MARKER,
-    clip_grid,
+    ClipSampling,
     clip_tokens,
     media_in_order,
     video_frames,
-    video_size,
 )
 from moonforge.stages.data.video_files import clip_patches
 
@@ -106,7 +105,7 @@ class DeclaredDocSource(DocSource):
     def _with_videos(self, rec: Sample, vision: VisionSpec) -> Doc:
         """A dialogue with videos: images and videos in marker order, each video its sampled
         frames' temporal patches behind one placeholder run (video_sources.py)."""
-        frames = self.ds.decl.video_frames
+        sampling = ClipSampling.of(self.ds.decl)
         loader = cast(ImageLoader, self.loader)
         refs: list[MediaRef] = []
         counts = []
@@ -116,8 +115,8 @@ class DeclaredDocSource(DocSource):
                 refs.append(_SourceRef(loader, src.uri, g, src))
                 counts.append(num_image_tokens(g, vision.merge_size))
             else:
-                grid, cap = clip_grid(video_size(src), vision, frames, self.ds.decl.video_max_tokens)
-                ref = _SourceVideo(self.loader, src, grid, frames, cap)
+                frames, grid, cap = sampling.shape(src, vision)
+                ref = _SourceVideo(self.loader, src, grid, frames, cap, sampling.fps)
                 refs.append(ref)
                 counts.append(ref.num_tokens(vision))
         msgs = [
@@ -137,13 +136,14 @@ class _SourceVideo:
     num_frames: int
     max_patches: int
     """Patches per frame at most (below the model's under a declared video_max_tokens)."""
+    fps: float | None = None
 
     def num_tokens(self, vision: VisionSpec) -> int:
         return clip_tokens(self.grid_hw, vision.merge_size, self.num_frames, vision.temporal_merge)
 
     def media(self, vision: VisionSpec, clip: int) -> list[Media] | None:
         try:
-            frames = video_frames(self.source, self.num_frames)
+            frames = video_frames(self.source, self.num_frames, self.fps)
         except BadRecord as e:
             self.loader.failed(e)
             return None
@@ -151,6 +151,9 @@ class _SourceVideo:
         n = self.grid_hw[0] * self.grid_hw[1]
         if tuple(grid[0].tolist()) != self.grid_hw:  # the header's size is the first frame's
             self.loader.failed(BadRecord("corrupt_video", f"video {self.source.uri}: frames change size"))
+            return None
+        if len(frames) != self.num_frames:  # its duration promised another count
+            self.loader.failed(BadRecord("corrupt_video", f"video {self.source.uri}: frame times disagree"))
             return None
         return [Media(pixels_NP[i * n : (i + 1) * n], self.grid_hw, int(t[i]), clip) for i in range(len(t))]
 

@@ -14,6 +14,7 @@ import io
 import math
 import re
 import warnings
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -21,15 +22,16 @@ from moonforge.model.vision import TEMPORAL_PATCH
 from moonforge.stages.data.images import num_image_tokens, patch_grid
 from moonforge.stages.data.sources import VisionSpec
 from moonforge.stages.data.user_images import BadRecord, ImageSource
-from moonforge.stages.data.video_decode import read_frames
+from moonforge.stages.data.video_decode import duration_ms, sample_clip, sampled_count
 from moonforge.stages.data.video_decode import video_size as read_size
 
 VIDEO_MARKER = "<video>"
 
 
-def video_frames(src: ImageSource, num_frames: int) -> list[Image.Image]:
-    """`num_frames` frames sampled evenly from the video; BadRecord (missing_video /
-    corrupt_video) if it cannot be read."""
+def video_frames(src: ImageSource, num_frames: int, fps: float | None = None) -> list[Image.Image]:
+    """`num_frames` frames sampled evenly from the video, or with `fps` at fps from t=0 (at most
+    `num_frames`: video_decode.sample_clip); BadRecord (missing_video / corrupt_video) if it
+    cannot be read."""
     try:
         data = src.read_bytes()
     except BadRecord as e:
@@ -37,7 +39,7 @@ def video_frames(src: ImageSource, num_frames: int) -> list[Image.Image]:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            return read_frames(_named(data, src.uri), num_frames=num_frames)
+            return sample_clip(_named(data, src.uri), num_frames, fps)
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
             raise _corrupt(src, e) from None
 
@@ -75,6 +77,21 @@ def _budget_patches(vision: VisionSpec, num_frames: int, max_tokens: int | None)
     return min(vision.max_patches, max_tokens // groups * vision.merge_size**2)
 
 
+def video_frame_count(src: ImageSource, num_frames: int, fps: float | None = None) -> int:
+    """How many frames `video_frames` takes from the video, known before decoding it (with fps:
+    from its duration, which an MP4 gives without decoding)."""
+    if fps is None:
+        return num_frames
+    try:
+        data = src.read_bytes()
+    except BadRecord as e:
+        raise BadRecord("missing_video", e.detail.replace("image", "video", 1)) from None
+    try:
+        return sampled_count(duration_ms(_named(data, src.uri)), num_frames, fps)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise _corrupt(src, e) from None
+
+
 def video_size(src: ImageSource) -> tuple[int, int]:
     """(width, height) of the video's frames from its header (no frame decoded)."""
     try:
@@ -97,6 +114,33 @@ def _named(data: bytes, uri: str) -> io.BytesIO:
     f = io.BytesIO(data)
     f.name = uri
     return f
+
+
+@dataclass(frozen=True)
+class ClipSampling:
+    """How a declared dataset's videos become frames and tokens: its `video_frames`,
+    `video_fps` and `video_max_tokens` (the stages' `video:` sections mean the same)."""
+
+    num_frames: int = 8
+    fps: float | None = None
+    max_tokens: int | None = None
+
+    @classmethod
+    def of(cls, decl) -> ClipSampling:
+        return cls(decl.video_frames, decl.video_fps, decl.video_max_tokens)
+
+    def shape(self, src: ImageSource, vision: VisionSpec) -> tuple[int, tuple[int, int], int]:
+        """(frames sampled, patch grid, patches per frame at most) of a video, before decoding it."""
+        n = video_frame_count(src, self.num_frames, self.fps)
+        grid, cap = clip_grid(video_size(src), vision, n, self.max_tokens)
+        return n, grid, cap
+
+    def tokens(self, src: ImageSource, vision: VisionSpec) -> int:
+        n, grid, _ = self.shape(src, vision)
+        return clip_tokens(grid, vision.merge_size, n, vision.temporal_merge)
+
+    def frames(self, src: ImageSource) -> list[Image.Image]:
+        return video_frames(src, self.num_frames, self.fps)
 
 
 def media_in_order(messages, images, videos) -> list[tuple[str, ImageSource]]:

@@ -19,6 +19,7 @@ its decoding up to the last sample, never a copy of every frame in memory.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
@@ -28,19 +29,54 @@ from PIL import Image
 Source = Path | BinaryIO
 
 
-def read_frames(src: Source, *, fps: float | None = None, num_frames: int | None = None) -> list[Image.Image]:
+def read_frames(
+    src: Source, *, fps: float | None = None, num_frames: int | None = None, max_frames: int | None = None
+) -> list[Image.Image]:
     """The frames (RGB) shown at `fps` samples per second from t=0, or at the centres of
-    `num_frames` equal spans of the clip (give exactly one). `src` is a path or an open binary
-    file. ValueError names the file when it is not a video this can decode."""
+    `num_frames` equal spans of the clip (give exactly one). With fps, `max_frames` caps the
+    count: a clip that would give more is sampled as `num_frames=max_frames` instead (Qwen2-VL's
+    fps with max_frames). `src` is a path or an open binary file. ValueError names the file
+    when it is not a video this can decode."""
     if (fps is None) == (num_frames is None):
         raise ValueError("read_frames: give exactly one of fps= or num_frames=")
     if fps is not None and fps <= 0:
         raise ValueError(f"read_frames: fps must be > 0, got {fps}")
-    if num_frames is not None and num_frames < 1:
-        raise ValueError(f"read_frames: num_frames must be >= 1, got {num_frames}")
+    for name, n in (("num_frames", num_frames), ("max_frames", max_frames)):
+        if n is not None and n < 1:
+            raise ValueError(f"read_frames: {name} must be >= 1, got {n}")
+    plan = _Plan(fps, num_frames, max_frames)
     if _is_pillow_video(src):
-        return _pillow_frames(src, fps, num_frames)
-    return _av_frames(src, fps, num_frames)
+        return _pillow_frames(src, plan)
+    return _av_frames(src, plan)
+
+
+def sample_clip(src: Source, num_frames: int, fps: float | None = None) -> list[Image.Image]:
+    """The sampling recipes and declarations ask for: `num_frames` frames evenly, or with `fps`
+    the frames at fps from t=0, at most `num_frames` of them."""
+    if fps is None:
+        return read_frames(src, num_frames=num_frames)
+    return read_frames(src, fps=fps, max_frames=num_frames)
+
+
+def sampled_count(total_ms: float, num_frames: int, fps: float | None = None) -> int:
+    """How many frames `sample_clip` takes from a clip `total_ms` long (known before decoding)."""
+    if fps is None:
+        return num_frames
+    return min(len(sample_times(total_ms, fps, None)), num_frames)
+
+
+def duration_ms(src: Source) -> float:
+    """A video's length in milliseconds: its frames' durations (Pillow) or its packets'
+    timestamps (FFmpeg; demuxed, nothing decoded)."""
+    import av
+
+    if _is_pillow_video(src):
+        return float(_pillow_stored(src)[2])
+    try:
+        with _open_av(src) as (container, stream):
+            return _av_timeline(container, stream, _name(src))[2]
+    except av.FFmpegError as e:
+        raise ValueError(f"{_name(src)}: FFmpeg cannot read the video ({e})") from None
 
 
 def video_size(src: Source) -> tuple[int, int]:
@@ -93,7 +129,21 @@ def _is_pillow_video(src: Source) -> bool:
     return head[:4] == b"GIF8" or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
-def _pillow_frames(src: Source, fps: float | None, num_frames: int | None) -> list[Image.Image]:
+@dataclass(frozen=True)
+class _Plan:
+    fps: float | None
+    num_frames: int | None
+    max_frames: int | None
+
+    def times(self, total_ms: float) -> list[float]:
+        times = sample_times(total_ms, self.fps, self.num_frames)
+        if self.max_frames is not None and len(times) > self.max_frames:
+            return sample_times(total_ms, None, self.max_frames)
+        return times
+
+
+def _pillow_stored(src: Source) -> tuple[list[Image.Image], list[int], int]:
+    """The stored frames (RGB), their start times and the clip's length, in milliseconds."""
     frames, starts, t = [], [], 0
     with Image.open(src) as im:
         for i in range(getattr(im, "n_frames", 1)):
@@ -104,7 +154,12 @@ def _pillow_frames(src: Source, fps: float | None, num_frames: int | None) -> li
             t += int(im.info.get("duration") or 0)
     if t <= 0:
         raise ValueError(f"{_name(src)}: a video needs frame durations; this file has none (a still image?)")
-    return [frames[j] for j in shown_at(starts, sample_times(t, fps, num_frames))]
+    return frames, starts, t
+
+
+def _pillow_frames(src: Source, plan: _Plan) -> list[Image.Image]:
+    frames, starts, t = _pillow_stored(src)
+    return [frames[j] for j in shown_at(starts, plan.times(t))]
 
 
 class _open_av:
@@ -143,35 +198,39 @@ def _checked_size(stream, name: str) -> tuple[int, int]:
     return w, h
 
 
-def _av_frames(src: Source, fps: float | None, num_frames: int | None) -> list[Image.Image]:
+def _av_timeline(container, stream, name: str) -> tuple[list[int], list[float], float]:
+    """(every frame's pts sorted, their start times and the clip's length in milliseconds) from
+    the packets' timestamps, so B-frames (decode order != display order) are sorted into place."""
+    tb = stream.time_base or Fraction(1, 1000)
+    stamps, last_end = [], None
+    for p in container.demux(stream):
+        if p.pts is None or p.size == 0:
+            continue
+        stamps.append(p.pts)
+        end = p.pts + (p.duration or 0)
+        last_end = end if last_end is None else max(last_end, end)
+    stamps.sort()
+    # FFmpeg reads a PNG or JPEG as a one-frame stream ("png_pipe", "image2"): not a video
+    still = container.format.name == "image2" or container.format.name.endswith("_pipe")
+    if not stamps or still or (len(stamps) == 1 and (last_end or 0) <= stamps[0]):
+        raise ValueError(f"{name}: a video needs frame durations; this one has none (a still image?)")
+    first = stamps[0]
+    if last_end is None or last_end <= stamps[-1]:  # no durations: one more mean frame step
+        step = (stamps[-1] - first) / max(len(stamps) - 1, 1) or 1
+        last_end = stamps[-1] + step
+    starts = [float((s - first) * tb * 1000) for s in stamps]
+    return stamps, starts, float((last_end - first) * tb * 1000)
+
+
+def _av_frames(src: Source, plan: _Plan) -> list[Image.Image]:
     import av
 
     name = _name(src)
     try:
         with _open_av(src) as (container, stream):
             _checked_size(stream, name)
-            tb = stream.time_base or Fraction(1, 1000)
-            # Presentation times of every frame, and where the last one ends: from the packets'
-            # timestamps, so B-frames (decode order != display order) are sorted into place.
-            stamps, last_end = [], None
-            for p in container.demux(stream):
-                if p.pts is None or p.size == 0:
-                    continue
-                stamps.append(p.pts)
-                end = p.pts + (p.duration or 0)
-                last_end = end if last_end is None else max(last_end, end)
-            stamps.sort()
-            # FFmpeg reads a PNG or JPEG as a one-frame stream ("png_pipe", "image2"): not a video
-            still = container.format.name == "image2" or container.format.name.endswith("_pipe")
-            if not stamps or still or (len(stamps) == 1 and (last_end or 0) <= stamps[0]):
-                raise ValueError(f"{name}: a video needs frame durations; this one has none (a still image?)")
-            first = stamps[0]
-            starts = [float((s - first) * tb * 1000) for s in stamps]
-            if last_end is None or last_end <= stamps[-1]:  # no durations: one more mean frame step
-                step = (stamps[-1] - first) / max(len(stamps) - 1, 1) or 1
-                last_end = stamps[-1] + step
-            total = float((last_end - first) * tb * 1000)
-            want = shown_at(starts, sample_times(total, fps, num_frames))
+            stamps, starts, total = _av_timeline(container, stream, name)
+            want = shown_at(starts, plan.times(total))
             wanted_pts = {stamps[j] for j in want}
             got: dict[int, Image.Image] = {}
         with _open_av(src) as (container, stream):

@@ -31,12 +31,13 @@ def video_sources(
         return {}
     root = data["videoworld"].path
     recs = read_video_records(root, "train")
-    clips, frames, budget = root / "train", video.num_frames, video.max_tokens
+    clips, frames = root / "train", video.num_frames
+    how = {"max_tokens": video.max_tokens, "fps": video.fps}
     if chat:
-        return {VIDEO_CHAT: video_chat_docs(recs, clips, tok, frames, max_tokens=budget)}
+        return {VIDEO_CHAT: video_chat_docs(recs, clips, tok, frames, **how)}
     return {
-        "video_caption": video_caption_docs(recs, clips, tok, frames, max_tokens=budget),
-        "video_qa": video_qa_docs(recs, clips, tok, frames, max_tokens=budget),
+        "video_caption": video_caption_docs(recs, clips, tok, frames, **how),
+        "video_qa": video_qa_docs(recs, clips, tok, frames, **how),
     }
 
 

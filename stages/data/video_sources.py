@@ -1,8 +1,9 @@
 """Video documents: `videoworld` clips as LM documents beside the image ones (sources.py).
 
-A clip is shown as `num_frames` frames sampled at the centres of equal spans of it
-(`read_frames`), which become ceil(num_frames / 2) temporal patches of its patch grid
-(`clip_patches`, model/vision.py `video_patches`) behind ONE media placeholder, as
+A clip is shown as `num_frames` frames sampled at the centres of equal spans of it, or with
+`fps` at fps from t=0, at most num_frames (`video_decode.sample_clip`), which become
+ceil(num_frames / 2) temporal patches of its patch grid (`clip_patches`, model/vision.py
+`video_patches`) behind ONE media placeholder, as
 `moonforge chat --video` builds it:
 
   video_caption_docs  [video] {caption} <|endoftext|>                          loss on the text
@@ -29,7 +30,7 @@ from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.data.images import CorruptImageError, TooManyCorruptImagesError
 from moonforge.stages.data.sources import Doc, DocSource, Media, VisionSpec, qa_prompt
 from moonforge.stages.data.user_videos import clip_grid, clip_tokens
-from moonforge.stages.data.video_decode import read_frames
+from moonforge.stages.data.video_decode import sample_clip, sampled_count
 from moonforge.stages.data.video_files import VideoRecord, clip_patches
 
 
@@ -43,11 +44,11 @@ class VideoLoader:
         self.skipped = 0
         self.corrupt: set[str] = set()
 
-    def load(self, rel_path: str, num_frames: int) -> list[Image.Image] | None:
-        """The sampled frames, or None (counted) when the clip is corrupt."""
+    def load(self, rel_path: str, num_frames: int, fps: float | None = None) -> list[Image.Image] | None:
+        """The sampled frames (video_decode.sample_clip), or None (counted) when the clip is corrupt."""
         if rel_path not in self.corrupt:
             try:
-                return read_frames(self.root / rel_path, num_frames=num_frames)
+                return sample_clip(self.root / rel_path, num_frames, fps)
             except FileNotFoundError:
                 self._bad(rel_path)
             except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
@@ -72,7 +73,9 @@ class VideoRef:
     path: str
     grid_hw: tuple[int, int]
     num_frames: int
+    """Frames it shows: the stage's num_frames, or with fps those of its length (at most that)."""
     max_patches: int
+    fps: float | None = None
 
     @classmethod
     def of(
@@ -82,34 +85,43 @@ class VideoRef:
         vision: VisionSpec,
         num_frames: int,
         max_tokens: int | None,
+        fps: float | None = None,
     ) -> VideoRef:
-        grid, cap = clip_grid((rec.width, rec.height), vision, num_frames, max_tokens)
-        return cls(loader, rec.video, grid, num_frames, cap)
+        # the record's clip lasts num_frames frames of 1000 / fps ms (a whole number)
+        n = sampled_count(rec.num_frames * (1000 // rec.fps), num_frames, fps)
+        grid, cap = clip_grid((rec.width, rec.height), vision, n, max_tokens)
+        return cls(loader, rec.video, grid, n, cap, fps)
 
     def num_tokens(self, vision: VisionSpec) -> int:
         return clip_tokens(self.grid_hw, vision.merge_size, self.num_frames, vision.temporal_merge)
 
     def media(self, vision: VisionSpec, clip: int) -> list[Media] | None:
         """The clip's temporal patches (document-local clip index `clip`), or None if corrupt."""
-        frames = self.loader.load(self.path, self.num_frames)
+        frames = self.loader.load(self.path, self.num_frames, self.fps)
         if frames is None:
             return None
         pixels_NP, grid, t = clip_patches(frames, vision.patch_size, vision.merge_size, self.max_patches)
         hw = (int(grid[0, 0]), int(grid[0, 1]))
-        if hw != self.grid_hw:
+        if hw != self.grid_hw or len(frames) != self.num_frames:
             raise CorruptImageError(
                 self.loader.root / self.path,
-                f"its frames give patch grid {hw} but its record says {self.grid_hw}; "
-                "the manifest and clips disagree",
+                f"its frames give patch grid {hw} and {len(frames)} samples but its record says "
+                f"{self.grid_hw} and {self.num_frames}; the manifest and clips disagree",
             )
         n = hw[0] * hw[1]
         return [Media(pixels_NP[i * n : (i + 1) * n], hw, int(t[i]), clip) for i in range(len(t))]
 
 
 def _video(
-    tok: Tokenizer, loader: VideoLoader, rec: VideoRecord, vision: VisionSpec, num_frames: int, max_tokens
+    tok: Tokenizer,
+    loader: VideoLoader,
+    rec: VideoRecord,
+    vision: VisionSpec,
+    num_frames: int,
+    max_tokens: int | None,
+    fps: float | None,
 ) -> tuple[list[int], VideoRef]:
-    ref = VideoRef.of(loader, rec, vision, num_frames, max_tokens)
+    ref = VideoRef.of(loader, rec, vision, num_frames, max_tokens, fps)
     return tok.media_placeholder(ref.num_tokens(vision)), ref
 
 
@@ -121,13 +133,14 @@ def video_caption_docs(
     name: str = "video_caption",
     max_corrupt_frac: float = 0.01,
     max_tokens: int | None = None,
+    fps: float | None = None,
 ) -> DocSource:
     """One document per clip: the clip, then its caption (the events in order)."""
     recs = list(records)
     loader = VideoLoader(name, clip_root, len(recs), max_corrupt_frac)
 
     def make(i: int, vision: VisionSpec) -> Doc:
-        media, ref = _video(tokenizer, loader, recs[i], vision, num_frames, max_tokens)
+        media, ref = _video(tokenizer, loader, recs[i], vision, num_frames, max_tokens, fps)
         body = tokenizer.encode(recs[i].caption) + [tokenizer.eos_id]
         return Doc(media + body, [0] * len(media) + [1] * len(body), (ref,))
 
@@ -142,6 +155,7 @@ def video_qa_docs(
     name: str = "video_qa",
     max_corrupt_frac: float = 0.01,
     max_tokens: int | None = None,
+    fps: float | None = None,
 ) -> DocSource:
     """One document per (clip, question), loss on the answer and eos only."""
     recs = list(records)
@@ -150,7 +164,7 @@ def video_qa_docs(
 
     def make(i: int, vision: VisionSpec) -> Doc:
         rec, qa = pairs[i]
-        media, ref = _video(tokenizer, loader, rec, vision, num_frames, max_tokens)
+        media, ref = _video(tokenizer, loader, rec, vision, num_frames, max_tokens, fps)
         prompt = media + qa_prompt(tokenizer, qa.question)
         answer = tokenizer.encode(f" {qa.answer}") + [tokenizer.eos_id]
         return Doc(prompt + answer, [0] * len(prompt) + [1] * len(answer), (ref,))
@@ -166,6 +180,7 @@ def video_chat_docs(
     name: str = "video_chat",
     max_corrupt_frac: float = 0.01,
     max_tokens: int | None = None,
+    fps: float | None = None,
 ) -> DocSource:
     """One SFT dialogue per (clip, question), asked as `moonforge chat --video` asks it: the
     user turn "<image>\\n{question}" with the clip at the marker, the answer supervised."""
@@ -175,7 +190,7 @@ def video_chat_docs(
 
     def make(i: int, vision: VisionSpec) -> Doc:
         rec, qa = pairs[i]
-        ref = VideoRef.of(loader, rec, vision, num_frames, max_tokens)
+        ref = VideoRef.of(loader, rec, vision, num_frames, max_tokens, fps)
         turns = [
             {"role": "user", "content": f"<image>\n{qa.question}"},
             {"role": "assistant", "content": qa.answer},
