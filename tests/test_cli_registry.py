@@ -179,7 +179,7 @@ def test_promote_refuses_then_passes_models_and_chat(tmp_project, fake_stages, g
     monkeypatch.setattr(
         inference,
         "chat",
-        lambda ckpt, tok, q, img, n, video=None, num_frames=8: (
+        lambda ckpt, tok, q, img, n, **video_options: (
             seen.append(ckpt.path) or inference.ChatAnswer("a red circle", 3, "eos")
         ),
     )
