@@ -19,7 +19,7 @@ import pytest
 
 from moonforge.registry import launch
 from moonforge.stages.artifacts import DatasetRef, StageContext
-from moonforge.stages.data.batches import lm_batches
+from moonforge.stages.data.batches import OPEN_ROWS, lm_batches
 from moonforge.stages.data.records import TextRecord
 from moonforge.stages.data.shard_order import ShardOrder
 from moonforge.stages.data.sources import text_docs
@@ -109,7 +109,7 @@ def _texts(n: int) -> list[TextRecord]:
     ]
 
 
-def _batches(tok, rank=0, world=1):
+def _batches(tok, rank=0, world=1, open_rows=OPEN_ROWS):
     src = {"a": text_docs(_texts(40), tok, name="a"), "b": text_docs(_texts(25)[::-1], tok, name="b")}
     return lm_batches(
         src,
@@ -123,6 +123,7 @@ def _batches(tok, rank=0, world=1):
         max_patches=64,
         rank=rank,
         world=world,
+        open_rows=open_rows,
     )
 
 
@@ -149,6 +150,26 @@ def test_batch_iterator_state_round_trips_mid_stream(tok, cut):
     for _ in range(12):
         assert _same(next(ref), next(again))
     assert again.tokens_by_source == ref.tokens_by_source
+
+
+def test_a_state_with_several_open_rows_and_one_the_next_fit_packer_saved_both_resume(tok):
+    ref = _batches(tok)
+    for _ in range(4):
+        next(ref)
+    state = json.loads(json.dumps(ref.state_dict()))
+    assert len(state["open"]) > 1  # rows still filling at the cut, each listed
+    again = _batches(tok)
+    again.load_state_dict(state)
+    assert all(_same(next(ref), next(again)) for _ in range(8))
+    old = _batches(tok, open_rows=1)  # next-fit; before best fit, "open" was one row's tags
+    for _ in range(4):
+        next(old)
+    state = json.loads(json.dumps(old.state_dict()))
+    assert len(state["open"]) == 1
+    state["open"] = state["open"][0]
+    again = _batches(tok, open_rows=1)
+    again.load_state_dict(state)
+    assert all(_same(next(old), next(again)) for _ in range(8))
 
 
 def test_two_ranks_build_disjoint_halves_and_none_for_each_other(tok):
