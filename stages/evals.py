@@ -8,14 +8,14 @@ that is exactly "greedy decoding reproduces the answer and then stops", in one f
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from moonforge.stages.data.records import read_image_records, read_text_records
+from moonforge.stages.data.records import ImageRecord, read_image_records, read_text_records
 from moonforge.stages.data.sources import caption_docs, qa_docs, text_docs
 from moonforge.stages.train.objectives import IGNORE, lm_forward, token_ce
 
@@ -79,11 +79,27 @@ def retrieval_accuracy(model: VLM, batch) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class HeldOut:
-    """Held-out batches built once per stage: text LM, image-conditioned text, and VQA."""
+    """Held-out batches built once per stage: text LM, image-conditioned text, VQA, and the same
+    VQA with each question shown another image (`other_image`)."""
 
     text: list
     caption: list
     vqa: list
+    vqa_other_image: list
+
+
+def other_image(images: Sequence[ImageRecord]) -> list[ImageRecord]:
+    """Each record showing the image of the next record of its size (in order; a size no other
+    record has keeps its own): the control that tells a model reading the image from one
+    answering from the question alone, as shuffled frames are for video QA."""
+    by_size: dict[tuple[int, int], list[ImageRecord]] = {}
+    for r in images:
+        by_size.setdefault((r.width, r.height), []).append(r)
+    out = []
+    for r in images:
+        same = by_size[(r.width, r.height)]
+        out.append(r.model_copy(update={"image": same[(same.index(r) + 1) % len(same)].image}))
+    return out
 
 
 def heldout_sets(tok, text_dir, world_dir, make_batches) -> HeldOut:
@@ -94,14 +110,18 @@ def heldout_sets(tok, text_dir, world_dir, make_batches) -> HeldOut:
         text=text,
         caption=make_batches(caption_docs(images, world_dir / "val", tok, ("caption",))),
         vqa=make_batches(qa_docs(images, world_dir / "val", tok)),
+        vqa_other_image=make_batches(qa_docs(other_image(images), world_dir / "val", tok)),
     )
 
 
 def heldout_metrics(model: nn.Module, sets: HeldOut, suffix: str = "") -> dict[str, float]:
-    """eval/text_loss, eval/caption_loss (image-conditioned) and eval/vqa_acc (exact match)."""
+    """eval/text_loss, eval/caption_loss (image-conditioned), eval/vqa_acc (exact match) and
+    eval/vqa_acc_other_image (the same questions about another image of the same size: equal
+    to vqa_acc when the model does not read the image)."""
     out = {
         f"eval/caption_loss{suffix}": lm_eval_loss(model, sets.caption)["loss"],
         f"eval/vqa_acc{suffix}": exact_match(model, sets.vqa)["acc"],
+        f"eval/vqa_acc_other_image{suffix}": exact_match(model, sets.vqa_other_image)["acc"],
     }
     if sets.text:
         out[f"eval/text_loss{suffix}"] = lm_eval_loss(model, sets.text)["loss"]
