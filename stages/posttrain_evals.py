@@ -20,7 +20,7 @@ Result keys (floats unless noted):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -217,6 +217,27 @@ def as_metrics(result: dict, prefix: str = "eval/", suffix: str = "") -> dict[st
         for k in ("acc", "mean_len", "acc_per_1k_tokens", "n", "verifier_errors")
     }
     out.update({f"{prefix}{kind}_acc{suffix}": v for kind, v in result["by_kind"].items()})
+    return out
+
+
+def with_other_images(items: Sequence[ChatPromptItem]) -> list[ChatPromptItem]:
+    """The image items, each with the pixels of the next image item whose patch grids are the
+    same (an item no other shares keeps its own): the control that tells a model reading its
+    images from one answering from the question alone (evals.other_image is the teacher-forced
+    one)."""
+    shown = [
+        (it, tuple(it.grid_hw.flatten().tolist()))
+        for it in items
+        if it.pixels_NP is not None and it.grid_hw is not None
+    ]
+    by_grid: dict[tuple[int, ...], list[int]] = {}
+    for i, (_, grids) in enumerate(shown):
+        by_grid.setdefault(grids, []).append(i)
+    out = []
+    for i, (it, grids) in enumerate(shown):
+        same = by_grid[grids]
+        other = shown[same[(same.index(i) + 1) % len(same)]][0]
+        out.append(replace(it, pixels_NP=other.pixels_NP))
     return out
 
 

@@ -42,7 +42,7 @@ from moonforge.stages.data.sources import DocSource
 from moonforge.stages.data.user_mix import DeclaredMix
 from moonforge.stages.data.video_mix import VIDEO_CHAT, video_sources, with_video
 from moonforge.stages.evals import lm_eval_loss
-from moonforge.stages.posttrain_evals import answer_accuracy, as_metrics, split_by_kind
+from moonforge.stages.posttrain_evals import answer_accuracy, as_metrics, split_by_kind, with_other_images
 from moonforge.stages.stage_configs import SFTConfig, SFTPhase
 from moonforge.stages.train.freeze import apply_trainable
 from moonforge.stages.train.loop import TrainState, train
@@ -189,11 +189,16 @@ def answer_budget(tok: Tokenizer, items, margin: int = 2) -> int:
 def chat_eval(
     model, tok: Tokenizer, items, loss_batches, max_new_tokens: int, batch_size: int, suffix: str = ""
 ) -> dict[str, float]:
-    """eval/{acc,vqa_acc,text_acc,mean_len,acc_per_1k_tokens,n,sft_loss}{suffix}."""
+    """eval/{acc,vqa_acc,text_acc,mean_len,acc_per_1k_tokens,n,sft_loss}{suffix}, and
+    eval/vqa_acc_other_image{suffix}: the image questions asked about other images of the same
+    size (posttrain_evals.with_other_images), which a model that reads no image scores the same."""
     res = answer_accuracy(model, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
     out = as_metrics(res, "eval/", suffix)
     if "image" in res["by_kind"]:
         out[f"eval/vqa_acc{suffix}"] = out.pop(f"eval/image_acc{suffix}")
+        others = with_other_images(items)
+        ctl = answer_accuracy(model, tok, others, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        out[f"eval/vqa_acc_other_image{suffix}"] = ctl["acc"]
     out[f"eval/sft_loss{suffix}"] = lm_eval_loss(model, loss_batches)["loss"]
     return out
 

@@ -52,3 +52,34 @@ def test_a_model_blind_to_images_scores_the_same_with_another_image():
         assert torch.equal(lm_forward(model, own), lm_forward(model, other))
     m = heldout_metrics(model, sets, "_x")
     assert m["eval/vqa_acc_other_image_x"] == m["eval/vqa_acc_x"]
+
+
+def test_sfts_generated_vqa_has_the_same_control():
+    """posttrain_evals.with_other_images: the image prompts, each with another prompt's pixels of
+    the same grid; a blind model answers them exactly as it answers its own."""
+    from test_data_post_helpers import post_data
+
+    from moonforge.stages.data.chat import chat_prompt_items
+    from moonforge.stages.data.chat_records import read_sft_records
+    from moonforge.stages.posttrain_evals import answer_accuracy, with_other_images
+
+    tok = Tokenizer.load(tiny_data() / "tokenizer")
+    cfg = load_recipe(REPO / "recipes" / "tiny.yaml").model
+    cfg = cfg.model_copy(update={"lm": cfg.lm.model_copy(update={"vocab_size": tok.vocab_size})})
+    vision = VisionSpec(cfg.vision.patch_size, cfg.vision.merge_size, cfg.vision.max_patches)
+    post = post_data()
+    items = chat_prompt_items(read_sft_records(post / "sft", "val"), post / "toyworld" / "val", tok, vision)
+    images = [it for it in items if it.pixels_NP is not None][:16]
+    others = with_other_images(images)
+    assert [o.prompt_ids for o in others] == [it.prompt_ids for it in images]
+    assert all(torch.equal(o.grid_hw, it.grid_hw) for o, it in zip(others, images))
+    assert (
+        sum(not torch.equal(o.pixels_NP, it.pixels_NP) for o, it in zip(others, images)) >= len(images) // 2
+    )
+    model = build_vlm(cfg, seed=0).eval()
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.zero_()
+    kw = dict(max_new_tokens=6, batch_size=8, return_items=True)
+    own, other = answer_accuracy(model, tok, images, **kw), answer_accuracy(model, tok, others, **kw)
+    assert own["items"] == other["items"] and own["acc"] == other["acc"]
