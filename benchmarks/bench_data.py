@@ -184,12 +184,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     mcfg, tok = model_and_tok()
-    vision = VisionSpec(
-        mcfg.vision.patch_size,
-        mcfg.vision.merge_size,
-        mcfg.vision.max_patches,
-        mcfg.vision.temporal_merge_size,
-    )
+    vision = VisionSpec.of(mcfg.vision)
     pairs = make_pairs(args.pairs)
     with tempfile.TemporaryDirectory(prefix="moonforge-bench-data-") as tmp:
         root = Path(tmp)

@@ -206,8 +206,7 @@ def open_declared(project: str | Path, recipe_path: str | Path, name: str):
             f"(declared: {', '.join(d.name for d in recipe.datasets) or 'none'}); "
             f"add it with `moonforge data add {name} PATH --format F`"
         )
-    v = recipe.model.vision
-    vision = VisionSpec(v.patch_size, v.merge_size, v.max_patches, v.temporal_merge_size)
+    vision = VisionSpec.of(recipe.model.vision)
     tok = None
     try:
         if recipe.tokenizer is not None:

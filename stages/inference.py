@@ -86,8 +86,7 @@ def answer_clip(
     """Greedy answer of a loaded VLM to `question` about a clip given as its sampled frames: the
     frames' temporal patches (at most `max_tokens` LM tokens, the frames shrunk to fit, as the
     clip documents are) fill one media placeholder of the "<image>\n{question}" turn."""
-    v = model.cfg.vision
-    vision = VisionSpec(v.patch_size, v.merge_size, v.max_patches, v.temporal_merge_size)
+    vision = VisionSpec.of(model.cfg.vision)
     (h, w), cap = clip_grid(frames[0].size, vision, len(frames), max_tokens)
     pixels, grid, media_t = clip_patches(frames, vision.patch_size, vision.merge_size, cap)
     count = clip_tokens((h, w), vision.merge_size, len(frames), vision.temporal_merge)

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from moonforge.model.config import VisionConfig
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.data.images import ImageLoader, num_image_tokens, patch_grid, to_patches
 from moonforge.stages.data.records import ImageRecord, LongDocRecord, TextRecord
@@ -46,6 +47,12 @@ class VisionSpec:
     max_patches: int
     temporal_merge: int = 1
     """Video: temporal patches averaged into one set of LM tokens (vision.temporal_merge_size)."""
+
+    @classmethod
+    def of(cls, v: VisionConfig, max_patches: int | None = None) -> VisionSpec:
+        """The spec of a model's vision config (`max_patches` lowers its cap, e.g. a resolution
+        schedule's)."""
+        return cls(v.patch_size, v.merge_size, max_patches or v.max_patches, v.temporal_merge_size)
 
     def grid(self, width: int, height: int) -> tuple[int, int]:
         return patch_grid(width, height, self.patch_size, self.merge_size, self.max_patches)

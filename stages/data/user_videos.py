@@ -32,15 +32,12 @@ def video_frames(src: ImageSource, num_frames: int, fps: float | None = None) ->
     """`num_frames` frames sampled evenly from the video, or with `fps` at fps from t=0 (at most
     `num_frames`: video_decode.sample_clip); BadRecord (missing_video / corrupt_video) if it
     cannot be read."""
-    try:
-        data = src.read_bytes()
-    except BadRecord as e:
-        raise BadRecord("missing_video", e.detail.replace("image", "video", 1)) from None
+    data = _read(src)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             return sample_clip(_named(data, src.uri), num_frames, fps)
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        except _DECODE_ERRORS as e:
             raise _corrupt(src, e) from None
 
 
@@ -48,8 +45,12 @@ def clip_tokens(grid_hw: tuple[int, int], merge_size: int, num_frames: int, temp
     """LM tokens of a clip sampled as `num_frames` frames of patch grid `grid_hw`: its grid's
     tokens over ceil(num_frames / 2) temporal patches, every `temporal_merge` of them averaged
     into one (model vision.temporal_merge_size)."""
-    groups = math.ceil(math.ceil(num_frames / TEMPORAL_PATCH) / temporal_merge)
-    return groups * num_image_tokens(grid_hw, merge_size)
+    return _groups(num_frames, temporal_merge) * num_image_tokens(grid_hw, merge_size)
+
+
+def _groups(num_frames: int, temporal_merge: int) -> int:
+    """Temporal token groups of a clip: ceil(num_frames / 2) temporal patches, merged by k."""
+    return math.ceil(math.ceil(num_frames / TEMPORAL_PATCH) / temporal_merge)
 
 
 def clip_grid(
@@ -67,7 +68,7 @@ def clip_grid(
 def _budget_patches(vision: VisionSpec, num_frames: int, max_tokens: int | None) -> int:
     if max_tokens is None:
         return vision.max_patches
-    groups = math.ceil(math.ceil(num_frames / TEMPORAL_PATCH) / vision.temporal_merge)
+    groups = _groups(num_frames, vision.temporal_merge)
     if max_tokens < groups:
         raise ValueError(
             f"a video token budget of {max_tokens} cannot show {num_frames} frames: they make "
@@ -77,31 +78,28 @@ def _budget_patches(vision: VisionSpec, num_frames: int, max_tokens: int | None)
     return min(vision.max_patches, max_tokens // groups * vision.merge_size**2)
 
 
-def video_frame_count(src: ImageSource, num_frames: int, fps: float | None = None) -> int:
-    """How many frames `video_frames` takes from the video, known before decoding it (with fps:
-    from its duration, which an MP4 gives without decoding)."""
-    if fps is None:
-        return num_frames
+def _header(src: ImageSource, num_frames: int, fps: float | None) -> tuple[tuple[int, int], int]:
+    """((width, height), frames `video_frames` takes) of a video, from one read of its bytes and
+    no frame decoded (with fps the count comes from its duration, which an MP4's packets give)."""
+    data = _read(src)
     try:
-        data = src.read_bytes()
-    except BadRecord as e:
-        raise BadRecord("missing_video", e.detail.replace("image", "video", 1)) from None
-    try:
-        return sampled_count(duration_ms(_named(data, src.uri)), num_frames, fps)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        size = read_size(_named(data, src.uri))
+        if fps is None:
+            return size, num_frames
+        return size, sampled_count(duration_ms(_named(data, src.uri)), num_frames, fps)
+    except _DECODE_ERRORS as e:
         raise _corrupt(src, e) from None
 
 
-def video_size(src: ImageSource) -> tuple[int, int]:
-    """(width, height) of the video's frames from its header (no frame decoded)."""
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+"""What Pillow and video_decode raise for a file they cannot read as a video."""
+
+
+def _read(src: ImageSource) -> bytes:
     try:
-        data = src.read_bytes()
+        return src.read_bytes()
     except BadRecord as e:
         raise BadRecord("missing_video", e.detail.replace("image", "video", 1)) from None
-    try:
-        return read_size(_named(data, src.uri))
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise _corrupt(src, e) from None
 
 
 def _corrupt(src: ImageSource, e: Exception) -> BadRecord:
@@ -131,8 +129,8 @@ class ClipSampling:
 
     def shape(self, src: ImageSource, vision: VisionSpec) -> tuple[int, tuple[int, int], int]:
         """(frames sampled, patch grid, patches per frame at most) of a video, before decoding it."""
-        n = video_frame_count(src, self.num_frames, self.fps)
-        grid, cap = clip_grid(video_size(src), vision, n, self.max_tokens)
+        size, n = _header(src, self.num_frames, self.fps)
+        grid, cap = clip_grid(size, vision, n, self.max_tokens)
         return n, grid, cap
 
     def tokens(self, src: ImageSource, vision: VisionSpec) -> int:

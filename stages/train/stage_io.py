@@ -79,8 +79,7 @@ def open_tokenizer(data: Mapping[str, DatasetRef], model_cfg: VLMConfig, stage: 
 
 
 def vision_spec(model_cfg: VLMConfig, max_patches: int | None = None) -> VisionSpec:
-    v = model_cfg.vision
-    return VisionSpec(v.patch_size, v.merge_size, max_patches or v.max_patches, v.temporal_merge_size)
+    return VisionSpec.of(model_cfg.vision, max_patches)
 
 
 def finish(
