@@ -205,6 +205,13 @@ def test_a_clip_whose_frames_disagree_with_its_record_stops_the_stage_naming_it(
         load_doc_images(src.doc(0, VISION), VISION)
     assert rec["video"] in str(err.value)
     assert load_doc_images(src.doc(1, VISION), VISION) is not None
+    # sampled by fps, a record claiming a longer clip promises more frames than the clip gives
+    rec = {**json.loads(lines[0]), "num_frames": json.loads(lines[0])["num_frames"] + 4}
+    (copy / "train" / "records.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+    recs = read_video_records(copy, "train")
+    src = video_caption_docs(recs, copy / "train", tok, 16, fps=float(recs[0].fps))
+    with pytest.raises(CorruptImageError, match="samples but its record says .* the manifest and clips"):
+        load_doc_images(src.doc(0, VISION), VISION)
 
 
 def test_the_tiny_vlm_learns_video_answers(world, tok, one_thread):
