@@ -39,7 +39,7 @@ from moonforge.model.tokenizer import Tokenizer
 from moonforge.model.vlm import VLM
 from moonforge.stages import long2short_state as resume
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
-from moonforge.stages.data.chat import ChatPromptItem
+from moonforge.stages.data.chat import ChatPromptItem, prompt_media
 from moonforge.stages.data.user_mix import preference_pairs, weighted_pool
 from moonforge.stages.posttrain_evals import answer_accuracy
 from moonforge.stages.rl.dpo import Sample, build_dpo_pairs, dpo_loss, shortest_correct
@@ -80,8 +80,6 @@ def sample_responses(
     for start in range(0, len(questions), per_call):
         qs = questions[start : start + per_call]
         rows = [items[q] for q in qs for _ in range(cfg.num_samples)]
-        pix = [it.pixels_NP for it in rows if it.pixels_NP is not None]
-        grid = [it.grid_hw for it in rows if it.grid_hw is not None]
         res = generate(
             model,
             [it.prompt_ids for it in rows],
@@ -91,8 +89,7 @@ def sample_responses(
             stop_ids=rollout_stop_ids(tok),
             pad_id=tok.pad_id,
             media_pad_id=tok.media_pad_id,
-            pixels_NP=torch.cat(pix) if pix else None,
-            grid_hw=torch.cat(grid) if grid else None,
+            **prompt_media(rows),
             repeat_ngram=REPEAT[0],
             repeat_max=REPEAT[1],
         )

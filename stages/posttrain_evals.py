@@ -27,7 +27,7 @@ import torch
 
 from moonforge.model.generate import generate
 from moonforge.model.tokenizer import Tokenizer
-from moonforge.stages.data.chat import ChatPromptItem
+from moonforge.stages.data.chat import ChatPromptItem, prompt_media
 
 if TYPE_CHECKING:
     from moonforge.stages.rl.verifiers import VerifyStats
@@ -49,15 +49,6 @@ class ItemResult:
     length: int
     """Generated tokens, the stop token included."""
     finish_reason: str
-
-
-def _batch_images(batch: Sequence[ChatPromptItem]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """All images of `batch` in prompt order, as generate() wants them (or None, None)."""
-    pix = [it.pixels_NP for it in batch if it.pixels_NP is not None]
-    grid = [it.grid_hw for it in batch if it.grid_hw is not None]
-    if not pix:
-        return None, None
-    return torch.cat(pix), torch.cat(grid)
 
 
 def generate_responses(
@@ -110,14 +101,13 @@ def _generate_sorted(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = [items[i] for i in idx]
-        pixels_NP, grid_hw = _batch_images(batch)
+        media = prompt_media(batch, device)
         gen = generate(
             model,
             [it.prompt_ids for it in batch],
             max_new_tokens=max_new_tokens,
             temperature=temperature,
-            pixels_NP=None if pixels_NP is None else pixels_NP.to(device),
-            grid_hw=grid_hw,
+            **media,
             seed=seed + start,
             use_cache=True,
             stop_ids=tokenizer.stop_ids,
@@ -221,15 +211,16 @@ def as_metrics(result: dict, prefix: str = "eval/", suffix: str = "") -> dict[st
 
 
 def with_other_images(items: Sequence[ChatPromptItem]) -> list[ChatPromptItem]:
-    """The image items, each with the pixels of the next image item whose patch grids are the
-    same (an item no other shares keeps its own): the control that tells a model reading its
-    images from one answering from the question alone (evals.other_image is the teacher-forced
-    one)."""
-    shown = [
-        (it, tuple(it.grid_hw.flatten().tolist()))
-        for it in items
-        if it.pixels_NP is not None and it.grid_hw is not None
-    ]
+    """The image (and video) items, each with the pixels of the next such item whose patch grids
+    and clip layout are the same (an item no other shares keeps its own): the control that tells
+    a model reading its images from one answering from the question alone (evals.other_image is
+    the teacher-forced one)."""
+
+    def layout(it: ChatPromptItem) -> tuple:  # grids, and for a video which entries are one clip
+        per = (it.grid_hw, it.media_t, it.media_group)
+        return tuple(tuple(t.flatten().tolist()) if t is not None else () for t in per)
+
+    shown = [(it, layout(it)) for it in items if it.pixels_NP is not None and it.grid_hw is not None]
     by_grid: dict[tuple[int, ...], list[int]] = {}
     for i, (_, grids) in enumerate(shown):
         by_grid.setdefault(grids, []).append(i)

@@ -207,7 +207,8 @@ def declared_eval(
     model, tok: Tokenizer, held: Mapping[str, list], batch_size: int, suffix: str = ""
 ) -> dict[str, float]:
     """eval/<name>_acc{suffix} (+ _n) on each declared dataset's held-out dialogues: greedy
-    answer accuracy against the last assistant turn (exact match)."""
+    answer accuracy against the last assistant turn (exact match); a set mixing text, image and
+    video prompts also gets eval/<name>_<kind>_acc{suffix} per kind."""
     out = {}
     for name, items in held.items():
         res = answer_accuracy(
@@ -215,6 +216,8 @@ def declared_eval(
         )
         out[f"eval/{name}_acc{suffix}"] = res["acc"]
         out[f"eval/{name}_n{suffix}"] = res["n"]
+        if len(res["by_kind"]) > 1:
+            out.update({f"eval/{name}_{k}_acc{suffix}": v for k, v in res["by_kind"].items()})
     return out
 
 

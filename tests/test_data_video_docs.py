@@ -523,3 +523,64 @@ def test_sft_trains_on_clip_dialogues_asked_as_eval_video_asks(world, tok, tmp_p
         for key in ("acc", "acc_shuffled", "majority"):
             assert 0 <= res.metrics[f"eval/video_qa_{key}{suffix}"] <= 1
     assert (tmp_path / "out" / "video_qa.png").stat().st_size > 5_000
+
+
+def test_users_video_prompts_are_asked_as_chat_video_asks_and_batch_clip_by_clip(
+    world, tok, tmp_path, one_thread
+):
+    """A declared set's video prompts (eval held-out sets, RL prompts, preference prompts) carry
+    their clip's temporal patches: the prompt and pixels are `chat --video`'s, and a batch of
+    several video, image and text prompts scores each one as it scores alone (each clip its own
+    group in the encoder)."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from moonforge.stages.data.chat import ChatPromptItem, prompt_media
+    from moonforge.stages.data.images import to_patches
+    from moonforge.stages.data.user_mix import prompt_item
+    from moonforge.stages.data.user_videos import ClipSampling
+    from moonforge.stages.inference import answer_clip
+    from moonforge.stages.posttrain_evals import generate_responses, with_other_images
+    from moonforge.stages.rl.policy import response_logprobs
+    from moonforge.stages.sft import declared_eval
+
+    (swift, _), recs = _user_sets(world, tmp_path)
+    sampling = ClipSampling.of(swift.decl)
+    items = [prompt_item(rec, tok, VISION, sampling) for _, rec in swift.records()]
+    assert [it.kind for it in items] == ["video", "video", "text"]
+    model = build_vlm(load_recipe(REPO / "recipes" / "tiny.yaml").model, seed=0).eval()
+    for it, rec in zip(items, recs):
+        frames = read_frames(tmp_path / "media" / Path(rec.video).name, num_frames=FRAMES)
+        pixels, grid, t = clip_patches(frames, 8, 2, 64)
+        assert torch.equal(it.pixels_NP, pixels) and torch.equal(it.grid_hw, grid)
+        assert it.media_t.tolist() == t.tolist() == [0, 1] and it.media_group.tolist() == [0, 0]
+        alone = answer_clip(model, tok, frames, rec.qa[0].question, max_new_tokens=6)
+        ((text, _, _),) = generate_responses(model, tok, [it], max_new_tokens=6, batch_size=1)
+        assert text.strip() == alone.text  # the prompt chat --video builds, the same answer
+    scored = declared_eval(model, tok, {"swift": items}, batch_size=4)
+    assert scored["eval/swift_n"] == 3 and {"eval/swift_video_acc", "eval/swift_text_acc"} <= set(scored)
+
+    toy = tiny_data() / "toyworld"
+    image = next(r for r in read_image_records(toy, "val") if r.kind == "shapes")
+    img_pixels, (h, w) = to_patches(Image.open(toy / "val" / image.image).convert("RGB"), 8, 2, 64)
+    ids, _ = tok.encode_chat(
+        [{"role": "user", "content": "<image>\nWhat is it?"}], [h * w // 4], add_generation_prompt=True
+    )
+    image_item = ChatPromptItem("img", "image", ids, img_pixels, torch.tensor([[h, w]]), "x", "exact", None)
+    batch = [items[0], image_item, items[2], items[1]]
+    media = prompt_media(batch)
+    assert media["media_group"].tolist() == [0, 0, 1, 2, 2]  # clip, image, clip: three groups
+    assert media["media_t"].tolist() == [0, 1, 0, 0, 1]
+    response = tok.encode(" left") + [tok.turn_end_id]
+    with torch.no_grad():
+        together = response_logprobs(model, batch, [response] * 4, media_pad_id=tok.media_pad_id)
+        each = torch.cat(
+            [response_logprobs(model, [b], [response], media_pad_id=tok.media_pad_id) for b in batch]
+        )
+    torch.testing.assert_close(together, each, rtol=0, atol=1e-5)
+    twin = replace(items[0], record_id="twin", pixels_NP=items[0].pixels_NP.flip(0))
+    swapped = with_other_images([items[0], image_item, twin])  # the control: same-layout clips
+    assert torch.equal(swapped[0].pixels_NP, twin.pixels_NP)  # trade pixels,
+    assert torch.equal(swapped[2].pixels_NP, items[0].pixels_NP)
+    assert torch.equal(swapped[1].pixels_NP, image_item.pixels_NP)  # an image never takes a clip's

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, cast
 
 import torch
 from PIL import Image
@@ -118,6 +119,55 @@ class ChatPromptItem:
     answer: str
     verifier: str
     difficulty: float | None
+    media_t: torch.Tensor | None = None
+    """(I,) temporal index of each grid entry when the prompt shows a video (None: images only)."""
+    media_group: torch.Tensor | None = None
+    """(I,) the prompt's media each grid entry belongs to (a clip's temporal patches share one,
+    numbered from 0 in marker order); None with media_t."""
+
+
+class PromptMedia(TypedDict):
+    """`generate` / `VLM.forward` media keyword arguments of a batch of prompts."""
+
+    pixels_NP: torch.Tensor | None
+    grid_hw: torch.Tensor | None
+    media_t: torch.Tensor | None
+    media_group: torch.Tensor | None
+
+
+def prompt_media(items: Sequence[ChatPromptItem], device: torch.device | str | None = None) -> PromptMedia:
+    """The media of `items` in prompt order as `generate` / `VLM.forward` keyword arguments:
+    pixels_NP, grid_hw and, when an item shows a video, media_t / media_group (each item's groups
+    renumbered after the previous item's; an image item's entries are groups of their own), the
+    pixels on `device` when given."""
+    shown = [it for it in items if it.pixels_NP is not None and it.grid_hw is not None]
+    out = PromptMedia(pixels_NP=None, grid_hw=None, media_t=None, media_group=None)
+    if not shown:
+        return out
+    out["pixels_NP"] = torch.cat([cast(torch.Tensor, it.pixels_NP) for it in shown])
+    grids = [cast(torch.Tensor, it.grid_hw) for it in shown]
+    out["grid_hw"] = torch.cat(grids)
+    if any(it.media_t is not None for it in shown):
+        out["media_t"], out["media_group"] = _clip_layout(shown, grids)
+    if device is not None:  # the layout tensors stay on the host: the model reads them there
+        out["pixels_NP"] = cast(torch.Tensor, out["pixels_NP"]).to(device)
+    return out
+
+
+def _clip_layout(
+    shown: Sequence[ChatPromptItem], grids: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(media_t, media_group) of the prompts' grid entries, groups numbered batch-wide."""
+    ts, groups, base = [], [], 0
+    for it, grid in zip(shown, grids):
+        if it.media_t is None or it.media_group is None:
+            t, g = torch.zeros(len(grid), dtype=torch.long), torch.arange(len(grid))
+        else:
+            t, g = it.media_t, it.media_group
+        ts.append(t)
+        groups.append(g + base)
+        base += int(g.max()) + 1
+    return torch.cat(ts), torch.cat(groups)
 
 
 def _prompt_of(rec: _Dialogue) -> tuple[list[dict[str, str]], str, str, float | None]:

@@ -54,7 +54,6 @@ REASONS = {
     "video_count": "<video> markers do not match the videos",
     "missing_video": "a video file or S3 object does not exist",
     "corrupt_video": "a video does not decode (corrupt, not animated WebP / GIF)",
-    "video_prompt": "a prompt shows a video; generation prompts take images only (not scored)",
 }
 """Every reason a record is skipped, with what it means (the check report's legend)."""
 

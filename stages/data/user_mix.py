@@ -17,7 +17,7 @@ records are bad. Documents: a dialogue is `encode_chat` with the answer-only los
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 import torch
@@ -143,19 +143,34 @@ class _SourceVideo:
 
     def media(self, vision: VisionSpec, clip: int) -> list[Media] | None:
         try:
-            frames = video_frames(self.source, self.num_frames, self.fps)
+            pixels_NP, t = decode_clip(
+                self.source, self.grid_hw, self.num_frames, self.max_patches, self.fps, vision
+            )
         except BadRecord as e:
             self.loader.failed(e)
             return None
-        pixels_NP, grid, t = clip_patches(frames, vision.patch_size, vision.merge_size, self.max_patches)
         n = self.grid_hw[0] * self.grid_hw[1]
-        if tuple(grid[0].tolist()) != self.grid_hw:  # the header's size is the first frame's
-            self.loader.failed(BadRecord("corrupt_video", f"video {self.source.uri}: frames change size"))
-            return None
-        if len(frames) != self.num_frames:  # its duration promised another count
-            self.loader.failed(BadRecord("corrupt_video", f"video {self.source.uri}: frame times disagree"))
-            return None
         return [Media(pixels_NP[i * n : (i + 1) * n], self.grid_hw, int(t[i]), clip) for i in range(len(t))]
+
+
+def decode_clip(
+    src: ImageSource,
+    grid_hw: tuple[int, int],
+    num_frames: int,
+    max_patches: int,
+    fps: float | None,
+    vision: VisionSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels_NP, media_t) of a video's temporal patches, decoded as `ClipSampling.shape` sized
+    it from its header (grid_hw, num_frames, max_patches); BadRecord when the video cannot be
+    read or its frames disagree with the header."""
+    frames = video_frames(src, num_frames, fps)
+    pixels_NP, grid, t = clip_patches(frames, vision.patch_size, vision.merge_size, max_patches)
+    if tuple(grid[0].tolist()) != grid_hw:  # the header's size is the first frame's
+        raise BadRecord("corrupt_video", f"video {src.uri}: frames change size")
+    if len(frames) != num_frames:  # its duration promised another count
+        raise BadRecord("corrupt_video", f"video {src.uri}: frame times disagree")
+    return pixels_NP, t
 
 
 class DeclaredPairs:
@@ -179,36 +194,63 @@ class DeclaredPairs:
             return None
 
 
-def _patched(images, vision: VisionSpec):
-    out = [
-        to_patches(decode_image(im), vision.patch_size, vision.merge_size, vision.max_patches)
-        for im in images
-    ]
-    pixels = torch.cat([p for p, _ in out]) if out else None
-    grid = torch.tensor([g for _, g in out], dtype=torch.long) if out else None
-    return pixels, grid, [num_image_tokens(g, vision.merge_size) for _, g in out]
+def _prompt_media(msgs: list[dict[str, str]], rec: Sample, vision: VisionSpec, sampling: ClipSampling):
+    """(pixels, grid, media_t, media_group, LM tokens per medium) of the images and videos the
+    prompt turns show, in marker order; media_t / media_group only when a video is shown."""
+    pix: list[torch.Tensor] = []
+    grids: list[tuple[int, int]] = []
+    ts: list[int] = []
+    groups: list[int] = []
+    counts: list[int] = []
+    shown = media_in_order([(m["role"], m["content"]) for m in msgs], rec.images, rec.videos)
+    for kind, src in shown:
+        if kind == "image":
+            p, g = to_patches(decode_image(src), vision.patch_size, vision.merge_size, vision.max_patches)
+            t, tokens = [0], num_image_tokens(g, vision.merge_size)
+        else:
+            n, g, cap = sampling.shape(src, vision)
+            p, t_ = decode_clip(src, g, n, cap, sampling.fps, vision)
+            t, tokens = t_.tolist(), clip_tokens(g, vision.merge_size, n, vision.temporal_merge)
+        pix.append(p)
+        grids += [g] * len(t)
+        ts += t
+        groups += [len(counts)] * len(t)
+        counts.append(tokens)
+    if not pix:
+        return None, None, None, None, counts
+    video = any(kind == "video" for kind, _ in shown)
+    as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return (
+        torch.cat(pix),
+        as_long(grids),
+        as_long(ts) if video else None,
+        as_long(groups) if video else None,
+        counts,
+    )
 
 
-def prompt_item(rec: Sample, tok: Tokenizer, vision: VisionSpec) -> ChatPromptItem:
+def prompt_item(
+    rec: Sample, tok: Tokenizer, vision: VisionSpec, sampling: ClipSampling = ClipSampling()
+) -> ChatPromptItem:
     """A generation prompt of a sample: a chat's turns before its last answer (reference = that
-    answer, exact match), or an RL prompt with its answer and verifier. BadRecord if an image
-    does not decode."""
-    if rec.videos:
-        raise BadRecord("video_prompt", f"record {rec.key} shows a video; prompts take images only")
+    answer, exact match), or an RL prompt with its answer and verifier. Its images and videos
+    (sampled as the dataset declares, `sampling`) are decoded here; BadRecord if one does not
+    decode."""
     msgs, answer, verifier = rec.message_dicts(), rec.answer or rec.chosen, rec.verifier or "exact"
     if rec.kind == "chat":
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         msgs, answer = msgs[:last], msgs[last]["content"]
-    shown = sum(m["content"].count(IMAGE_MARKER) for m in msgs)
-    pixels, grid, counts = _patched(rec.images[:shown], vision)
+    pixels, grid, media_t, media_group, counts = _prompt_media(msgs, rec, vision, sampling)
+    msgs = [{**m, "content": m["content"].replace(VIDEO_MARKER, IMAGE_MARKER)} for m in msgs]
     ids, _ = tok.encode_chat(msgs, counts, add_generation_prompt=True)
-    kind = "image" if shown else "text"
+    kind = "video" if media_t is not None else "image" if counts else "text"
     difficulty = (
         rec.difficulty
         if rec.kind == "prompt" and rec.difficulty is not None
         else (0.5 if rec.kind == "prompt" else None)
     )
-    return ChatPromptItem(rec.key, kind, ids, pixels, grid, answer, verifier, difficulty)
+    item = ChatPromptItem(rec.key, kind, ids, pixels, grid, answer, verifier, difficulty)
+    return replace(item, media_t=media_t, media_group=media_group)
 
 
 def reduce_reports(rep: CheckReport, par) -> CheckReport:
@@ -280,7 +322,7 @@ class DeclaredMix:
             try:
                 if isinstance(rec, BadRecord):
                     raise rec
-                items.append(prompt_item(rec, self.tok, self.vision))
+                items.append(prompt_item(rec, self.tok, self.vision, ClipSampling.of(ds.decl)))
             except BadRecord:
                 continue
         return items
@@ -293,7 +335,7 @@ class DeclaredMix:
             if exclude_heldout and rid in held or isinstance(rec, BadRecord):
                 continue
             try:
-                items.append(prompt_item(rec, self.tok, self.vision))
+                items.append(prompt_item(rec, self.tok, self.vision, ClipSampling.of(ds.decl)))
             except BadRecord:
                 continue
         self._prompt_counts[name] = len(items)
@@ -368,7 +410,7 @@ def preference_pairs(mix: DeclaredMix, name: str) -> list[tuple[ChatPromptItem, 
         if rid in held or isinstance(rec, BadRecord):
             continue
         try:
-            item = prompt_item(rec, mix.tok, mix.vision)
+            item = prompt_item(rec, mix.tok, mix.vision, ClipSampling.of(ds.decl))
         except BadRecord:
             continue
         out.append((item, mix.tok.encode(rec.chosen) + end, mix.tok.encode(rec.rejected) + end))

@@ -17,7 +17,7 @@ from torch import Tensor
 from moonforge.model.generate import MEDIA_PAD_ID, generate
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.model.vlm import VLM
-from moonforge.stages.data.chat import ChatPromptItem
+from moonforge.stages.data.chat import ChatPromptItem, prompt_media
 from moonforge.stages.rl.opmd import sequence_logprobs
 from moonforge.stages.rl.replay import ReplayBuffer
 
@@ -26,13 +26,6 @@ def rollout_stop_ids(tok: Tokenizer) -> tuple[int, ...]:
     """The tokenizer's stop ids plus its media pad: a sampled media pad ends the rollout
     (resumed, it would be read as an image slot)."""
     return (*tok.stop_ids, tok.media_pad_id)
-
-
-def _images(items: Sequence[ChatPromptItem], device) -> tuple[Tensor | None, Tensor | None]:
-    pix = [it.pixels_NP for it in items if it.pixels_NP is not None]
-    if not pix:
-        return None, None
-    return torch.cat(pix).to(device), torch.cat([it.grid_hw for it in items if it.grid_hw is not None])
 
 
 def response_logprobs(
@@ -66,9 +59,9 @@ def response_logprobs(
     for b, it in enumerate(items):
         prompt_BL[b, : len(it.prompt_ids)] = True
     media_BL = (ids_BL == media_pad_id) & prompt_BL  # a sampled media pad is a token, not an image
-    pixels, grid = _images(items, device)
+    media = prompt_media(items, device)
     ids_BL, pos_BL, doc_BL, media_BL = (t.to(device) for t in (ids_BL, pos_BL, doc_BL, media_BL))
-    logits_BLV = model(ids_BL, pos_BL, doc_BL, media_BL, pixels, grid)
+    logits_BLV = model(ids_BL, pos_BL, doc_BL, media_BL, **media)
     return sequence_logprobs(logits_BLV, ids_BL, resp_BL.to(device))
 
 
@@ -118,13 +111,12 @@ class RolloutSampler:
 
     def __call__(self, contexts: list[list[int]], budget: int) -> list[tuple[list[int], list[float], str]]:
         items = [self.items[self.queue[tuple(c)].popleft()] for c in contexts]
-        pixels, grid = _images(items, self.model.lm.embed_tokens.weight.device)
+        media = prompt_media(items, self.model.lm.embed_tokens.weight.device)
         out = generate(
             self.model,
             contexts,
             max_new_tokens=budget,
-            pixels_NP=pixels,
-            grid_hw=grid,
+            **media,
             generator=self.generator,
             **self.sampling,
         )
