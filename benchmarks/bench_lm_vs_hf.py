@@ -18,9 +18,11 @@ Run: python benchmarks/bench_lm_vs_hf.py [--rounds 6] [--steps 2] [--threads N] 
 Prints the per-round ratios, the median ratio (goal >= 1.3x) and both MFUs (goal >= 55%).
 `--compile` adds moonforge with every LM block compiled (the `compile` Runtime field,
 stages/train/compile_blocks.py) as a third contender, after timing its compile.
-On a box shared with other jobs, `--threads 1 --clock cpu` times process CPU seconds, which
-other processes do not inflate (wall time with 2 threads also pays for every OpenMP barrier
-that waits on a preempted thread).
+It runs under the OpenMP wait policy of its environment, as moonforge's stages do (the header
+names it; unset is libgomp's default, which spins a while before sleeping). On a box shared
+with other jobs, `--threads 1 --clock cpu` times process CPU seconds, which other processes do
+not inflate, or export OMP_WAIT_POLICY=PASSIVE so that 2 threads do not spin against each other
+(every parallel region then pays a thread wake-up: measured 1.04x and 42.7% MFU that way).
 
 Legend: B rows, L tokens per row, V vocab, D hidden.
 """
@@ -33,17 +35,13 @@ import os
 import statistics
 import time
 
-# Must precede `import torch`: with OpenMP's spinning wait, 2 threads on a shared 2-core box
-# stall each other at every parallel region (as in bench_generation.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+import torch.nn.functional as F
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
-
-from moonforge.model.adapters import deepseek_v3  # noqa: E402
-from moonforge.model.lm import MoELM  # noqa: E402
-from moonforge.stages.train.objectives import IGNORE, token_ce  # noqa: E402
+from moonforge.model.adapters import deepseek_v3
+from moonforge.model.lm import MoELM
+from moonforge.stages.train.objectives import IGNORE, token_ce
 
 HF_CONFIG = dict(
     vocab_size=8192,
@@ -199,7 +197,8 @@ def main() -> None:
     clock = CLOCKS[args.clock]
     peak = matmul_peak(clock)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
         f"{B} x {L} tokens, "
         f"{flops / 1e9:.1f} GFLOP per step; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
     )
