@@ -560,8 +560,15 @@ def chat(
 @app.command(name="eval")
 def eval_(
     ref: str = typer.Argument(..., help="The checkpoint: " + REF_HELP),
-    examples: int = typer.Option(128, "--examples", help="Held-out prompts (half text, half image)."),
-    max_new_tokens: int = typer.Option(112, "--max-new-tokens"),
+    examples: int = typer.Option(
+        128, "--examples", help="Held-out prompts (half text, half image; a --dataset's first N)."
+    ),
+    max_new_tokens: int | None = typer.Option(
+        None,
+        "--max-new-tokens",
+        help="New tokens per answer (default: 112 on rl_prompts/val; a --dataset's longest "
+        "reference answer + 3).",
+    ),
     video: bool = typer.Option(
         False, "--video", help="Also video QA on videoworld/val: accuracy, shuffled frames, majority."
     ),
@@ -573,31 +580,47 @@ def eval_(
     video_tokens: int | None = typer.Option(
         None, "--video-tokens", help="LM tokens a clip may take for --video (frames shrink to fit)."
     ),
+    datasets: list[str] = typer.Option(
+        [],
+        "--dataset",
+        help="A dataset the recipe declares (chat, prompt or preference; repeatable): score its "
+        "held-out prompts (all, if it holds none out) instead of rl_prompts/val.",
+    ),
+    recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="Recipe YAML declaring --dataset."),
     format_: str = format_option(),
 ) -> None:
     """Held-out answer accuracy of a checkpoint on rl_prompts/val (text and image), greedy; with
-    --video, video QA accuracy against the same clips with shuffled frames."""
+    --video, video QA accuracy against the same clips with shuffled frames; with --dataset, on
+    your own declared sets instead (images and videos asked as the stages ask them)."""
     with _errors():
         from moonforge.registry.data_versions import read_lock
         from moonforge.registry.hf_tokenizer import load_checkpoint_tokenizer
         from moonforge.registry.refs import resolve_ref
         from moonforge.registry.store import open_store
         from moonforge.stages.artifacts import Checkpoint
-        from moonforge.stages.inference import evaluate
+        from moonforge.stages.inference import evaluate, evaluate_declared
 
         _check_video_flags(frames, video_tokens, fps)
         store = open_store(_project())
         info = resolve_ref(ref, store, _project())
-        data = read_lock(_project(), ["rl_prompts", "toyworld"])
         tok = load_checkpoint_tokenizer(info, store, _project())
-        metrics = evaluate(
-            Checkpoint(info.path),
-            tok,
-            data["rl_prompts"].path,
-            data["toyworld"].path,
-            examples,
-            max_new_tokens,
-        )
+        if datasets:
+            from moonforge.registry.user_data import open_declared
+
+            sets = [open_declared(_project(), _recipe_path(recipe), name)[0] for name in datasets]
+            metrics: dict[str, float] = {}
+            for ds in sets:
+                metrics.update(evaluate_declared(Checkpoint(info.path), tok, ds, examples, max_new_tokens))
+        else:
+            data = read_lock(_project(), ["rl_prompts", "toyworld"])
+            metrics = evaluate(
+                Checkpoint(info.path),
+                tok,
+                data["rl_prompts"].path,
+                data["toyworld"].path,
+                examples,
+                max_new_tokens or 112,
+            )
         if video:
             from moonforge.stages.video_evals import video_qa
 
@@ -607,7 +630,8 @@ def eval_(
                     Checkpoint(info.path), tok, clips_dir, clips, frames, video_tokens=video_tokens, fps=fps
                 )
             )
-        title = f"{info.ref}: rl_prompts/val" + (", videoworld/val" if video else "")
+        sets_shown = ", ".join(datasets) or "rl_prompts/val"
+        title = f"{info.ref}: {sets_shown}" + (", videoworld/val" if video else "")
         rows = [{"metric": k, "value": f"{v:.4g}"} for k, v in metrics.items()]
         cols = [Column("metric", "metric", no_wrap=True), Column("value", "value", "right")]
         emit(console, format_, rows, cols, {"ref": info.ref, "metrics": metrics}, title)

@@ -149,3 +149,51 @@ def evaluate(
     )
     res = answer_accuracy(model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return as_metrics(res, "eval/")
+
+
+def evaluate_declared(
+    ckpt: Checkpoint,
+    tokenizer: Tokenizer,
+    ds,
+    num_examples: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """What `moonforge eval --dataset NAME` runs: greedy answer accuracy on a declared dataset's
+    prompts, asked as the stages ask them (posttrain_evals.set_metrics: eval/<name>_acc, _n, per
+    kind when it mixes text, image and video prompts). The prompts are the held-out records when
+    the declaration holds some out (what SFT and RL score), else every record, the first
+    `num_examples` of them; a record that cannot be asked (a bad record, an image or video that
+    does not decode) is counted in eval/<name>_skipped. `ds` is a DeclaredSet of kind chat,
+    prompt or preference; its videos are sampled as it declares."""
+    from moonforge.stages.data.user_images import BadRecord
+    from moonforge.stages.data.user_mix import prompt_item
+    from moonforge.stages.data.user_videos import ClipSampling
+    from moonforge.stages.posttrain_evals import set_metrics
+    from moonforge.stages.train.stage_io import vision_spec
+
+    if ds.kind not in ("chat", "prompt", "preference"):
+        raise ValueError(
+            f"dataset {ds.name!r} is a {ds.kind} set ({ds.decl.format}): it has no questions to "
+            "ask; eval takes chat, prompt or preference datasets"
+        )
+    model = open_model(ckpt, tokenizer)
+    vision, sampling = vision_spec(model.cfg), ClipSampling.of(ds.decl)
+    ids = list(ds.heldout) or [rid for rid, _ in ds.records()]
+    items, skipped = [], 0
+    for rid in ids[:num_examples]:
+        rec = ds.record(rid)
+        try:
+            if isinstance(rec, BadRecord):
+                raise rec
+            items.append(prompt_item(rec, tokenizer, vision, sampling))
+        except BadRecord:
+            skipped += 1
+    if not items:
+        raise ValueError(
+            f"dataset {ds.name!r}: none of its {len(ids[:num_examples])} prompts could be asked "
+            f"(check it with `moonforge data check {ds.name}`)"
+        )
+    out = set_metrics(model, tokenizer, ds.name, items, batch_size, max_new_tokens=max_new_tokens)
+    out[f"eval/{ds.name}_skipped"] = float(skipped)
+    return out

@@ -210,6 +210,32 @@ def as_metrics(result: dict, prefix: str = "eval/", suffix: str = "") -> dict[st
     return out
 
 
+def answer_budget(tok: Tokenizer, items, margin: int = 2) -> int:
+    """max_new_tokens for an eval set: its longest reference answer + <|im_end|> + margin."""
+    return max(len(tok.encode(it.answer)) for it in items) + 1 + margin
+
+
+def set_metrics(
+    model,
+    tok: Tokenizer,
+    name: str,
+    items: Sequence[ChatPromptItem],
+    batch_size: int,
+    suffix: str = "",
+    max_new_tokens: int | None = None,
+) -> dict[str, float]:
+    """eval/<name>_acc{suffix} and eval/<name>_n{suffix}: greedy answers to a declared set's
+    prompts, each scored by its verifier (a chat's last answer by exact match), with
+    answer_budget new tokens unless `max_new_tokens` says; a set mixing text, image and video
+    prompts also gets eval/<name>_<kind>_acc{suffix} per kind."""
+    budget = max_new_tokens or answer_budget(tok, items)
+    res = answer_accuracy(model, tok, items, max_new_tokens=budget, batch_size=batch_size)
+    out = {f"eval/{name}_acc{suffix}": res["acc"], f"eval/{name}_n{suffix}": res["n"]}
+    if len(res["by_kind"]) > 1:
+        out.update({f"eval/{name}_{k}_acc{suffix}": v for k, v in res["by_kind"].items()})
+    return out
+
+
 def with_other_images(items: Sequence[ChatPromptItem]) -> list[ChatPromptItem]:
     """The image (and video) items, each with the pixels of the next such item whose patch grids
     and clip layout are the same (an item no other shares keeps its own): the control that tells

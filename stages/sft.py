@@ -42,7 +42,14 @@ from moonforge.stages.data.sources import DocSource
 from moonforge.stages.data.user_mix import DeclaredMix
 from moonforge.stages.data.video_mix import VIDEO_CHAT, video_sources, with_video
 from moonforge.stages.evals import lm_eval_loss
-from moonforge.stages.posttrain_evals import answer_accuracy, as_metrics, split_by_kind, with_other_images
+from moonforge.stages.posttrain_evals import (
+    answer_accuracy,
+    answer_budget,
+    as_metrics,
+    set_metrics,
+    split_by_kind,
+    with_other_images,
+)
 from moonforge.stages.stage_configs import SFTConfig, SFTPhase
 from moonforge.stages.train.freeze import apply_trainable
 from moonforge.stages.train.loop import TrainState, train
@@ -181,11 +188,6 @@ def run_phases(
     return states, metrics, drawn_docs
 
 
-def answer_budget(tok: Tokenizer, items, margin: int = 2) -> int:
-    """max_new_tokens for an eval set: its longest reference answer + <|im_end|> + margin."""
-    return max(len(tok.encode(it.answer)) for it in items) + 1 + margin
-
-
 def chat_eval(
     model, tok: Tokenizer, items, loss_batches, max_new_tokens: int, batch_size: int, suffix: str = ""
 ) -> dict[str, float]:
@@ -206,18 +208,11 @@ def chat_eval(
 def declared_eval(
     model, tok: Tokenizer, held: Mapping[str, list], batch_size: int, suffix: str = ""
 ) -> dict[str, float]:
-    """eval/<name>_acc{suffix} (+ _n) on each declared dataset's held-out dialogues: greedy
-    answer accuracy against the last assistant turn (exact match); a set mixing text, image and
-    video prompts also gets eval/<name>_<kind>_acc{suffix} per kind."""
-    out = {}
+    """eval/<name>_acc{suffix} (+ _n, + per kind when mixed) on each declared dataset's
+    held-out dialogues (posttrain_evals.set_metrics; `moonforge eval --dataset` scores alike)."""
+    out: dict[str, float] = {}
     for name, items in held.items():
-        res = answer_accuracy(
-            model, tok, items, max_new_tokens=answer_budget(tok, items), batch_size=batch_size
-        )
-        out[f"eval/{name}_acc{suffix}"] = res["acc"]
-        out[f"eval/{name}_n{suffix}"] = res["n"]
-        if len(res["by_kind"]) > 1:
-            out.update({f"eval/{name}_{k}_acc{suffix}": v for k, v in res["by_kind"].items()})
+        out.update(set_metrics(model, tok, name, items, batch_size, suffix))
     return out
 
 

@@ -6,7 +6,8 @@ cut with --set to keep the suite fast): examples/make_toy_llava.py writes a LLaV
 pictures, `moonforge data add` tracks it with DVC and declares it in recipes/tiny.yaml, `data
 check` / `data show` look at it, and `moonforge rerun sft --from cooldown@latest` with the set in
 the SFT mixture raises its held-out answer accuracy (shown in the stage summary, recorded in
-lineage.json with the records used). Bad input on the CLI: an unknown format, a name taken twice.
+lineage.json with the records used), and `moonforge eval --dataset` scores the checkpoint on it
+exactly as the stage did. Bad input on the CLI: an unknown format, a name taken twice.
 """
 
 from __future__ import annotations
@@ -138,6 +139,12 @@ def test_readme_walkthrough_sft_learns_the_users_llava_set(proj):
     tree = " ".join(cli("lineage", "sft@latest").replace("\u2502", " ").split())
     print(tree[tree.index("data toy_llava") :][:120])
     assert f"used {ds['records_used']} of 240, skipped 0" in tree
+
+    # the CLI scores the checkpoint on the user's set exactly as the stage did
+    scored = json.loads(cli("eval", "sft@latest", "--dataset", "toy_llava", "--format", "json"))["metrics"]
+    assert scored["eval/toy_llava_n"] == 32 and scored["eval/toy_llava_skipped"] == 0
+    assert scored["eval/toy_llava_acc"] == after
+    assert "declares no dataset 'nope'" in cli("eval", "sft@latest", "--dataset", "nope", code=1)
 
 
 def test_data_add_refuses_bad_input_and_leaves_nothing(proj):

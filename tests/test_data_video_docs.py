@@ -584,3 +584,30 @@ def test_users_video_prompts_are_asked_as_chat_video_asks_and_batch_clip_by_clip
     assert torch.equal(swapped[0].pixels_NP, twin.pixels_NP)  # trade pixels,
     assert torch.equal(swapped[2].pixels_NP, items[0].pixels_NP)
     assert torch.equal(swapped[1].pixels_NP, image_item.pixels_NP)  # an image never takes a clip's
+
+
+def test_eval_scores_a_users_video_set_and_counts_what_it_cannot_ask(world, tok, tmp_path, one_thread):
+    """`moonforge eval REF --dataset NAME` (stages/inference.evaluate_declared): every record of
+    a set that holds none out, asked as the stages ask it, per kind; a record whose video does
+    not decode is counted, not fatal; a text set has nothing to ask and says so."""
+    import json
+
+    from moonforge.stages.data.declared import DeclaredDataset
+    from moonforge.stages.data.user_sets import DeclaredSet
+    from moonforge.stages.inference import evaluate_declared
+    from moonforge.stages.train.checkpoint import save_weights
+
+    cfg = load_recipe(REPO / "recipes" / "tiny.yaml").model
+    ckpt = save_weights(build_vlm(cfg, seed=0), cfg, tmp_path / "ckpt")
+    (swift, _), _ = _user_sets(world, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "swift.jsonl").read_text().splitlines()]
+    (tmp_path / "media" / "broken.webp").write_bytes(b"RIFF0000WEBPnot really")
+    rows.append({**rows[0], "videos": ["broken.webp"]})
+    (tmp_path / "swift.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = evaluate_declared(ckpt, tok, DeclaredSet(swift.decl, tmp_path), max_new_tokens=4)
+    assert m["eval/swift_n"] == 3 and m["eval/swift_skipped"] == 1
+    assert {"eval/swift_video_acc", "eval/swift_text_acc"} <= set(m)
+    (tmp_path / "notes.jsonl").write_text(json.dumps({"text": "no question here"}) + "\n")
+    notes = DeclaredDataset.model_validate({"name": "notes", "format": "text", "path": "notes.jsonl"})
+    with pytest.raises(ValueError, match="'notes' is a text set .* eval takes chat, prompt or preference"):
+        evaluate_declared(ckpt, tok, DeclaredSet(notes, tmp_path))
