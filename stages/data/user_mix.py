@@ -218,15 +218,10 @@ def _prompt_media(msgs: list[dict[str, str]], rec: Sample, vision: VisionSpec, s
         counts.append(tokens)
     if not pix:
         return None, None, None, None, counts
-    video = any(kind == "video" for kind, _ in shown)
-    as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return (
-        torch.cat(pix),
-        as_long(grids),
-        as_long(ts) if video else None,
-        as_long(groups) if video else None,
-        counts,
-    )
+    if not any(kind == "video" for kind, _ in shown):  # images only: no clip layout, as before
+        return torch.cat(pix), torch.tensor(grids, dtype=torch.long), None, None, counts
+    layout = torch.tensor([ts, groups], dtype=torch.long)
+    return torch.cat(pix), torch.tensor(grids, dtype=torch.long), layout[0], layout[1], counts
 
 
 def prompt_item(
