@@ -230,5 +230,26 @@ def ensure_work_pool(name: str = WORK_POOL) -> str:
 
 
 def apply_deployments(deployments: list[Any]) -> list[str]:
-    """Register (create or update) each deployment with the Prefect API; returns their ids."""
-    return [str(d.apply()) for d in deployments]
+    """Register (create or update) each deployment with the Prefect API; returns their ids.
+
+    A pool deployment also gets one pull step, `set_working_directory` to its project: a worker
+    then runs each flow run in the project itself. Without a pull step, Prefect 3.8's workers
+    (and `prefect flow-run execute` in a Slurm job) copy the deployment's directory, i.e. the
+    whole project with its artifact store, data and virtualenv, into a fresh temp workspace for
+    every flow run; besides the time and disk, the copy fails when another run writes a
+    checkpoint into the project meanwhile (seen: a Slurm rerun crashed on a `.tmp-step-*`
+    directory renamed under the copy). The flows read everything through their `project`
+    parameter, so the copy served nothing."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    ids = []
+    with get_client(sync_client=True) as client:
+        for d in deployments:
+            dep_id = d.apply()
+            workdir = (d.job_variables or {}).get("working_dir")
+            if workdir:  # apply() resets pull steps, so this follows every apply
+                step = {"prefect.deployments.steps.set_working_directory": {"directory": workdir}}
+                client.update_deployment(dep_id, DeploymentUpdate(pull_steps=[step]))
+            ids.append(str(dep_id))
+    return ids

@@ -373,6 +373,8 @@ def test_the_rerun_resumes_and_records_the_slurm_job(resumed, client, project, w
     assert fr.state.is_completed(), (fr.state.message, worker.read_text()[-3000:])
     log = (project / ".moonforge" / "slurm-logs" / f"moonforge-{job}.out").read_text()
     assert re.search(r"resuming from .*step-\d+", log), log[-3000:]
+    # the job ran in the project, not in a copy of it that a concurrent checkpoint could break
+    assert "Downloading flow code" not in log, log[-3000:]
 
     info = resolve_ref("lm_pretrain@latest", open_store(project), project)
     lineage = info.lineage()

@@ -232,6 +232,10 @@ def test_deploy_registers_typed_deployments_on_the_process_pool(deployed, prefec
         assert d.work_pool_name == "moonforge-process"
         assert d.entrypoint.startswith("moonforge.flows.deployments.")
         assert d.job_variables["working_dir"] == str(project)
+        # runs start in the project itself, not in a per-run copy of it (deployments.py)
+        assert d.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}
+        ]
         # runs track where the deploying CLI tracked: the `server up` MLflow
         assert d.job_variables["env"]["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
         props = d.parameter_openapi_schema["definitions"]
@@ -246,7 +250,7 @@ def test_deploy_registers_typed_deployments_on_the_process_pool(deployed, prefec
 
 
 def test_stage_rerun_deployment_run_through_the_prefect_api(
-    align_run, prefect_client, project, servers, upstream
+    align_run, prefect_client, project, servers, upstream, worker
 ):
     from mlflow import MlflowClient
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -255,6 +259,8 @@ def test_stage_rerun_deployment_run_through_the_prefect_api(
     from moonforge.registry.store import open_store
 
     assert align_run.state.is_completed(), align_run.state.message
+    log = worker.read_text(errors="replace")
+    assert "Running 1 deployment pull step(s)" in log and "Downloading flow code" not in log, log[-3000:]
     info = resolve_ref("align@latest", open_store(project), project)
     lineage = info.lineage()
     assert info.ref == "align@1"
