@@ -10,11 +10,14 @@ buffer is then the matrix itself plus alignment padding) and a step does:
     -> decoupled weight decay + the match_rms_adamw-scaled update on the local parameter slice
 
 i.e. "gather the full matrix, Newton-Schulz, keep the local shard" (training-methods.md section
-1). Optimizer state stays sharded (ZeRO-1); NS runs once per matrix on every rank, as in
-Moonlight. Without a ZeRO wrapper (full 2-D params) it is exactly MuonAdamW's math, which is what
-tests/test_distributed.py compares against. A stacked 3-D expert parameter is gathered whole and
-orthogonalised per matrix (batched NS), as MuonAdamW does. One group per parameter costs one small flatten per
-parameter; the gradient reduction is still bucketed by DeepSpeed.
+1). Optimizer state stays sharded (ZeRO-1). NS runs for every matrix on every rank, since every
+matrix is sharded over all ranks; with shared flat buffers (Moonlight) only the one or two ranks
+holding part of a matrix would, but spreading it so needs the NS before DeepSpeed's per-group
+loop, which copies each group's fp32 partition right after that group's step. Without a ZeRO
+wrapper (full 2-D params) it is exactly MuonAdamW's math, which is what tests/test_distributed.py
+compares against. A stacked 3-D expert parameter is gathered whole and orthogonalised per matrix
+(batched NS), as MuonAdamW does. One group per parameter costs one small flatten per parameter;
+the gradient reduction is still bucketed by DeepSpeed.
 
 Checkpoints: `full_state_dict()` gathers the shards into the single-process MuonAdamW format and
 `load_full_state_dict()` slices it again, so train state moves freely between world sizes.
