@@ -12,7 +12,7 @@ Result keys (floats unless noted):
     acc_per_1k_tokens   acc / (mean_len / 1000) (efficiency.accuracy_per_1k_tokens)
     n                   number of items scored
     verifier_errors     verifier calls that raised (each scored 0)
-    by_kind             dict kind -> accuracy ("text" / "image"; only kinds present)
+    by_kind             dict kind -> accuracy ("text" / "image" / "video"; only kinds present)
     items               list[ItemResult] in input order (only with return_items=True)
 `as_metrics` flattens a result into metric names for a sink / StageResult.
 """
