@@ -184,7 +184,7 @@ def _summary(outcomes: dict[str, dict], t0: float, fmt: str = "table") -> None:
     shown, notes = [], []
     for o in outcomes.values():
         ms = o["metrics"]
-        # the stage's own results first: "_before" numbers belong to the upstream model
+        # the stage's own results, each after its upstream model's ("_before") where there is one
         evals = [k for k in ms if k.startswith("eval/") and not k.endswith("_before")]
         how = "cache hit" if o["cache_hit"] else f"trained {o['wall_s']:.1f} s"
         shown.append(
@@ -193,7 +193,7 @@ def _summary(outcomes: dict[str, dict], t0: float, fmt: str = "table") -> None:
                 "artifact": f"{o['ref']}\n{how}",
                 "ref": o["ref"],
                 "how": how,
-                "metrics": metric_lines(ms, evals[:4] or list(ms)[:4]),
+                "metrics": metric_lines(ms, evals[:4] or list(ms)[:4], before=True),
             }
         )
         if o.get("resumed_from"):

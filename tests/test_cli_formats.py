@@ -28,6 +28,7 @@ from moonforge.stages.recipe import load_recipe
 MINI = "recipes/mini.yaml"
 LONG = {
     "eval/acc_per_1k_tokens": 0.0123456,
+    "eval/acc_per_1k_tokens_before": 0.00567,  # the upstream model's: the run summary shows both
     "eval/needle_recall_base_len": 0.75,
     "eval/vqa_acc_with_a_rather_long_name": 0.5,
 }
@@ -94,7 +95,8 @@ def built(tmp_project, fake_stages, monkeypatch):
 def test_models_status_dry_run_and_data_status(built, narrow):
     out = invoke("models", "--recipe", MINI)
     readable_at_80(out)
-    assert all(f"{k}=" in out for k in LONG) and "candidate" in out and "align@1" in out
+    assert all(f"{k}=" in out for k in LONG if not k.endswith("_before"))
+    assert "candidate" in out and "align@1" in out and " -> " not in out  # the summary's, not the registry's
     rows = json.loads(invoke("models", "--recipe", MINI, "--format", "json"))
     assert rows[0]["artifact"] == "align@1" and rows[0]["metrics"]["eval/acc_per_1k_tokens"] > 0
     assert "| version | aliases |" in invoke("models", "--recipe", MINI, "--format", "markdown")
@@ -140,7 +142,9 @@ def test_run_summary_shows_headline_metrics_in_full(built, narrow, capsys):
     cli._summary(outcomes, 0.0)
     out = capsys.readouterr().out
     readable_at_80(out.replace("/x/step", "step"))
-    assert all(f"{k}=" in out for k in LONG) and "align: resumed from phase 0 step 6/12" in out
+    assert all(f"{k}=" in out for k in LONG if not k.endswith("_before"))
+    assert "eval/acc_per_1k_tokens=0.00567 -> 0.01235" in out  # the upstream model's, then the stage's
+    assert "align: resumed from phase 0 step 6/12" in out
     cli._summary(outcomes, 0.0, "json")
     data = json.loads(capsys.readouterr().out)
     assert data["stages"]["align"]["metrics"]["eval/needle_recall_base_len"] == 0.75
