@@ -125,10 +125,12 @@ def emit(
 
 def metric_lines(metrics: Mapping[str, float], keys: Sequence[str], before: bool = False) -> str:
     """One `name=value` per line, names in full; with `before`, `name=upstream -> value` where the
-    metrics hold `name_before` (the same eval of the model the stage started from)."""
+    metrics hold a different `name_before` (the same eval of the model the stage started from)."""
 
     def line(k: str) -> str:
         was = metrics.get(f"{k}_before") if before else None
-        return f"{k}={metrics[k]:.4g}" if was is None else f"{k}={was:.4g} -> {metrics[k]:.4g}"
+        if was is None or f"{was:.4g}" == f"{metrics[k]:.4g}":
+            return f"{k}={metrics[k]:.4g}"
+        return f"{k}={was:.4g} -> {metrics[k]:.4g}"
 
     return "\n".join(line(k) for k in keys)

@@ -29,6 +29,7 @@ MINI = "recipes/mini.yaml"
 LONG = {
     "eval/acc_per_1k_tokens": 0.0123456,
     "eval/acc_per_1k_tokens_before": 0.00567,  # the upstream model's: the run summary shows both
+    "eval/needle_recall_base_len_before": 0.75,  # the same: shown once
     "eval/needle_recall_base_len": 0.75,
     "eval/vqa_acc_with_a_rather_long_name": 0.5,
 }
@@ -144,6 +145,7 @@ def test_run_summary_shows_headline_metrics_in_full(built, narrow, capsys):
     readable_at_80(out.replace("/x/step", "step"))
     assert all(f"{k}=" in out for k in LONG if not k.endswith("_before"))
     assert "eval/acc_per_1k_tokens=0.00567 -> 0.01235" in out  # the upstream model's, then the stage's
+    assert "eval/needle_recall_base_len=0.75\n" in out.replace(" ", "").replace("│", "\n")
     assert "align: resumed from phase 0 step 6/12" in out
     cli._summary(outcomes, 0.0, "json")
     data = json.loads(capsys.readouterr().out)
