@@ -83,22 +83,40 @@ def answer_clip(
     max_new_tokens: int = 64,
     max_tokens: int | None = None,
 ) -> ChatAnswer:
-    """Greedy answer of a loaded VLM to `question` about a clip given as its sampled frames: the
-    frames' temporal patches (at most `max_tokens` LM tokens, the frames shrunk to fit, as the
-    clip documents are) fill one media placeholder of the "<image>\n{question}" turn."""
-    vision = VisionSpec.of(model.cfg.vision)
+    """Greedy answer of a loaded VLM to `question` about a clip given as its sampled frames (see
+    clip_prompt)."""
+    ids, media = clip_prompt(tokenizer, VisionSpec.of(model.cfg.vision), frames, question, max_tokens)
+    return _generate_one(model, tokenizer, ids, max_new_tokens, **media)
+
+
+def clip_prompt(
+    tokenizer: Tokenizer, vision: VisionSpec, frames: list, question: str, max_tokens: int | None = None
+) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """(prompt ids, media keyword arguments) of `question` about a clip given as its sampled
+    frames: the frames' temporal patches (at most `max_tokens` LM tokens, the frames shrunk to
+    fit, as the clip documents are) fill one media placeholder of the "<image>\n{question}" turn."""
     (h, w), cap = clip_grid(frames[0].size, vision, len(frames), max_tokens)
     pixels, grid, media_t = clip_patches(frames, vision.patch_size, vision.merge_size, cap)
     count = clip_tokens((h, w), vision.merge_size, len(frames), vision.temporal_merge)
     media = dict(pixels_NP=pixels, grid_hw=grid, media_t=media_t, media_group=torch.zeros_like(media_t))
-    return _answer(model, tokenizer, f"<image>\n{question}", [count], max_new_tokens, **media)
+    return _chat_ids(tokenizer, f"<image>\n{question}", [count]), media
 
 
 def _answer(
     model, tokenizer: Tokenizer, content: str, counts: list[int], max_new_tokens: int, **media
 ) -> ChatAnswer:
     """Greedy answer to one user turn `content` whose media markers take `counts` tokens."""
+    return _generate_one(model, tokenizer, _chat_ids(tokenizer, content, counts), max_new_tokens, **media)
+
+
+def _chat_ids(tokenizer: Tokenizer, content: str, counts: list[int]) -> list[int]:
+    """encode_chat of one user turn, ending in the open assistant header."""
     ids, _ = tokenizer.encode_chat([{"role": "user", "content": content}], counts, add_generation_prompt=True)
+    return ids
+
+
+def _generate_one(model, tokenizer: Tokenizer, ids: list[int], max_new_tokens: int, **media) -> ChatAnswer:
+    """Greedy continuation of one prompt, until a stop id or max_new_tokens."""
     out = generate(
         model,
         [ids],

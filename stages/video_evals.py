@@ -2,8 +2,9 @@
 sft stage records before and after training when it mixes video in.
 
 Every question of the first `num_clips` clips is asked as `moonforge chat --video` asks it
-(inference.answer_clip: `num_frames` frames sampled evenly, greedy), and scored by exact match
-(case and surrounding space ignored). Two references come with it:
+(inference.clip_prompt: `num_frames` frames sampled evenly; greedy, generated in batches by
+clip_answers with the same text as one by one), and scored by exact match (case and surrounding
+space ignored). Two references come with it:
 - `shuffled`: the same questions with each clip's frames in a seeded shuffled order (never the
   original one). The videoworld facts need time (direction, order, crossings), so a model that
   reads order answers worse on them; one that only reads appearance does not.
@@ -22,9 +23,12 @@ from pathlib import Path
 
 from moonforge.model.tokenizer import Tokenizer
 from moonforge.stages.artifacts import Checkpoint
+from moonforge.stages.data.chat import ChatPromptItem
+from moonforge.stages.data.sources import VisionSpec
 from moonforge.stages.data.video_decode import sample_clip
 from moonforge.stages.data.video_files import read_video_records
-from moonforge.stages.inference import answer_clip, open_model
+from moonforge.stages.inference import clip_prompt, open_model
+from moonforge.stages.posttrain_evals import generate_responses
 
 
 def shuffled(frames: list, seed: str) -> list:
@@ -90,17 +94,19 @@ def video_qa_of(
     recs = [r for r in read_video_records(videoworld, "val") if kind in (None, r.kind)][:num_clips]
     if not recs:
         raise ValueError(f"{videoworld}/val has no clips of kind {kind!r}")
-    asked: list[tuple[str, str, bool, bool]] = []  # (type, answer, right, right with shuffled frames)
-    was_training = model.training
-    model.eval()
+    asks, qas = [], []
     for rec in recs:
         frames = sample_clip(videoworld / "val" / rec.video, num_frames, fps)
         mixed = shuffled(frames, f"video-qa/{rec.id}")
         for qa in rec.qa:
-            got = answer_clip(model, tokenizer, frames, qa.question, max_new_tokens, video_tokens).text
-            got_mixed = answer_clip(model, tokenizer, mixed, qa.question, max_new_tokens, video_tokens).text
-            asked.append((qa.type, qa.answer, _same(got, qa.answer), _same(got_mixed, qa.answer)))
-    model.train(was_training)
+            asks += [(frames, qa.question), (mixed, qa.question)]
+            qas.append(qa)
+    got = clip_answers(model, tokenizer, asks, max_new_tokens, video_tokens)
+    # (type, answer, right, right with shuffled frames)
+    asked = [
+        (qa.type, qa.answer, _same(got[2 * i], qa.answer), _same(got[2 * i + 1], qa.answer))
+        for i, qa in enumerate(qas)
+    ]
     n = len(asked)
     top = {t: Counter(a for tt, a, _, _ in asked if tt == t).most_common(1)[0][1] for t, *_ in asked}
     out = {
@@ -115,6 +121,46 @@ def video_qa_of(
         out[f"eval/video_qa_{t}_acc_shuffled"] = sum(rs for _, rs in mine) / len(mine)
         out[f"eval/video_qa_{t}_majority"] = top[t] / len(mine)
     return {k + suffix: v for k, v in out.items()}
+
+
+def clip_answers(
+    model,
+    tokenizer: Tokenizer,
+    asks: list[tuple[list, str]],
+    max_new_tokens: int,
+    video_tokens: int | None = None,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy answers to (sampled frames, question) pairs, each the prompt `chat --video` builds
+    (inference.clip_prompt), generated `batch_size` at a time: the same text as answering them one
+    by one (inference.answer_clip), several times faster."""
+    vision = VisionSpec.of(model.cfg.vision)
+    items = []
+    for i, (frames, question) in enumerate(asks):
+        ids, media = clip_prompt(tokenizer, vision, frames, question, video_tokens)
+        items.append(
+            ChatPromptItem(
+                record_id=str(i),
+                kind="video",
+                prompt_ids=ids,
+                pixels_NP=media["pixels_NP"],
+                grid_hw=media["grid_hw"],
+                answer="",
+                verifier="exact",
+                difficulty=None,
+                media_t=media["media_t"],
+                media_group=media["media_group"],
+            )
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        gens = generate_responses(
+            model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+    finally:
+        model.train(was_training)
+    return [text.strip() for text, _, _ in gens]
 
 
 def plot_video_qa(metrics: Mapping[str, float], path: Path, title: str) -> None:

@@ -117,13 +117,14 @@ def test_readme_walkthrough_sft_learns_the_users_llava_set(proj):
     out = cli(
         "rerun", "sft", "--from", "cooldown@latest", "--set", "stages.sft.mixture.toy_llava=0.5", *SFT_SHORT
     )
-    m = re.search(r"eval/toy_llava_acc=([0-9.]+)", out)
-    assert m, out  # the stage summary shows it
+    m = re.search(r"eval/toy_llava_acc=([0-9.]+) -> ([0-9.]+)", out)
+    assert m, out  # the stage summary shows it, the upstream model's score first
     lineage = json.loads((proj / ".moonforge/store/sft/1/lineage.json").read_text())
     metrics = lineage["metrics"]
     before, after = metrics["eval/toy_llava_acc_before"], metrics["eval/toy_llava_acc"]
     print(f"toy_llava held-out accuracy: {before:.3f} -> {after:.3f}")
-    assert after >= before + 0.3 and abs(after - float(m.group(1))) < 1e-3
+    assert after >= before + 0.3 and abs(after - float(m.group(2))) < 1e-3
+    assert abs(before - float(m.group(1))) < 1e-3
     ds = next(d for d in lineage["datasets"] if d["name"] == "toy_llava")
     assert ds["digest"].endswith(".dir") and ds["records"] == 240 and ds["heldout"] == 32
     assert ds["records_used"] > 208 and ds["skipped"] == 0  # more than one epoch of the rest

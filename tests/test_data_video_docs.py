@@ -85,11 +85,11 @@ def test_a_clip_document_is_one_placeholder_run_of_chat_video_pixels(world, tok,
 
 @pytest.mark.parametrize("merge, budget", [(1, 6), (2, None), (2, 6)])
 def test_temporal_merge_and_a_token_budget_shape_clips_alike_in_training_and_in_chat(
-    world, tok, monkeypatch, merge, budget
+    world, tok, merge, budget
 ):
     """The model's vision.temporal_merge_size and a stage's video.max_tokens decide a clip's
     placeholder run: a budget shrinks each frame (never the frame count) and the documents,
-    a packed batch the model trains on, and `chat --video` / `eval --video` (answer_clip) all
+    a packed batch the model trains on, and `chat --video` / `eval --video` (clip_prompt) all
     agree on the tokens and pixels."""
     from moonforge.stages import inference
 
@@ -110,14 +110,10 @@ def test_temporal_merge_and_a_token_budget_shape_clips_alike_in_training_and_in_
         }
     )
     model = build_vlm(cfg, seed=0).eval()
-    seen = {}
-    monkeypatch.setattr(
-        inference, "_answer", lambda m, t, content, counts, n, **media: seen.update(counts=counts, **media)
-    )
     frames = read_frames(world / "train" / recs[0].video, num_frames=FRAMES)
-    inference.answer_clip(model, tok, frames, recs[0].qa[0].question, max_tokens=budget)
-    assert seen["counts"] == [count]
-    assert torch.equal(seen["pixels_NP"], torch.cat([m.pixels_NP for m in media]))
+    ids, asked = inference.clip_prompt(tok, VisionSpec.of(cfg.vision), frames, recs[0].qa[0].question, budget)
+    assert ids.count(tok.media_pad_id) == count
+    assert torch.equal(asked["pixels_NP"], torch.cat([m.pixels_NP for m in media]))
 
     docs = video_qa_docs(recs, world / "train", tok, FRAMES, max_tokens=budget)
     b = next(lm_batches({"v": docs}, lambda s: {"v": 1.0}, tok, 256, 2, 0, 8, 2, 64, temporal_merge=merge))
@@ -475,6 +471,26 @@ def test_video_qa_counts_the_majority_per_type_and_shuffles_every_clip(world, to
         mixed = shuffled(frames, f"video-qa/{r.id}")
         assert [id(f) for f in mixed] != [id(f) for f in frames]
         assert sorted(map(id, mixed)) == sorted(map(id, frames))
+
+
+def test_video_qa_batches_give_each_clip_the_answer_it_gets_alone(world, tok, one_thread):
+    """Video QA generates its questions in batches (clip_answers): every answer, in-order and
+    shuffled frames alike, is the text `chat --video` (answer_clip) gives that clip alone."""
+    from moonforge.stages.inference import answer_clip
+    from moonforge.stages.video_evals import clip_answers, shuffled
+
+    tiny = load_recipe(REPO / "recipes" / "tiny.yaml").model
+    cfg = tiny.model_copy(update={"lm": tiny.lm.model_copy(update={"vocab_size": 512})})
+    model = build_vlm(cfg, seed=0).eval()
+    asks = []
+    for r in read_video_records(world, "val"):
+        frames = read_frames(world / "val" / r.video, num_frames=FRAMES)
+        asks += [(frames, q.question) for q in r.qa] + [(shuffled(frames, r.id), r.qa[0].question)]
+    alone = [answer_clip(model, tok, frames, question, 6).text for frames, question in asks]
+    assert len(set(alone)) > 1  # the random model's answers depend on what it is shown
+    assert clip_answers(model, tok, asks, 6, batch_size=5) == alone
+    budget = [answer_clip(model, tok, frames, question, 6, max_tokens=8).text for frames, question in asks]
+    assert clip_answers(model, tok, asks, 6, video_tokens=8, batch_size=3) == budget
 
 
 def test_sft_trains_on_clip_dialogues_asked_as_eval_video_asks(world, tok, tmp_path, one_thread):
