@@ -233,10 +233,16 @@ def test_artifacts_lineage_and_data_versions_live_on_s3(tiny_project):
 
 def test_rerun_makes_downstream_stale_and_lineage_reaches_data_and_git(tiny_project):
     proj, cli = tiny_project.proj, tiny_project.cli
-    # sft is the cheapest stage with a trained downstream (~15 s against cooldown's ~30 s)
-    out = cli("rerun", "sft", "--from", "long_context@latest", "--set", "stages.sft.seed=1")
+    # sft is the cheapest stage with a trained downstream, and 4 steps with a small eval are enough
+    # here: this asserts versions, staleness and lineage, not learning (~40 s of CPU less)
+    short = [
+        *("--set", "stages.sft.seed=1"),
+        *("--set", "stages.sft.phases=[{seq_len: 256, lr: 1.0e-3, min_lr: 1.0e-4, num_steps: 4}]"),
+        *("--set", "stages.sft.eval={num_examples: 8, batch_size: 8}"),
+    ]
+    out = cli("rerun", "sft", "--from", "long_context@latest", *short)
     assert "sft@2" in out
-    status = cli("status", "recipes/tiny.yaml", "--set", "stages.sft.seed=1")
+    status = cli("status", "recipes/tiny.yaml", *short)
     row = next(line for line in status.splitlines() if "long_cot_sft" in line)
     assert "stale" in row
     chain = json.loads(cli("lineage", "long_context@latest", "--format", "json"))
