@@ -29,6 +29,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two xdist workers on a 2-core box: each worker, and every process it
     # starts, computes on one thread. Two 2-thread trainers at once cost ~3x each; one thread
     # costs a trainer ~1.5x, and the workers' waits (servers, Slurm, subprocess start-up) overlap.
+    # Tried: the lifecycle's run at 2 threads beside the other worker at 1. The CPU stayed ~98%
+    # busy and the suite went from 1172 s to over 1500 s (killed there), so one thread it is.
     os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parent.parent
