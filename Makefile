@@ -9,7 +9,8 @@ export PREFECT_HOME := $(CURDIR)/.moonforge/prefect
 # The install writes no bytecode (pip with --no-compile, uv by default; below), so Python must
 # write each module's bytecode the first time a process imports it: with PYTHONDONTWRITEBYTECODE
 # set (some CI images set it), every one of the suite's hundreds of processes would compile
-# torch, MLflow and Prefect from source again (~9 s of CPU each; measured 1164 s of pytest against 946 s with bytecode written once).
+# torch, MLflow and Prefect from source again (~9 s of CPU each; measured 1164 s of pytest
+# against 946 s with bytecode written once).
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test lint install clean chromium slurm postgres sysdeps
