@@ -128,10 +128,11 @@ def test_flash_never_casts_fp32_down(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash parity needs CUDA + flash-attn")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash parity needs CUDA")
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_matches_sdpa_on_gpu(causal):
-    pytest.importorskip("flash_attn")
+    if not attention.flash_available(torch.device("cuda")):  # flash-attn, or torch >= 2.10's own
+        pytest.skip("no varlen kernel: install flash-attn or use torch >= 2.10")
     q, k, v = (t.cuda().bfloat16() for t in _qkv(2, 4, DOCS_BL.shape[1], 64, 32))
     doc = DOCS_BL.cuda()
     out = attend(q, k, v, doc, causal, backend="flash").float()
