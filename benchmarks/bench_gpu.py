@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from moonforge.model.attention import attend, attend_reference, flash_available
 from moonforge.model.config import LMConfig, VLMConfig
@@ -259,11 +260,13 @@ def build_lm(cfg: LMConfig) -> tuple[MoELM, torch.optim.Optimizer]:
     return lm, torch.optim.AdamW(lm.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
 
-def batch(cfg: LMConfig, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`rows` rows of SEQ random tokens, one document per row."""
+def batch(cfg: LMConfig, rows: int) -> tuple[torch.Tensor, ...]:
+    """`rows` rows of SEQ random tokens, one document per row, and their next-token labels
+    (shifted the way the packer ships them)."""
     ids = torch.randint(0, cfg.vocab_size, (rows, SEQ), device=DEV)
     pos = torch.arange(SEQ, device=DEV).expand(rows, SEQ)
-    return ids, pos, torch.zeros(rows, SEQ, dtype=torch.long, device=DEV)
+    labels = F.pad(ids[:, 1:], (0, 1), value=-100)
+    return ids, pos, torch.zeros(rows, SEQ, dtype=torch.long, device=DEV), labels
 
 
 def part_lm(name: str, cfg: LMConfig, rows: int, peak: float, ckpt_rows: int) -> None:
@@ -275,12 +278,12 @@ def part_lm(name: str, cfg: LMConfig, rows: int, peak: float, ckpt_rows: int) ->
     path = TokenPath(("lm",), ("lm",), "lm")
 
     def measure(n: int, ckpt: bool) -> None:
-        ids, pos, doc = batch(cfg, n)
+        ids, pos, doc, labels = batch(cfg, n)
         losses: list[float] = []
 
         def fwd_bwd() -> None:
             with autocast():
-                loss = lm(ids, pos, doc, labels_BL=ids)
+                loss = lm(ids, pos, doc, labels_BL=labels)
             loss.backward()
             losses.append(loss.item())
 
@@ -330,12 +333,12 @@ def part_compiled(cfg: LMConfig, rows: int, peak: float) -> None:
 
     lm, opt = build_lm(cfg)
     fpt = flops_per_token(lm, SEQ)
-    ids, pos, doc = batch(cfg, rows)
+    ids, pos, doc, labels = batch(cfg, rows)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with autocast():
-            loss = lm(ids, pos, doc, labels_BL=ids)
+            loss = lm(ids, pos, doc, labels_BL=labels)
         loss.backward()
         opt.step()
 

@@ -274,10 +274,9 @@ def _row(
             f"--assume-cp plans with it"
         ) + (f"; {note}" if note else "")
     elif not m.total <= cap:
-        fixes = ", ".join(
-            [*_zero_fix(cfg, use_muon), f"a smaller stages.{stage.stage_name}.micro_batch_size"]
-        )
-        note = f"needs {m.total / 1e9:.0f} GB > {cap / 1e9:.0f} GB usable: {fixes}" + (
+        smaller = [f"a smaller stages.{stage.stage_name}.micro_batch_size"] if mb > 1 else []
+        fixes = ", ".join([*_zero_fix(cfg, use_muon), *smaller, *_bigger_gpu(cfg, m.total)]) or "none known"
+        note = f"needs {m.total / 1e9:.1f} GB > {cap / 1e9:.0f} GB usable: {fixes}" + (
             f"; {note}" if note else ""
         )
     if not needs_cp and cp > 1 and stage.launcher.context_parallel != cp:
@@ -305,6 +304,14 @@ def _row(
         note,
         needs_cp,
     )
+
+
+def _bigger_gpu(cfg: PlanConfig, need: float) -> list[str]:
+    """The smallest GPU type in GPUS whose usable memory holds `need` bytes, as a --gpu flag."""
+    for name, spec in sorted(GPUS.items(), key=lambda kv: kv[1].memory_gb):
+        if spec.memory_gb > cfg.spec.memory_gb and spec.memory_gb * 1e9 * MEMORY_HEADROOM >= need:
+            return [f"--gpu {name}"]
+    return []
 
 
 def _zero_fix(cfg: PlanConfig, use_muon: bool) -> list[str]:

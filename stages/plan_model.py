@@ -147,6 +147,37 @@ class ModelCosts:
         moe = 2 * norm + attn + router + k * (3 * h + 4 * f + 5) + 4 * lm.num_shared_experts * f
         return dense, moe
 
+    def _lm_layer_fp32_elems(self) -> tuple[int, int]:
+        """The part of `_lm_layer_elems` that stays fp32 under bf16 autocast over fp32 weights
+        (measured on an H200 with saved-tensor hooks: 4,242 of a dense layer's elements per token
+        and 29,722 of a MoE layer's at benchmarks/bench_gpu.py's shapes, against 4,114 and 28,773
+        here): each RMSNorm's input (the residual stream, which autocast leaves fp32) and 1/rms,
+        attention's logsumexp per head, the router's scores and top-k, and per routed copy of a
+        token its gathered input and its weighted output (a bf16 expert output times an fp32
+        routing weight)."""
+        lm = self.shape.lm
+        h, k = lm.hidden_size, lm.num_experts_per_tok
+        dense = 2 * (h + 1) + lm.num_heads
+        return dense, dense + lm.num_experts + 3 * k + 1 + 2 * k * h
+
+    def _lm_weight_copies(self) -> tuple[float, float, float, float]:
+        """Matmul weights autocast casts to bf16, in elements: (a dense layer's, a MoE layer's,
+        the logits', all the Linear layers' of the forward). A layer's backward keeps its casts
+        until it runs; under recompute only the rebuilt layer's exist, but autocast's cache holds
+        every nn.Linear weight's cast (not the experts', which model/experts.py casts itself)
+        until the forward's autocast region closes."""
+        lm = self.shape.lm
+        h, f = lm.hidden_size, lm.moe_intermediate_size
+        dense_ffn = 3 * h * lm.dense_intermediate_size
+        shared = 3 * h * f * lm.num_shared_experts
+        routed = lm.num_experts * (3 * h * f + h)  # experts and the router's weight
+        n_moe = lm.num_layers - lm.first_k_dense
+        layers = self.params["lm"] - self.lm_embed  # norms' weights included: negligible
+        attn = (layers - lm.first_k_dense * dense_ffn - n_moe * (shared + routed)) / lm.num_layers
+        head = lm.vocab_size * h
+        linear = lm.num_layers * attn + lm.first_k_dense * dense_ffn + n_moe * shared + head
+        return attn + dense_ffn, attn + shared + routed, head, linear
+
     def _vit_layer_elems(self) -> int:
         """Saved elements per patch of a MoonViT block (model/vision.py): per pre-LayerNorm its
         input, output, mean and 1/std (2h + 2, twice); the fused qkv output that v is a view of
@@ -189,6 +220,37 @@ class ModelCosts:
             return lm.kv_lora_rank + lm.num_heads * (d_qk + lm.head_dim)
         return 2 * lm.num_heads * lm.head_dim
 
+    def _lm_activation_bytes(self, tokens: int, ckpt: bool, act: int, cp: int, seq_len: int) -> float:
+        """The LM's part of `activation_bytes`. With `act` narrower than fp32 the step autocasts
+        over fp32 weights (stages/train/loop.py): the residual stream and what is computed from
+        it outside the matmuls stay fp32 (`_lm_layer_fp32_elems`); every matmul weight has a bf16
+        cast alive until its backward (`_lm_weight_copies`); and a layer's backward makes its
+        weights' gradients in bf16, then their fp32 copies, before adding them to the fp32
+        grads (2 act + 4 bytes per weight, one layer at a time)."""
+        lm = self.shape.lm
+        autocast = act < FP32
+        n_moe = lm.num_layers - lm.first_k_dense
+        (dense, moe), (dense32, moe32) = self._lm_layer_elems(), self._lm_layer_fp32_elems()
+        if not autocast:
+            dense32 = moe32 = 0
+        per_token = [act * dense + (FP32 - act) * dense32] * lm.first_k_dense
+        per_token += [act * moe + (FP32 - act) * moe32] * n_moe
+        dense_w, moe_w, head_w, linear_w = self._lm_weight_copies() if autocast else (0.0,) * 4
+        last_w = moe_w if n_moe else dense_w  # the first layer the backward reaches
+        biggest_w = max(dense_w * (lm.first_k_dense > 0), moe_w * (n_moe > 0))
+        saved, backward = self.lm_head_bytes(tokens, act)
+        gathered = act * tokens * (cp - 1) * self._cp_key_elems()  # per layer
+        mask = tokens * seq_len if cp > 1 else 0.0
+        if ckpt:  # the layers' inputs stay; the peak is the backward's start, the forward's end
+            # (autocast's cache of every Linear weight), or one layer rebuilt and back-propagated
+            inputs = (FP32 if autocast else act) * tokens * lm.hidden_size * lm.num_layers
+            rebuilt = tokens * max(per_token) + gathered + (2 * act + FP32) * biggest_w  # cast, grads
+            peak = max(saved + backward + act * head_w, saved + act * linear_w, rebuilt)
+            return inputs + mask + peak
+        casts = act * (dense_w * lm.first_k_dense + moe_w * n_moe + head_w)
+        stack = tokens * sum(per_token) + gathered * lm.num_layers
+        return stack + mask + saved + casts + max(backward, (act + FP32) * last_w)
+
     def activation_bytes(
         self,
         path: TokenPath,
@@ -211,19 +273,9 @@ class ModelCosts:
         per query and key: the kernel pads per document; shared by every layer); the vision
         tower encodes the slice's images."""
         total = 0.0
-        lm, v = self.shape.lm, self.shape.vision
+        v = self.shape.vision
         if "lm" in path.modules and path.backward_through("lm"):
-            dense, moe = self._lm_layer_elems()
-            layers = [dense] * lm.first_k_dense + [moe] * (lm.num_layers - lm.first_k_dense)
-            saved, backward = self.lm_head_bytes(tokens, act_bytes)
-            gathered = act_bytes * tokens * (cp - 1) * self._cp_key_elems()  # per layer
-            mask = tokens * seq_len if cp > 1 else 0.0
-            if ckpt:
-                inputs = act_bytes * tokens * lm.hidden_size * len(layers)
-                total += inputs + mask + max(saved + backward, act_bytes * tokens * max(layers) + gathered)
-            else:
-                stack = self._stack_bytes(tokens, lm.hidden_size, layers, False, act_bytes)
-                total += stack + gathered * len(layers) + mask + saved + backward
+            total += self._lm_activation_bytes(tokens, ckpt, act_bytes, cp, seq_len)
         if "vision" in path.modules and path.backward_through("vision"):
             # under context parallelism a rank encodes the images of its own slice
             patches = tokens if path.unit == "patch" else tokens * image_share * v.merge_size**2
