@@ -14,7 +14,7 @@ MFU = model FLOPs per second / a fp32 matmul peak measured in this same run:
   (causal attention: a token sees (L + 1) / 2 keys on average).
 
 Run: python benchmarks/bench_lm_vs_hf.py [--rounds 6] [--steps 2] [--threads N] [--clock cpu]
-                                          [--compile] [--profile]
+                                          [--compile] [--profile] [--device cuda [--shape mid]]
 Prints the per-round ratios, the median ratio (goal >= 1.3x) and both MFUs (goal >= 55%).
 `--compile` adds moonforge with every LM block compiled (the `compile` Runtime field,
 stages/train/compile_blocks.py) as a third contender, after timing its compile.
@@ -23,6 +23,12 @@ names it; unset is libgomp's default, which spins a while before sleeping). On a
 with other jobs, `--threads 1 --clock cpu` times process CPU seconds, which other processes do
 not inflate, or export OMP_WAIT_POLICY=PASSIVE so that 2 threads do not spin against each other
 (every parallel region then pays a thread wake-up: measured 1.04x and 42.7% MFU that way).
+
+On a GPU (`--device cuda`): both models keep fp32 weights and run under bf16 autocast, as
+stages/train/loop.py trains (fused AdamW for both), timed with a CUDA sync per step, MFU against a
+bf16 matmul peak measured in the same run. `--shape mid` is a size a GPU is for: d=1024, 8 layers
+(1 dense + 7 MoE), 64 experts top-6 of width 512 + 1 shared, MLA (kv rank 256, 8 heads of
+128 + 64), vocab 32000, 8 x 2048 tokens (1.3B parameters, 0.36B active).
 
 Legend: B rows, L tokens per row, V vocab, D hidden.
 """
@@ -74,15 +80,34 @@ HF_CONFIG = dict(
 )
 """d=256, 4 layers (1 dense + 3 MoE), 8 experts top-2 + 1 shared, MLA (kv rank 128, 4 heads of
 64 + 32 rope dims), vocab 8192."""
+MID_CONFIG = dict(
+    HF_CONFIG,
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=4096,
+    moe_intermediate_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    n_routed_experts=64,
+    num_experts_per_tok=6,
+    kv_lora_rank=256,
+    qk_rope_head_dim=64,
+    qk_nope_head_dim=128,
+    v_head_dim=128,
+    max_position_embeddings=2048,
+)
+SHAPES = {"tiny": (HF_CONFIG, 4, 512), "mid": (MID_CONFIG, 8, 2048)}
 B, L = 4, 512
 LR = 1e-4
+DEVICE = torch.device("cpu")
 
 
 def build_pair(seed: int = 0) -> tuple[DeepseekV3ForCausalLM, MoELM]:
     """transformers' model (its own init, router biases randomised) and moonforge's LM with the
     same weights, imported through the deepseek_v3 adapter."""
     torch.manual_seed(seed)
-    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**HF_CONFIG)).train()
+    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**HF_CONFIG)).train().to(DEVICE)
     with torch.no_grad():
         for name, buf in hf.named_buffers():
             if name.endswith("e_score_correction_bias"):
@@ -92,7 +117,7 @@ def build_pair(seed: int = 0) -> tuple[DeepseekV3ForCausalLM, MoELM]:
     state = deepseek_v3.state_from_hf(hf.state_dict(), parts, hf_config)
     lm = MoELM(parts["lm"]).train()
     lm.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()}, strict=True)
-    return hf, lm
+    return hf, lm.to(DEVICE)
 
 
 def model_flops_per_token(lm: MoELM) -> float:
@@ -109,39 +134,55 @@ def model_flops_per_token(lm: MoELM) -> float:
     return 6 * matmul + 6 * attn
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+def _cuda_wall() -> float:
+    torch.cuda.synchronize()  # a step's kernels run asynchronously: time them to the end
+    return time.perf_counter()
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time, "cuda": _cuda_wall}
 
 
 def matmul_peak(clock, n: int = 2048, repeats: int = 5) -> float:
-    """Best achieved fp32 FLOP/s of an n x n x n matmul (the MFU denominator)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    """Best achieved FLOP/s of an n x n x n matmul (the MFU denominator): fp32 on the CPU, bf16
+    (n = 8192) on a GPU."""
+    cuda = DEVICE.type == "cuda"
+    n = 8192 if cuda else n
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=dtype) for _ in range(2))
     a @ b
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats * (4 if cuda else 1)):
         t0 = clock()
         a @ b
         best = min(best, clock() - t0)
     return 2 * n**3 / best
 
 
+def _autocast():
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=DEVICE.type == "cuda")
+
+
 def make_steps(hf: DeepseekV3ForCausalLM, lm: MoELM, ids_BL: torch.Tensor):
     """One full train step (zero_grad, forward, loss, backward, AdamW step) for each model."""
-    pos_BL = torch.arange(L).repeat(B, 1)
-    doc_BL = torch.zeros(B, L, dtype=torch.long)
+    pos_BL = torch.arange(L, device=DEVICE).repeat(B, 1)
+    doc_BL = torch.zeros(B, L, dtype=torch.long, device=DEVICE)
     labels_BL = F.pad(ids_BL[:, 1:], (0, 1), value=IGNORE)  # pre-shifted, as the packer does
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=0.1)
-    opt_mf = torch.optim.AdamW(lm.parameters(), lr=LR, weight_decay=0.1)
+    fused = DEVICE.type == "cuda" or None  # CPU: torch's default (foreach), as measured before
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=0.1, fused=fused)
+    opt_mf = torch.optim.AdamW(lm.parameters(), lr=LR, weight_decay=0.1, fused=fused)
 
     def hf_step() -> float:
         opt_hf.zero_grad(set_to_none=True)
-        loss = hf(input_ids=ids_BL, labels=ids_BL).loss
+        with _autocast():
+            loss = hf(input_ids=ids_BL, labels=ids_BL).loss
         loss.backward()
         opt_hf.step()
         return loss.item()
 
     def mf_step() -> float:
         opt_mf.zero_grad(set_to_none=True)
-        loss, _ = token_ce(lm(ids_BL, pos_BL, doc_BL), labels_BL)  # the stages' LM loss
+        with _autocast():
+            loss, _ = token_ce(lm(ids_BL, pos_BL, doc_BL), labels_BL)  # the stages' LM loss
         loss.backward()
         opt_mf.step()
         return loss.item()
@@ -182,11 +223,19 @@ def main() -> None:
     )
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables")
     p.add_argument("--compile", action="store_true", help="also time moonforge with compiled blocks")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--shape", choices=tuple(SHAPES), default="tiny")
     args = p.parse_args()
+    global HF_CONFIG, B, L, DEVICE
+    HF_CONFIG, B, L = SHAPES[args.shape]
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        args.clock = "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
     hf, lm = build_pair()
     ids_BL = torch.randint(0, HF_CONFIG["vocab_size"], (B, L), generator=torch.Generator().manual_seed(1))
+    ids_BL = ids_BL.to(DEVICE)
     hf_step, mf_step = make_steps(hf, lm, ids_BL)
     loss_hf, loss_mf = hf_step(), mf_step()  # warm-up; the same weights give the same loss
     print(
@@ -196,11 +245,14 @@ def main() -> None:
     flops = model_flops_per_token(lm) * B * L
     clock = CLOCKS[args.clock]
     peak = matmul_peak(clock)
+    cuda = DEVICE.type == "cuda"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
         f"{B} x {L} tokens, "
-        f"{flops / 1e9:.1f} GFLOP per step; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+        f"{flops / 1e9:.1f} GFLOP per step; {'bf16' if cuda else 'fp32'} matmul peak "
+        f"{peak / 1e9:.1f} GFLOP/s; device {torch.cuda.get_device_name() if cuda else 'cpu'}, "
+        f"transformers experts: {getattr(hf.config, '_experts_implementation', 'default')}"
     )
     steps = [("hf", hf_step), ("mf", mf_step)]
     if args.compile:
