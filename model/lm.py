@@ -91,7 +91,10 @@ class MLA(nn.Module):
         B, L, _ = x_BLD.shape
         c_kv_BLR, k_rope_BLDr = self.kv_a_proj_with_mqa(x_BLD).split([self.R, self.Dr], dim=-1)
         k_rope_B1LDr = apply_rotary(k_rope_BLDr[:, None], cos_BLP, sin_BLP)
-        return self.kv_a_layernorm(c_kv_BLR), k_rope_B1LDr
+        # .float(): under bf16 autocast the latent comes out of its matmul in bf16 while the
+        # norm's weight is fp32, and rms_norm then runs unfused (with a warning per call); an
+        # fp32 input takes the fused kernel and gives the same fp32 output (a no-op in fp32)
+        return self.kv_a_layernorm(c_kv_BLR.float()), k_rope_B1LDr
 
     def expand(self, c_kv_BLR: Tensor, k_rope_B1LDr: Tensor) -> tuple[Tensor, Tensor]:
         """Per-head keys (B, H, L, Dn + Dr) and values (B, H, L, Dn) from the latent."""
@@ -107,7 +110,7 @@ class MLA(nn.Module):
         if self.q_lora_rank is None:
             q_BLX = self.q_proj(x_BLD)
         else:
-            q_BLX = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BLD)))
+            q_BLX = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BLD).float()))  # see compress
         q_BHLX = q_BLX.view(B, L, self.H, self.Dn + self.Dr).transpose(1, 2)
         q_nope, q_rope = q_BHLX.split([self.Dn, self.Dr], dim=-1)
         return torch.cat([q_nope, apply_rotary(q_rope, cos_BLP, sin_BLP)], dim=-1)
