@@ -64,7 +64,7 @@ def test_plan_piped_at_80_columns_and_as_json_and_markdown():
     assert "long_context[1]" in stages and all(s in out for s in stages)
     assert data["rows"][0]["memory"]["total"] > 1e9 and data["totals"]["gpu_hours"] > 0
     needs_cp = [r["stage"] for r in data["rows"] if r["needs_cp"]]
-    assert needs_cp == ["rl", "long2short"] and "rl: needs context parallelism x32" in out
+    assert needs_cp == ["rl", "long2short"] and "rl: needs context parallelism x512" in out
     what_if = json.loads(
         invoke("plan", str(REPO / "recipes/kimi-vl-a3b.yaml"), "--assume-cp", "--format", "json")
     )
