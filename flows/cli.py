@@ -17,6 +17,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from moonforge.flows.tables import Column, emit, format_option, metric_lines
@@ -88,14 +89,18 @@ def _errors() -> Iterator[None]:
             else ""
         )
         err_console.print(
-            f"[bold red]{title}:[/bold red] {e}{hint}", markup=True, highlight=False, soft_wrap=True
+            f"[bold red]{title}:[/bold red] {escape(str(e))}{hint}",
+            markup=True,
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(1) from None
     except Exception as e:
         if debug:
             raise
         err_console.print(
-            f"[bold red]error:[/bold red] {type(e).__name__}: {e}\nSet MOONFORGE_DEBUG=1 for the traceback.",
+            f"[bold red]error:[/bold red] {type(e).__name__}: {escape(str(e))}\n"
+            "Set MOONFORGE_DEBUG=1 for the traceback.",
             highlight=False,
             soft_wrap=True,
         )
@@ -553,7 +558,7 @@ def chat(
             video_tokens=video_tokens,
             fps=fps,
         )
-        console.print(f"[bold]{info.ref}[/]: {out.text}", highlight=False)
+        console.print(f"[bold]{info.ref}[/]: {escape(out.text)}", highlight=False)
         console.print(f"({out.num_tokens} tokens, {out.finish_reason})", style="dim")
 
 
@@ -662,7 +667,9 @@ def plan(
             cfg = plan_config(gpu=gpu, num_gpus=gpus, mfu=mfu, zero_stage=zero, context_parallel=assume_cp)
             result = make_plan(rec, cfg)
         except PlanError as e:
-            err_console.print(f"[bold red]plan error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]plan error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(1) from None
         print_plan(result, rec, format_, console)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import cast
 
 import typer
+from rich.markup import escape
 
 from moonforge.flows.cli import REF_HELP, _errors, _project, app, console
 
@@ -43,7 +44,9 @@ def import_(
         except InteropError as e:
             from moonforge.flows.cli import err_console
 
-            err_console.print(f"[bold red]import error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]import error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(1) from None
         tok = json.loads((res.info.path / "import.json").read_text()).get("tokenizer")
         row = {
@@ -115,7 +118,9 @@ def export(
         except InteropError as e:
             from moonforge.flows.cli import err_console
 
-            err_console.print(f"[bold red]export error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]export error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(1) from None
         console.print(f"{info.ref} -> {res.out} ({res.model_type}; {', '.join(res.files)})", highlight=False)
         if res.tokenizer is None:

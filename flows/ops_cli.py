@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from moonforge.flows.cli import (
@@ -145,7 +146,9 @@ def server_up(
             db={"prefect": prefect_db, "mlflow": mlflow_db},
         )
     except servers.ServerError as e:
-        err_console.print(f"[bold red]server error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]server error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(1) from None
     _print_status([(s, "up") for s in started])
     console.print(

@@ -23,6 +23,7 @@ of any image (the prefix width), R = n + L decoder row length.
 from __future__ import annotations
 
 import math
+from collections.abc import MutableMapping
 
 import torch
 import torch.nn.functional as F
@@ -126,10 +127,20 @@ class CaptionTowers(nn.Module):
         self.dec_blocks = nn.ModuleList(TowerBlock(C, H) for _ in range(cfg.num_decoder_layers))
         self.dec_norm = nn.LayerNorm(C)
         self.caption_head = nn.Linear(C, vocab_size, bias=False)
-        # SigLIP temperature (log-space) and bias
-        self.logit_scale = nn.Parameter(torch.empty(()))
-        self.logit_bias = nn.Parameter(torch.empty(()))
+        # SigLIP temperature (log-space) and bias: 1-element vectors, as HF's SiglipModel keeps
+        # them (DeepSpeed's ZeRO cannot hold a 0-dim parameter: stages/train/distributed.py)
+        self.logit_scale = nn.Parameter(torch.empty(1))
+        self.logit_bias = nn.Parameter(torch.empty(1))
         self.reset_parameters(logit_scale_init, logit_bias_init)
+
+    def _load_from_state_dict(
+        self, state_dict: MutableMapping[str, Tensor], prefix: str, *args, **kwargs
+    ) -> None:
+        for name in ("logit_scale", "logit_bias"):  # artifacts written before they were vectors
+            t = state_dict.get(prefix + name)
+            if t is not None and t.dim() == 0:
+                state_dict[prefix + name] = t.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(
         self, logit_scale_init: float = math.log(10.0), logit_bias_init: float = -10.0, std: float = 0.02

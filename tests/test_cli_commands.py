@@ -124,3 +124,23 @@ def test_data_status_and_build(tmp_project):
     res = invoke("data", "build", "text")
     assert res.exit_code == 0 and "Running stage 'text'" in res.output
     assert "changed" not in invoke("data", "status").output
+
+
+@pytest.mark.parametrize("error", ["stage", "other"])
+def test_error_text_with_brackets_prints_verbatim(error, monkeypatch):
+    """A launcher's output quotes gloo's `[/__w/pytorch/.../pair.cc:553]`: printed through rich
+    markup it raised MarkupError and hid the real error."""
+    import io
+
+    from rich.console import Console
+
+    from moonforge.registry.errors import StageFailed
+
+    buf = io.StringIO()
+    monkeypatch.setattr(cli, "err_console", Console(file=buf, width=200))
+    msg = "rank 1: [/__w/pytorch/third_party/gloo/pair.cc:553] Connection closed by peer [bold]"
+    exc = StageFailed("vit_pretrain", RuntimeError(msg)) if error == "stage" else RuntimeError(msg)
+    with pytest.raises(cli.typer.Exit):
+        with cli._errors():
+            raise exc
+    assert msg in buf.getvalue()

@@ -212,3 +212,15 @@ def test_killed_launcher_fails_clearly_keeps_checkpoint_and_resumes_at_world_siz
     assert len(resumed) == 5  # steps 4..8 only
     want = _curve(single.metrics)[3:]
     assert max(abs(a - b) for a, b in zip(resumed, want)) < LOSS_TOL, (resumed, want)
+
+
+def test_deepspeed_refuses_a_0_dim_parameter_by_name():
+    """ZeRO re-points parameters at its flat buffer with the shapes it saw at start-up, so a
+    scalar's backward fails after the first step with an autograd shape error; moonforge names
+    the parameter before DeepSpeed starts."""
+    from moonforge.stages.train.distributed import DeepSpeedOptimizer
+
+    model = torch.nn.Linear(2, 2)
+    model.temperature = torch.nn.Parameter(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"0-dim parameters \(temperature\).*1-element vectors"):
+        DeepSpeedOptimizer(model, list(model.named_parameters()), OptimizerConfig(), None, 1)  # type: ignore[arg-type]

@@ -85,3 +85,15 @@ def test_logit_params_init_and_length_checks():
         t.text_embed(torch.zeros(1, 11, dtype=torch.long), torch.ones(1, 11))
     with pytest.raises(ValueError, match="one per image"):
         t.caption_logits(_feats(), GRID, torch.zeros(3, 4, dtype=torch.long))
+
+
+def test_logit_params_are_one_element_vectors_and_old_scalars_still_load():
+    """1-element like HF's SiglipModel (DeepSpeed ZeRO cannot hold a 0-dim parameter); state
+    dicts written when they were 0-dim load into them unchanged in value."""
+    t = _towers()
+    assert t.logit_scale.shape == t.logit_bias.shape == (1,)
+    old = {k: v.clone() for k, v in t.state_dict().items()}
+    old["logit_scale"], old["logit_bias"] = torch.tensor(0.5), torch.tensor(-3.0)
+    t2 = _towers()
+    t2.load_state_dict(old, strict=True)
+    assert t2.logit_scale.tolist() == [0.5] and t2.logit_bias.tolist() == [-3.0]

@@ -168,6 +168,16 @@ class DeepSpeedOptimizer:
         par: Parallel,
         grad_accum: int,
     ) -> None:
+        # DeepSpeed's start-up broadcast views every parameter as bytes, which a 0-dim tensor
+        # cannot do, and ZeRO re-points parameters at its flat buffer with the shapes it saw at
+        # start-up: a scalar passed through as a 1-element vector comes back as one after the
+        # first step, and its backward then fails. moonforge's own scalars are 1-element vectors.
+        scalars = [n for n, q in model.named_parameters() if q.dim() == 0]
+        if scalars:
+            raise ValueError(
+                f"DeepSpeed ZeRO cannot train 0-dim parameters ({', '.join(scalars)}); make them "
+                "1-element vectors, or set launcher.kind: torchrun"
+            )
         import deepspeed
 
         from moonforge.stages.train.zero_muon import ZeroMuonAdamW
@@ -181,16 +191,7 @@ class DeepSpeedOptimizer:
         self.client = ZeroMuonAdamW(named_params, cfg)
         if hasattr(model, "reach_media_params"):  # every rank's backward reaches the same params
             setattr(model, "reach_media_params", True)  # noqa: B010 - a VLM's, not every model's
-        # DeepSpeed's start-up broadcast views every parameter as bytes, which a 0-dim tensor
-        # cannot do (CoCa's logit scale and bias): they pass through it as 1-element vectors.
-        scalars = [q for q in model.parameters() if q.dim() == 0]
-        for q in scalars:
-            q.data = q.data.reshape(1)
-        try:
-            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.client, config=ds_cfg)
-        finally:
-            for q in scalars:
-                q.data = q.data.reshape(())
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.client, config=ds_cfg)
         self.optimizers = [self.client]
         self.per_rank = per_rank
 
