@@ -114,7 +114,7 @@ def _train(
     opt = (
         MuonAdamW(named, cfg.optimizer)
         if par is None
-        else par.build_optimizer(model, named, cfg.optimizer, cfg.grad_accum // par.world_size)
+        else par.build_optimizer(model, named, cfg.optimizer, cfg.grad_accum)
     )
     spec = TrainSpec(cfg.steps, cfg.optimizer, cfg.schedule, tuple(cfg.trainable), label=label)
     state, losses = TrainState(model, opt, spec), []

@@ -223,4 +223,30 @@ def test_deepspeed_refuses_a_0_dim_parameter_by_name():
     model = torch.nn.Linear(2, 2)
     model.temperature = torch.nn.Parameter(torch.tensor(1.0))
     with pytest.raises(ValueError, match=r"0-dim parameters \(temperature\).*1-element vectors"):
-        DeepSpeedOptimizer(model, list(model.named_parameters()), OptimizerConfig(), None, 1)  # type: ignore[arg-type]
+        DeepSpeedOptimizer(model, list(model.named_parameters()), OptimizerConfig(lr=1e-3), None, 1)  # type: ignore[arg-type]
+
+
+def test_a_step_whose_share_differs_from_the_engines_accumulation_is_refused():
+    """A DeepSpeed engine steps its optimizer every `per_rank` backwards. RL and long2short once
+    passed it the per-rank count where build_optimizer takes the step's total, so the engine
+    stepped twice per update on half-accumulated gradients (or, with 2 micro-batches over 2
+    ranks, failed to start with a batch size of 0). train_step now refuses the mismatch before
+    any backward."""
+    from moonforge.stages.config import ScheduleConfig
+    from moonforge.stages.train.distributed import Parallel
+    from moonforge.stages.train.loop import TrainSpec, TrainState, train_step
+
+    class EngineStandIn:  # the loop's interface of DeepSpeedOptimizer, built for 1 per rank
+        per_rank = 1
+
+        def set_lr(self, lr: float) -> None: ...
+
+        def zero_grad(self) -> None: ...
+
+    spec = TrainSpec(1, OptimizerConfig(lr=1e-3), ScheduleConfig(kind="constant"), ("lm",), label="rl")
+    state = TrainState(torch.nn.Linear(2, 2), EngineStandIn(), spec)
+    par = Parallel(rank=0, world_size=2, engine="deepspeed")
+    calls: list[int] = []
+    with pytest.raises(RuntimeError, match="rl: this rank has 2 micro-batch.*accumulate 1"):
+        train_step(state, [1, 2, 3, 4], lambda m, mb: calls.append(mb), "cpu", par)  # type: ignore[arg-type]
+    assert calls == []

@@ -102,7 +102,7 @@ def update_policy(
     opt = (
         MuonAdamW(named, run.optimizer)
         if par is None
-        else par.build_optimizer(model, named, run.optimizer, len(chunks) // par.world_size)
+        else par.build_optimizer(model, named, run.optimizer, len(chunks))
     )
     spec = TrainSpec(
         num_steps=run.steps_per_iteration,

@@ -138,7 +138,8 @@ class Parallel:
         cfg: OptimizerConfig,
         grad_accum: int,
     ):
-        """The loop's optimizer: MuonAdamW (torchrun) or a DeepSpeed ZeRO engine around ZeroMuonAdamW."""
+        """The loop's optimizer: MuonAdamW (torchrun) or a DeepSpeed ZeRO engine around ZeroMuonAdamW.
+        `grad_accum`: the step's micro-batches over all ranks (each replica runs 1 / dp_size)."""
         from moonforge.stages.train.optim import MuonAdamW
 
         if self.engine == "torchrun":

@@ -113,6 +113,13 @@ def train_step(
     opt.set_lr(lr)
     opt.zero_grad()
     mine = micro_batches if par is None else par.my_share(micro_batches)
+    per_rank = getattr(opt, "per_rank", None)  # a DeepSpeed engine steps every per_rank backwards
+    if per_rank is not None and len(mine) != per_rank:
+        raise RuntimeError(
+            f"{spec.label}: this rank has {len(mine)} micro-batch(es) in the step but the DeepSpeed "
+            f"engine was built to accumulate {per_rank}: it would step mid-way with part of the "
+            "gradient; build_optimizer takes the step's micro-batches over all ranks"
+        )
     # a micro-batch's weight over all ranks; ranks' gradients and metrics are then averaged
     share = None if weights is None else [w * (1 if par is None else par.dp_size) for w in weights]
     mine_share = share if share is None or par is None else par.my_share(share)
