@@ -13,7 +13,7 @@ export PREFECT_HOME := $(CURDIR)/.moonforge/prefect
 # against 946 s with bytecode written once).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: demo test lint install clean chromium slurm postgres sysdeps
+.PHONY: demo test test-midsize lint install clean chromium slurm postgres sysdeps
 
 $(STAMP): pyproject.toml requirements.lock.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,6 +87,12 @@ test:
 	@$(MAKE) --no-print-directory -j2 lint sysdeps
 	@mkdir -p $(PREFECT_HOME)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
+
+# The mid-size proof (recipes/small.yaml: every stage under DeepSpeed ZeRO-2 x 2 with recompute),
+# deselected from `make test`: it takes longer than CI's 20 minutes leave (see tests/test_midsize.py).
+test-midsize: $(STAMP)
+	@mkdir -p $(PREFECT_HOME)
+	$(PY) -m pytest -q -m midsize tests/test_midsize.py --durations=5
 
 clean:
 	rm -rf .moonforge data/*/ .pytest_cache
