@@ -13,7 +13,7 @@ export PREFECT_HOME := $(CURDIR)/.moonforge/prefect
 # against 946 s with bytecode written once).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: demo test test-midsize lint install clean chromium slurm postgres sysdeps
+.PHONY: demo test test-midsize gpu-deps lint install clean chromium slurm postgres sysdeps
 
 $(STAMP): pyproject.toml requirements.lock.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -93,6 +93,25 @@ test:
 test-midsize: $(STAMP)
 	@mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest -q -m midsize tests/test_midsize.py --durations=5
+
+# What benchmarks/gpu_check.sh needs on a machine with torch + CUDA and no package registry (the
+# device machine): pydantic and pytest from .venv (pure Python, pydantic_core for CPython 3.11) and
+# pydantic_core wheels for the other CPython versions such a machine may run. Carry the folder:
+#   bash benchmarks/gpu_check.sh OUT .moonforge/gpu
+GPU_DEPS := .moonforge/gpu
+SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+gpu-deps: $(STAMP)
+	rm -rf $(GPU_DEPS) && mkdir -p $(GPU_DEPS)/site $(GPU_DEPS)/wheels
+	cd $(SITE) && cp -r pydantic pydantic_core annotated_types typing_inspection typing_extensions.py \
+		pytest _pytest pluggy iniconfig py.py exceptiongroup pydantic-*.dist-info \
+		pydantic_core-*.dist-info pytest-*.dist-info pluggy-*.dist-info iniconfig-*.dist-info \
+		$(CURDIR)/$(GPU_DEPS)/site/
+	find $(GPU_DEPS) -name __pycache__ -prune -exec rm -rf {} +
+	core=$$($(PY) -c 'import importlib.metadata as m; print(m.version("pydantic_core"))'); \
+	for v in 3.10 3.12 3.13; do $(PY) -m pip download -q --disable-pip-version-check --no-deps \
+		--only-binary=:all: --python-version $$v --platform manylinux2014_x86_64 \
+		-d $(GPU_DEPS)/wheels pydantic_core==$$core || exit 1; done
+	@du -sh $(GPU_DEPS)
 
 clean:
 	rm -rf .moonforge data/*/ .pytest_cache
