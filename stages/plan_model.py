@@ -13,8 +13,11 @@ so the plan and the model cannot disagree. FLOPs and activations are closed-form
   backward buffers: the peak of one micro-batch's forward + backward beyond the parameters,
   gradients and optimizer states. Attention is assumed to keep only q, k, v, its output and a
   per-row logsumexp (flash-attn, and torch's CPU flash kernel); bf16 unless `act_bytes` says
-  otherwise. tests/test_plan_memory.py checks the LM's estimate against the torch memory
-  profiler's measurement of a training step on CPU (fp32), with and without recompute.
+  otherwise. Under bf16 autocast over fp32 weights the LM also keeps what autocast leaves fp32
+  and the weights' bf16 casts (`_lm_activation_bytes`); the vision tower is still counted at
+  `act_bytes` throughout. tests/test_plan_memory.py checks the LM's estimate against the torch
+  memory profiler's measurement of a training step on CPU (fp32), with and without recompute;
+  tests/test_gpu.py and benchmarks/bench_gpu.py against max_memory_allocated on a GPU (bf16).
 """
 
 from __future__ import annotations
