@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_experts import looped  # the per-expert reference (benchmarks/ is the script's path)
+from lm_flops import lm_flops_per_token
 
 from moonforge.model.attention import attend, attend_reference, flash_available
 from moonforge.model.config import LMConfig, VLMConfig
@@ -161,14 +163,6 @@ def part_experts() -> None:
     x_TD = torch.randn(T, D, device=DEV)
     gy_AD = torch.randn(T * K, D, device=DEV)
 
-    def looped(x_AD: torch.Tensor) -> torch.Tensor:  # one F.linear chain per expert, host-read counts
-        outs, start = [], 0
-        for e, n in enumerate(counts_E.tolist()):
-            if n:
-                outs.append(experts[e](x_AD[start : start + n]))
-            start += n
-        return torch.cat(outs)
-
     def impl(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         def fn(x_AD: torch.Tensor) -> torch.Tensor:
             experts.impl = name
@@ -176,7 +170,7 @@ def part_experts() -> None:
 
         return fn
 
-    forms = {"looped": looped, "padded": impl("padded")}
+    forms = {"looped": lambda x: looped(experts, x, counts_E), "padded": impl("padded")}
     if grouped_mm_available(x_TD.device, torch.bfloat16):
         forms["grouped_mm"] = impl("grouped_mm")
     ref: torch.Tensor | None = None
@@ -217,19 +211,6 @@ def autocast():
 def sync() -> None:
     if DEV.type == "cuda":
         torch.cuda.synchronize()
-
-
-def flops_per_token(lm: MoELM, seq: int) -> float:
-    cfg = lm.cfg
-    matmul = sum(
-        p.numel()
-        for n, p in lm.named_parameters()
-        if p.dim() >= 2 and not n.startswith("embed_tokens") and "experts." not in n
-    )
-    matmul += sum(cfg.num_experts_per_tok * moe.experts.params_per_expert() for _, moe in lm.moe_layers())
-    d_qk = cfg.head_dim + (cfg.qk_rope_head_dim if cfg.attention == "mla" else 0)
-    attn = cfg.num_layers * cfg.num_heads * (d_qk + cfg.head_dim) * (seq + 1) / 2
-    return 6 * matmul + 6 * attn
 
 
 def smoke_shape(cfg: LMConfig) -> LMConfig:
@@ -273,7 +254,7 @@ def part_lm(name: str, cfg: LMConfig, rows: int, peak: float, ckpt_rows: int) ->
     from moonforge.stages.train.activation_ckpt import checkpoint_block
 
     lm, opt = build_lm(cfg)
-    fpt = flops_per_token(lm, SEQ)
+    fpt = lm_flops_per_token(lm, SEQ)
     costs = model_costs(VLMConfig(lm=cfg))
     path = TokenPath(("lm",), ("lm",), "lm")
 
@@ -332,7 +313,7 @@ def part_compiled(cfg: LMConfig, rows: int, peak: float) -> None:
     from moonforge.stages.train.compile_blocks import apply_compile
 
     lm, opt = build_lm(cfg)
-    fpt = flops_per_token(lm, SEQ)
+    fpt = lm_flops_per_token(lm, SEQ)
     ids, pos, doc, labels = batch(cfg, rows)
 
     def step() -> None:

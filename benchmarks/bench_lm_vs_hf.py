@@ -11,6 +11,7 @@ alternating order, round after round, in one process, so load on a shared box hi
 MFU = model FLOPs per second / a fp32 matmul peak measured in this same run:
   model FLOPs per token = 6 * (matmul params a token uses: attention projections, dense FFN,
   top-k routed + shared experts, router, lm_head) + 6 * layers * heads * (d_qk + d_v) * (L + 1) / 2
+  (benchmarks/lm_flops.py)
   (causal attention: a token sees (L + 1) / 2 keys on average).
 
 Run: python benchmarks/bench_lm_vs_hf.py [--rounds 6] [--steps 2] [--threads N] [--clock cpu]
@@ -43,6 +44,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from lm_flops import lm_flops_per_token  # benchmarks/ is the script's path
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from moonforge.model.adapters import deepseek_v3
@@ -118,20 +120,6 @@ def build_pair(seed: int = 0) -> tuple[DeepseekV3ForCausalLM, MoELM]:
     lm = MoELM(parts["lm"]).train()
     lm.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()}, strict=True)
     return hf, lm.to(DEVICE)
-
-
-def model_flops_per_token(lm: MoELM) -> float:
-    """Training FLOPs per token (see the module docstring)."""
-    cfg = lm.cfg
-    matmul = sum(
-        p.numel()
-        for n, p in lm.named_parameters()
-        if p.dim() >= 2 and not n.startswith("embed_tokens") and "experts." not in n
-    )
-    matmul += sum(cfg.num_experts_per_tok * moe.experts.params_per_expert() for _, moe in lm.moe_layers())
-    d_qk = cfg.head_dim + cfg.qk_rope_head_dim
-    attn = cfg.num_layers * cfg.num_heads * (d_qk + cfg.head_dim) * (L + 1) / 2
-    return 6 * matmul + 6 * attn
 
 
 def _cuda_wall() -> float:
@@ -242,7 +230,7 @@ def main() -> None:
         f"step-1 loss: transformers {loss_hf:.6f}, moonforge {loss_mf:.6f} "
         f"(|diff| {abs(loss_hf - loss_mf):.1e})"
     )
-    flops = model_flops_per_token(lm) * B * L
+    flops = lm_flops_per_token(lm, L) * B * L
     clock = CLOCKS[args.clock]
     peak = matmul_peak(clock)
     cuda = DEVICE.type == "cuda"

@@ -29,21 +29,11 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from moonforge.flows.cli import app
+from moonforge.stages.catalog import LIFECYCLE
 
 pytestmark = pytest.mark.midsize
 
-STAGES = [
-    "lm_pretrain",
-    "vit_pretrain",
-    "align",
-    "joint_pretrain",
-    "cooldown",
-    "long_context",
-    "sft",
-    "long_cot_sft",
-    "rl",
-    "long2short",
-]
+STAGES = ["lm_pretrain", *LIFECYCLE]
 
 
 @pytest.fixture(scope="module")
