@@ -43,6 +43,7 @@ from moonforge.registry.store import TRAIN_STATE_DIR, ArtifactInfo, ArtifactStor
 from moonforge.stages import catalog
 from moonforge.stages.artifacts import Checkpoint, DatasetRef, StageContext, StageResult
 from moonforge.stages.recipe import Recipe
+from moonforge.stages.train.host_memory import keep_freed_memory
 from moonforge.stages.train.train_record import read_train_record
 
 log = logging.getLogger("moonforge.registry")
@@ -394,6 +395,7 @@ def _execute(
     """Call the stage function into a staging dir and commit it; on any failure abort + FAILED.
     Returns (artifact, metrics, MLflow run id, the checkpoint resumed from or None)."""
     fn = stage_runner(catalog.stage_function(job.cfg.kind), job.cfg)  # in process or launched
+    keep_freed_memory()  # an in-process stage trains here (launched ranks do it themselves)
     store = job.store
     resume = store.resume_point(job.name, job.fingerprint)
     ckpts = store.work_dir(job.name, job.fingerprint) / TRAIN_STATE_DIR

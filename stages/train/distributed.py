@@ -37,6 +37,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moonforge.model.context_parallel import ContextParallel
 from moonforge.stages.config import LauncherConfig, OptimizerConfig
+from moonforge.stages.train.host_memory import keep_freed_memory
 
 PROGRESS_PREFIX = "@@moonforge-progress "
 """stdout lines the parent turns into progress callbacks (rank 0 only)."""
@@ -301,6 +302,7 @@ def main(job_path: str) -> int:
     from moonforge.stages.artifacts import Checkpoint, DatasetRef, ListSink, StageContext
     from moonforge.stages.stage_configs import STAGE_CONFIGS
 
+    keep_freed_memory()
     job = json.loads(Path(job_path).read_text())
     work = Path(job["workdir"])
     cfg = STAGE_CONFIGS[job["kind"]].model_validate(job["cfg"])
