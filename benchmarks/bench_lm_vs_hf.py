@@ -19,6 +19,8 @@ Run: python benchmarks/bench_lm_vs_hf.py [--rounds 6] [--steps 2] [--threads N] 
 Prints the per-round ratios, the median ratio (goal >= 1.3x) and both MFUs (goal >= 55%).
 `--compile` adds moonforge with every LM block compiled (the `compile` Runtime field,
 stages/train/compile_blocks.py) as a third contender, after timing its compile.
+Both run with freed host memory kept in the heap, as moonforge's stages train
+(stages/train/host_memory.py; MOONFORGE_MALLOC_TUNING=0 for glibc's defaults).
 It runs under the OpenMP wait policy of its environment, as moonforge's stages do (the header
 names it; unset is libgomp's default, which spins a while before sleeping). On a box shared
 with other jobs, `--threads 1 --clock cpu` times process CPU seconds, which other processes do
@@ -49,6 +51,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from moonforge.model.adapters import deepseek_v3
 from moonforge.model.lm import MoELM
+from moonforge.stages.train.host_memory import keep_freed_memory
 from moonforge.stages.train.objectives import IGNORE, token_ce
 
 HF_CONFIG = dict(
@@ -221,6 +224,7 @@ def main() -> None:
         args.clock = "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # as moonforge's stages run; both contenders share the process
     hf, lm = build_pair()
     ids_BL = torch.randint(0, HF_CONFIG["vocab_size"], (B, L), generator=torch.Generator().manual_seed(1))
     ids_BL = ids_BL.to(DEVICE)
@@ -237,6 +241,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
+        f"freed host memory {'kept (host_memory.py)' if kept else 'returned (malloc defaults)'}; "
         f"{B} x {L} tokens, "
         f"{flops / 1e9:.1f} GFLOP per step; {'bf16' if cuda else 'fp32'} matmul peak "
         f"{peak / 1e9:.1f} GFLOP/s; device {torch.cuda.get_device_name() if cuda else 'cpu'}, "
