@@ -34,7 +34,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 # A stage run through run_stage (the CLI's way) keeps freed host memory for reuse
-# (stages/train/host_memory.py: the tiny LM step 1.12-1.20x faster); the many tests that call a
+# (stages/train/host_memory.py: the tiny LM step 1.08-1.24x faster); the many tests that call a
 # stage function directly get the same, process-wide, here.
 from moonforge.stages.train.host_memory import keep_freed_memory  # noqa: E402
 

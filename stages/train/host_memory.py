@@ -4,9 +4,10 @@ glibc serves every block over its mmap threshold with a fresh mmap and unmaps it
 training step allocates the same big tensors again each step (logits, their log-probabilities,
 the gradient buffers, activations), so every step page-faults them in anew: on this CPU
 zero-filling the tiny LM's (4096, 2048) fp32 logit gradient took 18.5 ms, 9.6 ms from reused
-heap, and the whole tiny LM train step ran 1.12x faster at one thread and 1.20x at two (process
-CPU time, medians of four alternating runs). Raising the mmap and trim thresholds keeps those
-blocks in the heap; PyTorch's CPU tuning guide gets the same from jemalloc or tcmalloc.
+heap, and the whole tiny LM train step ran 1.08-1.20x faster at one thread and 1.20-1.24x at
+two (benchmarks/bench_host_memory.py: process CPU time, medians of four alternating runs).
+Raising the mmap and trim thresholds keeps those blocks in the heap; PyTorch's CPU tuning guide
+gets the same from jemalloc or tcmalloc.
 
 The price is resident memory: up to TRIM_THRESHOLD of freed heap stays mapped after a peak
 (the peak itself is unchanged). Nothing is changed when the user already chose: an
