@@ -28,7 +28,7 @@ plotted by question type in video_qa.png.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -132,26 +132,31 @@ def phase_schedule(phase: SFTPhase) -> ScheduleConfig:
     )
 
 
+Weights = Mapping[str, float] | Callable[[int], Mapping[str, float]]
+"""A mixture's token shares by source name: fixed, or a function of the step."""
+
+
 def run_phases(
     model,
     params,
     mcfg: VLMConfig,
     cfg,
     phases: Sequence[SFTPhase],
-    sources: Mapping[str, DocSource],
-    weights,
+    mixes: Sequence[tuple[Mapping[str, DocSource], Weights]],
     tok: Tokenizer,
     ctx: StageContext,
 ) -> tuple[list[TrainState], dict[str, float], SimpleNamespace]:
-    """Train the phases in order on the mixture (`weights`: a mapping, or a function of the
-    step); returns their states, per-phase metrics and the documents drawn per source
-    (`.docs_by_source`, summed over the phases)."""
-    needs_epochs = any(p.num_steps is None for p in phases)
-    epoch_tokens = source_tokens(sources, mcfg) if needs_epochs else None
+    """Train the phases in order, phase i on mixes[i] = (sources, weights); returns their
+    states, per-phase metrics and the documents drawn per source (`.docs_by_source`, summed
+    over the phases)."""
+    if len(mixes) != len(phases):
+        raise ValueError(f"run_phases: {len(phases)} phases but {len(mixes)} mixtures")
     states, metrics, offset = [], {}, 0
-    drawn_docs = SimpleNamespace(docs_by_source={n: 0 for n in sources})
-    weights_at = weights if callable(weights) else (lambda step: weights)
-    for i, phase in enumerate(phases):
+    drawn_docs = SimpleNamespace(docs_by_source={n: 0 for srcs, _ in mixes for n in srcs})
+    for i, (phase, (sources, weights)) in enumerate(zip(phases, mixes, strict=True)):
+        # A num_epochs phase counts the epoch of its own mixture's sources.
+        epoch_tokens = source_tokens(sources, mcfg) if phase.num_steps is None else None
+        weights_at = weights if callable(weights) else (lambda step, w=weights: w)
         micro, accum = phase_rows(cfg, phase)
         batches = lm_stream(
             sources, weights_at, tok, cfg, mcfg, seq_len=phase.seq_len, rows=micro, par=ctx.parallel
@@ -182,9 +187,9 @@ def run_phases(
                 f"data/phase{i}_video_token_share": drawn.get(VIDEO_CHAT, 0) / max(sum(drawn.values()), 1),
             }
         )
+        if epoch_tokens is not None:
+            metrics[f"data/phase{i}_epoch_tokens"] = float(epoch_tokens)
     metrics["train/steps"] = float(offset)
-    if epoch_tokens is not None:
-        metrics["data/epoch_tokens"] = float(epoch_tokens)
     return states, metrics, drawn_docs
 
 
@@ -248,6 +253,29 @@ def _generated(data: Mapping[str, DatasetRef], cfg: SFTConfig, tok: Tokenizer, m
     return sources, items, loss_batches
 
 
+def phase_mixes(
+    cfg: SFTConfig,
+    own: Mapping[str, DocSource],
+    mix: DeclaredMix,
+    data: Mapping[str, DatasetRef],
+    tok: Tokenizer,
+) -> list[tuple[dict[str, DocSource], Weights]]:
+    """Each phase's (sources, weights): the generated text / image dialogues (`own`) at the
+    phase's text_image_token_ratio, its video (the phase's `video:`, else the stage's) and the
+    declared datasets at their shares. Phases that override nothing share one mixture."""
+    built: dict[tuple, tuple[dict[str, DocSource], Weights]] = {}
+    out = []
+    for p in cfg.phases:
+        video = p.video or cfg.video
+        ratio = p.text_image_token_ratio or cfg.text_image_token_ratio
+        if (video, ratio) not in built:
+            sources = {**own, **video_sources(video, data, tok, chat=True)}
+            weights = with_video(mix_weights(sources, ratio), ("image",), video, chat=True)
+            built[video, ratio] = ({**sources, **mix.sources()}, mix.weights(weights))
+        out.append(built[video, ratio])
+    return out
+
+
 def sft(
     base: Checkpoint | None, data: Mapping[str, DatasetRef], cfg: SFTConfig, ctx: StageContext
 ) -> StageResult:
@@ -270,12 +298,9 @@ def sft(
     if items:
         metrics.update(chat_eval(model, tok, items, loss_batches, budget, cfg.eval.batch_size, "_before"))
     metrics.update(video_eval(model, tok, data, cfg, "_before"))
-    sources.update(video_sources(cfg.video, data, tok, chat=True))
-    own = with_video(mix_weights(sources, cfg.text_image_token_ratio), ("image",), cfg.video, chat=True)
-    weights = mix.weights(own)
-    sources = {**sources, **mix.sources()}
+    mixes = phase_mixes(cfg, sources, mix, data, tok)
     params = apply_trainable(model, cfg.trainable)
-    _, train_metrics, drawn = run_phases(model, params, mcfg, cfg, cfg.phases, sources, weights, tok, ctx)
+    _, train_metrics, drawn = run_phases(model, params, mcfg, cfg, cfg.phases, mixes, tok, ctx)
     after = declared_eval(model, tok, held, cfg.eval.batch_size)
     metrics = {**{k: v for k, v in after.items() if "_acc" in k}, **metrics, **train_metrics}
     if items:

@@ -12,6 +12,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_
 
 from moonforge.stages.config import Frozen, StageConfig
 from moonforge.stages.data.declared import DeclaredDataset, check_mixture
+from moonforge.stages.data.params import VideoKind
 
 
 class MixtureStage(StageConfig):
@@ -148,6 +149,8 @@ class VideoMix(Frozen):
     """LM tokens per clip at most: the frames keep their count and each frame's resolution
     shrinks to fit (Qwen2.5-VL's video pixel budget); None = the model's max_patches per frame.
     Evals of the stage (SFT's video QA) ask with the same budget."""
+    kinds: tuple[VideoKind, ...] | None = Field(default=None, min_length=1)
+    """Only clips of these kinds (None = every kind): e.g. an SFT phase of motion clips alone."""
 
 
 class _WithVideo(MixtureStage):
@@ -274,6 +277,12 @@ class SFTPhase(Frozen):
     num_steps: PositiveInt | None = None
     num_epochs: PositiveFloat | None = None
     warmup_frac: float = Field(default=0.02, ge=0.0, lt=1.0)
+    video: VideoMix | None = None
+    """This phase's video in place of the stage's `video:` (None = the stage's): e.g. a first
+    phase of motion clips alone at a constant LR, which the tiny VLM needs before the mixed
+    dialogues to read frame order at all (README). Needs the stage's `video:`."""
+    text_image_token_ratio: PositiveFloat | None = None
+    """This phase's text-only : image dialogue tokens (None = the stage's)."""
 
 
 class SFTConfig(_WithVideo):
@@ -294,6 +303,11 @@ class SFTConfig(_WithVideo):
         for i, p in enumerate(self.phases):
             if (p.num_steps is None) == (p.num_epochs is None):
                 raise ValueError(f"sft.phases[{i}]: set exactly one of num_steps or num_epochs")
+            if p.video is not None and self.video is None:
+                raise ValueError(
+                    f"sft.phases[{i}].video: a phase's video replaces the stage's, but the stage "
+                    "has no video: (its clips and video QA eval); add video: to the stage"
+                )
         world, cp = self.launcher.data_parallel, self.launcher.context_parallel
         for i, p in enumerate(self.phases):  # each phase has its own micro-batches per step
             if p.seq_len % cp:

@@ -496,7 +496,8 @@ def test_video_qa_batches_give_each_clip_the_answer_it_gets_alone(world, tok, on
 def test_sft_trains_on_clip_dialogues_asked_as_eval_video_asks(world, tok, tmp_path, one_thread):
     """SFT's clip dialogues start with exactly the prompt `eval --video` / `chat --video`
     generate from, and the sft stage with `video:` trains on them and reports eval --video's
-    numbers before and after."""
+    numbers before and after. A phase's own `video:` and text ratio replace the stage's for that
+    phase only (a motion-clips-only first phase, then the stage's mix)."""
     from test_data_post_helpers import post_data
 
     from moonforge.stages.artifacts import DatasetRef, StageContext
@@ -520,7 +521,17 @@ def test_sft_trains_on_clip_dialogues_asked_as_eval_video_asks(world, tok, tmp_p
     tiny = load_recipe(REPO / "recipes" / "tiny.yaml")
     fields = {
         **tiny.stage("sft").model_dump(exclude={"kind", "name", "upstream", "data"}),
-        "phases": [{"seq_len": 256, "lr": 1e-3, "min_lr": 1e-4, "num_steps": 4}],
+        "phases": [
+            {
+                "seq_len": 256,
+                "lr": 1e-3,
+                "min_lr": 1e-3,
+                "num_steps": 2,
+                "text_image_token_ratio": 0.01,
+                "video": {"share": 1.0, "num_frames": FRAMES, "kinds": ["motion"]},
+            },
+            {"seq_len": 256, "lr": 1e-3, "min_lr": 1e-4, "num_steps": 2},
+        ],
         "eval": {"num_examples": 4, "batch_size": 4},
         "video": {"share": 0.5, "num_frames": FRAMES},
     }
@@ -530,8 +541,10 @@ def test_sft_trains_on_clip_dialogues_asked_as_eval_video_asks(world, tok, tmp_p
     )
     (tmp_path / "out").mkdir()
     res = sft(None, data, cfg, StageContext(out=tmp_path / "out", model=model))
-    # text : image dialogues 1 : 1, half of the image weight to clips: about a quarter of tokens
-    assert 0.1 < res.metrics["data/phase0_video_token_share"] < 0.45, res.metrics
+    # phase 0: clips alone but for 1% text; phase 1, the stage's mix: text : image dialogues
+    # 1 : 1, half of the image weight to clips, so about a quarter of the tokens
+    assert res.metrics["data/phase0_video_token_share"] > 0.9, res.metrics
+    assert 0.1 < res.metrics["data/phase1_video_token_share"] < 0.45, res.metrics
     assert res.metrics["train/steps"] == 4 and res.checkpoint.weights.exists()
     asked = sum(len(r.qa) for r in read_video_records(world, "val")[:4])  # eval.num_examples clips
     for suffix in ("_before", ""):  # eval --video's numbers, before and after training
@@ -539,6 +552,40 @@ def test_sft_trains_on_clip_dialogues_asked_as_eval_video_asks(world, tok, tmp_p
         for key in ("acc", "acc_shuffled", "majority"):
             assert 0 <= res.metrics[f"eval/video_qa_{key}{suffix}"] <= 1
     assert (tmp_path / "out" / "video_qa.png").stat().st_size > 5_000
+
+
+def test_video_kinds_keep_only_those_clips_and_bad_kinds_or_phases_name_the_fix(world, tok, tmp_path):
+    """`video.kinds` keeps the clips of those kinds only (every motion clip asks its direction);
+    kinds the data has no clip of, or a phase's video on a stage without video:, are refused."""
+    from moonforge.stages.artifacts import DatasetRef
+    from moonforge.stages.data.video_mix import VIDEO_CHAT, video_sources
+    from moonforge.stages.stage_configs import SFTConfig, VideoMix
+
+    data = {"videoworld": DatasetRef("videoworld", world, "test")}
+    recs = read_video_records(world, "train")
+    motion = [r for r in recs if r.kind == "motion"]
+    assert 0 < len(motion) < len(recs)  # the fixture's world has other kinds too
+    src = video_sources(VideoMix(share=1.0, num_frames=FRAMES, kinds=("motion",)), data, tok, chat=True)[
+        VIDEO_CHAT
+    ]
+    assert len(src) == sum(len(r.qa) for r in motion)
+    asked = {tok.decode(src.doc(i, VISION).ids) for i in range(len(src))}
+    assert all("Which way does the" in text for text in asked), sorted(asked)[:3]  # motion's question
+    with pytest.raises(ValueError, match="literal_error|Input should be"):
+        VideoMix(share=1.0, kinds=("spin",))
+    root = tmp_path / "motion_only"
+    params = {"seed": 1, "num_train": 2, "num_val": 1, "kind_weights": {"motion": 1.0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"videoworld": params}))
+    build("videoworld", tmp_path / "params.yaml", root)
+    with pytest.raises(ValueError, match=r"kinds=\['order'\]: videoworld/train has no clip of these kinds"):
+        video_sources(
+            VideoMix(share=1.0, kinds=("order",)), {"videoworld": DatasetRef("videoworld", root, "t")}, tok
+        )
+    stage = load_recipe(REPO / "recipes" / "tiny.yaml").stage("sft").model_dump(exclude={"kind", "name"})
+    phase = {"seq_len": 256, "lr": 1e-3, "min_lr": 1e-3, "num_steps": 2, "video": {"share": 1.0}}
+    with pytest.raises(ValueError, match=r"phases\[0\]\.video: .* add video: to the stage"):
+        SFTConfig.model_validate({**stage, "video": None, "phases": [phase]})
+    assert SFTConfig.model_validate({**stage, "phases": [phase]}).phases[0].video == VideoMix(share=1.0)
 
 
 def test_users_video_prompts_are_asked_as_chat_video_asks_and_batch_clip_by_clip(

@@ -8,6 +8,7 @@ section validates strictly: an unknown or misspelt key is an error naming the ke
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
@@ -43,6 +44,10 @@ class ToyworldParams(_Params):
         return self
 
 
+VideoKind = Literal["motion", "order", "crossings", "count"]
+"""The clip kinds of videoworld (each asks one question type that needs time to answer)."""
+
+
 class VideoworldParams(_Params):
     """The generated video world: short clips of moving shapes (stages/data/videoworld.py)."""
 
@@ -61,7 +66,7 @@ class VideoworldParams(_Params):
 
     @model_validator(mode="after")
     def _check(self) -> VideoworldParams:
-        known = {"motion", "order", "crossings", "count"}
+        known = set(get_args(VideoKind))
         if not self.kind_weights or set(self.kind_weights) - known:
             raise ValueError(f"kind_weights: use the kinds {sorted(known)}, got {sorted(self.kind_weights)}")
         if any(v <= 0 for v in self.kind_weights.values()):

@@ -21,9 +21,8 @@ from pydantic import Field
 
 from moonforge.model.vision import video_patches
 from moonforge.stages.data.images import to_patches
+from moonforge.stages.data.params import VideoKind
 from moonforge.stages.data.records import Box, _Record, _split, read_jsonl, require_dataset
-
-VideoKind = Literal["motion", "order", "crossings", "count"]
 
 
 class VideoQA(_Record):

@@ -25,12 +25,19 @@ VIDEO_CHAT = "video_chat"
 def video_sources(
     video, data: Mapping[str, DatasetRef], tok: Tokenizer, chat: bool = False
 ) -> dict[str, DocSource]:
-    """The clip caption / QA sources of `video` (a VideoMix, or None: no sources); with `chat`,
-    SFT's clip dialogues instead."""
+    """The clip caption / QA sources of `video` (a VideoMix, or None: no sources), of its `kinds`
+    of clip only when it names them; with `chat`, SFT's clip dialogues instead."""
     if video is None:
         return {}
     root = data["videoworld"].path
     recs = read_video_records(root, "train")
+    if video.kinds is not None:
+        recs = [r for r in recs if r.kind in video.kinds]
+        if not recs:
+            raise ValueError(
+                f"video.kinds={list(video.kinds)}: videoworld/train has no clip of these kinds; "
+                "name kinds its params.yaml kind_weights generate (or drop kinds:)"
+            )
     clips, frames = root / "train", video.num_frames
     how = {"max_tokens": video.max_tokens, "fps": video.fps}
     if chat:

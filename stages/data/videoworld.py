@@ -24,9 +24,9 @@ from typing import cast
 from PIL import Image, ImageDraw
 
 from moonforge.stages.data import scenes
-from moonforge.stages.data.params import VideoworldParams
+from moonforge.stages.data.params import VideoKind, VideoworldParams
 from moonforge.stages.data.records import Box, write_jsonl
-from moonforge.stages.data.video_files import FrameBoxes, VideoKind, VideoQA, VideoRecord
+from moonforge.stages.data.video_files import FrameBoxes, VideoQA, VideoRecord
 
 BACKGROUND = (255, 255, 255)
 MOVES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
