@@ -575,7 +575,9 @@ def eval_(
         "reference answer + 3).",
     ),
     video: bool = typer.Option(
-        False, "--video", help="Also video QA on videoworld/val: accuracy, shuffled frames, majority."
+        False,
+        "--video",
+        help="Also video QA on videoworld/val: accuracy, shuffled frames, majority, uniform chance.",
     ),
     clips: int = typer.Option(16, "--clips", help="videoworld/val clips for --video (all their questions)."),
     frames: int = typer.Option(8, "--frames", help="Frames sampled per clip for --video."),

@@ -9,7 +9,9 @@ space ignored). Two references come with it:
   original one). The videoworld facts need time (direction, order, crossings), so a model that
   reads order answers worse on them; one that only reads appearance does not.
 - `majority`: the accuracy of always giving each question type's most common answer, the
-  chance level of these questions.
+  strongest score a model that does not look can reach.
+- `chance`: the expected accuracy of guessing uniformly among the answers each question type
+  takes here (direction: 1 in 4), the floor a model that only learned the answer formats sits at.
 Each comes per question type too: a model that gives every question of a type one answer
 scores that type's majority share overall, so only the per-type rows show whether it looks.
 """
@@ -82,9 +84,9 @@ def video_qa_of(
     video_tokens: int | None = None,
     fps: float | None = None,
 ) -> dict[str, float]:
-    """{eval/video_qa_acc, _acc_shuffled, _majority, _n} of a loaded VLM over the first
+    """{eval/video_qa_acc, _acc_shuffled, _majority, _chance, _n} of a loaded VLM over the first
     `num_clips` clips of videoworld/val (of one `kind` of clip when given), then
-    eval/video_qa_<type>_acc, _acc_shuffled and _majority per question type (direction, order,
+    eval/video_qa_<type>_acc, _acc_shuffled, _majority and _chance per question type (direction, order,
     crossings, count): an overall score can hide a model that answers each type's most common
     answer whatever it is shown. Each key ends in `suffix`. Clips are sampled as the stages
     sample them (`num_frames` evenly, or at `fps`, at most num_frames) in at most `video_tokens`
@@ -109,10 +111,12 @@ def video_qa_of(
     ]
     n = len(asked)
     top = {t: Counter(a for tt, a, _, _ in asked if tt == t).most_common(1)[0][1] for t, *_ in asked}
+    options = {t: len({a.strip().lower() for tt, a, _, _ in asked if tt == t}) for t in top}
     out = {
         "eval/video_qa_acc": sum(r for *_, r, _ in asked) / n,
         "eval/video_qa_acc_shuffled": sum(r for *_, r in asked) / n,
         "eval/video_qa_majority": sum(top.values()) / n,
+        "eval/video_qa_chance": sum(1 / options[t] for t, *_ in asked) / n,
         "eval/video_qa_n": float(n),
     }
     for t in sorted(top):
@@ -120,6 +124,7 @@ def video_qa_of(
         out[f"eval/video_qa_{t}_acc"] = sum(r for r, _ in mine) / len(mine)
         out[f"eval/video_qa_{t}_acc_shuffled"] = sum(rs for _, rs in mine) / len(mine)
         out[f"eval/video_qa_{t}_majority"] = top[t] / len(mine)
+        out[f"eval/video_qa_{t}_chance"] = 1 / options[t]
     return {k + suffix: v for k, v in out.items()}
 
 
@@ -164,9 +169,9 @@ def clip_answers(
 
 
 def plot_video_qa(metrics: Mapping[str, float], path: Path, title: str) -> None:
-    """Per question type: accuracy before and after, with shuffled frames, and the majority
-    answer's share, as grouped bars (a PNG; Agg, no pyplot). Reads video_qa_of's keys, the
-    "before" ones with suffix "_before" (left out when absent)."""
+    """Per question type: accuracy before and after, with shuffled frames, the majority
+    answer's share and uniform guessing, as grouped bars (a PNG; Agg, no pyplot). Reads
+    video_qa_of's keys, the "before" ones with suffix "_before" (left out when absent)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -180,6 +185,7 @@ def plot_video_qa(metrics: Mapping[str, float], path: Path, title: str) -> None:
         ("after", "_acc"),
         ("after, frames shuffled", "_acc_shuffled"),
         ("majority answer", "_majority"),
+        ("uniform guess", "_chance"),
     ]
     bars = [(label, key) for label, key in bars if all(f"eval/video_qa_{t}{key}" in metrics for t in types)]
     fig = Figure(figsize=(8, 3.2))

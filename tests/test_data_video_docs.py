@@ -461,6 +461,9 @@ def test_video_qa_counts_the_majority_per_type_and_shuffles_every_clip(world, to
     assert m["eval/video_qa_n"] == len(asked)
     top = sum(Counter(a for tt, a in asked if tt == t).most_common(1)[0][1] for t in {t for t, _ in asked})
     assert m["eval/video_qa_majority"] == top / len(asked)
+    options = {t: len({a for tt, a in asked if tt == t}) for t, _ in asked}  # uniform guessing
+    assert m["eval/video_qa_chance"] == pytest.approx(sum(1 / options[t] for t, _ in asked) / len(asked))
+    assert all(m[f"eval/video_qa_{t}_chance"] == 1 / k for t, k in options.items())
     assert 0 <= m["eval/video_qa_acc"] <= 1 and 0 <= m["eval/video_qa_acc_shuffled"] <= 1
     per_type = Counter(t for t, _ in asked)  # the per-type rows add up to the overall ones
     for key in ("acc", "acc_shuffled"):
