@@ -10,9 +10,10 @@ the packed micro-batch's supervised tokens; a micro-batch with none raises (neve
 Phases run in order (Kimi-VL: 1 epoch at 32K with LR 2e-5 -> 2e-6, then 1 epoch at 128K re-warming
 to 1e-5 -> 1e-6): each gets a fresh optimizer, its own peak LR, linear warmup over `warmup_frac` of
 its steps and a cosine decay to `min_lr`; rows per step shrink with seq_len so tokens per step stay
-constant. A `num_epochs` phase resolves its steps from the training set's token count. Each phase is
-a `train` phase of its own index, so a rerun after a crash skips the finished phases and resumes the
-interrupted one at its step.
+constant. A phase may mix its own data (`video:`, `text_image_token_ratio`; phase_mixes), as the
+tiny recipe's first phase trains on motion clips alone. A `num_epochs` phase resolves its steps
+from its mixture's token count. Each phase is a `train` phase of its own index, so a rerun after a
+crash skips the finished phases and resumes the interrupted one at its step.
 
 Users' own conversation datasets (the recipe's `datasets:`, named in `mixture:`) are checked
 before training and mixed in by token share; the generated `sft` set is optional when they are.

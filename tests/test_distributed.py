@@ -120,7 +120,7 @@ def test_sft_phases_and_long_context_that_cannot_share_a_step_are_refused_at_loa
         load_recipe(REPO / "recipes" / "tiny.yaml", tiny)
     ok = load_recipe(REPO / "recipes" / "tiny.yaml", [*tiny, "stages.sft.micro_batch_size=2"])
     sft = next(s for s in ok.stages if s.kind == "sft")
-    assert [sft.phase_rows(p) for p in sft.phases] == [(2, 4), (1, 2)]
+    assert [sft.phase_rows(p) for p in sft.phases] == [(2, 4), (2, 4), (1, 2)]
     with pytest.raises(
         ValueError,
         match=r"sft.phases\[1\] \(seq_len 131072\): 64 micro-batch\(es\) "

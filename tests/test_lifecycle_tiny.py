@@ -25,8 +25,8 @@ time) with accuracy within the stage's own acc_tolerance (3 points, so by constr
 points at one thread; -2.4 in the demo at two threads, where 2 points kept the long model). The
 cooldown, SFT and RL spreads were measured again with the best-fit packer; the others are the
 next-fit spreads widened to include the best-fit seed 0.
-Video QA is reported, not asserted to beat its baselines: the tiny VLM answers each question
-type's one most common answer whatever clip (or image) it is shown (see the README).
+Video QA after SFT is asserted above uniform chance and above the same clips with shuffled
+frames (a motion-clip SFT phase teaches direction); it stays below the majority answer.
 """
 
 from __future__ import annotations
@@ -280,15 +280,18 @@ def test_sft_lifts_vqa_accuracy_clearly_above_the_pre_sft_model(tiny_project):
 
 
 def test_clips_train_beside_images_and_sft_reports_video_qa(tiny_project):
-    """Video takes 0.3 of the multimodal weight in joint pretraining and the cooldown and half
-    of the image dialogues' in SFT; SFT asks every question of videoworld/val as `eval --video`
-    does. Measured token shares (seeds 0-2): 0.071, 0.132, 0.25."""
+    """Video takes 0.3 of the multimodal weight in joint pretraining and the cooldown; SFT's
+    first phase is motion clips alone (but for 1% text), its mixed phases give clips half of
+    the image dialogues' weight; SFT asks every question of videoworld/val as `eval --video`
+    does. Measured token shares (seeds 0-2): 0.071, 0.132, 0.988, 0.25."""
     shares = [
         _eval(tiny_project, "joint_pretrain@1")["data/video_token_share"],
         _eval(tiny_project, "cooldown@1")["data/video_token_share"],
         _eval(tiny_project, "sft@1")["data/phase0_video_token_share"],
+        _eval(tiny_project, "sft@1")["data/phase1_video_token_share"],
     ]
-    assert 0.04 < shares[0] < 0.1 and 0.1 < shares[1] < 0.17 and 0.2 < shares[2] < 0.3, shares
+    assert 0.04 < shares[0] < 0.1 and 0.1 < shares[1] < 0.17, shares
+    assert shares[2] > 0.95 and 0.2 < shares[3] < 0.3, shares
     m = _eval(tiny_project, "sft@1")
     asked = json.loads((tiny_project.proj / "data/videoworld/stats.json").read_text())["val"]["qa"]
     assert m["eval/video_qa_n"] == m["eval/video_qa_n_before"] == asked  # all 64 clips
@@ -300,6 +303,20 @@ def test_clips_train_beside_images_and_sft_reports_video_qa(tiny_project):
     assert any(k.endswith("plots/rl_curves.png") for k in logged), logged
 
 
+def test_sft_reads_frame_order_above_chance_and_above_shuffled_frames(tiny_project):
+    """After SFT the model answers videoworld/val's 89 clip questions above uniform guessing and
+    above the same clips with their frames shuffled in time, and motion's direction far above
+    shuffled: it uses frame order, not only what the frames show. Measured (SFT seeds 0-2 from
+    the seed-0 upstream, 2 threads): 28.1% / 31.5% / 38.2% against chance 22.4% and shuffled
+    13.5% / 25.8% / 31.5%; direction 77% / 45% / 64% against 18% / 23% / 23% shuffled. Each
+    question is 1.1 points overall and 4.5 of direction. The majority answer (40.4%) is not
+    beaten: the other kinds stay at or below it (README "Video in the demo")."""
+    m = _eval(tiny_project, "sft@1")
+    assert m["eval/video_qa_acc"] >= m["eval/video_qa_chance"] + 0.03, m
+    assert m["eval/video_qa_acc"] >= m["eval/video_qa_acc_shuffled"] + 0.03, m
+    assert m["eval/video_qa_direction_acc"] >= m["eval/video_qa_direction_acc_shuffled"] + 0.15, m
+
+
 def test_long_cot_sft_learns_the_traces(tiny_project):
     m = _eval(tiny_project, "long_cot_sft@1")
     assert m["eval/cot_loss"] < 0.5 * m["eval/cot_loss_before"], m
@@ -308,7 +325,11 @@ def test_long_cot_sft_learns_the_traces(tiny_project):
 
 def test_rl_raises_heldout_reasoning_accuracy_over_its_long_cot_start(tiny_project):
     m, start = _eval(tiny_project, "rl@1"), _eval(tiny_project, "long_cot_sft@1")
-    assert m["eval/acc_before"] == pytest.approx(start["eval/reasoning_acc"], abs=1e-9)
+    # RL starts from the long-CoT model, but its eval decodes as its rollouts do (a looping
+    # answer is stopped, up to max_new_tokens 112; long-CoT's eval runs to its 110-token trace
+    # budget), so the two may differ by a prompt (seen: 14.6% vs 15.4% of 123, mean length 65.6
+    # vs 65.7 tokens)
+    assert abs(m["eval/acc_before"] - start["eval/reasoning_acc"]) <= 2 / m["eval/n"] + 1e-9, (m, start)
     assert m["eval/acc"] >= m["eval/acc_before"] + 2 / m["eval/n"] - 1e-9, m  # 2 more prompts right
     assert len(tiny_project.read("rl@1", "rl_curves.png")) > 10_000
 

@@ -115,6 +115,8 @@ def _scalar_candidates(value: Any, ann: Any) -> list[Any]:
                 out += [0.5, 0.1, 2.0]
             elif a is str:
                 out += ["x", "127.0.0.1:29400"]  # host:port: launcher.rdzv_endpoint
+            elif typing.get_origin(a) is tuple:  # e.g. video.kinds: (motion,)
+                out += [(c,) for c in _literals(typing.get_args(a)[0])]
             elif isinstance(a, type) and issubclass(a, BaseModel):  # e.g. init: {lm: x}
                 out += [{name: "x"} for name in a.model_fields]
                 out += [{name: 0.5} for name in a.model_fields]  # e.g. video: {share: 0.5}
@@ -166,9 +168,15 @@ COUPLED: dict[Path_, Any] = {
         ("launcher", "nproc_per_node"): v,
     },
     ("video",): lambda v, data: {("data",): [*data["data"], "videoworld"]},
+} | {
+    ("phases", i, "video"): lambda v, data: {
+        ("video",): data["video"] or {"share": 0.5},
+        ("data",): [*data["data"], "videoworld"],
+    }
+    for i in range(4)
 }
-"""Fields valid only with others set alike: a context-parallel degree needs as many ranks, and
-video needs the videoworld dataset."""
+"""Fields valid only with others set alike: a context-parallel degree needs as many ranks,
+video needs the videoworld dataset, and an SFT phase's video the stage's video too."""
 
 
 def mutate(cfg: BaseModel, path: Path_, value: Any) -> BaseModel | None:
