@@ -28,9 +28,10 @@ next-fit spreads widened to include the best-fit seed 0.
 Video QA after SFT is asserted above uniform chance and above the same clips with shuffled
 frames (a motion-clip SFT phase teaches direction); it stays below the majority answer. With that
 phase (and the mixed phases at half their former LRs) SFT's VQA gain was +6.3 / +12.5 / +6.3
-points at SFT seeds 0-2 (2 threads), and the stages after it were run at seed 0 only (one thread,
-this module): long-CoT trace loss x0.067, answers x29 longer, RL +5 prompts from 14.6%,
-long2short length x0.81 at -1.6 points; the long-CoT, RL and long2short spreads above predate it.
+points at SFT seeds 0-2 (2 threads). After it, at one thread as this module runs: long-CoT
+(seed 0) trace loss x0.067 and answers x29 longer; RL +5 / +5 / +4 prompts from 14.6% at RL
+seeds 0-2 (at 2 threads +1 / 0 / +1 from 16.3%, see the README); long2short (seed 0) length
+x0.81 at -1.6 points. The long-CoT and long2short spreads above predate it.
 """
 
 from __future__ import annotations
