@@ -133,8 +133,8 @@ def phase_schedule(phase: SFTPhase) -> ScheduleConfig:
     )
 
 
-Weights = Mapping[str, float] | Callable[[int], Mapping[str, float]]
-"""A mixture's token shares by source name: fixed, or a function of the step."""
+Weights = Callable[[int], Mapping[str, float]]
+"""A mixture's token shares by source name at a step (DeclaredMix.weights gives one)."""
 
 
 def run_phases(
@@ -157,10 +157,9 @@ def run_phases(
     for i, (phase, (sources, weights)) in enumerate(zip(phases, mixes, strict=True)):
         # A num_epochs phase counts the epoch of its own mixture's sources.
         epoch_tokens = source_tokens(sources, mcfg) if phase.num_steps is None else None
-        weights_at = weights if callable(weights) else (lambda step, w=weights: w)
         micro, accum = phase_rows(cfg, phase)
         batches = lm_stream(
-            sources, weights_at, tok, cfg, mcfg, seq_len=phase.seq_len, rows=micro, par=ctx.parallel
+            sources, weights, tok, cfg, mcfg, seq_len=phase.seq_len, rows=micro, par=ctx.parallel
         )
         opt = cfg.optimizer.model_copy(update={"lr": phase.lr})
         spec = train_spec(
