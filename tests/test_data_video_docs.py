@@ -27,7 +27,7 @@ from moonforge.stages.data.records import read_image_records
 from moonforge.stages.data.sources import VisionSpec, caption_docs
 from moonforge.stages.data.video_decode import read_frames
 from moonforge.stages.data.video_files import clip_patches, read_video_records
-from moonforge.stages.data.video_sources import video_caption_docs, video_qa_docs
+from moonforge.stages.data.video_sources import VideoLoader, video_caption_docs, video_qa_docs
 from moonforge.stages.recipe import load_recipe
 from moonforge.stages.train.objectives import lm_loss
 
@@ -182,6 +182,41 @@ def test_a_corrupt_clip_is_skipped_and_counted(world, tok, tmp_path):
     assert load_doc_images(src.doc(0, VISION), VISION) is None
     assert src.loader is not None and src.loader.skipped == 1
     assert load_doc_images(src.doc(1, VISION), VISION) is not None
+
+
+def test_a_clip_read_again_comes_from_the_cache_exactly_and_the_cache_keeps_its_budget(world, tok, tmp_path):
+    """A clip read again (its next question, its next epoch) is not decoded again: with its file
+    gone the cached patches still come back, equal to the first read; patched differently it is
+    decoded again. The least recently used clips leave when the budget is reached, and a clip
+    larger than the budget is never kept."""
+    copy = tmp_path / "videoworld"
+    shutil.copytree(world, copy)
+    recs = read_video_records(copy, "train")
+    src = video_qa_docs(recs, copy / "train", tok, FRAMES, max_corrupt_frac=0.5)
+    loader = src.loader
+    assert isinstance(loader, VideoLoader)
+    first = load_doc_images(src.doc(0, VISION), VISION)
+    assert first is not None
+    (copy / "train" / recs[0].video).unlink()
+    again = load_doc_images(src.doc(0, VISION), VISION)  # from the cache: the file is gone
+    assert again is not None and loader.skipped == 0
+    assert all(torch.equal(a.pixels_NP, b.pixels_NP) and a.grid_hw == b.grid_hw for a, b in zip(first, again))
+    other = VisionSpec(patch_size=8, merge_size=2, max_patches=16)  # another patching: decoded
+    fresh = video_qa_docs(recs, copy / "train", tok, FRAMES, max_corrupt_frac=0.5)
+    assert load_doc_images(fresh.doc(0, VISION), VISION) is None  # a new loader has no cache
+    assert loader.patches(recs[0].video, FRAMES, None, other, 16) is None and loader.skipped == 1
+
+    size = {
+        i: clip_patches(read_frames(copy / "train" / recs[i].video, num_frames=FRAMES), 8, 2, 64)[0].nbytes
+        for i in (1, 2, 3)
+    }
+    small = VideoLoader("videoworld", copy / "train", len(recs), cache_bytes=size[2] + size[3])
+    for rec in recs[1:4]:
+        assert small.patches(rec.video, FRAMES, None, VISION, 64) is not None
+    assert [k[0] for k in small._cache] == [recs[2].video, recs[3].video]
+    assert small._cached_bytes == size[2] + size[3]
+    tiny = VideoLoader("videoworld", copy / "train", len(recs), cache_bytes=size[1] - 1)
+    assert tiny.patches(recs[1].video, FRAMES, None, VISION, 64) is not None and not tiny._cache
 
 
 def test_a_clip_whose_frames_disagree_with_its_record_stops_the_stage_naming_it(world, tok, tmp_path):
