@@ -35,7 +35,6 @@ from moonforge.stages.data.user_videos import clip_grid, clip_tokens
 from moonforge.stages.data.video_decode import sample_clip, sampled_count
 from moonforge.stages.data.video_files import VideoRecord, clip_patches
 
-
 CLIP_CACHE_BYTES = 256 * 2**20
 """Patched clips a VideoLoader keeps (least recently used out first). A clip is read once per
 question it has and again every epoch: the tiny recipe's SFT motion phase reads each of its 194
