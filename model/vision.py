@@ -124,11 +124,8 @@ class PosEmbGrid(nn.Module):
         return out_1Dhw[0].flatten(1).T
 
     def forward(self, grid_hw: Tensor) -> Tensor:
-        """(N, D) position embeddings for all packed images, resized once per distinct (h, w): a
-        clip's temporal patches and a batch of same-size clips share one grid."""
-        shapes = [(h, w) for h, w in grid_hw.tolist()]
-        resized = {hw: self.for_grid(*hw) for hw in dict.fromkeys(shapes)}
-        return torch.cat([resized[hw] for hw in shapes])
+        """(N, D) position embeddings for all packed images."""
+        return torch.cat([self.for_grid(h, w) for h, w in grid_hw.tolist()])
 
 
 class VisionBlock(nn.Module):

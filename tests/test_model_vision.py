@@ -82,22 +82,6 @@ def test_pos_emb_interpolates_to_each_grid():
     assert pe(torch.tensor([[3, 4], [2, 2]])).shape == (16, 5)
 
 
-def test_pos_emb_resizes_once_per_grid_and_matches_resizing_each_entry():
-    """A clip's temporal patches and same-size images share one resize: the values are each
-    entry's own resize, the gradient that of resizing every entry alone."""
-    torch.manual_seed(0)
-    pe = PosEmbGrid(grid=6, dim=5)
-    torch.nn.init.normal_(pe.weight)
-    grids = torch.tensor([[3, 4], [3, 4], [2, 2], [3, 4], [6, 6], [2, 2]])
-    out = pe(grids)
-    each = torch.cat([pe.for_grid(h, w) for h, w in grids.tolist()])
-    assert torch.equal(out, each)
-    g = torch.randn_like(out)
-    (grad,) = torch.autograd.grad((out * g).sum(), pe.weight)
-    (grad_each,) = torch.autograd.grad((each * g).sum(), pe.weight)
-    torch.testing.assert_close(grad, grad_each, rtol=1e-6, atol=1e-6)
-
-
 def test_packed_encoding_equals_each_image_alone():
     torch.manual_seed(0)
     vit = MoonViT(VCFG, backend="sdpa").eval()
