@@ -7,7 +7,13 @@ patches where an image is one of 64: same projections and MLPs, 4x the attention
 video half. Each batch runs the tiny recipe's ViT + projector forward + backward (the joint
 pretraining path), timed in alternating rounds; LM tokens/s = merged tokens per second.
 
-Run: python benchmarks/bench_video.py [--grids 64] [--rounds 5] [--threads 2]
+With `--stream` (in a project that has built `videoworld`: make demo does), also the clip
+dialogue stream of the tiny recipe's SFT motion phase (8 rows of 256 tokens, motion clips of 8
+frames): micro-batches built per second with the VideoLoader's clip cache and without it
+(cache_bytes=0: every clip decoded and patched again), each stream warmed by one pass over the
+clips, against the tiny VLM's forward + backward on the same batches, in alternating rounds.
+
+Run: python benchmarks/bench_video.py [--grids 64] [--rounds 5] [--threads 2] [--stream]
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ def main() -> None:
     p.add_argument("--grids", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--stream", action="store_true", help="also the SFT clip stream, cache on / off")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,6 +81,65 @@ def main() -> None:
     for name, t in med.items():
         print(f"{name:>12}: {1e3 * t:8.1f} ms  {n / t:9.0f} LM tokens/s")
     print(f"half video / images only: {med['images only'] / med['half video']:.2f}x the throughput")
+    if args.stream:
+        clip_stream(vlm, args.rounds)
+
+
+def clip_stream(vlm, rounds: int, batches: int = 20) -> None:
+    """Micro-batches/s of the motion-phase clip stream with and without the clip cache, and the
+    VLM's forward + backward on those batches, in alternating rounds of `batches` each."""
+    from moonforge.model.tokenizer import Tokenizer
+    from moonforge.registry.data_versions import read_lock
+    from moonforge.stages.data.batches import lm_batches
+    from moonforge.stages.data.video_files import read_video_records
+    from moonforge.stages.data.video_sources import video_chat_docs
+    from moonforge.stages.train.objectives import lm_loss
+
+    lock = read_lock(Path.cwd(), ["videoworld", "tokenizer"])
+    world, tok = lock["videoworld"].path, Tokenizer.load(lock["tokenizer"].path / "tokenizer.json")
+    clips = [r for r in read_video_records(world, "train") if r.kind == "motion"]
+    v = vlm.cfg.vision
+
+    def stream(cache_bytes: int):
+        src = video_chat_docs(clips, world / "train", tok, 8)
+        assert src.loader is not None
+        src.loader.cache_bytes = cache_bytes
+        return lm_batches(
+            {"clips": src},
+            lambda s: {"clips": 1.0},
+            tok,
+            256,
+            8,
+            0,
+            v.patch_size,
+            v.merge_size,
+            v.max_patches,
+        )
+
+    streams = {"cached": stream(2**30), "no cache": stream(0)}
+    for it in streams.values():  # one pass over the clips: the cache holds every one of them
+        for _ in range(len(clips) // 30 + 1):
+            next(it)
+    times: dict[str, list[float]] = {k: [] for k in [*streams, "fwd+bwd"]}
+    for _ in range(rounds):
+        for name, it in streams.items():
+            t0 = time.perf_counter()
+            got = [next(it) for _ in range(batches)]
+            times[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for b in got:
+            lm_loss(vlm, b)[0].backward()
+            vlm.zero_grad(set_to_none=True)
+        times["fwd+bwd"].append(time.perf_counter() - t0)
+    med = {k: sorted(t)[len(t) // 2] / batches for k, t in times.items()}
+    print(f"\nSFT motion-phase clip stream ({len(clips)} clips, 8 rows x 256 tokens), per micro-batch:")
+    for name, t in med.items():
+        print(f"{name:>12}: {1e3 * t:8.1f} ms")
+    print(
+        f"cache: {med['no cache'] / med['cached']:.1f}x faster batches; building them is "
+        f"{med['cached'] / med['fwd+bwd']:.1%} of the forward + backward with it, "
+        f"{med['no cache'] / med['fwd+bwd']:.1%} without"
+    )
 
 
 if __name__ == "__main__":
