@@ -32,6 +32,13 @@ points at SFT seeds 0-2 (2 threads). After it, at one thread as this module runs
 (seed 0) trace loss x0.067 and answers x29 longer; RL +5 / +5 / +4 prompts from 14.6% at RL
 seeds 0-2 (at 2 threads +1 / 0 / +1 from 16.3%, see the README); long2short (seed 0) length
 x0.81 at -1.6 points. The long-CoT and long2short spreads above predate it.
+Several thresholds sit close to what this module measures, so a change of floating-point
+summation order alone can cross them: resizing MoonViT's position grid once per distinct image
+size instead of once per image (same values, the gradient summed in another order; 2026-11-29)
+gave video QA 24.7% (chance 22.4% + 3 = 25.4%; shuffled 21.3%, direction 54.5% vs 27.3%) and
+long2short's DPO 51.7 tokens against 56.9 (x0.909, above x0.9), the other 15 tests passing.
+Re-measure the spreads before landing a change that moves the numerics (a kernel, an op order,
+a torch upgrade).
 """
 
 from __future__ import annotations
