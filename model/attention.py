@@ -48,7 +48,7 @@ import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -67,12 +67,12 @@ try:  # guarded: flash-attn is an optional CUDA extra
     from flash_attn import flash_attn_varlen_func as _flash_varlen
 except Exception:  # noqa: BLE001 - any import failure (missing, wrong CUDA) means "not available"
     _flash_varlen = None
-try:  # torch >= 2.10: flash varlen in torch itself (CUDA)
-    from torch.nn.attention.varlen import varlen_attn
-
-    _torch_varlen: Callable[..., Any] | None = varlen_attn  # its keywords differ across torch versions
-except Exception:  # noqa: BLE001
-    _torch_varlen = None
+_torch_varlen: Callable[..., Any] | None | bool = False
+"""torch's own varlen kernel (torch >= 2.10, CUDA), imported on first need (`torch_varlen`):
+importing it imports torch._dynamo, which took the model's import from 1.6-2.8 s to 2.8-4.6 s on
+this CPU, for a kernel that runs on CUDA only. (A process that builds an optimizer imports
+torch._dynamo anyway: torch.optim's add_param_group does; evals, chat, import and export do not.)
+None: unavailable."""
 
 PADDED_OVER_DENSE = 1.0
 """`sdpa` takes the padded form when S * Lmax^2 < this * B * L^2. Measured on this CPU (fp32,
@@ -84,9 +84,22 @@ CAUSAL_CHUNK = 128
 _warned: set[str] = set()
 
 
+def torch_varlen() -> Callable[..., Any] | None:
+    """torch.nn.attention.varlen.varlen_attn, or None where this torch has none."""
+    global _torch_varlen
+    if _torch_varlen is False:
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # its keywords differ across versions
+
+            _torch_varlen = varlen_attn
+        except Exception:  # noqa: BLE001
+            _torch_varlen = None
+    return cast(Callable[..., Any] | None, _torch_varlen)
+
+
 def flash_available(device: torch.device) -> bool:
     """True when a varlen flash kernel (flash-attn or torch's own) can run on `device` (CUDA)."""
-    return device.type == "cuda" and (_flash_varlen is not None or _torch_varlen is not None)
+    return device.type == "cuda" and (_flash_varlen is not None or torch_varlen() is not None)
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -487,8 +500,8 @@ def _sdpa_cp(q_BHLD: Tensor, k_BHKD: Tensor, v_BHKE: Tensor, plan: CPPlan, scale
 def _varlen_kernel() -> tuple[Callable[..., Any], str]:
     if _flash_varlen is not None:
         return _flash_varlen, "flash_attn"
-    if _torch_varlen is not None:
-        return _torch_varlen, "torch"
+    if (kernel := torch_varlen()) is not None:
+        return kernel, "torch"
     raise RuntimeError(
         "attn backend 'flash' needs flash-attn (pip install moonforge[flash]) or "
         "torch >= 2.10 with torch.nn.attention.varlen on CUDA; use 'sdpa'"

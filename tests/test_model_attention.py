@@ -116,6 +116,29 @@ def test_flash_plumbing_matches_sdpa_with_a_cpu_stand_in(monkeypatch, causal):
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
 
 
+def test_the_model_and_the_verifiers_import_without_torch_dynamo():
+    """torch's own varlen kernel (CUDA only) is imported on first need: importing it imports
+    torch._dynamo, 1.2-2 s of every process that imports the model (evals, chat, import / export).
+    The dataset builders that check answers import the verifiers without torch at all (a build of
+    rl_prompts took 4.5-5.3 s with the RL stage and the model imported, 0.6-0.8 s without)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import moonforge.stages.rl.verifiers\n"
+        "assert 'torch' not in sys.modules, 'the verifiers imported torch'\n"
+        "import moonforge.model.vlm\n"
+        "assert 'torch._dynamo' not in sys.modules, 'importing the model imported torch._dynamo'\n"
+        "from moonforge.model import attention\n"
+        "assert attention.torch_varlen() is not None and 'torch._dynamo' in sys.modules\n"
+        "from moonforge.stages.rl import rl\n"
+        "assert callable(rl)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
 def test_flash_never_casts_fp32_down(monkeypatch):
     """fp32 activations are not run in bf16: the batch runs exact SDPA (with a warning)."""
     monkeypatch.setattr(attention, "_flash_varlen", _fake_flash_varlen)

@@ -13,6 +13,18 @@ Modules, each one concept, pure torch/python and testable without a model:
     stage       the stage function `rl` (catalog: moonforge.stages.rl:rl) and its OPMD loop
 """
 
-from moonforge.stages.rl.stage import rl
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["rl"]
+
+
+def __getattr__(name: str) -> Any:
+    # The stage function on first use only: the dataset builders import the verifiers, and the
+    # stage would bring the whole model and trainer with them (seconds of every build's start).
+    if name == "rl":
+        from moonforge.stages.rl.stage import rl
+
+        return rl
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
