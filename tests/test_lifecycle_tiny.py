@@ -40,8 +40,8 @@ long2short's DPO 51.7 tokens against 56.9 (x0.909, above x0.9), the other 15 tes
 Re-measure the spreads before landing a change that moves the numerics (a kernel, an op order,
 a torch upgrade). The RL threshold is the most fragile: computing the LM loss's logits only at
 labelled tokens (same loss up to rounding; 2026-11-29, not landed) passed the 16 others and gave
-RL +1 prompt at seed 0; RL seeds 0-2 from that long-CoT model gave +1 / -7 / +2, and every RL
-setting tried ranged -2..+4 (README, "What the tiny numbers mean"): RL ends at 14-19% whatever
+RL +1 prompt at seed 0; RL seeds 0-2 from that long-CoT model gave +1 / -7 / +2, and the other RL
+settings tried ranged -2..+4 (README, "What the tiny numbers mean"): RL ends at 14-19% whatever
 its start, so its gain here is mostly the long-CoT start's deficit.
 """
 
