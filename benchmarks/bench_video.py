@@ -108,12 +108,12 @@ def clip_stream(vlm, rounds: int, batches: int = 20) -> None:
             {"clips": src},
             lambda s: {"clips": 1.0},
             tok,
-            256,
-            8,
-            0,
-            v.patch_size,
-            v.merge_size,
-            v.max_patches,
+            seq_len=256,
+            batch_size=8,
+            seed=0,
+            patch_size=v.patch_size,
+            merge_size=v.merge_size,
+            max_patches=v.max_patches,
         )
 
     streams = {"cached": stream(2**30), "no cache": stream(0)}

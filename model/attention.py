@@ -44,11 +44,12 @@ documents (segments), R real (non-padding) tokens, P = S * Lmax padded slots.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -67,12 +68,6 @@ try:  # guarded: flash-attn is an optional CUDA extra
     from flash_attn import flash_attn_varlen_func as _flash_varlen
 except Exception:  # noqa: BLE001 - any import failure (missing, wrong CUDA) means "not available"
     _flash_varlen = None
-_torch_varlen: Callable[..., Any] | None | bool = False
-"""torch's own varlen kernel (torch >= 2.10, CUDA), imported on first need (`torch_varlen`):
-importing it imports torch._dynamo, which took the model's import from 1.6-2.8 s to 2.8-4.6 s on
-this CPU, for a kernel that runs on CUDA only. (A process that builds an optimizer imports
-torch._dynamo anyway: torch.optim's add_param_group does; evals, chat, import and export do not.)
-None: unavailable."""
 
 PADDED_OVER_DENSE = 1.0
 """`sdpa` takes the padded form when S * Lmax^2 < this * B * L^2. Measured on this CPU (fp32,
@@ -84,17 +79,18 @@ CAUSAL_CHUNK = 128
 _warned: set[str] = set()
 
 
+@functools.cache
 def torch_varlen() -> Callable[..., Any] | None:
-    """torch.nn.attention.varlen.varlen_attn, or None where this torch has none."""
-    global _torch_varlen
-    if _torch_varlen is False:
-        try:
-            from torch.nn.attention.varlen import varlen_attn  # its keywords differ across versions
-
-            _torch_varlen = varlen_attn
-        except Exception:  # noqa: BLE001
-            _torch_varlen = None
-    return cast(Callable[..., Any] | None, _torch_varlen)
+    """torch.nn.attention.varlen.varlen_attn (torch >= 2.10, CUDA), or None where this torch has
+    none. Imported on first need, not with this module: it imports torch._dynamo, which took the
+    model's import from 1.6-2.8 s to 2.8-4.6 s on this CPU, for a kernel that runs on CUDA only.
+    (A process that builds an optimizer imports torch._dynamo anyway: torch.optim's
+    add_param_group does; evals, chat, import and export do not.)"""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # its keywords differ across versions
+    except Exception:  # noqa: BLE001
+        return None
+    return varlen_attn
 
 
 def flash_available(device: torch.device) -> bool:
