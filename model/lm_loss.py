@@ -6,7 +6,14 @@ At a large vocabulary the (T, V) logits dominate a long micro-batch's activation
 backward's two gradient buffers). Above `CE_CHUNK_ELEMS` logit entries the loss runs chunk by
 chunk, each chunk under activation checkpointing: the forward keeps no logits, and the backward
 rebuilds one chunk's at a time (one more lm_head matmul per token). At or below it, one plain
-cross-entropy over all tokens (bit-identical to computing the logits and then the loss).
+cross-entropy over the tokens.
+
+Only labelled tokens get logits: the hidden states of tokens labelled -100 (prompts and media pads
+in SFT, 96% of the tiny recipe's motion-clip phase; media pads, padding and document ends
+elsewhere) are dropped before the lm_head, whose matmul at the tiny recipe's 2,048-token
+vocabulary costs about half as much as the rest of its LM per token. The loss is the same mean
+over the same tokens, bit-identical when every token is labelled; otherwise only the rounding of
+the sums can differ, as the dropped tokens' exact zeros no longer take part in them.
 
 Legend: T tokens, D hidden, V vocabulary, C tokens per chunk.
 """
@@ -37,6 +44,9 @@ def cross_entropy_from_hidden(
     CE_CHUNK_ELEMS (read at call time). With `denominator`, the sum of the token losses divided
     by it instead (a context-parallel rank's part of a longer sequence's mean; 0 when none of
     its tokens is labelled)."""
+    keep_T = labels_T != IGNORE
+    if 0 < int(keep_T.sum()) < len(keep_T):  # with none labelled, keep all: the graph still reaches the LM
+        h_TD, labels_T = h_TD[keep_T], labels_T[keep_T]
     T = h_TD.shape[0]
     chunk_elems = chunk_elems or CE_CHUNK_ELEMS
     if T * vocab_size <= chunk_elems:

@@ -4,7 +4,7 @@
 assistant header, plus the prompt's image patches) with KV-cached generation, decodes each
 response, and scores it with the item's verifier on the extracted final answer
 (`verifiers.score`: text after the last "Answer:", else the last non-empty line). Greedy
-(temperature 0) by default, so it is deterministic; a sampled eval is seeded.
+(temperature 0) by default, so it is deterministic; a sampled eval (temperature, top_p) is seeded.
 
 Result keys (floats unless noted):
     acc                 mean 0/1 reward over the items
@@ -59,6 +59,7 @@ def generate_responses(
     max_new_tokens: int,
     batch_size: int,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     seed: int = 0,
     repeat_ngram: int | None = None,
     repeat_max: int | None = None,
@@ -85,6 +86,7 @@ def generate_responses(
             max_new_tokens,
             batch_size,
             temperature,
+            top_p,
             seed,
             repeat_ngram,
             repeat_max,
@@ -94,7 +96,17 @@ def generate_responses(
 
 
 def _generate_sorted(
-    model, tokenizer, items, device, max_new_tokens, batch_size, temperature, seed, repeat_ngram, repeat_max
+    model,
+    tokenizer,
+    items,
+    device,
+    max_new_tokens,
+    batch_size,
+    temperature,
+    top_p,
+    seed,
+    repeat_ngram,
+    repeat_max,
 ) -> list[tuple[str, int, str]]:
     order = sorted(range(len(items)), key=lambda i: (len(items[i].prompt_ids), i))
     out: list[tuple[str, int, str] | None] = [None] * len(items)
@@ -107,6 +119,7 @@ def _generate_sorted(
             [it.prompt_ids for it in batch],
             max_new_tokens=max_new_tokens,
             temperature=temperature,
+            top_p=top_p,
             **media,
             seed=seed + start,
             use_cache=True,
@@ -129,6 +142,7 @@ def answer_accuracy(
     max_new_tokens: int,
     batch_size: int,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     verifier_stats: VerifyStats | None = None,
     seed: int = 0,
     repeat_ngram: int | None = None,
@@ -150,6 +164,7 @@ def answer_accuracy(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         temperature=temperature,
+        top_p=top_p,
         seed=seed,
         repeat_ngram=repeat_ngram,
         repeat_max=repeat_max,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from moonforge.stages.config import Frozen, StageConfig
 from moonforge.stages.data.declared import DeclaredDataset, check_mixture
@@ -404,6 +404,10 @@ class RLConfig(MixtureStage):
     """Subtracted from the reward of a rollout cut for repeating."""
     max_verifier_error_rate: float = Field(default=0.5, ge=0.0, le=1.0)
     """Fail the stage when more than this share of verifier calls raise (a broken verifier)."""
+    eval_samples: NonNegativeInt = 4
+    """Seeded samples per held-out prompt for eval/sampled_acc: pass@1 estimated from k samples at
+    the rollout temperature and top_p (DeepSeek-R1's protocol), the accuracy of the policy RL
+    optimises. 0 = the greedy eval only."""
 
     @property
     def context_parallel_ok(self) -> bool:

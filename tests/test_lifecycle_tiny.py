@@ -339,14 +339,15 @@ def test_long_cot_sft_learns_the_traces(tiny_project):
     assert m["eval/mean_len"] > 4 * m["eval/mean_len_before"], m  # step-by-step, not one word
 
 
-def test_rl_raises_heldout_reasoning_accuracy_over_its_long_cot_start(tiny_project):
+def test_rl_raises_heldout_sampled_accuracy_over_its_long_cot_start(tiny_project):
     m, start = _eval(tiny_project, "rl@1"), _eval(tiny_project, "long_cot_sft@1")
     # RL starts from the long-CoT model, but its eval decodes as its rollouts do (a looping
     # answer is stopped, up to max_new_tokens 112; long-CoT's eval runs to its 110-token trace
     # budget), so the two may differ by a prompt (seen: 14.6% vs 15.4% of 123, mean length 65.6
     # vs 65.7 tokens)
     assert abs(m["eval/acc_before"] - start["eval/reasoning_acc"]) <= 2 / m["eval/n"] + 1e-9, (m, start)
-    assert m["eval/acc"] >= m["eval/acc_before"] + 2 / m["eval/n"] - 1e-9, m  # 2 more prompts right
+    # what RL optimises: answers sampled at the rollout temperature, 4 per held-out prompt
+    assert m["eval/sampled_acc"] >= m["eval/sampled_acc_before"] + 0.02, m
     assert len(tiny_project.read("rl@1", "rl_curves.png")) > 10_000
 
 

@@ -19,14 +19,17 @@ import yaml
 import moonforge.stages.long2short as l2s
 import moonforge.stages.rl.opmd_loop as loop
 import moonforge.stages.rl.opmd_update as update
+import moonforge.stages.rl.stage as stage
 from moonforge.model.config import VLMConfig
 from moonforge.model.vlm import build_vlm
 from moonforge.stages.artifacts import DatasetRef, ListSink, StageContext
 from moonforge.stages.rl import rl
 from moonforge.stages.rl.dpo import Sample
 from moonforge.stages.rl.opmd import opmd_loss
+from moonforge.stages.rl.stage import prompt_items
 from moonforge.stages.stage_configs import Long2ShortConfig, RLConfig
 from moonforge.stages.train.checkpoint import save_weights
+from moonforge.stages.train.stage_io import open_tokenizer, vision_spec
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"  # replaced by the session's built datasets (repo_data) in _built
@@ -143,7 +146,56 @@ def test_rl_iteration_contract_and_partial_rollouts(tmp_path, base, monkeypatch)
     assert any(n > 3 for r in trained for n in r["lengths"])
     assert (tmp_path / "out" / "rl_curves.png").stat().st_size > 0
     assert {"eval/acc", "eval/acc_before", "eval/mean_len", "eval/image_acc"} <= set(res.metrics)
+    assert {"eval/sampled_acc", "eval/sampled_acc_before", "eval/sampled_mean_len"} <= set(res.metrics)
+    gain = res.metrics["eval/sampled_acc"] - res.metrics["eval/sampled_acc_before"]
+    assert res.metrics["eval/sampled_acc_gain"] == pytest.approx(gain)
     assert res.checkpoint.weights.exists()
+
+
+def _eval_inputs(tmp_path):
+    data = _data(tmp_path)
+    tok = open_tokenizer(data, MODEL, "rl")
+    return build_vlm(MODEL, seed=0).eval(), tok, prompt_items(data, tok, vision_spec(MODEL), "val", "rl")
+
+
+def test_sampled_eval_averages_k_distinctly_seeded_passes_at_the_rollout_temperature(tmp_path, monkeypatch):
+    model, tok, items = _eval_inputs(tmp_path)
+    cfg = RLConfig(
+        **COMMON, num_steps=1, num_iterations=1, max_new_tokens=6, temperature=0.7, top_p=0.9, eval_samples=3
+    )
+    calls = []
+
+    def fake(model, tok, items, **kw):
+        calls.append(kw)
+        return {"acc": [0.25, 0.5, 1.0][len(calls) - 1], "mean_len": float(len(calls))}
+
+    monkeypatch.setattr(stage, "answer_accuracy", fake)
+    out = stage.sampled_metrics(model, tok, items, cfg, "_before", (8, 4))
+    assert out == {"eval/sampled_acc_before": pytest.approx(1.75 / 3), "eval/sampled_mean_len_before": 2.0}
+    assert [(c["temperature"], c["top_p"], c["repeat_ngram"]) for c in calls] == [(0.7, 0.9, 8)] * 3
+    assert len({c["seed"] for c in calls}) == 3  # k passes, not one pass counted k times
+    assert stage.sampled_metrics(model, tok, items, cfg.model_copy(update={"eval_samples": 0})) == {}
+
+
+def test_sampled_eval_is_seeded_and_samples(tmp_path, monkeypatch):
+    seen: list[str] = []
+
+    def record(verifier, response, reference, stats, *a):
+        seen.append(response)
+        return _even_reward(verifier, response, reference, stats)
+
+    monkeypatch.setattr("moonforge.stages.rl.verifiers.score", record)
+    model, tok, items = _eval_inputs(tmp_path)
+    cfg = RLConfig(**COMMON, num_steps=1, num_iterations=1, max_new_tokens=8, eval_samples=2)
+    first = stage.sampled_metrics(model, tok, items, cfg)
+    sampled, seen[:] = list(seen), []
+    assert stage.sampled_metrics(model, tok, items, cfg) == first  # a resumed run's "before" is the same
+    assert seen == sampled
+    seen.clear()
+    stage.answer_metrics(model, tok, items, 8, 4)
+    n = len(items)
+    assert len(sampled) == 2 * n and sampled[:n] != sampled[n:]  # two passes, two draws
+    assert seen != sampled[:n]  # not the greedy answers
 
 
 def test_rl_nan_reward_names_the_stage(tmp_path, base, monkeypatch):

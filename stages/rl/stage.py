@@ -4,11 +4,12 @@ The loop itself is `opmd_loop.run_opmd` (see there for one iteration's steps: cu
 prioritized prompts, k samples from the iteration's reference, partial rollouts with a replay
 buffer, repeat detection, binary reward + length reward with warm-up, optimizer reset, OPMD loss).
 This module maps RLConfig onto it, runs the closing eval (held-out rl_prompts/val answer accuracy,
-text and image, mean length and accuracy per 1k tokens) before and after, and writes
+text and image, mean length and accuracy per 1k tokens, greedy; and the accuracy of k seeded
+samples per prompt at the rollout temperature) before and after, and writes
 `rl_curves.png` (reward / accuracy / length per iteration) and `rl_rollouts.jsonl` under ctx.out.
 A killed run resumes at the last checkpointed iteration (every `checkpoint_every` iterations and
 at the end; loop_state says what is kept); the "before" eval is greedy, so recomputing it on the
-upstream weights gives the same numbers.
+upstream weights gives the same numbers (the sampled eval is seeded: the same too).
 """
 
 from __future__ import annotations
@@ -140,6 +141,49 @@ def answer_metrics(
     return as_metrics(res, "eval/", suffix)
 
 
+SAMPLED_EVAL_SEED = 1_000_003
+"""Seed stride between eval/sampled_acc's passes (each pass seeds its batches from its own base)."""
+
+
+def sampled_metrics(
+    model: nn.Module,
+    tok: Tokenizer,
+    items: Sequence[ChatPromptItem],
+    cfg: RLConfig,
+    suffix: str = "",
+    repeat: tuple[int | None, int | None] = (None, None),
+) -> dict[str, float]:
+    """eval/sampled_acc: held-out answer accuracy averaged over `cfg.eval_samples` seeded samples
+    per prompt at the rollout temperature and top_p (DeepSeek-R1's pass@1 from k samples), and
+    eval/sampled_mean_len. {} when eval_samples is 0.
+
+    Why next to the greedy eval: RL optimises the policy it samples from. At the tiny recipe's scale
+    its greedy held-out accuracy moves by a few prompts either way from seed to seed (README, "What
+    the tiny numbers mean"), while the sampled accuracy, the quantity the rewards push, rises in every
+    run measured. Seeded per pass, so a resumed run's "before" is the same number."""
+    if cfg.eval_samples == 0:
+        return {}
+    passes = [
+        answer_accuracy(
+            model,
+            tok,
+            items,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=SAMPLED_EVAL_SEED * (k + 1),
+            repeat_ngram=repeat[0],
+            repeat_max=repeat[1],
+        )
+        for k in range(cfg.eval_samples)
+    ]
+    return {
+        f"eval/sampled_acc{suffix}": sum(p["acc"] for p in passes) / len(passes),
+        f"eval/sampled_mean_len{suffix}": sum(p["mean_len"] for p in passes) / len(passes),
+    }
+
+
 def declared_metrics(
     model: nn.Module,
     tok: Tokenizer,
@@ -187,7 +231,8 @@ def rl(
     """Return the policy after cfg.num_iterations OPMD iterations on rl_prompts/train.
 
     Metrics: eval/* (held-out rl_prompts/val accuracy, text and image, mean length, acc per 1k
-    tokens) after, the same with `_before`, eval/acc_gain, and rl/* summary numbers.
+    tokens, greedy; eval/sampled_acc at the rollout temperature) after, the same with `_before`,
+    eval/acc_gain, eval/sampled_acc_gain, and rl/* summary numbers.
     Bad input (no prompts, NaN reward, nothing finished) raises an error naming the stage.
     """
     try:
@@ -212,6 +257,7 @@ def _rl(base, data, cfg: RLConfig, ctx: StageContext) -> StageResult:
     evaluate = lambda suffix: {  # noqa: E731
         **declared_metrics(model, tok, held, cfg.max_new_tokens, cfg.eval.batch_size, suffix, repeat),
         **answer_metrics(model, tok, val_items, cfg.max_new_tokens, cfg.eval.batch_size, suffix, repeat),
+        **sampled_metrics(model, tok, val_items, cfg, suffix, repeat),
     }
     before = evaluate("_before")
     t0 = time.perf_counter()
@@ -222,8 +268,15 @@ def _rl(base, data, cfg: RLConfig, ctx: StageContext) -> StageResult:
     trained = [c for c in curves if "reward_mean" in c]
     metrics = {
         **before,
+        # run summaries show a stage's first eval/* metrics: both accuracies lead
+        **{k: after[k] for k in ("eval/acc", "eval/sampled_acc") if k in after},
         **after,
         "eval/acc_gain": after["eval/acc"] - before["eval/acc_before"],
+        **(
+            {"eval/sampled_acc_gain": after["eval/sampled_acc"] - before["eval/sampled_acc_before"]}
+            if cfg.eval_samples
+            else {}
+        ),
         "rl/reward_first": trained[0]["reward_mean"],
         "rl/reward_last": trained[-1]["reward_mean"],
         "rl/accuracy_first": trained[0]["accuracy"],
