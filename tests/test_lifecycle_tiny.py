@@ -18,7 +18,7 @@ VQA accuracy at least 3 points above the pre-SFT model (+6.3..+9.4 points on 32 
 one question is 3.1 points); long-CoT trace loss below half its start (x0.064..x0.068) and mean
 answers over 4x longer (x11.0..x12.2); RL's held-out sampled accuracy (pass@1 from 4 samples per
 prompt at the rollout temperature, the policy RL trains) at least 2 points above its long-CoT
-start (+2.8..+6.5 points over 22 RL runs of seven settings from three long-CoT models; their
+start (+2.8..+6.5 points over 23 RL runs of eight settings from four long-CoT models; their
 greedy accuracy moved -7..+5 prompts of 123, so it is reported, not asserted: RL ends at 14-19%
 greedy whatever its start, image problems ~30%, text arithmetic ~3%, which the 3-layer LM
 cannot do). Long2short mean response length at least 10% shorter (x0.63..x0.84, DPO picked each
@@ -40,11 +40,13 @@ gave video QA 24.7% (chance 22.4% + 3 = 25.4%; shuffled 21.3%, direction 54.5% v
 long2short's DPO 51.7 tokens against 56.9 (x0.909, above x0.9), the other 15 tests passing.
 Re-measure the spreads before landing a change that moves the numerics (a kernel, an op order,
 a torch upgrade). Computing the LM loss's logits only at labelled tokens (2026-11-29) was one:
-after it, at one thread, this module measured video QA 29.2% (shuffled 16.9%, chance 22.4%;
-direction 54.5% vs 18.2%), SFT VQA +9.4 points, long-CoT trace loss x0.069 and answers x31
-longer, RL sampled accuracy 9.2% -> 15.7% (greedy 14.6% -> 13.8%), long2short 69.6 -> 45.3
-tokens (x0.65) at +0.8 points; an earlier run of the same change gave video QA 30.3% (shuffled
-23.6%), direction 50% vs 31.8% and long2short x0.71.
+after it, at one thread (make test, a fresh clone), this module measured video QA 30.3%
+(shuffled 23.6%, chance 22.4%; direction 50.0% vs 31.8%), SFT VQA +6.3 points, long-CoT trace
+loss x0.069 and answers x29 longer, RL sampled accuracy 7.9% -> 13.6% (greedy 15.4% -> 16.3%),
+long2short 51.7 -> 36.6 tokens (x0.71) at -0.8 points. Run at two threads (pytest without
+xdist leaves torch's default), the same code gave video QA 29.2% (shuffled 16.9%; direction
+54.5% vs 18.2%), SFT VQA +9.4, RL sampled 9.2% -> 15.7% (greedy 14.6% -> 13.8%), long2short
+x0.65 at +0.8 points: the README's table.
 """
 
 from __future__ import annotations
