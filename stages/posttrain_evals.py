@@ -19,7 +19,8 @@ Result keys (floats unless noted):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -72,66 +73,44 @@ def generate_responses(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     device = model.lm.embed_tokens.weight.device
-    # Decode steps are tiny ops: on CPU extra intra-op threads only add sync cost (10x slower
-    # on a busy 2-core machine), so generation runs on one thread and restores the setting.
+    order = sorted(range(len(items)), key=lambda i: (len(items[i].prompt_ids), i))
+    out: list[tuple[str, int, str] | None] = [None] * len(items)
+    with _one_thread_on_cpu(device):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = [items[i] for i in idx]
+            media = prompt_media(batch, device)
+            gen = generate(
+                model,
+                [it.prompt_ids for it in batch],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                **media,
+                seed=seed + start,
+                use_cache=True,
+                stop_ids=tokenizer.stop_ids,
+                pad_id=tokenizer.pad_id,
+                media_pad_id=tokenizer.media_pad_id,
+                repeat_ngram=repeat_ngram,
+                repeat_max=repeat_max,
+            )
+            for j, i in enumerate(idx):
+                out[i] = (tokenizer.decode(gen.tokens[j]), gen.lengths[j], gen.finish_reasons[j])
+    return out  # type: ignore[return-value]
+
+
+@contextmanager
+def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """Decode steps are tiny ops: on CPU extra intra-op threads only add sync cost (10x slower on
+    a busy 2-core machine), so generation runs on one thread and restores the setting."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        return _generate_sorted(
-            model,
-            tokenizer,
-            items,
-            device,
-            max_new_tokens,
-            batch_size,
-            temperature,
-            top_p,
-            seed,
-            repeat_ngram,
-            repeat_max,
-        )
+        yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _generate_sorted(
-    model,
-    tokenizer,
-    items,
-    device,
-    max_new_tokens,
-    batch_size,
-    temperature,
-    top_p,
-    seed,
-    repeat_ngram,
-    repeat_max,
-) -> list[tuple[str, int, str]]:
-    order = sorted(range(len(items)), key=lambda i: (len(items[i].prompt_ids), i))
-    out: list[tuple[str, int, str] | None] = [None] * len(items)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = [items[i] for i in idx]
-        media = prompt_media(batch, device)
-        gen = generate(
-            model,
-            [it.prompt_ids for it in batch],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            **media,
-            seed=seed + start,
-            use_cache=True,
-            stop_ids=tokenizer.stop_ids,
-            pad_id=tokenizer.pad_id,
-            media_pad_id=tokenizer.media_pad_id,
-            repeat_ngram=repeat_ngram,
-            repeat_max=repeat_max,
-        )
-        for j, i in enumerate(idx):
-            out[i] = (tokenizer.decode(gen.tokens[j]), gen.lengths[j], gen.finish_reasons[j])
-    return out  # type: ignore[return-value]
 
 
 def answer_accuracy(
