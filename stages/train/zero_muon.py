@@ -10,14 +10,17 @@ buffer is then the matrix itself plus alignment padding) and a step does:
     -> decoupled weight decay + the match_rms_adamw-scaled update on the local parameter slice
 
 i.e. "gather the full matrix, Newton-Schulz, keep the local shard" (training-methods.md section
-1). Optimizer state stays sharded (ZeRO-1). NS runs for every matrix on every rank, since every
-matrix is sharded over all ranks; with shared flat buffers (Moonlight) only the one or two ranks
-holding part of a matrix would, but spreading it so needs the NS before DeepSpeed's per-group
-loop, which copies each group's fp32 partition right after that group's step. Without a ZeRO
-wrapper (full 2-D params) it is exactly MuonAdamW's math, which is what tests/test_distributed.py
-compares against. A stacked 3-D expert parameter is gathered whole and orthogonalised per matrix
-(batched NS), as MuonAdamW does. One group per parameter costs one small flatten per parameter;
-the gradient reduction is still bucketed by DeepSpeed.
+1). Optimizer state stays sharded (ZeRO-1). Without a ZeRO wrapper (full 2-D params) it is
+exactly MuonAdamW's math, which is what tests/test_distributed.py compares against.
+
+Who runs which Newton-Schulz: a stacked 3-D expert parameter holds independent matrices, and a
+rank orthogonalises only those its slice overlaps (about E / R of them, tests/test_zero_muon.py),
+so the experts' NS, most of an MoE's, is spread over the ranks with no exchange after it. A 2-D
+matrix is sharded over all ranks, so every rank runs its NS. With shared flat buffers (Moonlight)
+only the one or two ranks holding part of a matrix would; spreading 2-D matrices so needs the NS
+before DeepSpeed's per-group loop, which copies each group's fp32 partition right after that
+group's step. One group per parameter costs one small flatten per parameter; the gradient
+reduction is still bucketed by DeepSpeed.
 
 Checkpoints: `full_state_dict()` gathers the shards into the single-process MuonAdamW format and
 `load_full_state_dict()` slices it again, so train state moves freely between world sizes.
@@ -102,13 +105,38 @@ class ZeroMuonAdamW(torch.optim.Optimizer):
         buf.lerp_(grad, 1 - mu)
         update = grad.lerp(buf, mu)
         full = self._gather(update, g).view(g["matrices"])  # stacked experts: (N, A, B)
-        dtype = g["ns_dtype"] or (torch.bfloat16 if p.is_cuda else torch.float32)
-        ortho = newton_schulz(full, g["ns_steps"], g["ns_eps"], dtype).to(p.dtype)
+        ortho = self._orthogonalised_slice(full, p, g)
         p.mul_(1 - lr * g["weight_decay"])
-        p.add_(
-            self._local(ortho.reshape(g["shape"]), p),
-            alpha=-adjusted_lr(lr, torch.Size(g["matrices"]), g["adjust_lr_fn"]),
-        )
+        p.add_(ortho, alpha=-adjusted_lr(lr, torch.Size(g["matrices"]), g["adjust_lr_fn"]))
+
+    def _orthogonalised_slice(self, full: Tensor, p: Tensor, g: dict) -> Tensor:
+        """This rank's slice of Newton-Schulz(full), orthogonalising only the matrices it touches.
+
+        A stacked expert tensor holds N independent matrices, so the slice needs only the ones
+        that overlap it: with E experts over R ranks that is about E / R of them per rank (one
+        more where a slice boundary splits a matrix), and no exchange afterwards. A 2-D matrix
+        is one matrix every rank's slice touches, so every rank runs its whole NS.
+        """
+        dtype = g["ns_dtype"] or (torch.bfloat16 if p.is_cuda else torch.float32)
+        lo, hi = self._bounds(p, g)
+        out = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+        if hi <= lo:  # the tail rank of a tensor smaller than its padding: nothing of it here
+            return out
+        size = full.shape[-2] * full.shape[-1]  # one matrix
+        first, last = lo // size, -(-hi // size)  # the matrices [first, last) overlap [lo, hi)
+        mine = full[first:last] if full.dim() == 3 else full
+        ortho = newton_schulz(mine, g["ns_steps"], g["ns_eps"], dtype)
+        start = lo - first * size
+        out[: hi - lo] = ortho.to(p.dtype).reshape(-1)[start : start + hi - lo]
+        return out.view(p.shape)
+
+    def _bounds(self, p: Tensor, g: dict) -> tuple[int, int]:
+        """The flat [lo, hi) of the whole tensor that this rank's slice holds (ZeRO's partition)."""
+        if not self._sharded(p, g):
+            return 0, g["numel"]
+        rank, _ = _world()
+        n = p.numel()
+        return rank * n, min((rank + 1) * n, g["numel"])
 
     def _adamw(self, p: Tensor, g: dict) -> None:
         """torch.optim.AdamW's single-tensor update (no amsgrad), elementwise on the slice."""
