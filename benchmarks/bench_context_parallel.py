@@ -9,7 +9,14 @@ and the peak resident memory of the process (ru_maxrss: weights, libraries and a
 and the ratios. Context parallelism is for sequences that do not fit one device; on one shared
 CPU the pair mostly pays its gathers, so expect a ratio below 1 here.
 
+With `--balance`, instead: the `cp` attention kernel alone (forward + backward, one thread), per
+rank of 2, at the mid-size recipe's heads (recipes/small.yaml: 8 heads, q/k 96 wide, v 64), on one
+`--len`-token document and on the packed layout, for the zig-zag split in query chunks (what the
+LM runs) against the contiguous split in one part (what it ran before), alternating in one
+process. A step waits for its slowest rank, so the ratio is of the slowest ranks' times.
+
 Run: python benchmarks/bench_context_parallel.py [--len 8192] [--steps 3] [--threads 2]
+     python benchmarks/bench_context_parallel.py --balance [--len 4096] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -93,12 +100,69 @@ def _single(seq_len: int, n: int, threads: int, out: str) -> None:
     Path(out, "single.json").write_text(json.dumps({"times": times, "rss": rss}))
 
 
+def _balance(seq_len: int, rounds: int) -> None:
+    from moonforge.model.attention import CP_QUERY_CHUNK, attention, cp_attention_meta
+    from moonforge.model.context_parallel import ContextParallel
+
+    class Contiguous(ContextParallel):
+        """The baseline split: rank r keeps [r L/n, (r + 1) L/n)."""
+
+        def ranges(self, seq_len: int) -> tuple[tuple[int, int], ...]:
+            n = seq_len // self.size
+            return ((self.rank * n, (self.rank + 1) * n),)
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    H, Dqk, Dv = 8, 96, 64
+    q, k = torch.randn(1, H, seq_len, Dqk, generator=g), torch.randn(1, H, seq_len, Dqk, generator=g)
+    v = torch.randn(1, H, seq_len, Dv, generator=g)
+    sides = {
+        "contiguous, one part": (Contiguous, seq_len),
+        f"zig-zag, chunks of {CP_QUERY_CHUNK}": (ContextParallel, CP_QUERY_CHUNK),
+    }
+    layouts = {"one document": torch.zeros(1, seq_len, dtype=torch.long), "packed": _batch(seq_len)[2]}
+    print(
+        f"torch {torch.__version__}; cp attention kernel, {seq_len} tokens over 2 ranks, fwd + bwd, "
+        f"1 thread, median of {rounds} alternating rounds"
+    )
+    for name, doc in layouts.items():
+        times: dict[tuple[str, int], list[float]] = {(side, r): [] for side in sides for r in range(2)}
+        for _ in range(rounds + 1):  # the first round is warm-up
+            for side, (kind, chunk) in sides.items():
+                for r in range(2):
+                    cp = kind(r, 2)
+                    meta = cp_attention_meta(doc, cp, chunk)
+                    k0, end = meta.keys
+                    qs = cp.shard(q, 2).detach().requires_grad_()
+                    ks, vs = (
+                        k[:, :, k0:end].detach().requires_grad_(),
+                        v[:, :, k0:end].detach().requires_grad_(),
+                    )
+                    t0 = time.perf_counter()
+                    attention(qs, ks, vs, meta).sum().backward()
+                    times[side, r].append(time.perf_counter() - t0)
+        slowest = {}
+        for side in sides:
+            per_rank = [statistics.median(times[side, r][1:]) for r in range(2)]
+            slowest[side] = max(per_rank)
+            print(
+                f"  {name:12s} {side:28s} "
+                f"rank 0 {per_rank[0] * 1e3:7.1f} ms, rank 1 {per_rank[1] * 1e3:7.1f} ms"
+            )
+        base, new = slowest.values()
+        print(f"  {name:12s} slowest rank: {base / new:.2f}x faster zig-zag")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--len", type=int, default=8192, help="tokens in the row")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="threads of the single process")
+    p.add_argument("--balance", action="store_true", help="the per-rank kernel time instead")
+    p.add_argument("--rounds", type=int, default=5, help="--balance: timed rounds")
     args = p.parse_args()
+    if args.balance:
+        return _balance(args.len, args.rounds)
     with tempfile.TemporaryDirectory() as out:
         # each side in its own process, so each peak RSS is its own
         ctx = mp.get_context("spawn")

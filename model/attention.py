@@ -21,9 +21,10 @@ Backends, chosen when the model is built (`resolve_backend`, by device):
 - `flex`: FlexAttention with a document block mask (compiled on CUDA; eager elsewhere, slow).
 - `auto`: `flash` on CUDA when a varlen kernel exists, else `sdpa`.
 Under context parallelism (model/context_parallel.py) every backend runs the `cp` kernel: this
-rank's Lc queries over the gathered keys [k0, hi) (hi = its slice's end, k0 = the earliest start
-of a document its slice continues), per document: each document's slice tokens attend its
-positions from its start to the slice's end, in a padded (S, H, Qmax, Kmax) SDPA (`CPPlan`).
+rank's Lc queries (its zig-zag pieces) over the gathered keys [k0, hi) (hi = its last piece's
+end, k0 = the earliest start of a document its slice continues), per document and per chunk of
+queries: each document's chunk tokens attend its positions from its start to the chunk's last
+query, in one padded (S, H, Qmax, Kmax) SDPA a chunk (`CPPlan`).
 KV-cache decoding (`attend_cached`) always runs SDPA on the last Q rows of the same mask.
 
 What is unusual:
@@ -271,49 +272,90 @@ def attention_meta(
 
 
 @dataclass(frozen=True, eq=False)
-class CPPlan:
-    """A context-parallel rank's documents gathered into a padded batch (the `cp` kernel).
+class CPPart:
+    """One query chunk of a context-parallel rank's slice, its documents gathered into a padded
+    batch (the `cp` kernel runs one SDPA a part).
 
-    Segment s (a document, or a padding token, that has tokens in this rank's slice) has its
-    q_len slice tokens as queries and its k_len positions from the document's start to the
-    slice's end as keys; its queries are the last q_len of its keys (causal, bottom-right).
-    q_gather_P: local token (B * Lc flattened) for query slot s * Qmax + i; k_gather_P: gathered
-    key token (B * (hi - k0) flattened) for key slot s * Kmax + j; fillers read the segment's
-    first one. mask_S1QK: key j visible to query i; a filler query row sees key 0 only (no row
-    is fully masked, so no NaN reaches the backward). unpad_T: each local token's query slot.
+    Segment s (a document, or a padding token, with queries in the chunk) has its q_len chunk
+    tokens as queries and its k_len positions from the document's start to its last query as
+    keys; its queries are the last q_len of its keys (causal, bottom-right). q_gather_P: local
+    token (B * Lc flattened) for query slot s * Qmax + i; k_gather_P: gathered key token
+    (B * (hi - k0) flattened) for key slot s * Kmax + j; fillers read the segment's first one.
+    mask_S1QK: key j visible to query i; a filler query row sees key 0 only (no row is fully
+    masked, so no NaN reaches the backward).
     """
 
     q_gather_P: Tensor
     k_gather_P: Tensor
     mask_S1QK: Tensor
-    unpad_T: Tensor
     num_segments: int
     max_q: int
     max_k: int
 
 
-def cp_attention_meta(doc_ids_BL: Tensor, cp: ContextParallel) -> AttnMeta:
+@dataclass(frozen=True, eq=False)
+class CPPlan:
+    """The `cp` kernel's parts and unpad_T: each local token's row in the parts' padded outputs,
+    concatenated in part order."""
+
+    parts: tuple[CPPart, ...]
+    unpad_T: Tensor
+
+
+CP_QUERY_CHUNK = 256
+"""Query positions per `cp` kernel part. A part's SDPA computes every (query, key) pair up to its
+last query, so smaller chunks skip more of the causal triangle's masked half, and each costs a
+gather and a call. Measured (benchmarks/bench_context_parallel.py --balance, 4096 tokens over 2
+ranks, the slowest rank against the contiguous split in one part): chunks of 128 1.50x on one
+document / 1.33x packed, 256 2.00x / 1.20x, 512 1.74x / 1.19x, 1024 1.48x / 0.78x."""
+
+
+def cp_attention_meta(doc_ids_BL: Tensor, cp: ContextParallel, chunk: int = CP_QUERY_CHUNK) -> AttnMeta:
     """The `cp` kernel's metadata for this rank's slice of a batch whose whole layout is
-    `doc_ids_BL` (B, L), causal: queries [lo, hi), keys gathered over [k0, hi) and attended per
-    document (cost sum over documents of q_len x k_len, not Lc x hi). Two host reads."""
+    `doc_ids_BL` (B, L), causal: queries are the slice's pieces (`cp.ranges`), keys are gathered
+    over [k0, hi), and each chunk of `chunk` query positions attends per document (cost: the sum
+    over documents of q_len x k_len, not Lc x hi). One host read for k0, one a part."""
     B, L = doc_ids_BL.shape
-    dev = doc_ids_BL.device
-    lo, hi = cp.bounds(L)
-    Lc = hi - lo
+    ranges = cp.ranges(L)
+    Lc = sum(hi - lo for lo, hi in ranges)
     seg_BL = segment_ids(doc_ids_BL)
-    # earliest key any query of the slice may see: the start of the segment at `lo` in each row
-    # (segments are contiguous runs), so the keys before it are never gathered into the matmul
-    k0 = int((seg_BL < seg_BL[:, lo : lo + 1]).sum(1).min())
-    Kg = hi - k0
-    local_T = seg_BL[:, lo:hi].flatten()
-    ids_S, inv_T, q_len_S = torch.unique_consecutive(local_T, return_inverse=True, return_counts=True)
+    lo0, hi = ranges[0][0], ranges[-1][1]
+    # earliest key any query of the slice may see: the start of the segment at its first position
+    # in each row (segments are contiguous runs, so a later piece's segments start no earlier
+    # unless they are that one); keys before it are never gathered into the matmul
+    k0 = int((seg_BL < seg_BL[:, lo0 : lo0 + 1]).sum(1).min())
+    parts, unpad_BC, rows = [], torch.empty(B, Lc, dtype=torch.long, device=doc_ids_BL.device), 0
+    off = 0  # local offset of the current piece
+    for piece_lo, piece_hi in ranges:
+        for q_lo in range(piece_lo, piece_hi, chunk):
+            q_hi = min(q_lo + chunk, piece_hi)
+            local = off + q_lo - piece_lo
+            part, unpad_BN = _cp_part(seg_BL, q_lo, q_hi, local, Lc, k0, hi - k0)
+            unpad_BC[:, local : local + q_hi - q_lo] = unpad_BN + rows
+            rows += part.num_segments * part.max_q
+            parts.append(part)
+        off += piece_hi - piece_lo
+    plan = CPPlan(tuple(parts), unpad_BC.flatten())
+    return AttnMeta("cp", True, cp.shard(doc_ids_BL), cp=cp, keys=(k0, hi), cp_plan=plan)
+
+
+def _cp_part(
+    seg_BL: Tensor, lo: int, hi: int, local: int, Lc: int, k0: int, Kg: int
+) -> tuple[CPPart, Tensor]:
+    """The part for queries [lo, hi) of every row (local positions [local, local + hi - lo) of
+    the slice), and each of its tokens' row in the part's padded output, (B, hi - lo)."""
+    B, L = seg_BL.shape
+    dev, n = seg_BL.device, hi - lo
+    ids_S, inv_T, q_len_S = torch.unique_consecutive(
+        seg_BL[:, lo:hi].flatten(), return_inverse=True, return_counts=True
+    )
     first_S = torch.searchsorted(seg_BL.flatten(), ids_S)  # segment ids ascend in row-major order
     row_S, start_S = first_S // L, first_S % L
     q_start_S = start_S.clamp(min=lo)
     k_len_S = q_start_S + q_len_S - start_S
     S, Q, K = len(ids_S), *torch.stack([q_len_S.max(), k_len_S.max()]).tolist()
     i_Q, j_K = torch.arange(Q, device=dev), torch.arange(K, device=dev)
-    q_base_S = row_S * Lc + (q_start_S - lo)
+    q_base_S = row_S * Lc + local + (q_start_S - lo)
     k_base_S = row_S * Kg + (start_S - k0)
     q_real_SQ = i_Q[None, :] < q_len_S[:, None]
     k_real_SK = j_K[None, :] < k_len_S[:, None]
@@ -323,10 +365,10 @@ def cp_attention_meta(doc_ids_BL: Tensor, cp: ContextParallel) -> AttnMeta:
     q_at_SQ = (q_start_S - start_S)[:, None] + i_Q[None, :]
     mask_SQK = k_real_SK[:, None, :] & (j_K[None, None, :] <= q_at_SQ[:, :, None])
     mask_SQK |= ~q_real_SQ[:, :, None] & (j_K == 0)[None, None, :]
-    pos_T = torch.arange(B * Lc, device=dev) - (q_base_S[inv_T])  # position within the segment
-    unpad_T = inv_T * Q + pos_T
-    plan = CPPlan(q_gather.flatten(), k_gather.flatten(), mask_SQK[:, None], unpad_T, S, Q, K)
-    return AttnMeta("cp", True, doc_ids_BL[:, lo:hi], cp=cp, keys=(k0, hi), cp_plan=plan)
+    local_T = (torch.arange(B, device=dev)[:, None] * Lc + local + torch.arange(n, device=dev)).flatten()
+    unpad_T = inv_T * Q + local_T - q_base_S[inv_T]  # slot s * Q + (position within the segment)
+    part = CPPart(q_gather.flatten(), k_gather.flatten(), mask_SQK[:, None], S, Q, K)
+    return part, unpad_T.view(B, n)
 
 
 def cp_keys(meta: AttnMeta, x: Tensor, dim: int) -> Tensor:
@@ -478,18 +520,24 @@ def _sdpa_segments(
 
 
 def _sdpa_cp(q_BHLD: Tensor, k_BHKD: Tensor, v_BHKE: Tensor, plan: CPPlan, scale: float | None) -> Tensor:
-    """SDPA of a context-parallel rank's queries over its gathered keys, per document: both
-    gathered into padded (S, H, Qmax / Kmax, D) batches, the bottom-right causal mask, back."""
+    """SDPA of a context-parallel rank's queries over its gathered keys, one call a part: its
+    documents gathered into padded (S, H, Qmax / Kmax, D) batches, the bottom-right causal mask,
+    back into the slice's token order."""
     B, H, Lc, _ = q_BHLD.shape
-    S, Q, K = plan.num_segments, plan.max_q, plan.max_k
+    q_THD, k_THD, v_THE = _tokens(q_BHLD), _tokens(k_BHKD), _tokens(v_BHKE)
 
     def pad(x_THX: Tensor, idx_P: Tensor, n: int) -> Tensor:  # (T, H, X) -> (S, H, n, X)
-        return x_THX.index_select(0, idx_P).view(S, n, H, -1).transpose(1, 2)
+        return x_THX.index_select(0, idx_P).view(-1, n, H, x_THX.shape[-1]).transpose(1, 2)
 
-    q_SHQD = pad(_tokens(q_BHLD), plan.q_gather_P, Q)
-    k_SHKD, v_SHKE = pad(_tokens(k_BHKD), plan.k_gather_P, K), pad(_tokens(v_BHKE), plan.k_gather_P, K)
-    out_SHQE = F.scaled_dot_product_attention(q_SHQD, k_SHKD, v_SHKE, attn_mask=plan.mask_S1QK, scale=scale)
-    out_THE = out_SHQE.transpose(1, 2).reshape(S * Q, H, -1).index_select(0, plan.unpad_T)
+    outs = []
+    for part in plan.parts:
+        q_SHQD = pad(q_THD, part.q_gather_P, part.max_q)
+        k_SHKD, v_SHKE = pad(k_THD, part.k_gather_P, part.max_k), pad(v_THE, part.k_gather_P, part.max_k)
+        out_SHQE = F.scaled_dot_product_attention(
+            q_SHQD, k_SHKD, v_SHKE, attn_mask=part.mask_S1QK, scale=scale
+        )
+        outs.append(out_SHQE.transpose(1, 2).reshape(part.num_segments * part.max_q, H, -1))
+    out_THE = torch.cat(outs).index_select(0, plan.unpad_T)
     return out_THE.view(B, Lc, H, -1).transpose(1, 2)
 
 

@@ -177,17 +177,17 @@ class VLM(nn.Module):
         """This context-parallel rank's slice (B, Lc, D) of `embed`: only the images (whole
         clips) with a token in the slice are encoded. Equal to cp.shard(embed(...)); the image
         an edge cuts is encoded by both ranks, each back-propagating its own tokens' gradient."""
-        lo, hi = cp.bounds(input_ids_BL.shape[1])
-        ids_BC = input_ids_BL[:, lo:hi]
+        ids_BC = cp.shard(input_ids_BL)
         if pixels_NP is None or grid_hw is None or media_mask_BL is None:
-            return self.embed(ids_BC, None if media_mask_BL is None else media_mask_BL[:, lo:hi])
+            return self.embed(ids_BC, None if media_mask_BL is None else cp.shard(media_mask_BL))
+        mask_BC = cp.shard(media_mask_BL)
         group_I = torch.arange(len(grid_hw)) if media_group is None else media_group
         v = self.cfg.vision  # LM tokens per grid entry (0 for one averaged into its run's first)
         k = v.temporal_merge_size if media_t is not None or media_group is not None else 1
         tokens_I = merged_tokens_per_entry(grid_hw, group_I, v.merge_size, k)
         # image token k's index in the batch's row-major media order, for the slice's tokens
         order_BL = media_mask_BL.flatten().long().cumsum(0).view_as(media_mask_BL) - 1
-        local_K = order_BL[:, lo:hi][media_mask_BL[:, lo:hi]]
+        local_K = cp.shard(order_BL)[mask_BC]
         ends_I = tokens_I.cumsum(0)
         owner_K = torch.searchsorted(ends_I, local_K, right=True)  # skips 0-token entries
         # whole clips (a clip is one document). A slice that shows no media still encodes the
@@ -209,7 +209,7 @@ class VLM(nn.Module):
         kept_before_I = (tokens_I * keep_I).cumsum(0) - tokens_I * keep_I
         rows_K = kept_before_I[owner_K] + local_K - starts_I[owner_K]
         h_BCD = self.lm.embed(ids_BC)
-        return h_BCD.masked_scatter(media_mask_BL[:, lo:hi, None], img_MD[rows_K].to(h_BCD.dtype))
+        return h_BCD.masked_scatter(mask_BC[..., None], img_MD[rows_K].to(h_BCD.dtype))
 
 
 def build_vlm(

@@ -317,10 +317,11 @@ class StageConfig(Frozen):
                 "stage has no sharded-sequence loss (only stages trained by next-token loss do); "
                 "set launcher.context_parallel: 1"
             )
-        if self.seq_len % cp:
+        if cp > 1 and self.seq_len % (2 * cp):  # two zig-zag chunks a rank
             raise ValueError(
                 f"stage {self.stage_name!r}: seq_len={self.seq_len} does not divide over "
-                f"launcher.context_parallel={cp} ranks; set seq_len to a multiple of {cp}"
+                f"launcher.context_parallel={cp} ranks (2 chunks a rank); set seq_len to a "
+                f"multiple of {2 * cp}"
             )
         world = self.launcher.data_parallel  # replicas: a context-parallel group reads together
         if world > 1 and self.batch_size % world:

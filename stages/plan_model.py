@@ -271,10 +271,11 @@ class ModelCosts:
         that and the layer inputs plus one layer rebuilt.
 
         Context parallelism over `cp` ranks (`tokens` is then this rank's slice of sequences of
-        `seq_len`; model/context_parallel.py): the last rank's layers also keep the keys gathered
-        from the cp - 1 slices before its own, and the batch's attention mask (at most one byte
-        per query and key: the kernel pads per document; shared by every layer); the vision
-        tower encodes the slice's images."""
+        `seq_len`; model/context_parallel.py): the rank holding the sequence's last chunk (rank 0
+        under the zig-zag split) also keeps in every layer the keys gathered from the other cp - 1
+        slices, and the batch's attention mask (at most one byte per query and key: the kernel
+        pads per document and query chunk; shared by every layer); the vision tower encodes the
+        slice's images."""
         total = 0.0
         v = self.shape.vision
         if "lm" in path.modules and path.backward_through("lm"):

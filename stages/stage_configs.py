@@ -231,11 +231,11 @@ class LongContextConfig(MixtureStage):
                 f"launcher.context_parallel: {la.world_size} (or run it in process)"
             )
         for i, sub in enumerate(self.sub_stages):
-            if sub.seq_len % la.context_parallel:
+            if sub.seq_len % (2 * la.context_parallel):  # two zig-zag chunks a rank
                 raise ValueError(
                     f"long_context.sub_stages[{i}]: seq_len={sub.seq_len} does not divide over "
-                    f"launcher.context_parallel={la.context_parallel} ranks; use a multiple of "
-                    f"{la.context_parallel}"
+                    f"launcher.context_parallel={la.context_parallel} ranks (2 chunks a rank); use "
+                    f"a multiple of {2 * la.context_parallel}"
                 )
         return self
 
@@ -310,10 +310,10 @@ class SFTConfig(_WithVideo):
                 )
         world, cp = self.launcher.data_parallel, self.launcher.context_parallel
         for i, p in enumerate(self.phases):  # each phase has its own micro-batches per step
-            if p.seq_len % cp:
+            if cp > 1 and p.seq_len % (2 * cp):  # two zig-zag chunks a rank
                 raise ValueError(
                     f"sft.phases[{i}]: seq_len={p.seq_len} does not divide over "
-                    f"launcher.context_parallel={cp} ranks; use a multiple of {cp}"
+                    f"launcher.context_parallel={cp} ranks (2 chunks a rank); use a multiple of {2 * cp}"
                 )
             micro, accum = self.phase_rows(p)
             if world > 1 and accum % world:

@@ -133,11 +133,13 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("size", [2, 4])
-def test_the_cp_kernel_gives_the_slice_rows_of_whole_sequence_attention(layout, size):
-    """Each rank's per-document attention over the keys up to its slice's end equals its rows
-    of the whole sequence's causal block-diagonal attention (the reference: one SDPA per
-    document). The gather is done here by slicing the whole keys, as the ranks' gathers give."""
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("chunk", [512, 2])
+def test_the_cp_kernel_gives_the_slice_rows_of_whole_sequence_attention(layout, size, chunk):
+    """Each rank's per-document attention over the keys up to its queries equals its rows of the
+    whole sequence's causal block-diagonal attention (the reference: one SDPA per document),
+    with one part a piece and with many. The gather is done here by slicing the whole keys, as
+    the ranks' gathers give."""
     from moonforge.model.attention import attend_reference, attention, cp_attention_meta
 
     doc = torch.tensor(LAYOUTS[layout])
@@ -147,29 +149,47 @@ def test_the_cp_kernel_gives_the_slice_rows_of_whole_sequence_attention(layout, 
     whole = attend_reference(q, k, v, doc, causal=True)
     for rank in range(size):
         cp = ContextParallel(rank, size)
-        lo, hi = cp.bounds(24)
-        meta = cp_attention_meta(doc, cp)
+        meta = cp_attention_meta(doc, cp, chunk)
         k0, end = meta.keys
-        assert end == hi and k0 <= lo
-        out = attention(q[:, :, lo:hi], k[:, :, k0:hi], v[:, :, k0:hi], meta)
-        torch.testing.assert_close(out, whole[:, :, lo:hi], rtol=1e-5, atol=1e-6)
+        assert end == cp.ranges(24)[-1][1] and k0 <= cp.ranges(24)[0][0]
+        out = attention(cp.shard(q, 2), k[:, :, k0:end], v[:, :, k0:end], meta)
+        torch.testing.assert_close(out, cp.shard(whole, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_the_zigzag_split_balances_causal_work_and_unshards_in_order():
+    """Rank r keeps chunks r and 2n - 1 - r of 2n: the same (query, earlier key) pair count on
+    every rank, where a contiguous split gives the last rank 2n - 1 times the first's; and
+    `unshard` puts every rank's slice back in sequence order."""
+    L, n = 48, 3
+    ranks = [ContextParallel(r, n) for r in range(n)]
+    assert [cp.ranges(L) for cp in ranks] == [((0, 8), (40, 48)), ((8, 16), (32, 40)), ((16, 32),)]
+    work = [sum(sum(range(lo + 1, hi + 1)) for lo, hi in cp.ranges(L)) for cp in ranks]
+    assert len(set(work)) == 1, work
+    x = torch.arange(2 * L).view(2, L)
+    assert torch.equal(ranks[0].unshard([cp.shard(x) for cp in ranks], dim=1), x)
 
 
 def test_a_degree_that_does_not_divide_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"context_parallel=3 does not divide the 4 ranks"):
         LauncherConfig(kind="torchrun", nproc_per_node=4, context_parallel=3)
-    with pytest.raises(ValueError, match=r"seq_len=64 does not divide over launcher.context_parallel=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"seq_len=63 does not divide over launcher.context_parallel=3 ranks \(2 chunks a rank\); "
+        r"set seq_len to a multiple of 6",
+    ):  # 63 divides over 3 ranks, but each rank keeps two chunks
         LMPretrainConfig(
             upstream=None,
             trainable=("lm",),
             optimizer={"lr": 1e-3},
-            seq_len=64,
+            seq_len=63,
             batch_size=2,
             num_steps=1,
             launcher={"kind": "torchrun", "nproc_per_node": 3, "context_parallel": 3},
         )
-    with pytest.raises(ValueError, match=r"sequence length divisible by 2, got 63; set the stage's seq_len"):
-        ContextParallel(0, 2).bounds(63)
+    with pytest.raises(
+        ValueError, match=r"sequence length divisible by 4 \(2 chunks a rank\), got 62; set the"
+    ):
+        ContextParallel(0, 2).ranges(62)
 
 
 def test_stages_that_cannot_shard_a_sequence_and_long_context_layouts():
