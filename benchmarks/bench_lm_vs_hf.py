@@ -2,8 +2,9 @@
 
 Both models hold the same weights (transformers' random init, imported through
 model/adapters/deepseek_v3.py), see the same tokens (4 x 512 random ids, one document per row,
-next-token loss: transformers' own from `labels`, moonforge's stages' `token_ce` on labels shifted
-the way the packer ships them) and take AdamW steps with the same settings, in fp32 on this CPU.
+next-token loss: transformers' own from `labels`; moonforge's the stages' own, the LM's loss from
+its hidden states (model/lm_loss.py), on labels shifted the way the packer ships them) and take
+AdamW steps with the same settings, in fp32 on this CPU.
 transformers runs its defaults (SDPA attention, grouped_mm experts where torch has them);
 moonforge its `auto` choices (attention form by measured cost, grouped GEMM experts). The two step in
 alternating order, round after round, in one process, so load on a shared box hits both alike.
@@ -52,7 +53,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from moonforge.model.adapters import deepseek_v3
 from moonforge.model.lm import MoELM
 from moonforge.stages.train.host_memory import keep_freed_memory
-from moonforge.stages.train.objectives import IGNORE, token_ce
+from moonforge.stages.train.objectives import IGNORE
 
 HF_CONFIG = dict(
     vocab_size=8192,
@@ -173,7 +174,7 @@ def make_steps(hf: DeepseekV3ForCausalLM, lm: MoELM, ids_BL: torch.Tensor):
     def mf_step() -> float:
         opt_mf.zero_grad(set_to_none=True)
         with _autocast():
-            loss, _ = token_ce(lm(ids_BL, pos_BL, doc_BL), labels_BL)  # the stages' LM loss
+            loss = lm(ids_BL, pos_BL, doc_BL, labels_BL=labels_BL)  # the stages' LM loss
         loss.backward()
         opt_mf.step()
         return loss.item()
