@@ -122,7 +122,8 @@ class EvalConfig(Frozen):
 
 class LauncherConfig(Frozen):
     """Where a stage's training runs: in the flow's own process, or data-parallel in child processes
-    started by `torchrun` (gradients all-reduced, DDP semantics) or the `deepspeed` launcher (ZeRO).
+    started by `torchrun`, training with gradients all-reduced (DDP semantics; kind `torchrun`) or
+    under DeepSpeed's ZeRO engine (kind `deepspeed`).
 
     The global batch is fixed: `batch_size` counts sequences per optimizer step summed over all
     ranks; each rank takes every world_size-th micro-batch of the step and gradients are averaged

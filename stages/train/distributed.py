@@ -1,7 +1,7 @@
 """Data parallelism inside a launched training process: torchrun (DDP semantics) or DeepSpeed ZeRO.
 
-The flow process never trains distributed itself: registry/launch.py starts `torchrun` or the
-`deepspeed` launcher on `python -m moonforge.stages.train.distributed JOB.json`, and `main` below
+The flow process never trains distributed itself: registry/launch.py starts `torchrun` (for
+DeepSpeed too) on `python -m moonforge.stages.train.distributed JOB.json`, and `main` below
 runs the stage function once per rank with `ctx.parallel` set. The loop (stages/train/loop.py)
 then asks `Parallel` for:
 - its share of a step: every world_size-th micro-batch (the global batch is fixed, so the mean of
