@@ -89,7 +89,7 @@ test:
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # The mid-size proof (recipes/small.yaml: every stage under DeepSpeed ZeRO-2 x 2 with recompute),
-# deselected from `make test`: it takes ~15 minutes alone (14.9 on 2026-11-29), and `make test`
+# deselected from `make test`: it takes ~12 minutes alone (11.9 on 2026-11-29), and `make test`
 # already fills CI's 20 (see tests/test_midsize.py and the README).
 test-midsize: $(STAMP)
 	@mkdir -p $(PREFECT_HOME)

@@ -12,9 +12,9 @@ SigLIP scalars under ZeRO; RL and long2short giving the engine half their accumu
 error printer that crashed on gloo's bracketed messages.
 
 It is marked `midsize` and deselected by default (pyproject's addopts); run it with
-`make test-midsize`. It does not fit in `make test`: every stage launches 2 DeepSpeed processes,
-and that alone costs ~25 s a stage before any step. The README's performance notes give the
-time of the whole run on this 2-core machine.
+`make test-midsize`. It does not fit in `make test`: the whole run takes ~12 minutes on this
+2-core machine (every stage launches 2 DeepSpeed processes and trains a 123M-parameter model),
+and the tiny lifecycle already fills CI's 20. The README's performance notes give the times.
 """
 
 from __future__ import annotations
