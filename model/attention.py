@@ -321,8 +321,8 @@ def cp_attention_meta(doc_ids_BL: Tensor, cp: ContextParallel, chunk: int = CP_Q
     seg_BL = segment_ids(doc_ids_BL)
     lo0, hi = ranges[0][0], ranges[-1][1]
     # earliest key any query of the slice may see: the start of the segment at its first position
-    # in each row (segments are contiguous runs, so a later piece's segments start no earlier
-    # unless they are that one); keys before it are never gathered into the matmul
+    # in each row (segments are contiguous runs: a segment of a later piece is that one or starts
+    # after it); keys before it are never gathered into the matmul
     k0 = int((seg_BL < seg_BL[:, lo0 : lo0 + 1]).sum(1).min())
     parts, unpad_BC, rows = [], torch.empty(B, Lc, dtype=torch.long, device=doc_ids_BL.device), 0
     off = 0  # local offset of the current piece
