@@ -13,12 +13,11 @@
 
 from __future__ import annotations
 
-import socket
-
 import cp_check
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from moonforge.model.context_parallel import ContextParallel
 from moonforge.registry import launch
@@ -34,17 +33,11 @@ CURVE_TOL = 1e-4
 """Max |loss difference| per step over 6 steps of training (as tests/test_distributed.py)."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("cp")
     mp.start_processes(
-        cp_check.parity_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn"
+        cp_check.parity_worker, args=(2, free_port(), str(out)), nprocs=2, start_method="spawn"
     )
     return {name: torch.load(out / f"{name}.pt", weights_only=True) for name in cp_check.CASES}
 

@@ -9,7 +9,6 @@ local path outside the run's artifacts), which the SQLite-file tests cannot see.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import stop_process
+from conftest import free_port, stop_process
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -36,18 +35,12 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 GATES = ['promotion.gates=["eval/acc >= 0.45", "train/final_loss <= 1.3"]', "promotion.stages=[lm_pretrain]"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory, _mlflow_template):
     root = tmp_path_factory.mktemp("mlflow-server")
     db = root / "mlflow.db"
     shutil.copy(_mlflow_template, db)  # pre-migrated: the server skips the ~3 s schema setup
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(

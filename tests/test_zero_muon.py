@@ -1,30 +1,24 @@
-"""ZeRO's Muon client over 2 real gloo ranks: equal to single-process MuonAdamW, and each rank
-orthogonalises only the expert matrices its slice holds (tests/zero_muon_check.py)."""
+"""ZeRO's Muon client over 2 real gloo ranks: equal to single-process MuonAdamW (parameters and
+the gathered optimizer state, which loads back into slices), and each rank orthogonalises only the
+expert matrices its slice holds (tests/zero_muon_check.py)."""
 
 from __future__ import annotations
-
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import zero_muon_check as zm
+from conftest import free_port
 
 from moonforge.stages.train.optim import MuonAdamW
 
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero_muon")
-    mp.start_processes(zm.worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(zm.worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, start_method="spawn")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -40,6 +34,17 @@ def test_sharded_steps_equal_muon_adamw(ranks):
         got = torch.cat([r["slices"][name] for r in ranks])[: p.numel()].view(p.shape)
         torch.testing.assert_close(got, p.detach(), rtol=1e-5, atol=1e-6, msg=name)
         assert not torch.allclose(got, initial[name]), name  # every tensor was updated
+    # the gathered state is MuonAdamW's, and loading it back gives each rank its slices again
+    want = {
+        f"{i}.{j}.{k}": v
+        for i, o in enumerate(ref.state_dict()["optimizers"])
+        for j, st in o["state"].items()
+        for k, v in st.items()
+    }
+    for r in ranks:
+        assert r["full_state"].keys() == want.keys() and r["reloaded"]
+        for k, v in want.items():
+            torch.testing.assert_close(r["full_state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_each_rank_orthogonalises_only_the_expert_matrices_in_its_slice(ranks):

@@ -3,7 +3,8 @@
 Each rank builds the same parameters and gradients, keeps its slice of each tensor's flat buffer
 (padded to a multiple of the world size, as DeepSpeed ZeRO-1/2 partitions a param group) and
 steps the client optimizer on it, as DeepSpeed does. It records the matrices each Newton-Schulz
-call got and saves its slices.
+call got and saves its slices, its gathered optimizer state, and whether a fresh optimizer
+loading that state holds the same slices.
 """
 
 from __future__ import annotations
@@ -65,7 +66,23 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
                 shard.grad = _slice(grad, rank, world)
             opt.step()
         result = {n: s.detach() for (n, _), s in zip(named, shards, strict=True)}
-        torch.save({"slices": result, "ns_calls": calls}, f"{out}/rank{rank}.pt")
+        # the world-size-free checkpoint: gathered whole, then sliced again by a fresh optimizer
+        full = opt.full_state_dict()
+        fresh = zero_muon.ZeroMuonAdamW(named, CFG)
+        for group, shard in zip(fresh.param_groups, shards, strict=True):
+            group["params"] = [shard]
+        fresh.load_full_state_dict(full)
+        reloaded = all(torch.equal(fresh.state[s][k], v) for s in shards for k, v in opt.state[s].items())
+        state = {
+            f"{i}.{j}.{k}": v
+            for i, o in enumerate(full["optimizers"])
+            for j, st in o["state"].items()
+            for k, v in st.items()
+        }
+        torch.save(
+            {"slices": result, "ns_calls": calls, "full_state": state, "reloaded": reloaded},
+            f"{out}/rank{rank}.pt",
+        )
     finally:
         zero_muon.newton_schulz = real
         dist.destroy_process_group()

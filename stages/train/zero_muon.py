@@ -165,17 +165,14 @@ class ZeroMuonAdamW(torch.optim.Optimizer):
         dist.all_gather_into_tensor(out, local.contiguous())
         return out[: g["numel"]]
 
-    def _local(self, full: Tensor, p: Tensor) -> Tensor:
+    def _local(self, full: Tensor, p: Tensor, g: dict) -> Tensor:
         """This rank's slice of a full tensor, zero-padded like ZeRO's flat partitions."""
-        if tuple(p.shape) == tuple(full.shape):
+        if not self._sharded(p, g):
             return full
-        rank, _ = _world()
-        n = p.numel()
-        flat = full.reshape(-1)
-        out = torch.zeros(n, dtype=full.dtype, device=full.device)
-        lo, hi = rank * n, min((rank + 1) * n, flat.numel())
+        lo, hi = self._bounds(p, g)
+        out = torch.zeros(p.numel(), dtype=full.dtype, device=full.device)
         if hi > lo:
-            out[: hi - lo] = flat[lo:hi]
+            out[: hi - lo] = full.reshape(-1)[lo:hi]
         return out
 
     # -- world-size-free checkpoints ------------------------------------------------------------
@@ -208,5 +205,5 @@ class ZeroMuonAdamW(torch.optim.Optimizer):
             if st is None:
                 continue
             self.state[p] = {
-                k: (v.clone() if k == "step" else self._local(v.to(p), p).clone()) for k, v in st.items()
+                k: (v.clone() if k == "step" else self._local(v.to(p), p, g).clone()) for k, v in st.items()
             }
