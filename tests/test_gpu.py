@@ -6,6 +6,8 @@ them on a machine without the rest of the stack.
 
 - the packed-attention kernels CUDA picks (`flash`: torch's varlen kernel or flash-attn; `flex`:
   compiled FlexAttention) against the fp32 per-document reference, outputs and gradients
+- the context-parallel `cp` kernel (2 ranks' zig-zag pieces, query chunks) in bf16 against
+  whole-sequence attention, outputs and gradients
 - grouped-GEMM experts (bf16) against the per-expert loop, outputs and gradients
 - a whole MoE LM on CUDA (`auto`: flash + grouped GEMM, bf16 autocast) against the same weights
   in fp32 on the CPU, and its weights opening on the CPU with the CPU's backend
@@ -82,6 +84,61 @@ def test_cuda_attention_kernels_match_the_per_document_reference(backend, causal
     ref = attend_reference(qr, kr, vr, doc_BL, causal)
     grads_ref = torch.autograd.grad(ref, (qr, kr, vr), gy)
     assert _rel(out, ref) < BF16_TOL
+    for a, b in zip(grads, grads_ref):
+        assert _rel(a, b) < BF16_TOL
+
+
+def cp_rank_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gy: torch.Tensor,
+    doc_BL: torch.Tensor,
+    size: int,
+    chunk: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every rank's `cp` kernel output for `size` context-parallel ranks, and the whole
+    sequence's q, k, v gradients in fp32 (each rank's query rows put back in place; the keys'
+    summed over ranks, as their reduce-scatter does). The ranks' key gathers are done here by
+    slicing the whole keys."""
+    from moonforge.model.attention import attention, cp_attention_meta
+    from moonforge.model.context_parallel import ContextParallel
+
+    outs, (gq_all, gk_all, gv_all) = [], (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
+    for rank in range(size):
+        cp = ContextParallel(rank, size)
+        meta = cp_attention_meta(doc_BL, cp, chunk)
+        k0, end = meta.keys
+        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (cp.shard(q, 2), k, v))
+        o = attention(ql, kl[:, :, k0:end], vl[:, :, k0:end], meta)
+        gq, gk, gv = torch.autograd.grad(o, (ql, kl, vl), cp.shard(gy, 2))
+        outs.append(o.detach())
+        off = 0
+        for lo, hi in cp.ranges(q.shape[2]):
+            gq_all[:, :, lo:hi] += gq[:, :, off : off + hi - lo]
+            off += hi - lo
+        gk_all += gk
+        gv_all += gv
+    return outs, [gq_all, gk_all, gv_all]
+
+
+@pytest.mark.parametrize("chunk", [256, 64])
+def test_context_parallel_kernel_in_bf16_matches_the_whole_sequence_reference(chunk):
+    """The `cp` kernel (zig-zag pieces, padded per-document SDPA per query chunk) on CUDA in bf16:
+    2 ranks' rows and their q, k, v gradients against whole-sequence fp32 attention."""
+    from moonforge.model.context_parallel import ContextParallel
+
+    doc_BL = _docs([700, 33, 900, 64, 351])  # 2048 tokens: documents cross both ranks' pieces
+    g = torch.Generator(device=CUDA).manual_seed(2)
+    q, k = (torch.randn(1, 4, 2048, 96, device=CUDA, generator=g) for _ in range(2))
+    v, gy = (torch.randn(1, 4, 2048, 64, device=CUDA, generator=g) for _ in range(2))
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = attend_reference(qr, kr, vr, doc_BL, True)
+    grads_ref = torch.autograd.grad(ref, (qr, kr, vr), gy)
+    out, grads = cp_rank_rows(*(t.bfloat16() for t in (q, k, v, gy)), doc_BL, 2, chunk)
+    for rank, o in enumerate(out):
+        assert o.dtype == torch.bfloat16
+        assert _rel(o, ContextParallel(rank, 2).shard(ref, 2)) < BF16_TOL
     for a, b in zip(grads, grads_ref):
         assert _rel(a, b) < BF16_TOL
 
